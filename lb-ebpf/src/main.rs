@@ -1,0 +1,29 @@
+//! The load balancer's in-kernel programs.
+//!
+//! `lb_xdp` runs on external interfaces (north-south), `lb_tc` on tc ingress of pod-facing
+//! interfaces (east-west). Both share the same stages, one concern per module (Katran's split):
+//! `frame` gives bounds-checked access to packet bytes, `parse` decodes the headers and `stats`
+//! counts every verdict by reason.
+//!
+//! Everything is gated on `target_arch = "bpf"` so that a host build of the workspace (clippy,
+//! `cargo build --workspace`) compiles an empty binary instead of a second panic handler.
+#![cfg_attr(target_arch = "bpf", no_std, no_main)]
+
+#[cfg(target_arch = "bpf")]
+mod frame;
+#[cfg(target_arch = "bpf")]
+mod parse;
+#[cfg(target_arch = "bpf")]
+mod programs;
+#[cfg(target_arch = "bpf")]
+mod stats;
+
+#[cfg(target_arch = "bpf")]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    // The verifier rejects any reachable path to here, so this loop is never executed.
+    loop {}
+}
+
+#[cfg(not(target_arch = "bpf"))]
+fn main() {}

@@ -1,0 +1,129 @@
+//! Header parsing: Ethernet with at most one VLAN tag, IPv4 honouring IHL, then TCP, UDP or ICMP.
+//!
+//! Every read is bounds-checked against the frame; anything the parser cannot trust ends in a
+//! named [`Reason`] and the packet is left untouched. Later stages only ever see a [`Packet`] whose
+//! headers are complete and whose lengths agree with each other.
+
+use lb_common::{maps::proto, stats::Reason};
+use network_types::{
+    eth::EthHdr, icmp::Icmpv4Hdr, ip::Ipv4Hdr, tcp::TcpHdr, udp::UdpHdr, vlan::VlanHdr,
+};
+
+use crate::frame::{Frame, ptr_at};
+
+/// EtherTypes in network byte order, compared against the raw header field.
+const ETH_P_IPV4_BE: u16 = 0x0800_u16.to_be();
+const ETH_P_8021Q_BE: u16 = 0x8100_u16.to_be();
+const ETH_P_8021AD_BE: u16 = 0x88a8_u16.to_be();
+
+/// "More fragments" flag and fragment offset mask of the IPv4 `frags` field (RFC 791).
+const IPV4_MF: u16 = 0x2000;
+const IPV4_OFFSET_MASK: u16 = 0x1fff;
+
+/// A packet whose headers were all present and consistent.
+#[derive(Clone, Copy)]
+#[expect(dead_code, reason = "offsets and addresses are for the NAT stages that follow parsing")]
+pub struct Packet {
+    /// Offset of the IPv4 header from the start of the frame.
+    pub l3_offset: usize,
+    /// Offset of the TCP/UDP/ICMP header (after any IPv4 options).
+    pub l4_offset: usize,
+    /// Network order.
+    pub src_ip_be: u32,
+    /// Network order.
+    pub dst_ip_be: u32,
+    /// Network order; the echo identifier for ICMP echo, else 0 for ICMP.
+    pub src_port_be: u16,
+    /// Network order; 0 for ICMP.
+    pub dst_port_be: u16,
+    /// [`proto`] number: TCP, UDP or ICMP.
+    pub proto: u8,
+}
+
+/// Parses the frame's headers or says why it cannot be trusted.
+#[inline(always)]
+pub fn parse(frame: &impl Frame) -> Result<Packet, Reason> {
+    let eth: *const EthHdr = ptr_at(frame, 0).ok_or(Reason::TruncatedEthernet)?;
+    // SAFETY: `ptr_at` checked that the whole header is inside the frame.
+    let mut ether_type = unsafe { (*eth).ether_type };
+    let mut l3_offset = EthHdr::LEN;
+
+    if ether_type == ETH_P_8021Q_BE || ether_type == ETH_P_8021AD_BE {
+        let vlan: *const VlanHdr = ptr_at(frame, l3_offset).ok_or(Reason::TruncatedVlan)?;
+        // SAFETY: bounds checked by `ptr_at`.
+        ether_type = unsafe { (*vlan).ether_type };
+        l3_offset += VlanHdr::LEN;
+        if ether_type == ETH_P_8021Q_BE || ether_type == ETH_P_8021AD_BE {
+            return Err(Reason::StackedVlan);
+        }
+    }
+    if ether_type != ETH_P_IPV4_BE {
+        return Err(Reason::NotIpv4);
+    }
+
+    let ip: *const Ipv4Hdr = ptr_at(frame, l3_offset).ok_or(Reason::TruncatedIpv4)?;
+    // SAFETY: bounds checked by `ptr_at`.
+    let ip = unsafe { &*ip };
+    let vihl = ip.vihl;
+    // Masking bounds the value for the verifier: the header is 20 to 60 bytes.
+    let header_len = usize::from(vihl & 0x0f) * 4;
+    if vihl >> 4 != 4 || header_len < Ipv4Hdr::LEN {
+        return Err(Reason::BadIpv4Header);
+    }
+    let total_len = usize::from(u16::from_be_bytes(ip.tot_len));
+    // Ethernet may pad short frames, so the frame may be longer than the datagram, never shorter.
+    if total_len < header_len || l3_offset + total_len > frame.len() {
+        return Err(Reason::BadIpv4Length);
+    }
+    let frags = u16::from_be_bytes(ip.frags);
+    if frags & (IPV4_MF | IPV4_OFFSET_MASK) != 0 {
+        return Err(Reason::Fragment);
+    }
+
+    let l4_offset = l3_offset + header_len;
+    let l3_end = l3_offset + total_len;
+    let mut packet = Packet {
+        l3_offset,
+        l4_offset,
+        src_ip_be: u32::from_ne_bytes(ip.src_addr),
+        dst_ip_be: u32::from_ne_bytes(ip.dst_addr),
+        src_port_be: 0,
+        dst_port_be: 0,
+        proto: ip.proto,
+    };
+
+    match ip.proto {
+        proto::TCP => {
+            let tcp: *const TcpHdr = l4_header(frame, l4_offset, l3_end)?;
+            // SAFETY: bounds checked by `l4_header`.
+            let tcp = unsafe { &*tcp };
+            let data_offset = usize::from(tcp.doff()) * 4;
+            if data_offset < TcpHdr::LEN || l4_offset + data_offset > l3_end {
+                return Err(Reason::TruncatedL4);
+            }
+            packet.src_port_be = u16::from_ne_bytes(tcp.source);
+            packet.dst_port_be = u16::from_ne_bytes(tcp.dest);
+        }
+        proto::UDP => {
+            let udp: *const UdpHdr = l4_header(frame, l4_offset, l3_end)?;
+            // SAFETY: bounds checked by `l4_header`.
+            let udp = unsafe { &*udp };
+            packet.src_port_be = u16::from_ne_bytes(udp.src);
+            packet.dst_port_be = u16::from_ne_bytes(udp.dst);
+        }
+        proto::ICMP => {
+            let _icmp: *const Icmpv4Hdr = l4_header(frame, l4_offset, l3_end)?;
+        }
+        _ => return Err(Reason::OtherL4),
+    }
+    Ok(packet)
+}
+
+/// The L4 header at `offset`, which must lie inside both the frame and the IPv4 datagram.
+#[inline(always)]
+fn l4_header<T>(frame: &impl Frame, offset: usize, l3_end: usize) -> Result<*const T, Reason> {
+    if offset + core::mem::size_of::<T>() > l3_end {
+        return Err(Reason::TruncatedL4);
+    }
+    ptr_at(frame, offset).ok_or(Reason::TruncatedL4)
+}

@@ -1,0 +1,343 @@
+//! Attaching the loaded programs to interfaces, pinning what keeps them attached, and removing
+//! exactly that again.
+//!
+//! XDP prefers driver mode and falls back to generic (skb) mode. tc uses tcx (Linux 6.6+) and
+//! falls back to a clsact qdisc with a direct-action cls_bpf filter on older kernels (Debian's
+//! 6.1). Both XDP and tcx attachments are bpf_links: pinned, they outlive this process, and
+//! unpinning them detaches. A cls_bpf filter has no link; its record is a directory (see
+//! [`crate::pins`]).
+
+use std::{ffi::CString, fmt, mem::ManuallyDrop, path::Path, process::Command};
+
+use aya::{
+    Ebpf,
+    programs::{
+        LinkOrder, ProgramError, SchedClassifier, TcAttachType, Xdp, XdpMode,
+        links::{FdLink, Link as _, LinkError, PinnedLink},
+        tc::{self, NlOptions, SchedClassifierLink, TcAttach},
+    },
+};
+use serde::Serialize;
+use tracing::{info, warn};
+
+use crate::{
+    error::{Error, Result},
+    loader::program_mut,
+    pins::{NetlinkTcRecord, PinLayout},
+    program_names,
+};
+
+/// How a program ended up attached.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum AttachMode {
+    /// Native XDP in the driver.
+    XdpDriver,
+    /// Generic XDP in the stack, for devices without driver support.
+    XdpGeneric,
+    /// tcx ingress (Linux 6.6+).
+    Tcx,
+    /// clsact qdisc + cls_bpf direct-action filter (kernels without tcx).
+    ClsBpf,
+}
+
+impl fmt::Display for AttachMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::XdpDriver => "xdp driver mode",
+            Self::XdpGeneric => "xdp generic (skb) mode",
+            Self::Tcx => "tcx ingress",
+            Self::ClsBpf => "clsact ingress, cls_bpf direct-action",
+        })
+    }
+}
+
+/// One program attached to one interface.
+#[derive(Clone, Debug, Serialize)]
+pub struct Attachment {
+    pub iface: String,
+    pub program: &'static str,
+    pub program_id: u32,
+    pub mode: AttachMode,
+    /// The bpf_link id, for XDP and tcx.
+    pub link_id: Option<u32>,
+}
+
+impl fmt::Display for Attachment {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{} on {}: program id {}, {}",
+            self.program, self.iface, self.program_id, self.mode
+        )?;
+        if let Some(link_id) = self.link_id {
+            write!(f, ", link id {link_id}")?;
+        }
+        Ok(())
+    }
+}
+
+/// Loads the object with its maps pinned under `pins`, pins both programs, attaches them to the
+/// given interfaces and pins the attachments. On failure nothing this call created is left
+/// behind; maps that were already pinned (adopted from an earlier instance) stay.
+pub fn load_and_attach(
+    pins: &PinLayout,
+    xdp_ifaces: &[String],
+    tc_ifaces: &[String],
+) -> Result<Vec<Attachment>> {
+    if xdp_ifaces.is_empty() && tc_ifaces.is_empty() {
+        return Err(Error::NoInterface);
+    }
+    if pins.is_loaded() {
+        return Err(Error::AlreadyLoaded(pins.root().into()));
+    }
+    let fresh = !pins.root().exists();
+    let attached = crate::loader::load_pinned(pins)
+        .and_then(|mut ebpf| attach_all(&mut ebpf, pins, xdp_ifaces, tc_ifaces));
+    if attached.is_err() {
+        let cleanup = if fresh { unload(pins) } else { remove_attachments(pins) };
+        if let Err(error) = cleanup {
+            warn!(%error, "could not undo a partial load");
+        }
+    }
+    attached
+}
+
+fn attach_all(
+    ebpf: &mut Ebpf,
+    pins: &PinLayout,
+    xdp_ifaces: &[String],
+    tc_ifaces: &[String],
+) -> Result<Vec<Attachment>> {
+    pin_programs(ebpf, pins)?;
+    let mut attachments = Vec::new();
+    for iface in xdp_ifaces {
+        attachments.push(attach_xdp(program_mut(ebpf, program_names::XDP)?, pins, iface)?);
+    }
+    for iface in tc_ifaces {
+        attachments.push(attach_tc(program_mut(ebpf, program_names::TC)?, pins, iface)?);
+    }
+    Ok(attachments)
+}
+
+fn pin_programs(ebpf: &mut Ebpf, pins: &PinLayout) -> Result<()> {
+    for name in [program_names::XDP, program_names::TC] {
+        let path = pins.program(name);
+        let program = ebpf.program_mut(name).ok_or(Error::MissingProgram(name))?;
+        program.pin(&path).map_err(Error::pin(format!("program {name}"), &path))?;
+    }
+    Ok(())
+}
+
+fn interface_name(iface: &str) -> Result<CString> {
+    CString::new(iface).map_err(|_| Error::Link {
+        what: format!("interface name {iface:?}"),
+        source: "contains a NUL byte".into(),
+    })
+}
+
+/// The bpf_link behind an attachment, which XDP and tcx attachments always are on Linux 6.1+.
+fn into_fd_link<L>(link: L, what: &str) -> Result<FdLink>
+where
+    FdLink: TryFrom<L, Error = LinkError>,
+{
+    FdLink::try_from(link).map_err(|source| Error::Link {
+        what: format!("{what} is not a bpf_link"),
+        source: source.into(),
+    })
+}
+
+fn attach_xdp(program: &mut Xdp, pins: &PinLayout, iface: &str) -> Result<Attachment> {
+    let c_iface = interface_name(iface)?;
+    let attach_error = || Error::attach(program_names::XDP, "xdp", iface);
+    let (link_id, mode) = match program.attach(c_iface.as_c_str(), XdpMode::Driver) {
+        Ok(link_id) => (link_id, AttachMode::XdpDriver),
+        Err(driver_error) => {
+            info!(%iface, error = %driver_error, "no driver-mode XDP, using generic mode");
+            let link_id =
+                program.attach(c_iface.as_c_str(), XdpMode::Skb).map_err(attach_error())?;
+            (link_id, AttachMode::XdpGeneric)
+        }
+    };
+    let program_id = program.info().map_err(attach_error())?.id();
+    let link = program.take_link(link_id).map_err(attach_error())?;
+    let link_id = pin_link(into_fd_link(link, "XDP attachment")?, &pins.link("xdp", iface))?;
+    Ok(Attachment {
+        iface: iface.into(),
+        program: program_names::XDP,
+        program_id,
+        mode,
+        link_id: Some(link_id),
+    })
+}
+
+fn attach_tc(program: &mut SchedClassifier, pins: &PinLayout, iface: &str) -> Result<Attachment> {
+    let c_iface = interface_name(iface)?;
+    let attach_error = || Error::attach(program_names::TC, "tc ingress", iface);
+    let program_id = program.info().map_err(attach_error())?.id();
+    let tcx = TcAttach::Tcx { attach_type: TcAttachType::Ingress, order: LinkOrder::default() };
+    let (mode, link_id) = match program.attach(c_iface.as_c_str(), tcx) {
+        Ok(link_id) => {
+            let link = program.take_link(link_id).map_err(attach_error())?;
+            let link = into_fd_link(link, "tcx attachment")?;
+            (AttachMode::Tcx, Some(pin_link(link, &pins.link("tcx-ingress", iface))?))
+        }
+        Err(source @ ProgramError::UnknownInterface { .. }) => return Err(attach_error()(source)),
+        Err(tcx_error) => {
+            // Kernels before 6.6 answer EINVAL: no tcx. Fall back to clsact + cls_bpf.
+            let record = attach_cls_bpf(program, pins, iface, &c_iface, &tcx_error)?;
+            info!(%iface, priority = record.priority, handle = record.handle, "attached through clsact/cls_bpf");
+            (AttachMode::ClsBpf, None)
+        }
+    };
+    Ok(Attachment { iface: iface.into(), program: program_names::TC, program_id, mode, link_id })
+}
+
+fn attach_cls_bpf(
+    program: &mut SchedClassifier,
+    pins: &PinLayout,
+    iface: &str,
+    c_iface: &CString,
+    tcx_error: &ProgramError,
+) -> Result<NetlinkTcRecord> {
+    // An existing clsact qdisc (another tool's) is fine and stays; one we add goes on unload.
+    let created_clsact = tc::qdisc_add_clsact(c_iface.as_c_str()).is_ok();
+    let netlink =
+        TcAttach::Netlink { parent: TcAttachType::Ingress.into(), options: NlOptions::default() };
+    let attached =
+        program.attach(c_iface.as_c_str(), netlink).and_then(|link_id| program.take_link(link_id));
+    let link = match attached {
+        Ok(link) => ManuallyDrop::new(link),
+        Err(source) => {
+            if created_clsact {
+                delete_clsact(iface);
+            }
+            return Err(Error::AttachTc {
+                program: program_names::TC,
+                iface: iface.into(),
+                tcx: tcx_error.to_string(),
+                source: Box::new(source),
+            });
+        }
+    };
+    // Dropping a netlink link detaches the filter; it must outlive this process, so it is never
+    // dropped (ManuallyDrop) and `unload` detaches it from the record instead.
+    let (Ok(priority), Ok(handle)) = (link.priority(), link.handle()) else {
+        unreachable!("a link made by a netlink attach is a netlink link");
+    };
+    let record =
+        NetlinkTcRecord { iface: iface.into(), priority, handle: handle.into(), created_clsact };
+    let dir = pins.links_dir().join(record.dir_name());
+    std::fs::create_dir(&dir).map_err(Error::io(&dir))?;
+    Ok(record)
+}
+
+/// Pins a bpf_link and returns its kernel id.
+fn pin_link(link: FdLink, path: &Path) -> Result<u32> {
+    let link_id = link
+        .info()
+        .map_err(|source| Error::Link {
+            what: format!("reading link info for {}", path.display()),
+            source: source.into(),
+        })?
+        .id();
+    link.pin(path).map_err(Error::pin("link", path))?;
+    Ok(link_id)
+}
+
+/// Detaches and unpins everything a load put under `pins`, and removes its directories if they
+/// are then empty. Returns a line per object removed. Maps go too: use this to remove an
+/// instance, not to restart one.
+pub fn unload(pins: &PinLayout) -> Result<Vec<String>> {
+    let mut removed = remove_attachments(pins)?;
+    for name in crate::loader::MAP_NAMES {
+        removed.extend(remove_pin(&pins.map(name))?);
+    }
+    for dir in [pins.links_dir(), pins.programs_dir(), pins.maps_dir(), pins.root().to_path_buf()] {
+        match std::fs::remove_dir(&dir) {
+            Ok(()) => removed.push(format!("removed {}", dir.display())),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => {
+                warn!(dir = %dir.display(), error = %e, "left in place: it holds objects this project did not create");
+            }
+        }
+    }
+    Ok(removed)
+}
+
+/// Detaches every pinned attachment and unpins the programs; the maps stay.
+fn remove_attachments(pins: &PinLayout) -> Result<Vec<String>> {
+    let mut removed = detach_links(pins)?;
+    for name in [program_names::XDP, program_names::TC] {
+        removed.extend(remove_pin(&pins.program(name))?);
+    }
+    Ok(removed)
+}
+
+fn detach_links(pins: &PinLayout) -> Result<Vec<String>> {
+    let links_dir = pins.links_dir();
+    let entries = match std::fs::read_dir(&links_dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(Error::Io { path: links_dir, source: e }),
+    };
+    let mut removed = Vec::new();
+    for entry in entries {
+        let entry = entry.map_err(Error::io(&links_dir))?;
+        let path = entry.path();
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if let Some(record) = NetlinkTcRecord::parse(&name) {
+            detach_cls_bpf(&record);
+            std::fs::remove_dir(&path).map_err(Error::io(&path))?;
+            removed.push(format!(
+                "detached cls_bpf filter from {} (priority {})",
+                record.iface, record.priority
+            ));
+        } else if name.contains('@') {
+            let link = PinnedLink::from_pin(&path).map_err(|source| Error::Link {
+                what: format!("opening pinned link {}", path.display()),
+                source: source.into(),
+            })?;
+            // Dropping the last reference to an unpinned bpf_link detaches it.
+            drop(link.unpin().map_err(Error::io(&path))?);
+            removed.push(format!("detached {name}"));
+        }
+    }
+    Ok(removed)
+}
+
+fn detach_cls_bpf(record: &NetlinkTcRecord) {
+    let Ok(c_iface) = CString::new(record.iface.as_str()) else { return };
+    let detached = SchedClassifierLink::attached(
+        c_iface.as_c_str(),
+        TcAttachType::Ingress.into(),
+        record.priority,
+        record.handle.into(),
+        None,
+    )
+    .map_err(|e| e.to_string())
+    .and_then(|link| link.detach().map_err(|e| e.to_string()));
+    if let Err(error) = detached {
+        // The interface or the filter is already gone: nothing is left attached.
+        warn!(iface = %record.iface, %error, "cls_bpf filter was already gone");
+    }
+    if record.created_clsact {
+        delete_clsact(&record.iface);
+    }
+}
+
+/// aya can add a clsact qdisc but not delete one; iproute2's `tc` does.
+fn delete_clsact(iface: &str) {
+    let status = Command::new("tc").args(["qdisc", "del", "dev", iface, "clsact"]).status();
+    if !status.is_ok_and(|s| s.success()) {
+        warn!(%iface, "could not delete the clsact qdisc this project added");
+    }
+}
+
+fn remove_pin(path: &Path) -> Result<Option<String>> {
+    match std::fs::remove_file(path) {
+        Ok(()) => Ok(Some(format!("unpinned {}", path.display()))),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(Error::Io { path: path.into(), source: e }),
+    }
+}

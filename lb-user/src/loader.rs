@@ -1,0 +1,80 @@
+//! Loads the embedded eBPF object: maps (pinned by name when a pin directory is given, so a
+//! second load adopts the first one's maps instead of creating new ones) and both programs.
+
+use aya::{Ebpf, EbpfLoader, programs::Program};
+use lb_common::maps::names;
+use tracing::debug;
+
+use crate::{
+    EBPF_OBJECT,
+    error::{Error, Result},
+    pins::PinLayout,
+    program_names,
+};
+
+/// Every map the object may declare. Pinning is by name, so listing one the object does not
+/// (yet) declare is harmless.
+pub const MAP_NAMES: [&str; 8] = [
+    names::STATS,
+    names::SERVICES,
+    names::BACKEND_SLOTS,
+    names::BACKENDS,
+    names::REV_NAT,
+    names::CONNTRACK,
+    names::AFFINITY,
+    names::NODE_CONFIG,
+];
+
+/// Loads the object with private maps: nothing pinned, nothing attached. For tests and `trace`.
+pub fn load_private() -> Result<Ebpf> {
+    load(None)
+}
+
+/// Loads the object with its maps pinned under `pins` (adopting maps already pinned there).
+pub fn load_pinned(pins: &PinLayout) -> Result<Ebpf> {
+    load(Some(pins))
+}
+
+fn load(pins: Option<&PinLayout>) -> Result<Ebpf> {
+    raise_memlock_limit();
+    let mut loader = EbpfLoader::new();
+    if let Some(pins) = pins {
+        pins.create_dirs()?;
+        for name in MAP_NAMES {
+            loader.map_pin_path(name, pins.map(name));
+        }
+    }
+    let mut ebpf = loader.load(EBPF_OBJECT).map_err(|e| Error::LoadObject(Box::new(e)))?;
+    load_program(&mut ebpf, program_names::XDP)?;
+    load_program(&mut ebpf, program_names::TC)?;
+    Ok(ebpf)
+}
+
+/// Hands one program to the verifier.
+fn load_program(ebpf: &mut Ebpf, name: &'static str) -> Result<()> {
+    let loaded = match ebpf.program_mut(name) {
+        Some(Program::Xdp(program)) => program.load(),
+        Some(Program::SchedClassifier(program)) => program.load(),
+        _ => return Err(Error::MissingProgram(name)),
+    };
+    loaded.map_err(|source| Error::LoadProgram { program: name, source: Box::new(source) })
+}
+
+/// Kernels before 5.11 charge BPF memory to RLIMIT_MEMLOCK. Raising it needs CAP_SYS_RESOURCE,
+/// which some containers lack; newer kernels charge the memory cgroup instead, so a refusal is
+/// only worth a debug line.
+fn raise_memlock_limit() {
+    let unlimited = libc::rlimit { rlim_cur: libc::RLIM_INFINITY, rlim_max: libc::RLIM_INFINITY };
+    // SAFETY: setrlimit reads a valid, initialised rlimit struct.
+    if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &raw const unlimited) } != 0 {
+        debug!(error = %std::io::Error::last_os_error(), "could not raise RLIMIT_MEMLOCK");
+    }
+}
+
+/// The program of type `P` named `name`, for callers that run or attach it.
+pub fn program_mut<'a, P>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut P>
+where
+    &'a mut P: TryFrom<&'a mut aya::programs::Program>,
+{
+    ebpf.program_mut(name).and_then(|p| p.try_into().ok()).ok_or(Error::MissingProgram(name))
+}

@@ -1,0 +1,146 @@
+//! Where a loaded instance keeps its objects in bpffs:
+//!
+//! ```text
+//! <pin-dir>/maps/<MAP>                        maps, pinned by name (adopted by the next load)
+//! <pin-dir>/programs/<program>                the loaded programs
+//! <pin-dir>/links/<hook>@<iface>              bpf_links (XDP, tcx): unpinning one detaches it
+//! <pin-dir>/links/cls_bpf@<iface>@<prio>@<handle>[@clsact]
+//!                                             a directory that records a netlink tc filter
+//!                                             (kernels without tcx), which has no link to pin
+//! ```
+//! bpffs holds no regular files, so the netlink record is encoded in a directory name.
+
+use std::path::{Path, PathBuf};
+
+use crate::error::{Error, Result};
+
+/// The pin directory used when none is given.
+pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/lb-xdp";
+
+/// `statfs` magic of bpffs (include/uapi/linux/magic.h).
+const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+
+/// Paths of one instance's pinned objects.
+#[derive(Clone, Debug)]
+pub struct PinLayout {
+    root: PathBuf,
+}
+
+impl PinLayout {
+    pub fn new(root: impl Into<PathBuf>) -> Self {
+        Self { root: root.into() }
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    pub fn maps_dir(&self) -> PathBuf {
+        self.root.join("maps")
+    }
+
+    pub fn map(&self, name: &str) -> PathBuf {
+        self.maps_dir().join(name)
+    }
+
+    pub fn programs_dir(&self) -> PathBuf {
+        self.root.join("programs")
+    }
+
+    pub fn program(&self, name: &str) -> PathBuf {
+        self.programs_dir().join(name)
+    }
+
+    pub fn links_dir(&self) -> PathBuf {
+        self.root.join("links")
+    }
+
+    /// The pinned bpf_link of `hook` (`xdp`, `tcx-ingress`) on `iface`.
+    pub fn link(&self, hook: &str, iface: &str) -> PathBuf {
+        self.links_dir().join(format!("{hook}@{iface}"))
+    }
+
+    /// True if programs are pinned here, i.e. an instance is loaded.
+    pub fn is_loaded(&self) -> bool {
+        std::fs::read_dir(self.programs_dir()).is_ok_and(|mut entries| entries.next().is_some())
+    }
+
+    /// Creates the directories, after checking that the root is (or will be) on bpffs: pinning
+    /// anywhere else fails with a reason that does not say why.
+    pub fn create_dirs(&self) -> Result<()> {
+        let bpffs = self.root.ancestors().find(|p| p.exists()).unwrap_or(Path::new("/"));
+        if !is_bpffs(bpffs) {
+            return Err(Error::NotBpffs(self.root.clone()));
+        }
+        for dir in [self.maps_dir(), self.programs_dir(), self.links_dir()] {
+            std::fs::create_dir_all(&dir).map_err(Error::io(&dir))?;
+        }
+        Ok(())
+    }
+}
+
+fn is_bpffs(path: &Path) -> bool {
+    let Ok(c_path) = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()) else {
+        return false;
+    };
+    // SAFETY: statfs writes into a zeroed struct we own and reads a NUL-terminated path.
+    unsafe {
+        let mut stats: libc::statfs = std::mem::zeroed();
+        libc::statfs(c_path.as_ptr(), &raw mut stats) == 0 && stats.f_type == BPF_FS_MAGIC
+    }
+}
+
+/// The record of a netlink (cls_bpf) tc filter, encoded as a directory name under `links/`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NetlinkTcRecord {
+    pub iface: String,
+    pub priority: u16,
+    pub handle: u32,
+    /// The clsact qdisc was added by this load and goes away with it.
+    pub created_clsact: bool,
+}
+
+impl NetlinkTcRecord {
+    const PREFIX: &str = "cls_bpf";
+
+    pub fn dir_name(&self) -> String {
+        let clsact = if self.created_clsact { "@clsact" } else { "" };
+        format!("{}@{}@{}@{}{clsact}", Self::PREFIX, self.iface, self.priority, self.handle)
+    }
+
+    pub fn parse(name: &str) -> Option<Self> {
+        let mut parts = name.split('@');
+        if parts.next()? != Self::PREFIX {
+            return None;
+        }
+        let iface = parts.next()?.to_owned();
+        let priority = parts.next()?.parse().ok()?;
+        let handle = parts.next()?.parse().ok()?;
+        let created_clsact = match parts.next() {
+            None => false,
+            Some("clsact") => true,
+            Some(_) => return None,
+        };
+        Some(Self { iface, priority, handle, created_clsact })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn netlink_record_round_trips_through_its_directory_name() {
+        for created_clsact in [false, true] {
+            let record = NetlinkTcRecord {
+                iface: "eth0.100".into(),
+                priority: 49152,
+                handle: 1,
+                created_clsact,
+            };
+            assert_eq!(NetlinkTcRecord::parse(&record.dir_name()), Some(record));
+        }
+        assert_eq!(NetlinkTcRecord::parse("xdp@eth0"), None);
+        assert_eq!(NetlinkTcRecord::parse("cls_bpf@eth0@1@2@bogus"), None);
+    }
+}

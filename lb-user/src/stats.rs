@@ -1,0 +1,50 @@
+//! Reading the per-CPU verdict counters, from a loaded object or from the pinned map.
+
+use aya::maps::{Map, MapData, PerCpuArray};
+use lb_common::{maps::names, stats::Reason};
+
+use crate::{
+    error::{Error, Result},
+    pins::PinLayout,
+};
+
+/// Counter totals over all CPUs, one per reason in index order.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ReasonCounts(pub [u64; Reason::COUNT as usize]);
+
+impl ReasonCounts {
+    pub fn get(&self, reason: Reason) -> u64 {
+        self.0[reason as usize]
+    }
+
+    /// Reasons with a non-zero count, by name.
+    pub fn non_zero(&self) -> impl Iterator<Item = (&'static str, u64)> + '_ {
+        Reason::ALL.iter().map(|r| (r.name(), self.get(*r))).filter(|(_, n)| *n > 0)
+    }
+
+    /// The per-reason increase from `earlier` to `self`.
+    #[must_use]
+    pub fn since(&self, earlier: &Self) -> Self {
+        Self(std::array::from_fn(|i| self.0[i] - earlier.0[i]))
+    }
+}
+
+/// Reads the `STATS` map of a loaded object.
+pub fn read(map: &Map) -> Result<ReasonCounts> {
+    let array: PerCpuArray<&MapData, u64> = PerCpuArray::try_from(map).map_err(map_error)?;
+    let mut totals = [0u64; Reason::COUNT as usize];
+    for (index, total) in (0u32..).zip(totals.iter_mut()) {
+        *total = array.get(&index, 0).map_err(map_error)?.iter().sum();
+    }
+    Ok(ReasonCounts(totals))
+}
+
+/// Reads the `STATS` map pinned under `pins`.
+pub fn read_pinned(pins: &PinLayout) -> Result<ReasonCounts> {
+    let data = MapData::from_pin(pins.map(names::STATS)).map_err(map_error)?;
+    read(&Map::PerCpuArray(data))
+}
+
+fn map_error(source: aya::maps::MapError) -> Error {
+    Error::Map { name: names::STATS.into(), source: Box::new(source) }
+}

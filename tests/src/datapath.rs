@@ -1,0 +1,106 @@
+//! The real programs, loaded with private maps, run on one packet at a time.
+
+use aya::{
+    Ebpf,
+    programs::{SchedClassifier, TestRun, TestRunOptions, Xdp},
+};
+use lb_common::maps::names;
+use lb_user::{
+    loader, program_names,
+    stats::{self, ReasonCounts},
+};
+
+/// XDP's "let the stack have it" verdict.
+pub const XDP_PASS: u32 = 2;
+/// tc's "not mine, continue" verdict (`TC_ACT_UNSPEC`, -1), as BPF_PROG_TEST_RUN reports it.
+pub const TC_ACT_UNSPEC: u32 = u32::MAX;
+
+/// Which entry point sees the packet.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Hook {
+    /// `lb_xdp`, on external interfaces.
+    Xdp,
+    /// `lb_tc`, on tc ingress of pod-facing interfaces.
+    Tc,
+}
+
+impl Hook {
+    pub const ALL: [Self; 2] = [Self::Xdp, Self::Tc];
+
+    /// The return code meaning "passed on untouched".
+    pub fn pass_code(self) -> u32 {
+        match self {
+            Self::Xdp => XDP_PASS,
+            Self::Tc => TC_ACT_UNSPEC,
+        }
+    }
+}
+
+/// What one run did.
+#[derive(Debug)]
+pub struct Run {
+    pub return_code: u32,
+    /// The packet as the program left it.
+    pub output: Vec<u8>,
+    /// Counters incremented by this run.
+    pub counted: ReasonCounts,
+}
+
+/// A private instance of the programs and their maps: nothing pinned, nothing attached.
+pub struct Datapath {
+    ebpf: Ebpf,
+}
+
+impl Default for Datapath {
+    fn default() -> Self {
+        Self::load()
+    }
+}
+
+impl Datapath {
+    pub fn load() -> Self {
+        let ebpf = loader::load_private()
+            .unwrap_or_else(|e| panic!("loading the programs (root and BTF needed): {e:?}"));
+        Self { ebpf }
+    }
+
+    pub fn ebpf_mut(&mut self) -> &mut Ebpf {
+        &mut self.ebpf
+    }
+
+    pub fn counters(&self) -> ReasonCounts {
+        let map = self.ebpf.map(names::STATS).expect("STATS map in the object");
+        stats::read(map).expect("reading STATS")
+    }
+
+    /// Runs `packet` once through the program behind `hook`.
+    pub fn run(&mut self, hook: Hook, packet: &[u8]) -> Run {
+        let before = self.counters();
+        // Room for programs that grow the packet (encapsulation, ICMP errors).
+        let mut output = vec![0u8; packet.len() + 512];
+        let options = TestRunOptions {
+            data_in: Some(packet),
+            data_out: Some(&mut output),
+            ..TestRunOptions::default()
+        };
+        let result = match hook {
+            Hook::Xdp => self.program::<Xdp>(program_names::XDP).test_run(options),
+            Hook::Tc => self.program::<SchedClassifier>(program_names::TC).test_run(options),
+        }
+        .unwrap_or_else(|e| {
+            panic!("BPF_PROG_TEST_RUN of {hook:?} on {} bytes: {e:?}", packet.len())
+        });
+        output.truncate(result.data_size_out as usize);
+        Run { return_code: result.return_value, output, counted: self.counters().since(&before) }
+    }
+
+    fn program<'a, P>(&'a self, name: &str) -> &'a P
+    where
+        &'a P: TryFrom<&'a aya::programs::Program>,
+    {
+        self.ebpf
+            .program(name)
+            .and_then(|p| p.try_into().ok())
+            .unwrap_or_else(|| panic!("program {name} of the expected type"))
+    }
+}

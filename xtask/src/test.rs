@@ -1,0 +1,49 @@
+//! The test command CI runs: formatting, lints and every test tier available on this machine.
+
+use anyhow::bail;
+
+use super::{cargo, run_in, workspace_root};
+
+/// A named check; all run even when an earlier one fails, so one CI run reports every failure.
+type Step = (&'static str, fn() -> anyhow::Result<()>);
+
+pub fn run() -> anyhow::Result<()> {
+    let steps: [Step; 4] = [
+        ("rustfmt", || cargo(&["fmt", "--all", "--check"])),
+        ("clippy (userspace, pedantic)", || {
+            cargo(&["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"])
+        }),
+        ("clippy (eBPF, bpfel-unknown-none)", || {
+            // Inside lb-ebpf its rust-toolchain.toml selects the pinned nightly.
+            run_in(
+                &workspace_root().join("lb-ebpf"),
+                "cargo",
+                &[
+                    "clippy",
+                    "--release",
+                    "--target",
+                    "bpfel-unknown-none",
+                    "-Z",
+                    "build-std=core",
+                    "--",
+                    "-D",
+                    "warnings",
+                ],
+            )
+        }),
+        ("tests", || cargo(&["test", "--workspace", "--", "--test-threads", "2"])),
+    ];
+    let mut failed = Vec::new();
+    for (name, step) in steps {
+        eprintln!("xtask test: {name}");
+        if let Err(error) = step() {
+            eprintln!("xtask test: {name} FAILED: {error:#}");
+            failed.push(name);
+        }
+    }
+    if !failed.is_empty() {
+        bail!("failed: {}", failed.join(", "));
+    }
+    eprintln!("xtask test: all steps passed");
+    Ok(())
+}
