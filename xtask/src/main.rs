@@ -63,15 +63,13 @@ fn build(release: bool) -> anyhow::Result<()> {
 
 /// Runs cargo in the workspace root and fails if it fails.
 fn cargo(args: &[&str]) -> anyhow::Result<()> {
-    run_in(workspace_root(), "cargo", args)
+    run_in(Command::new("cargo").current_dir(workspace_root()), args)
 }
 
-fn run_in(dir: &Path, program: &str, args: &[&str]) -> anyhow::Result<()> {
-    let status = Command::new(program)
-        .args(args)
-        .current_dir(dir)
-        .status()
-        .with_context(|| format!("starting {program}"))?;
+/// Runs `command` with `args` and fails if it fails.
+fn run_in(command: &mut Command, args: &[&str]) -> anyhow::Result<()> {
+    let program = command.get_program().to_string_lossy().into_owned();
+    let status = command.args(args).status().with_context(|| format!("starting {program}"))?;
     if !status.success() {
         bail!("{program} {} failed ({status})", args.join(" "));
     }

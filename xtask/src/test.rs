@@ -2,6 +2,8 @@
 
 use anyhow::bail;
 
+use std::process::Command;
+
 use super::{cargo, run_in, workspace_root};
 
 /// A named check; all run even when an earlier one fails, so one CI run reports every failure.
@@ -14,10 +16,12 @@ pub fn run() -> anyhow::Result<()> {
             cargo(&["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"])
         }),
         ("clippy (eBPF, bpfel-unknown-none)", || {
-            // Inside lb-ebpf its rust-toolchain.toml selects the pinned nightly.
+            // Inside lb-ebpf its rust-toolchain.toml selects the pinned nightly, once the
+            // toolchain rustup chose for xtask itself is out of the environment.
             run_in(
-                &workspace_root().join("lb-ebpf"),
-                "cargo",
+                Command::new("cargo")
+                    .current_dir(workspace_root().join("lb-ebpf"))
+                    .env_remove("RUSTUP_TOOLCHAIN"),
                 &[
                     "clippy",
                     "--release",
