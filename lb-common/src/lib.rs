@@ -7,6 +7,7 @@
 //! in `_be`.
 #![no_std]
 
+pub mod hash;
 pub mod maps;
 pub mod stats;
 

@@ -16,17 +16,21 @@ pub mod names {
     pub const REV_NAT: &str = "REV_NAT";
     pub const CONNTRACK: &str = "CONNTRACK";
     pub const AFFINITY: &str = "AFFINITY";
+    pub const SOURCE_RANGES: &str = "SOURCE_RANGES";
     pub const NODE_CONFIG: &str = "NODE_CONFIG";
+    pub const SERVICE_STATS: &str = "SERVICE_STATS";
 }
 
 /// Default capacities; the daemon may override each at load time.
 pub mod capacity {
-    pub const SERVICES: u32 = 65_536;
-    pub const BACKEND_SLOTS: u32 = 1_048_576;
+    /// Frontends (VIP, port, protocol, scope); also the size of the per-service counters.
+    pub const SERVICES: u32 = 262_144;
+    pub const BACKEND_SLOTS: u32 = 2_097_152;
     pub const BACKENDS: u32 = 262_144;
-    pub const REV_NAT: u32 = 65_536;
+    pub const REV_NAT: u32 = 262_144;
     pub const CONNTRACK: u32 = 1_048_576;
     pub const AFFINITY: u32 = 262_144;
+    pub const SOURCE_RANGES: u32 = 16_384;
 }
 
 /// IANA protocol numbers as they appear in the IPv4 header.
@@ -36,19 +40,21 @@ pub mod proto {
     pub const UDP: u8 = 17;
 }
 
-/// Which traffic a service entry answers. kube-proxy applies externalTrafficPolicy to traffic
-/// arriving from outside the cluster and internalTrafficPolicy to traffic from pods, so one
-/// VIP:port may need two backend sets; the scope keeps them apart (Cilium's `lb4_key.scope`).
+/// Which lookup a service entry answers (Cilium's `lb4_key.scope`).
+///
+/// Every lookup starts with [`scope::EXTERNAL`]. A frontend whose backend set depends on where
+/// the traffic comes from (externalTrafficPolicy Local on a NodePort, externalIP or LoadBalancer
+/// IP) has a second entry under [`scope::INTERNAL`], flagged by [`service_flags::TWO_SCOPES`],
+/// used for sources inside the cluster (pods, the node itself), which kube-proxy sends to every
+/// endpoint.
 pub mod scope {
-    /// Traffic from outside the cluster (north-south), or the only entry of a service.
     pub const EXTERNAL: u8 = 0;
-    /// Traffic from pods and the node itself, when the two policies select different backends.
     pub const INTERNAL: u8 = 1;
 }
 
-/// Lookup key of [`ServiceValue`]: one VIP, port and protocol.
+/// Lookup key of [`ServiceValue`]: one VIP, port, protocol and scope (a "frontend").
 #[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default, PartialOrd, Ord)]
 pub struct ServiceKey {
     /// ClusterIP, node address (NodePort), external IP or load-balancer ingress IP; network order.
     pub vip_be: u32,
@@ -62,39 +68,40 @@ pub struct ServiceKey {
 
 /// Service flags (`ServiceValue::flags`).
 pub mod service_flags {
-    /// NodePort, externalIP or LoadBalancer entry: reachable from outside the cluster.
+    /// NodePort, externalIP or LoadBalancer frontend, as opposed to a ClusterIP.
     pub const EXTERNAL: u16 = 1 << 0;
-    /// externalTrafficPolicy Local: keep the client address, only local backends.
+    /// externalTrafficPolicy Local: client address kept, never SNAT.
     pub const EXT_LOCAL: u16 = 1 << 1;
-    /// internalTrafficPolicy Local: only local backends for traffic from inside the cluster.
-    pub const INT_LOCAL: u16 = 1 << 2;
+    /// An [`super::scope::INTERNAL`] entry exists for sources inside the cluster.
+    pub const TWO_SCOPES: u16 = 1 << 2;
     /// sessionAffinity ClientIP.
     pub const AFFINITY: u16 = 1 << 3;
-    /// loadBalancerSourceRanges apply to this entry.
+    /// loadBalancerSourceRanges apply: sources not in `SOURCE_RANGES` are dropped.
     pub const SOURCE_RANGES: u16 = 1 << 4;
-    /// Backend slots hold a Maglev table of `slot_count` entries rather than one slot a backend.
-    pub const MAGLEV: u16 = 1 << 5;
-    /// The entry is a NodePort (its VIP is a node address).
-    pub const NODE_PORT: u16 = 1 << 6;
+    /// No slot because a traffic policy filtered every endpoint away: drop (kube-proxy's
+    /// "has no local endpoints") instead of refusing.
+    pub const EMPTY_DROP: u16 = 1 << 5;
 }
 
-/// What a VIP:port:proto maps to.
+/// What a frontend maps to.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct ServiceValue {
-    /// Identifies this service's slots in `BACKEND_SLOTS` and its per-service counters.
+    /// Identifies the frontend: its slots in `BACKEND_SLOTS`, its `REV_NAT` entry, its counters
+    /// in `SERVICE_STATS` and its affinity entries. Below `capacity::SERVICES`.
     pub service_id: u32,
-    /// Number of slots to choose from; 0 means no usable endpoint (refuse).
+    /// Number of slots to choose from; 0 means no usable endpoint (refuse, or drop with
+    /// [`service_flags::EMPTY_DROP`]).
     pub slot_count: u32,
-    /// Reverse-NAT entry that restores this VIP:port on replies.
-    pub rev_nat_id: u16,
+    /// sessionAffinity timeout in seconds (with [`service_flags::AFFINITY`]).
+    pub affinity_timeout_s: u32,
     /// [`service_flags`].
     pub flags: u16,
-    /// sessionAffinity timeout in seconds (ClientIP affinity only).
-    pub affinity_timeout_s: u32,
+    pub pad: [u8; 2],
 }
 
-/// Key of `BACKEND_SLOTS`: slot `slot` of service `service_id`.
+/// Key of `BACKEND_SLOTS`: slot `slot` of frontend `service_id`. The daemon fills slots with one
+/// entry per backend, or with a Maglev table; the datapath picks `flow_hash % slot_count`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
 pub struct BackendSlotKey {
@@ -104,10 +111,9 @@ pub struct BackendSlotKey {
 
 /// Backend flags (`Backend::flags`).
 pub mod backend_flags {
-    /// The endpoint runs on this node.
+    /// The endpoint runs on this node: replies come back through a pod-facing interface, so
+    /// external traffic to it needs no SNAT.
     pub const LOCAL: u8 = 1 << 0;
-    /// Only serving-but-terminating: chosen only when no ready endpoint exists.
-    pub const TERMINATING: u8 = 1 << 1;
 }
 
 /// One endpoint address and target port, keyed by a backend id (`u32`).
@@ -124,7 +130,8 @@ pub struct Backend {
     pub flags: u8,
 }
 
-/// What a reverse-NAT id (`u32` key) restores on replies: the address the client spoke to.
+/// What a frontend's reverse NAT restores as the source of replies: the address the client
+/// spoke to. Keyed by `service_id`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct RevNat {
@@ -135,15 +142,10 @@ pub struct RevNat {
     pub pad: [u8; 2],
 }
 
-/// Direction of a conntrack entry (`ConntrackKey::direction`).
-pub mod ct_direction {
-    /// Client to service, keyed by the tuple as the client sent it.
-    pub const FORWARD: u8 = 0;
-    /// Backend to client, keyed by the tuple as the backend sends it (after translation).
-    pub const REPLY: u8 = 1;
-}
-
-/// Five-tuple plus direction: the key of the LRU conntrack map.
+/// A five-tuple as it appears in a packet: the key of the LRU conntrack map. The forward entry
+/// of a flow is keyed by the client's packet (client -> VIP), the reply entry by the backend's
+/// (backend -> client, or backend -> SNAT address); the two never collide because a forward
+/// destination is a VIP and a reply source is a backend.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
 pub struct ConntrackKey {
@@ -151,51 +153,56 @@ pub struct ConntrackKey {
     pub src_ip_be: u32,
     /// Network order.
     pub dst_ip_be: u32,
-    /// Network order; the ICMP echo identifier for ICMP.
+    /// Network order.
     pub src_port_be: u16,
-    /// Network order; 0 for ICMP.
+    /// Network order.
     pub dst_port_be: u16,
     /// [`proto`] number.
     pub proto: u8,
-    /// [`ct_direction`].
-    pub direction: u8,
-    pub pad: [u8; 2],
+    pub pad: [u8; 3],
 }
 
 /// Conntrack flags (`ConntrackValue::flags`).
 pub mod ct_flags {
-    /// The source was rewritten to `snat_ip_be:snat_port_be`.
-    pub const SNAT: u16 = 1 << 0;
-    /// A SYN was seen from the client.
-    pub const TCP_SYN_SEEN: u16 = 1 << 1;
-    /// The backend answered.
-    pub const REPLY_SEEN: u16 = 1 << 2;
-    /// A FIN was seen in either direction: the entry ages out quickly.
-    pub const TCP_CLOSING: u16 = 1 << 3;
-    /// An RST was seen: the entry ages out quickly.
-    pub const TCP_RESET: u16 = 1 << 4;
+    /// This is the reply entry of its flow.
+    pub const REPLY: u16 = 1 << 0;
+    /// The client's source was rewritten to `nat_ip_be:nat_port_be`.
+    pub const SNAT: u16 = 1 << 1;
+    /// The backend has answered.
+    pub const SEEN_REPLY: u16 = 1 << 2;
+    /// A FIN or RST was seen: the entry expires after the short closing timeout.
+    pub const CLOSING: u16 = 1 << 3;
 }
 
-/// State of one translated flow, stored for both directions.
+/// State of one translated flow in one direction.
+///
+/// Forward entry: rewrite the destination to `backend_ip_be:backend_port_be` and, with
+/// [`ct_flags::SNAT`], the source to `nat_ip_be:nat_port_be`.
+/// Reply entry: rewrite the source to the `REV_NAT` entry of `service_id` and, with SNAT, the
+/// destination back to the client at `nat_ip_be:nat_port_be`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct ConntrackValue {
-    /// `bpf_ktime_get_ns()` when a packet of the flow was last seen in this direction.
+    /// `bpf_ktime_get_coarse_ns()` when the entry was last refreshed.
     pub last_seen_ns: u64,
-    /// The backend the flow is pinned to.
+    /// The backend the flow is pinned to (the daemon purges by it when a backend goes).
     pub backend_id: u32,
-    /// The reverse-NAT entry that restores the VIP on replies.
-    pub rev_nat_id: u16,
+    /// The frontend the flow entered through.
+    pub service_id: u32,
+    /// Network order.
+    pub backend_ip_be: u32,
+    /// Network order; see the type's doc for each direction.
+    pub nat_ip_be: u32,
+    /// Network order.
+    pub backend_port_be: u16,
+    /// Network order; see the type's doc for each direction.
+    pub nat_port_be: u16,
     /// [`ct_flags`].
     pub flags: u16,
-    /// Source address after SNAT; network order; 0 without SNAT.
-    pub snat_ip_be: u32,
-    /// Source port after SNAT; network order.
-    pub snat_port_be: u16,
     pub pad: [u8; 2],
 }
 
-/// Key of the session-affinity LRU map: one client and one service.
+/// Key of the session-affinity LRU map: one client and one frontend.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
 pub struct AffinityKey {
@@ -211,6 +218,32 @@ pub struct AffinityValue {
     pub last_used_ns: u64,
     pub backend_id: u32,
     pub pad: [u8; 4],
+}
+
+/// Data of the `SOURCE_RANGES` longest-prefix-match key: the prefix length covers all 32 bits of
+/// `service_id` plus the CIDR's length, so a match means "this source is allowed to this
+/// frontend".
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct SourceRangeKey {
+    pub service_id: u32,
+    /// Network order (LPM compares bytes in memory order, most significant first).
+    pub src_ip_be: u32,
+}
+
+impl SourceRangeKey {
+    /// Bits of `service_id`, always matched in full.
+    pub const SERVICE_ID_BITS: u32 = 32;
+}
+
+/// Node flags (`NodeConfig::flags`).
+pub mod node_flags {
+    /// The daemon has written this entry. An array entry always exists, zeroed until then, and
+    /// a zero service mask would make every address look like an unallocated service address.
+    pub const CONFIGURED: u32 = 1 << 0;
+    /// XDP forwards translated packets itself (FIB lookup + redirect) instead of passing them
+    /// up the stack.
+    pub const FIB_FORWARD: u32 = 1 << 1;
 }
 
 /// Node-wide settings, the single entry (index 0) of the `NODE_CONFIG` array.
@@ -231,6 +264,18 @@ pub struct NodeConfig {
     pub snat_port_min: u16,
     /// Last source port of the SNAT range (host order).
     pub snat_port_max: u16,
+    /// [`node_flags`].
+    pub flags: u32,
+}
+
+/// Per-frontend traffic, a per-CPU array indexed by `service_id`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct ServiceCounters {
+    /// Client-to-service packets translated.
+    pub packets: u64,
+    /// Their bytes (IPv4 total length).
+    pub bytes: u64,
 }
 
 user_pod!(
@@ -243,7 +288,9 @@ user_pod!(
     ConntrackValue,
     AffinityKey,
     AffinityValue,
+    SourceRangeKey,
     NodeConfig,
+    ServiceCounters,
 );
 
 // The layouts are the contract with the compiled programs: any change must be deliberate.
@@ -255,8 +302,10 @@ const _: () = {
     assert!(size_of::<Backend>() == 8);
     assert!(size_of::<RevNat>() == 8);
     assert!(size_of::<ConntrackKey>() == 16);
-    assert!(size_of::<ConntrackValue>() == 24);
+    assert!(size_of::<ConntrackValue>() == 32);
     assert!(size_of::<AffinityKey>() == 8);
     assert!(size_of::<AffinityValue>() == 16);
-    assert!(size_of::<NodeConfig>() == 24);
+    assert!(size_of::<SourceRangeKey>() == 8);
+    assert!(size_of::<NodeConfig>() == 28);
+    assert!(size_of::<ServiceCounters>() == 16);
 };

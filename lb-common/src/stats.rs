@@ -3,76 +3,84 @@
 //! Every path through a program ends in exactly one reason, so the sum over all reasons is the
 //! number of packets the program saw. Userspace reads the names from [`Reason::NAMES`].
 
-/// Why a program returned what it returned. The discriminant is the index into the `STATS`
-/// per-CPU array; the map key is a `u32`, never this enum.
-#[repr(u32)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Reason {
+/// Declares [`Reason`] with its index order, names and doc comments in one place.
+macro_rules! reasons {
+    ($($(#[doc = $doc:literal])* $variant:ident = $name:literal,)+) => {
+        /// Why a program returned what it returned. The discriminant is the index into the
+        /// `STATS` per-CPU array; the map key is a `u32`, never this enum.
+        #[repr(u32)]
+        #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+        pub enum Reason {
+            $($(#[doc = $doc])* $variant,)+
+        }
+
+        impl Reason {
+            /// Every reason, in index order.
+            pub const ALL: &'static [Self] = &[$(Self::$variant,)+];
+            /// Stable names for metrics, `status` and tests, in index order.
+            pub const NAMES: &'static [&'static str] = &[$($name,)+];
+        }
+    };
+}
+
+reasons! {
     /// Not IPv4 (ARP, IPv6, LLDP, ...): not ours, passed.
-    NotIpv4 = 0,
+    NotIpv4 = "not_ipv4",
     /// A frame shorter than an Ethernet header: passed untouched.
-    TruncatedEthernet,
+    TruncatedEthernet = "truncated_ethernet",
     /// An 802.1Q/802.1ad tag that is cut short: passed untouched.
-    TruncatedVlan,
+    TruncatedVlan = "truncated_vlan",
     /// Stacked VLAN tags (QinQ) are not parsed: passed untouched.
-    StackedVlan,
+    StackedVlan = "stacked_vlan",
     /// Shorter than a minimal IPv4 header: passed untouched.
-    TruncatedIpv4,
+    TruncatedIpv4 = "truncated_ipv4",
     /// Version field is not 4, or IHL is below 5 words: passed untouched.
-    BadIpv4Header,
+    BadIpv4Header = "bad_ipv4_header",
     /// Total length smaller than the header, or larger than the frame: passed untouched.
-    BadIpv4Length,
+    BadIpv4Length = "bad_ipv4_length",
     /// A fragment (MF set or non-zero offset): ports are not in every fragment, passed.
-    Fragment,
+    Fragment = "fragment",
     /// An L4 protocol the load balancer does not translate (not TCP, UDP or ICMP).
-    OtherL4,
+    OtherL4 = "other_l4",
     /// The TCP, UDP or ICMP header is cut short, or TCP's data offset is impossible.
-    TruncatedL4,
-    /// A well-formed TCP segment that no service matched: passed.
-    PassTcp,
-    /// A well-formed UDP datagram that no service matched: passed.
-    PassUdp,
-    /// A well-formed ICMP message that no service matched: passed.
-    PassIcmp,
+    TruncatedL4 = "truncated_l4",
+    /// Well-formed, but not addressed to a service: passed.
+    NotService = "not_service",
+    /// First packet of a flow: a backend was chosen and the packet translated.
+    ForwardNew = "forward_new",
+    /// A packet of a known flow, client to service, translated.
+    ForwardEstablished = "forward_established",
+    /// A reply of a known flow, backend to client, reverse-translated.
+    ReplyTranslated = "reply_translated",
+    /// The service has no usable endpoint: refused (TCP RST or ICMP port unreachable).
+    RejectNoEndpoints = "reject_no_endpoints",
+    /// A ClusterIP on a port or protocol it does not serve: refused.
+    RejectUnservedPort = "reject_unserved_port",
+    /// A traffic policy (Local) left no endpoint on this node: dropped, as kube-proxy does.
+    DropNoLocalEndpoint = "drop_no_local_endpoint",
+    /// An address in the service CIDR that no service holds: dropped.
+    DropUnallocatedVip = "drop_unallocated_vip",
+    /// The source is outside the service's loadBalancerSourceRanges: dropped.
+    DropSourceRange = "drop_source_range",
+    /// ICMP other than an error, to a service address: dropped.
+    DropIcmpToVip = "drop_icmp_to_vip",
+    /// Every SNAT port candidate for this backend was taken: dropped.
+    DropSnatExhausted = "drop_snat_exhausted",
+    /// A slot or backend entry was missing (the daemon is mid-update, or the maps disagree).
+    DropBackendMissing = "drop_backend_missing",
+    /// The conntrack map refused a new entry: dropped rather than translated without state.
+    DropConntrackFull = "drop_conntrack_full",
+    /// A reply of a flow whose frontend's reverse-NAT entry is gone: dropped.
+    DropRevNatMissing = "drop_rev_nat_missing",
+    /// The refusal could not be built in the packet (no room to grow it): dropped instead.
+    DropRefusalFailed = "drop_refusal_failed",
+    /// The node configuration entry is missing: passed, nothing can be translated.
+    NoNodeConfig = "no_node_config",
 }
 
 impl Reason {
     /// Number of reasons: the size of the `STATS` map.
-    pub const COUNT: u32 = Self::PassIcmp as u32 + 1;
-
-    /// Every reason, in index order.
-    pub const ALL: [Self; Self::COUNT as usize] = [
-        Self::NotIpv4,
-        Self::TruncatedEthernet,
-        Self::TruncatedVlan,
-        Self::StackedVlan,
-        Self::TruncatedIpv4,
-        Self::BadIpv4Header,
-        Self::BadIpv4Length,
-        Self::Fragment,
-        Self::OtherL4,
-        Self::TruncatedL4,
-        Self::PassTcp,
-        Self::PassUdp,
-        Self::PassIcmp,
-    ];
-
-    /// Stable names for metrics, `status` and tests, in index order.
-    pub const NAMES: [&'static str; Self::COUNT as usize] = [
-        "not_ipv4",
-        "truncated_ethernet",
-        "truncated_vlan",
-        "stacked_vlan",
-        "truncated_ipv4",
-        "bad_ipv4_header",
-        "bad_ipv4_length",
-        "fragment",
-        "other_l4",
-        "truncated_l4",
-        "pass_tcp",
-        "pass_udp",
-        "pass_icmp",
-    ];
+    pub const COUNT: u32 = Self::NoNodeConfig as u32 + 1;
 
     #[must_use]
     pub const fn index(self) -> u32 {
@@ -100,6 +108,8 @@ impl Reason {
 }
 
 const _: () = {
+    assert!(Reason::ALL.len() == Reason::COUNT as usize);
+    assert!(Reason::NAMES.len() == Reason::COUNT as usize);
     let mut i = 0;
     while i < Reason::ALL.len() {
         assert!(Reason::ALL[i] as usize == i, "Reason::ALL must be in index order");

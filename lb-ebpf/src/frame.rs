@@ -32,11 +32,14 @@ impl Frame for XdpContext {
         // drops it, and the verifier, which only trusts comparisons against `data_end`, rejects
         // the access.
         // SAFETY: `ctx` points to the kernel's xdp_md for the duration of the program.
-        unsafe {
+        let len = unsafe {
             let md = self.ctx;
             read_volatile(&raw const (*md).data_end) as usize
                 - read_volatile(&raw const (*md).data) as usize
-        }
+        };
+        // Nor may it fold the length into other arithmetic: `x - (end - start)` reassociated
+        // into `(x - end) + start` is pointer arithmetic on pkt_end, which the verifier refuses.
+        core::hint::black_box(len)
     }
 }
 
@@ -66,4 +69,10 @@ pub fn ptr_at<T>(frame: &impl Frame, offset: usize) -> Option<*const T> {
         return None;
     }
     Some((start + offset) as *const T)
+}
+
+/// Like [`ptr_at`], for writing.
+#[inline(always)]
+pub fn ptr_at_mut<T>(frame: &impl Frame, offset: usize) -> Option<*mut T> {
+    ptr_at::<T>(frame, offset).map(|p| p.cast_mut())
 }

@@ -2,19 +2,35 @@
 //!
 //! `lb_xdp` runs on external interfaces (north-south), `lb_tc` on tc ingress of pod-facing
 //! interfaces (east-west). Both share the same stages, one concern per module (Katran's split):
-//! `frame` gives bounds-checked access to packet bytes, `parse` decodes the headers and `stats`
-//! counts every verdict by reason.
+//! `frame` gives bounds-checked access to packet bytes, `parse` decodes the headers, `lb` finds
+//! the service and backend, `conntrack` keeps flows on their backend, `nat` and `csum` rewrite
+//! addresses with valid checksums, `refuse` builds RSTs and ICMP errors, `hook` holds what
+//! differs between XDP and tc, `maps` declares the maps and `stats` counts every verdict.
 //!
 //! Everything is gated on `target_arch = "bpf"` so that a host build of the workspace (clippy,
 //! `cargo build --workspace`) compiles an empty binary instead of a second panic handler.
 #![cfg_attr(target_arch = "bpf", no_std, no_main)]
 
 #[cfg(target_arch = "bpf")]
+mod conntrack;
+#[cfg(target_arch = "bpf")]
+mod csum;
+#[cfg(target_arch = "bpf")]
 mod frame;
+#[cfg(target_arch = "bpf")]
+mod hook;
+#[cfg(target_arch = "bpf")]
+mod lb;
+#[cfg(target_arch = "bpf")]
+mod maps;
+#[cfg(target_arch = "bpf")]
+mod nat;
 #[cfg(target_arch = "bpf")]
 mod parse;
 #[cfg(target_arch = "bpf")]
 mod programs;
+#[cfg(target_arch = "bpf")]
+mod refuse;
 #[cfg(target_arch = "bpf")]
 mod stats;
 

@@ -22,7 +22,6 @@ const IPV4_OFFSET_MASK: u16 = 0x1fff;
 
 /// A packet whose headers were all present and consistent.
 #[derive(Clone, Copy)]
-#[expect(dead_code, reason = "offsets and addresses are for the NAT stages that follow parsing")]
 pub struct Packet {
     /// Offset of the IPv4 header from the start of the frame.
     pub l3_offset: usize,
@@ -38,6 +37,18 @@ pub struct Packet {
     pub dst_port_be: u16,
     /// [`proto`] number: TCP, UDP or ICMP.
     pub proto: u8,
+    /// TCP flags byte (FIN 0x01, SYN 0x02, RST 0x04, ACK 0x10); the ICMP type for ICMP.
+    pub flags: u8,
+    /// IPv4 total length: the datagram without Ethernet padding.
+    pub total_len: u16,
+}
+
+/// TCP flag bits of `Packet::flags`.
+pub mod tcp_flags {
+    pub const FIN: u8 = 0x01;
+    pub const SYN: u8 = 0x02;
+    pub const RST: u8 = 0x04;
+    pub const ACK: u8 = 0x10;
 }
 
 /// Parses the frame's headers or says why it cannot be trusted.
@@ -90,6 +101,9 @@ pub fn parse(frame: &impl Frame) -> Result<Packet, Reason> {
         src_port_be: 0,
         dst_port_be: 0,
         proto: ip.proto,
+        flags: 0,
+        // Fits: it came from a u16.
+        total_len: total_len as u16,
     };
 
     match ip.proto {
@@ -103,6 +117,8 @@ pub fn parse(frame: &impl Frame) -> Result<Packet, Reason> {
             }
             packet.src_port_be = u16::from_ne_bytes(tcp.source);
             packet.dst_port_be = u16::from_ne_bytes(tcp.dest);
+            // SAFETY: byte 13 (the flags) lies inside the 20 bytes `l4_header` checked.
+            packet.flags = unsafe { *(core::ptr::from_ref(tcp).cast::<u8>().add(13)) };
         }
         proto::UDP => {
             let udp: *const UdpHdr = l4_header(frame, l4_offset, l3_end)?;
@@ -112,7 +128,9 @@ pub fn parse(frame: &impl Frame) -> Result<Packet, Reason> {
             packet.dst_port_be = u16::from_ne_bytes(udp.dst);
         }
         proto::ICMP => {
-            let _icmp: *const Icmpv4Hdr = l4_header(frame, l4_offset, l3_end)?;
+            let icmp: *const Icmpv4Hdr = l4_header(frame, l4_offset, l3_end)?;
+            // SAFETY: bounds checked by `l4_header`.
+            packet.flags = unsafe { (*icmp).type_ };
         }
         _ => return Err(Reason::OtherL4),
     }

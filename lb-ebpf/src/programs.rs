@@ -1,37 +1,49 @@
-//! Program entry points: thin wrappers that run the shared stages and turn the outcome into the
-//! hook's return code.
+//! Program entry points: thin wrappers that run the shared stages and turn the verdict into
+//! the hook's return code.
 
 use aya_ebpf::{
-    bindings::{TC_ACT_UNSPEC, xdp_action},
+    bindings::{TC_ACT_OK, TC_ACT_SHOT, TC_ACT_UNSPEC, xdp_action},
     macros::{classifier, xdp},
     programs::{TcContext, XdpContext},
 };
 use lb_common::{maps::proto, stats::Reason};
 
-use crate::{frame::Frame, parse, stats};
+use crate::{
+    frame::Frame,
+    hook::Hook,
+    lb::{self, Origin, Verdict},
+    parse::{self, tcp_flags},
+    refuse, stats,
+};
 
 /// Bytes a tc program wants in the linear part of the skb: Ethernet, one VLAN tag, the largest
-/// IPv4 header and a TCP header with options. Beyond it sit the payload and, for ICMP errors, the
-/// quoted datagram, which later stages pull themselves.
+/// IPv4 header and a TCP header with options.
 const TC_PULL_LEN: usize = 14 + 4 + 60 + 60;
 
 /// North-south entry point, on external interfaces.
 #[xdp]
 pub fn lb_xdp(ctx: XdpContext) -> u32 {
-    stats::count(first_stage(&ctx));
-    xdp_action::XDP_PASS
+    match run(&ctx, Origin::External) {
+        Verdict::Pass | Verdict::Forward => xdp_action::XDP_PASS,
+        Verdict::Drop => xdp_action::XDP_DROP,
+        Verdict::Refuse => ctx.bounce() as u32,
+    }
 }
 
 /// East-west entry point, on tc ingress of pod-facing interfaces.
 ///
-/// Returns `TC_ACT_UNSPEC` for packets that are not ours: with tcx that means "next program"
-/// and with cls_bpf direct-action "continue classification", so other programs on the same hook
-/// (a CNI's, for one) still see them.
+/// Packets that are not ours get `TC_ACT_UNSPEC`: with tcx that means "next program" and with
+/// cls_bpf direct-action "continue classification", so other programs on the same hook (a CNI's,
+/// for one) still see them.
 #[classifier]
 pub fn lb_tc(ctx: TcContext) -> i32 {
     pull_headers(&ctx);
-    stats::count(first_stage(&ctx));
-    TC_ACT_UNSPEC
+    match run(&ctx, Origin::Pod) {
+        Verdict::Pass => TC_ACT_UNSPEC,
+        Verdict::Forward => TC_ACT_OK,
+        Verdict::Drop => TC_ACT_SHOT,
+        Verdict::Refuse => ctx.bounce(),
+    }
 }
 
 /// Makes the headers directly readable when the skb keeps them in paged fragments (GRO'd or
@@ -45,16 +57,34 @@ fn pull_headers(ctx: &TcContext) {
     }
 }
 
-/// Parses the packet and names the outcome. No service lookup exists yet, so every well-formed
-/// packet is passed under its protocol's reason.
+/// Classifies the packet and counts the reason.
 #[inline(always)]
-fn first_stage(frame: &impl Frame) -> Reason {
-    match parse::parse(frame) {
-        Ok(packet) => match packet.proto {
-            proto::TCP => Reason::PassTcp,
-            proto::UDP => Reason::PassUdp,
-            _ => Reason::PassIcmp,
-        },
-        Err(reason) => reason,
+fn run(hook: &impl Hook, origin: Origin) -> Verdict {
+    let (verdict, reason) = classify(hook, origin);
+    stats::count(reason);
+    verdict
+}
+
+/// Parses, runs the service stage, and builds the refusal if one is due.
+#[inline(always)]
+fn classify(hook: &impl Hook, origin: Origin) -> (Verdict, Reason) {
+    let packet = match parse::parse(hook) {
+        Ok(packet) => packet,
+        Err(reason) => return (Verdict::Pass, reason),
+    };
+    if !lb::translatable(&packet) {
+        return lb::process_other(&packet);
+    }
+    let (verdict, reason) = lb::process(hook, &packet, origin);
+    if verdict != Verdict::Refuse {
+        return (verdict, reason);
+    }
+    if packet.proto == proto::TCP && packet.flags & tcp_flags::RST != 0 {
+        // Never answer a reset with a reset (RFC 793).
+        return (Verdict::Drop, reason);
+    }
+    match refuse::refuse(hook, &packet) {
+        Ok(()) => (verdict, reason),
+        Err(()) => (Verdict::Drop, Reason::DropRefusalFailed),
     }
 }

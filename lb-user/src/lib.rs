@@ -10,8 +10,12 @@
 )]
 
 pub mod attach;
+pub mod config;
 pub mod error;
 pub mod loader;
+pub mod manifest;
+pub mod maps;
+pub mod model;
 pub mod pins;
 pub mod stats;
 

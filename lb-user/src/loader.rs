@@ -12,9 +12,8 @@ use crate::{
     program_names,
 };
 
-/// Every map the object may declare. Pinning is by name, so listing one the object does not
-/// (yet) declare is harmless.
-pub const MAP_NAMES: [&str; 8] = [
+/// Every map the object declares, pinned by name under `maps/`.
+pub const MAP_NAMES: [&str; 10] = [
     names::STATS,
     names::SERVICES,
     names::BACKEND_SLOTS,
@@ -22,7 +21,9 @@ pub const MAP_NAMES: [&str; 8] = [
     names::REV_NAT,
     names::CONNTRACK,
     names::AFFINITY,
+    names::SOURCE_RANGES,
     names::NODE_CONFIG,
+    names::SERVICE_STATS,
 ];
 
 /// Loads the object with private maps: nothing pinned, nothing attached. For tests and `trace`.

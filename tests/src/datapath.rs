@@ -2,11 +2,14 @@
 
 use aya::{
     Ebpf,
+    maps::{MapData, PerCpuArray},
     programs::{SchedClassifier, TestRun, TestRunOptions, Xdp},
 };
-use lb_common::maps::names;
+use lb_common::maps::{ServiceCounters, names};
 use lb_user::{
-    loader, program_names,
+    loader,
+    maps::{KernelMaps, MapOp, MapWriter as _},
+    program_names,
     stats::{self, ReasonCounts},
 };
 
@@ -14,6 +17,11 @@ use lb_user::{
 pub const XDP_PASS: u32 = 2;
 /// tc's "not mine, continue" verdict (`TC_ACT_UNSPEC`, -1), as BPF_PROG_TEST_RUN reports it.
 pub const TC_ACT_UNSPEC: u32 = u32::MAX;
+pub const XDP_DROP: u32 = 1;
+pub const XDP_TX: u32 = 3;
+pub const TC_ACT_OK: u32 = 0;
+pub const TC_ACT_SHOT: u32 = 2;
+pub const TC_ACT_REDIRECT: u32 = 7;
 
 /// Which entry point sees the packet.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -34,6 +42,30 @@ impl Hook {
             Self::Tc => TC_ACT_UNSPEC,
         }
     }
+
+    /// The return code meaning "translated, continue to the new destination".
+    pub fn forward_code(self) -> u32 {
+        match self {
+            Self::Xdp => XDP_PASS,
+            Self::Tc => TC_ACT_OK,
+        }
+    }
+
+    /// The return code meaning "dropped".
+    pub fn drop_code(self) -> u32 {
+        match self {
+            Self::Xdp => XDP_DROP,
+            Self::Tc => TC_ACT_SHOT,
+        }
+    }
+
+    /// The return code meaning "sent back where it came from" (refusals).
+    pub fn bounce_code(self) -> u32 {
+        match self {
+            Self::Xdp => XDP_TX,
+            Self::Tc => TC_ACT_REDIRECT,
+        }
+    }
 }
 
 /// What one run did.
@@ -49,6 +81,7 @@ pub struct Run {
 /// A private instance of the programs and their maps: nothing pinned, nothing attached.
 pub struct Datapath {
     ebpf: Ebpf,
+    maps: KernelMaps,
 }
 
 impl Default for Datapath {
@@ -59,13 +92,30 @@ impl Default for Datapath {
 
 impl Datapath {
     pub fn load() -> Self {
-        let ebpf = loader::load_private()
+        let mut ebpf = loader::load_private()
             .unwrap_or_else(|e| panic!("loading the programs (root and BTF needed): {e:?}"));
-        Self { ebpf }
+        let maps = KernelMaps::take_from(&mut ebpf).expect("datapath maps");
+        Self { ebpf, maps }
     }
 
-    pub fn ebpf_mut(&mut self) -> &mut Ebpf {
-        &mut self.ebpf
+    pub fn maps(&mut self) -> &mut KernelMaps {
+        &mut self.maps
+    }
+
+    /// Applies map operations, as the daemon would.
+    pub fn apply(&mut self, ops: &[MapOp]) {
+        for op in ops {
+            self.maps.apply(op).unwrap_or_else(|e| panic!("applying {op:?}: {e:?}"));
+        }
+    }
+
+    /// Packets and bytes counted for frontend `service_id`, over all CPUs.
+    pub fn service_counters(&self, service_id: u32) -> (u64, u64) {
+        let map = self.ebpf.map(names::SERVICE_STATS).expect("SERVICE_STATS map");
+        let array: PerCpuArray<&MapData, ServiceCounters> =
+            PerCpuArray::try_from(map).expect("per-CPU array");
+        let values = array.get(&service_id, 0).expect("service counters");
+        values.iter().fold((0, 0), |(p, b), c| (p + c.packets, b + c.bytes))
     }
 
     pub fn counters(&self) -> ReasonCounts {

@@ -13,5 +13,7 @@
 pub mod checksum;
 pub mod datapath;
 pub mod netns;
+pub mod node;
 pub mod packets;
 pub mod pins;
+pub mod services;

@@ -30,6 +30,27 @@ pub struct Spec {
     pub vlan: Option<u16>,
     /// IPv4 options bytes (a multiple of 4, at most 40).
     pub ip_options: Vec<u8>,
+    /// Ethernet source and destination.
+    pub macs: ([u8; 6], [u8; 6]),
+    /// TCP flags, sequence and acknowledgement numbers.
+    pub tcp: TcpFields,
+}
+
+/// The TCP header fields a test may care about.
+#[derive(Clone, Copy, Debug)]
+pub struct TcpFields {
+    pub syn: bool,
+    pub ack: Option<u32>,
+    pub rst: bool,
+    pub fin: bool,
+    pub seq: u32,
+    pub window: u16,
+}
+
+impl Default for TcpFields {
+    fn default() -> Self {
+        Self { syn: true, ack: None, rst: false, fin: false, seq: 1000, window: 64_240 }
+    }
 }
 
 impl Spec {
@@ -53,7 +74,31 @@ impl Spec {
             payload: b"hello".to_vec(),
             vlan: None,
             ip_options: Vec::new(),
+            macs: (CLIENT_MAC, NODE_MAC),
+            tcp: TcpFields::default(),
         }
+    }
+
+    /// The same packet with other addresses and ports (a translation's expected result).
+    pub fn with_addresses(mut self, src: &str, src_port: u16, dst: &str, dst_port: u16) -> Self {
+        self.src = src.parse().expect("source address");
+        self.dst = dst.parse().expect("destination address");
+        self.l4 = match self.l4 {
+            L4::Tcp { .. } => L4::Tcp { src_port, dst_port },
+            L4::Udp { .. } => L4::Udp { src_port, dst_port },
+            L4::IcmpEcho { id, seq } => L4::IcmpEcho { id, seq },
+        };
+        self
+    }
+
+    pub fn with_macs(mut self, src: [u8; 6], dst: [u8; 6]) -> Self {
+        self.macs = (src, dst);
+        self
+    }
+
+    pub fn with_tcp(mut self, tcp: TcpFields) -> Self {
+        self.tcp = tcp;
+        self
     }
 
     pub fn with_vlan(mut self, id: u16) -> Self {
@@ -78,7 +123,7 @@ impl Spec {
                 .expect("IPv4 header");
         ip.options = Ipv4Options::try_from(self.ip_options.as_slice()).expect("IPv4 options");
         let ip = IpHeaders::Ipv4(ip, etherparse::Ipv4Extensions::default());
-        let eth = PacketBuilder::ethernet2(CLIENT_MAC, NODE_MAC);
+        let eth = PacketBuilder::ethernet2(self.macs.0, self.macs.1);
         let ip_step = match self.vlan {
             Some(id) => eth.single_vlan(VlanId::try_new(id).expect("VLAN id")).ip(ip),
             None => eth.ip(ip),
@@ -86,7 +131,21 @@ impl Spec {
         let mut frame = Vec::new();
         match self.l4 {
             L4::Tcp { src_port, dst_port } => {
-                ip_step.tcp(src_port, dst_port, 1000, 64_240).syn().write(&mut frame, &self.payload)
+                let t = self.tcp;
+                let mut step = ip_step.tcp(src_port, dst_port, t.seq, t.window);
+                if t.syn {
+                    step = step.syn();
+                }
+                if let Some(ack) = t.ack {
+                    step = step.ack(ack);
+                }
+                if t.rst {
+                    step = step.rst();
+                }
+                if t.fin {
+                    step = step.fin();
+                }
+                step.write(&mut frame, &self.payload)
             }
             L4::Udp { src_port, dst_port } => {
                 ip_step.udp(src_port, dst_port).write(&mut frame, &self.payload)
@@ -98,4 +157,17 @@ impl Spec {
         .expect("writing the packet");
         frame
     }
+}
+
+/// Source and destination (address, port) of an IPv4 TCP or UDP frame.
+pub fn endpoints(frame: &[u8]) -> ((Ipv4Addr, u16), (Ipv4Addr, u16)) {
+    let packet = etherparse::SlicedPacket::from_ethernet(frame).expect("parsable frame");
+    let Some(etherparse::NetSlice::Ipv4(ip)) = packet.net else { panic!("not IPv4") };
+    let (src, dst) = (ip.header().source_addr(), ip.header().destination_addr());
+    let (sport, dport) = match packet.transport {
+        Some(etherparse::TransportSlice::Tcp(tcp)) => (tcp.source_port(), tcp.destination_port()),
+        Some(etherparse::TransportSlice::Udp(udp)) => (udp.source_port(), udp.destination_port()),
+        other => panic!("not TCP or UDP: {other:?}"),
+    };
+    ((src, sport), (dst, dport))
 }

@@ -1,5 +1,6 @@
 //! The first stage of both programs (parse and count) on well-formed, truncated and malformed
-//! packets: every packet leaves untouched, with exactly the right counter incremented.
+//! packets: every packet leaves untouched, with exactly the right counter incremented. The
+//! well-formed ones are addressed outside the service CIDR, so they are not services' either.
 //!
 //! Frames shorter than an Ethernet header cannot be tested here: BPF_PROG_TEST_RUN itself
 //! refuses inputs under 14 bytes (EINVAL), for XDP and tc alike.
@@ -8,6 +9,7 @@ use lb_common::stats::Reason;
 use lb_tests::{
     checksum,
     datapath::{Datapath, Hook},
+    node,
     packets::{L3, L4, Spec},
 };
 
@@ -30,7 +32,7 @@ fn xdp_only(name: &str, frame: Vec<u8>, reason: Reason) -> Case {
 }
 
 fn tcp() -> Spec {
-    Spec::tcp("10.244.1.5", 40_000, "10.96.45.10", 80)
+    Spec::tcp("10.244.1.5", 40_000, "10.244.2.10", 80)
 }
 
 /// `frame` with `bytes` written at `offset`.
@@ -50,22 +52,22 @@ fn with_total_length(frame: Vec<u8>, len: u16) -> Vec<u8> {
 }
 
 fn well_formed_cases() -> Vec<Case> {
-    let udp = Spec::udp("10.244.1.5", 5353, "10.96.0.10", 53);
+    let udp = Spec::udp("10.244.1.5", 5353, "10.244.2.15", 53);
     // A 42-byte UDP frame padded to Ethernet's 60-byte minimum, as a NIC delivers it.
     let mut padded = udp.clone().with_payload(&[]).build();
     padded.resize(60, 0);
     vec![
-        case("TCP SYN", tcp().build(), Reason::PassTcp),
-        case("UDP datagram", udp.build(), Reason::PassUdp),
+        case("TCP SYN", tcp().build(), Reason::NotService),
+        case("UDP datagram", udp.build(), Reason::NotService),
         case(
             "ICMP echo request",
-            Spec::icmp_echo("10.244.1.5", "10.96.45.10", 7).build(),
-            Reason::PassIcmp,
+            Spec::icmp_echo("10.244.1.5", "10.244.2.10", 7).build(),
+            Reason::NotService,
         ),
-        case("TCP in an 802.1Q tag", tcp().with_vlan(100).build(), Reason::PassTcp),
-        case("UDP in an 802.1Q tag", udp.clone().with_vlan(4094).build(), Reason::PassUdp),
-        case("UDP with Ethernet padding after the datagram", padded, Reason::PassUdp),
-        case("empty TCP payload", tcp().with_payload(&[]).build(), Reason::PassTcp),
+        case("TCP in an 802.1Q tag", tcp().with_vlan(100).build(), Reason::NotService),
+        case("UDP in an 802.1Q tag", udp.clone().with_vlan(4094).build(), Reason::NotService),
+        case("UDP with Ethernet padding after the datagram", padded, Reason::NotService),
+        case("empty TCP payload", tcp().with_payload(&[]).build(), Reason::NotService),
     ]
 }
 
@@ -82,12 +84,12 @@ fn ip_option_cases() -> Vec<Case> {
         cases.push(case(
             format!("TCP after {name} of IPv4 options"),
             tcp().with_ip_options(&options(len)).build(),
-            Reason::PassTcp,
+            Reason::NotService,
         ));
         cases.push(case(
             format!("UDP after {name} of IPv4 options"),
-            Spec::udp("10.244.1.5", 5353, "10.96.0.10", 53).with_ip_options(&options(len)).build(),
-            Reason::PassUdp,
+            Spec::udp("10.244.1.5", 5353, "10.244.2.15", 53).with_ip_options(&options(len)).build(),
+            Reason::NotService,
         ));
     }
     // 40 bytes of options push the TCP header out of a datagram whose total length stops at
@@ -103,8 +105,8 @@ fn ip_option_cases() -> Vec<Case> {
 
 fn malformed_cases() -> Vec<Case> {
     let tcp_frame = tcp().build();
-    let udp_frame = Spec::udp("10.244.1.5", 5353, "10.96.0.10", 53).build();
-    let icmp_frame = Spec::icmp_echo("10.244.1.5", "10.96.45.10", 7).build();
+    let udp_frame = Spec::udp("10.244.1.5", 5353, "10.244.2.15", 53).build();
+    let icmp_frame = Spec::icmp_echo("10.244.1.5", "10.244.2.10", 7).build();
     let tagged = tcp().with_vlan(7).build();
     vec![
         case("ARP", patched(tcp_frame.clone(), 12, &[0x08, 0x06]), Reason::NotIpv4),
@@ -160,7 +162,7 @@ fn malformed_cases() -> Vec<Case> {
         case(
             "DF set is not a fragment",
             patched(tcp_frame.clone(), L3 + 6, &[0x40, 0x00]),
-            Reason::PassTcp,
+            Reason::NotService,
         ),
         case("GRE", patched(tcp_frame.clone(), L3 + 9, &[47]), Reason::OtherL4),
         case("SCTP", patched(tcp_frame.clone(), L3 + 9, &[132]), Reason::OtherL4),
@@ -192,6 +194,12 @@ fn malformed_cases() -> Vec<Case> {
     ]
 }
 
+fn loaded() -> Datapath {
+    let mut datapath = Datapath::load();
+    datapath.apply(&[node::set_node_config()]);
+    datapath
+}
+
 fn assert_passed_untouched(datapath: &mut Datapath, case: &Case) {
     for &hook in case.hooks {
         let run = datapath.run(hook, &case.frame);
@@ -205,7 +213,7 @@ fn assert_passed_untouched(datapath: &mut Datapath, case: &Case) {
 
 #[test]
 fn well_formed_packets_pass_untouched_and_are_counted_by_protocol() {
-    let mut datapath = Datapath::load();
+    let mut datapath = loaded();
     for case in well_formed_cases() {
         checksum::assert_valid(&case.frame);
         assert_passed_untouched(&mut datapath, &case);
@@ -214,7 +222,7 @@ fn well_formed_packets_pass_untouched_and_are_counted_by_protocol() {
 
 #[test]
 fn ipv4_options_are_skipped_using_ihl() {
-    let mut datapath = Datapath::load();
+    let mut datapath = loaded();
     for case in ip_option_cases() {
         assert_passed_untouched(&mut datapath, &case);
     }
@@ -222,10 +230,10 @@ fn ipv4_options_are_skipped_using_ihl() {
 
 #[test]
 fn truncated_and_malformed_packets_pass_untouched_with_their_reason() {
-    let mut datapath = Datapath::load();
+    let mut datapath = loaded();
     for case in malformed_cases() {
         assert!(
-            case.reason != Reason::PassTcp || case.name.contains("DF"),
+            case.reason != Reason::NotService || case.name.contains("DF"),
             "{}: a malformed case must name a failure reason",
             case.name
         );
@@ -237,7 +245,7 @@ fn truncated_and_malformed_packets_pass_untouched_with_their_reason() {
 fn every_malformed_reason_is_exercised() {
     let covered: Vec<Reason> =
         malformed_cases().iter().chain(&ip_option_cases()).map(|c| c.reason).collect();
-    for reason in Reason::ALL {
+    for &reason in Reason::ALL {
         // Frames under 14 bytes cannot be fed to BPF_PROG_TEST_RUN (see the module comment).
         if reason.is_malformed() && reason != Reason::TruncatedEthernet {
             assert!(covered.contains(&reason), "no case exercises {}", reason.name());

@@ -118,11 +118,12 @@ fn load_attaches_pins_and_counts_then_unload_removes_everything() {
     }
     assert!(program_exists(xdp.program_id) && program_exists(tc.program_id));
 
-    // Real packets through the attached programs: XDP and tc each count every datagram.
+    // Real packets through the attached programs: XDP and tc each count every datagram; with
+    // no node configuration programmed, every one passes under `no_node_config`.
     topology.send_udp_to_node(5);
     std::thread::sleep(Duration::from_millis(100));
     let counts = stats::read_pinned(layout).expect("pinned STATS");
-    assert!(counts.get(Reason::PassUdp) >= 10, "5 datagrams through XDP and tc: {counts:?}");
+    assert!(counts.get(Reason::NoNodeConfig) >= 10, "5 datagrams through XDP and tc: {counts:?}");
 
     let removed = topology.node.enter(|| attach::unload(layout)).expect("unload");
     assert!(removed.iter().any(|line| line == "detached xdp@lb0"), "{removed:?}");

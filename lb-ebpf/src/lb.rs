@@ -1,0 +1,402 @@
+//! The service stage: translate packets of known flows, and for the first packet of a new one
+//! find the frontend, apply its policies, choose a backend, decide on SNAT and record the flow.
+
+use lb_common::{
+    hash::flow_hash,
+    maps::{
+        AffinityKey, AffinityValue, Backend, BackendSlotKey, ConntrackKey, ConntrackValue,
+        NodeConfig, ServiceKey, ServiceValue, SourceRangeKey, backend_flags, ct_flags, node_flags,
+        proto, scope, service_flags,
+    },
+    stats::Reason,
+};
+
+use aya_ebpf::maps::lpm_trie::Key as LpmKey;
+
+use crate::{
+    conntrack,
+    hook::Hook,
+    maps::{
+        AFFINITY, BACKEND_SLOTS, BACKENDS, NODE_CONFIG, REV_NAT, SERVICE_STATS, SERVICES,
+        SOURCE_RANGES,
+    },
+    nat::{self, End},
+    parse::Packet,
+};
+
+/// Where the packet entered this node.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Origin {
+    /// A pod-facing interface (tc): the source is a pod of this node.
+    Pod,
+    /// An external interface (XDP): anything from the network.
+    External,
+}
+
+/// What the program does with the packet.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// Not ours: hand it on untouched.
+    Pass,
+    /// Translated: let it continue to its new destination.
+    Forward,
+    /// Discard.
+    Drop,
+    /// Refuse: the packet was rewritten into a refusal to send back.
+    Refuse,
+}
+
+/// Upper bound on SNAT port candidates tried for one new flow.
+const SNAT_PROBES: u32 = 8;
+/// `BPF_NOEXIST`: insert only if the key is free.
+const BPF_NOEXIST: u64 = 1;
+/// `BPF_ANY`.
+const BPF_ANY: u64 = 0;
+
+/// Runs the service stage on a parsed TCP or UDP packet.
+#[inline(always)]
+pub fn process(hook: &impl Hook, packet: &Packet, origin: Origin) -> (Verdict, Reason) {
+    let now = conntrack::now_ns();
+    let key = conntrack::key_of(packet);
+    if let Some(entry) = conntrack::lookup(&key, packet, now) {
+        conntrack::touch(entry, packet, now);
+        // SAFETY: a live pointer from the conntrack lookup above.
+        let value = unsafe { *entry };
+        return if value.flags & ct_flags::REPLY != 0 {
+            reply(hook, packet, &value)
+        } else {
+            forward_established(hook, packet, &value)
+        };
+    }
+    let Some(config) = node_config() else {
+        return (Verdict::Pass, Reason::NoNodeConfig);
+    };
+    new_flow(hook, packet, origin, config, now)
+}
+
+/// The node configuration, once the daemon has written it.
+#[inline(always)]
+fn node_config() -> Option<&'static NodeConfig> {
+    NODE_CONFIG.get(0).filter(|config| config.flags & node_flags::CONFIGURED != 0)
+}
+
+/// Client to service, on a known flow.
+#[inline(always)]
+fn forward_established(
+    hook: &impl Hook,
+    packet: &Packet,
+    flow: &ConntrackValue,
+) -> (Verdict, Reason) {
+    if translate_forward(hook, packet, flow).is_err() {
+        return (Verdict::Drop, Reason::TruncatedL4);
+    }
+    count_service(flow.service_id, packet);
+    (Verdict::Forward, Reason::ForwardEstablished)
+}
+
+#[inline(always)]
+fn translate_forward(hook: &impl Hook, packet: &Packet, flow: &ConntrackValue) -> Result<(), ()> {
+    nat::rewrite(hook, packet, End::Destination, flow.backend_ip_be, flow.backend_port_be)?;
+    if flow.flags & ct_flags::SNAT != 0 {
+        nat::rewrite(hook, packet, End::Source, flow.nat_ip_be, flow.nat_port_be)?;
+    }
+    Ok(())
+}
+
+/// Backend to client: restore the service address as the source, and the client as the
+/// destination if the flow was masqueraded.
+#[inline(always)]
+fn reply(hook: &impl Hook, packet: &Packet, flow: &ConntrackValue) -> (Verdict, Reason) {
+    // SAFETY: REV_NAT values are plain data written by the daemon.
+    let Some(rev_nat) = (unsafe { REV_NAT.get(&flow.service_id) }) else {
+        return (Verdict::Drop, Reason::DropRevNatMissing);
+    };
+    let (vip, port) = (rev_nat.vip_be, rev_nat.port_be);
+    let translated = nat::rewrite(hook, packet, End::Source, vip, port).and_then(|()| {
+        if flow.flags & ct_flags::SNAT != 0 {
+            nat::rewrite(hook, packet, End::Destination, flow.nat_ip_be, flow.nat_port_be)
+        } else {
+            Ok(())
+        }
+    });
+    match translated {
+        Ok(()) => (Verdict::Forward, Reason::ReplyTranslated),
+        Err(()) => (Verdict::Drop, Reason::TruncatedL4),
+    }
+}
+
+#[inline(always)]
+fn in_prefix(address_be: u32, prefix_be: u32, mask_be: u32) -> bool {
+    address_be & mask_be == prefix_be
+}
+
+/// The first packet of a flow.
+#[inline(always)]
+fn new_flow(
+    hook: &impl Hook,
+    packet: &Packet,
+    origin: Origin,
+    config: &NodeConfig,
+    now: u64,
+) -> (Verdict, Reason) {
+    let Some(service) = find_service(packet, origin, config) else {
+        return not_a_service(packet, config);
+    };
+    let service_id = service.service_id;
+    if service.flags & service_flags::SOURCE_RANGES != 0
+        && !source_allowed(service_id, packet.src_ip_be)
+    {
+        return (Verdict::Drop, Reason::DropSourceRange);
+    }
+    if service.slot_count == 0 {
+        return if service.flags & service_flags::EMPTY_DROP != 0 {
+            (Verdict::Drop, Reason::DropNoLocalEndpoint)
+        } else {
+            (Verdict::Refuse, Reason::RejectNoEndpoints)
+        };
+    }
+    let hash = flow_hash(
+        packet.src_ip_be,
+        packet.dst_ip_be,
+        packet.src_port_be,
+        packet.dst_port_be,
+        packet.proto,
+    );
+    let Some((backend_id, backend)) = choose_backend(&service, packet.src_ip_be, hash, now) else {
+        return (Verdict::Drop, Reason::DropBackendMissing);
+    };
+
+    let mut forward = ConntrackValue {
+        last_seen_ns: now,
+        backend_id,
+        service_id,
+        backend_ip_be: backend.ip_be,
+        nat_ip_be: 0,
+        backend_port_be: backend.port_be,
+        nat_port_be: 0,
+        flags: 0,
+        pad: [0; 2],
+    };
+    let mut reply_entry = ConntrackValue { flags: ct_flags::REPLY, ..forward };
+    let mut reply_key = ConntrackKey {
+        src_ip_be: backend.ip_be,
+        dst_ip_be: packet.src_ip_be,
+        src_port_be: backend.port_be,
+        dst_port_be: packet.src_port_be,
+        proto: packet.proto,
+        pad: [0; 3],
+    };
+
+    if needs_snat(&service, &backend, packet, origin, config) {
+        let Some(port_be) = claim_snat_port(&mut reply_key, &mut reply_entry, packet, config, hash)
+        else {
+            return (Verdict::Drop, Reason::DropSnatExhausted);
+        };
+        forward.flags |= ct_flags::SNAT;
+        forward.nat_ip_be = config.snat_ip_be;
+        forward.nat_port_be = port_be;
+    } else if conntrack::insert(&reply_key, &reply_entry, BPF_ANY).is_err() {
+        return (Verdict::Drop, Reason::DropConntrackFull);
+    }
+    if conntrack::insert(&conntrack::key_of(packet), &forward, BPF_ANY).is_err() {
+        return (Verdict::Drop, Reason::DropConntrackFull);
+    }
+    if translate_forward(hook, packet, &forward).is_err() {
+        return (Verdict::Drop, Reason::TruncatedL4);
+    }
+    count_service(service_id, packet);
+    (Verdict::Forward, Reason::ForwardNew)
+}
+
+/// The frontend for this packet: the scope-EXTERNAL entry, or its INTERNAL twin for sources
+/// inside the cluster when the two differ.
+#[inline(always)]
+fn find_service(packet: &Packet, origin: Origin, config: &NodeConfig) -> Option<ServiceValue> {
+    let mut key = ServiceKey {
+        vip_be: packet.dst_ip_be,
+        port_be: packet.dst_port_be,
+        proto: packet.proto,
+        scope: scope::EXTERNAL,
+    };
+    // SAFETY: service values are plain data written by the daemon.
+    let service = *unsafe { SERVICES.get(&key) }?;
+    let internal_source = origin == Origin::Pod
+        || in_prefix(packet.src_ip_be, config.cluster_cidr_be, config.cluster_mask_be);
+    if service.flags & service_flags::TWO_SCOPES != 0 && internal_source {
+        key.scope = scope::INTERNAL;
+        // SAFETY: as above.
+        return unsafe { SERVICES.get(&key) }.copied();
+    }
+    Some(service)
+}
+
+/// No frontend matched: refuse on an allocated ClusterIP (its marker entry, port 0 protocol 0,
+/// exists), drop elsewhere in the service CIDR, pass anything else.
+#[inline(always)]
+fn not_a_service(packet: &Packet, config: &NodeConfig) -> (Verdict, Reason) {
+    if !in_prefix(packet.dst_ip_be, config.service_cidr_be, config.service_mask_be) {
+        return (Verdict::Pass, Reason::NotService);
+    }
+    let marker =
+        ServiceKey { vip_be: packet.dst_ip_be, port_be: 0, proto: 0, scope: scope::EXTERNAL };
+    // SAFETY: plain data.
+    if unsafe { SERVICES.get(&marker) }.is_some() {
+        (Verdict::Refuse, Reason::RejectUnservedPort)
+    } else {
+        (Verdict::Drop, Reason::DropUnallocatedVip)
+    }
+}
+
+#[inline(always)]
+fn source_allowed(service_id: u32, src_ip_be: u32) -> bool {
+    let key =
+        LpmKey::new(SourceRangeKey::SERVICE_ID_BITS + 32, SourceRangeKey { service_id, src_ip_be });
+    SOURCE_RANGES.get(&key).is_some()
+}
+
+/// The backend for a new flow: the client's affinity if the frontend has one and it is fresh,
+/// else the slot the flow hash picks.
+#[inline(always)]
+fn choose_backend(
+    service: &ServiceValue,
+    client_be: u32,
+    hash: u32,
+    now: u64,
+) -> Option<(u32, Backend)> {
+    let sticky = service.flags & service_flags::AFFINITY != 0;
+    let affinity_key = AffinityKey { client_ip_be: client_be, service_id: service.service_id };
+    if sticky {
+        // SAFETY: plain data.
+        if let Some(previous) = unsafe { AFFINITY.get(&affinity_key) } {
+            let timeout_ns = u64::from(service.affinity_timeout_s) * 1_000_000_000;
+            if now.saturating_sub(previous.last_used_ns) <= timeout_ns {
+                let backend_id = previous.backend_id;
+                // SAFETY: plain data.
+                if let Some(backend) = unsafe { BACKENDS.get(&backend_id) } {
+                    remember_affinity(&affinity_key, backend_id, now);
+                    return Some((backend_id, *backend));
+                }
+            }
+        }
+    }
+    // `checked_rem`: a division by zero would be a panic path, which the verifier rejects.
+    let slot = BackendSlotKey {
+        service_id: service.service_id,
+        slot: hash.checked_rem(service.slot_count)?,
+    };
+    // SAFETY: plain data.
+    let backend_id = *unsafe { BACKEND_SLOTS.get(&slot) }?;
+    // SAFETY: plain data.
+    let backend = *unsafe { BACKENDS.get(&backend_id) }?;
+    if sticky {
+        remember_affinity(&affinity_key, backend_id, now);
+    }
+    Some((backend_id, backend))
+}
+
+#[inline(always)]
+fn remember_affinity(key: &AffinityKey, backend_id: u32, now: u64) {
+    let value = AffinityValue { last_used_ns: now, backend_id, pad: [0; 4] };
+    // A failed insert only loses stickiness for the next flow; the LRU map makes it rare.
+    let _ = AFFINITY.insert(key, &value, BPF_ANY);
+}
+
+/// Masquerade when the reply would otherwise not come back through this node, or not to the
+/// client: hairpin (the backend is the client itself), a NodePort/externalIP/LoadBalancer
+/// frontend with Cluster policy whose backend is remote, and a ClusterIP reached from outside
+/// the cluster (kube-proxy's masquerade of non-cluster sources).
+#[inline(always)]
+fn needs_snat(
+    service: &ServiceValue,
+    backend: &Backend,
+    packet: &Packet,
+    origin: Origin,
+    config: &NodeConfig,
+) -> bool {
+    if backend.ip_be == packet.src_ip_be {
+        return true;
+    }
+    let external_frontend = service.flags & service_flags::EXTERNAL != 0;
+    if external_frontend {
+        return service.flags & service_flags::EXT_LOCAL == 0
+            && backend.flags & backend_flags::LOCAL == 0;
+    }
+    origin == Origin::External
+        && !in_prefix(packet.src_ip_be, config.cluster_cidr_be, config.cluster_mask_be)
+}
+
+/// Finds a source port in the SNAT range whose reply tuple (backend -> SNAT address:port) is
+/// free, and claims it by inserting the reply entry. Returns the port in network order.
+#[inline(always)]
+fn claim_snat_port(
+    reply_key: &mut ConntrackKey,
+    reply_entry: &mut ConntrackValue,
+    packet: &Packet,
+    config: &NodeConfig,
+    hash: u32,
+) -> Option<u16> {
+    let min = u32::from(config.snat_port_min);
+    let max = u32::from(config.snat_port_max);
+    if min == 0 || max < min {
+        return None;
+    }
+    let range = max - min + 1;
+    reply_key.dst_ip_be = config.snat_ip_be;
+    reply_entry.flags |= ct_flags::SNAT;
+    reply_entry.nat_ip_be = packet.src_ip_be;
+    reply_entry.nat_port_be = packet.src_port_be;
+    let now = reply_entry.last_seen_ns;
+    for probe in 0..SNAT_PROBES {
+        // A large odd stride spreads the candidates over the whole range.
+        let offset = hash.wrapping_add(probe.wrapping_mul(40_503)).checked_rem(range)?;
+        let port = (min + offset) as u16;
+        reply_key.dst_port_be = port.to_be();
+        if let Some(existing) = crate::maps::CONNTRACK.get_ptr(reply_key) {
+            // SAFETY: a valid pointer from the lookup.
+            if conntrack::is_live(unsafe { &*existing }, packet.proto, now) {
+                continue;
+            }
+            // An expired entry: reuse its port.
+            if conntrack::insert(reply_key, reply_entry, BPF_ANY).is_ok() {
+                return Some(port.to_be());
+            }
+            continue;
+        }
+        // NOEXIST: another CPU may claim the same port between the lookup and here.
+        if conntrack::insert(reply_key, reply_entry, BPF_NOEXIST).is_ok() {
+            return Some(port.to_be());
+        }
+    }
+    None
+}
+
+#[inline(always)]
+fn count_service(service_id: u32, packet: &Packet) {
+    if let Some(counters) = SERVICE_STATS.get_ptr_mut(service_id) {
+        // SAFETY: this CPU's slot of a live array entry.
+        unsafe {
+            (*counters).packets += 1;
+            (*counters).bytes += u64::from(packet.total_len);
+        }
+    }
+}
+
+/// ICMP and the rest: nothing to translate yet. Echo requests to a service address are dropped
+/// (a ClusterIP is not a host); anything else passes.
+#[inline(always)]
+pub fn process_other(packet: &Packet) -> (Verdict, Reason) {
+    let Some(config) = node_config() else {
+        return (Verdict::Pass, Reason::NoNodeConfig);
+    };
+    if in_prefix(packet.dst_ip_be, config.service_cidr_be, config.service_mask_be) {
+        (Verdict::Drop, Reason::DropIcmpToVip)
+    } else {
+        (Verdict::Pass, Reason::NotService)
+    }
+}
+
+/// The protocols the service stage translates.
+#[inline(always)]
+pub fn translatable(packet: &Packet) -> bool {
+    packet.proto == proto::TCP || packet.proto == proto::UDP
+}

@@ -1,0 +1,46 @@
+//! The maps the programs read (written by the daemon) and the state they keep themselves
+//! (conntrack, affinity, counters). Capacities are the defaults; the loader may override them.
+
+use aya_ebpf::{
+    macros::map,
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
+};
+use lb_common::maps::{
+    AffinityKey, AffinityValue, Backend, BackendSlotKey, ConntrackKey, ConntrackValue, NodeConfig,
+    RevNat, ServiceCounters, ServiceKey, ServiceValue, SourceRangeKey, capacity,
+};
+
+#[map(name = "SERVICES")]
+pub static SERVICES: HashMap<ServiceKey, ServiceValue> =
+    HashMap::with_max_entries(capacity::SERVICES, 0);
+
+#[map(name = "BACKEND_SLOTS")]
+pub static BACKEND_SLOTS: HashMap<BackendSlotKey, u32> =
+    HashMap::with_max_entries(capacity::BACKEND_SLOTS, 0);
+
+#[map(name = "BACKENDS")]
+pub static BACKENDS: HashMap<u32, Backend> = HashMap::with_max_entries(capacity::BACKENDS, 0);
+
+#[map(name = "REV_NAT")]
+pub static REV_NAT: HashMap<u32, RevNat> = HashMap::with_max_entries(capacity::REV_NAT, 0);
+
+/// LRU: under pressure the least recently used flows go first, never an insert failure for
+/// a live one.
+#[map(name = "CONNTRACK")]
+pub static CONNTRACK: LruHashMap<ConntrackKey, ConntrackValue> =
+    LruHashMap::with_max_entries(capacity::CONNTRACK, 0);
+
+#[map(name = "AFFINITY")]
+pub static AFFINITY: LruHashMap<AffinityKey, AffinityValue> =
+    LruHashMap::with_max_entries(capacity::AFFINITY, 0);
+
+#[map(name = "SOURCE_RANGES")]
+pub static SOURCE_RANGES: LpmTrie<SourceRangeKey, u8> =
+    LpmTrie::with_max_entries(capacity::SOURCE_RANGES, 0);
+
+#[map(name = "NODE_CONFIG")]
+pub static NODE_CONFIG: Array<NodeConfig> = Array::with_max_entries(1, 0);
+
+#[map(name = "SERVICE_STATS")]
+pub static SERVICE_STATS: PerCpuArray<ServiceCounters> =
+    PerCpuArray::with_max_entries(capacity::SERVICES, 0);

@@ -1,0 +1,305 @@
+//! The node configuration file: which node this is, its addresses, and the cluster's pod and
+//! service ranges. Flags may override it later; this module only reads and validates the file.
+//!
+//! Only IPv4 is supported for now: an IPv6 address anywhere in the file is an error rather than
+//! something silently ignored, so that a dual-stack node is not half-configured without notice.
+
+use std::{
+    fmt,
+    net::{IpAddr, Ipv4Addr},
+    path::{Path, PathBuf},
+    str::FromStr,
+};
+
+use ipnet::{IpNet, Ipv4Net};
+use serde::Deserialize;
+
+/// The source ports used when the source is rewritten to the node IP (SNAT). The datapath
+/// allocates them without the kernel's socket table, so the range sits above Linux's default
+/// `ip_local_port_range` (32768-60999), so local sockets never take these ports
+/// unless an operator widens the ephemeral range over them.
+pub const DEFAULT_SNAT_PORT_RANGE: PortRange = PortRange { min: 61000, max: 65535 };
+
+/// The validated node configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeConfig {
+    /// Endpoints whose `nodeName` equals this are local.
+    pub node_name: String,
+    /// This node's addresses, in file order.
+    pub node_ips: Vec<Ipv4Addr>,
+    /// Where NodePorts listen; `None` means on every node IP.
+    pub node_port_cidrs: Option<Vec<Ipv4Net>>,
+    /// Pod addresses: traffic from here comes from inside the cluster.
+    pub cluster_cidr: Ipv4Net,
+    /// Service addresses: an address here that no service holds is dropped.
+    pub service_cidr: Ipv4Net,
+    /// Source ports for SNAT.
+    pub snat_port_range: PortRange,
+}
+
+/// An inclusive port range, written `min-max` in the file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PortRange {
+    pub min: u16,
+    pub max: u16,
+}
+
+/// The file could not be read or is not a valid node configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("reading node configuration {}", path.display())]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+
+    #[error("node configuration {}", path.display())]
+    Invalid {
+        path: PathBuf,
+        #[source]
+        source: InvalidConfig,
+    },
+}
+
+/// Why a node configuration's text is not valid.
+#[derive(Debug, thiserror::Error)]
+pub enum InvalidConfig {
+    /// Syntax errors, missing keys, unknown keys and wrong types, with line and column.
+    #[error("{0}")]
+    Yaml(#[source] serde_yaml::Error),
+
+    #[error("{field}: {value} is IPv6; only IPv4 is supported for now")]
+    Ipv6 { field: &'static str, value: String },
+
+    #[error("{field} must not be empty")]
+    Empty { field: &'static str },
+
+    #[error("snatPortRange {value:?}: {reason}")]
+    SnatPortRange { value: String, reason: &'static str },
+}
+
+/// The file as written; [`NodeConfig`] is what validation makes of it.
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct RawNodeConfig {
+    node_name: String,
+    #[serde(rename = "nodeIPs")]
+    node_ips: Vec<IpAddr>,
+    node_port_addresses: Option<Vec<IpNet>>,
+    #[serde(rename = "clusterCIDR")]
+    cluster_cidr: IpNet,
+    #[serde(rename = "serviceCIDR")]
+    service_cidr: IpNet,
+    snat_port_range: Option<String>,
+}
+
+impl NodeConfig {
+    pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+        Self::from_yaml_str(&text)
+            .map_err(|source| ConfigError::Invalid { path: path.to_owned(), source })
+    }
+
+    pub fn from_yaml_str(yaml: &str) -> Result<Self, InvalidConfig> {
+        let raw: RawNodeConfig = serde_yaml::from_str(yaml).map_err(InvalidConfig::Yaml)?;
+        raw.validate()
+    }
+
+    pub fn is_local_node(&self, name: &str) -> bool {
+        self.node_name == name
+    }
+
+    /// The node IPs NodePorts listen on: those inside a `nodePortAddresses` CIDR, or all of them
+    /// when the key is absent or empty (kube-proxy's `--nodeport-addresses` default).
+    pub fn node_port_addresses(&self) -> Vec<Ipv4Addr> {
+        match &self.node_port_cidrs {
+            Some(cidrs) if !cidrs.is_empty() => self
+                .node_ips
+                .iter()
+                .copied()
+                .filter(|ip| cidrs.iter().any(|cidr| cidr.contains(ip)))
+                .collect(),
+            _ => self.node_ips.clone(),
+        }
+    }
+}
+
+impl RawNodeConfig {
+    fn validate(self) -> Result<NodeConfig, InvalidConfig> {
+        if self.node_name.is_empty() {
+            return Err(InvalidConfig::Empty { field: "nodeName" });
+        }
+        if self.node_ips.is_empty() {
+            // SNAT and NodePorts need an address of this node.
+            return Err(InvalidConfig::Empty { field: "nodeIPs" });
+        }
+        let node_ips =
+            self.node_ips.into_iter().map(|ip| ipv4("nodeIPs", ip)).collect::<Result<_, _>>()?;
+        let node_port_cidrs = self
+            .node_port_addresses
+            .map(|cidrs| cidrs.into_iter().map(|net| ipv4_net("nodePortAddresses", net)).collect())
+            .transpose()?;
+        let snat_port_range = match self.snat_port_range {
+            Some(text) => text.parse()?,
+            None => DEFAULT_SNAT_PORT_RANGE,
+        };
+        Ok(NodeConfig {
+            node_name: self.node_name,
+            node_ips,
+            node_port_cidrs,
+            cluster_cidr: ipv4_net("clusterCIDR", self.cluster_cidr)?,
+            service_cidr: ipv4_net("serviceCIDR", self.service_cidr)?,
+            snat_port_range,
+        })
+    }
+}
+
+fn ipv4(field: &'static str, ip: IpAddr) -> Result<Ipv4Addr, InvalidConfig> {
+    match ip {
+        IpAddr::V4(ip) => Ok(ip),
+        IpAddr::V6(ip) => Err(InvalidConfig::Ipv6 { field, value: ip.to_string() }),
+    }
+}
+
+fn ipv4_net(field: &'static str, net: IpNet) -> Result<Ipv4Net, InvalidConfig> {
+    match net {
+        IpNet::V4(net) => Ok(net),
+        IpNet::V6(net) => Err(InvalidConfig::Ipv6 { field, value: net.to_string() }),
+    }
+}
+
+impl FromStr for PortRange {
+    type Err = InvalidConfig;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        let invalid = |reason| InvalidConfig::SnatPortRange { value: text.to_owned(), reason };
+        let (min, max) = text.split_once('-').ok_or_else(|| invalid("expected MIN-MAX"))?;
+        let port = |s: &str| s.trim().parse::<u16>().map_err(|_| invalid("ports are 0-65535"));
+        let (min, max) = (port(min)?, port(max)?);
+        if min == 0 {
+            // Port 0 means "any" to the kernel; it cannot be a translated source port.
+            return Err(invalid("the lowest port must be at least 1"));
+        }
+        if min > max {
+            return Err(invalid("the lowest port is above the highest"));
+        }
+        Ok(Self { min, max })
+    }
+}
+
+impl fmt::Display for PortRange {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}-{}", self.min, self.max)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::error::Error as _;
+
+    use super::*;
+
+    const MINIMAL: &str = "
+nodeName: node-a
+nodeIPs: [192.168.1.63, 10.0.0.5]
+clusterCIDR: 10.244.0.0/16
+serviceCIDR: 10.96.0.0/12
+";
+
+    fn parse(yaml: &str) -> NodeConfig {
+        NodeConfig::from_yaml_str(yaml).unwrap_or_else(|e| panic!("valid config rejected: {e}"))
+    }
+
+    fn rejected(yaml: &str) -> String {
+        match NodeConfig::from_yaml_str(yaml) {
+            Ok(config) => panic!("invalid config accepted: {config:?}"),
+            Err(error) => error.to_string(),
+        }
+    }
+
+    #[test]
+    fn reads_the_seed_node() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/scenarios/seed/node.yaml");
+        let config = NodeConfig::from_file(&path).expect("seed node.yaml must load");
+        assert_eq!(config.node_name, "node-a");
+        assert_eq!(config.node_ips, [Ipv4Addr::new(192, 168, 1, 63)]);
+        assert_eq!(config.cluster_cidr, "10.244.0.0/16".parse().unwrap());
+        assert_eq!(config.service_cidr, "10.96.0.0/12".parse().unwrap());
+        assert_eq!(config.snat_port_range, DEFAULT_SNAT_PORT_RANGE);
+        assert!(config.is_local_node("node-a"));
+        assert!(!config.is_local_node("node-b"));
+    }
+
+    #[test]
+    fn node_port_addresses_default_to_every_node_ip() {
+        let config = parse(MINIMAL);
+        assert_eq!(config.node_port_cidrs, None);
+        assert_eq!(
+            config.node_port_addresses(),
+            [Ipv4Addr::new(192, 168, 1, 63), Ipv4Addr::new(10, 0, 0, 5)]
+        );
+    }
+
+    #[test]
+    fn node_port_addresses_keep_node_ips_inside_the_cidrs() {
+        let config = parse(&format!("{MINIMAL}nodePortAddresses: [192.168.0.0/16]\n"));
+        assert_eq!(config.node_port_addresses(), [Ipv4Addr::new(192, 168, 1, 63)]);
+    }
+
+    #[test]
+    fn snat_port_range_is_parsed_and_validated() {
+        let config = parse(&format!("{MINIMAL}snatPortRange: \"1024-2048\"\n"));
+        assert_eq!(config.snat_port_range, PortRange { min: 1024, max: 2048 });
+        for (value, expected) in [
+            ("2048-1024", "above the highest"),
+            ("0-100", "at least 1"),
+            ("100", "expected MIN-MAX"),
+            ("1-70000", "0-65535"),
+        ] {
+            let error = rejected(&format!("{MINIMAL}snatPortRange: \"{value}\"\n"));
+            assert!(error.contains(expected), "{value}: {error}");
+        }
+    }
+
+    #[test]
+    fn ipv6_is_a_clear_error() {
+        let error = rejected(
+            "nodeName: n
+nodeIPs: [fd00::1]
+clusterCIDR: 10.244.0.0/16
+serviceCIDR: 10.96.0.0/12",
+        );
+        assert_eq!(error, "nodeIPs: fd00::1 is IPv6; only IPv4 is supported for now");
+        let error = rejected(&MINIMAL.replace("10.96.0.0/12", "fd00:96::/108"));
+        assert!(error.starts_with("serviceCIDR: fd00:96::/108 is IPv6"), "{error}");
+    }
+
+    #[test]
+    fn missing_and_empty_keys_are_rejected() {
+        let error = rejected("nodeName: n\nnodeIPs: [1.2.3.4]\nclusterCIDR: 10.0.0.0/8\n");
+        assert!(error.contains("missing field `serviceCIDR`"), "{error}");
+        let error = rejected(&MINIMAL.replace("[192.168.1.63, 10.0.0.5]", "[]"));
+        assert_eq!(error, "nodeIPs must not be empty");
+    }
+
+    #[test]
+    fn unknown_keys_are_rejected_naming_the_file() {
+        let path = std::env::temp_dir().join(format!("lb-user-config-{}.yaml", std::process::id()));
+        std::fs::write(&path, format!("{MINIMAL}nodeIp: 1.2.3.4\n")).expect("writing temp file");
+        let result = NodeConfig::from_file(&path);
+        std::fs::remove_file(&path).expect("removing temp file");
+        let error = result.expect_err("an unknown key must be rejected");
+        assert_eq!(error.to_string(), format!("node configuration {}", path.display()));
+        let reason = error.source().expect("the reason is the source").to_string();
+        assert!(reason.contains("unknown field `nodeIp`"), "{reason}");
+    }
+
+    #[test]
+    fn a_missing_file_is_named() {
+        let error = NodeConfig::from_file(Path::new("/nonexistent/node.yaml"))
+            .expect_err("a missing file is an error");
+        assert_eq!(error.to_string(), "reading node configuration /nonexistent/node.yaml");
+    }
+}

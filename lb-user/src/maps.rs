@@ -1,0 +1,201 @@
+//! The one module that touches `aya::maps`: typed access to the datapath's maps, whether taken
+//! from a freshly loaded object or opened from their pins.
+//!
+//! Writers speak in [`MapOp`]s, so the reconciler can be a pure function tested without a
+//! kernel (through [`MapWriter`]) and the kernel side is a thin `apply`.
+
+use std::net::Ipv4Addr;
+
+use aya::{
+    Ebpf,
+    maps::{Array, HashMap, LpmTrie, Map, MapData, MapError, lpm_trie::Key as LpmKey},
+};
+use ipnet::Ipv4Net;
+use lb_common::maps::{
+    Backend, BackendSlotKey, ConntrackKey, ConntrackValue, NodeConfig, RevNat, ServiceKey,
+    ServiceValue, SourceRangeKey, names,
+};
+
+use crate::{
+    error::{Error, Result},
+    pins::PinLayout,
+};
+
+/// One change to the datapath's maps.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum MapOp {
+    SetNodeConfig(NodeConfig),
+    UpsertBackend { id: u32, backend: Backend },
+    RemoveBackend { id: u32 },
+    UpsertSlot { key: BackendSlotKey, backend_id: u32 },
+    RemoveSlot { key: BackendSlotKey },
+    UpsertRevNat { service_id: u32, rev_nat: RevNat },
+    RemoveRevNat { service_id: u32 },
+    UpsertService { key: ServiceKey, value: ServiceValue },
+    RemoveService { key: ServiceKey },
+    AddSourceRange { service_id: u32, range: Ipv4Net },
+    RemoveSourceRange { service_id: u32, range: Ipv4Net },
+}
+
+/// Something that applies map operations: the kernel maps, or a recording fake in tests.
+pub trait MapWriter {
+    fn apply(&mut self, op: &MapOp) -> Result<()>;
+}
+
+/// The datapath's maps that the daemon writes or reads.
+pub struct KernelMaps {
+    services: HashMap<MapData, ServiceKey, ServiceValue>,
+    slots: HashMap<MapData, BackendSlotKey, u32>,
+    backends: HashMap<MapData, u32, Backend>,
+    rev_nat: HashMap<MapData, u32, RevNat>,
+    source_ranges: LpmTrie<MapData, SourceRangeKey, u8>,
+    node_config: Array<MapData, NodeConfig>,
+    conntrack: HashMap<MapData, ConntrackKey, ConntrackValue>,
+}
+
+fn map_error(name: &str) -> impl FnOnce(MapError) -> Error + '_ {
+    move |source| Error::Map { name: name.to_owned(), source: Box::new(source) }
+}
+
+/// Typed view of one map, from whichever source.
+fn typed<T: TryFrom<Map, Error = MapError>>(name: &str, map: Option<Map>) -> Result<T> {
+    let map = map.ok_or_else(|| Error::Map {
+        name: name.to_owned(),
+        source: Box::new(MapError::InvalidName { name: name.to_owned() }),
+    })?;
+    T::try_from(map).map_err(map_error(name))
+}
+
+impl KernelMaps {
+    /// Takes the maps out of a loaded object (its programs keep using them).
+    pub fn take_from(ebpf: &mut Ebpf) -> Result<Self> {
+        Self::open(|name| ebpf.take_map(name))
+    }
+
+    /// Opens the maps pinned under `pins`.
+    pub fn from_pins(pins: &PinLayout) -> Result<Self> {
+        Self::open(|name| {
+            let data = MapData::from_pin(pins.map(name)).ok()?;
+            let map = match name {
+                names::SOURCE_RANGES => Map::LpmTrie(data),
+                names::NODE_CONFIG => Map::Array(data),
+                names::CONNTRACK => Map::LruHashMap(data),
+                _ => Map::HashMap(data),
+            };
+            Some(map)
+        })
+    }
+
+    fn open(mut take: impl FnMut(&str) -> Option<Map>) -> Result<Self> {
+        Ok(Self {
+            services: typed(names::SERVICES, take(names::SERVICES))?,
+            slots: typed(names::BACKEND_SLOTS, take(names::BACKEND_SLOTS))?,
+            backends: typed(names::BACKENDS, take(names::BACKENDS))?,
+            rev_nat: typed(names::REV_NAT, take(names::REV_NAT))?,
+            source_ranges: typed(names::SOURCE_RANGES, take(names::SOURCE_RANGES))?,
+            node_config: typed(names::NODE_CONFIG, take(names::NODE_CONFIG))?,
+            conntrack: typed(names::CONNTRACK, take(names::CONNTRACK))?,
+        })
+    }
+
+    /// Every programmed frontend.
+    pub fn services(&self) -> Result<Vec<(ServiceKey, ServiceValue)>> {
+        self.services.iter().collect::<Result<_, _>>().map_err(map_error(names::SERVICES))
+    }
+
+    /// Every programmed slot.
+    pub fn slots(&self) -> Result<Vec<(BackendSlotKey, u32)>> {
+        self.slots.iter().collect::<Result<_, _>>().map_err(map_error(names::BACKEND_SLOTS))
+    }
+
+    /// Every programmed backend.
+    pub fn backends(&self) -> Result<Vec<(u32, Backend)>> {
+        self.backends.iter().collect::<Result<_, _>>().map_err(map_error(names::BACKENDS))
+    }
+
+    /// Every programmed reverse-NAT entry.
+    pub fn rev_nats(&self) -> Result<Vec<(u32, RevNat)>> {
+        self.rev_nat.iter().collect::<Result<_, _>>().map_err(map_error(names::REV_NAT))
+    }
+
+    /// Every conntrack entry (both directions of every flow).
+    pub fn conntrack(&self) -> Result<Vec<(ConntrackKey, ConntrackValue)>> {
+        self.conntrack.iter().collect::<Result<_, _>>().map_err(map_error(names::CONNTRACK))
+    }
+
+    /// Removes conntrack entries; gone ones are not an error (the LRU may have evicted them).
+    pub fn remove_conntrack(&mut self, keys: &[ConntrackKey]) -> Result<()> {
+        for key in keys {
+            match self.conntrack.remove(key) {
+                Ok(()) | Err(MapError::KeyNotFound) => {}
+                Err(e) => return Err(map_error(names::CONNTRACK)(e)),
+            }
+        }
+        Ok(())
+    }
+}
+
+fn source_range_key(service_id: u32, range: Ipv4Net) -> LpmKey<SourceRangeKey> {
+    let data = SourceRangeKey { service_id, src_ip_be: u32::from(range.network()).to_be() };
+    LpmKey::new(SourceRangeKey::SERVICE_ID_BITS + u32::from(range.prefix_len()), data)
+}
+
+/// Removing what is already gone is not an error: a retried reconcile must converge.
+fn ignore_missing(result: Result<(), MapError>) -> Result<(), MapError> {
+    match result {
+        Err(MapError::KeyNotFound) => Ok(()),
+        other => other,
+    }
+}
+
+impl MapWriter for KernelMaps {
+    fn apply(&mut self, op: &MapOp) -> Result<()> {
+        match op {
+            MapOp::SetNodeConfig(config) => {
+                self.node_config.set(0, config, 0).map_err(map_error(names::NODE_CONFIG))
+            }
+            MapOp::UpsertBackend { id, backend } => {
+                self.backends.insert(id, backend, 0).map_err(map_error(names::BACKENDS))
+            }
+            MapOp::RemoveBackend { id } => {
+                ignore_missing(self.backends.remove(id)).map_err(map_error(names::BACKENDS))
+            }
+            MapOp::UpsertSlot { key, backend_id } => {
+                self.slots.insert(key, backend_id, 0).map_err(map_error(names::BACKEND_SLOTS))
+            }
+            MapOp::RemoveSlot { key } => {
+                ignore_missing(self.slots.remove(key)).map_err(map_error(names::BACKEND_SLOTS))
+            }
+            MapOp::UpsertRevNat { service_id, rev_nat } => {
+                self.rev_nat.insert(service_id, rev_nat, 0).map_err(map_error(names::REV_NAT))
+            }
+            MapOp::RemoveRevNat { service_id } => {
+                ignore_missing(self.rev_nat.remove(service_id)).map_err(map_error(names::REV_NAT))
+            }
+            MapOp::UpsertService { key, value } => {
+                self.services.insert(key, value, 0).map_err(map_error(names::SERVICES))
+            }
+            MapOp::RemoveService { key } => {
+                ignore_missing(self.services.remove(key)).map_err(map_error(names::SERVICES))
+            }
+            MapOp::AddSourceRange { service_id, range } => self
+                .source_ranges
+                .insert(&source_range_key(*service_id, *range), &1, 0)
+                .map_err(map_error(names::SOURCE_RANGES)),
+            MapOp::RemoveSourceRange { service_id, range } => {
+                ignore_missing(self.source_ranges.remove(&source_range_key(*service_id, *range)))
+                    .map_err(map_error(names::SOURCE_RANGES))
+            }
+        }
+    }
+}
+
+/// An address as the datapath stores it (network order in a native `u32`).
+pub fn ip_be(ip: Ipv4Addr) -> u32 {
+    u32::from(ip).to_be()
+}
+
+/// A prefix's address and mask as the datapath stores them.
+pub fn prefix_be(net: Ipv4Net) -> (u32, u32) {
+    (ip_be(net.network()), ip_be(net.netmask()))
+}

@@ -1,0 +1,404 @@
+//! EndpointSlices, normalised and indexed by the service they belong to, and the merged endpoint
+//! list of one service port.
+//!
+//! A slice belongs to the service named by its `kubernetes.io/service-name` label in its own
+//! namespace. A service port takes its endpoints' port from the slice port with the same name
+//! and protocol: that is how a named targetPort, resolved per pod by the EndpointSlice
+//! controller, reaches us.
+
+use std::{
+    collections::{BTreeMap, btree_map::Entry},
+    net::{IpAddr, Ipv4Addr},
+};
+
+use k8s_openapi::api::discovery::v1::{Endpoint as ApiEndpoint, EndpointSlice};
+
+use super::{Endpoint, Protocol, Skipped, namespace, object_name, service::port_number};
+use crate::config::NodeConfig;
+
+/// Names the service an EndpointSlice belongs to.
+pub(super) const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+
+/// The slices of every service, keyed by (namespace, service name), each list in slice-name
+/// order so that merging does not depend on the order the API delivered them in.
+pub(super) struct EndpointIndex {
+    by_service: BTreeMap<(String, String), Vec<Slice>>,
+}
+
+struct Slice {
+    name: String,
+    ports: Vec<SlicePort>,
+    /// With port 0: each service port sets the port of the slice port it matches.
+    endpoints: Vec<Endpoint>,
+}
+
+struct SlicePort {
+    name: String,
+    protocol: Protocol,
+    port: u16,
+}
+
+/// Why a slice is left out.
+enum NotUsed {
+    /// addressType IPv6 or FQDN: counted in one note rather than listed.
+    NotIpv4,
+    /// No service-name label: not a service's slice (someone's custom slice), nothing to say.
+    NoService,
+    Malformed(String),
+}
+
+impl EndpointIndex {
+    pub(super) fn new(
+        slices: &[EndpointSlice],
+        node: &NodeConfig,
+        skipped: &mut Vec<Skipped>,
+        notes: &mut Vec<String>,
+    ) -> Self {
+        let mut by_service: BTreeMap<_, Vec<Slice>> = BTreeMap::new();
+        let mut not_ipv4 = 0_usize;
+        for slice in slices {
+            match normalise(slice, node) {
+                Ok((service, normalised)) => {
+                    by_service.entry(service).or_default().push(normalised);
+                }
+                Err(NotUsed::NotIpv4) => not_ipv4 += 1,
+                Err(NotUsed::NoService) => {}
+                Err(NotUsed::Malformed(reason)) => skipped.push(Skipped {
+                    object: object_name("EndpointSlice", &slice.metadata),
+                    reason: format!("malformed: {reason}"),
+                }),
+            }
+        }
+        if not_ipv4 > 0 {
+            notes.push(format!(
+                "{not_ipv4} EndpointSlice(s) with addressType IPv6 or FQDN left out (IPv4 only)"
+            ));
+        }
+        for slices in by_service.values_mut() {
+            slices.sort_by(|a, b| a.name.cmp(&b.name));
+        }
+        Self { by_service }
+    }
+
+    /// The endpoints of one service port: from every slice of the service that has a port of
+    /// this name and protocol, merged on address and port.
+    pub(super) fn endpoints(
+        &self,
+        namespace: &str,
+        service: &str,
+        port_name: &str,
+        protocol: Protocol,
+    ) -> Vec<Endpoint> {
+        let key = (namespace.to_owned(), service.to_owned());
+        let mut merged = BTreeMap::new();
+        for slice in self.by_service.get(&key).into_iter().flatten() {
+            let Some(port) =
+                slice.ports.iter().find(|p| p.name == port_name && p.protocol == protocol)
+            else {
+                continue;
+            };
+            for endpoint in &slice.endpoints {
+                merge(&mut merged, Endpoint { port: port.port, ..endpoint.clone() });
+            }
+        }
+        merged.into_values().collect()
+    }
+}
+
+/// Keeps one endpoint per address and port, the most usable one: the same pod can appear in two
+/// slices while the controller moves it, and a stale copy must not hide a ready one. On a tie
+/// the first (by slice name) stays.
+fn merge(merged: &mut BTreeMap<(Ipv4Addr, u16), Endpoint>, endpoint: Endpoint) {
+    match merged.entry((endpoint.ip, endpoint.port)) {
+        Entry::Vacant(entry) => {
+            entry.insert(endpoint);
+        }
+        Entry::Occupied(mut entry) => {
+            if endpoint.usability() > entry.get().usability() {
+                entry.insert(endpoint);
+            }
+        }
+    }
+}
+
+fn normalise(
+    slice: &EndpointSlice,
+    node: &NodeConfig,
+) -> Result<((String, String), Slice), NotUsed> {
+    let labels = slice.metadata.labels.as_ref();
+    let service = labels.and_then(|l| l.get(SERVICE_NAME_LABEL)).ok_or(NotUsed::NoService)?;
+    match slice.address_type.as_str() {
+        "IPv4" => {}
+        "IPv6" | "FQDN" => return Err(NotUsed::NotIpv4),
+        other => return Err(NotUsed::Malformed(format!("addressType {other:?} is unknown"))),
+    }
+    let ports = slice
+        .ports
+        .iter()
+        .flatten()
+        .enumerate()
+        .filter_map(|(index, port)| slice_port(index, port).transpose())
+        .collect::<Result<_, _>>()?;
+    let endpoints = slice
+        .endpoints
+        .iter()
+        .flatten()
+        .enumerate()
+        .map(|(index, endpoint)| slice_endpoint(index, endpoint, node))
+        .collect::<Result<_, _>>()?;
+    let key = (namespace(&slice.metadata).to_owned(), service.clone());
+    let name = slice.metadata.name.clone().unwrap_or_default();
+    Ok((key, Slice { name, ports, endpoints }))
+}
+
+/// A slice port; `None` for one without a port number, which the API allows (it means "all
+/// ports", for selector-less services) and which kube-proxy ignores too.
+fn slice_port(
+    index: usize,
+    port: &k8s_openapi::api::discovery::v1::EndpointPort,
+) -> Result<Option<SlicePort>, NotUsed> {
+    let Some(number) = port.port else { return Ok(None) };
+    let field = format!("ports[{index}]");
+    let protocol = Protocol::from_api(port.protocol.as_deref()).ok_or_else(|| {
+        NotUsed::Malformed(format!("{field}.protocol {:?} is not TCP, UDP or SCTP", port.protocol))
+    })?;
+    let number = port_number(&format!("{field}.port"), number).map_err(NotUsed::Malformed)?;
+    Ok(Some(SlicePort { name: port.name.clone().unwrap_or_default(), protocol, port: number }))
+}
+
+/// One endpoint, without its port, with its conditions defaulted as the API documents them:
+/// ready unknown means ready, serving unknown means as ready, terminating unknown means not
+/// terminating.
+fn slice_endpoint(
+    index: usize,
+    endpoint: &ApiEndpoint,
+    node: &NodeConfig,
+) -> Result<Endpoint, NotUsed> {
+    // The API says consumers use the first address; the others are reserved.
+    let field = format!("endpoints[{index}].addresses");
+    let text = endpoint
+        .addresses
+        .first()
+        .ok_or_else(|| NotUsed::Malformed(format!("{field} is empty")))?;
+    let Ok(IpAddr::V4(ip)) = text.parse() else {
+        return Err(NotUsed::Malformed(format!("{field}: {text:?} is not an IPv4 address")));
+    };
+    let conditions = endpoint.conditions.as_ref();
+    let ready = conditions.and_then(|c| c.ready).unwrap_or(true);
+    Ok(Endpoint {
+        ip,
+        port: 0,
+        node_local: endpoint.node_name.as_deref().is_some_and(|n| node.is_local_node(n)),
+        ready,
+        serving: conditions.and_then(|c| c.serving).unwrap_or(ready),
+        terminating: conditions.and_then(|c| c.terminating).unwrap_or(false),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{
+        super::{Model, build, fixtures::*},
+        *,
+    };
+
+    const SERVICE: &str = "metadata: {name: web, namespace: shop}
+spec: {clusterIP: 10.96.0.1, ports: [{name: web, port: 80, targetPort: http-alt}]}";
+
+    fn model(slices: &[&str]) -> Model {
+        let slices: Vec<_> = slices.iter().map(|yaml| slice(yaml)).collect();
+        build(&[service(SERVICE)], &slices, &node())
+    }
+
+    fn endpoints(slices: &[&str]) -> Vec<Endpoint> {
+        let model = model(slices);
+        assert_eq!(model.ports.len(), 1, "{model:?}");
+        model.ports[0].endpoints.clone()
+    }
+
+    fn slice_yaml(name: &str, endpoints: &str, ports: &str) -> String {
+        format!(
+            "metadata:
+  name: {name}
+  namespace: shop
+  labels: {{kubernetes.io/service-name: web}}
+addressType: IPv4
+endpoints: {endpoints}
+ports: {ports}"
+        )
+    }
+
+    fn addresses(endpoints: &[Endpoint]) -> Vec<String> {
+        endpoints.iter().map(ToString::to_string).collect()
+    }
+
+    #[test]
+    fn named_target_port_resolves_through_the_slice_port_name() {
+        let yaml = slice_yaml(
+            "web-1",
+            "[{addresses: [10.244.1.14]}, {addresses: [10.244.2.14]}]",
+            "[{name: web, port: 8080}, {name: other, port: 9090}]",
+        );
+        assert_eq!(addresses(&endpoints(&[&yaml])), ["10.244.1.14:8080", "10.244.2.14:8080"]);
+    }
+
+    #[test]
+    fn a_slice_without_the_port_contributes_nothing() {
+        let with = slice_yaml("web-1", "[{addresses: [10.244.1.1]}]", "[{name: web, port: 8080}]");
+        let without =
+            slice_yaml("web-2", "[{addresses: [10.244.1.2]}]", "[{name: other, port: 8080}]");
+        let udp = slice_yaml(
+            "web-3",
+            "[{addresses: [10.244.1.3]}]",
+            "[{name: web, port: 8080, protocol: UDP}]",
+        );
+        let no_number = slice_yaml("web-4", "[{addresses: [10.244.1.4]}]", "[{name: web}]");
+        assert_eq!(
+            addresses(&endpoints(&[&with, &without, &udp, &no_number])),
+            ["10.244.1.1:8080"]
+        );
+    }
+
+    #[test]
+    fn empty_and_absent_port_names_match() {
+        let model = build(
+            &[service(
+                "metadata: {name: web, namespace: shop}
+spec: {clusterIP: 10.96.0.1, ports: [{port: 80}]}",
+            )],
+            &[
+                slice(&slice_yaml(
+                    "web-1",
+                    "[{addresses: [10.244.1.1]}]",
+                    "[{name: '', port: 81}]",
+                )),
+                slice(&slice_yaml("web-2", "[{addresses: [10.244.1.2]}]", "[{port: 82}]")),
+            ],
+            &node(),
+        );
+        assert_eq!(addresses(&model.ports[0].endpoints), ["10.244.1.1:81", "10.244.1.2:82"]);
+    }
+
+    #[test]
+    fn slices_belong_by_label_and_namespace() {
+        let other_namespace =
+            slice_yaml("web-1", "[{addresses: [10.244.1.1]}]", "[{name: web, port: 80}]")
+                .replace("namespace: shop", "namespace: elsewhere");
+        let other_service =
+            slice_yaml("web-2", "[{addresses: [10.244.1.2]}]", "[{name: web, port: 80}]")
+                .replace("service-name: web", "service-name: api");
+        let unlabelled = "metadata: {name: web-3, namespace: shop}
+addressType: IPv4
+endpoints: [{addresses: [10.244.1.3]}]
+ports: [{name: web, port: 80}]";
+        let mine = slice_yaml("web-4", "[{addresses: [10.244.1.4]}]", "[{name: web, port: 80}]");
+        let model = model(&[&other_namespace, &other_service, unlabelled, &mine]);
+        assert_eq!(addresses(&model.ports[0].endpoints), ["10.244.1.4:80"]);
+        assert!(model.skipped.is_empty() && model.notes.is_empty(), "{model:?}");
+    }
+
+    #[test]
+    fn several_slices_are_merged() {
+        let a = slice_yaml("web-a", "[{addresses: [10.244.2.1]}]", "[{name: web, port: 8080}]");
+        let b = slice_yaml("web-b", "[{addresses: [10.244.1.1]}]", "[{name: web, port: 8080}]");
+        assert_eq!(addresses(&endpoints(&[&a, &b])), ["10.244.1.1:8080", "10.244.2.1:8080"]);
+    }
+
+    #[test]
+    fn conditions_default_as_the_api_documents() {
+        let yaml = slice_yaml(
+            "web-1",
+            "[{addresses: [10.244.1.1]},
+              {addresses: [10.244.1.2], conditions: {ready: false}},
+              {addresses: [10.244.1.3], conditions: {ready: false, terminating: true}},
+              {addresses: [10.244.1.4], conditions: {serving: false}}]",
+            "[{name: web, port: 80}]",
+        );
+        let conditions: Vec<_> =
+            endpoints(&[&yaml]).iter().map(|e| (e.ready, e.serving, e.terminating)).collect();
+        assert_eq!(
+            conditions,
+            [
+                (true, true, false),
+                (false, false, false),
+                (false, false, true),
+                (true, false, false)
+            ]
+        );
+    }
+
+    #[test]
+    fn node_name_decides_locality() {
+        let yaml = slice_yaml(
+            "web-1",
+            "[{addresses: [10.244.1.1], nodeName: node-a},
+              {addresses: [10.244.2.1], nodeName: node-b},
+              {addresses: [10.244.3.1]}]",
+            "[{name: web, port: 80}]",
+        );
+        let local: Vec<_> = endpoints(&[&yaml]).iter().map(|e| e.node_local).collect();
+        assert_eq!(local, [true, false, false]);
+    }
+
+    #[test]
+    fn duplicates_merge_keeping_the_most_usable() {
+        let stale = slice_yaml(
+            "web-a",
+            "[{addresses: [10.244.1.1], conditions: {ready: false, serving: false}},
+              {addresses: [10.244.1.2],
+               conditions: {ready: false, serving: false, terminating: true}}]",
+            "[{name: web, port: 80}]",
+        );
+        let fresh = slice_yaml(
+            "web-b",
+            "[{addresses: [10.244.1.1], conditions: {ready: true}},
+              {addresses: [10.244.1.2],
+               conditions: {ready: false, serving: true, terminating: true}}]",
+            "[{name: web, port: 80}]",
+        );
+        for order in [[stale.as_str(), &fresh], [&fresh, &stale]] {
+            let merged = endpoints(&order);
+            let conditions: Vec<_> =
+                merged.iter().map(|e| (e.to_string(), e.ready, e.serving)).collect();
+            assert_eq!(
+                conditions,
+                [
+                    ("10.244.1.1:80".to_owned(), true, true),
+                    ("10.244.1.2:80".to_owned(), false, true)
+                ]
+            );
+        }
+    }
+
+    #[test]
+    fn ipv6_and_fqdn_slices_are_counted_in_one_note() {
+        let v6 = slice_yaml("web-6", "[{addresses: ['fd00::1']}]", "[{name: web, port: 80}]")
+            .replace("IPv4", "IPv6");
+        let fqdn = slice_yaml("web-f", "[{addresses: [a.example]}]", "[{name: web, port: 80}]")
+            .replace("IPv4", "FQDN");
+        let model = model(&[&v6, &fqdn]);
+        assert_eq!(model.ports[0].endpoints, []);
+        assert!(model.skipped.is_empty(), "{:?}", model.skipped);
+        assert_eq!(
+            model.notes,
+            ["2 EndpointSlice(s) with addressType IPv6 or FQDN left out (IPv4 only)"]
+        );
+    }
+
+    #[test]
+    fn a_malformed_slice_is_skipped_and_the_others_used() {
+        let bad = slice_yaml("web-bad", "[{addresses: [10.244.1.300]}]", "[{name: web, port: 80}]");
+        let good = slice_yaml("web-good", "[{addresses: [10.244.1.1]}]", "[{name: web, port: 80}]");
+        let model = model(&[&bad, &good]);
+        assert_eq!(addresses(&model.ports[0].endpoints), ["10.244.1.1:80"]);
+        assert_eq!(
+            model.skipped,
+            [Skipped {
+                object: "EndpointSlice shop/web-bad".into(),
+                reason:
+                    "malformed: endpoints[0].addresses: \"10.244.1.300\" is not an IPv4 address"
+                        .into(),
+            }]
+        );
+    }
+}

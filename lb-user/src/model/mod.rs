@@ -1,0 +1,466 @@
+//! The desired state: Kubernetes Services and EndpointSlices plus the node configuration,
+//! normalised into one entry per service port with the endpoints it may use on this node.
+//!
+//! Building never fails as a whole: an object that cannot be programmed (by design, such as a
+//! headless service, or because it is malformed) is listed in [`Model::skipped`] with the reason,
+//! and everything else is still built. Parts of a programmed object that are left out (IPv6
+//! addresses of a dual-stack service, for instance) are listed in [`Model::notes`].
+//!
+//! Only IPv4 is modelled for now.
+
+mod endpoints;
+mod frontend;
+mod service;
+
+#[cfg(test)]
+mod fixtures;
+#[cfg(test)]
+mod seed_tests;
+
+use std::{collections::BTreeSet, fmt, net::Ipv4Addr};
+
+use ipnet::Ipv4Net;
+use k8s_openapi::{
+    api::{core::v1::Service, discovery::v1::EndpointSlice},
+    apimachinery::pkg::apis::meta::v1::ObjectMeta,
+};
+
+pub use self::frontend::{Frontend, FrontendKind};
+use self::{endpoints::EndpointIndex, service::NormalisedPort};
+use crate::config::NodeConfig;
+
+/// A service port's transport protocol.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Protocol {
+    Tcp,
+    Udp,
+    Sctp,
+}
+
+impl Protocol {
+    /// Parses the API's spelling; an absent protocol is TCP, as the API server defaults it.
+    fn from_api(protocol: Option<&str>) -> Option<Self> {
+        match protocol {
+            None | Some("TCP") => Some(Self::Tcp),
+            Some("UDP") => Some(Self::Udp),
+            Some("SCTP") => Some(Self::Sctp),
+            Some(_) => None,
+        }
+    }
+
+    /// Lower case, as in the scenario files and the `/udp` suffix of a [`ServicePortId`].
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Tcp => "tcp",
+            Self::Udp => "udp",
+            Self::Sctp => "sctp",
+        }
+    }
+}
+
+impl fmt::Display for Protocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Names one service port. Displayed `namespace/name:port`, with `/udp` or `/sctp` appended for
+/// those protocols: TCP is by far the common case, and the suffix keeps the two halves of a
+/// service such as DNS (53/udp and 53/tcp) apart.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ServicePortId {
+    pub namespace: String,
+    pub name: String,
+    /// The service port (not the target port).
+    pub port: u16,
+    pub protocol: Protocol,
+}
+
+impl fmt::Display for ServicePortId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}:{}", self.namespace, self.name, self.port)?;
+        if self.protocol != Protocol::Tcp {
+            write!(f, "/{}", self.protocol)?;
+        }
+        Ok(())
+    }
+}
+
+/// One backend address of a service port, with its EndpointSlice conditions resolved.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+#[expect(
+    clippy::struct_excessive_bools,
+    reason = "the EndpointSlice conditions are independent flags in the API too"
+)]
+pub struct Endpoint {
+    pub ip: Ipv4Addr,
+    /// The resolved target port.
+    pub port: u16,
+    /// The endpoint runs on this node.
+    pub node_local: bool,
+    pub ready: bool,
+    pub serving: bool,
+    pub terminating: bool,
+}
+
+impl Endpoint {
+    /// How usable the conditions make an endpoint, for merging duplicates: ready, else serving
+    /// while terminating, else not at all.
+    fn usability(&self) -> u8 {
+        match (self.ready, self.serving && self.terminating) {
+            (true, _) => 2,
+            (false, true) => 1,
+            (false, false) => 0,
+        }
+    }
+}
+
+impl fmt::Display for Endpoint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}", self.ip, self.port)
+    }
+}
+
+/// Where a packet comes from, which decides the traffic policy that applies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Traffic {
+    /// From outside the cluster: externalTrafficPolicy applies.
+    External,
+    /// From a pod or the node itself: internalTrafficPolicy applies.
+    Internal,
+}
+
+/// One port of one service, with everything the datapath needs to serve it on this node.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServicePort {
+    pub id: ServicePortId,
+    pub cluster_ip: Ipv4Addr,
+    /// The service port, also the port of external and LoadBalancer IPs.
+    pub port: u16,
+    pub node_port: Option<u16>,
+    pub external_ips: Vec<Ipv4Addr>,
+    pub load_balancer_ips: Vec<Ipv4Addr>,
+    /// externalTrafficPolicy Local on a service reachable from outside.
+    pub external_policy_local: bool,
+    /// internalTrafficPolicy Local.
+    pub internal_policy_local: bool,
+    /// sessionAffinity ClientIP and its timeout.
+    pub affinity_timeout_s: Option<u32>,
+    /// Sources allowed to reach the LoadBalancer IPs; empty allows all.
+    pub source_ranges: Vec<Ipv4Net>,
+    /// Sorted by address and port, without duplicates.
+    pub endpoints: Vec<Endpoint>,
+}
+
+impl ServicePort {
+    /// The endpoints a new flow of this kind of traffic may use (kube-proxy's
+    /// `CategorizeEndpoints`): all endpoints, or only local ones when the traffic's policy is
+    /// Local; among them the ready ones, or if none is ready the serving ones that are
+    /// terminating, so that a rolling update still finishes in-flight work; never non-serving
+    /// ones. The fallback looks only at the policy-filtered set: a Local policy never spills
+    /// traffic to another node.
+    pub fn backends(&self, traffic: Traffic) -> Vec<&Endpoint> {
+        let local_only = match traffic {
+            Traffic::External => self.external_policy_local,
+            Traffic::Internal => self.internal_policy_local,
+        };
+        let allowed = || self.endpoints.iter().filter(move |e| e.node_local || !local_only);
+        let ready: Vec<_> = allowed().filter(|e| e.ready).collect();
+        if !ready.is_empty() {
+            return ready;
+        }
+        allowed().filter(|e| e.serving && e.terminating).collect()
+    }
+}
+
+/// An object left out of the model, and why.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Skipped {
+    /// `Kind namespace/name`, e.g. `Service default/headless`.
+    pub object: String,
+    pub reason: String,
+}
+
+/// The desired state of this node.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Model {
+    /// Sorted by id.
+    pub ports: Vec<ServicePort>,
+    /// The node IPs NodePorts listen on (from the node configuration).
+    pub node_port_addresses: Vec<Ipv4Addr>,
+    /// Objects not programmed, sorted.
+    pub skipped: Vec<Skipped>,
+    /// Parts of objects left out, and counts of objects left out in bulk, sorted.
+    pub notes: Vec<String>,
+}
+
+impl Model {
+    /// The service port a packet to `ip:port` over `protocol` addresses, and through which kind
+    /// of address. If two service ports claim the same address (possible with external IPs),
+    /// the first by id answers.
+    pub fn lookup(
+        &self,
+        ip: Ipv4Addr,
+        port: u16,
+        protocol: Protocol,
+    ) -> Option<(&ServicePort, FrontendKind)> {
+        self.ports.iter().find_map(|service_port| {
+            service_port
+                .frontends(&self.node_port_addresses)
+                .into_iter()
+                .find(|f| f.ip == ip && f.port == port && f.protocol == protocol)
+                .map(|f| (service_port, f.kind))
+        })
+    }
+}
+
+/// Builds this node's model from the cluster's objects.
+pub fn build(services: &[Service], slices: &[EndpointSlice], node: &NodeConfig) -> Model {
+    let mut model = Model { node_port_addresses: node.node_port_addresses(), ..Model::default() };
+    let index = EndpointIndex::new(slices, node, &mut model.skipped, &mut model.notes);
+    let mut seen = BTreeSet::new();
+    for service in services {
+        let object = object_name("Service", &service.metadata);
+        if !seen.insert(object.clone()) {
+            // Only a manifest directory can hold two; the API server cannot.
+            let reason = "a Service of the same namespace and name came earlier".to_owned();
+            model.skipped.push(Skipped { object, reason });
+            continue;
+        }
+        match service::normalise(service) {
+            Ok(normalised) => {
+                model.notes.extend(normalised.notes.into_iter().map(|n| format!("{object}: {n}")));
+                model.ports.extend(normalised.ports.into_iter().map(|p| with_endpoints(p, &index)));
+            }
+            Err(reason) => model.skipped.push(Skipped { object, reason: reason.to_string() }),
+        }
+    }
+    model.ports.sort_by(|a, b| a.id.cmp(&b.id));
+    model.skipped.sort();
+    model.notes.sort();
+    model
+}
+
+fn with_endpoints(normalised: NormalisedPort, index: &EndpointIndex) -> ServicePort {
+    let NormalisedPort { port_name, mut port } = normalised;
+    port.endpoints =
+        index.endpoints(&port.id.namespace, &port.id.name, &port_name, port.id.protocol);
+    port
+}
+
+/// The namespace an object without one lands in, as with `kubectl apply`.
+const DEFAULT_NAMESPACE: &str = "default";
+
+fn namespace(meta: &ObjectMeta) -> &str {
+    meta.namespace.as_deref().unwrap_or(DEFAULT_NAMESPACE)
+}
+
+/// `Kind namespace/name`, for skipped objects and notes.
+fn object_name(kind: &str, meta: &ObjectMeta) -> String {
+    format!("{kind} {}/{}", namespace(meta), meta.name.as_deref().unwrap_or("<unnamed>"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{fixtures::*, *};
+
+    /// The condition combinations that matter to [`ServicePort::backends`].
+    #[derive(Clone, Copy)]
+    enum State {
+        Ready,
+        ServingTerminating,
+        /// Terminating and no longer serving.
+        Terminating,
+        NotReady,
+    }
+
+    fn endpoint(ip: [u8; 4], node_local: bool, state: State) -> Endpoint {
+        let (ready, serving, terminating) = match state {
+            State::Ready => (true, true, false),
+            State::ServingTerminating => (false, true, true),
+            State::Terminating => (false, false, true),
+            State::NotReady => (false, false, false),
+        };
+        Endpoint { ip: ip.into(), port: 80, node_local, ready, serving, terminating }
+    }
+
+    fn port_with(
+        endpoints: Vec<Endpoint>,
+        external_local: bool,
+        internal_local: bool,
+    ) -> ServicePort {
+        ServicePort {
+            id: ServicePortId {
+                namespace: "default".into(),
+                name: "web".into(),
+                port: 80,
+                protocol: Protocol::Tcp,
+            },
+            cluster_ip: Ipv4Addr::new(10, 96, 0, 1),
+            port: 80,
+            node_port: None,
+            external_ips: vec![],
+            load_balancer_ips: vec![],
+            external_policy_local: external_local,
+            internal_policy_local: internal_local,
+            affinity_timeout_s: None,
+            source_ranges: vec![],
+            endpoints,
+        }
+    }
+
+    fn ips(backends: &[&Endpoint]) -> Vec<String> {
+        backends.iter().map(ToString::to_string).collect()
+    }
+
+    #[test]
+    fn service_port_id_display_marks_only_non_tcp() {
+        let mut id = ServicePortId {
+            namespace: "default".into(),
+            name: "my-nginx".into(),
+            port: 80,
+            protocol: Protocol::Tcp,
+        };
+        assert_eq!(id.to_string(), "default/my-nginx:80");
+        id.protocol = Protocol::Udp;
+        assert_eq!(id.to_string(), "default/my-nginx:80/udp");
+        id.protocol = Protocol::Sctp;
+        assert_eq!(id.to_string(), "default/my-nginx:80/sctp");
+    }
+
+    #[test]
+    fn backends_prefer_ready_endpoints() {
+        let port = port_with(
+            vec![
+                endpoint([10, 0, 0, 1], true, State::Ready),
+                endpoint([10, 0, 0, 2], false, State::ServingTerminating),
+                endpoint([10, 0, 0, 3], false, State::Ready),
+            ],
+            false,
+            false,
+        );
+        assert_eq!(ips(&port.backends(Traffic::Internal)), ["10.0.0.1:80", "10.0.0.3:80"]);
+        assert_eq!(ips(&port.backends(Traffic::External)), ["10.0.0.1:80", "10.0.0.3:80"]);
+    }
+
+    #[test]
+    fn backends_fall_back_to_serving_terminating_never_to_non_serving() {
+        let port = port_with(
+            vec![
+                endpoint([10, 0, 0, 1], true, State::ServingTerminating),
+                endpoint([10, 0, 0, 2], true, State::Terminating),
+                endpoint([10, 0, 0, 3], true, State::NotReady),
+            ],
+            false,
+            false,
+        );
+        assert_eq!(ips(&port.backends(Traffic::Internal)), ["10.0.0.1:80"]);
+        let none = port_with(vec![endpoint([10, 0, 0, 2], true, State::Terminating)], false, false);
+        assert_eq!(none.backends(Traffic::Internal), Vec::<&Endpoint>::new());
+    }
+
+    #[test]
+    fn local_policies_keep_local_endpoints_for_their_traffic_only() {
+        let endpoints = vec![
+            endpoint([10, 0, 0, 1], true, State::Ready),
+            endpoint([10, 0, 0, 2], false, State::Ready),
+        ];
+        let external_local = port_with(endpoints.clone(), true, false);
+        assert_eq!(ips(&external_local.backends(Traffic::External)), ["10.0.0.1:80"]);
+        assert_eq!(external_local.backends(Traffic::Internal).len(), 2);
+        let internal_local = port_with(endpoints, false, true);
+        assert_eq!(internal_local.backends(Traffic::External).len(), 2);
+        assert_eq!(ips(&internal_local.backends(Traffic::Internal)), ["10.0.0.1:80"]);
+    }
+
+    #[test]
+    fn fallback_applies_to_the_policy_filtered_set() {
+        // A remote ready endpoint must not hide the local terminating one, and must not be used.
+        let port = port_with(
+            vec![
+                endpoint([10, 0, 0, 1], true, State::ServingTerminating),
+                endpoint([10, 0, 0, 2], false, State::Ready),
+            ],
+            true,
+            false,
+        );
+        assert_eq!(ips(&port.backends(Traffic::External)), ["10.0.0.1:80"]);
+        assert_eq!(ips(&port.backends(Traffic::Internal)), ["10.0.0.2:80"]);
+    }
+
+    #[test]
+    fn build_sorts_ports_and_attaches_endpoints() {
+        let services = [
+            service(
+                "metadata: {name: b, namespace: default}
+spec: {clusterIP: 10.96.0.2, ports: [{port: 80}]}",
+            ),
+            service(
+                "metadata: {name: a, namespace: default}
+spec: {clusterIP: 10.96.0.1, ports: [{port: 443}, {port: 53, protocol: UDP, name: dns}]}",
+            ),
+        ];
+        let slices = [slice(
+            "metadata: {name: a-1, namespace: default, labels: {kubernetes.io/service-name: a}}
+addressType: IPv4
+endpoints: [{addresses: [10.244.0.1], nodeName: node-a}]
+ports: [{port: 8443}, {name: dns, port: 5353, protocol: UDP}]",
+        )];
+        let model = build(&services, &slices, &node());
+        let ids: Vec<_> = model.ports.iter().map(|p| p.id.to_string()).collect();
+        assert_eq!(ids, ["default/a:53/udp", "default/a:443", "default/b:80"]);
+        assert_eq!(model.ports[0].endpoints[0].to_string(), "10.244.0.1:5353");
+        assert_eq!(model.ports[1].endpoints[0].to_string(), "10.244.0.1:8443");
+        assert!(model.ports[0].endpoints[0].node_local);
+        assert_eq!(model.ports[2].endpoints, []);
+        assert!(model.skipped.is_empty(), "{:?}", model.skipped);
+    }
+
+    #[test]
+    fn a_duplicate_service_is_skipped() {
+        let yaml = "metadata: {name: a}\nspec: {clusterIP: 10.96.0.1, ports: [{port: 80}]}";
+        let model = build(&[service(yaml), service(yaml)], &[], &node());
+        assert_eq!(model.ports.len(), 1);
+        assert_eq!(model.skipped.len(), 1);
+        assert_eq!(model.skipped[0].object, "Service default/a");
+    }
+
+    #[test]
+    fn one_malformed_service_does_not_stop_the_others() {
+        let services = [
+            service("metadata: {name: bad}\nspec: {clusterIP: 10.96.0.300, ports: [{port: 80}]}"),
+            service("metadata: {name: good}\nspec: {clusterIP: 10.96.0.1, ports: [{port: 80}]}"),
+        ];
+        let model = build(&services, &[], &node());
+        assert_eq!(model.ports.len(), 1);
+        assert_eq!(model.ports[0].id.name, "good");
+        assert_eq!(
+            model.skipped,
+            [Skipped {
+                object: "Service default/bad".into(),
+                reason: "malformed: spec.clusterIP \"10.96.0.300\" is not an IP address".into(),
+            }]
+        );
+    }
+
+    #[test]
+    fn lookup_finds_every_kind_of_frontend() {
+        let services = [service(
+            "metadata: {name: lb}
+spec:
+  type: LoadBalancer
+  clusterIP: 10.96.0.1
+  externalIPs: [192.168.1.200]
+  ports: [{port: 80, nodePort: 30080}]
+status: {loadBalancer: {ingress: [{ip: 198.51.100.1}]}}",
+        )];
+        let model = build(&services, &[], &node());
+        let find = |ip: [u8; 4], port| model.lookup(ip.into(), port, Protocol::Tcp).map(|l| l.1);
+        assert_eq!(find([10, 96, 0, 1], 80), Some(FrontendKind::ClusterIp));
+        assert_eq!(find([192, 168, 1, 63], 30080), Some(FrontendKind::NodePort));
+        assert_eq!(find([192, 168, 1, 200], 80), Some(FrontendKind::ExternalIp));
+        assert_eq!(find([198, 51, 100, 1], 80), Some(FrontendKind::LoadBalancer));
+        assert_eq!(find([10, 96, 0, 1], 443), None);
+        assert_eq!(model.lookup(Ipv4Addr::new(10, 96, 0, 1), 80, Protocol::Udp), None);
+    }
+}

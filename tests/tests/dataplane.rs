@@ -1,0 +1,430 @@
+//! The service datapath on crafted packets (BPF_PROG_TEST_RUN, maps seeded directly): DNAT,
+//! conntrack, reverse NAT, SNAT, refusals, drops and policies, with exact output bytes built
+//! independently by etherparse and checksums recomputed from scratch.
+
+use std::{collections::BTreeSet, net::Ipv4Addr};
+
+use etherparse::{Icmpv4Type, PacketBuilder, icmpv4::DestUnreachableHeader};
+use lb_common::{
+    maps::{proto, scope, service_flags as flag},
+    stats::Reason,
+};
+use lb_tests::{
+    checksum,
+    datapath::{Datapath, Hook, Run},
+    node::{self, NODE_IP, SNAT_PORT_MAX, SNAT_PORT_MIN},
+    packets::{CLIENT_MAC, L3, NODE_MAC, Spec, TcpFields, endpoints},
+    services::{Frontend, cluster_ip_marker},
+};
+
+const POD: &str = "10.244.1.5";
+const EXTERNAL_CLIENT: &str = "203.0.113.9";
+
+/// The frontends every test starts from (ids are the frontends' `service_id`s).
+fn frontends() -> Vec<Frontend> {
+    let tcp = proto::TCP;
+    let node_port = flag::EXTERNAL;
+    vec![
+        Frontend::new(1, "10.96.45.10", 80, tcp).backend("10.244.1.10", 80, true).backend(
+            "10.244.2.10",
+            80,
+            false,
+        ),
+        Frontend::new(2, "10.96.0.10", 53, proto::UDP).backend("10.244.1.15", 53, true).backend(
+            "10.244.2.15",
+            53,
+            false,
+        ),
+        Frontend::new(3, NODE_IP, 30380, tcp).flags(node_port).backend("10.244.2.11", 80, false),
+        Frontend::new(4, NODE_IP, 30381, tcp).flags(node_port).backend("10.244.1.11", 80, true),
+        Frontend::new(5, "10.96.45.14", 80, tcp).backend("10.244.1.10", 80, true),
+        Frontend::new(6, "10.96.45.12", 80, tcp),
+        Frontend::new(7, "10.96.45.12", 53, proto::UDP),
+        Frontend::new(8, NODE_IP, 30400, tcp)
+            .flags(node_port | flag::EXT_LOCAL | flag::EMPTY_DROP | flag::TWO_SCOPES),
+        Frontend::new(9, NODE_IP, 30400, tcp).scope(scope::INTERNAL).flags(node_port).backend(
+            "10.244.2.30",
+            80,
+            false,
+        ),
+        Frontend::new(10, "10.96.45.22", 80, tcp).flags(flag::EMPTY_DROP),
+        Frontend::new(11, "198.51.100.10", 80, tcp)
+            .flags(node_port)
+            .source_range("203.0.113.0/25")
+            .backend("10.244.1.50", 80, true),
+        Frontend::new(12, "10.96.45.11", 80, tcp)
+            .affinity(600)
+            .backend("10.244.1.12", 80, true)
+            .backend("10.244.2.12", 80, false)
+            .backend("10.244.2.13", 80, false),
+    ]
+}
+
+fn seeded() -> Datapath {
+    let mut datapath = Datapath::load();
+    datapath.apply(&[node::set_node_config()]);
+    for frontend in frontends() {
+        datapath.apply(&frontend.ops());
+    }
+    for vip in
+        ["10.96.45.10", "10.96.0.10", "10.96.45.14", "10.96.45.12", "10.96.45.22", "10.96.45.11"]
+    {
+        datapath.apply(&[cluster_ip_marker(vip)]);
+    }
+    datapath
+}
+
+/// Asserts the run's verdict and that exactly `reason` was counted, once.
+fn assert_outcome(run: &Run, code: u32, reason: Reason, context: &str) {
+    assert_eq!(run.return_code, code, "{context}: return code");
+    let counted: Vec<_> = run.counted.non_zero().collect();
+    assert_eq!(counted, vec![(reason.name(), 1)], "{context}: counters");
+}
+
+fn addr(text: &str) -> Ipv4Addr {
+    text.parse().expect("address")
+}
+
+/// A reply of the backend at `from` to the client at `to`, with the request's MACs reversed.
+fn reply_of(request: &Spec, from: (Ipv4Addr, u16), to: (Ipv4Addr, u16)) -> Spec {
+    let tcp =
+        TcpFields { syn: true, ack: Some(request.tcp.seq + 1), seq: 5000, ..TcpFields::default() };
+    request
+        .clone()
+        .with_addresses(&from.0.to_string(), from.1, &to.0.to_string(), to.1)
+        .with_macs(NODE_MAC, CLIENT_MAC)
+        .with_tcp(tcp)
+}
+
+#[test]
+fn pod_to_cluster_ip_is_translated_and_its_replies_reverse_translated() {
+    let mut datapath = seeded();
+    let request = Spec::tcp(POD, 40_000, "10.96.45.10", 80);
+    let run = datapath.run(Hook::Tc, &request.build());
+    assert_outcome(&run, Hook::Tc.forward_code(), Reason::ForwardNew, "first packet");
+    let (src, backend) = endpoints(&run.output);
+    assert_eq!(src, (addr(POD), 40_000), "a pod's source is kept");
+    assert!(
+        [(addr("10.244.1.10"), 80), (addr("10.244.2.10"), 80)].contains(&backend),
+        "{backend:?}"
+    );
+    let expected = request.clone().with_addresses(POD, 40_000, &backend.0.to_string(), 80);
+    assert_eq!(run.output, expected.build(), "exact bytes after DNAT");
+    checksum::assert_valid(&run.output);
+
+    let next = request.clone().with_tcp(TcpFields {
+        syn: false,
+        ack: Some(5001),
+        seq: 1001,
+        ..TcpFields::default()
+    });
+    let run = datapath.run(Hook::Tc, &next.build());
+    assert_outcome(&run, Hook::Tc.forward_code(), Reason::ForwardEstablished, "second packet");
+    assert_eq!(endpoints(&run.output).1, backend, "conntrack keeps the flow on its backend");
+
+    // The reply enters through the pod's interface when the backend is local, from the
+    // network (XDP) when it is remote.
+    let hook = if backend.0 == addr("10.244.1.10") { Hook::Tc } else { Hook::Xdp };
+    let reply = reply_of(&request, backend, (addr(POD), 40_000));
+    let run = datapath.run(hook, &reply.build());
+    assert_outcome(&run, hook.forward_code(), Reason::ReplyTranslated, "reply");
+    let expected = reply.with_addresses("10.96.45.10", 80, POD, 40_000);
+    assert_eq!(run.output, expected.build(), "exact bytes after reverse NAT");
+    checksum::assert_valid(&run.output);
+    assert_eq!(datapath.service_counters(1).0, 2, "both client packets counted for the frontend");
+}
+
+#[test]
+fn flows_spread_over_every_backend() {
+    let mut datapath = seeded();
+    let mut chosen = BTreeSet::new();
+    for port in 40_000..40_064 {
+        let run = datapath.run(Hook::Tc, &Spec::udp(POD, port, "10.96.0.10", 53).build());
+        assert_outcome(
+            &run,
+            Hook::Tc.forward_code(),
+            Reason::ForwardNew,
+            "UDP to the DNS ClusterIP",
+        );
+        checksum::assert_valid(&run.output);
+        chosen.insert(endpoints(&run.output).1);
+    }
+    let expected: BTreeSet<_> = [(addr("10.244.1.15"), 53), (addr("10.244.2.15"), 53)].into();
+    assert_eq!(chosen, expected);
+}
+
+#[test]
+fn udp_replies_are_reverse_translated() {
+    let mut datapath = seeded();
+    let request = Spec::udp(POD, 5353, "10.96.0.10", 53);
+    let run = datapath.run(Hook::Tc, &request.build());
+    let (_, backend) = endpoints(&run.output);
+    let reply = request
+        .clone()
+        .with_addresses(&backend.0.to_string(), 53, POD, 5353)
+        .with_macs(NODE_MAC, CLIENT_MAC)
+        .with_payload(b"answer");
+    let hook = if backend.0 == addr("10.244.1.15") { Hook::Tc } else { Hook::Xdp };
+    let run = datapath.run(hook, &reply.build());
+    assert_outcome(&run, hook.forward_code(), Reason::ReplyTranslated, "UDP reply");
+    assert_eq!(run.output, reply.with_addresses("10.96.0.10", 53, POD, 5353).build());
+    checksum::assert_valid(&run.output);
+}
+
+#[test]
+fn node_port_to_a_remote_backend_is_masqueraded_and_reversed() {
+    let mut datapath = seeded();
+    let request = Spec::tcp(EXTERNAL_CLIENT, 50_000, NODE_IP, 30380);
+    let run = datapath.run(Hook::Xdp, &request.build());
+    assert_outcome(&run, Hook::Xdp.forward_code(), Reason::ForwardNew, "NodePort");
+    let ((snat_ip, snat_port), backend) = endpoints(&run.output);
+    assert_eq!(backend, (addr("10.244.2.11"), 80));
+    assert_eq!(snat_ip, addr(NODE_IP), "source masqueraded to the node");
+    assert!((SNAT_PORT_MIN..=SNAT_PORT_MAX).contains(&snat_port), "SNAT port {snat_port} in range");
+    let expected = request.clone().with_addresses(NODE_IP, snat_port, "10.244.2.11", 80);
+    assert_eq!(run.output, expected.build());
+    checksum::assert_valid(&run.output);
+
+    let reply = reply_of(&request, backend, (addr(NODE_IP), snat_port));
+    let run = datapath.run(Hook::Xdp, &reply.build());
+    assert_outcome(
+        &run,
+        Hook::Xdp.forward_code(),
+        Reason::ReplyTranslated,
+        "reply to the SNAT port",
+    );
+    assert_eq!(run.output, reply.with_addresses(NODE_IP, 30380, EXTERNAL_CLIENT, 50_000).build());
+    checksum::assert_valid(&run.output);
+}
+
+#[test]
+fn node_port_to_a_local_backend_keeps_the_client_address() {
+    let mut datapath = seeded();
+    let request = Spec::tcp(EXTERNAL_CLIENT, 50_001, NODE_IP, 30381);
+    let run = datapath.run(Hook::Xdp, &request.build());
+    assert_outcome(&run, Hook::Xdp.forward_code(), Reason::ForwardNew, "NodePort, local backend");
+    assert_eq!(
+        run.output,
+        request.clone().with_addresses(EXTERNAL_CLIENT, 50_001, "10.244.1.11", 80).build()
+    );
+    let reply = reply_of(&request, (addr("10.244.1.11"), 80), (addr(EXTERNAL_CLIENT), 50_001));
+    let run = datapath.run(Hook::Tc, &reply.build());
+    assert_outcome(
+        &run,
+        Hook::Tc.forward_code(),
+        Reason::ReplyTranslated,
+        "reply from the local pod",
+    );
+    assert_eq!(run.output, reply.with_addresses(NODE_IP, 30381, EXTERNAL_CLIENT, 50_001).build());
+}
+
+#[test]
+fn hairpin_is_masqueraded_so_the_reply_comes_back() {
+    let mut datapath = seeded();
+    let request = Spec::tcp("10.244.1.10", 40_100, "10.96.45.14", 80);
+    let run = datapath.run(Hook::Tc, &request.build());
+    assert_outcome(&run, Hook::Tc.forward_code(), Reason::ForwardNew, "hairpin");
+    let ((snat_ip, snat_port), backend) = endpoints(&run.output);
+    assert_eq!((snat_ip, backend), (addr(NODE_IP), (addr("10.244.1.10"), 80)));
+    assert_eq!(
+        run.output,
+        request.clone().with_addresses(NODE_IP, snat_port, "10.244.1.10", 80).build()
+    );
+    let reply = reply_of(&request, backend, (addr(NODE_IP), snat_port));
+    let run = datapath.run(Hook::Tc, &reply.build());
+    assert_outcome(&run, Hook::Tc.forward_code(), Reason::ReplyTranslated, "hairpin reply");
+    assert_eq!(run.output, reply.with_addresses("10.96.45.14", 80, "10.244.1.10", 40_100).build());
+    checksum::assert_valid(&run.output);
+}
+
+/// The RST a refused SYN from `client:port` to `vip:vport` must get (RFC 793: ack = seq + 1).
+fn expected_reset(client: &str, port: u16, vip: &str, vport: u16) -> Vec<u8> {
+    let tcp =
+        TcpFields { syn: false, ack: Some(1001 + 5), rst: true, fin: false, seq: 0, window: 0 };
+    Spec::tcp(vip, vport, client, port)
+        .with_macs(NODE_MAC, CLIENT_MAC)
+        .with_payload(&[])
+        .with_tcp(tcp)
+        .build()
+}
+
+/// The ICMP port unreachable a refused datagram must get: from the VIP, quoting the
+/// datagram's IPv4 header and first 8 payload bytes.
+fn expected_port_unreachable(datagram: &[u8], client: &str, vip: &str) -> Vec<u8> {
+    let mut frame = Vec::new();
+    PacketBuilder::ethernet2(NODE_MAC, CLIENT_MAC)
+        .ipv4(addr(vip).octets(), addr(client).octets(), 64)
+        .icmpv4(Icmpv4Type::DestinationUnreachable(DestUnreachableHeader::Port))
+        .write(&mut frame, &datagram[L3..L3 + 28])
+        .expect("ICMP frame");
+    frame
+}
+
+#[test]
+fn no_endpoints_and_unserved_ports_are_refused_at_once() {
+    let mut datapath = seeded();
+    for hook in Hook::ALL {
+        let syn = Spec::tcp(POD, 40_200, "10.96.45.12", 80).build();
+        let run = datapath.run(hook, &syn);
+        assert_outcome(&run, hook.bounce_code(), Reason::RejectNoEndpoints, "TCP, no endpoints");
+        assert_eq!(
+            run.output,
+            expected_reset(POD, 40_200, "10.96.45.12", 80),
+            "{hook:?}: RST bytes"
+        );
+        checksum::assert_valid(&run.output);
+
+        let datagram = Spec::udp(POD, 40_201, "10.96.45.12", 53).build();
+        let run = datapath.run(hook, &datagram);
+        assert_outcome(&run, hook.bounce_code(), Reason::RejectNoEndpoints, "UDP, no endpoints");
+        assert_eq!(
+            run.output,
+            expected_port_unreachable(&datagram, POD, "10.96.45.12"),
+            "{hook:?}: ICMP bytes"
+        );
+        checksum::assert_valid(&run.output);
+
+        let https = Spec::tcp(POD, 40_202, "10.96.45.10", 443).build();
+        let run = datapath.run(hook, &https);
+        assert_outcome(&run, hook.bounce_code(), Reason::RejectUnservedPort, "ClusterIP, port 443");
+        assert_eq!(run.output, expected_reset(POD, 40_202, "10.96.45.10", 443));
+
+        let udp80 = Spec::udp(POD, 40_203, "10.96.45.10", 80).build();
+        let run = datapath.run(hook, &udp80);
+        assert_outcome(&run, hook.bounce_code(), Reason::RejectUnservedPort, "ClusterIP, UDP");
+        assert_eq!(run.output, expected_port_unreachable(&udp80, POD, "10.96.45.10"));
+    }
+}
+
+#[test]
+fn a_reset_to_a_refused_service_is_dropped_not_answered() {
+    let mut datapath = seeded();
+    let tcp = TcpFields { syn: false, rst: true, ..TcpFields::default() };
+    let rst = Spec::tcp(POD, 40_204, "10.96.45.12", 80).with_tcp(tcp).build();
+    let run = datapath.run(Hook::Tc, &rst);
+    assert_outcome(&run, Hook::Tc.drop_code(), Reason::RejectNoEndpoints, "RST");
+}
+
+#[test]
+fn drops_by_policy_and_unallocated_addresses() {
+    let mut datapath = seeded();
+    let cases = [
+        (
+            "unallocated service address",
+            Hook::Tc,
+            Spec::tcp(POD, 40_300, "10.96.99.99", 80),
+            Reason::DropUnallocatedVip,
+        ),
+        (
+            "externalTrafficPolicy Local, no local endpoint",
+            Hook::Xdp,
+            Spec::tcp(EXTERNAL_CLIENT, 40_301, NODE_IP, 30400),
+            Reason::DropNoLocalEndpoint,
+        ),
+        (
+            "internalTrafficPolicy Local, no local endpoint",
+            Hook::Tc,
+            Spec::tcp(POD, 40_302, "10.96.45.22", 80),
+            Reason::DropNoLocalEndpoint,
+        ),
+        (
+            "outside loadBalancerSourceRanges",
+            Hook::Xdp,
+            Spec::tcp("203.0.113.200", 40_303, "198.51.100.10", 80),
+            Reason::DropSourceRange,
+        ),
+        (
+            "ping to a ClusterIP",
+            Hook::Tc,
+            Spec::icmp_echo(POD, "10.96.45.10", 9),
+            Reason::DropIcmpToVip,
+        ),
+    ];
+    for (name, hook, spec, reason) in cases {
+        let run = datapath.run(hook, &spec.build());
+        assert_outcome(&run, hook.drop_code(), reason, name);
+    }
+}
+
+#[test]
+fn addresses_and_ports_that_are_not_services_pass_untouched() {
+    let mut datapath = seeded();
+    for (name, spec) in [
+        ("a pod address", Spec::tcp(POD, 40_400, "10.244.2.10", 80)),
+        ("a node port no service holds", Spec::tcp(EXTERNAL_CLIENT, 40_401, NODE_IP, 30_999)),
+        ("ssh to the node", Spec::tcp(EXTERNAL_CLIENT, 40_402, NODE_IP, 22)),
+    ] {
+        for hook in Hook::ALL {
+            let frame = spec.build();
+            let run = datapath.run(hook, &frame);
+            assert_outcome(&run, hook.pass_code(), Reason::NotService, name);
+            assert_eq!(run.output, frame, "{name}: untouched");
+        }
+    }
+}
+
+#[test]
+fn pods_reaching_a_local_policy_node_port_use_every_endpoint() {
+    let mut datapath = seeded();
+    let request = Spec::tcp(POD, 40_500, NODE_IP, 30400);
+    let run = datapath.run(Hook::Tc, &request.build());
+    assert_outcome(
+        &run,
+        Hook::Tc.forward_code(),
+        Reason::ForwardNew,
+        "pod to an ETP-Local NodePort",
+    );
+    let ((src, _), backend) = endpoints(&run.output);
+    assert_eq!(backend, (addr("10.244.2.30"), 80), "the cluster-wide (internal scope) backend set");
+    assert_eq!(src, addr(NODE_IP), "a remote backend behind a NodePort is masqueraded");
+}
+
+#[test]
+fn load_balancer_ip_from_an_allowed_source_is_forwarded() {
+    let mut datapath = seeded();
+    let request = Spec::tcp(EXTERNAL_CLIENT, 40_600, "198.51.100.10", 80);
+    let run = datapath.run(Hook::Xdp, &request.build());
+    assert_outcome(&run, Hook::Xdp.forward_code(), Reason::ForwardNew, "LB IP, allowed source");
+    assert_eq!(
+        run.output,
+        request.with_addresses(EXTERNAL_CLIENT, 40_600, "10.244.1.50", 80).build()
+    );
+}
+
+#[test]
+fn client_ip_affinity_keeps_every_flow_of_a_client_on_one_backend() {
+    let mut datapath = seeded();
+    let mut chosen = BTreeSet::new();
+    for port in 41_000..41_032 {
+        let run = datapath.run(Hook::Tc, &Spec::tcp(POD, port, "10.96.45.11", 80).build());
+        assert_outcome(&run, Hook::Tc.forward_code(), Reason::ForwardNew, "sticky service");
+        chosen.insert(endpoints(&run.output).1);
+    }
+    assert_eq!(chosen.len(), 1, "one backend for every flow of the client: {chosen:?}");
+    let mut others = BTreeSet::new();
+    for client in 1..=32 {
+        let run = datapath.run(
+            Hook::Tc,
+            &Spec::tcp(&format!("10.244.3.{client}"), 41_000, "10.96.45.11", 80).build(),
+        );
+        others.insert(endpoints(&run.output).1);
+    }
+    assert_eq!(others.len(), 3, "other clients still spread over every backend: {others:?}");
+}
+
+#[test]
+fn a_new_syn_after_a_closed_flow_starts_a_new_flow() {
+    let mut datapath = seeded();
+    let request = Spec::tcp(POD, 40_700, "10.96.45.10", 80);
+    datapath.run(Hook::Tc, &request.build());
+    let fin = request.clone().with_tcp(TcpFields {
+        syn: false,
+        fin: true,
+        ack: Some(1),
+        ..TcpFields::default()
+    });
+    let run = datapath.run(Hook::Tc, &fin.build());
+    assert_outcome(&run, Hook::Tc.forward_code(), Reason::ForwardEstablished, "FIN");
+    let run = datapath.run(Hook::Tc, &request.build());
+    assert_outcome(&run, Hook::Tc.forward_code(), Reason::ForwardNew, "SYN on a closing tuple");
+}
