@@ -103,7 +103,7 @@ pub struct ServiceValue {
 /// Key of `BACKEND_SLOTS`: slot `slot` of frontend `service_id`. The daemon fills slots with one
 /// entry per backend, or with a Maglev table; the datapath picks `flow_hash % slot_count`.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default, PartialOrd, Ord)]
 pub struct BackendSlotKey {
     pub service_id: u32,
     pub slot: u32,

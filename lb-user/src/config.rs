@@ -35,6 +35,9 @@ pub struct NodeConfig {
     pub service_cidr: Ipv4Net,
     /// Source ports for SNAT.
     pub snat_port_range: PortRange,
+    /// Fill backend slots with a Maglev table of this prime size (every node then picks the
+    /// same backend for a flow); `None`: one slot per backend.
+    pub maglev_table_size: Option<u32>,
 }
 
 /// An inclusive port range, written `min-max` in the file.
@@ -77,6 +80,9 @@ pub enum InvalidConfig {
 
     #[error("snatPortRange {value:?}: {reason}")]
     SnatPortRange { value: String, reason: &'static str },
+
+    #[error("maglevTableSize: {0}")]
+    MaglevTableSize(#[source] crate::maglev::Error),
 }
 
 /// The file as written; [`NodeConfig`] is what validation makes of it.
@@ -92,6 +98,7 @@ struct RawNodeConfig {
     #[serde(rename = "serviceCIDR")]
     service_cidr: IpNet,
     snat_port_range: Option<String>,
+    maglev_table_size: Option<u32>,
 }
 
 impl NodeConfig {
@@ -152,6 +159,11 @@ impl RawNodeConfig {
             cluster_cidr: ipv4_net("clusterCIDR", self.cluster_cidr)?,
             service_cidr: ipv4_net("serviceCIDR", self.service_cidr)?,
             snat_port_range,
+            maglev_table_size: self
+                .maglev_table_size
+                .map(crate::maglev::check_table_size)
+                .transpose()
+                .map_err(InvalidConfig::MaglevTableSize)?,
         })
     }
 }

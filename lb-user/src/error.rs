@@ -88,6 +88,16 @@ pub enum Error {
         source: Box<dyn std::error::Error + Send + Sync>,
     },
 
+    #[error("running {program} on a test packet")]
+    TestRun {
+        program: &'static str,
+        #[source]
+        source: Box<ProgramError>,
+    },
+
+    #[error("building the test packet: {0}")]
+    BuildPacket(String),
+
     #[error("no interface to attach to: give at least one --xdp-iface or --tc-iface")]
     NoInterface,
 }

@@ -11,13 +11,18 @@
 
 pub mod attach;
 pub mod config;
+pub mod daemon;
 pub mod error;
 pub mod loader;
+pub mod maglev;
 pub mod manifest;
 pub mod maps;
 pub mod model;
 pub mod pins;
+pub mod reconcile;
 pub mod stats;
+pub mod status;
+pub mod trace;
 
 /// The compiled eBPF object (programs `lb_xdp` and `lb_tc`), built by `build.rs`.
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-ebpf"));

@@ -1,13 +1,17 @@
 //! `lb-user`: the node daemon and its command-line tools.
 
-use std::path::PathBuf;
+use std::{net::Ipv4Addr, path::PathBuf, time::Duration};
 
-use anyhow::Context as _;
+use anyhow::{Context as _, bail};
 use clap::{Parser, Subcommand};
 use lb_user::{
     attach,
+    config::NodeConfig,
+    daemon, manifest, model,
+    model::Protocol,
     pins::{DEFAULT_PIN_DIR, PinLayout},
-    stats,
+    status,
+    trace::{Entry, Request, Tracer},
 };
 
 #[derive(Parser)]
@@ -19,8 +23,14 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Load the programs, attach them, and pin programs, links and maps under the pin directory.
-    Load {
+    /// The daemon: attach (or adopt) the datapath and keep it programmed from the source.
+    Run {
+        /// A directory of Service and EndpointSlice manifests (multi-document YAML), watched.
+        #[arg(long)]
+        manifests: PathBuf,
+        /// The node configuration file (YAML).
+        #[arg(long)]
+        node_config: PathBuf,
         /// External interface for the XDP program (repeatable).
         #[arg(long = "xdp-iface", value_name = "IF")]
         xdp_ifaces: Vec<String>,
@@ -29,20 +39,50 @@ enum Command {
         tc_ifaces: Vec<String>,
         #[arg(long, default_value = DEFAULT_PIN_DIR)]
         pin_dir: PathBuf,
+        /// Seconds between full resyncs when nothing changes.
+        #[arg(long, default_value_t = 60)]
+        resync_seconds: u64,
+    },
+    /// Load the programs, attach them, and pin programs, links and maps under the pin directory.
+    Load {
+        #[arg(long = "xdp-iface", value_name = "IF")]
+        xdp_ifaces: Vec<String>,
+        #[arg(long = "tc-iface", value_name = "IF")]
+        tc_ifaces: Vec<String>,
+        #[arg(long, default_value = DEFAULT_PIN_DIR)]
+        pin_dir: PathBuf,
         /// Print the attachments as JSON.
         #[arg(long)]
         json: bool,
     },
-    /// Detach and unpin everything `load` created under the pin directory.
+    /// Detach and unpin everything `load` or `run` created under the pin directory.
     Unload {
         #[arg(long, default_value = DEFAULT_PIN_DIR)]
         pin_dir: PathBuf,
     },
-    /// Print the per-reason packet counters of a loaded instance.
-    Stats {
+    /// What is programmed: frontends, backends and counters, from the pinned maps.
+    Status {
         #[arg(long, default_value = DEFAULT_PIN_DIR)]
         pin_dir: PathBuf,
-        /// Print every counter, as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Run one packet through the real programs, programmed from manifests, and say what they do.
+    Trace {
+        #[arg(long)]
+        manifests: PathBuf,
+        #[arg(long)]
+        node_config: PathBuf,
+        #[arg(long, value_enum)]
+        from: Entry,
+        #[arg(long, default_value = "tcp")]
+        proto: String,
+        /// Source address, with an optional port (default 40000).
+        #[arg(long)]
+        src: String,
+        /// Destination address and port.
+        #[arg(long)]
+        dst: String,
         #[arg(long)]
         json: bool,
     },
@@ -56,6 +96,22 @@ fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     match Cli::parse().command {
+        Command::Run { manifests, node_config, xdp_ifaces, tc_ifaces, pin_dir, resync_seconds } => {
+            let node_config = NodeConfig::from_file(&node_config)?;
+            let options = daemon::Options {
+                manifests,
+                node_config,
+                xdp_ifaces,
+                tc_ifaces,
+                pins: PinLayout::new(pin_dir),
+                resync: Duration::from_secs(resync_seconds.max(1)),
+            };
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
+                .enable_all()
+                .build()?;
+            runtime.block_on(daemon::run(options)).context("run")?;
+        }
         Command::Load { xdp_ifaces, tc_ifaces, pin_dir, json } => {
             let attachments =
                 attach::load_and_attach(&PinLayout::new(&pin_dir), &xdp_ifaces, &tc_ifaces)
@@ -74,20 +130,49 @@ fn main() -> anyhow::Result<()> {
                 println!("{line}");
             }
         }
-        Command::Stats { pin_dir, json } => {
-            let counts = stats::read_pinned(&PinLayout::new(&pin_dir)).context("stats")?;
+        Command::Status { pin_dir, json } => {
+            let status = status::read(&PinLayout::new(&pin_dir)).context("status")?;
             if json {
-                let all: serde_json::Map<_, _> = lb_common::stats::Reason::ALL
-                    .iter()
-                    .map(|r| (r.name().to_owned(), counts.get(*r).into()))
-                    .collect();
-                println!("{}", serde_json::Value::Object(all));
+                println!("{}", serde_json::to_string_pretty(&status)?);
             } else {
-                for (name, count) in counts.non_zero() {
-                    println!("{name:<24} {count}");
-                }
+                print!("{}", status.table());
+            }
+        }
+        Command::Trace { manifests, node_config, from, proto, src, dst, json } => {
+            let node = NodeConfig::from_file(&node_config)?;
+            let objects = manifest::load_dir(&manifests)?;
+            for problem in &objects.problems {
+                eprintln!("skipped: {problem}");
+            }
+            let model = model::build(&objects.services, &objects.slices, &node);
+            let (src, src_port) = address(&src, Some(40_000)).context("--src")?;
+            let (dst, dst_port) = address(&dst, None).context("--dst")?;
+            let protocol = match proto.as_str() {
+                "tcp" => Protocol::Tcp,
+                "udp" => Protocol::Udp,
+                other => bail!("--proto {other}: tcp or udp"),
+            };
+            let request = Request { entry: from, protocol, src, src_port, dst, dst_port };
+            let outcome = Tracer::new(model, &node)?.trace(&request)?;
+            if json {
+                println!("{}", serde_json::to_string(&outcome)?);
+            } else {
+                println!("verdict:    {}", outcome.verdict);
+                println!("service:    {}", outcome.service.as_deref().unwrap_or("-"));
+                println!("backend:    {}", outcome.backend.as_deref().unwrap_or("-"));
+                println!("snat:       {}", outcome.snat.as_deref().unwrap_or("-"));
+                println!("candidates: {}", outcome.candidates.join(", "));
+                println!("reason:     {}", outcome.reason);
             }
         }
     }
     Ok(())
+}
+
+/// `IP:PORT`, or `IP` alone when a default port is given.
+fn address(text: &str, default_port: Option<u16>) -> anyhow::Result<(Ipv4Addr, u16)> {
+    match text.rsplit_once(':') {
+        Some((ip, port)) => Ok((ip.parse()?, port.parse()?)),
+        None => Ok((text.parse()?, default_port.context("a port is required: IP:PORT")?)),
+    }
 }

@@ -8,12 +8,12 @@ use std::net::Ipv4Addr;
 
 use aya::{
     Ebpf,
-    maps::{Array, HashMap, LpmTrie, Map, MapData, MapError, lpm_trie::Key as LpmKey},
+    maps::{Array, HashMap, LpmTrie, Map, MapData, MapError, PerCpuArray, lpm_trie::Key as LpmKey},
 };
 use ipnet::Ipv4Net;
 use lb_common::maps::{
-    Backend, BackendSlotKey, ConntrackKey, ConntrackValue, NodeConfig, RevNat, ServiceKey,
-    ServiceValue, SourceRangeKey, names,
+    Backend, BackendSlotKey, ConntrackKey, ConntrackValue, NodeConfig, RevNat, ServiceCounters,
+    ServiceKey, ServiceValue, SourceRangeKey, names, node_flags,
 };
 
 use crate::{
@@ -51,6 +51,7 @@ pub struct KernelMaps {
     source_ranges: LpmTrie<MapData, SourceRangeKey, u8>,
     node_config: Array<MapData, NodeConfig>,
     conntrack: HashMap<MapData, ConntrackKey, ConntrackValue>,
+    service_stats: PerCpuArray<MapData, ServiceCounters>,
 }
 
 fn map_error(name: &str) -> impl FnOnce(MapError) -> Error + '_ {
@@ -80,6 +81,7 @@ impl KernelMaps {
                 names::SOURCE_RANGES => Map::LpmTrie(data),
                 names::NODE_CONFIG => Map::Array(data),
                 names::CONNTRACK => Map::LruHashMap(data),
+                names::SERVICE_STATS => Map::PerCpuArray(data),
                 _ => Map::HashMap(data),
             };
             Some(map)
@@ -95,6 +97,7 @@ impl KernelMaps {
             source_ranges: typed(names::SOURCE_RANGES, take(names::SOURCE_RANGES))?,
             node_config: typed(names::NODE_CONFIG, take(names::NODE_CONFIG))?,
             conntrack: typed(names::CONNTRACK, take(names::CONNTRACK))?,
+            service_stats: typed(names::SERVICE_STATS, take(names::SERVICE_STATS))?,
         })
     }
 
@@ -116,6 +119,59 @@ impl KernelMaps {
     /// Every programmed reverse-NAT entry.
     pub fn rev_nats(&self) -> Result<Vec<(u32, RevNat)>> {
         self.rev_nat.iter().collect::<Result<_, _>>().map_err(map_error(names::REV_NAT))
+    }
+
+    /// The node configuration, if the daemon has written it.
+    pub fn node_config(&self) -> Result<Option<NodeConfig>> {
+        let config = self.node_config.get(&0, 0).map_err(map_error(names::NODE_CONFIG))?;
+        Ok((config.flags & node_flags::CONFIGURED != 0).then_some(config))
+    }
+
+    /// Every programmed source range, as (frontend id, range).
+    pub fn source_ranges(&self) -> Result<Vec<(u32, Ipv4Net)>> {
+        let mut ranges = Vec::new();
+        for key in self.source_ranges.keys() {
+            let key = key.map_err(map_error(names::SOURCE_RANGES))?;
+            let data = key.data();
+            let prefix_len = key.prefix_len().saturating_sub(SourceRangeKey::SERVICE_ID_BITS);
+            let address = Ipv4Addr::from(u32::from_be(data.src_ip_be));
+            let range =
+                Ipv4Net::new(address, u8::try_from(prefix_len).unwrap_or(32)).map_err(|e| {
+                    Error::Link { what: "a source range in the map".into(), source: e.into() }
+                })?;
+            ranges.push((data.service_id, range));
+        }
+        Ok(ranges)
+    }
+
+    /// Forgets the non-TCP flows of (frontend id, backend id) pairs that were removed; returns
+    /// how many conntrack entries went. TCP flows stay, as with kube-proxy: a terminating
+    /// backend may still finish them.
+    pub fn purge_flows(&mut self, pairs: &std::collections::BTreeSet<(u32, u32)>) -> Result<usize> {
+        if pairs.is_empty() {
+            return Ok(0);
+        }
+        let doomed: Vec<ConntrackKey> = self
+            .conntrack()?
+            .into_iter()
+            .filter(|(key, value)| {
+                key.proto != lb_common::maps::proto::TCP
+                    && pairs.contains(&(value.service_id, value.backend_id))
+            })
+            .map(|(key, _)| key)
+            .collect();
+        self.remove_conntrack(&doomed)?;
+        Ok(doomed.len())
+    }
+
+    /// Packets and bytes translated for frontend `service_id`, summed over CPUs.
+    pub fn service_counters(&self, service_id: u32) -> Result<ServiceCounters> {
+        let per_cpu =
+            self.service_stats.get(&service_id, 0).map_err(map_error(names::SERVICE_STATS))?;
+        Ok(per_cpu.iter().fold(ServiceCounters::default(), |sum, c| ServiceCounters {
+            packets: sum.packets + c.packets,
+            bytes: sum.bytes + c.bytes,
+        }))
     }
 
     /// Every conntrack entry (both directions of every flow).

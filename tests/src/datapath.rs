@@ -2,10 +2,9 @@
 
 use aya::{
     Ebpf,
-    maps::{MapData, PerCpuArray},
     programs::{SchedClassifier, TestRun, TestRunOptions, Xdp},
 };
-use lb_common::maps::{ServiceCounters, names};
+use lb_common::maps::names;
 use lb_user::{
     loader,
     maps::{KernelMaps, MapOp, MapWriter as _},
@@ -111,11 +110,8 @@ impl Datapath {
 
     /// Packets and bytes counted for frontend `service_id`, over all CPUs.
     pub fn service_counters(&self, service_id: u32) -> (u64, u64) {
-        let map = self.ebpf.map(names::SERVICE_STATS).expect("SERVICE_STATS map");
-        let array: PerCpuArray<&MapData, ServiceCounters> =
-            PerCpuArray::try_from(map).expect("per-CPU array");
-        let values = array.get(&service_id, 0).expect("service counters");
-        values.iter().fold((0, 0), |(p, b), c| (p + c.packets, b + c.bytes))
+        let counters = self.maps.service_counters(service_id).expect("service counters");
+        (counters.packets, counters.bytes)
     }
 
     pub fn counters(&self) -> ReasonCounts {

@@ -12,6 +12,7 @@
 
 pub mod checksum;
 pub mod datapath;
+pub mod fixtures;
 pub mod netns;
 pub mod node;
 pub mod packets;

@@ -5,74 +5,14 @@
 use std::{collections::BTreeSet, net::Ipv4Addr};
 
 use etherparse::{Icmpv4Type, PacketBuilder, icmpv4::DestUnreachableHeader};
-use lb_common::{
-    maps::{proto, scope, service_flags as flag},
-    stats::Reason,
-};
+use lb_common::stats::Reason;
 use lb_tests::{
     checksum,
-    datapath::{Datapath, Hook, Run},
-    node::{self, NODE_IP, SNAT_PORT_MAX, SNAT_PORT_MIN},
+    datapath::{Hook, Run},
+    fixtures::{EXTERNAL_CLIENT, POD, seeded},
+    node::{NODE_IP, SNAT_PORT_MAX, SNAT_PORT_MIN},
     packets::{CLIENT_MAC, L3, NODE_MAC, Spec, TcpFields, endpoints},
-    services::{Frontend, cluster_ip_marker},
 };
-
-const POD: &str = "10.244.1.5";
-const EXTERNAL_CLIENT: &str = "203.0.113.9";
-
-/// The frontends every test starts from (ids are the frontends' `service_id`s).
-fn frontends() -> Vec<Frontend> {
-    let tcp = proto::TCP;
-    let node_port = flag::EXTERNAL;
-    vec![
-        Frontend::new(1, "10.96.45.10", 80, tcp).backend("10.244.1.10", 80, true).backend(
-            "10.244.2.10",
-            80,
-            false,
-        ),
-        Frontend::new(2, "10.96.0.10", 53, proto::UDP).backend("10.244.1.15", 53, true).backend(
-            "10.244.2.15",
-            53,
-            false,
-        ),
-        Frontend::new(3, NODE_IP, 30380, tcp).flags(node_port).backend("10.244.2.11", 80, false),
-        Frontend::new(4, NODE_IP, 30381, tcp).flags(node_port).backend("10.244.1.11", 80, true),
-        Frontend::new(5, "10.96.45.14", 80, tcp).backend("10.244.1.10", 80, true),
-        Frontend::new(6, "10.96.45.12", 80, tcp),
-        Frontend::new(7, "10.96.45.12", 53, proto::UDP),
-        Frontend::new(8, NODE_IP, 30400, tcp)
-            .flags(node_port | flag::EXT_LOCAL | flag::EMPTY_DROP | flag::TWO_SCOPES),
-        Frontend::new(9, NODE_IP, 30400, tcp).scope(scope::INTERNAL).flags(node_port).backend(
-            "10.244.2.30",
-            80,
-            false,
-        ),
-        Frontend::new(10, "10.96.45.22", 80, tcp).flags(flag::EMPTY_DROP),
-        Frontend::new(11, "198.51.100.10", 80, tcp)
-            .flags(node_port)
-            .source_range("203.0.113.0/25")
-            .backend("10.244.1.50", 80, true),
-        Frontend::new(12, "10.96.45.11", 80, tcp)
-            .affinity(600)
-            .backend("10.244.1.12", 80, true)
-            .backend("10.244.2.12", 80, false)
-            .backend("10.244.2.13", 80, false),
-    ]
-}
-
-fn seeded() -> Datapath {
-    let mut datapath = Datapath::load();
-    datapath.apply(&[node::set_node_config()]);
-    for frontend in frontends() {
-        datapath.apply(&frontend.ops());
-    }
-    for vip in
-        ["10.96.45.10", "10.96.0.10", "10.96.45.14", "10.96.45.12", "10.96.45.22", "10.96.45.11"]
-    {
-        datapath.apply(&[cluster_ip_marker(vip)]);
-    }
-    datapath
-}
 
 /// Asserts the run's verdict and that exactly `reason` was counted, once.
 fn assert_outcome(run: &Run, code: u32, reason: Reason, context: &str) {

@@ -1,0 +1,224 @@
+//! Reconciler tests without a kernel: the seed scenario's tables, ordering, no-op resyncs,
+//! id stability and restarts, through a recording map writer.
+
+use std::{collections::BTreeMap, net::Ipv4Addr, path::PathBuf};
+
+use lb_common::maps::{ServiceKey, ServiceValue, proto, scope, service_flags as flag};
+
+use super::*;
+use crate::{
+    config::NodeConfig,
+    manifest,
+    maps::{MapOp, ip_be},
+    model::{self, Model},
+};
+
+/// Records operations and keeps the resulting tables, like the kernel maps would.
+#[derive(Default)]
+struct FakeMaps {
+    ops: Vec<MapOp>,
+}
+
+impl MapWriter for FakeMaps {
+    fn apply(&mut self, op: &MapOp) -> crate::error::Result<()> {
+        self.ops.push(op.clone());
+        Ok(())
+    }
+}
+
+fn seed_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/scenarios/seed")
+}
+
+fn seed() -> (Model, NodeConfig) {
+    let node = NodeConfig::from_file(&seed_dir().join("node.yaml")).expect("seed node.yaml");
+    let manifests = manifest::load_file(&seed_dir().join("manifests.yaml"));
+    assert!(manifests.problems.is_empty(), "{:?}", manifests.problems);
+    (model::build(&manifests.services, &manifests.slices, &node), node)
+}
+
+fn key(vip: &str, port: u16, protocol: u8, entry_scope: u8) -> ServiceKey {
+    let vip: Ipv4Addr = vip.parse().expect("address");
+    ServiceKey { vip_be: ip_be(vip), port_be: port.to_be(), proto: protocol, scope: entry_scope }
+}
+
+fn frontend(state: &DatapathState, vip: &str, port: u16, entry_scope: u8) -> ServiceValue {
+    *state
+        .services
+        .get(&key(vip, port, proto::TCP, entry_scope))
+        .unwrap_or_else(|| panic!("no frontend {vip}:{port} scope {entry_scope}"))
+}
+
+fn seed_state() -> DatapathState {
+    let (model, node) = seed();
+    desired(&model, &node, SlotMode::PerBackend, &mut Ids::default()).state
+}
+
+#[test]
+fn seed_frontends_carry_their_policies() {
+    let state = seed_state();
+    let my_nginx = frontend(&state, "10.96.45.10", 80, scope::EXTERNAL);
+    assert_eq!((my_nginx.slot_count, my_nginx.flags), (2, 0));
+    let node_port = frontend(&state, "192.168.1.63", 30380, scope::EXTERNAL);
+    assert_eq!((node_port.slot_count, node_port.flags), (2, flag::EXTERNAL));
+
+    let local_remote = frontend(&state, "192.168.1.63", 30400, scope::EXTERNAL);
+    assert_eq!(local_remote.slot_count, 0);
+    assert_eq!(
+        local_remote.flags,
+        flag::EXTERNAL | flag::EXT_LOCAL | flag::TWO_SCOPES | flag::EMPTY_DROP
+    );
+    let local_remote_internal = frontend(&state, "192.168.1.63", 30400, scope::INTERNAL);
+    assert_eq!(
+        (local_remote_internal.slot_count, local_remote_internal.flags),
+        (1, flag::EXTERNAL)
+    );
+
+    let itp = frontend(&state, "10.96.45.22", 80, scope::EXTERNAL);
+    assert_eq!((itp.slot_count, itp.flags), (0, flag::EMPTY_DROP));
+    let empty = frontend(&state, "10.96.45.12", 80, scope::EXTERNAL);
+    assert_eq!((empty.slot_count, empty.flags), (0, 0), "no endpoints at all: refuse, not drop");
+
+    let lb = frontend(&state, "198.51.100.10", 80, scope::EXTERNAL);
+    assert_eq!(lb.flags, flag::EXTERNAL | flag::SOURCE_RANGES);
+    let range: ipnet::Ipv4Net = "203.0.113.0/25".parse().expect("CIDR");
+    assert!(state.source_ranges.contains(&(lb.service_id, range)));
+
+    let sticky = frontend(&state, "10.96.45.11", 80, scope::EXTERNAL);
+    assert_eq!((sticky.flags, sticky.affinity_timeout_s), (flag::AFFINITY, 600));
+
+    let marker = state.services.get(&key("10.96.45.10", 0, 0, scope::EXTERNAL));
+    assert_eq!(marker, Some(&ServiceValue::default()), "ClusterIP marker");
+    for (vip, port) in [("10.96.45.40", 80), ("10.96.45.41", 80)] {
+        assert!(!state.services.contains_key(&key(vip, port, proto::TCP, scope::EXTERNAL)));
+    }
+}
+
+#[test]
+fn every_frontend_has_its_reverse_nat_and_slots() {
+    let state = seed_state();
+    for (key, value) in state.services.iter().filter(|(_, v)| v.service_id != 0) {
+        let rev_nat = state.rev_nats.get(&value.service_id).expect("reverse NAT entry");
+        assert_eq!((rev_nat.vip_be, rev_nat.port_be), (key.vip_be, key.port_be));
+        let slots = state.slots.keys().filter(|s| s.service_id == value.service_id).count();
+        assert_eq!(slots, value.slot_count as usize);
+    }
+}
+
+#[test]
+fn a_resync_with_no_change_writes_nothing() {
+    let (model, node) = seed();
+    let mut reconciler = Reconciler::new(DatapathState::default(), SlotMode::PerBackend);
+    let mut maps = FakeMaps::default();
+    let first = reconciler.reconcile(&model, &node, &mut maps).expect("first");
+    assert!(first.ops.len() > 10, "the seed programs many entries: {}", first.ops.len());
+    let second = reconciler.reconcile(&model, &node, &mut maps).expect("second");
+    assert!(second.ops.is_empty(), "{:?}", second.ops);
+}
+
+#[test]
+fn a_restarted_daemon_adopts_the_programmed_tables_without_writing() {
+    let (model, node) = seed();
+    let mut first = Reconciler::new(DatapathState::default(), SlotMode::PerBackend);
+    first.reconcile(&model, &node, &mut FakeMaps::default()).expect("first daemon");
+    let programmed = first.programmed().clone();
+    let mut restarted = Reconciler::new(programmed.clone(), SlotMode::PerBackend);
+    let report = restarted.reconcile(&model, &node, &mut FakeMaps::default()).expect("restart");
+    assert!(report.ops.is_empty(), "a restart rewrites nothing: {:?}", report.ops);
+    assert_eq!(restarted.programmed(), &programmed, "same ids after the restart");
+}
+
+/// The seed with one endpoint of my-nginx removed.
+fn without_endpoint(model: &Model, ip: &str) -> Model {
+    let mut changed = model.clone();
+    let ip: Ipv4Addr = ip.parse().expect("address");
+    for port in &mut changed.ports {
+        port.endpoints.retain(|e| e.ip != ip);
+    }
+    changed
+}
+
+#[test]
+fn writes_are_ordered_so_no_packet_sees_a_half_written_service() {
+    let (model, node) = seed();
+    let mut reconciler = Reconciler::new(DatapathState::default(), SlotMode::PerBackend);
+    for model in [model.clone(), without_endpoint(&model, "10.244.2.10"), model] {
+        let report =
+            reconciler.reconcile(&model, &node, &mut FakeMaps::default()).expect("reconcile");
+        let position =
+            |wanted: &dyn Fn(&MapOp) -> bool| report.ops.iter().position(wanted);
+        for (index, op) in report.ops.iter().enumerate() {
+            match op {
+                MapOp::UpsertService { value, .. } => {
+                    let id = value.service_id;
+                    let slot = position(
+                        &|op| matches!(op, MapOp::UpsertSlot { key, .. } if key.service_id == id),
+                    );
+                    assert!(slot.is_none_or(|slot| slot < index), "slots before their frontend");
+                    let removed = position(
+                        &|op| matches!(op, MapOp::RemoveSlot { key } if key.service_id == id),
+                    );
+                    assert!(removed.is_none_or(|removed| removed > index), "surplus slots after");
+                }
+                MapOp::UpsertSlot { backend_id, .. } => {
+                    let id = *backend_id;
+                    let backend = position(
+                        &|op| matches!(op, MapOp::UpsertBackend { id: b, .. } if *b == id),
+                    );
+                    assert!(backend.is_none_or(|backend| backend < index), "backends before slots");
+                }
+                MapOp::RemoveBackend { .. } => {
+                    let last_service = report.ops.iter().rposition(|op| {
+                        matches!(op, MapOp::UpsertService { .. } | MapOp::RemoveService { .. })
+                    });
+                    assert!(last_service.is_none_or(|last| last < index), "backends go last");
+                }
+                _ => {}
+            }
+        }
+    }
+}
+
+#[test]
+fn a_removed_endpoint_shrinks_its_frontends_and_forgets_their_flows() {
+    let (model, node) = seed();
+    let mut reconciler = Reconciler::new(DatapathState::default(), SlotMode::PerBackend);
+    reconciler.reconcile(&model, &node, &mut FakeMaps::default()).expect("first");
+    let before = reconciler.programmed().clone();
+    let report = reconciler
+        .reconcile(&without_endpoint(&model, "10.244.2.10"), &node, &mut FakeMaps::default())
+        .expect("second");
+    let my_nginx = frontend(&before, "10.96.45.10", 80, scope::EXTERNAL);
+    let after = frontend(reconciler.programmed(), "10.96.45.10", 80, scope::EXTERNAL);
+    assert_eq!((after.service_id, after.slot_count), (my_nginx.service_id, 1), "same id, one slot");
+    let gone: Vec<u32> = before
+        .backends
+        .iter()
+        .filter(|(_, b)| b.ip_be == ip_be("10.244.2.10".parse().expect("address")))
+        .map(|(id, _)| *id)
+        .collect();
+    assert_eq!(gone.len(), 1);
+    assert!(report.removed_pairs.contains(&(my_nginx.service_id, gone[0])));
+    assert!(report.ops.contains(&MapOp::RemoveBackend { id: gone[0] }));
+    // Everything else is untouched: only my-nginx's frontend, slot and backend changed.
+    let unrelated: BTreeMap<_, _> =
+        before.services.iter().filter(|(_, v)| v.service_id != my_nginx.service_id).collect();
+    for (key, value) in unrelated {
+        assert_eq!(reconciler.programmed().services.get(key), Some(value));
+    }
+}
+
+#[test]
+fn maglev_mode_fills_a_prime_sized_table_with_every_backend() {
+    let (model, node) = seed();
+    let state = desired(&model, &node, SlotMode::Maglev(251), &mut Ids::default()).state;
+    let value = frontend(&state, "10.96.45.11", 80, scope::EXTERNAL);
+    assert_eq!(value.slot_count, 251);
+    let used: std::collections::BTreeSet<u32> = state
+        .slots
+        .iter()
+        .filter(|(k, _)| k.service_id == value.service_id)
+        .map(|(_, b)| *b)
+        .collect();
+    assert_eq!(used.len(), 3, "all three sticky backends own slots");
+}

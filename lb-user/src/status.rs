@@ -1,0 +1,134 @@
+//! `status`: what is programmed, read from the pinned maps: frontends with their backends and
+//! counters, and the datapath's per-reason counters.
+
+use std::{collections::BTreeMap, fmt::Write as _, net::Ipv4Addr};
+
+use lb_common::maps::{backend_flags, proto, scope, service_flags};
+use serde::Serialize;
+
+use crate::{error::Result, maps::KernelMaps, pins::PinLayout, stats};
+
+#[derive(Debug, Serialize)]
+pub struct Status {
+    pub frontends: Vec<FrontendStatus>,
+    /// Every reason with its count, by name.
+    pub reasons: BTreeMap<&'static str, u64>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct FrontendStatus {
+    pub address: String,
+    pub protocol: &'static str,
+    pub scope: &'static str,
+    pub flags: Vec<&'static str>,
+    /// `ip:port`, with `local` for endpoints on this node.
+    pub backends: Vec<BackendStatus>,
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+#[derive(Debug, Serialize)]
+pub struct BackendStatus {
+    pub address: String,
+    pub local: bool,
+}
+
+const FLAG_NAMES: [(u16, &str); 6] = [
+    (service_flags::EXTERNAL, "external"),
+    (service_flags::EXT_LOCAL, "ext-local"),
+    (service_flags::TWO_SCOPES, "two-scopes"),
+    (service_flags::AFFINITY, "affinity"),
+    (service_flags::SOURCE_RANGES, "source-ranges"),
+    (service_flags::EMPTY_DROP, "empty-drop"),
+];
+
+/// Reads the status of the instance pinned under `pins`.
+pub fn read(pins: &PinLayout) -> Result<Status> {
+    let maps = KernelMaps::from_pins(pins)?;
+    let backends: BTreeMap<u32, _> = maps.backends()?.into_iter().collect();
+    let mut slots: BTreeMap<u32, Vec<u32>> = BTreeMap::new();
+    for (key, backend_id) in maps.slots()? {
+        slots.entry(key.service_id).or_default().push(backend_id);
+    }
+    let mut frontends = Vec::new();
+    let mut services = maps.services()?;
+    services.sort_by_key(|(key, _)| {
+        (u32::from_be(key.vip_be), u16::from_be(key.port_be), key.proto, key.scope)
+    });
+    // Port-0 entries only mark allocated ClusterIPs.
+    for (key, value) in services.into_iter().filter(|(key, _)| key.proto != 0) {
+        let mut ids = slots.remove(&value.service_id).unwrap_or_default();
+        ids.sort_unstable();
+        ids.dedup();
+        let counters = maps.service_counters(value.service_id)?;
+        frontends.push(FrontendStatus {
+            address: format!(
+                "{}:{}",
+                Ipv4Addr::from(u32::from_be(key.vip_be)),
+                u16::from_be(key.port_be)
+            ),
+            protocol: match key.proto {
+                proto::TCP => "tcp",
+                proto::UDP => "udp",
+                _ => "other",
+            },
+            scope: if key.scope == scope::INTERNAL { "internal" } else { "external" },
+            flags: FLAG_NAMES
+                .iter()
+                .filter(|(bit, _)| value.flags & bit != 0)
+                .map(|(_, name)| *name)
+                .collect(),
+            backends: ids
+                .iter()
+                .filter_map(|id| backends.get(id))
+                .map(|b| BackendStatus {
+                    address: format!(
+                        "{}:{}",
+                        Ipv4Addr::from(u32::from_be(b.ip_be)),
+                        u16::from_be(b.port_be)
+                    ),
+                    local: b.flags & backend_flags::LOCAL != 0,
+                })
+                .collect(),
+            packets: counters.packets,
+            bytes: counters.bytes,
+        });
+    }
+    let counts = stats::read_pinned(pins)?;
+    let reasons =
+        lb_common::stats::Reason::ALL.iter().map(|r| (r.name(), counts.get(*r))).collect();
+    Ok(Status { frontends, reasons })
+}
+
+impl Status {
+    /// A table for people: one frontend a line, then the non-zero reason counters.
+    pub fn table(&self) -> String {
+        let mut out = format!(
+            "{:<22} {:<5} {:<9} {:>10} {:>12}  BACKENDS (* local)  FLAGS\n",
+            "FRONTEND", "PROTO", "SCOPE", "PACKETS", "BYTES"
+        );
+        for f in &self.frontends {
+            let backends: Vec<String> = f
+                .backends
+                .iter()
+                .map(|b| format!("{}{}", b.address, if b.local { "*" } else { "" }))
+                .collect();
+            let backends = if backends.is_empty() { "-".to_owned() } else { backends.join(",") };
+            let _ = writeln!(
+                out,
+                "{:<22} {:<5} {:<9} {:>10} {:>12}  {backends}  {}",
+                f.address,
+                f.protocol,
+                f.scope,
+                f.packets,
+                f.bytes,
+                f.flags.join(",")
+            );
+        }
+        out.push_str("\nREASON                       PACKETS\n");
+        for (name, count) in self.reasons.iter().filter(|(_, c)| **c > 0) {
+            let _ = writeln!(out, "{name:<28} {count}");
+        }
+        out
+    }
+}
