@@ -190,7 +190,18 @@ fn attach_tc(program: &mut SchedClassifier, pins: &PinLayout, iface: &str) -> Re
             (AttachMode::ClsBpf, None)
         }
     };
+    accept_local_sources(iface);
     Ok(Attachment { iface: iface.into(), program: program_names::TC, program_id, mode, link_id })
+}
+
+/// Hairpin traffic (a pod reaching its own service) is masqueraded to the node's address, so
+/// it enters the pod's interface with a local source, which Linux drops as martian unless
+/// `accept_local` is set on that interface.
+fn accept_local_sources(iface: &str) {
+    let path = format!("/proc/sys/net/ipv4/conf/{iface}/accept_local");
+    if let Err(error) = std::fs::write(&path, "1") {
+        warn!(%iface, %error, "could not set accept_local: hairpin connections will fail");
+    }
 }
 
 fn attach_cls_bpf(

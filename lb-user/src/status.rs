@@ -72,7 +72,8 @@ pub fn read(pins: &PinLayout) -> Result<Status> {
                 proto::UDP => "udp",
                 _ => "other",
             },
-            scope: if key.scope == scope::INTERNAL { "internal" } else { "external" },
+            // The second entry of a frontend with two scopes serves sources inside the cluster.
+            scope: if key.scope == scope::INTERNAL { "cluster-sources" } else { "all" },
             flags: FLAG_NAMES
                 .iter()
                 .filter(|(bit, _)| value.flags & bit != 0)
@@ -104,7 +105,7 @@ impl Status {
     /// A table for people: one frontend a line, then the non-zero reason counters.
     pub fn table(&self) -> String {
         let mut out = format!(
-            "{:<22} {:<5} {:<9} {:>10} {:>12}  BACKENDS (* local)  FLAGS\n",
+            "{:<22} {:<5} {:<15} {:>10} {:>12}  BACKENDS (* local)  FLAGS\n",
             "FRONTEND", "PROTO", "SCOPE", "PACKETS", "BYTES"
         );
         for f in &self.frontends {
@@ -116,7 +117,7 @@ impl Status {
             let backends = if backends.is_empty() { "-".to_owned() } else { backends.join(",") };
             let _ = writeln!(
                 out,
-                "{:<22} {:<5} {:<9} {:>10} {:>12}  {backends}  {}",
+                "{:<22} {:<5} {:<15} {:>10} {:>12}  {backends}  {}",
                 f.address,
                 f.protocol,
                 f.scope,

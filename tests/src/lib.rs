@@ -5,6 +5,10 @@
 //! Helpers panic with a message instead of returning errors: they only run inside tests.
 #![expect(clippy::missing_panics_doc, reason = "test helpers panic by design, with a message")]
 #![expect(
+    clippy::missing_errors_doc,
+    reason = "the request helpers return the socket error itself, which the tests inspect"
+)]
+#![expect(
     clippy::must_use_candidate,
     clippy::return_self_not_must_use,
     reason = "builders and getters used only by tests: an unused result fails no test silently"
@@ -18,3 +22,4 @@ pub mod node;
 pub mod packets;
 pub mod pins;
 pub mod services;
+pub mod topology;

@@ -53,23 +53,33 @@ impl Netns {
         run("ip", &all)
     }
 
+    /// The namespace's file, for `setns` and `nsenter --net=`.
+    pub fn path(&self) -> String {
+        format!("/run/netns/{}", self.name)
+    }
+
     /// Runs `f` on a thread that has entered this namespace, so interface names and netlink
     /// sockets resolve inside it; the calling thread's namespace is untouched.
     pub fn enter<T: Send>(&self, f: impl FnOnce() -> T + Send) -> T {
-        let path = format!("/run/netns/{}", self.name);
+        let path = self.path();
         std::thread::scope(|scope| {
             scope
                 .spawn(|| {
-                    let ns = File::open(&path).unwrap_or_else(|e| panic!("opening {path}: {e}"));
-                    // SAFETY: setns on a valid namespace fd affects only this thread.
-                    let rc = unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) };
-                    assert_eq!(rc, 0, "setns {path}: {}", std::io::Error::last_os_error());
+                    enter_path(&path);
                     f()
                 })
                 .join()
                 .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
         })
     }
+}
+
+/// Moves the calling thread into the network namespace at `path` (only this thread).
+pub fn enter_path(path: &str) {
+    let ns = File::open(path).unwrap_or_else(|e| panic!("opening {path}: {e}"));
+    // SAFETY: setns on a valid namespace fd affects only the calling thread.
+    let rc = unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) };
+    assert_eq!(rc, 0, "setns {path}: {}", std::io::Error::last_os_error());
 }
 
 impl Drop for Netns {

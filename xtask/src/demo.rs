@@ -1,106 +1,134 @@
-//! The demo behind the README's run command, until the daemon exists: the programs attached to
-//! a veth pair between two throwaway namespaces, real packets through them, and the counters.
-//! Every namespace and pin it creates is removed on exit, on failure too.
+//! The README's run command: the daemon on the embedded default, the seed tutorial's manifests
+//! (examples/) and a demo node made of network namespaces, with real requests to my-nginx's
+//! ClusterIP and to NodePort 30380 answered by pods. Every namespace, pin and process it
+//! creates is removed on exit, on failure too.
 
-use std::process::Command;
+use std::{
+    net::SocketAddr,
+    process::{Child, Command},
+    time::{Duration, Instant},
+};
 
 use anyhow::{Context as _, bail};
+use lb_tests::topology::{EXTERNAL_IFACE, NODE_IP, Topology, tcp_request, udp_request};
 
-/// Addresses live only inside the two demo namespaces, which have no default route.
-const NODE_ADDR: &str = "10.213.0.1";
-const CLIENT_ADDR: &str = "10.213.0.2";
+use super::workspace_root;
 
-struct Demo {
-    node: String,
-    client: String,
+/// The daemon process, stopped with SIGTERM and its datapath unloaded on drop.
+struct Daemon {
+    child: Child,
+    binary: String,
     pin_dir: String,
 }
 
-impl Demo {
-    fn new() -> Self {
-        let id = std::process::id();
-        Self {
-            node: format!("lbdemo-node-{id}"),
-            client: format!("lbdemo-client-{id}"),
-            pin_dir: format!("/sys/fs/bpf/lbdemo-{id}"),
-        }
-    }
-
-    fn create_namespaces(&self) -> anyhow::Result<()> {
-        run("ip", &["netns", "add", &self.node])?;
-        run("ip", &["netns", "add", &self.client])?;
-        let (node, client) = (self.node.as_str(), self.client.as_str());
-        run(
-            "ip",
-            &[
-                "-n", node, "link", "add", "lb0", "type", "veth", "peer", "name", "client0",
-                "netns", client,
-            ],
-        )?;
-        run("ip", &["-n", node, "addr", "add", &format!("{NODE_ADDR}/24"), "dev", "lb0"])?;
-        run("ip", &["-n", client, "addr", "add", &format!("{CLIENT_ADDR}/24"), "dev", "client0"])?;
-        for (ns, dev) in [(node, "lb0"), (node, "lo"), (client, "client0"), (client, "lo")] {
-            run("ip", &["-n", ns, "link", "set", dev, "up"])?;
-        }
-        Ok(())
-    }
-
-    /// Runs `program` inside `netns`. `ip netns exec` would remount /sys and hide bpffs, so this
-    /// enters only the network namespace.
-    fn in_netns(netns: &str, program: &str, args: &[&str]) -> anyhow::Result<()> {
-        let mut all = vec![format!("--net=/run/netns/{netns}"), program.to_owned()];
-        all.extend(args.iter().map(|a| (*a).to_owned()));
-        let all: Vec<&str> = all.iter().map(String::as_str).collect();
-        run("nsenter", &all)
-    }
-}
-
-impl Drop for Demo {
+impl Drop for Daemon {
     fn drop(&mut self) {
-        let binary = super::lb_user_binary_path();
-        let _ = Command::new(binary).args(["unload", "--pin-dir", &self.pin_dir]).status();
-        for ns in [&self.node, &self.client] {
-            let _ = Command::new("ip").args(["netns", "del", ns]).status();
-        }
+        // SIGTERM: the daemon exits cleanly, leaving the datapath pinned; unload removes it.
+        // SAFETY: plain kill(2) on our own child's pid.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let _ = self.child.wait();
+        let _ = Command::new(&self.binary).args(["unload", "--pin-dir", &self.pin_dir]).output();
     }
 }
 
 pub fn run_demo() -> anyhow::Result<()> {
     let binary = super::lb_user_binary()?;
-    let binary = binary.to_str().context("binary path is not UTF-8")?;
-    let demo = Demo::new();
-    demo.create_namespaces()?;
-
-    println!("== load: XDP and tc ingress on lb0 in namespace {}", demo.node);
-    Demo::in_netns(
-        &demo.node,
-        binary,
-        &["load", "--xdp-iface", "lb0", "--tc-iface", "lb0", "--pin-dir", &demo.pin_dir],
-    )?;
-
+    let binary = binary.to_str().context("binary path is not UTF-8")?.to_owned();
+    println!("== demo node: namespaces for node-a ({NODE_IP}), an external client and 6 pods");
+    let topology = Topology::new("lbdemo");
+    let _servers = topology.start_servers();
+    let pin_dir = format!("/sys/fs/bpf/lbdemo-{}", std::process::id());
+    let examples = workspace_root().join("examples");
+    let mut args = vec![
+        format!("--net={}", topology.node.path()),
+        binary.clone(),
+        "run".into(),
+        "--manifests".into(),
+        examples.join("manifests").display().to_string(),
+        "--node-config".into(),
+        examples.join("node.yaml").display().to_string(),
+        "--xdp-iface".into(),
+        EXTERNAL_IFACE.into(),
+        "--pin-dir".into(),
+        pin_dir.clone(),
+    ];
+    for iface in topology.pod_ifaces() {
+        args.extend(["--tc-iface".into(), iface]);
+    }
     println!(
-        "== traffic from {} ({CLIENT_ADDR}) to {NODE_ADDR}: 3 UDP datagrams, 1 TCP SYN",
-        demo.client
+        "== starting the daemon: lb-user run --manifests examples/manifests --node-config examples/node.yaml ..."
     );
-    let send = format!(
-        "for i in 1 2 3; do echo demo > /dev/udp/{NODE_ADDR}/9; done; \
-         (exec 3<>/dev/tcp/{NODE_ADDR}/9) 2>/dev/null; true"
-    );
-    Demo::in_netns(&demo.client, "bash", &["-c", &send])?;
+    let child = Command::new("nsenter").args(&args).spawn().context("starting the daemon")?;
+    let daemon = Daemon { child, binary: binary.clone(), pin_dir: pin_dir.clone() };
+    wait_until_programmed(&daemon)?;
 
-    println!("== counters (lb-user stats --pin-dir {})", demo.pin_dir);
-    run(binary, &["stats", "--pin-dir", &demo.pin_dir])?;
-
-    println!("== unload");
-    run(binary, &["unload", "--pin-dir", &demo.pin_dir])?;
+    let client_pod = &topology.pod("client").netns;
+    let requests: [(&str, &lb_tests::netns::Netns, &str, bool); 6] = [
+        ("pod client -> my-nginx ClusterIP 10.96.45.10:80", client_pod, "10.96.45.10:80", true),
+        ("pod client -> my-nginx ClusterIP 10.96.45.10:80", client_pod, "10.96.45.10:80", true),
+        (
+            "external client -> NodePort 192.168.1.63:30380",
+            &topology.client,
+            "192.168.1.63:30380",
+            true,
+        ),
+        (
+            "external client -> NodePort 192.168.1.63:30380",
+            &topology.client,
+            "192.168.1.63:30380",
+            true,
+        ),
+        ("pod client -> UDP echo-udp ClusterIP 10.96.0.10:53", client_pod, "10.96.0.10:53", false),
+        (
+            "pod client -> service with no endpoints 10.96.45.12:80",
+            client_pod,
+            "10.96.45.12:80",
+            true,
+        ),
+    ];
+    let mut failures = 0;
+    for (what, netns, target, tcp) in requests {
+        let target: SocketAddr = target.parse()?;
+        let started = Instant::now();
+        let answer = if tcp { tcp_request(netns, target) } else { udp_request(netns, target) };
+        match answer {
+            Ok(answer) => println!("{what}: {answer:?} ({:?})", started.elapsed()),
+            Err(error) if target.port() == 80 && target.ip().to_string() == "10.96.45.12" => {
+                println!(
+                    "{what}: {error} after {:?} (refused at once, as it should be)",
+                    started.elapsed()
+                );
+            }
+            Err(error) => {
+                failures += 1;
+                println!("{what}: FAILED: {error}");
+            }
+        }
+    }
+    println!("== lb-user status --pin-dir {pin_dir}");
+    let status = Command::new(&binary).args(["status", "--pin-dir", &pin_dir]).status()?;
+    drop(daemon);
+    println!("== stopped the daemon, unloaded the datapath, removed the namespaces");
+    if failures > 0 || !status.success() {
+        bail!("{failures} request(s) failed");
+    }
     Ok(())
 }
 
-fn run(program: &str, args: &[&str]) -> anyhow::Result<()> {
-    let status =
-        Command::new(program).args(args).status().with_context(|| format!("starting {program}"))?;
-    if !status.success() {
-        bail!("{program} {} failed ({status})", args.join(" "));
+fn wait_until_programmed(daemon: &Daemon) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let output = Command::new(&daemon.binary)
+            .args(["status", "--json", "--pin-dir", &daemon.pin_dir])
+            .output()?;
+        if output.status.success()
+            && String::from_utf8_lossy(&output.stdout).contains("10.96.45.10:80")
+        {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("the daemon did not program the services within 15 s");
+        }
+        std::thread::sleep(Duration::from_millis(100));
     }
-    Ok(())
 }

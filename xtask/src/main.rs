@@ -33,8 +33,8 @@ enum Task {
     Unload(load::UnloadArgs),
     /// rustfmt, clippy (userspace and eBPF) and every test; fails if any of them fails.
     Test,
-    /// Build, load onto a throwaway veth pair in demo namespaces, send traffic, show the
-    /// counters, clean up.
+    /// The daemon on the example manifests and a demo node of network namespaces: requests to
+    /// a ClusterIP and a NodePort answered by pods, then the status; everything cleaned up.
     Demo,
 }
 

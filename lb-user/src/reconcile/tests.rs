@@ -145,8 +145,7 @@ fn writes_are_ordered_so_no_packet_sees_a_half_written_service() {
     for model in [model.clone(), without_endpoint(&model, "10.244.2.10"), model] {
         let report =
             reconciler.reconcile(&model, &node, &mut FakeMaps::default()).expect("reconcile");
-        let position =
-            |wanted: &dyn Fn(&MapOp) -> bool| report.ops.iter().position(wanted);
+        let position = |wanted: &dyn Fn(&MapOp) -> bool| report.ops.iter().position(wanted);
         for (index, op) in report.ops.iter().enumerate() {
             match op {
                 MapOp::UpsertService { value, .. } => {

@@ -1,0 +1,242 @@
+//! The demo node as network namespaces: a node with an external interface towards a client
+//! namespace, and pods behind veths, each pod running small TCP and UDP servers that answer
+//! with their name. Every address lives inside these namespaces; none has a route out of them.
+//!
+//! ```text
+//!  client (192.168.1.100) --client0/ext0-- node-a (192.168.1.63) --veth-- pod namespaces
+//! ```
+
+use std::{
+    io::{BufRead as _, BufReader, Write as _},
+    net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    thread::JoinHandle,
+    time::Duration,
+};
+
+use crate::netns::{Netns, run};
+
+pub const NODE_IP: &str = "192.168.1.63";
+pub const CLIENT_IP: &str = "192.168.1.100";
+/// The external interface (XDP) and the client's end of it.
+pub const EXTERNAL_IFACE: &str = "ext0";
+/// Where pods send everything: a link-local next hop, a node address on `lo` (Linux answers
+/// ARP for any of its addresses on any interface), so no pod needs to know the node's IP.
+const POD_GATEWAY: &str = "169.254.1.1";
+
+/// The demo's pods: (name, address). The first is a client, the rest serve.
+pub const PODS: [(&str, &str); 6] = [
+    ("client", "10.244.1.5"),
+    ("my-nginx-1", "10.244.1.10"),
+    ("my-nginx-2", "10.244.1.11"),
+    ("my-nginx-nodeport-1", "10.244.1.20"),
+    ("my-nginx-nodeport-2", "10.244.1.21"),
+    ("nginx", "10.244.1.30"),
+];
+
+pub struct Pod {
+    pub name: &'static str,
+    pub ip: Ipv4Addr,
+    pub netns: Netns,
+    /// The node's end of the pod's veth (tc ingress attaches here).
+    pub host_iface: String,
+}
+
+/// All namespaces of the demo, removed on drop.
+pub struct Topology {
+    pub node: Netns,
+    pub client: Netns,
+    pub pods: Vec<Pod>,
+}
+
+impl Topology {
+    pub fn new(prefix: &str) -> Self {
+        let node = Netns::new(&format!("{prefix}-node"));
+        let client = Netns::new(&format!("{prefix}-client"));
+        node.ip(&[
+            "link",
+            "add",
+            EXTERNAL_IFACE,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "client0",
+            "netns",
+            client.name(),
+        ]);
+        node.ip(&["addr", "add", &format!("{NODE_IP}/24"), "dev", EXTERNAL_IFACE]);
+        node.ip(&["link", "set", EXTERNAL_IFACE, "up"]);
+        client.ip(&["addr", "add", &format!("{CLIENT_IP}/24"), "dev", "client0"]);
+        client.ip(&["link", "set", "client0", "up"]);
+        client.ip(&["route", "add", "default", "via", NODE_IP]);
+        // XDP rewrites packets incrementally and so needs complete checksums from the client;
+        // a veth otherwise hands over checksum-offloaded (partial) ones.
+        run("ip", &["netns", "exec", client.name(), "ethtool", "-K", "client0", "tx", "off"]);
+        sysctl(&node, "net.ipv4.ip_forward", "1");
+        node.ip(&["addr", "add", &format!("{POD_GATEWAY}/32"), "dev", "lo"]);
+        let pods = PODS
+            .iter()
+            .enumerate()
+            .map(|(index, &(name, ip))| add_pod(&node, prefix, index, name, ip))
+            .collect();
+        Self { node, client, pods }
+    }
+
+    pub fn pod(&self, name: &str) -> &Pod {
+        self.pods.iter().find(|p| p.name == name).unwrap_or_else(|| panic!("no pod {name}"))
+    }
+
+    /// The node's ends of every pod veth, for the tc program.
+    pub fn pod_ifaces(&self) -> Vec<String> {
+        self.pods.iter().map(|p| p.host_iface.clone()).collect()
+    }
+
+    /// Starts the servers in every pod but the client; they stop when the result is dropped.
+    pub fn start_servers(&self) -> Servers {
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut threads = Vec::new();
+        for pod in self.pods.iter().filter(|p| p.name != "client") {
+            threads.push(serve_tcp(pod, Arc::clone(&stop)));
+            threads.push(serve_udp(pod, Arc::clone(&stop)));
+        }
+        Servers { stop, threads }
+    }
+}
+
+fn sysctl(netns: &Netns, key: &str, value: &str) {
+    run("ip", &["netns", "exec", netns.name(), "sysctl", "-qw", &format!("{key}={value}")]);
+}
+
+fn add_pod(node: &Netns, prefix: &str, index: usize, name: &'static str, ip: &str) -> Pod {
+    let netns = Netns::new(&format!("{prefix}-pod{index}"));
+    let host_iface = format!("vpod{index}");
+    node.ip(&[
+        "link",
+        "add",
+        &host_iface,
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "eth0",
+        "netns",
+        netns.name(),
+    ]);
+    node.ip(&["link", "set", &host_iface, "up"]);
+    node.ip(&["route", "add", &format!("{ip}/32"), "dev", &host_iface]);
+    netns.ip(&["addr", "add", &format!("{ip}/32"), "dev", "eth0"]);
+    netns.ip(&["link", "set", "eth0", "up"]);
+    netns.ip(&["route", "add", POD_GATEWAY, "dev", "eth0", "scope", "link"]);
+    netns.ip(&["route", "add", "default", "via", POD_GATEWAY, "dev", "eth0"]);
+    Pod { name, ip: ip.parse().expect("pod address"), netns, host_iface }
+}
+
+/// The pods' servers; stopped and joined on drop.
+pub struct Servers {
+    stop: Arc<AtomicBool>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+impl Drop for Servers {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for thread in self.threads.drain(..) {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// How often the servers look at the stop flag (and, for the non-blocking accept, for new
+/// connections: short, so a demo request is not delayed by it).
+const POLL: Duration = Duration::from_millis(5);
+
+/// A TCP server on port 80: answers every line with `hello from <pod>`.
+fn serve_tcp(pod: &Pod, stop: Arc<AtomicBool>) -> JoinHandle<()> {
+    let (name, path) = (pod.name, pod.netns.path());
+    std::thread::spawn(move || {
+        crate::netns::enter_path(&path);
+        let listener = TcpListener::bind(("0.0.0.0", 80)).expect("bind TCP 80 in the pod");
+        listener.set_nonblocking(true).expect("non-blocking listener");
+        let mut connections = Vec::new();
+        while !stop.load(Ordering::Relaxed) {
+            match listener.accept() {
+                Ok((stream, _)) => {
+                    let stop = Arc::clone(&stop);
+                    connections.push(std::thread::spawn(move || answer_lines(stream, name, &stop)));
+                }
+                Err(_) => std::thread::sleep(POLL),
+            }
+        }
+        for connection in connections {
+            let _ = connection.join();
+        }
+    })
+}
+
+fn answer_lines(stream: TcpStream, name: &str, stop: &AtomicBool) {
+    stream.set_read_timeout(Some(POLL)).expect("read timeout");
+    let mut writer = stream.try_clone().expect("clone stream");
+    let mut reader = BufReader::new(stream);
+    let mut line = String::new();
+    while !stop.load(Ordering::Relaxed) {
+        match reader.read_line(&mut line) {
+            Ok(0) => return,
+            Ok(_) => {
+                if writeln!(writer, "hello from {name}").is_err() {
+                    return;
+                }
+                line.clear();
+            }
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) => {}
+            Err(_) => return,
+        }
+    }
+}
+
+/// A UDP server on port 53: answers every datagram with the pod's name.
+fn serve_udp(pod: &Pod, stop: Arc<AtomicBool>) -> JoinHandle<()> {
+    let (name, path) = (pod.name, pod.netns.path());
+    std::thread::spawn(move || {
+        crate::netns::enter_path(&path);
+        let socket = UdpSocket::bind(("0.0.0.0", 53)).expect("bind UDP 53 in the pod");
+        socket.set_read_timeout(Some(POLL)).expect("read timeout");
+        let mut buffer = [0u8; 512];
+        while !stop.load(Ordering::Relaxed) {
+            if let Ok((_, from)) = socket.recv_from(&mut buffer) {
+                let _ = socket.send_to(name.as_bytes(), from);
+            }
+        }
+    })
+}
+
+/// Connects from `netns` to `addr`, sends one line and returns the answer.
+pub fn tcp_request(netns: &Netns, addr: SocketAddr) -> std::io::Result<String> {
+    netns.enter(|| {
+        let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+        stream.set_read_timeout(Some(Duration::from_secs(2)))?;
+        stream.write_all(b"GET /\n")?;
+        let mut answer = String::new();
+        BufReader::new(stream).read_line(&mut answer)?;
+        Ok(answer.trim().to_owned())
+    })
+}
+
+/// Sends one datagram from `netns` to `addr` and returns the answer.
+pub fn udp_request(netns: &Netns, addr: SocketAddr) -> std::io::Result<String> {
+    netns.enter(|| {
+        let socket = UdpSocket::bind(("0.0.0.0", 0))?;
+        socket.set_read_timeout(Some(Duration::from_secs(2)))?;
+        socket.send_to(b"ping", addr)?;
+        let mut buffer = [0u8; 512];
+        let (len, _) = socket.recv_from(&mut buffer)?;
+        Ok(String::from_utf8_lossy(&buffer[..len]).into_owned())
+    })
+}

@@ -1,0 +1,186 @@
+//! First real traffic: the daemon on a manifest directory, attached to a node namespace with
+//! pods behind veths and an external client; real TCP and UDP sockets through ClusterIPs and a
+//! NodePort, refusal of a service without endpoints, a live manifest edit, and a daemon restart
+//! that an established connection survives. Everything is torn down on success and failure.
+
+use std::{
+    io::{BufRead as _, BufReader, Write as _},
+    net::{SocketAddr, TcpStream},
+    path::{Path, PathBuf},
+    sync::mpsc,
+    thread::JoinHandle,
+    time::{Duration, Instant},
+};
+
+use lb_tests::{
+    netns::{enter_path, unique_name},
+    pins::TestPins,
+    topology::{EXTERNAL_IFACE, NODE_IP, Topology, tcp_request, udp_request},
+};
+use lb_user::{config::NodeConfig, daemon, status};
+
+fn examples() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples")
+}
+
+fn addr(text: &str) -> SocketAddr {
+    text.parse().expect("socket address")
+}
+
+/// A copy of the example manifests the test may edit, removed on drop.
+struct ManifestDir(PathBuf);
+
+impl ManifestDir {
+    fn new() -> Self {
+        let dir = std::env::temp_dir().join(unique_name("lbt-manifests"));
+        std::fs::create_dir_all(&dir).expect("manifest directory");
+        std::fs::copy(examples().join("manifests/seed-tutorial.yaml"), dir.join("manifests.yaml"))
+            .expect("copy manifests");
+        Self(dir)
+    }
+
+    fn edit(&self, from: &str, to: &str) {
+        let path = self.0.join("manifests.yaml");
+        let text = std::fs::read_to_string(&path).expect("read manifests");
+        assert!(text.contains(from), "the manifests contain {from:?}");
+        std::fs::write(&path, text.replace(from, to)).expect("write manifests");
+    }
+}
+
+impl Drop for ManifestDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// The daemon on a thread inside the node namespace; stopped like SIGTERM would.
+struct Daemon {
+    stop: Option<mpsc::Sender<()>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Daemon {
+    fn start(topology: &Topology, pins: &TestPins, manifests: &Path) -> Self {
+        let options = daemon::Options {
+            manifests: manifests.to_owned(),
+            node_config: NodeConfig::from_file(&examples().join("node.yaml")).expect("node.yaml"),
+            xdp_ifaces: vec![EXTERNAL_IFACE.into()],
+            tc_ifaces: topology.pod_ifaces(),
+            pins: pins.layout().clone(),
+            resync: Duration::from_secs(60),
+        };
+        let node = topology.node.path();
+        let (stop, stopped) = mpsc::channel::<()>();
+        let thread = std::thread::spawn(move || {
+            enter_path(&node);
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
+            let shutdown = async move {
+                let _ = tokio::task::spawn_blocking(move || stopped.recv()).await;
+            };
+            runtime.block_on(daemon::run_until(options, shutdown)).expect("daemon");
+        });
+        let daemon = Self { stop: Some(stop), thread: Some(thread) };
+        wait_for(
+            || status::read(pins.layout()).is_ok_and(|s| s.frontends.len() >= 7),
+            "the daemon to program the services",
+        );
+        daemon
+    }
+
+    fn stop(mut self) {
+        self.shutdown();
+    }
+
+    fn shutdown(&mut self) {
+        drop(self.stop.take());
+        if let Some(thread) = self.thread.take() {
+            thread.join().expect("daemon thread");
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+fn wait_for(mut condition: impl FnMut() -> bool, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !condition() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn real_connections_through_the_running_daemon() {
+    let topology = Topology::new("lbt");
+    let _servers = topology.start_servers();
+    let pins = TestPins::new();
+    let manifests = ManifestDir::new();
+    let daemon = Daemon::start(&topology, &pins, &manifests.0);
+    let client_pod = &topology.pod("client").netns;
+
+    let answer =
+        tcp_request(client_pod, addr("10.96.45.10:80")).expect("pod to the my-nginx ClusterIP");
+    assert!(answer.starts_with("hello from my-nginx-"), "{answer}");
+
+    let answer = tcp_request(&topology.client, addr(&format!("{NODE_IP}:30380")))
+        .expect("client to NodePort 30380");
+    assert!(answer.starts_with("hello from my-nginx-nodeport-"), "{answer}");
+
+    let answer = udp_request(client_pod, addr("10.96.0.10:53")).expect("UDP through a ClusterIP");
+    assert!(answer.starts_with("my-nginx-"), "{answer}");
+
+    let started = Instant::now();
+    let refused = tcp_request(client_pod, addr("10.96.45.12:80")).expect_err("no endpoints");
+    assert_eq!(refused.kind(), std::io::ErrorKind::ConnectionRefused, "{refused}");
+    assert!(started.elapsed() < Duration::from_secs(1), "refused at once, not timed out");
+
+    // Hairpin: a backend reaching its own service, on whichever backend the hash picks.
+    let own = &topology.pod("my-nginx-1").netns;
+    for _ in 0..6 {
+        let answer =
+            tcp_request(own, addr("10.96.45.10:80")).expect("hairpin through the ClusterIP");
+        assert!(answer.starts_with("hello from my-nginx-"), "{answer}");
+    }
+
+    // An established connection survives a daemon restart: the datapath stays attached and
+    // the new daemon adopts the pinned maps without a flush.
+    let mut connection = client_pod
+        .enter(|| TcpStream::connect_timeout(&addr("10.96.45.10:80"), Duration::from_secs(2)))
+        .expect("long-lived connection");
+    connection.set_read_timeout(Some(Duration::from_secs(2))).expect("timeout");
+    let first = exchange(&mut connection);
+    daemon.stop();
+    assert_eq!(exchange(&mut connection), first, "answered while no daemon runs");
+    let daemon = Daemon::start(&topology, &pins, &manifests.0);
+    assert_eq!(exchange(&mut connection), first, "same backend after the restart");
+
+    // A live edit: my-nginx-2 leaves the EndpointSlice; new connections only reach my-nginx-1.
+    manifests.edit("- {addresses: [10.244.1.11], nodeName: node-a, conditions: {ready: true}}\nports:\n- {name: '', port: 80, protocol: TCP}\n---\napiVersion: v1\nkind: Service\nmetadata: {name: my-nginx-nodeport", "ports:\n- {name: '', port: 80, protocol: TCP}\n---\napiVersion: v1\nkind: Service\nmetadata: {name: my-nginx-nodeport");
+    wait_for(
+        || {
+            status::read(pins.layout()).is_ok_and(|s| {
+                s.frontends.iter().any(|f| f.address == "10.96.45.10:80" && f.backends.len() == 1)
+            })
+        },
+        "the edit to be programmed",
+    );
+    for _ in 0..8 {
+        let answer = tcp_request(client_pod, addr("10.96.45.10:80")).expect("after the edit");
+        assert_eq!(answer, "hello from my-nginx-1");
+    }
+    drop(daemon);
+}
+
+fn exchange(connection: &mut TcpStream) -> String {
+    connection.write_all(b"again\n").expect("write on the long-lived connection");
+    let mut line = String::new();
+    BufReader::new(connection.try_clone().expect("clone")).read_line(&mut line).expect("answer");
+    line.trim().to_owned()
+}
