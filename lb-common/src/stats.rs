@@ -52,6 +52,9 @@ reasons! {
     ForwardEstablished = "forward_established",
     /// A reply of a known flow, backend to client, reverse-translated.
     ReplyTranslated = "reply_translated",
+    /// An ICMP error about a translated flow (port unreachable, fragmentation needed, time
+    /// exceeded), translated so it reaches the flow's other end through the service address.
+    IcmpErrorTranslated = "icmp_error_translated",
     /// The service has no usable endpoint: refused (TCP RST or ICMP port unreachable).
     RejectNoEndpoints = "reject_no_endpoints",
     /// A ClusterIP on a port or protocol it does not serve: refused.

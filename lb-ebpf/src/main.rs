@@ -4,7 +4,7 @@
 //! interfaces (east-west). Both share the same stages, one concern per module (Katran's split):
 //! `frame` gives bounds-checked access to packet bytes, `parse` decodes the headers, `lb` finds
 //! the service and backend, `conntrack` keeps flows on their backend, `nat` and `csum` rewrite
-//! addresses with valid checksums, `refuse` builds RSTs and ICMP errors, `hook` holds what
+//! addresses with valid checksums, `refuse` builds RSTs and ICMP errors, `icmp` translates ICMP errors about translated flows, `hook` holds what
 //! differs between XDP and tc, `maps` declares the maps and `stats` counts every verdict.
 //!
 //! Everything is gated on `target_arch = "bpf"` so that a host build of the workspace (clippy,
@@ -19,6 +19,8 @@ mod csum;
 mod frame;
 #[cfg(target_arch = "bpf")]
 mod hook;
+#[cfg(target_arch = "bpf")]
+mod icmp;
 #[cfg(target_arch = "bpf")]
 mod lb;
 #[cfg(target_arch = "bpf")]

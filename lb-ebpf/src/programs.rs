@@ -11,6 +11,7 @@ use lb_common::{maps::proto, stats::Reason};
 use crate::{
     frame::Frame,
     hook::Hook,
+    icmp,
     lb::{self, Origin, Verdict},
     parse::{self, tcp_flags},
     refuse, stats,
@@ -73,6 +74,11 @@ fn classify(hook: &impl Hook, origin: Origin) -> (Verdict, Reason) {
         Err(reason) => return (Verdict::Pass, reason),
     };
     if !lb::translatable(&packet) {
+        if packet.proto == proto::ICMP
+            && let Some(outcome) = icmp::process_error(hook, &packet)
+        {
+            return outcome;
+        }
         return lb::process_other(&packet);
     }
     let (verdict, reason) = lb::process(hook, &packet, origin);

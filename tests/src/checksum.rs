@@ -37,3 +37,15 @@ pub fn assert_valid(frame: &[u8]) {
         other => panic!("unexpected transport {other:?}"),
     }
 }
+
+/// Panics unless the IPv4 header checksum and the ICMP checksum (over the whole message) of an
+/// ICMP frame are correct.
+pub fn assert_icmp_valid(frame: &[u8]) {
+    let packet =
+        SlicedPacket::from_ethernet(frame).unwrap_or_else(|e| panic!("unparsable frame: {e}"));
+    let Some(NetSlice::Ipv4(ipv4)) = &packet.net else { panic!("not an IPv4 frame") };
+    let header = ipv4.header().to_header();
+    assert_eq!(header.header_checksum, header.calc_header_checksum(), "IPv4 header checksum");
+    let Some(TransportSlice::Icmpv4(icmp)) = &packet.transport else { panic!("not ICMP") };
+    assert_eq!(icmp.checksum(), icmp.icmp_type().calc_checksum(icmp.payload()), "ICMP checksum");
+}

@@ -1,0 +1,226 @@
+//! ICMP errors about translated flows (RFC 792: destination unreachable, including RFC 1191's
+//! fragmentation needed, and time exceeded). They quote the offending datagram's header as it
+//! was on the wire, after our translation, so both the quoted header and the outer addresses
+//! must be translated back for the error to reach the flow's other end and make sense there:
+//! otherwise path-MTU discovery breaks and clients wait for timeouts instead of errors.
+
+use lb_common::{
+    maps::{ConntrackKey, RevNat, ct_flags, proto},
+    stats::Reason,
+};
+
+use crate::{
+    conntrack, csum,
+    hook::{Hook, L4Csum},
+    lb::Verdict,
+    maps::{CONNTRACK, REV_NAT},
+    parse::Packet,
+};
+
+const DEST_UNREACHABLE: u8 = 3;
+const TIME_EXCEEDED: u8 = 11;
+/// The ICMP header before the quoted datagram.
+const ICMP_HEADER_LEN: usize = 8;
+const IP_CHECK: usize = 10;
+const IP_SRC: usize = 12;
+const IP_DST: usize = 16;
+
+/// The quoted datagram's header fields and where they sit in the packet.
+struct Quote {
+    l3: usize,
+    l4: usize,
+    src_be: u32,
+    dst_be: u32,
+    src_port_be: u16,
+    dst_port_be: u16,
+    proto: u8,
+}
+
+/// Translates an ICMP error about a known flow; `None` if the packet is not one.
+#[inline(always)]
+pub fn process_error(hook: &impl Hook, packet: &Packet) -> Option<(Verdict, Reason)> {
+    if packet.flags != DEST_UNREACHABLE && packet.flags != TIME_EXCEEDED {
+        return None;
+    }
+    let quote = read_quote(hook, packet)?;
+    // The quoted datagram went one way; the conntrack entry of the opposite direction is keyed
+    // by the tuple as the other end sends it.
+    let key = ConntrackKey {
+        src_ip_be: quote.dst_be,
+        dst_ip_be: quote.src_be,
+        src_port_be: quote.dst_port_be,
+        dst_port_be: quote.src_port_be,
+        proto: quote.proto,
+        pad: [0; 3],
+    };
+    // SAFETY: plain data.
+    let flow = *unsafe { CONNTRACK.get(&key) }?;
+    if !conntrack::is_live(&flow, quote.proto, conntrack::now_ns()) {
+        return None;
+    }
+    let translated = if flow.flags & ct_flags::REPLY != 0 {
+        about_forward_packet(hook, packet, &quote, &flow)
+    } else {
+        about_reply_packet(hook, packet, &quote, &flow)
+    };
+    Some(match translated {
+        Ok(()) => (Verdict::Forward, Reason::IcmpErrorTranslated),
+        Err(()) => (Verdict::Drop, Reason::TruncatedL4),
+    })
+}
+
+#[inline(always)]
+fn read_quote(hook: &impl Hook, packet: &Packet) -> Option<Quote> {
+    let l3 = packet.l4_offset + ICMP_HEADER_LEN;
+    let version_ihl: u8 = hook.load(l3).ok()?;
+    let header_len = usize::from(version_ihl & 0x0f) * 4;
+    if version_ihl >> 4 != 4 || header_len < 20 {
+        return None;
+    }
+    let l4 = l3 + header_len;
+    // The ports must lie inside the ICMP message, not in padding after it.
+    if l4 + 4 > packet.l3_offset + usize::from(packet.total_len) {
+        return None;
+    }
+    let quoted_proto: u8 = hook.load(l3 + 9).ok()?;
+    if quoted_proto != proto::TCP && quoted_proto != proto::UDP {
+        return None;
+    }
+    Some(Quote {
+        l3,
+        l4,
+        src_be: hook.load(l3 + IP_SRC).ok()?,
+        dst_be: hook.load(l3 + IP_DST).ok()?,
+        src_port_be: hook.load(l4).ok()?,
+        dst_port_be: hook.load(l4 + 2).ok()?,
+        proto: quoted_proto,
+    })
+}
+
+/// The error is about a client-to-backend packet (the backend, or a router towards it,
+/// answered): make the quote read client -> VIP again and send it to the client.
+#[inline(always)]
+fn about_forward_packet(
+    hook: &impl Hook,
+    packet: &Packet,
+    quote: &Quote,
+    reply_entry: &lb_common::maps::ConntrackValue,
+) -> Result<(), ()> {
+    // SAFETY: plain data.
+    let rev_nat: RevNat = *unsafe { REV_NAT.get(&reply_entry.service_id) }.ok_or(())?;
+    let icmp = packet.l4_offset;
+    rewrite_quoted(
+        hook,
+        icmp,
+        quote,
+        quote.l3 + IP_DST,
+        quote.l4 + 2,
+        quote.dst_be,
+        rev_nat.vip_be,
+        quote.dst_port_be,
+        rev_nat.port_be,
+    )?;
+    if reply_entry.flags & ct_flags::SNAT != 0 {
+        let (client, client_port) = (reply_entry.nat_ip_be, reply_entry.nat_port_be);
+        rewrite_quoted(
+            hook,
+            icmp,
+            quote,
+            quote.l3 + IP_SRC,
+            quote.l4,
+            quote.src_be,
+            client,
+            quote.src_port_be,
+            client_port,
+        )?;
+        rewrite_outer(hook, packet.l3_offset + IP_DST, packet.l3_offset, packet.dst_ip_be, client)?;
+    }
+    if packet.src_ip_be == quote.dst_be {
+        // The backend's own host reported it: the client only knows the service address.
+        rewrite_outer(
+            hook,
+            packet.l3_offset + IP_SRC,
+            packet.l3_offset,
+            packet.src_ip_be,
+            rev_nat.vip_be,
+        )?;
+    }
+    Ok(())
+}
+
+/// The error is about a reply we sent from the service address (the client side answered):
+/// make the quote read backend -> client (or SNAT address) and send it to the backend.
+#[inline(always)]
+fn about_reply_packet(
+    hook: &impl Hook,
+    packet: &Packet,
+    quote: &Quote,
+    forward_entry: &lb_common::maps::ConntrackValue,
+) -> Result<(), ()> {
+    let icmp = packet.l4_offset;
+    let (backend, backend_port) = (forward_entry.backend_ip_be, forward_entry.backend_port_be);
+    rewrite_quoted(
+        hook,
+        icmp,
+        quote,
+        quote.l3 + IP_SRC,
+        quote.l4,
+        quote.src_be,
+        backend,
+        quote.src_port_be,
+        backend_port,
+    )?;
+    if forward_entry.flags & ct_flags::SNAT != 0 {
+        let (snat, snat_port) = (forward_entry.nat_ip_be, forward_entry.nat_port_be);
+        rewrite_quoted(
+            hook,
+            icmp,
+            quote,
+            quote.l3 + IP_DST,
+            quote.l4 + 2,
+            quote.dst_be,
+            snat,
+            quote.dst_port_be,
+            snat_port,
+        )?;
+        rewrite_outer(hook, packet.l3_offset + IP_SRC, packet.l3_offset, packet.src_ip_be, snat)?;
+    }
+    rewrite_outer(hook, packet.l3_offset + IP_DST, packet.l3_offset, packet.dst_ip_be, backend)
+}
+
+/// Rewrites one address and port of the quoted header, its IPv4 checksum, and the ICMP
+/// checksum (which covers all three; ICMP has no pseudo-header). The quoted L4 checksum is
+/// left alone: it is usually cut off, and no receiver checks it.
+#[expect(
+    clippy::too_many_arguments,
+    reason = "one address and one port, old and new, at their offsets"
+)]
+#[inline(always)]
+fn rewrite_quoted(
+    hook: &impl Hook,
+    icmp: usize,
+    quote: &Quote,
+    addr_offset: usize,
+    port_offset: usize,
+    old_addr: u32,
+    new_addr: u32,
+    old_port: u16,
+    new_port: u16,
+) -> Result<(), ()> {
+    let old_check: u16 = hook.load(quote.l3 + IP_CHECK)?;
+    let new_check = csum::replace32(old_check, old_addr, new_addr);
+    hook.store(addr_offset, &new_addr)?;
+    hook.store(port_offset, &new_port)?;
+    hook.store(quote.l3 + IP_CHECK, &new_check)?;
+    let payload = L4Csum { pseudo_header: false, udp: false };
+    hook.fix_l4_csum(icmp + 2, old_addr, new_addr, 4, payload)?;
+    hook.fix_l4_csum(icmp + 2, u32::from(old_port), u32::from(new_port), 2, payload)?;
+    hook.fix_l4_csum(icmp + 2, u32::from(old_check), u32::from(new_check), 2, payload)
+}
+
+/// Rewrites an outer address and the outer IPv4 checksum.
+#[inline(always)]
+fn rewrite_outer(hook: &impl Hook, offset: usize, l3: usize, old: u32, new: u32) -> Result<(), ()> {
+    hook.store(offset, &new)?;
+    hook.fix_l3_csum(l3 + IP_CHECK, old, new)
+}

@@ -1,0 +1,75 @@
+//! This node's addresses as its Node object reports them.
+
+use std::net::Ipv4Addr;
+
+use k8s_openapi::api::core::v1::Node;
+
+/// This node's IPv4 addresses from its Node object's `status.addresses`: the InternalIPs first,
+/// then the ExternalIPs, each in the order listed, without duplicates. The daemon prefers these
+/// to the configuration file's `nodeIPs`, which can go stale when a node is re-addressed.
+/// Hostnames and IPv6 addresses are left out: only IPv4 is modelled.
+pub fn node_ipv4_addresses(node: &Node) -> Vec<Ipv4Addr> {
+    let addresses =
+        node.status.as_ref().and_then(|status| status.addresses.as_deref()).unwrap_or_default();
+    let of_type = |wanted: &'static str| {
+        addresses
+            .iter()
+            .filter(move |address| address.type_ == wanted)
+            .filter_map(|address| address.address.parse::<Ipv4Addr>().ok())
+    };
+    let mut ips = Vec::new();
+    for ip in of_type("InternalIP").chain(of_type("ExternalIP")) {
+        if !ips.contains(&ip) {
+            ips.push(ip);
+        }
+    }
+    ips
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn node(addresses: &[(&str, &str)]) -> Node {
+        let addresses: Vec<_> = addresses
+            .iter()
+            .map(|(type_, address)| serde_json::json!({ "type": type_, "address": address }))
+            .collect();
+        serde_json::from_value(serde_json::json!({
+            "metadata": { "name": "node-a" },
+            "status": { "addresses": addresses },
+        }))
+        .expect("test Node deserialises")
+    }
+
+    #[test]
+    fn internal_addresses_come_before_external_ones() {
+        let node = node(&[
+            ("ExternalIP", "203.0.113.7"),
+            ("Hostname", "node-a"),
+            ("InternalIP", "192.168.1.63"),
+            ("InternalIP", "fd00::63"),
+            ("InternalIP", "10.0.0.63"),
+            ("InternalDNS", "node-a.internal"),
+        ]);
+        assert_eq!(
+            node_ipv4_addresses(&node),
+            ["192.168.1.63", "10.0.0.63", "203.0.113.7"]
+                .map(|ip| ip.parse::<Ipv4Addr>().expect("test address")),
+            "InternalIPs in order, then ExternalIPs; IPv6 and names left out"
+        );
+    }
+
+    #[test]
+    fn an_address_listed_twice_is_kept_once() {
+        let node = node(&[("InternalIP", "192.168.1.63"), ("ExternalIP", "192.168.1.63")]);
+        assert_eq!(node_ipv4_addresses(&node), [Ipv4Addr::new(192, 168, 1, 63)]);
+    }
+
+    #[test]
+    fn a_node_without_status_has_no_addresses() {
+        let node: Node = serde_json::from_value(serde_json::json!({ "metadata": { "name": "a" } }))
+            .expect("test Node deserialises");
+        assert!(node_ipv4_addresses(&node).is_empty(), "no status: no addresses");
+    }
+}
