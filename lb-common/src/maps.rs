@@ -19,6 +19,8 @@ pub mod names {
     pub const SOURCE_RANGES: &str = "SOURCE_RANGES";
     pub const NODE_CONFIG: &str = "NODE_CONFIG";
     pub const SERVICE_STATS: &str = "SERVICE_STATS";
+    pub const SOCK_REV_NAT: &str = "SOCK_REV_NAT";
+    pub const FORWARDING: &str = "FORWARDING";
 }
 
 /// Default capacities; the daemon may override each at load time.
@@ -31,6 +33,7 @@ pub mod capacity {
     pub const CONNTRACK: u32 = 1_048_576;
     pub const AFFINITY: u32 = 262_144;
     pub const SOURCE_RANGES: u32 = 16_384;
+    pub const SOCK_REV_NAT: u32 = 262_144;
 }
 
 /// IANA protocol numbers as they appear in the IPv4 header.
@@ -236,6 +239,28 @@ impl SourceRangeKey {
     pub const SERVICE_ID_BITS: u32 = 32;
 }
 
+/// Key of the socket reverse-NAT LRU map: a socket (by cookie) and the backend the host path
+/// connected it to. `recvmsg`/`getpeername` show the service address instead of the backend.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct SockRevNatKey {
+    pub cookie: u64,
+    /// Network order.
+    pub backend_ip_be: u32,
+    /// Network order.
+    pub backend_port_be: u16,
+    pub pad: [u8; 2],
+}
+
+/// Indexes of the `FORWARDING` per-CPU counters: how XDP sent on the packets it translated.
+pub mod forwarding {
+    /// Sent out of the egress interface by FIB lookup and `bpf_redirect`.
+    pub const REDIRECTED: u32 = 0;
+    /// Handed to the stack (FIB forwarding off, or the lookup could not resolve the next hop).
+    pub const TO_STACK: u32 = 1;
+    pub const COUNT: u32 = 2;
+}
+
 /// Node flags (`NodeConfig::flags`).
 pub mod node_flags {
     /// The daemon has written this entry. An array entry always exists, zeroed until then, and
@@ -291,6 +316,7 @@ user_pod!(
     SourceRangeKey,
     NodeConfig,
     ServiceCounters,
+    SockRevNatKey,
 );
 
 // The layouts are the contract with the compiled programs: any change must be deliberate.
@@ -308,4 +334,5 @@ const _: () = {
     assert!(size_of::<SourceRangeKey>() == 8);
     assert!(size_of::<NodeConfig>() == 28);
     assert!(size_of::<ServiceCounters>() == 16);
+    assert!(size_of::<SockRevNatKey>() == 16);
 };

@@ -77,6 +77,10 @@ reasons! {
     DropRevNatMissing = "drop_rev_nat_missing",
     /// The refusal could not be built in the packet (no room to grow it): dropped instead.
     DropRefusalFailed = "drop_refusal_failed",
+    /// A node process connected to (or sent to) a service: the socket was pointed at a backend.
+    HostTranslated = "host_translated",
+    /// A node process connected to a service without usable endpoints: refused.
+    HostRefused = "host_refused",
     /// The node configuration entry is missing: passed, nothing can be translated.
     NoNodeConfig = "no_node_config",
 }

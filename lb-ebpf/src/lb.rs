@@ -76,7 +76,7 @@ pub fn process(hook: &impl Hook, packet: &Packet, origin: Origin) -> (Verdict, R
 
 /// The node configuration, once the daemon has written it.
 #[inline(always)]
-fn node_config() -> Option<&'static NodeConfig> {
+pub fn node_config() -> Option<&'static NodeConfig> {
     NODE_CONFIG.get(0).filter(|config| config.flags & node_flags::CONFIGURED != 0)
 }
 
@@ -212,16 +212,22 @@ fn new_flow(
 /// inside the cluster when the two differ.
 #[inline(always)]
 fn find_service(packet: &Packet, origin: Origin, config: &NodeConfig) -> Option<ServiceValue> {
-    let mut key = ServiceKey {
-        vip_be: packet.dst_ip_be,
-        port_be: packet.dst_port_be,
-        proto: packet.proto,
-        scope: scope::EXTERNAL,
-    };
-    // SAFETY: service values are plain data written by the daemon.
-    let service = *unsafe { SERVICES.get(&key) }?;
     let internal_source = origin == Origin::Pod
         || in_prefix(packet.src_ip_be, config.cluster_cidr_be, config.cluster_mask_be);
+    lookup_frontend(packet.dst_ip_be, packet.dst_port_be, packet.proto, internal_source)
+}
+
+/// The frontend of `vip:port/proto` as a source inside or outside the cluster sees it.
+#[inline(always)]
+pub fn lookup_frontend(
+    vip_be: u32,
+    port_be: u16,
+    proto: u8,
+    internal_source: bool,
+) -> Option<ServiceValue> {
+    let mut key = ServiceKey { vip_be, port_be, proto, scope: scope::EXTERNAL };
+    // SAFETY: service values are plain data written by the daemon.
+    let service = *unsafe { SERVICES.get(&key) }?;
     if service.flags & service_flags::TWO_SCOPES != 0 && internal_source {
         key.scope = scope::INTERNAL;
         // SAFETY: as above.
@@ -257,7 +263,7 @@ fn source_allowed(service_id: u32, src_ip_be: u32) -> bool {
 /// The backend for a new flow: the client's affinity if the frontend has one and it is fresh,
 /// else the slot the flow hash picks.
 #[inline(always)]
-fn choose_backend(
+pub fn choose_backend(
     service: &ServiceValue,
     client_be: u32,
     hash: u32,
@@ -372,11 +378,17 @@ fn claim_snat_port(
 
 #[inline(always)]
 fn count_service(service_id: u32, packet: &Packet) {
+    count_frontend(service_id, u64::from(packet.total_len));
+}
+
+/// Counts one packet (or one host connection, with 0 bytes) for a frontend.
+#[inline(always)]
+pub fn count_frontend(service_id: u32, bytes: u64) {
     if let Some(counters) = SERVICE_STATS.get_ptr_mut(service_id) {
         // SAFETY: this CPU's slot of a live array entry.
         unsafe {
             (*counters).packets += 1;
-            (*counters).bytes += u64::from(packet.total_len);
+            (*counters).bytes += bytes;
         }
     }
 }

@@ -4,8 +4,10 @@
 //! interfaces (east-west). Both share the same stages, one concern per module (Katran's split):
 //! `frame` gives bounds-checked access to packet bytes, `parse` decodes the headers, `lb` finds
 //! the service and backend, `conntrack` keeps flows on their backend, `nat` and `csum` rewrite
-//! addresses with valid checksums, `refuse` builds RSTs and ICMP errors, `icmp` translates ICMP errors about translated flows, `hook` holds what
-//! differs between XDP and tc, `maps` declares the maps and `stats` counts every verdict.
+//! addresses with valid checksums, `refuse` builds RSTs and ICMP errors, `icmp` translates ICMP errors about translated flows, `forward` sends
+//! translated XDP packets on by FIB lookup, `hook` holds what
+//! differs between XDP and tc, `sock` serves node processes at connect time, `maps` declares the maps and `stats` counts
+//! every verdict.
 //!
 //! Everything is gated on `target_arch = "bpf"` so that a host build of the workspace (clippy,
 //! `cargo build --workspace`) compiles an empty binary instead of a second panic handler.
@@ -15,6 +17,8 @@
 mod conntrack;
 #[cfg(target_arch = "bpf")]
 mod csum;
+#[cfg(target_arch = "bpf")]
+mod forward;
 #[cfg(target_arch = "bpf")]
 mod frame;
 #[cfg(target_arch = "bpf")]
@@ -33,6 +37,8 @@ mod parse;
 mod programs;
 #[cfg(target_arch = "bpf")]
 mod refuse;
+#[cfg(target_arch = "bpf")]
+mod sock;
 #[cfg(target_arch = "bpf")]
 mod stats;
 

@@ -7,7 +7,8 @@ use aya_ebpf::{
 };
 use lb_common::maps::{
     AffinityKey, AffinityValue, Backend, BackendSlotKey, ConntrackKey, ConntrackValue, NodeConfig,
-    RevNat, ServiceCounters, ServiceKey, ServiceValue, SourceRangeKey, capacity,
+    RevNat, ServiceCounters, ServiceKey, ServiceValue, SockRevNatKey, SourceRangeKey, capacity,
+    forwarding,
 };
 
 #[map(name = "SERVICES")]
@@ -40,6 +41,14 @@ pub static SOURCE_RANGES: LpmTrie<SourceRangeKey, u8> =
 
 #[map(name = "NODE_CONFIG")]
 pub static NODE_CONFIG: Array<NodeConfig> = Array::with_max_entries(1, 0);
+
+/// (socket, backend) -> service address, for `recvmsg` and `getpeername` of host sockets.
+#[map(name = "SOCK_REV_NAT")]
+pub static SOCK_REV_NAT: LruHashMap<SockRevNatKey, RevNat> =
+    LruHashMap::with_max_entries(capacity::SOCK_REV_NAT, 0);
+
+#[map(name = "FORWARDING")]
+pub static FORWARDING: PerCpuArray<u64> = PerCpuArray::with_max_entries(forwarding::COUNT, 0);
 
 #[map(name = "SERVICE_STATS")]
 pub static SERVICE_STATS: PerCpuArray<ServiceCounters> =

@@ -9,11 +9,12 @@ use aya_ebpf::{
 use lb_common::{maps::proto, stats::Reason};
 
 use crate::{
+    forward,
     frame::Frame,
     hook::Hook,
     icmp,
     lb::{self, Origin, Verdict},
-    parse::{self, tcp_flags},
+    parse::{self, Packet, tcp_flags},
     refuse, stats,
 };
 
@@ -25,9 +26,11 @@ const TC_PULL_LEN: usize = 14 + 4 + 60 + 60;
 #[xdp]
 pub fn lb_xdp(ctx: XdpContext) -> u32 {
     match run(&ctx, Origin::External) {
-        Verdict::Pass | Verdict::Forward => xdp_action::XDP_PASS,
-        Verdict::Drop => xdp_action::XDP_DROP,
-        Verdict::Refuse => ctx.bounce() as u32,
+        (Verdict::Pass, _) => xdp_action::XDP_PASS,
+        (Verdict::Forward, Some(packet)) => forward::forward(&ctx, &packet),
+        (Verdict::Forward, None) => xdp_action::XDP_PASS,
+        (Verdict::Drop, _) => xdp_action::XDP_DROP,
+        (Verdict::Refuse, _) => ctx.bounce() as u32,
     }
 }
 
@@ -39,7 +42,7 @@ pub fn lb_xdp(ctx: XdpContext) -> u32 {
 #[classifier]
 pub fn lb_tc(ctx: TcContext) -> i32 {
     pull_headers(&ctx);
-    match run(&ctx, Origin::Pod) {
+    match run(&ctx, Origin::Pod).0 {
         Verdict::Pass => TC_ACT_UNSPEC,
         Verdict::Forward => TC_ACT_OK,
         Verdict::Drop => TC_ACT_SHOT,
@@ -58,30 +61,37 @@ fn pull_headers(ctx: &TcContext) {
     }
 }
 
-/// Classifies the packet and counts the reason.
+/// Classifies the packet and counts the reason; returns the verdict and, when the packet
+/// parsed, its headers.
 #[inline(always)]
-fn run(hook: &impl Hook, origin: Origin) -> Verdict {
-    let (verdict, reason) = classify(hook, origin);
+fn run(hook: &impl Hook, origin: Origin) -> (Verdict, Option<Packet>) {
+    let (verdict, reason, packet) = classify(hook, origin);
     stats::count(reason);
-    verdict
+    (verdict, packet)
 }
 
 /// Parses, runs the service stage, and builds the refusal if one is due.
 #[inline(always)]
-fn classify(hook: &impl Hook, origin: Origin) -> (Verdict, Reason) {
+fn classify(hook: &impl Hook, origin: Origin) -> (Verdict, Reason, Option<Packet>) {
     let packet = match parse::parse(hook) {
         Ok(packet) => packet,
-        Err(reason) => return (Verdict::Pass, reason),
+        Err(reason) => return (Verdict::Pass, reason, None),
     };
-    if !lb::translatable(&packet) {
+    let (verdict, reason) = service_stage(hook, &packet, origin);
+    (verdict, reason, Some(packet))
+}
+
+#[inline(always)]
+fn service_stage(hook: &impl Hook, packet: &Packet, origin: Origin) -> (Verdict, Reason) {
+    if !lb::translatable(packet) {
         if packet.proto == proto::ICMP
-            && let Some(outcome) = icmp::process_error(hook, &packet)
+            && let Some(outcome) = icmp::process_error(hook, packet)
         {
             return outcome;
         }
-        return lb::process_other(&packet);
+        return lb::process_other(packet);
     }
-    let (verdict, reason) = lb::process(hook, &packet, origin);
+    let (verdict, reason) = lb::process(hook, packet, origin);
     if verdict != Verdict::Refuse {
         return (verdict, reason);
     }
@@ -89,7 +99,7 @@ fn classify(hook: &impl Hook, origin: Origin) -> (Verdict, Reason) {
         // Never answer a reset with a reset (RFC 793).
         return (Verdict::Drop, reason);
     }
-    match refuse::refuse(hook, &packet) {
+    match refuse::refuse(hook, packet) {
         Ok(()) => (verdict, reason),
         Err(()) => (Verdict::Drop, Reason::DropRefusalFailed),
     }

@@ -12,7 +12,8 @@ use std::{ffi::CString, fmt, mem::ManuallyDrop, path::Path, process::Command};
 use aya::{
     Ebpf,
     programs::{
-        LinkOrder, ProgramError, SchedClassifier, TcAttachType, Xdp, XdpMode,
+        CgroupAttachMode, CgroupSockAddr, LinkOrder, ProgramError, SchedClassifier, TcAttachType,
+        Xdp, XdpMode,
         links::{FdLink, Link as _, LinkError, PinnedLink},
         tc::{self, NlOptions, SchedClassifierLink, TcAttach},
     },
@@ -39,6 +40,8 @@ pub enum AttachMode {
     Tcx,
     /// clsact qdisc + cls_bpf direct-action filter (kernels without tcx).
     ClsBpf,
+    /// A cgroup `sock_addr` hook (the host path), as a bpf_link.
+    CgroupSockAddr,
 }
 
 impl fmt::Display for AttachMode {
@@ -48,13 +51,27 @@ impl fmt::Display for AttachMode {
             Self::XdpGeneric => "xdp generic (skb) mode",
             Self::Tcx => "tcx ingress",
             Self::ClsBpf => "clsact ingress, cls_bpf direct-action",
+            Self::CgroupSockAddr => "cgroup sock_addr hook",
         })
     }
 }
 
-/// One program attached to one interface.
+/// Where the programs go.
+#[derive(Clone, Debug, Default)]
+pub struct Targets {
+    /// External interfaces: the XDP program.
+    pub xdp_ifaces: Vec<String>,
+    /// Pod-facing interfaces: the tc ingress program.
+    pub tc_ifaces: Vec<String>,
+    /// The cgroup (v2 directory) whose processes get the host path, usually the root
+    /// `/sys/fs/cgroup` so that every node process does.
+    pub host_cgroup: Option<std::path::PathBuf>,
+}
+
+/// One program attached to one interface (or cgroup).
 #[derive(Clone, Debug, Serialize)]
 pub struct Attachment {
+    /// The interface, or the cgroup directory for the host path.
     pub iface: String,
     pub program: &'static str,
     pub program_id: u32,
@@ -80,20 +97,19 @@ impl fmt::Display for Attachment {
 /// Loads the object with its maps pinned under `pins`, pins both programs, attaches them to the
 /// given interfaces and pins the attachments. On failure nothing this call created is left
 /// behind; maps that were already pinned (adopted from an earlier instance) stay.
-pub fn load_and_attach(
-    pins: &PinLayout,
-    xdp_ifaces: &[String],
-    tc_ifaces: &[String],
-) -> Result<Vec<Attachment>> {
-    if xdp_ifaces.is_empty() && tc_ifaces.is_empty() {
+pub fn load_and_attach(pins: &PinLayout, targets: &Targets) -> Result<Vec<Attachment>> {
+    if targets.xdp_ifaces.is_empty()
+        && targets.tc_ifaces.is_empty()
+        && targets.host_cgroup.is_none()
+    {
         return Err(Error::NoInterface);
     }
     if pins.is_loaded() {
         return Err(Error::AlreadyLoaded(pins.root().into()));
     }
     let fresh = !pins.root().exists();
-    let attached = crate::loader::load_pinned(pins)
-        .and_then(|mut ebpf| attach_all(&mut ebpf, pins, xdp_ifaces, tc_ifaces));
+    let attached =
+        crate::loader::load_pinned(pins).and_then(|mut ebpf| attach_all(&mut ebpf, pins, targets));
     if attached.is_err() {
         let cleanup = if fresh { unload(pins) } else { remove_attachments(pins) };
         if let Err(error) = cleanup {
@@ -103,25 +119,50 @@ pub fn load_and_attach(
     attached
 }
 
-fn attach_all(
-    ebpf: &mut Ebpf,
-    pins: &PinLayout,
-    xdp_ifaces: &[String],
-    tc_ifaces: &[String],
-) -> Result<Vec<Attachment>> {
+fn attach_all(ebpf: &mut Ebpf, pins: &PinLayout, targets: &Targets) -> Result<Vec<Attachment>> {
     pin_programs(ebpf, pins)?;
     let mut attachments = Vec::new();
-    for iface in xdp_ifaces {
+    for iface in &targets.xdp_ifaces {
         attachments.push(attach_xdp(program_mut(ebpf, program_names::XDP)?, pins, iface)?);
     }
-    for iface in tc_ifaces {
+    for iface in &targets.tc_ifaces {
         attachments.push(attach_tc(program_mut(ebpf, program_names::TC)?, pins, iface)?);
+    }
+    if let Some(cgroup) = &targets.host_cgroup {
+        for name in program_names::HOST {
+            attachments.push(attach_host(program_mut(ebpf, name)?, name, pins, cgroup)?);
+        }
     }
     Ok(attachments)
 }
 
+/// Attaches one host-path program to `cgroup`. As a bpf_link it runs alongside whatever else
+/// is attached there (systemd and container runtimes attach their own): link attachments are
+/// always multi-program, and the kernel refuses the legacy multi flag on them, hence `Single`.
+fn attach_host(
+    program: &mut CgroupSockAddr,
+    name: &'static str,
+    pins: &PinLayout,
+    cgroup: &Path,
+) -> Result<Attachment> {
+    let where_ = cgroup.display().to_string();
+    let attach_error = || Error::attach(name, "cgroup sock_addr", &where_);
+    let file = std::fs::File::open(cgroup).map_err(Error::io(cgroup))?;
+    let program_id = program.info().map_err(attach_error())?.id();
+    let link_id = program.attach(&file, CgroupAttachMode::Single).map_err(attach_error())?;
+    let link = program.take_link(link_id).map_err(attach_error())?;
+    let link_id = pin_link(into_fd_link(link, "cgroup attachment")?, &pins.link(name, "host"))?;
+    Ok(Attachment {
+        iface: where_,
+        program: name,
+        program_id,
+        mode: AttachMode::CgroupSockAddr,
+        link_id: Some(link_id),
+    })
+}
+
 fn pin_programs(ebpf: &mut Ebpf, pins: &PinLayout) -> Result<()> {
-    for name in [program_names::XDP, program_names::TC] {
+    for name in program_names::ALL {
         let path = pins.program(name);
         let program = ebpf.program_mut(name).ok_or(Error::MissingProgram(name))?;
         program.pin(&path).map_err(Error::pin(format!("program {name}"), &path))?;
@@ -279,7 +320,7 @@ pub fn unload(pins: &PinLayout) -> Result<Vec<String>> {
 /// Detaches every pinned attachment and unpins the programs; the maps stay.
 fn remove_attachments(pins: &PinLayout) -> Result<Vec<String>> {
     let mut removed = detach_links(pins)?;
-    for name in [program_names::XDP, program_names::TC] {
+    for name in program_names::ALL {
         removed.extend(remove_pin(&pins.program(name))?);
     }
     Ok(removed)

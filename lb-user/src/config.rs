@@ -38,6 +38,10 @@ pub struct NodeConfig {
     /// Fill backend slots with a Maglev table of this prime size (every node then picks the
     /// same backend for a flow); `None`: one slot per backend.
     pub maglev_table_size: Option<u32>,
+    /// XDP sends translated packets out itself (FIB lookup + redirect) instead of passing them
+    /// up the stack. Off by default: redirecting into a veth needs an XDP program or GRO on
+    /// its peer, which not every CNI sets up.
+    pub xdp_redirect: bool,
 }
 
 /// An inclusive port range, written `min-max` in the file.
@@ -99,6 +103,8 @@ struct RawNodeConfig {
     service_cidr: IpNet,
     snat_port_range: Option<String>,
     maglev_table_size: Option<u32>,
+    #[serde(default)]
+    xdp_redirect: bool,
 }
 
 impl NodeConfig {
@@ -164,6 +170,7 @@ impl RawNodeConfig {
                 .map(crate::maglev::check_table_size)
                 .transpose()
                 .map_err(InvalidConfig::MaglevTableSize)?,
+            xdp_redirect: self.xdp_redirect,
         })
     }
 }

@@ -28,8 +28,8 @@ use crate::{
 pub struct Options {
     pub manifests: PathBuf,
     pub node_config: NodeConfig,
-    pub xdp_ifaces: Vec<String>,
-    pub tc_ifaces: Vec<String>,
+    /// Where to attach when no earlier daemon left a datapath pinned.
+    pub targets: attach::Targets,
     pub pins: PinLayout,
     /// A full resync this often even without a change event, to repair what anything else may
     /// have changed in the maps.
@@ -87,9 +87,7 @@ fn attach_or_adopt(options: &Options) -> Result<KernelMaps> {
     if options.pins.is_loaded() {
         info!(pin_dir = %options.pins.root().display(), "adopting the pinned datapath");
     } else {
-        for attachment in
-            attach::load_and_attach(&options.pins, &options.xdp_ifaces, &options.tc_ifaces)?
-        {
+        for attachment in attach::load_and_attach(&options.pins, &options.targets)? {
             info!(%attachment, "attached");
         }
     }

@@ -13,6 +13,7 @@ pub mod attach;
 pub mod config;
 pub mod daemon;
 pub mod error;
+pub mod kube_source;
 pub mod loader;
 pub mod maglev;
 pub mod manifest;
@@ -24,11 +25,22 @@ pub mod stats;
 pub mod status;
 pub mod trace;
 
-/// The compiled eBPF object (programs `lb_xdp` and `lb_tc`), built by `build.rs`.
+/// The compiled eBPF object, built by `build.rs`.
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-ebpf"));
 
 /// Names of the programs inside [`EBPF_OBJECT`].
 pub mod program_names {
+    /// External interfaces (north-south).
     pub const XDP: &str = "lb_xdp";
+    /// tc ingress of pod-facing interfaces (east-west).
     pub const TC: &str = "lb_tc";
+    /// The host path: cgroup hooks for node processes.
+    pub const CONNECT4: &str = "lb_connect4";
+    pub const SENDMSG4: &str = "lb_sendmsg4";
+    pub const RECVMSG4: &str = "lb_recvmsg4";
+    pub const GETPEERNAME4: &str = "lb_getpeername4";
+    /// The host-path programs, attached together to one cgroup.
+    pub const HOST: [&str; 4] = [CONNECT4, SENDMSG4, RECVMSG4, GETPEERNAME4];
+    /// Every program.
+    pub const ALL: [&str; 6] = [XDP, TC, CONNECT4, SENDMSG4, RECVMSG4, GETPEERNAME4];
 }

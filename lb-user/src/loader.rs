@@ -13,7 +13,7 @@ use crate::{
 };
 
 /// Every map the object declares, pinned by name under `maps/`.
-pub const MAP_NAMES: [&str; 10] = [
+pub const MAP_NAMES: [&str; 12] = [
     names::STATS,
     names::SERVICES,
     names::BACKEND_SLOTS,
@@ -24,6 +24,8 @@ pub const MAP_NAMES: [&str; 10] = [
     names::SOURCE_RANGES,
     names::NODE_CONFIG,
     names::SERVICE_STATS,
+    names::SOCK_REV_NAT,
+    names::FORWARDING,
 ];
 
 /// Loads the object with private maps: nothing pinned, nothing attached. For tests and `trace`.
@@ -46,8 +48,9 @@ fn load(pins: Option<&PinLayout>) -> Result<Ebpf> {
         }
     }
     let mut ebpf = loader.load(EBPF_OBJECT).map_err(|e| Error::LoadObject(Box::new(e)))?;
-    load_program(&mut ebpf, program_names::XDP)?;
-    load_program(&mut ebpf, program_names::TC)?;
+    for name in program_names::ALL {
+        load_program(&mut ebpf, name)?;
+    }
     Ok(ebpf)
 }
 
@@ -56,6 +59,7 @@ fn load_program(ebpf: &mut Ebpf, name: &'static str) -> Result<()> {
     let loaded = match ebpf.program_mut(name) {
         Some(Program::Xdp(program)) => program.load(),
         Some(Program::SchedClassifier(program)) => program.load(),
+        Some(Program::CgroupSockAddr(program)) => program.load(),
         _ => return Err(Error::MissingProgram(name)),
     };
     loaded.map_err(|source| Error::LoadProgram { program: name, source: Box::new(source) })

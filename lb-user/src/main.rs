@@ -37,6 +37,10 @@ enum Command {
         /// Pod-facing interface for the tc ingress program (repeatable).
         #[arg(long = "tc-iface", value_name = "IF")]
         tc_ifaces: Vec<String>,
+        /// cgroup v2 directory whose processes reach services through the host path
+        /// (`/sys/fs/cgroup` for the whole node).
+        #[arg(long, value_name = "DIR")]
+        host_cgroup: Option<PathBuf>,
         #[arg(long, default_value = DEFAULT_PIN_DIR)]
         pin_dir: PathBuf,
         /// Seconds between full resyncs when nothing changes.
@@ -49,6 +53,9 @@ enum Command {
         xdp_ifaces: Vec<String>,
         #[arg(long = "tc-iface", value_name = "IF")]
         tc_ifaces: Vec<String>,
+        /// cgroup v2 directory for the host path (`/sys/fs/cgroup` for the whole node).
+        #[arg(long, value_name = "DIR")]
+        host_cgroup: Option<PathBuf>,
         #[arg(long, default_value = DEFAULT_PIN_DIR)]
         pin_dir: PathBuf,
         /// Print the attachments as JSON.
@@ -97,13 +104,20 @@ fn main() -> anyhow::Result<()> {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     match Cli::parse().command {
-        Command::Run { manifests, node_config, xdp_ifaces, tc_ifaces, pin_dir, resync_seconds } => {
+        Command::Run {
+            manifests,
+            node_config,
+            xdp_ifaces,
+            tc_ifaces,
+            host_cgroup,
+            pin_dir,
+            resync_seconds,
+        } => {
             let node_config = NodeConfig::from_file(&node_config)?;
             let options = daemon::Options {
                 manifests,
                 node_config,
-                xdp_ifaces,
-                tc_ifaces,
+                targets: attach::Targets { xdp_ifaces, tc_ifaces, host_cgroup },
                 pins: PinLayout::new(pin_dir),
                 resync: Duration::from_secs(resync_seconds.max(1)),
             };
@@ -113,10 +127,10 @@ fn main() -> anyhow::Result<()> {
                 .build()?;
             runtime.block_on(daemon::run(options)).context("run")?;
         }
-        Command::Load { xdp_ifaces, tc_ifaces, pin_dir, json } => {
+        Command::Load { xdp_ifaces, tc_ifaces, host_cgroup, pin_dir, json } => {
+            let targets = attach::Targets { xdp_ifaces, tc_ifaces, host_cgroup };
             let attachments =
-                attach::load_and_attach(&PinLayout::new(&pin_dir), &xdp_ifaces, &tc_ifaces)
-                    .context("load")?;
+                attach::load_and_attach(&PinLayout::new(&pin_dir), &targets).context("load")?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&attachments)?);
             } else {

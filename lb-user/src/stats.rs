@@ -1,7 +1,10 @@
 //! Reading the per-CPU verdict counters, from a loaded object or from the pinned map.
 
 use aya::maps::{Map, MapData, PerCpuArray};
-use lb_common::{maps::names, stats::Reason};
+use lb_common::{
+    maps::{forwarding, names},
+    stats::Reason,
+};
 
 use crate::{
     error::{Error, Result},
@@ -47,4 +50,15 @@ pub fn read_pinned(pins: &PinLayout) -> Result<ReasonCounts> {
 
 fn map_error(source: aya::maps::MapError) -> Error {
     Error::Map { name: names::STATS.into(), source: Box::new(source) }
+}
+
+/// How XDP sent on the packets it translated: (redirected by FIB lookup, passed to the stack).
+pub fn read_forwarding_pinned(pins: &PinLayout) -> Result<(u64, u64)> {
+    let error = |source| Error::Map { name: names::FORWARDING.into(), source: Box::new(source) };
+    let data = MapData::from_pin(pins.map(names::FORWARDING)).map_err(error)?;
+    let map = Map::PerCpuArray(data);
+    let array: PerCpuArray<&MapData, u64> = PerCpuArray::try_from(&map).map_err(error)?;
+    let total =
+        |index: u32| -> Result<u64> { Ok(array.get(&index, 0).map_err(error)?.iter().sum()) };
+    Ok((total(forwarding::REDIRECTED)?, total(forwarding::TO_STACK)?))
 }

@@ -13,6 +13,10 @@ pub struct Status {
     pub frontends: Vec<FrontendStatus>,
     /// Every reason with its count, by name.
     pub reasons: BTreeMap<&'static str, u64>,
+    /// Translated XDP packets sent out by FIB lookup and redirect.
+    pub xdp_redirected: u64,
+    /// Translated XDP packets passed up the stack.
+    pub xdp_to_stack: u64,
 }
 
 #[derive(Debug, Serialize)]
@@ -98,7 +102,8 @@ pub fn read(pins: &PinLayout) -> Result<Status> {
     let counts = stats::read_pinned(pins)?;
     let reasons =
         lb_common::stats::Reason::ALL.iter().map(|r| (r.name(), counts.get(*r))).collect();
-    Ok(Status { frontends, reasons })
+    let (xdp_redirected, xdp_to_stack) = stats::read_forwarding_pinned(pins)?;
+    Ok(Status { frontends, reasons, xdp_redirected, xdp_to_stack })
 }
 
 impl Status {
@@ -126,6 +131,11 @@ impl Status {
                 f.flags.join(",")
             );
         }
+        let _ = writeln!(
+            out,
+            "\nXDP forwarding: {} redirected by FIB lookup, {} up the stack",
+            self.xdp_redirected, self.xdp_to_stack
+        );
         out.push_str("\nREASON                       PACKETS\n");
         for (name, count) in self.reasons.iter().filter(|(_, c)| **c > 0) {
             let _ = writeln!(out, "{name:<28} {count}");

@@ -30,8 +30,9 @@ pub enum Entry {
     Pod,
     /// An external interface: the XDP program.
     External,
-    /// A process on the node. There is no host hook yet; the packet is run through the tc
-    /// program, which applies the same service semantics to a source outside the pod range.
+    /// A process on the node. Its real path is the cgroup connect/sendmsg hook, which
+    /// BPF_PROG_TEST_RUN cannot run; the packet goes through the tc program instead, which
+    /// applies the same lookup and backend choice to an internal source.
     Host,
 }
 

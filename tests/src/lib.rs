@@ -14,6 +14,7 @@
     reason = "builders and getters used only by tests: an unused result fails no test silently"
 )]
 
+pub mod cgroup;
 pub mod checksum;
 pub mod datapath;
 pub mod fixtures;

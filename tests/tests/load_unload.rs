@@ -13,7 +13,7 @@ use lb_tests::{
     pins::TestPins,
 };
 use lb_user::{
-    attach::{self, AttachMode, Attachment},
+    attach::{self, AttachMode, Attachment, Targets},
     error::Error,
     stats,
 };
@@ -64,7 +64,12 @@ impl Topology {
 }
 
 fn load(topology: &Topology, pins: &TestPins) -> Result<Vec<Attachment>, Error> {
-    topology.node.enter(|| attach::load_and_attach(pins.layout(), &["lb0".into()], &["lb0".into()]))
+    let targets = Targets {
+        xdp_ifaces: vec!["lb0".into()],
+        tc_ifaces: vec!["lb0".into()],
+        host_cgroup: None,
+    };
+    topology.node.enter(|| attach::load_and_attach(pins.layout(), &targets))
 }
 
 fn tcx_ingress_ids(netns: &Netns, iface: &'static str) -> Vec<u32> {
@@ -157,9 +162,14 @@ fn a_second_load_on_the_same_pin_directory_is_refused() {
 fn an_unknown_interface_is_named_and_nothing_is_left_behind() {
     let topology = Topology::new();
     let pins = TestPins::new();
-    let result = topology
-        .node
-        .enter(|| attach::load_and_attach(pins.layout(), &["lb0".into()], &["nosuch0".into()]));
+    let result = topology.node.enter(|| {
+        let targets = Targets {
+            xdp_ifaces: vec!["lb0".into()],
+            tc_ifaces: vec!["nosuch0".into()],
+            host_cgroup: None,
+        };
+        attach::load_and_attach(pins.layout(), &targets)
+    });
     let error = result.expect_err("attaching to a missing interface fails");
     assert!(format!("{error:#}").contains("nosuch0"), "error names the interface: {error:#}");
     assert!(!pins.layout().root().exists(), "a failed fresh load leaves no pin directory");

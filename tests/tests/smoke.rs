@@ -17,7 +17,7 @@ use lb_tests::{
     pins::TestPins,
     topology::{EXTERNAL_IFACE, NODE_IP, Topology, tcp_request, udp_request},
 };
-use lb_user::{config::NodeConfig, daemon, status};
+use lb_user::{attach, config::NodeConfig, daemon, status};
 
 fn examples() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples")
@@ -64,8 +64,11 @@ impl Daemon {
         let options = daemon::Options {
             manifests: manifests.to_owned(),
             node_config: NodeConfig::from_file(&examples().join("node.yaml")).expect("node.yaml"),
-            xdp_ifaces: vec![EXTERNAL_IFACE.into()],
-            tc_ifaces: topology.pod_ifaces(),
+            targets: attach::Targets {
+                xdp_ifaces: vec![EXTERNAL_IFACE.into()],
+                tc_ifaces: topology.pod_ifaces(),
+                host_cgroup: None,
+            },
             pins: pins.layout().clone(),
             resync: Duration::from_secs(60),
         };

@@ -8,6 +8,7 @@
 //! keep the last known objects and the watchers retry with exponential backoff. The daemon
 //! therefore only ever sees complete states and converges without a flush.
 
+mod client;
 mod node;
 
 #[cfg(test)]
@@ -15,7 +16,7 @@ mod api_server;
 #[cfg(test)]
 mod tests;
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use futures::StreamExt as _;
 use k8s_openapi::api::{
@@ -24,7 +25,7 @@ use k8s_openapi::api::{
 };
 use kube::{
     Api, Client, ResourceExt as _,
-    config::{InferConfigError, KubeConfigOptions, Kubeconfig, KubeconfigError},
+    config::{InferConfigError, KubeconfigError},
     runtime::{
         WatchStreamExt as _,
         reflector::{self, ObjectRef, Store},
@@ -35,7 +36,7 @@ use serde::de::DeserializeOwned;
 use tokio::{sync::mpsc, task::JoinSet};
 use tracing::{debug, info, warn};
 
-pub use self::node::node_ipv4_addresses;
+pub use self::{client::client, node::node_ipv4_addresses};
 
 /// Services that name another proxy in this label are that proxy's to serve, not ours; kube-proxy
 /// leaves them out with the same selector. The model skips them too, but filtering on the server
@@ -72,28 +73,6 @@ pub enum Error {
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
-
-/// The client from a kubeconfig file, or else the configuration kube-rs infers: `KUBECONFIG`,
-/// `~/.kube/config`, then the in-cluster service account.
-///
-/// A node replacing kube-proxy should be given a kubeconfig naming the API server's real address:
-/// the in-cluster address is the `kubernetes` Service's ClusterIP, which this daemon is the one to
-/// program.
-pub async fn client(kubeconfig: Option<&Path>) -> Result<Client> {
-    let config = match kubeconfig {
-        Some(path) => config_from_file(path).await?,
-        None => kube::Config::infer().await.map_err(Error::InferConfig)?,
-    };
-    Client::try_from(config).map_err(|e| Error::Client(Box::new(e)))
-}
-
-async fn config_from_file(path: &Path) -> Result<kube::Config> {
-    let error = |source| Error::Kubeconfig { path: path.to_owned(), source };
-    let kubeconfig = Kubeconfig::read_from(path).map_err(error)?;
-    kube::Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
-        .await
-        .map_err(error)
-}
 
 /// The objects the model is built from, as the stores hold them now.
 #[derive(Debug, Clone, Default)]
@@ -194,7 +173,7 @@ where
 
 /// Nudges the daemon after every event that changed the store (the reflector has applied it by
 /// the time it reaches here), and logs watch errors.
-fn on_event<K: kube::Resource + Clone>(
+fn on_event<K: kube::Resource<DynamicType = ()> + Clone>(
     kind: &'static str,
     event: std::result::Result<&watcher::Event<K>, &watcher::Error>,
     store: &Store<K>,

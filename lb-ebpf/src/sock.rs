@@ -1,0 +1,118 @@
+//! The host path: node processes reaching services. Their packets never cross a pod-facing or
+//! external interface, so instead of translating every packet, these cgroup hooks point the
+//! socket at a backend when it connects (TCP, connected UDP) or sends (unconnected UDP), as
+//! Cilium's socket LB does: no per-packet cost, no conntrack, and it works whatever the node's
+//! routes. `recvmsg` and `getpeername` show the service address back to the process.
+
+use aya_ebpf::{
+    EbpfContext as _,
+    helpers::{bpf_get_prandom_u32, bpf_get_socket_cookie, bpf_set_retval},
+    macros::cgroup_sock_addr,
+    programs::SockAddrContext,
+};
+use lb_common::{
+    maps::{RevNat, SockRevNatKey, proto, service_flags},
+    stats::Reason,
+};
+
+use crate::{conntrack, lb, maps::SOCK_REV_NAT, stats};
+
+/// A cgroup sock_addr program's "let the call proceed".
+const ALLOW: i32 = 1;
+/// "Fail the call"; the error is EPERM unless `bpf_set_retval` chose another.
+const DENY: i32 = 0;
+const ECONNREFUSED: i32 = 111;
+
+#[cgroup_sock_addr(connect4)]
+pub fn lb_connect4(ctx: SockAddrContext) -> i32 {
+    point_at_backend(&ctx)
+}
+
+#[cgroup_sock_addr(sendmsg4)]
+pub fn lb_sendmsg4(ctx: SockAddrContext) -> i32 {
+    point_at_backend(&ctx)
+}
+
+#[cgroup_sock_addr(recvmsg4)]
+pub fn lb_recvmsg4(ctx: SockAddrContext) -> i32 {
+    show_service_address(&ctx);
+    ALLOW
+}
+
+#[cgroup_sock_addr(getpeername4)]
+pub fn lb_getpeername4(ctx: SockAddrContext) -> i32 {
+    show_service_address(&ctx);
+    ALLOW
+}
+
+/// Rewrites the destination of a connect or sendmsg to a service into one of its backends.
+#[inline(always)]
+fn point_at_backend(ctx: &SockAddrContext) -> i32 {
+    // SAFETY: the kernel hands the program a valid bpf_sock_addr for the duration of the call.
+    let address = unsafe { &mut *ctx.sock_addr };
+    let protocol = address.protocol as u8;
+    if protocol != proto::TCP && protocol != proto::UDP {
+        return ALLOW;
+    }
+    let Some(config) = lb::node_config() else { return ALLOW };
+    let vip_be = address.user_ip4;
+    // The port sits in network order in the low 16 bits.
+    let port_be = address.user_port as u16;
+    // The node itself is inside the cluster: it gets the internal backend set.
+    let Some(service) = lb::lookup_frontend(vip_be, port_be, protocol, true) else {
+        return ALLOW;
+    };
+    if service.slot_count == 0 {
+        stats::count(Reason::HostRefused);
+        // A policy that leaves no local endpoint drops; none at all refuses. A connect cannot
+        // be dropped silently, so both fail at once, refused unless the policy emptied it.
+        if service.flags & service_flags::EMPTY_DROP == 0 {
+            // SAFETY: plain helper call (Linux 5.18+ for sock_addr programs).
+            unsafe { bpf_set_retval(-ECONNREFUSED) };
+        }
+        return DENY;
+    }
+    // SAFETY: plain helper call.
+    let hash = unsafe { bpf_get_prandom_u32() };
+    let Some((_, backend)) =
+        lb::choose_backend(&service, config.snat_ip_be, hash, conntrack::now_ns())
+    else {
+        return ALLOW;
+    };
+    address.user_ip4 = backend.ip_be;
+    address.user_port = u32::from(backend.port_be);
+    // SAFETY: the context is a valid sock_addr context.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    let key = SockRevNatKey {
+        cookie,
+        backend_ip_be: backend.ip_be,
+        backend_port_be: backend.port_be,
+        pad: [0; 2],
+    };
+    let original = RevNat { vip_be, port_be, pad: [0; 2] };
+    // Losing this entry (LRU pressure) only shows the backend's address to the process.
+    let _ = SOCK_REV_NAT.insert(&key, &original, 0);
+    lb::count_frontend(service.service_id, 0);
+    stats::count(Reason::HostTranslated);
+    ALLOW
+}
+
+/// Shows the service address instead of the backend a host socket was pointed at.
+#[inline(always)]
+fn show_service_address(ctx: &SockAddrContext) {
+    // SAFETY: as above.
+    let address = unsafe { &mut *ctx.sock_addr };
+    // SAFETY: the context is a valid sock_addr context.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    let key = SockRevNatKey {
+        cookie,
+        backend_ip_be: address.user_ip4,
+        backend_port_be: address.user_port as u16,
+        pad: [0; 2],
+    };
+    // SAFETY: plain data.
+    if let Some(original) = unsafe { SOCK_REV_NAT.get(&key) } {
+        address.user_ip4 = original.vip_be;
+        address.user_port = u32::from(original.port_be);
+    }
+}

@@ -1,0 +1,261 @@
+//! The source against the scripted API server: lists, watch events, bookmarks, 410 Gone and an
+//! outage. Time is paused, so the watchers' backoff passes instantly and a missing request or
+//! nudge fails the test after [`PATIENCE`] of virtual time rather than hanging it.
+
+use std::net::Ipv4Addr;
+
+use futures::FutureExt as _;
+use http::StatusCode;
+use kube::ResourceExt;
+use serde_json::{Value, json};
+use tokio::sync::mpsc::{self, error::TryRecvError};
+
+use super::{
+    KubeSource,
+    api_server::{self, ApiServer, NODE, PATIENCE, Resource, WatchStream},
+    node_ipv4_addresses,
+};
+
+fn service(name: &str, resource_version: &str) -> Value {
+    json!({
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": { "name": name, "namespace": "default", "resourceVersion": resource_version },
+        "spec": { "type": "ClusterIP", "clusterIP": "10.96.0.10", "ports": [{ "port": 80 }] },
+    })
+}
+
+fn slice(name: &str, service: &str, resource_version: &str) -> Value {
+    json!({
+        "apiVersion": "discovery.k8s.io/v1",
+        "kind": "EndpointSlice",
+        "metadata": {
+            "name": name,
+            "namespace": "default",
+            "resourceVersion": resource_version,
+            "labels": { "kubernetes.io/service-name": service },
+        },
+        "addressType": "IPv4",
+        "endpoints": [{ "addresses": ["10.244.1.5"], "conditions": { "ready": true } }],
+        "ports": [{ "port": 8080 }],
+    })
+}
+
+fn node(resource_version: &str, internal_ip: &str) -> Value {
+    json!({
+        "apiVersion": "v1",
+        "kind": "Node",
+        "metadata": { "name": NODE, "resourceVersion": resource_version },
+        "status": { "addresses": [{ "type": "InternalIP", "address": internal_ip }] },
+    })
+}
+
+/// `name@resourceVersion` of each object, in the snapshot's order.
+fn versions<K: ResourceExt>(objects: &[K]) -> Vec<String> {
+    objects
+        .iter()
+        .map(|o| format!("{}@{}", o.name_any(), o.resource_version().unwrap_or_default()))
+        .collect()
+}
+
+/// A source started on a scripted server.
+struct Harness {
+    source: KubeSource,
+    server: ApiServer,
+    nudges: mpsc::Receiver<()>,
+}
+
+/// The watches [`Harness::listed`] leaves open.
+struct Watches {
+    services: WatchStream,
+    slices: WatchStream,
+    node: WatchStream,
+}
+
+impl Harness {
+    fn start() -> Self {
+        let (client, server) = api_server::pair();
+        // Roomy enough that no nudge is dropped: the tests count them.
+        let (nudge, nudges) = mpsc::channel(64);
+        Self { source: KubeSource::start(client, NODE, nudge), server, nudges }
+    }
+
+    /// Lists Services web and dns (at 100), slice web-abcde (at 200) and the node (at 300, at
+    /// 192.168.1.63), opens the three watches, and takes the nudges of the lists.
+    async fn listed(&mut self) -> Watches {
+        let services = [service("web", "90"), service("dns", "95")];
+        self.server.list(Resource::Services, "100", &services).await;
+        self.server.list(Resource::Slices, "200", &[slice("web-abcde", "web", "190")]).await;
+        self.server.list(Resource::Node, "300", &[node("290", "192.168.1.63")]).await;
+        let watches = Watches {
+            services: self.server.watch(Resource::Services, "100").await,
+            slices: self.server.watch(Resource::Slices, "200").await,
+            node: self.server.watch(Resource::Node, "300").await,
+        };
+        self.source.ready().now_or_never().expect("ready once listed").expect("watchers running");
+        while self.nudges.try_recv().is_ok() {}
+        watches
+    }
+
+    async fn nudged(&mut self, after: &str) {
+        tokio::time::timeout(PATIENCE, self.nudges.recv())
+            .await
+            .unwrap_or_else(|_| panic!("no nudge after {after}"))
+            .expect("the source holds the sender");
+    }
+
+    fn assert_not_nudged(&mut self, during: &str) {
+        assert_eq!(self.nudges.try_recv(), Err(TryRecvError::Empty), "nudged during {during}");
+    }
+
+    fn services(&self) -> Vec<String> {
+        versions(&self.source.snapshot().services)
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn initial_list_makes_the_source_ready_with_the_listed_objects() {
+    let Harness { source, mut server, mut nudges } = Harness::start();
+    let services = [service("web", "90"), service("dns", "95")];
+    server.list(Resource::Services, "100", &services).await;
+    // Each watch follows its completed list: once it arrives, that store is filled.
+    let _services = server.watch(Resource::Services, "100").await;
+    assert!(
+        source.ready().now_or_never().is_none(),
+        "ready before the EndpointSlices were listed: the daemon would unprogram their backends"
+    );
+    server.list(Resource::Slices, "200", &[slice("web-abcde", "web", "190")]).await;
+    tokio::time::timeout(PATIENCE, source.ready())
+        .await
+        .expect("ready once Services and EndpointSlices are listed")
+        .expect("watchers running");
+    server.list(Resource::Node, "300", &[node("290", "192.168.1.63")]).await;
+    let _slices = server.watch(Resource::Slices, "200").await;
+    let _node = server.watch(Resource::Node, "300").await;
+
+    let snapshot = source.snapshot();
+    assert_eq!(versions(&snapshot.services), ["dns@95", "web@90"], "sorted by name");
+    assert_eq!(versions(&snapshot.slices), ["web-abcde@190"]);
+    let node = snapshot.node.expect("the node is listed");
+    assert_eq!(node_ipv4_addresses(&node), [Ipv4Addr::new(192, 168, 1, 63)]);
+    let mut lists = 0;
+    while nudges.try_recv().is_ok() {
+        lists += 1;
+    }
+    assert_eq!(lists, 3, "one nudge per completed list");
+}
+
+#[tokio::test(start_paused = true)]
+async fn watch_events_change_the_snapshot_and_nudge() {
+    let mut h = Harness::start();
+    let mut watches = h.listed().await;
+
+    watches.services.added(service("api", "101")).await;
+    h.nudged("ADDED").await;
+    assert_eq!(h.services(), ["api@101", "dns@95", "web@90"], "after ADDED api");
+
+    watches.services.modified(service("web", "102")).await;
+    h.nudged("MODIFIED").await;
+    assert_eq!(h.services(), ["api@101", "dns@95", "web@102"], "after MODIFIED web");
+
+    watches.services.deleted(service("dns", "103")).await;
+    h.nudged("DELETED").await;
+    assert_eq!(h.services(), ["api@101", "web@102"], "after DELETED dns");
+
+    watches.slices.added(slice("api-fghij", "api", "201")).await;
+    h.nudged("ADDED slice").await;
+    assert_eq!(versions(&h.source.snapshot().slices), ["api-fghij@201", "web-abcde@190"]);
+
+    watches.node.modified(node("301", "192.168.1.64")).await;
+    h.nudged("MODIFIED node").await;
+    let node = h.source.snapshot().node.expect("the node is still there");
+    assert_eq!(node_ipv4_addresses(&node), [Ipv4Addr::new(192, 168, 1, 64)], "re-addressed node");
+    h.assert_not_nudged("nothing: one nudge per event");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_bookmark_changes_nothing_and_the_next_watch_resumes_from_it() {
+    let mut h = Harness::start();
+    let mut watches = h.listed().await;
+
+    watches.services.bookmark("150").await;
+    // The API server ends every watch after its timeoutSeconds; the watcher watches again.
+    watches.services.close();
+    let resumed = h.server.next(Resource::Services).await;
+    resumed.assert_watch("150");
+    let _watch = resumed.answer_watch();
+
+    assert_eq!(h.services(), ["dns@95", "web@90"], "a bookmark carries no object");
+    h.assert_not_nudged("a bookmark and a resumed watch");
+}
+
+#[tokio::test(start_paused = true)]
+async fn gone_relists_and_swaps_the_store_only_when_the_list_completes() {
+    let mut h = Harness::start();
+    let mut watches = h.listed().await;
+
+    watches.services.gone().await;
+    let first_page = h.server.next(Resource::Services).await;
+    first_page.assert_list(None);
+    assert_eq!(h.services(), ["dns@95", "web@90"], "the re-list started: the store still holds");
+    first_page.answer_list("500", &[service("web", "450")], Some("page-2"));
+
+    let second_page = h.server.next(Resource::Services).await;
+    second_page.assert_list(Some("page-2"));
+    assert_eq!(h.services(), ["dns@95", "web@90"], "half the new list is not a state to show");
+    h.assert_not_nudged("an incomplete re-list");
+    second_page.answer_list("500", &[service("api", "460")], None);
+
+    h.nudged("the re-list").await;
+    assert_eq!(h.services(), ["api@460", "web@450"], "the new list replaced the old one whole");
+    let _watch = h.server.watch(Resource::Services, "500").await;
+    assert_eq!(versions(&h.source.snapshot().slices), ["web-abcde@190"], "other stores untouched");
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_outage_keeps_the_last_known_objects_until_a_relist_completes() {
+    let mut h = Harness::start();
+    let mut watches = h.listed().await;
+    watches.services.added(service("api", "101")).await;
+    h.nudged("ADDED").await;
+    let known = ["api@101", "dns@95", "web@90"];
+
+    // The connection drops and the API server stays unreachable: the watcher retries, with
+    // backoff, from the last resourceVersion it saw.
+    watches.services.close();
+    for attempt in 1..=3 {
+        let request = h.server.next(Resource::Services).await;
+        request.assert_watch("101");
+        request.refuse();
+        assert_eq!(h.services(), known, "after refused watch {attempt}: no flush");
+    }
+    let request = h.server.next(Resource::Services).await;
+    request.assert_watch("101");
+    request.answer_status(StatusCode::SERVICE_UNAVAILABLE, "ServiceUnavailable");
+    assert_eq!(h.services(), known, "after a 503: no flush");
+    h.source.ready().now_or_never().expect("still ready").expect("watchers running");
+
+    // Back, but the outage outlasted the watch window: 410 Gone, and the first re-list fails too.
+    let mut watch = h.server.watch(Resource::Services, "101").await;
+    watch.gone().await;
+    let failed = h.server.next(Resource::Services).await;
+    failed.assert_list(None);
+    failed.refuse();
+    assert_eq!(h.services(), known, "after a failed re-list: no flush");
+    h.assert_not_nudged("the outage");
+
+    // While we were away dns was deleted and db added.
+    let relist = h.server.next(Resource::Services).await;
+    relist.assert_list(None);
+    let now = [service("api", "101"), service("web", "90"), service("db", "610")];
+    relist.answer_list("700", &now, None);
+    h.nudged("the re-list").await;
+    assert_eq!(h.services(), ["api@101", "db@610", "web@90"], "converged on the new list");
+    let _watch = h.server.watch(Resource::Services, "700").await;
+}
+
+/// The daemon holds the source across awaits in spawned tasks.
+const _: () = {
+    const fn shareable<T: Send + Sync>() {}
+    shareable::<KubeSource>();
+};

@@ -1,0 +1,95 @@
+//! XDP forwarding by FIB lookup (node config `xdpRedirect: true`): a translated packet leaves
+//! by redirect to the egress interface the kernel's FIB names, with the next hop's MAC, the
+//! egress interface's MAC and a decremented TTL; without a route it goes up the stack.
+//! BPF_PROG_TEST_RUN looks routes up in the calling thread's namespace, so the runs happen in
+//! a throwaway namespace with a known route and neighbour.
+
+use lb_common::{
+    maps::{NodeConfig, node_flags},
+    stats::Reason,
+};
+use lb_tests::{
+    checksum,
+    datapath::{Datapath, Hook, XDP_PASS},
+    fixtures::{EXTERNAL_CLIENT, seeded},
+    netns::{Netns, run},
+    node,
+    packets::{L3, Spec, endpoints},
+};
+use lb_user::maps::MapOp;
+
+const XDP_REDIRECT: u32 = 4;
+const NEXT_HOP_MAC: [u8; 6] = [0x02, 0, 0, 0, 0x0a, 0x0b];
+
+fn with_fib_forwarding(datapath: &mut Datapath) {
+    let config = NodeConfig {
+        flags: node_flags::CONFIGURED | node_flags::FIB_FORWARD,
+        ..node::node_config()
+    };
+    datapath.apply(&[MapOp::SetNodeConfig(config)]);
+}
+
+/// A namespace where 10.244.2.0/24 (the remote backends) is reachable through `out0`.
+fn routed_namespace() -> (Netns, [u8; 6]) {
+    let netns = Netns::new("lbt-fib");
+    // A veth pair: this kernel has no dummy devices; the peer only has to be up.
+    netns.ip(&["link", "add", "out0", "type", "veth", "peer", "name", "out1"]);
+    netns.ip(&["link", "set", "out1", "up"]);
+    netns.ip(&["addr", "add", "10.244.2.1/24", "dev", "out0"]);
+    netns.ip(&["link", "set", "out0", "up"]);
+    netns.ip(&[
+        "neigh",
+        "add",
+        "10.244.2.11",
+        "lladdr",
+        "02:00:00:00:0a:0b",
+        "dev",
+        "out0",
+        "nud",
+        "permanent",
+    ]);
+    run("ip", &["netns", "exec", netns.name(), "sysctl", "-qw", "net.ipv4.conf.all.forwarding=1"]);
+    run("ip", &["netns", "exec", netns.name(), "sysctl", "-qw", "net.ipv4.conf.lo.forwarding=1"]);
+    let link = netns.ip(&["-o", "link", "show", "out0"]);
+    let mac = link
+        .split_whitespace()
+        .skip_while(|word| *word != "link/ether")
+        .nth(1)
+        .expect("out0 has a MAC");
+    let bytes: Vec<u8> = mac.split(':').map(|b| u8::from_str_radix(b, 16).expect("hex")).collect();
+    (netns, bytes.try_into().expect("six bytes"))
+}
+
+#[test]
+fn a_translated_packet_is_redirected_to_the_next_hop() {
+    let mut datapath = seeded();
+    with_fib_forwarding(&mut datapath);
+    let (netns, out0_mac) = routed_namespace();
+    let request = Spec::tcp(EXTERNAL_CLIENT, 50_500, "192.168.1.63", 30380).build();
+    let run = netns.enter(|| datapath.run(Hook::Xdp, &request));
+    assert_eq!(run.return_code, XDP_REDIRECT, "redirected by FIB lookup");
+    let counted: Vec<_> = run.counted.non_zero().collect();
+    assert_eq!(counted, vec![(Reason::ForwardNew.name(), 1)]);
+    assert_eq!(run.output[..6], NEXT_HOP_MAC, "destination MAC: the next hop's");
+    assert_eq!(run.output[6..12], out0_mac, "source MAC: the egress interface's");
+    assert_eq!(run.output[L3 + 8], 63, "TTL decremented");
+    assert_eq!(endpoints(&run.output).1, ("10.244.2.11".parse().expect("address"), 80));
+    checksum::assert_valid(&run.output);
+}
+
+#[test]
+fn without_a_route_the_packet_goes_up_the_stack() {
+    let mut datapath = seeded();
+    with_fib_forwarding(&mut datapath);
+    let (netns, _) = routed_namespace();
+    // Frontend 4's backend 10.244.1.11 has no route in this namespace.
+    let request = Spec::tcp(EXTERNAL_CLIENT, 50_501, "192.168.1.63", 30381).build();
+    let run = netns.enter(|| datapath.run(Hook::Xdp, &request));
+    assert_eq!(run.return_code, XDP_PASS, "up the stack");
+    assert_eq!(run.output[L3 + 8], 64, "TTL untouched: the stack forwards it");
+    assert_eq!(
+        endpoints(&run.output).1,
+        ("10.244.1.11".parse().expect("address"), 80),
+        "still translated"
+    );
+}

@@ -1,0 +1,100 @@
+//! The host path: node processes (here, processes moved into a test cgroup and the node's
+//! network namespace) reach ClusterIPs and NodePorts through the cgroup hooks of the running
+//! daemon, see the service address as their peer, and are refused at once by a service
+//! without endpoints. Only the test's own processes are in the cgroup.
+
+use std::{path::Path, process::Command, time::Duration};
+
+use lb_tests::{
+    cgroup::TestCgroup,
+    pins::TestPins,
+    topology::{EXTERNAL_IFACE, Topology},
+};
+use lb_user::{attach, config::NodeConfig, daemon, status};
+
+/// What the node process does: connect, print its peer and the first answer line (TCP), or
+/// exchange one datagram (UDP); errors are printed as `error: <errno name>`.
+const CLIENT: &str = r#"
+import socket, sys
+kind, host, port = sys.argv[1], sys.argv[2], int(sys.argv[3])
+try:
+    if kind == "tcp":
+        s = socket.create_connection((host, port), timeout=2)
+        s.sendall(b"GET /\n")
+        print("%s:%d" % s.getpeername(), s.makefile().readline().strip())
+    else:
+        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        s.settimeout(2)
+        s.sendto(b"ping", (host, port))
+        data, peer = s.recvfrom(512)
+        print("%s:%d" % peer, data.decode())
+except OSError as e:
+    print("error:", e.strerror)
+"#;
+
+/// Runs the client as a process of `cgroup`, inside the node's network namespace.
+fn node_process(cgroup: &Path, node_netns: &str, args: &[&str]) -> String {
+    let script = format!(
+        "echo $$ > {}/cgroup.procs && exec nsenter --net={node_netns} python3 -c '{CLIENT}' {}",
+        cgroup.display(),
+        args.join(" ")
+    );
+    let output = Command::new("sh").args(["-c", &script]).output().expect("node process");
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    String::from_utf8_lossy(&output.stdout).trim().to_owned()
+}
+
+#[test]
+fn node_processes_reach_services_through_the_cgroup_hooks() {
+    let topology = Topology::new("lbh");
+    let _servers = topology.start_servers();
+    let pins = TestPins::new();
+    let cgroup = TestCgroup::new();
+    let manifests = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples");
+    let options = daemon::Options {
+        manifests: manifests.join("manifests"),
+        node_config: NodeConfig::from_file(&manifests.join("node.yaml")).expect("node.yaml"),
+        targets: attach::Targets {
+            xdp_ifaces: vec![EXTERNAL_IFACE.into()],
+            tc_ifaces: topology.pod_ifaces(),
+            host_cgroup: Some(cgroup.path().to_owned()),
+        },
+        pins: pins.layout().clone(),
+        resync: Duration::from_secs(60),
+    };
+    let node = topology.node.path();
+    let (stop, stopped) = std::sync::mpsc::channel::<()>();
+    let daemon = std::thread::spawn(move || {
+        lb_tests::netns::enter_path(&node);
+        let runtime =
+            tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+        let shutdown = async move {
+            let _ = tokio::task::spawn_blocking(move || stopped.recv()).await;
+        };
+        runtime.block_on(daemon::run_until(options, shutdown)).expect("daemon");
+    });
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !status::read(pins.layout()).is_ok_and(|s| s.frontends.len() >= 7) {
+        assert!(std::time::Instant::now() < deadline, "the daemon did not program the services");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let netns = topology.node.path();
+
+    let answer = node_process(cgroup.path(), &netns, &["tcp", "10.96.45.10", "80"]);
+    assert!(
+        answer.starts_with("10.96.45.10:80 hello from my-nginx-"),
+        "peer is the service address: {answer}"
+    );
+    let answer = node_process(cgroup.path(), &netns, &["tcp", "192.168.1.63", "30380"]);
+    assert!(answer.starts_with("192.168.1.63:30380 hello from my-nginx-nodeport-"), "{answer}");
+    let answer = node_process(cgroup.path(), &netns, &["udp", "10.96.0.10", "53"]);
+    assert!(
+        answer.starts_with("10.96.0.10:53 my-nginx-"),
+        "the reply comes from the service address: {answer}"
+    );
+    let answer = node_process(cgroup.path(), &netns, &["tcp", "10.96.45.12", "80"]);
+    assert_eq!(answer, "error: Connection refused", "no endpoints: refused at once");
+
+    drop(stop);
+    daemon.join().expect("daemon thread");
+}
