@@ -97,7 +97,11 @@ impl fmt::Display for Attachment {
 /// Loads the object with its maps pinned under `pins`, pins both programs, attaches them to the
 /// given interfaces and pins the attachments. On failure nothing this call created is left
 /// behind; maps that were already pinned (adopted from an earlier instance) stay.
-pub fn load_and_attach(pins: &PinLayout, targets: &Targets) -> Result<Vec<Attachment>> {
+pub fn load_and_attach(
+    pins: &PinLayout,
+    targets: &Targets,
+    capacities: &crate::loader::Capacities,
+) -> Result<Vec<Attachment>> {
     if targets.xdp_ifaces.is_empty()
         && targets.tc_ifaces.is_empty()
         && targets.host_cgroup.is_none()
@@ -108,8 +112,8 @@ pub fn load_and_attach(pins: &PinLayout, targets: &Targets) -> Result<Vec<Attach
         return Err(Error::AlreadyLoaded(pins.root().into()));
     }
     let fresh = !pins.root().exists();
-    let attached =
-        crate::loader::load_pinned(pins).and_then(|mut ebpf| attach_all(&mut ebpf, pins, targets));
+    let attached = crate::loader::load_pinned(pins, capacities)
+        .and_then(|mut ebpf| attach_all(&mut ebpf, pins, targets));
     if attached.is_err() {
         let cleanup = if fresh { unload(pins) } else { remove_attachments(pins) };
         if let Err(error) = cleanup {

@@ -42,6 +42,8 @@ pub struct NodeConfig {
     /// up the stack. Off by default: redirecting into a veth needs an XDP program or GRO on
     /// its peer, which not every CNI sets up.
     pub xdp_redirect: bool,
+    /// Map sizes for a fresh datapath.
+    pub map_capacities: crate::loader::Capacities,
 }
 
 /// An inclusive port range, written `min-max` in the file.
@@ -105,6 +107,8 @@ struct RawNodeConfig {
     maglev_table_size: Option<u32>,
     #[serde(default)]
     xdp_redirect: bool,
+    #[serde(default)]
+    map_capacities: crate::loader::Capacities,
 }
 
 impl NodeConfig {
@@ -171,6 +175,7 @@ impl RawNodeConfig {
                 .transpose()
                 .map_err(InvalidConfig::MaglevTableSize)?,
             xdp_redirect: self.xdp_redirect,
+            map_capacities: self.map_capacities,
         })
     }
 }

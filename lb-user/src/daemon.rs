@@ -4,9 +4,12 @@
 
 use std::{
     collections::BTreeSet,
+    net::Ipv4Addr,
     path::{Path, PathBuf},
     time::Duration,
 };
+
+use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
 
 use notify::{RecursiveMode, Watcher as _};
 use tokio::sync::mpsc;
@@ -16,6 +19,7 @@ use crate::{
     attach,
     config::NodeConfig,
     error::{Error, Result},
+    kube_source::{self, KubeSource},
     manifest,
     maps::KernelMaps,
     model,
@@ -23,10 +27,20 @@ use crate::{
     reconcile::{DatapathState, Reconciler, SlotMode},
 };
 
+/// Where Services and EndpointSlices come from.
+#[derive(Clone, Debug)]
+pub enum Source {
+    /// A directory of manifests, watched for changes.
+    Manifests(PathBuf),
+    /// The Kubernetes API: this kubeconfig, or what kube-rs infers (KUBECONFIG, ~/.kube/config,
+    /// in-cluster).
+    Kubernetes { kubeconfig: Option<PathBuf> },
+}
+
 /// How the daemon runs.
 #[derive(Clone, Debug)]
 pub struct Options {
-    pub manifests: PathBuf,
+    pub source: Source,
     pub node_config: NodeConfig,
     /// Where to attach when no earlier daemon left a datapath pinned.
     pub targets: attach::Targets,
@@ -56,17 +70,37 @@ pub async fn run_until(
 ) -> Result<()> {
     let mut maps = attach_or_adopt(&options)?;
     let programmed = DatapathState::read(&maps)?;
-    let mut reconciler = Reconciler::new(programmed, SlotMode::of(&options.node_config));
+    let mut reconciler = reconciler_for(programmed, &options.node_config);
     let (nudge, mut nudges) = mpsc::channel(16);
-    let _watcher = watch(&options.manifests, nudge)?;
     tokio::pin!(shutdown);
-    info!(manifests = %options.manifests.display(), "running");
+    let objects = match &options.source {
+        Source::Manifests(dir) => {
+            info!(manifests = %dir.display(), "running");
+            Objects::Manifests {
+                dir: dir.clone(),
+                cache: std::cell::RefCell::default(),
+                _watcher: watch(dir, nudge)?,
+            }
+        }
+        Source::Kubernetes { kubeconfig } => {
+            let client = kube_source::client(kubeconfig.as_deref()).await.map_err(source_error)?;
+            let source = KubeSource::start(client, &options.node_config.node_name, nudge);
+            // Reconciling before the first lists complete would unprogram everything an
+            // earlier daemon left: wait, keeping the adopted state untouched meanwhile.
+            info!("waiting for the initial lists of Services and EndpointSlices");
+            tokio::select! {
+                ready = source.ready() => ready.map_err(source_error)?,
+                () = &mut shutdown => return Ok(()),
+            }
+            info!("running on the Kubernetes API");
+            Objects::Kubernetes(Box::new(source))
+        }
+    };
     let mut reported = Reported::default();
     loop {
-        if let Err(error) = sync(&options, &mut reconciler, &mut maps, &mut reported) {
+        if let Err(error) = sync(&options, &objects, &mut reconciler, &mut maps, &mut reported) {
             error!(error = %error_chain(&error), "reconcile failed; re-reading the maps and retrying at the next change");
-            reconciler =
-                Reconciler::new(DatapathState::read(&maps)?, SlotMode::of(&options.node_config));
+            reconciler = reconciler_for(DatapathState::read(&maps)?, &options.node_config);
         }
         tokio::select! {
             _ = nudges.recv() => {
@@ -82,12 +116,20 @@ pub async fn run_until(
     Ok(())
 }
 
+fn reconciler_for(programmed: DatapathState, node: &NodeConfig) -> Reconciler {
+    Reconciler::with_capacities(programmed, SlotMode::of(node), &node.map_capacities)
+}
+
 /// Attaches a fresh datapath, or adopts the one pinned by an earlier daemon.
 fn attach_or_adopt(options: &Options) -> Result<KernelMaps> {
     if options.pins.is_loaded() {
         info!(pin_dir = %options.pins.root().display(), "adopting the pinned datapath");
     } else {
-        for attachment in attach::load_and_attach(&options.pins, &options.targets)? {
+        for attachment in attach::load_and_attach(
+            &options.pins,
+            &options.targets,
+            &options.node_config.map_capacities,
+        )? {
             info!(%attachment, "attached");
         }
     }
@@ -108,24 +150,88 @@ impl Reported {
     }
 }
 
-/// Reads the manifests and reconciles; a malformed file or object is reported and skipped.
+/// The running source's objects.
+enum Objects {
+    Manifests {
+        dir: PathBuf,
+        /// Parsed files by modification time: an edit re-parses only its file.
+        cache: std::cell::RefCell<manifest::CachedDir>,
+        _watcher: notify::RecommendedWatcher,
+    },
+    Kubernetes(Box<KubeSource>),
+}
+
+/// One reading of the source: objects, problems met reading them, and the node's addresses
+/// if the source knows them.
+struct Reading {
+    services: Vec<Service>,
+    slices: Vec<EndpointSlice>,
+    problems: Vec<String>,
+    node_ips: Vec<Ipv4Addr>,
+}
+
+impl Objects {
+    fn read(&self) -> Result<Reading> {
+        match self {
+            Self::Manifests { dir, cache, .. } => {
+                let manifests = cache.borrow_mut().load(dir).map_err(|e| Error::Io {
+                    path: dir.clone(),
+                    source: std::io::Error::other(e.to_string()),
+                })?;
+                Ok(Reading {
+                    problems: manifests.problems.iter().map(|p| format!("skipped: {p}")).collect(),
+                    services: manifests.services,
+                    slices: manifests.slices,
+                    node_ips: Vec::new(),
+                })
+            }
+            Self::Kubernetes(source) => {
+                let snapshot = source.snapshot();
+                let node_ips = snapshot
+                    .node
+                    .as_ref()
+                    .map(kube_source::node_ipv4_addresses)
+                    .unwrap_or_default();
+                Ok(Reading {
+                    services: snapshot.services,
+                    slices: snapshot.slices,
+                    problems: Vec::new(),
+                    node_ips,
+                })
+            }
+        }
+    }
+}
+
+fn source_error(error: kube_source::Error) -> Error {
+    Error::Source(Box::new(error))
+}
+
+/// Reads the source and reconciles; a malformed file or object is reported and skipped.
 fn sync(
     options: &Options,
+    objects: &Objects,
     reconciler: &mut Reconciler,
     maps: &mut KernelMaps,
     reported: &mut Reported,
 ) -> Result<()> {
     let started = std::time::Instant::now();
-    let manifests = manifest::load_dir(&options.manifests).map_err(|e| Error::Io {
-        path: options.manifests.clone(),
-        source: std::io::Error::other(e.to_string()),
-    })?;
-    let model = model::build(&manifests.services, &manifests.slices, &options.node_config);
-    let report = reconciler.reconcile(&model, &options.node_config, maps)?;
-    let lines = manifests
+    let reading = objects.read()?;
+    // The Node object's addresses, when known, are the truth about this node's IPs.
+    let node = if reading.node_ips.is_empty() || reading.node_ips == options.node_config.node_ips {
+        std::borrow::Cow::Borrowed(&options.node_config)
+    } else {
+        std::borrow::Cow::Owned(NodeConfig {
+            node_ips: reading.node_ips.clone(),
+            ..options.node_config.clone()
+        })
+    };
+    let model = model::build(&reading.services, &reading.slices, &node);
+    let report = reconciler.reconcile(&model, &node, maps)?;
+    let lines = reading
         .problems
         .iter()
-        .map(|problem| format!("skipped: {problem}"))
+        .cloned()
         .chain(model.skipped.iter().map(|s| format!("not programmed: {}: {}", s.object, s.reason)))
         .chain(model.notes.iter().map(|note| format!("note: {note}")))
         .chain(report.problems.iter().map(|problem| format!("not programmed: {problem}")))

@@ -98,6 +98,9 @@ pub enum Error {
     #[error("building the test packet: {0}")]
     BuildPacket(String),
 
+    #[error("the Kubernetes source")]
+    Source(#[source] Box<crate::kube_source::Error>),
+
     #[error("no interface to attach to: give at least one --xdp-iface or --tc-iface")]
     NoInterface,
 }

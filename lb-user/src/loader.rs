@@ -2,7 +2,7 @@
 //! second load adopts the first one's maps instead of creating new ones) and both programs.
 
 use aya::{Ebpf, EbpfLoader, programs::Program};
-use lb_common::maps::names;
+use lb_common::maps::{capacity, names};
 use tracing::debug;
 
 use crate::{
@@ -28,19 +28,65 @@ pub const MAP_NAMES: [&str; 12] = [
     names::FORWARDING,
 ];
 
+/// Map sizes chosen at load time, in entries; `None` keeps the default of
+/// `lb_common::maps::capacity`. Maps adopted from pins keep the size they were created with.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Capacities {
+    /// Frontends; also sizes the reverse-NAT entries and per-frontend counters.
+    pub services: Option<u32>,
+    pub backends: Option<u32>,
+    pub backend_slots: Option<u32>,
+    pub conntrack: Option<u32>,
+    pub affinity: Option<u32>,
+}
+
+impl Capacities {
+    pub fn services(&self) -> u32 {
+        self.services.unwrap_or(capacity::SERVICES)
+    }
+
+    pub fn backends(&self) -> u32 {
+        self.backends.unwrap_or(capacity::BACKENDS)
+    }
+
+    /// (map, entries) for every map whose size was chosen.
+    fn overrides(&self) -> Vec<(&'static str, u32)> {
+        let services = self
+            .services
+            .map(|n| [(names::SERVICES, n), (names::REV_NAT, n), (names::SERVICE_STATS, n)]);
+        services
+            .into_iter()
+            .flatten()
+            .chain(self.backends.map(|n| (names::BACKENDS, n)))
+            .chain(self.backend_slots.map(|n| (names::BACKEND_SLOTS, n)))
+            .chain(self.conntrack.map(|n| (names::CONNTRACK, n)))
+            .chain(self.affinity.map(|n| (names::AFFINITY, n)))
+            .collect()
+    }
+}
+
 /// Loads the object with private maps: nothing pinned, nothing attached. For tests and `trace`.
 pub fn load_private() -> Result<Ebpf> {
-    load(None)
+    load(None, &Capacities::default())
+}
+
+/// [`load_private`] with chosen map sizes.
+pub fn load_private_with(capacities: &Capacities) -> Result<Ebpf> {
+    load(None, capacities)
 }
 
 /// Loads the object with its maps pinned under `pins` (adopting maps already pinned there).
-pub fn load_pinned(pins: &PinLayout) -> Result<Ebpf> {
-    load(Some(pins))
+pub fn load_pinned(pins: &PinLayout, capacities: &Capacities) -> Result<Ebpf> {
+    load(Some(pins), capacities)
 }
 
-fn load(pins: Option<&PinLayout>) -> Result<Ebpf> {
+fn load(pins: Option<&PinLayout>, capacities: &Capacities) -> Result<Ebpf> {
     raise_memlock_limit();
     let mut loader = EbpfLoader::new();
+    for (name, entries) in capacities.overrides() {
+        loader.map_max_entries(name, entries);
+    }
     if let Some(pins) = pins {
         pins.create_dirs()?;
         for name in MAP_NAMES {

@@ -7,7 +7,9 @@ use clap::{Parser, Subcommand};
 use lb_user::{
     attach,
     config::NodeConfig,
-    daemon, manifest, model,
+    daemon,
+    loader::Capacities,
+    manifest, model,
     model::Protocol,
     pins::{DEFAULT_PIN_DIR, PinLayout},
     status,
@@ -26,8 +28,13 @@ enum Command {
     /// The daemon: attach (or adopt) the datapath and keep it programmed from the source.
     Run {
         /// A directory of Service and EndpointSlice manifests (multi-document YAML), watched.
+        /// Without it the daemon watches the Kubernetes API.
+        #[arg(long, conflicts_with = "kubeconfig")]
+        manifests: Option<PathBuf>,
+        /// The kubeconfig for the Kubernetes API; default: KUBECONFIG, ~/.kube/config or the
+        /// in-cluster service account.
         #[arg(long)]
-        manifests: PathBuf,
+        kubeconfig: Option<PathBuf>,
         /// The node configuration file (YAML).
         #[arg(long)]
         node_config: PathBuf,
@@ -106,6 +113,7 @@ fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Run {
             manifests,
+            kubeconfig,
             node_config,
             xdp_ifaces,
             tc_ifaces,
@@ -114,8 +122,12 @@ fn main() -> anyhow::Result<()> {
             resync_seconds,
         } => {
             let node_config = NodeConfig::from_file(&node_config)?;
+            let source = match manifests {
+                Some(dir) => daemon::Source::Manifests(dir),
+                None => daemon::Source::Kubernetes { kubeconfig },
+            };
             let options = daemon::Options {
-                manifests,
+                source,
                 node_config,
                 targets: attach::Targets { xdp_ifaces, tc_ifaces, host_cgroup },
                 pins: PinLayout::new(pin_dir),
@@ -129,8 +141,12 @@ fn main() -> anyhow::Result<()> {
         }
         Command::Load { xdp_ifaces, tc_ifaces, host_cgroup, pin_dir, json } => {
             let targets = attach::Targets { xdp_ifaces, tc_ifaces, host_cgroup };
-            let attachments =
-                attach::load_and_attach(&PinLayout::new(&pin_dir), &targets).context("load")?;
+            let attachments = attach::load_and_attach(
+                &PinLayout::new(&pin_dir),
+                &targets,
+                &Capacities::default(),
+            )
+            .context("load")?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&attachments)?);
             } else {

@@ -5,8 +5,10 @@
 //! typo does not take every service down. Only the directory itself being unreadable fails.
 
 use std::{
+    collections::BTreeMap,
     fmt, io,
     path::{Path, PathBuf},
+    time::SystemTime,
 };
 
 use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
@@ -66,6 +68,15 @@ pub enum ManifestError {
 /// out: editors keep their temporary copies there, and a mounted config map keeps its data under
 /// `..data` with the visible names as links to it.
 pub fn load_dir(dir: &Path) -> Result<Manifests, ManifestError> {
+    let mut manifests = Manifests::default();
+    for file in &manifest_files(dir)? {
+        manifests.read_file(file);
+    }
+    Ok(manifests)
+}
+
+/// The manifest files of `dir`, sorted.
+fn manifest_files(dir: &Path) -> Result<Vec<PathBuf>, ManifestError> {
     let read_dir_error = |source| ManifestError::ReadDir { dir: dir.to_owned(), source };
     let mut files = Vec::new();
     for entry in std::fs::read_dir(dir).map_err(read_dir_error)? {
@@ -75,11 +86,39 @@ pub fn load_dir(dir: &Path) -> Result<Manifests, ManifestError> {
         }
     }
     files.sort();
-    let mut manifests = Manifests::default();
-    for file in &files {
-        manifests.read_file(file);
+    Ok(files)
+}
+
+/// A directory read like [`load_dir`] again and again, re-parsing only the files whose size
+/// or modification time changed: with services spread over many files, one edit costs one
+/// file's parse.
+#[derive(Debug, Default)]
+pub struct CachedDir {
+    files: BTreeMap<PathBuf, (Option<SystemTime>, u64, Manifests)>,
+}
+
+impl CachedDir {
+    pub fn load(&mut self, dir: &Path) -> Result<Manifests, ManifestError> {
+        let mut previous = std::mem::take(&mut self.files);
+        let mut merged = Manifests::default();
+        for file in manifest_files(dir)? {
+            let metadata = std::fs::metadata(&file).ok();
+            let stamp = (
+                metadata.as_ref().and_then(|m| m.modified().ok()),
+                metadata.map_or(0, |m| m.len()),
+            );
+            let parsed = match previous.remove(&file) {
+                Some((modified, len, parsed)) if (modified, len) == stamp => parsed,
+                _ => load_file(&file),
+            };
+            merged.services.extend(parsed.services.iter().cloned());
+            merged.slices.extend(parsed.slices.iter().cloned());
+            merged.problems.extend(parsed.problems.iter().cloned());
+            merged.ignored.extend(parsed.ignored.iter().cloned());
+            self.files.insert(file, (stamp.0, stamp.1, parsed));
+        }
+        Ok(merged)
     }
-    Ok(manifests)
 }
 
 /// Reads one file; problems are recorded, not returned.
@@ -391,5 +430,38 @@ spec:
     fn a_missing_directory_is_an_error_naming_it() {
         let error = load_dir(Path::new("/nonexistent/manifests")).expect_err("no such directory");
         assert_eq!(error.to_string(), "reading manifest directory /nonexistent/manifests");
+    }
+}
+
+#[cfg(test)]
+mod cached_dir_tests {
+    use super::*;
+
+    #[test]
+    fn a_cached_directory_reparses_only_changed_files_and_forgets_removed_ones() {
+        let dir = std::env::temp_dir().join(format!("lb-cached-dir-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let service = |name: &str| {
+            format!(
+                "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}}}\nspec: {{clusterIP: 10.96.0.1, ports: [{{port: 80}}]}}\n"
+            )
+        };
+        std::fs::write(dir.join("a.yaml"), service("a")).expect("write a");
+        std::fs::write(dir.join("b.yaml"), service("b")).expect("write b");
+        let mut cache = CachedDir::default();
+        let names = |m: &Manifests| {
+            m.services
+                .iter()
+                .map(|s| s.metadata.name.clone().unwrap_or_default())
+                .collect::<Vec<_>>()
+        };
+        let first = cache.load(&dir).expect("first read");
+        assert_eq!(names(&first), ["a", "b"]);
+        std::fs::write(dir.join("b.yaml"), service("b2")).expect("edit b");
+        std::fs::remove_file(dir.join("a.yaml")).expect("remove a");
+        let second = cache.load(&dir).expect("second read");
+        let _ = std::fs::remove_dir_all(&dir);
+        assert_eq!(names(&second), ["b2"], "the edit is seen and the removed file is gone");
+        assert_eq!(cache.files.len(), 1);
     }
 }

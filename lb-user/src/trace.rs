@@ -73,9 +73,13 @@ pub struct Tracer {
 
 impl Tracer {
     pub fn new(model: Model, node: &NodeConfig) -> Result<Self> {
-        let mut ebpf = loader::load_private()?;
+        let mut ebpf = loader::load_private_with(&node.map_capacities)?;
         let mut maps = KernelMaps::take_from(&mut ebpf)?;
-        let mut reconciler = Reconciler::new(DatapathState::default(), SlotMode::of(node));
+        let mut reconciler = Reconciler::with_capacities(
+            DatapathState::default(),
+            SlotMode::of(node),
+            &node.map_capacities,
+        );
         let report = reconciler.reconcile(&model, node, &mut maps)?;
         for problem in &report.problems {
             tracing::warn!(%problem, "not programmed");

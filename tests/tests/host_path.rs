@@ -52,7 +52,7 @@ fn node_processes_reach_services_through_the_cgroup_hooks() {
     let cgroup = TestCgroup::new();
     let manifests = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples");
     let options = daemon::Options {
-        manifests: manifests.join("manifests"),
+        source: daemon::Source::Manifests(manifests.join("manifests")),
         node_config: NodeConfig::from_file(&manifests.join("node.yaml")).expect("node.yaml"),
         targets: attach::Targets {
             xdp_ifaces: vec![EXTERNAL_IFACE.into()],

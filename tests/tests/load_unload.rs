@@ -15,6 +15,7 @@ use lb_tests::{
 use lb_user::{
     attach::{self, AttachMode, Attachment, Targets},
     error::Error,
+    loader::Capacities,
     stats,
 };
 
@@ -69,7 +70,7 @@ fn load(topology: &Topology, pins: &TestPins) -> Result<Vec<Attachment>, Error> 
         tc_ifaces: vec!["lb0".into()],
         host_cgroup: None,
     };
-    topology.node.enter(|| attach::load_and_attach(pins.layout(), &targets))
+    topology.node.enter(|| attach::load_and_attach(pins.layout(), &targets, &Capacities::default()))
 }
 
 fn tcx_ingress_ids(netns: &Netns, iface: &'static str) -> Vec<u32> {
@@ -168,7 +169,7 @@ fn an_unknown_interface_is_named_and_nothing_is_left_behind() {
             tc_ifaces: vec!["nosuch0".into()],
             host_cgroup: None,
         };
-        attach::load_and_attach(pins.layout(), &targets)
+        attach::load_and_attach(pins.layout(), &targets, &Capacities::default())
     });
     let error = result.expect_err("attaching to a missing interface fails");
     assert!(format!("{error:#}").contains("nosuch0"), "error names the interface: {error:#}");

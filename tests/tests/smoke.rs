@@ -62,7 +62,7 @@ struct Daemon {
 impl Daemon {
     fn start(topology: &Topology, pins: &TestPins, manifests: &Path) -> Self {
         let options = daemon::Options {
-            manifests: manifests.to_owned(),
+            source: daemon::Source::Manifests(manifests.to_owned()),
             node_config: NodeConfig::from_file(&examples().join("node.yaml")).expect("node.yaml"),
             targets: attach::Targets {
                 xdp_ifaces: vec![EXTERNAL_IFACE.into()],

@@ -24,8 +24,10 @@ struct Daemon {
 impl Drop for Daemon {
     fn drop(&mut self) {
         // SIGTERM: the daemon exits cleanly, leaving the datapath pinned; unload removes it.
-        // SAFETY: plain kill(2) on our own child's pid.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        if let Ok(pid) = i32::try_from(self.child.id()) {
+            // SAFETY: plain kill(2) on our own child's pid.
+            unsafe { libc::kill(pid, libc::SIGTERM) };
+        }
         let _ = self.child.wait();
         let _ = Command::new(&self.binary).args(["unload", "--pin-dir", &self.pin_dir]).output();
     }

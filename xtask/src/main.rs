@@ -1,6 +1,7 @@
 //! `cargo xtask`: build, build-and-load, tests and the demo. Run `scripts/setup` first (the
 //! README's commands do): it installs the toolchains and bpf-linker this relies on.
 
+mod bench;
 mod demo;
 mod load;
 mod test;
@@ -36,6 +37,11 @@ enum Task {
     /// The daemon on the example manifests and a demo node of network namespaces: requests to
     /// a ClusterIP and a NodePort answered by pods, then the status; everything cleaned up.
     Demo,
+    /// Build in release and run a benchmark (see `bench --help`).
+    Bench {
+        #[arg(value_enum)]
+        target: bench::Target,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -45,6 +51,7 @@ fn main() -> anyhow::Result<()> {
         Task::Unload(args) => load::unload(&args),
         Task::Test => test::run(),
         Task::Demo => demo::run_demo(),
+        Task::Bench { target } => bench::run(target),
     }
 }
 

@@ -296,5 +296,7 @@ impl WatchStream {
     }
 
     /// Ends the response.
-    pub(super) fn close(self) {}
+    pub(super) fn close(self) {
+        drop(self.sender);
+    }
 }

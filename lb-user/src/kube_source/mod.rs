@@ -81,7 +81,7 @@ pub struct Snapshot {
     pub services: Vec<Service>,
     /// Sorted by namespace and name.
     pub slices: Vec<EndpointSlice>,
-    /// This node, once listed; `None` if the API server has no Node of that name.
+    /// This node; `None` until its list completes, and if the API server has no Node of this name.
     pub node: Option<Node>,
 }
 
@@ -208,6 +208,6 @@ fn is_gone(error: &watcher::Error) -> bool {
 
 fn sorted_clones<K: kube::Resource<DynamicType = ()> + Clone>(store: &Store<K>) -> Vec<K> {
     let mut objects: Vec<K> = store.state().iter().map(|object| (**object).clone()).collect();
-    objects.sort_by(|a, b| (a.namespace(), a.name_any()).cmp(&(b.namespace(), b.name_any())));
+    objects.sort_by_cached_key(|object| (object.namespace(), object.name_any()));
     objects
 }

@@ -4,8 +4,8 @@ use std::net::Ipv4Addr;
 
 use k8s_openapi::api::core::v1::Node;
 
-/// This node's IPv4 addresses from its Node object's `status.addresses`: the InternalIPs first,
-/// then the ExternalIPs, each in the order listed, without duplicates. The daemon prefers these
+/// This node's IPv4 addresses from its Node object's `status.addresses`: the `InternalIP` ones
+/// first, then the `ExternalIP` ones, each in the order listed, without duplicates. The daemon prefers these
 /// to the configuration file's `nodeIPs`, which can go stale when a node is re-addressed.
 /// Hostnames and IPv6 addresses are left out: only IPv4 is modelled.
 pub fn node_ipv4_addresses(node: &Node) -> Vec<Ipv4Addr> {

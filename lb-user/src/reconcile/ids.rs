@@ -12,10 +12,14 @@ use super::state::DatapathState;
 /// What identifies a backend: address, target port, protocol (network order, as in the map).
 pub type BackendIdentity = (u32, u16, u8);
 
-/// Hands out the lowest free id, and keeps ids of things that still exist.
+/// Hands out ids: released ones first (lowest first), then never-used ones in order, in
+/// constant time either way.
 #[derive(Clone, Debug, Default)]
 struct IdSpace {
     used: BTreeSet<u32>,
+    released: BTreeSet<u32>,
+    /// Every id from here up to `limit` has never been handed out.
+    next: u32,
     limit: u32,
 }
 
@@ -23,13 +27,41 @@ impl IdSpace {
     fn new(limit: u32) -> Self {
         // Id 0 is reserved: the ClusterIP marker entries carry it, and a zeroed value is never a
         // real frontend or backend.
-        Self { used: BTreeSet::from([0]), limit }
+        Self { used: BTreeSet::new(), released: BTreeSet::new(), next: 1, limit }
+    }
+
+    /// Marks an id found in the programmed maps as used.
+    fn adopt(&mut self, id: u32) {
+        self.used.insert(id);
+        // Ids below `next` that nobody uses are free; adoption happens before any allocation,
+        // so collecting them once `next` moves past them is enough.
+        for free in self.next..id {
+            self.released.insert(free);
+        }
+        self.next = self.next.max(id + 1);
+        self.released.remove(&id);
     }
 
     fn take(&mut self) -> Option<u32> {
-        let id = (1..self.limit).find(|id| !self.used.contains(id))?;
+        let id = match self.released.pop_first() {
+            Some(id) => id,
+            None if self.next < self.limit => {
+                self.next += 1;
+                self.next - 1
+            }
+            None => return None,
+        };
         self.used.insert(id);
         Some(id)
+    }
+
+    /// Keeps the ids `live` says are in use and releases the rest.
+    fn retain(&mut self, live: impl Fn(u32) -> bool) {
+        let released: Vec<u32> = self.used.iter().copied().filter(|id| !live(*id)).collect();
+        for id in released {
+            self.used.remove(&id);
+            self.released.insert(id);
+        }
     }
 }
 
@@ -44,28 +76,40 @@ pub struct Ids {
 
 impl Default for Ids {
     fn default() -> Self {
-        Self {
-            services: BTreeMap::new(),
-            backends: BTreeMap::new(),
-            service_space: IdSpace::new(capacity::SERVICES),
-            backend_space: IdSpace::new(capacity::BACKENDS),
-        }
+        Self::with_limits(capacity::SERVICES, capacity::BACKENDS)
     }
 }
 
 impl Ids {
+    /// Ids below the frontend and backend map sizes (a frontend id indexes the per-frontend
+    /// counters array, so it must stay below its size).
+    pub fn with_limits(services: u32, backends: u32) -> Self {
+        Self {
+            services: BTreeMap::new(),
+            backends: BTreeMap::new(),
+            service_space: IdSpace::new(services),
+            backend_space: IdSpace::new(backends),
+        }
+    }
+
     /// The ids a programmed state already uses.
-    pub fn from_programmed(state: &DatapathState) -> Self {
-        let mut ids = Self::default();
+    pub fn from_programmed(state: &DatapathState, services: u32, backends: u32) -> Self {
+        let mut ids = Self::with_limits(services, backends);
+        let mut service_ids: Vec<u32> = Vec::new();
         for (key, value) in &state.services {
             if value.service_id != 0 {
                 ids.services.insert(*key, value.service_id);
-                ids.service_space.used.insert(value.service_id);
+                service_ids.push(value.service_id);
             }
         }
+        service_ids.sort_unstable();
+        for id in service_ids {
+            ids.service_space.adopt(id);
+        }
+        // BTreeMap order: ascending ids, as `adopt` wants.
         for (id, backend) in &state.backends {
             ids.backends.insert((backend.ip_be, backend.port_be, backend.proto), *id);
-            ids.backend_space.used.insert(*id);
+            ids.backend_space.adopt(*id);
         }
         ids
     }
@@ -95,8 +139,28 @@ impl Ids {
         let live_services: BTreeSet<u32> =
             desired.services.values().map(|v| v.service_id).collect();
         self.services.retain(|_, id| live_services.contains(id));
-        self.service_space.used.retain(|id| *id == 0 || live_services.contains(id));
+        self.service_space.retain(|id| live_services.contains(&id));
         self.backends.retain(|_, id| desired.backends.contains_key(id));
-        self.backend_space.used.retain(|id| *id == 0 || desired.backends.contains_key(id));
+        self.backend_space.retain(|id| desired.backends.contains_key(&id));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::IdSpace;
+
+    #[test]
+    fn ids_are_reused_lowest_first_and_adopted_ids_are_never_handed_out_twice() {
+        let mut space = IdSpace::new(10);
+        space.adopt(2);
+        space.adopt(5);
+        let taken: Vec<u32> = (0..4).map(|_| space.take().expect("room")).collect();
+        assert_eq!(taken, vec![1, 3, 4, 6], "gaps first, then fresh ids");
+        space.retain(|id| id != 3);
+        assert_eq!(space.take(), Some(3), "a released id comes back");
+        for _ in 7..10 {
+            space.take().expect("room up to the limit");
+        }
+        assert_eq!(space.take(), None, "the limit is respected");
     }
 }

@@ -23,6 +23,7 @@ pub use self::{
 use crate::{
     config::NodeConfig,
     error::Result,
+    loader::Capacities,
     maps::{MapOp, MapWriter},
     model::Model,
 };
@@ -50,7 +51,16 @@ impl Reconciler {
     /// Starts from what is programmed (empty for a fresh datapath, read from the pinned maps
     /// after a restart): the first reconcile then writes only the difference, never a flush.
     pub fn new(programmed: DatapathState, mode: SlotMode) -> Self {
-        let ids = Ids::from_programmed(&programmed);
+        Self::with_capacities(programmed, mode, &Capacities::default())
+    }
+
+    /// [`Reconciler::new`] for maps loaded with other sizes: ids must fit them.
+    pub fn with_capacities(
+        programmed: DatapathState,
+        mode: SlotMode,
+        capacities: &Capacities,
+    ) -> Self {
+        let ids = Ids::from_programmed(&programmed, capacities.services(), capacities.backends());
         Self { programmed, ids, mode }
     }
 

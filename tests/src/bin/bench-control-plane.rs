@@ -1,0 +1,209 @@
+//! `cargo xtask bench control-plane`: the control plane from a manifest directory, for 1k, 10k
+//! and 100k services with 10 endpoints each: time from start to fully programmed (read and
+//! parse the directory, build the model, reconcile into the real kernel maps), peak RSS, and
+//! the latency from one EndpointSlice change to its map update (p50/p99).
+//!
+//! Each service count runs in a child process of its own so that its peak RSS (`VmHWM`) is its
+//! own. The change latency is measured the way the daemon applies a change today: re-read the
+//! directory (re-parsing only the changed file), rebuild the model, reconcile (which writes
+//! only the changed entries). The model rebuild grows with the number of services, so at 100k
+//! services the run is limited by a time budget and says how many changes it measured.
+
+use std::{
+    fmt::Write as _,
+    path::Path,
+    process::Command,
+    time::{Duration, Instant},
+};
+
+use lb_tests::netns::unique_name;
+use lb_user::{
+    config::NodeConfig,
+    loader::{self, Capacities},
+    manifest,
+    maps::KernelMaps,
+    model,
+    reconcile::{DatapathState, Reconciler, SlotMode},
+};
+
+const ENDPOINTS: usize = 10;
+const SERVICES_PER_FILE: usize = 1000;
+const SIZES: [usize; 3] = [1_000, 10_000, 100_000];
+/// Changes measured per size, and the wall-clock budget for them.
+const CHANGES: usize = 1_000;
+const CHANGE_BUDGET: Duration = Duration::from_secs(60);
+
+const NODE_CONFIG: &str = "nodeName: node-a
+nodeIPs: [192.168.1.63]
+clusterCIDR: 10.128.0.0/9
+serviceCIDR: 10.96.0.0/12
+";
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    if let Some(size) =
+        args.iter().position(|a| a == "--one").map(|i| args[i + 1].parse().expect("size"))
+    {
+        println!("{}", measure(size));
+        return;
+    }
+    let mut rows = Vec::new();
+    for size in SIZES {
+        let output =
+            Command::new(&args[0]).args(["--one", &size.to_string()]).output().expect("child run");
+        assert!(
+            output.status.success(),
+            "size {size}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        rows.push(String::from_utf8_lossy(&output.stdout).trim().to_owned());
+        eprintln!("{size} services: {}", rows.last().expect("row"));
+    }
+    print_table(&rows);
+    let json = format!("{{\"source\": \"manifests\", \"runs\": [{}]}}\n", rows.join(", "));
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/bench");
+    std::fs::create_dir_all(&dir).expect("target/bench");
+    std::fs::write(dir.join("control-plane.json"), json).expect("write JSON");
+    println!("wrote target/bench/control-plane.json");
+}
+
+/// Address `index` counted from `base`.
+fn ip(base: [u8; 4], index: usize) -> String {
+    let value = u32::from_be_bytes(base) + u32::try_from(index).expect("fits");
+    std::net::Ipv4Addr::from(value).to_string()
+}
+
+fn service_yaml(i: usize, generation: usize) -> String {
+    let mut yaml = format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: svc-{i}, namespace: bench}}\nspec:\n  clusterIP: {}\n  ports:\n  - {{port: 80, protocol: TCP, targetPort: 8080}}\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: svc-{i}-a\n  namespace: bench\n  labels: {{kubernetes.io/service-name: svc-{i}}}\naddressType: IPv4\nendpoints:\n",
+        ip([10, 96, 0, 1], i)
+    );
+    for e in 0..ENDPOINTS {
+        // A change moves the first endpoint to a fresh address.
+        let index =
+            if e == 0 && generation > 0 { 8_000_000 - generation } else { i * ENDPOINTS + e };
+        let node = if e % 2 == 0 { "node-a" } else { "node-b" };
+        let _ = writeln!(
+            yaml,
+            "- {{addresses: [{}], nodeName: {node}, conditions: {{ready: true}}}}",
+            ip([10, 128, 0, 0], index)
+        );
+    }
+    yaml.push_str("ports:\n- {name: '', port: 8080, protocol: TCP}\n---\n");
+    yaml
+}
+
+fn write_file(dir: &Path, file: usize, size: usize, changed: Option<(usize, usize)>) {
+    let mut text = String::new();
+    for i in file * SERVICES_PER_FILE..((file + 1) * SERVICES_PER_FILE).min(size) {
+        let generation = changed.filter(|(service, _)| *service == i).map_or(0, |(_, g)| g);
+        text.push_str(&service_yaml(i, generation));
+    }
+    std::fs::write(dir.join(format!("services-{file:04}.yaml")), text).expect("write manifests");
+}
+
+/// One sync as the daemon does it.
+fn sync(
+    dir: &Path,
+    cache: &mut manifest::CachedDir,
+    node: &NodeConfig,
+    reconciler: &mut Reconciler,
+    maps: &mut KernelMaps,
+) -> usize {
+    let manifests = cache.load(dir).expect("manifest directory");
+    assert!(manifests.problems.is_empty(), "{:?}", &manifests.problems[..1]);
+    let model = model::build(&manifests.services, &manifests.slices, node);
+    reconciler.reconcile(&model, node, maps).expect("reconcile").ops.len()
+}
+
+fn measure(size: usize) -> String {
+    let dir = std::env::temp_dir().join(unique_name("lb-bench-manifests"));
+    std::fs::create_dir_all(&dir).expect("bench directory");
+    let files = size.div_ceil(SERVICES_PER_FILE);
+    for file in 0..files {
+        write_file(&dir, file, size, None);
+    }
+    let node = NodeConfig::from_yaml_str(NODE_CONFIG).expect("node config");
+    let capacities = Capacities {
+        services: Some(u32::try_from(2 * size + 1024).expect("fits")),
+        backends: Some(u32::try_from(size * ENDPOINTS + 1024).expect("fits")),
+        backend_slots: Some(u32::try_from(size * ENDPOINTS + 1024).expect("fits")),
+        conntrack: Some(1024),
+        affinity: Some(1024),
+    };
+    let mut ebpf = loader::load_private_with(&capacities).expect("load the datapath");
+    let mut maps = KernelMaps::take_from(&mut ebpf).expect("maps");
+
+    let started = Instant::now();
+    let mut reconciler =
+        Reconciler::with_capacities(DatapathState::default(), SlotMode::PerBackend, &capacities);
+    let mut cache = manifest::CachedDir::default();
+    let writes = sync(&dir, &mut cache, &node, &mut reconciler, &mut maps);
+    let programmed = started.elapsed();
+    // KiB to MiB; exact far beyond any RSS this machine can have.
+    let rss_mib = f64::from(u32::try_from(peak_rss_kib()).expect("RSS under 4 TiB")) / 1024.0;
+
+    let mut latencies = Vec::new();
+    let budget = Instant::now();
+    for change in 1..=CHANGES {
+        if budget.elapsed() > CHANGE_BUDGET {
+            break;
+        }
+        let service = (change * 7919) % size;
+        write_file(&dir, service / SERVICES_PER_FILE, size, Some((service, change)));
+        let started = Instant::now();
+        let writes = sync(&dir, &mut cache, &node, &mut reconciler, &mut maps);
+        latencies.push(started.elapsed());
+        assert!(writes > 0, "a change writes something");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    latencies.sort();
+    // Nearest-rank percentile: the smallest measured latency with at least `p` of them at or
+    // below it.
+    let percentile = |percent: usize| {
+        let rank = (latencies.len() * percent).div_ceil(100).max(1);
+        latencies[rank - 1].as_secs_f64() * 1e3
+    };
+    format!(
+        "{{\"services\": {size}, \"endpoints_per_service\": {ENDPOINTS}, \"programmed_s\": {:.3}, \"writes\": {writes}, \"peak_rss_mib\": {rss_mib:.1}, \"changes_measured\": {}, \"change_p50_ms\": {:.2}, \"change_p99_ms\": {:.2}}}",
+        programmed.as_secs_f64(),
+        latencies.len(),
+        percentile(50),
+        percentile(99)
+    )
+}
+
+fn peak_rss_kib() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").expect("/proc/self/status");
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmHWM:"))
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|kib| kib.parse().ok())
+        .expect("VmHWM")
+}
+
+fn print_table(rows: &[String]) {
+    println!(
+        "{:>9} {:>14} {:>14} {:>10} {:>12} {:>12}",
+        "services", "programmed", "peak RSS", "changes", "change p50", "change p99"
+    );
+    for row in rows {
+        let field = |key: &str| -> String {
+            let start = row.find(&format!("\"{key}\": ")).expect("key") + key.len() + 4;
+            row[start..].split([',', '}']).next().expect("value").trim().to_owned()
+        };
+        println!(
+            "{:>9} {:>12} s {:>10} MiB {:>10} {:>9} ms {:>9} ms",
+            field("services"),
+            field("programmed_s"),
+            field("peak_rss_mib"),
+            field("changes_measured"),
+            field("change_p50_ms"),
+            field("change_p99_ms")
+        );
+    }
+    println!(
+        "targets: 10k programmed <= 1 s, 100k <= 10 s; change p99 <= 10 ms at 100k; RSS <= 500 MiB at 100k"
+    );
+}
