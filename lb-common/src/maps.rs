@@ -252,11 +252,12 @@ pub struct SockRevNatKey {
     pub pad: [u8; 2],
 }
 
-/// Indexes of the `FORWARDING` per-CPU counters: how XDP sent on the packets it translated.
+/// Indexes of the `FORWARDING` per-CPU counters: with FIB forwarding on, how XDP sent on the
+/// packets it translated.
 pub mod forwarding {
     /// Sent out of the egress interface by FIB lookup and `bpf_redirect`.
     pub const REDIRECTED: u32 = 0;
-    /// Handed to the stack (FIB forwarding off, or the lookup could not resolve the next hop).
+    /// Handed to the stack because the lookup could not finish (no route, no neighbour yet).
     pub const TO_STACK: u32 = 1;
     pub const COUNT: u32 = 2;
 }

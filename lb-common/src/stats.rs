@@ -65,7 +65,7 @@ reasons! {
     DropUnallocatedVip = "drop_unallocated_vip",
     /// The source is outside the service's loadBalancerSourceRanges: dropped.
     DropSourceRange = "drop_source_range",
-    /// ICMP other than an error, to a service address: dropped.
+    /// ICMP to a service address that is not an error about a known flow: dropped.
     DropIcmpToVip = "drop_icmp_to_vip",
     /// Every SNAT port candidate for this backend was taken: dropped.
     DropSnatExhausted = "drop_snat_exhausted",

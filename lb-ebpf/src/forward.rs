@@ -35,13 +35,16 @@ const FIB_LOOKUP_SUCCESS: i64 = 0;
 const IP_TTL: usize = 8;
 const IP_CHECK: usize = 10;
 
-/// The XDP verdict for a translated packet.
+/// The XDP verdict for a translated packet. Only with FIB forwarding on are the outcomes
+/// counted: off, every packet goes up the stack by configuration.
 #[inline(always)]
 pub fn forward(ctx: &XdpContext, packet: &Packet) -> u32 {
-    let redirected = lb::node_config()
-        .filter(|config| config.flags & node_flags::FIB_FORWARD != 0)
-        .and_then(|_| redirect(ctx, packet));
-    let (index, verdict) = match redirected {
+    let enabled =
+        lb::node_config().is_some_and(|config| config.flags & node_flags::FIB_FORWARD != 0);
+    if !enabled {
+        return xdp_action::XDP_PASS;
+    }
+    let (index, verdict) = match redirect(ctx, packet) {
         Some(verdict) => (forwarding::REDIRECTED, verdict),
         None => (forwarding::TO_STACK, xdp_action::XDP_PASS),
     };

@@ -26,10 +26,11 @@ pub static BACKENDS: HashMap<u32, Backend> = HashMap::with_max_entries(capacity:
 pub static REV_NAT: HashMap<u32, RevNat> = HashMap::with_max_entries(capacity::REV_NAT, 0);
 
 /// LRU: under pressure the least recently used flows go first, never an insert failure for
-/// a live one.
+/// a live one. Per-CPU LRU lists (`BPF_F_NO_COMMON_LRU`): a new flow's two inserts take no
+/// global lock, which matters on the first-packet path.
 #[map(name = "CONNTRACK")]
 pub static CONNTRACK: LruHashMap<ConntrackKey, ConntrackValue> =
-    LruHashMap::with_max_entries(capacity::CONNTRACK, 0);
+    LruHashMap::with_max_entries(capacity::CONNTRACK, aya_ebpf::bindings::BPF_F_NO_COMMON_LRU);
 
 #[map(name = "AFFINITY")]
 pub static AFFINITY: LruHashMap<AffinityKey, AffinityValue> =

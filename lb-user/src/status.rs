@@ -13,9 +13,9 @@ pub struct Status {
     pub frontends: Vec<FrontendStatus>,
     /// Every reason with its count, by name.
     pub reasons: BTreeMap<&'static str, u64>,
-    /// Translated XDP packets sent out by FIB lookup and redirect.
+    /// With FIB forwarding on: translated XDP packets sent out by FIB lookup and redirect.
     pub xdp_redirected: u64,
-    /// Translated XDP packets passed up the stack.
+    /// With FIB forwarding on: translated XDP packets passed up the stack (lookup failed).
     pub xdp_to_stack: u64,
 }
 
@@ -133,7 +133,7 @@ impl Status {
         }
         let _ = writeln!(
             out,
-            "\nXDP forwarding: {} redirected by FIB lookup, {} up the stack",
+            "\nXDP forwarding (xdpRedirect): {} redirected by FIB lookup, {} up the stack",
             self.xdp_redirected, self.xdp_to_stack
         );
         out.push_str("\nREASON                       PACKETS\n");

@@ -1,7 +1,7 @@
 //! At least a million random and mutated packets through each program, against the seed the
 //! packet tables use (`lb_tests::fixtures`). Every packet must be passed untouched, dropped (with
 //! a counted reason), refused with an exact RST or ICMP port unreachable, or translated
-//! correctly; none may be mistranslated.
+//! correctly (TCP and UDP, and ICMP errors about them); none may be mistranslated.
 //!
 //! The oracle knows nothing of the programs' code. It reads the seeded tables, restates the
 //! README's parse contract (which packets are well-formed enough to translate), recomputes every
@@ -118,6 +118,25 @@ fn the_oracle_rejects_what_a_buggy_datapath_would_do() {
         "accepted a translated fragment"
     );
     assert_refusals_are_judged(&mut oracle);
+
+    // An error from the backend about the translated SYN reaches the pod from the service.
+    let sent = syn(pod, backend);
+    let error = icmp_about(backend, pod, &sent);
+    let as_the_pod_sent_it = icmp_about(endpoint("10.96.45.10", 80), pod, &request);
+    assert!(
+        oracle.judge(forward, &error, &as_the_pod_sent_it).is_ok(),
+        "rejected a correct ICMP error translation"
+    );
+    let other_service = syn(pod, endpoint("10.96.45.14", 80));
+    let wrong = icmp_about(endpoint("10.96.45.14", 80), pod, &other_service);
+    assert!(oracle.judge(forward, &error, &wrong).is_err(), "accepted an error from another VIP");
+}
+
+/// An ICMP port unreachable from `from` to `to` quoting the first 28 bytes of `quoted`.
+fn icmp_about(from: Endpoint, to: Endpoint, quoted: &Draft) -> Vec<u8> {
+    let quote = quoted.build()[ETH_LEN..ETH_LEN + 28].to_vec();
+    let l4 = L4::Icmp { kind: ICMP_DEST_UNREACHABLE, code: 3 };
+    Draft { l4, payload: quote, ..syn(from, to) }.build()
 }
 
 fn syn(src: Endpoint, dst: Endpoint) -> Draft {
@@ -189,13 +208,14 @@ fn survive(hook: Hook) {
     totals.assert_coverage(hook);
     eprintln!(
         "{hook:?}: {} runs ({} inputs skipped, refused by BPF_PROG_TEST_RUN) in {:.1?}: {} \
-         passed, {} translated, {} refused, {} dropped; {} flows seen",
+         passed, {} translated, {} refused, {} resets not answered, {} dropped; {} flows seen",
         totals.tally.runs,
         totals.skipped,
         started.elapsed(),
         totals.tally.passed,
         totals.tally.translated,
         totals.tally.bounced,
+        totals.tally.resets_dropped,
         totals.tally.dropped,
         fuzz.oracle.model.dnat.len(),
     );
@@ -415,8 +435,12 @@ const PASSED: &[Reason] = &[
     Reason::NotService,
     Reason::NoNodeConfig,
 ];
-const TRANSLATED: &[Reason] =
-    &[Reason::ForwardNew, Reason::ForwardEstablished, Reason::ReplyTranslated];
+const TRANSLATED: &[Reason] = &[
+    Reason::ForwardNew,
+    Reason::ForwardEstablished,
+    Reason::ReplyTranslated,
+    Reason::IcmpErrorTranslated,
+];
 /// Refused with an RST or ICMP error, or dropped when the input was itself a reset (the
 /// oracle tells which: `Outcome::ResetDropped`).
 const REFUSED: &[Reason] = &[Reason::RejectNoEndpoints, Reason::RejectUnservedPort];
@@ -432,10 +456,13 @@ const DROPPED: &[Reason] = &[
     Reason::DropRefusalFailed,
 ];
 
+/// Counted by the node's socket hooks (cgroup programs), never by `lb_xdp` or `lb_tc`.
+const OTHER_HOOKS: &[Reason] = &[Reason::HostTranslated, Reason::HostRefused];
+
 /// A reason added later must be classified here before this test can pass.
 fn assert_partition_covers_every_reason() {
     for reason in Reason::ALL {
-        let classes = [PASSED, TRANSLATED, REFUSED, DROPPED];
+        let classes = [PASSED, TRANSLATED, REFUSED, DROPPED, OTHER_HOOKS];
         let hits = classes.iter().filter(|class| class.contains(reason)).count();
         assert_eq!(hits, 1, "{} must be in exactly one verdict class", reason.name());
     }
@@ -494,6 +521,7 @@ fn check_batch(hook: Hook, seed: u64, tally: &Tally, counted: &ReasonCounts) {
         sum_of(counted, DROPPED),
         "{context}: other drops vs drop reasons: {counts:?}"
     );
+    assert_eq!(sum_of(counted, OTHER_HOOKS), 0, "{context}: socket-hook reasons: {counts:?}");
 }
 
 #[derive(Default)]
@@ -548,12 +576,15 @@ impl Totals {
     }
 }
 
-/// Reasons this run need not produce. Never: `truncated_ethernet` (frames under 14 bytes never
-/// reach a program), and the missing-configuration, missing-slot and missing-reverse-NAT drops
-/// (the seed is complete; asserted zero above). Not necessarily: a full conntrack map, a refusal
-/// with no room to grow, and SNAT exhaustion (which does happen here: every masqueraded flow to
-/// one backend competes for the same 4536 ports, probed 8 at a time).
+/// Reasons this run need not produce. Never: the socket hooks' reasons (asserted zero per
+/// batch), `truncated_ethernet` (frames under 14 bytes never reach a program), and the
+/// missing-configuration, missing-slot and missing-reverse-NAT drops (the seed is complete;
+/// asserted zero above). Not necessarily: a full conntrack map, a refusal with no room to grow,
+/// and SNAT exhaustion (which does happen here: every masqueraded flow to one backend competes
+/// for the same 4536 ports, probed 8 at a time, and fuzzed TCP flows seldom close).
 const NOT_REQUIRED: &[Reason] = &[
+    Reason::HostTranslated,
+    Reason::HostRefused,
     Reason::TruncatedEthernet,
     Reason::NoNodeConfig,
     Reason::DropSnatExhausted,
@@ -714,25 +745,31 @@ fn ip_at(frame: &[u8], at: usize) -> Ipv4Addr {
     Ipv4Addr::new(frame[at], frame[at + 1], frame[at + 2], frame[at + 3])
 }
 
-/// A TCP or UDP packet that the README's parse contract calls well-formed: Ethernet with at
-/// most one 802.1Q/802.1ad tag, IPv4 with a valid IHL, a total length that fits the frame
-/// (the rest is Ethernet padding), not a fragment, and a complete L4 header inside the
-/// datagram (TCP: data offset of 5 words or more, within the datagram).
-struct Parsed {
+/// The IPv4 datagram of a frame that the README's parse contract calls well-formed: Ethernet
+/// with at most one 802.1Q/802.1ad tag, IPv4 with a valid IHL, a total length that fits the
+/// frame (the rest is Ethernet padding), and not a fragment.
+struct Datagram {
     l3: usize,
-    l4: usize,
     /// IPv4 header length, options included.
     header_len: usize,
     /// IPv4 total length.
     total_len: usize,
-    tuple: Tuple,
-    /// TCP flags; 0 for UDP.
-    flags: u8,
-    /// TCP header length, options included; 8 for UDP.
-    l4_header_len: usize,
+    proto: u8,
+    src: Ipv4Addr,
+    dst: Ipv4Addr,
 }
 
-fn parse_translatable(frame: &[u8]) -> Option<Parsed> {
+impl Datagram {
+    fn l4(&self) -> usize {
+        self.l3 + self.header_len
+    }
+
+    fn end(&self) -> usize {
+        self.l3 + self.total_len
+    }
+}
+
+fn parse_ipv4(frame: &[u8]) -> Option<Datagram> {
     let mut l3 = ETH_LEN;
     let mut ether_type = be16(frame.get(..ETH_LEN)?, 12);
     if matches!(ether_type, ETH_P_8021Q | ETH_P_8021AD) {
@@ -752,23 +789,89 @@ fn parse_translatable(frame: &[u8]) -> Option<Parsed> {
     if total_len < header_len || l3 + total_len > frame.len() {
         return None;
     }
-    let (l4, end) = (l3 + header_len, l3 + total_len);
-    let l4_header_len = match ip[9] {
+    let (src, dst) = (ip_at(ip, 12), ip_at(ip, 16));
+    Some(Datagram { l3, header_len, total_len, proto: ip[9], src, dst })
+}
+
+/// A well-formed TCP or UDP packet: a complete L4 header inside the datagram (TCP: a data
+/// offset of 5 words or more, within the datagram).
+struct Parsed {
+    l3: usize,
+    l4: usize,
+    /// IPv4 header length, options included.
+    header_len: usize,
+    /// IPv4 total length.
+    total_len: usize,
+    tuple: Tuple,
+    /// TCP flags; 0 for UDP.
+    flags: u8,
+    /// TCP header length, options included; 8 for UDP.
+    l4_header_len: usize,
+}
+
+fn parse_translatable(frame: &[u8]) -> Option<Parsed> {
+    let ip = parse_ipv4(frame)?;
+    let (l4, end) = (ip.l4(), ip.end());
+    let l4_header_len = match ip.proto {
         proto::TCP if l4 + 20 <= end => usize::from(frame[l4 + 12] >> 4) * 4,
         proto::UDP => 8,
         _ => return None,
     };
-    if l4_header_len < 8 || l4 + l4_header_len > end || (ip[9] == proto::TCP && l4_header_len < 20)
-    {
+    let tcp = ip.proto == proto::TCP;
+    if l4_header_len < 8 || l4 + l4_header_len > end || (tcp && l4_header_len < 20) {
         return None;
     }
     let tuple = Tuple {
-        src: Endpoint { ip: ip_at(ip, 12), port: be16(frame, l4) },
-        dst: Endpoint { ip: ip_at(ip, 16), port: be16(frame, l4 + 2) },
-        proto: ip[9],
+        src: Endpoint { ip: ip.src, port: be16(frame, l4) },
+        dst: Endpoint { ip: ip.dst, port: be16(frame, l4 + 2) },
+        proto: ip.proto,
     };
-    let flags = if ip[9] == proto::TCP { frame[l4 + 13] } else { 0 };
+    let flags = if tcp { frame[l4 + 13] } else { 0 };
+    let (l3, header_len, total_len) = (ip.l3, ip.header_len, ip.total_len);
     Some(Parsed { l3, l4, header_len, total_len, tuple, flags, l4_header_len })
+}
+
+const ICMP_DEST_UNREACHABLE: u8 = 3;
+const ICMP_TIME_EXCEEDED: u8 = 11;
+
+/// An ICMP error (RFC 792: destination unreachable, time exceeded) in a well-formed datagram,
+/// quoting the start of a TCP or UDP datagram: its IPv4 header and at least the ports, inside
+/// the ICMP message.
+struct IcmpError {
+    outer: Datagram,
+    /// Offset of the quoted IPv4 header, and of its L4 header.
+    quote_l3: usize,
+    quote_l4: usize,
+    /// The quoted datagram's tuple, as it was sent.
+    quoted: Tuple,
+}
+
+fn parse_icmp_error(frame: &[u8]) -> Option<IcmpError> {
+    let outer = parse_ipv4(frame)?;
+    let icmp = outer.l4();
+    let kind = *frame.get(icmp)?;
+    if outer.proto != proto::ICMP || icmp + 8 > outer.end() {
+        return None;
+    }
+    if kind != ICMP_DEST_UNREACHABLE && kind != ICMP_TIME_EXCEEDED {
+        return None;
+    }
+    let quote_l3 = icmp + 8;
+    let version_ihl = *frame.get(quote_l3)?;
+    let quote_l4 = quote_l3 + usize::from(version_ihl & 0x0f) * 4;
+    if version_ihl >> 4 != 4 || quote_l4 < quote_l3 + 20 || quote_l4 + 4 > outer.end() {
+        return None;
+    }
+    let quoted_proto = frame[quote_l3 + 9];
+    if quoted_proto != proto::TCP && quoted_proto != proto::UDP {
+        return None;
+    }
+    let quoted = Tuple {
+        src: Endpoint { ip: ip_at(frame, quote_l3 + 12), port: be16(frame, quote_l4) },
+        dst: Endpoint { ip: ip_at(frame, quote_l3 + 16), port: be16(frame, quote_l4 + 2) },
+        proto: quoted_proto,
+    };
+    Some(IcmpError { outer, quote_l3, quote_l4, quoted })
 }
 
 impl Parsed {
@@ -923,10 +1026,10 @@ enum Outcome {
 /// What this run has seen the programs do, to judge later packets of the same flows.
 #[derive(Default)]
 struct Model {
-    /// Client-to-frontend tuple -> (backend, masqueraded). Backends come from the flow hash or
-    /// affinity, both functions of the tuple, so a tuple keeps its backend even when its
-    /// conntrack entry is evicted or closed and recreated.
-    dnat: HashMap<Tuple, (Endpoint, bool)>,
+    /// Client-to-frontend tuple -> what its translations were. Backends come from the flow hash
+    /// or affinity, both functions of the tuple, so a tuple keeps its backend even when its
+    /// conntrack entry is evicted or closed and recreated (and then may get another SNAT port).
+    dnat: HashMap<Tuple, Forward>,
     /// (client address, frontend id) -> backend, for ClientIP affinity.
     affinity: HashMap<(Ipv4Addr, u32), Endpoint>,
     /// A reply's tuple (backend -> client or SNAT address) -> every (frontend, client) a
@@ -938,6 +1041,15 @@ struct Model {
 }
 
 const RECENT_FLOWS: usize = 4096;
+
+/// A client-to-frontend tuple's translation.
+#[derive(Debug)]
+struct Forward {
+    backend: Endpoint,
+    masqueraded: bool,
+    /// Every source it was given: the client itself, or the SNAT addresses it had.
+    sources: Vec<Endpoint>,
+}
 
 struct Oracle<'t> {
     hook: Hook,
@@ -982,18 +1094,30 @@ impl<'t> Oracle<'t> {
         Err(format!("unexpected return code {code}"))
     }
 
-    /// The packet was well-formed TCP/UDP, only addresses, ports and checksums changed, the
-    /// checksums are as right (or as wrong) as before, and the change is either a DNAT to a
-    /// backend of the frontend addressed, or the reverse NAT of a flow this run created.
+    /// Translated: a TCP or UDP packet (see [`Self::check_nat`]) or an ICMP error about one (see
+    /// [`Self::check_icmp_error`]), of the same length; nothing else may be rewritten.
     fn check_translation(&mut self, input: &[u8], output: &[u8]) -> Result<(), String> {
-        let before = parse_translatable(input)
-            .ok_or("translated a packet that is not well-formed TCP or UDP over IPv4")?;
         if output.len() != input.len() {
             return Err(format!("length changed from {} to {}", input.len(), output.len()));
         }
-        only_nat_fields_changed(&before, input, output)?;
+        if let Some(before) = parse_translatable(input) {
+            return self.check_nat(&before, input, output);
+        }
+        if let Some(error) = parse_icmp_error(input) {
+            return self.check_icmp_error(&error, input, output);
+        }
+        Err("translated a packet that is neither well-formed TCP or UDP over IPv4 nor an ICMP \
+             error quoting TCP or UDP"
+            .into())
+    }
+
+    /// Only addresses, ports and checksums changed, the checksums are as right (or as wrong) as
+    /// before, and the change is either a DNAT to a backend of the frontend addressed, or the
+    /// reverse NAT of a flow this run created.
+    fn check_nat(&mut self, before: &Parsed, input: &[u8], output: &[u8]) -> Result<(), String> {
+        only_nat_fields_changed(before, input, output)?;
         let after = parse_translatable(output).ok_or("the translation does not parse")?;
-        checksums_preserved(&before, input, output)?;
+        checksums_preserved(before, input, output)?;
         let (from, to) = (before.tuple, after.tuple);
         if self.check_dnat(from, to)? || self.is_known_reply(from, to) {
             return Ok(());
@@ -1002,6 +1126,67 @@ impl<'t> Oracle<'t> {
             "mistranslated: {from} became {to}, neither a DNAT to a backend of the frontend \
              addressed nor the reverse NAT of a flow this run created"
         ))
+    }
+
+    /// An ICMP error quotes the datagram as it was on the wire, after translation, so a legal
+    /// translation makes the quote read as the flow's other end sent it and sends the error
+    /// there: only addresses, ports and checksums changed, every checksum as right (or wrong)
+    /// as before, and the addresses those of one of [`Self::icmp_translations`].
+    fn check_icmp_error(
+        &self,
+        error: &IcmpError,
+        input: &[u8],
+        output: &[u8],
+    ) -> Result<(), String> {
+        icmp_nat_fields_only(error, input, output)?;
+        icmp_checksums_preserved(error, input, output)?;
+        let actual = IcmpAddresses::read(error, output);
+        let legal = self.icmp_translations(error);
+        if legal.contains(&actual) {
+            return Ok(());
+        }
+        let legal: Vec<String> = legal.iter().map(ToString::to_string).collect();
+        Err(format!(
+            "mistranslated ICMP error about {}: became {actual}; legal: [{}]",
+            error.quoted,
+            legal.join(", ")
+        ))
+    }
+
+    /// What an error about a flow this run created may become. About a packet sent to a
+    /// backend (the backend or a router answered): the quote reads client -> frontend, the
+    /// error goes to the client, and if the backend itself sent it, it comes from the frontend
+    /// address. About a reply sent from the frontend (the client side answered): the quote
+    /// reads backend -> client (or SNAT address), and the error goes to the backend, from the
+    /// SNAT address when the flow is masqueraded.
+    fn icmp_translations(&self, error: &IcmpError) -> Vec<IcmpAddresses> {
+        let quoted = error.quoted;
+        let (outer_src, outer_dst) = (error.outer.src, error.outer.dst);
+        let key = Tuple { src: quoted.dst, dst: quoted.src, proto: quoted.proto };
+        let mut legal = Vec::new();
+        for &(frontend, client) in self.model.replies.get(&key).into_iter().flatten() {
+            let masqueraded = client != quoted.src;
+            legal.push(IcmpAddresses {
+                outer_src: if outer_src == quoted.dst.ip { frontend.ip } else { outer_src },
+                outer_dst: if masqueraded { client.ip } else { outer_dst },
+                quoted: Tuple { src: client, dst: frontend, proto: quoted.proto },
+            });
+        }
+        if let Some(forward) = self.model.dnat.get(&key) {
+            for &source in &forward.sources {
+                let masqueraded = forward.masqueraded;
+                legal.push(IcmpAddresses {
+                    outer_src: if masqueraded { source.ip } else { outer_src },
+                    outer_dst: forward.backend.ip,
+                    quoted: Tuple {
+                        src: forward.backend,
+                        dst: if masqueraded { source } else { quoted.dst },
+                        proto: quoted.proto,
+                    },
+                });
+            }
+        }
+        legal
     }
 
     /// `Ok(false)` if the change is not a DNAT to a backend of the addressed frontend; an error
@@ -1023,10 +1208,10 @@ impl<'t> Oracle<'t> {
             return Err(format!("{from} translated, but outside loadBalancerSourceRanges"));
         }
         let now = (to.dst, to.src != from.src);
-        if let Some(&earlier) = self.model.dnat.get(&from)
-            && earlier != now
+        if let Some(earlier) = self.model.dnat.get(&from)
+            && (earlier.backend, earlier.masqueraded) != now
         {
-            return Err(format!("{from}: now {now:?}, earlier (backend, SNAT) {earlier:?}"));
+            return Err(format!("{from}: now (backend, SNAT) {now:?}, earlier {earlier:?}"));
         }
         if frontend.flags & service_flags::AFFINITY != 0 {
             let sticky = *self.model.affinity.entry((from.src.ip, frontend.id)).or_insert(to.dst);
@@ -1042,7 +1227,13 @@ impl<'t> Oracle<'t> {
     }
 
     fn record(&mut self, from: Tuple, to: Tuple, frontend: Endpoint) {
-        if self.model.dnat.insert(from, (to.dst, to.src != from.src)).is_none() {
+        let forward = self.model.dnat.entry(from).or_insert_with(|| Forward {
+            backend: to.dst,
+            masqueraded: to.src != from.src,
+            sources: Vec::new(),
+        });
+        if !forward.sources.contains(&to.src) {
+            forward.sources.push(to.src);
             if self.model.flows.len() < RECENT_FLOWS {
                 self.model.flows.push((from, to));
             } else {
@@ -1094,7 +1285,12 @@ fn only_nat_fields_changed(p: &Parsed, input: &[u8], output: &[u8]) -> Result<()
     // The spans between the IPv4 checksum and addresses, the ports, and the L4 checksum.
     let kept =
         [(0, p.l3 + 10), (p.l3 + 20, p.l4), (p.l4 + 4, l4_check), (l4_check + 2, input.len())];
-    for (start, end) in kept {
+    unchanged_outside(&kept, input, output)
+}
+
+/// Compares the `kept` spans as slices (fast even in a debug build), naming the first change.
+fn unchanged_outside(kept: &[(usize, usize)], input: &[u8], output: &[u8]) -> Result<(), String> {
+    for &(start, end) in kept {
         if input[start..end] != output[start..end] {
             let at = (start..end).find(|&i| input[i] != output[i]).unwrap_or(start);
             return Err(format!("byte {at} changed, outside addresses, ports and checksums"));
@@ -1126,6 +1322,78 @@ fn checksums_preserved(p: &Parsed, input: &[u8], output: &[u8]) -> Result<(), St
         checksum::assert_valid(output);
     }
     Ok(())
+}
+
+/// The addresses an ICMP error translation may change.
+#[derive(Debug, PartialEq, Eq)]
+struct IcmpAddresses {
+    outer_src: Ipv4Addr,
+    outer_dst: Ipv4Addr,
+    quoted: Tuple,
+}
+
+impl IcmpAddresses {
+    fn read(error: &IcmpError, frame: &[u8]) -> Self {
+        let (l3, q3, q4) = (error.outer.l3, error.quote_l3, error.quote_l4);
+        Self {
+            outer_src: ip_at(frame, l3 + 12),
+            outer_dst: ip_at(frame, l3 + 16),
+            quoted: Tuple {
+                src: Endpoint { ip: ip_at(frame, q3 + 12), port: be16(frame, q4) },
+                dst: Endpoint { ip: ip_at(frame, q3 + 16), port: be16(frame, q4 + 2) },
+                proto: error.quoted.proto,
+            },
+        }
+    }
+}
+
+impl fmt::Display for IcmpAddresses {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} -> {} quoting {}", self.outer_src, self.outer_dst, self.quoted)
+    }
+}
+
+fn icmp_nat_fields_only(error: &IcmpError, input: &[u8], output: &[u8]) -> Result<(), String> {
+    let (l3, icmp, q3, q4) = (error.outer.l3, error.outer.l4(), error.quote_l3, error.quote_l4);
+    // Around the outer checksum and addresses, the ICMP checksum, the quoted checksum and
+    // addresses, and the quoted ports.
+    let kept = [
+        (0, l3 + 10),
+        (l3 + 20, icmp + 2),
+        (icmp + 4, q3 + 10),
+        (q3 + 20, q4),
+        (q4 + 4, input.len()),
+    ];
+    unchanged_outside(&kept, input, output)
+}
+
+fn icmp_checksums_preserved(error: &IcmpError, input: &[u8], output: &[u8]) -> Result<(), String> {
+    let residual = |frame: &[u8], start: usize, end: usize| fold(ones_sum(&frame[start..end]));
+    let (outer, icmp) = (&error.outer, error.outer.l4());
+    let spans = [
+        ("outer IPv4 header", outer.l3, icmp),
+        ("quoted IPv4 header", error.quote_l3, error.quote_l4),
+        ("ICMP", icmp, outer.end()),
+    ];
+    for (what, start, end) in spans {
+        if !same_in_ones_complement(residual(input, start, end), residual(output, start, end)) {
+            return Err(format!("{what} checksum not updated for the new addresses"));
+        }
+    }
+    if etherparse_icmp_ok(input) {
+        checksum::assert_icmp_valid(output);
+    }
+    Ok(())
+}
+
+/// `lb_tests::checksum::assert_icmp_valid` without the panic.
+fn etherparse_icmp_ok(frame: &[u8]) -> bool {
+    let Ok(packet) = SlicedPacket::from_ethernet(frame) else { return false };
+    let Some(NetSlice::Ipv4(ipv4)) = &packet.net else { return false };
+    let header = ipv4.header().to_header();
+    let Some(TransportSlice::Icmpv4(icmp)) = &packet.transport else { return false };
+    header.header_checksum == header.calc_header_checksum()
+        && icmp.checksum() == icmp.icmp_type().calc_checksum(icmp.payload())
 }
 
 /// The refusal RFC 793 (reset generation) or RFC 792 (port unreachable, quoting the IPv4
@@ -1356,7 +1624,8 @@ const TCP_FLAG_SETS: [u8; 12] = [
 ];
 
 /// How packets are made, besides the mutations; each must be used (see `assert_coverage`).
-const GENERATED_KINDS: [&str; 4] = ["new flow", "established flow", "reply", "random frame"];
+const GENERATED_KINDS: [&str; 5] =
+    ["new flow", "established flow", "reply", "ICMP error", "random frame"];
 
 struct Generator<'t> {
     rng: Rng,
@@ -1370,12 +1639,13 @@ impl<'t> Generator<'t> {
 
     /// The next input and how it was made.
     fn frame(&mut self, model: &Model) -> (Vec<u8>, Vec<&'static str>) {
-        // Half new flows, a fifth each continuing and answering flows seen, some noise.
+        // Half new flows; continuing, answering and ICMP errors about flows seen; some noise.
         let roll = self.rng.below(100);
         let known = match roll {
             0..=19 => self.continuation(model).map(|draft| (draft, GENERATED_KINDS[1])),
-            20..=39 => self.reply(model).map(|draft| (draft, GENERATED_KINDS[2])),
-            40..=44 => return (self.random_frame(), vec![GENERATED_KINDS[3]]),
+            20..=34 => self.reply(model).map(|draft| (draft, GENERATED_KINDS[2])),
+            35..=42 => self.icmp_error(model).map(|draft| (draft, GENERATED_KINDS[3])),
+            43..=47 => return (self.random_frame(), vec![GENERATED_KINDS[4]]),
             _ => None,
         };
         let (draft, kind) = known.unwrap_or_else(|| (self.new_flow(), GENERATED_KINDS[0]));
@@ -1416,6 +1686,43 @@ impl<'t> Generator<'t> {
         }
         let flags = *self.rng.pick(&[TCP_SYN | TCP_ACK, TCP_ACK, TCP_ACK | TCP_PSH, TCP_RST]);
         Some(self.draft(translated.dst, to, translated.proto, flags))
+    }
+
+    /// An ICMP error about a flow this run saw translated: about the packet sent to the backend
+    /// (from the backend or a router on the way), or about the reply sent to the client (from
+    /// the client or a router); now and then about a neighbouring port, nobody's flow.
+    fn icmp_error(&mut self, model: &Model) -> Option<Draft> {
+        let &(client, translated) = self.pick_flow(model)?;
+        let router = Ipv4Addr::new(10, 244, 2, 1);
+        let (mut quoted, reporter, to) = if self.rng.percent(50) {
+            let reporter = if self.rng.percent(50) { translated.dst.ip } else { router };
+            (translated, reporter, translated.src.ip)
+        } else {
+            let reply = Tuple { src: client.dst, dst: client.src, proto: client.proto };
+            let reporter = if self.rng.percent(50) { client.src.ip } else { router };
+            (reply, reporter, client.dst.ip)
+        };
+        if self.rng.percent(5) {
+            quoted.src.port = quoted.src.port.wrapping_add(1);
+        }
+        let quote = self.quote(quoted);
+        let kind = *self.rng.pick(&[ICMP_DEST_UNREACHABLE, ICMP_TIME_EXCEEDED]);
+        let code = self.rng.pick_or(&[3, 4, 1, 0], Rng::byte);
+        let ends = (Endpoint { ip: reporter, port: 0 }, Endpoint { ip: to, port: 0 });
+        let mut draft = self.draft(ends.0, ends.1, proto::ICMP, 0);
+        draft.l4 = L4::Icmp { kind, code };
+        draft.payload = quote;
+        Some(draft)
+    }
+
+    /// The start of `tuple`'s datagram as an ICMP error quotes it: its IPv4 header (options now
+    /// and then) and usually 8 bytes of L4; sometimes more, sometimes only the ports.
+    fn quote(&mut self, tuple: Tuple) -> Vec<u8> {
+        let draft = self.draft(tuple.src, tuple.dst, tuple.proto, TCP_ACK);
+        let frame = Draft { tags: Vec::new(), padding: Vec::new(), ..draft.clone() }.build();
+        let l4_bytes = *self.rng.pick(&[8, 8, 8, 4, 20]);
+        let end = (ETH_LEN + 20 + draft.ip_options.len() + l4_bytes).min(frame.len());
+        frame[ETH_LEN..end].to_vec()
     }
 
     fn pick_flow<'m>(&mut self, model: &'m Model) -> Option<&'m (Tuple, Tuple)> {

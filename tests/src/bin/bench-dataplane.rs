@@ -1,10 +1,11 @@
 //! `cargo xtask bench dataplane`: nanoseconds per packet of `lb_xdp`'s paths, measured with
-//! BPF_PROG_TEST_RUN, with 10, 10k and 100k services and 1M conntrack entries loaded. Prints a
+//! `BPF_PROG_TEST_RUN`, with 10, 10k and 100k services and 1M conntrack entries loaded. Prints a
 //! table and writes `target/bench/dataplane.json` under the workspace root.
 //!
-//! Two facts of BPF_PROG_TEST_RUN (measured on 6.18) shape the method:
+//! Two facts of `BPF_PROG_TEST_RUN` (measured on 6.18) shape the method:
 //! - with `repeat = n` the program runs n times on the same buffer and its rewrites persist from
-//!   one run to the next: a DNATed SYN counts one `forward_new`, then `not_service` n - 1 times;
+//!   one run to the next: a SYN translated by DNAT counts one `forward_new`, then n - 1
+//!   `not_service`;
 //! - for XDP, any `repeat > 1` costs about 20 ms per call (the kernel installs the program in the
 //!   XDP dispatcher and takes it out again), outside the timed loop but in the wall clock.
 //!
@@ -21,13 +22,12 @@
 //! Every measurement checks that the per-reason counters grew by exactly its run count under
 //! the reason of the path it claims to measure.
 //!
-//! Clocks: the kernel reports an integer average per call (1 ns steps, too coarse for a 3 ns
-//! floor), so the long runs are timed by this thread's CPU time, as the difference between a
+//! Clocks: the kernel reports an integer average per call (1 ns steps, too coarse for a floor of
+//! a few ns), so the long runs are timed by this thread's CPU time, as the difference between a
 //! short and a long call: the fixed cost of a call (the dispatcher update) cancels out. Single
 //! runs use the kernel's figure, which leaves the call's set-up out but includes the timer reads
-//! around the run: that overhead is shown as "floor at repeat 1", and the ratios of single-run
+//! around the run: that overhead is shown as "floor, single runs", and the ratios of single-run
 //! paths are taken against the repeat-n floor, so they overstate, never understate.
-#![expect(clippy::missing_panics_doc, reason = "a benchmark binary: failures panic with a message")]
 
 use std::{
     collections::BTreeMap,
@@ -124,14 +124,14 @@ fn two_point((short, long): (u32, u32), mut call: impl FnMut(u32) -> f64) -> f64
 /// ns/packet of every measured path with one service count loaded.
 #[derive(Clone, Copy)]
 struct Paths {
-    ct_hit_ns: f64,
-    first_packet_ns: f64,
-    snat_ns: f64,
-    reply_ns: f64,
-    snat_reply_ns: f64,
+    ct_hit: f64,
+    first_packet: f64,
+    snat: f64,
+    reply: f64,
+    snat_reply: f64,
 }
 
-/// The empty XDP program: the cost of BPF_PROG_TEST_RUN's loop and an XDP program call.
+/// The empty XDP program: the cost of `BPF_PROG_TEST_RUN`'s loop and an XDP program call.
 struct Floor {
     fd: OwnedFd,
 }
@@ -140,13 +140,13 @@ struct Floor {
 #[repr(C)]
 struct Insn {
     code: u8,
-    /// dst_reg in the low nibble, src_reg in the high nibble.
+    /// `dst_reg` in the low nibble, `src_reg` in the high nibble.
     regs: u8,
     off: i16,
     imm: i32,
 }
 
-/// The BPF_PROG_LOAD part of `union bpf_attr` (linux/bpf.h), as far as this load needs it.
+/// The `BPF_PROG_LOAD` part of `union bpf_attr` (linux/bpf.h), as far as this load needs it.
 #[repr(C)]
 struct ProgLoadAttr {
     prog_type: u32,
@@ -160,7 +160,7 @@ struct ProgLoadAttr {
     prog_flags: u32,
 }
 
-/// The BPF_PROG_TEST_RUN part of `union bpf_attr` (linux/bpf.h).
+/// The `BPF_PROG_TEST_RUN` part of `union bpf_attr` (linux/bpf.h).
 #[repr(C)]
 #[derive(Default)]
 struct TestRunAttr {
@@ -374,21 +374,21 @@ impl Bench {
 
     fn paths(&mut self) -> Paths {
         let paths = Paths {
-            ct_hit_ns: self.ct_hit(),
-            reply_ns: self.reply(false),
-            snat_reply_ns: self.reply(true),
-            first_packet_ns: self.first_packet(),
-            snat_ns: self.snat(),
+            ct_hit: self.ct_hit(),
+            reply: self.reply(false),
+            snat_reply: self.reply(true),
+            first_packet: self.first_packet(),
+            snat: self.snat(),
         };
         eprintln!(
             "{} services: hit {:.1}, reply {:.1}, masqueraded reply {:.1}, first packet {:.1}, \
              SNAT {:.1} ns",
             self.services,
-            paths.ct_hit_ns,
-            paths.reply_ns,
-            paths.snat_reply_ns,
-            paths.first_packet_ns,
-            paths.snat_ns
+            paths.ct_hit,
+            paths.reply,
+            paths.snat_reply,
+            paths.first_packet,
+            paths.snat
         );
         paths
     }
@@ -567,7 +567,7 @@ fn cluster_ip_service(index: u32) -> Vec<MapOp> {
         let ip = Ipv4Addr::from(0x0af4_0000 + n % 32_768);
         (ip, 8080 + u16::try_from(n / 32_768).expect("port"), backend_flags::LOCAL)
     });
-    service_ops(index + 1, (vip, port), 0, backends.collect())
+    service_ops(index + 1, (vip, port), 0, &backends.collect::<Vec<_>>())
 }
 
 /// NodePort 30000 + `index` on the node's address, with two remote backends: from outside the
@@ -575,7 +575,7 @@ fn cluster_ip_service(index: u32) -> Vec<MapOp> {
 fn node_port_service(index: u32) -> Vec<MapOp> {
     let backends = (0..2).map(|slot| (Ipv4Addr::from(0x0af5_0000 + 2 * index + slot), 80, 0));
     let frontend = (node_ip(), node_port(index));
-    service_ops(200_000 + index, frontend, service_flags::EXTERNAL, backends.collect())
+    service_ops(200_000 + index, frontend, service_flags::EXTERNAL, &backends.collect::<Vec<_>>())
 }
 
 /// The daemon's write order for one frontend: backends and slots, reverse NAT, the frontend.
@@ -583,10 +583,10 @@ fn service_ops(
     service_id: u32,
     (vip, port): (Ipv4Addr, u16),
     flags: u16,
-    backends: Vec<(Ipv4Addr, u16, u8)>,
+    backends: &[(Ipv4Addr, u16, u8)],
 ) -> Vec<MapOp> {
     let mut ops = Vec::new();
-    for (slot, (ip, backend_port, backend_flags)) in (0u32..).zip(&backends) {
+    for (slot, (ip, backend_port, backend_flags)) in (0u32..).zip(backends) {
         let id = 2 * service_id + slot;
         let backend = Backend {
             ip_be: ip_be(*ip),
@@ -615,6 +615,9 @@ fn rev_nat(service_id: u32, (ip, port): (&str, u16)) -> MapOp {
     MapOp::UpsertRevNat { service_id, rev_nat: RevNat { vip_be, port_be, pad: [0; 2] } }
 }
 
+/// A JSON key and the path figure it holds, by service count.
+type Series = (&'static str, fn(&Paths) -> f64);
+
 struct Report {
     floor_ns: f64,
     floor_single_ns: f64,
@@ -629,7 +632,7 @@ impl Report {
     }
 
     fn scaling(&self) -> f64 {
-        let first = |count| self.by_services[&count].first_packet_ns;
+        let first = |count| self.by_services[&count].first_packet;
         first(SERVICE_COUNTS[2]) / first(SERVICE_COUNTS[0])
     }
 
@@ -644,17 +647,17 @@ impl Report {
             let n = services;
             self.row(
                 &format!("conntrack hit, {n} services"),
-                paths.ct_hit_ns,
+                paths.ct_hit,
                 headline.then_some(TARGET_CT_HIT),
             );
             self.row(
                 &format!("first packet (single runs), {n} services"),
-                paths.first_packet_ns,
+                paths.first_packet,
                 headline.then_some(TARGET_FIRST_PACKET),
             );
-            self.row(&format!("NodePort SNAT (single runs), {n} services"), paths.snat_ns, None);
-            self.row(&format!("reply, {n} services"), paths.reply_ns, None);
-            self.row(&format!("reply, masqueraded flow, {n} services"), paths.snat_reply_ns, None);
+            self.row(&format!("NodePort SNAT (single runs), {n} services"), paths.snat, None);
+            self.row(&format!("reply, {n} services"), paths.reply, None);
+            self.row(&format!("reply, masqueraded flow, {n} services"), paths.snat_reply, None);
         }
         let scaling = self.scaling();
         let met = if scaling <= TARGET_SCALING { "yes" } else { "NO" };
@@ -679,11 +682,11 @@ impl Report {
             ("floor_ns", self.floor_ns),
             ("floor_single_run_ns", self.floor_single_ns),
             ("parse_only_ns", self.parse_only_ns),
-            ("ct_hit_ns", head.ct_hit_ns),
-            ("first_packet_ns", head.first_packet_ns),
-            ("snat_ns", head.snat_ns),
-            ("reply_ns", head.reply_ns),
-            ("snat_reply_ns", head.snat_reply_ns),
+            ("ct_hit_ns", head.ct_hit),
+            ("first_packet_ns", head.first_packet),
+            ("snat_ns", head.snat),
+            ("reply_ns", head.reply),
+            ("snat_reply_ns", head.snat_reply),
         ];
         for (name, value) in fields {
             writeln!(text, "  \"{name}\": {value:.2},").expect("writing to a String");
@@ -693,11 +696,11 @@ impl Report {
                 self.by_services.iter().map(|(n, p)| format!("\"{n}\": {:.2}", pick(p))).collect();
             format!("{{{}}}", items.join(", "))
         };
-        let series: [(&str, fn(&Paths) -> f64); 4] = [
-            ("first_packet_ns_by_services", |p| p.first_packet_ns),
-            ("ct_hit_ns_by_services", |p| p.ct_hit_ns),
-            ("snat_ns_by_services", |p| p.snat_ns),
-            ("reply_ns_by_services", |p| p.reply_ns),
+        let series: [Series; 4] = [
+            ("first_packet_ns_by_services", |p| p.first_packet),
+            ("ct_hit_ns_by_services", |p| p.ct_hit),
+            ("snat_ns_by_services", |p| p.snat),
+            ("reply_ns_by_services", |p| p.reply),
         ];
         for (name, pick) in series {
             writeln!(text, "  \"{name}\": {},", by_count(pick)).expect("writing to a String");
