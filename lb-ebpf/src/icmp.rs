@@ -14,6 +14,7 @@ use crate::{
     hook::{Hook, L4Csum},
     lb::Verdict,
     maps::{CONNTRACK, REV_NAT},
+    nat::End,
     parse::Packet,
 };
 
@@ -109,30 +110,10 @@ fn about_forward_packet(
     // SAFETY: plain data.
     let rev_nat: RevNat = *unsafe { REV_NAT.get(&reply_entry.service_id) }.ok_or(())?;
     let icmp = packet.l4_offset;
-    rewrite_quoted(
-        hook,
-        icmp,
-        quote,
-        quote.l3 + IP_DST,
-        quote.l4 + 2,
-        quote.dst_be,
-        rev_nat.vip_be,
-        quote.dst_port_be,
-        rev_nat.port_be,
-    )?;
+    rewrite_quoted(hook, icmp, quote, End::Destination, rev_nat.vip_be, rev_nat.port_be)?;
     if reply_entry.flags & ct_flags::SNAT != 0 {
         let (client, client_port) = (reply_entry.nat_ip_be, reply_entry.nat_port_be);
-        rewrite_quoted(
-            hook,
-            icmp,
-            quote,
-            quote.l3 + IP_SRC,
-            quote.l4,
-            quote.src_be,
-            client,
-            quote.src_port_be,
-            client_port,
-        )?;
+        rewrite_quoted(hook, icmp, quote, End::Source, client, client_port)?;
         rewrite_outer(hook, packet.l3_offset + IP_DST, packet.l3_offset, packet.dst_ip_be, client)?;
     }
     if packet.src_ip_be == quote.dst_be {
@@ -159,54 +140,31 @@ fn about_reply_packet(
 ) -> Result<(), ()> {
     let icmp = packet.l4_offset;
     let (backend, backend_port) = (forward_entry.backend_ip_be, forward_entry.backend_port_be);
-    rewrite_quoted(
-        hook,
-        icmp,
-        quote,
-        quote.l3 + IP_SRC,
-        quote.l4,
-        quote.src_be,
-        backend,
-        quote.src_port_be,
-        backend_port,
-    )?;
+    rewrite_quoted(hook, icmp, quote, End::Source, backend, backend_port)?;
     if forward_entry.flags & ct_flags::SNAT != 0 {
         let (snat, snat_port) = (forward_entry.nat_ip_be, forward_entry.nat_port_be);
-        rewrite_quoted(
-            hook,
-            icmp,
-            quote,
-            quote.l3 + IP_DST,
-            quote.l4 + 2,
-            quote.dst_be,
-            snat,
-            quote.dst_port_be,
-            snat_port,
-        )?;
+        rewrite_quoted(hook, icmp, quote, End::Destination, snat, snat_port)?;
         rewrite_outer(hook, packet.l3_offset + IP_SRC, packet.l3_offset, packet.src_ip_be, snat)?;
     }
     rewrite_outer(hook, packet.l3_offset + IP_DST, packet.l3_offset, packet.dst_ip_be, backend)
 }
 
-/// Rewrites one address and port of the quoted header, its IPv4 checksum, and the ICMP
+/// Rewrites one end (address and port) of the quoted header, its IPv4 checksum, and the ICMP
 /// checksum (which covers all three; ICMP has no pseudo-header). The quoted L4 checksum is
 /// left alone: it is usually cut off, and no receiver checks it.
-#[expect(
-    clippy::too_many_arguments,
-    reason = "one address and one port, old and new, at their offsets"
-)]
 #[inline(always)]
 fn rewrite_quoted(
     hook: &impl Hook,
     icmp: usize,
     quote: &Quote,
-    addr_offset: usize,
-    port_offset: usize,
-    old_addr: u32,
+    end: End,
     new_addr: u32,
-    old_port: u16,
     new_port: u16,
 ) -> Result<(), ()> {
+    let (addr_offset, port_offset, old_addr, old_port) = match end {
+        End::Source => (quote.l3 + IP_SRC, quote.l4, quote.src_be, quote.src_port_be),
+        End::Destination => (quote.l3 + IP_DST, quote.l4 + 2, quote.dst_be, quote.dst_port_be),
+    };
     let old_check: u16 = hook.load(quote.l3 + IP_CHECK)?;
     let new_check = csum::replace32(old_check, old_addr, new_addr);
     hook.store(addr_offset, &new_addr)?;

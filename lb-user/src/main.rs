@@ -38,16 +38,8 @@ enum Command {
         /// The node configuration file (YAML).
         #[arg(long)]
         node_config: PathBuf,
-        /// External interface for the XDP program (repeatable).
-        #[arg(long = "xdp-iface", value_name = "IF")]
-        xdp_ifaces: Vec<String>,
-        /// Pod-facing interface for the tc ingress program (repeatable).
-        #[arg(long = "tc-iface", value_name = "IF")]
-        tc_ifaces: Vec<String>,
-        /// cgroup v2 directory whose processes reach services through the host path
-        /// (`/sys/fs/cgroup` for the whole node).
-        #[arg(long, value_name = "DIR")]
-        host_cgroup: Option<PathBuf>,
+        #[command(flatten)]
+        targets: TargetArgs,
         #[arg(long, default_value = DEFAULT_PIN_DIR)]
         pin_dir: PathBuf,
         /// Seconds between full resyncs when nothing changes.
@@ -56,13 +48,8 @@ enum Command {
     },
     /// Load the programs, attach them, and pin programs, links and maps under the pin directory.
     Load {
-        #[arg(long = "xdp-iface", value_name = "IF")]
-        xdp_ifaces: Vec<String>,
-        #[arg(long = "tc-iface", value_name = "IF")]
-        tc_ifaces: Vec<String>,
-        /// cgroup v2 directory for the host path (`/sys/fs/cgroup` for the whole node).
-        #[arg(long, value_name = "DIR")]
-        host_cgroup: Option<PathBuf>,
+        #[command(flatten)]
+        targets: TargetArgs,
         #[arg(long, default_value = DEFAULT_PIN_DIR)]
         pin_dir: PathBuf,
         /// Print the attachments as JSON.
@@ -102,6 +89,31 @@ enum Command {
     },
 }
 
+/// Where `run` and `load` attach the programs.
+#[derive(clap::Args)]
+struct TargetArgs {
+    /// External interface for the XDP program (repeatable).
+    #[arg(long = "xdp-iface", value_name = "IF")]
+    xdp_ifaces: Vec<String>,
+    /// Pod-facing interface for the tc ingress program (repeatable).
+    #[arg(long = "tc-iface", value_name = "IF")]
+    tc_ifaces: Vec<String>,
+    /// cgroup v2 directory whose processes reach services through the host path
+    /// (`/sys/fs/cgroup` for the whole node).
+    #[arg(long, value_name = "DIR")]
+    host_cgroup: Option<PathBuf>,
+}
+
+impl From<TargetArgs> for attach::Targets {
+    fn from(args: TargetArgs) -> Self {
+        Self {
+            xdp_ifaces: args.xdp_ifaces,
+            tc_ifaces: args.tc_ifaces,
+            host_cgroup: args.host_cgroup,
+        }
+    }
+}
+
 fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -111,16 +123,7 @@ fn main() -> anyhow::Result<()> {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     match Cli::parse().command {
-        Command::Run {
-            manifests,
-            kubeconfig,
-            node_config,
-            xdp_ifaces,
-            tc_ifaces,
-            host_cgroup,
-            pin_dir,
-            resync_seconds,
-        } => {
+        Command::Run { manifests, kubeconfig, node_config, targets, pin_dir, resync_seconds } => {
             let node_config = NodeConfig::from_file(&node_config)?;
             let source = match manifests {
                 Some(dir) => daemon::Source::Manifests(dir),
@@ -129,7 +132,7 @@ fn main() -> anyhow::Result<()> {
             let options = daemon::Options {
                 source,
                 node_config,
-                targets: attach::Targets { xdp_ifaces, tc_ifaces, host_cgroup },
+                targets: targets.into(),
                 pins: PinLayout::new(pin_dir),
                 resync: Duration::from_secs(resync_seconds.max(1)),
             };
@@ -139,8 +142,8 @@ fn main() -> anyhow::Result<()> {
                 .build()?;
             runtime.block_on(daemon::run(options)).context("run")?;
         }
-        Command::Load { xdp_ifaces, tc_ifaces, host_cgroup, pin_dir, json } => {
-            let targets = attach::Targets { xdp_ifaces, tc_ifaces, host_cgroup };
+        Command::Load { targets, pin_dir, json } => {
+            let targets = attach::Targets::from(targets);
             let attachments = attach::load_and_attach(
                 &PinLayout::new(&pin_dir),
                 &targets,

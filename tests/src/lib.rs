@@ -16,6 +16,7 @@
 
 pub mod cgroup;
 pub mod checksum;
+pub mod daemon;
 pub mod datapath;
 pub mod fixtures;
 pub mod netns;

@@ -3,14 +3,14 @@
 //! daemon, see the service address as their peer, and are refused at once by a service
 //! without endpoints. Only the test's own processes are in the cgroup.
 
-use std::{path::Path, process::Command, time::Duration};
+use std::{path::Path, process::Command};
 
 use lb_tests::{
     cgroup::TestCgroup,
+    daemon::{RunningDaemon, examples},
     pins::TestPins,
-    topology::{EXTERNAL_IFACE, Topology},
+    topology::Topology,
 };
-use lb_user::{attach, config::NodeConfig, daemon, status};
 
 /// What the node process does: connect, print its peer and the first answer line (TCP), or
 /// exchange one datagram (UDP); errors are printed as `error: <errno name>`.
@@ -50,34 +50,8 @@ fn node_processes_reach_services_through_the_cgroup_hooks() {
     let _servers = topology.start_servers();
     let pins = TestPins::new();
     let cgroup = TestCgroup::new();
-    let manifests = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples");
-    let options = daemon::Options {
-        source: daemon::Source::Manifests(manifests.join("manifests")),
-        node_config: NodeConfig::from_file(&manifests.join("node.yaml")).expect("node.yaml"),
-        targets: attach::Targets {
-            xdp_ifaces: vec![EXTERNAL_IFACE.into()],
-            tc_ifaces: topology.pod_ifaces(),
-            host_cgroup: Some(cgroup.path().to_owned()),
-        },
-        pins: pins.layout().clone(),
-        resync: Duration::from_secs(60),
-    };
-    let node = topology.node.path();
-    let (stop, stopped) = std::sync::mpsc::channel::<()>();
-    let daemon = std::thread::spawn(move || {
-        lb_tests::netns::enter_path(&node);
-        let runtime =
-            tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
-        let shutdown = async move {
-            let _ = tokio::task::spawn_blocking(move || stopped.recv()).await;
-        };
-        runtime.block_on(daemon::run_until(options, shutdown)).expect("daemon");
-    });
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while !status::read(pins.layout()).is_ok_and(|s| s.frontends.len() >= 7) {
-        assert!(std::time::Instant::now() < deadline, "the daemon did not program the services");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let daemon =
+        RunningDaemon::start(&topology, &pins, &examples().join("manifests"), Some(cgroup.path()));
     let netns = topology.node.path();
 
     let answer = node_process(cgroup.path(), &netns, &["tcp", "10.96.45.10", "80"]);
@@ -95,6 +69,5 @@ fn node_processes_reach_services_through_the_cgroup_hooks() {
     let answer = node_process(cgroup.path(), &netns, &["tcp", "10.96.45.12", "80"]);
     assert_eq!(answer, "error: Connection refused", "no endpoints: refused at once");
 
-    drop(stop);
-    daemon.join().expect("daemon thread");
+    daemon.stop();
 }

@@ -29,10 +29,6 @@ use std::{
     time::Instant,
 };
 
-use aya::{
-    Ebpf,
-    programs::{SchedClassifier, TestRun as _, TestRunOptions, Xdp},
-};
 use etherparse::{NetSlice, SlicedPacket, TransportSlice};
 use lb_common::{
     maps::{proto, scope, service_flags},
@@ -40,17 +36,12 @@ use lb_common::{
 };
 use lb_tests::{
     checksum,
-    datapath::Hook,
+    datapath::{Datapath, Hook},
     fixtures::{self, CLUSTER_IPS, LB_IP},
     node::{NODE_IP, SNAT_PORT_MAX, SNAT_PORT_MIN},
     packets::{CLIENT_MAC, NODE_MAC, Spec, TcpFields},
 };
-use lb_user::{
-    loader,
-    maps::{KernelMaps, MapWriter as _},
-    program_names,
-    stats::{self, ReasonCounts},
-};
+use lb_user::stats::ReasonCounts;
 
 const DEFAULT_SEED: u64 = 0x1b5e_ed00_2026_0001;
 const RUNS_PER_PROGRAM: u64 = 1_000_000;
@@ -194,7 +185,7 @@ fn survive(hook: Hook) {
     let mut fuzz = Fuzz {
         hook,
         seed,
-        programs: Programs::seeded(),
+        programs: fixtures::seeded(),
         oracle: Oracle::new(hook, &tables),
         // One stream per hook, so the two tests can run in parallel and each replays alone.
         generator: Generator::new(seed ^ hook_salt(hook), &tables),
@@ -227,7 +218,7 @@ fn survive(hook: Hook) {
 struct Fuzz<'t> {
     hook: Hook,
     seed: u64,
-    programs: Programs,
+    programs: Datapath,
     oracle: Oracle<'t>,
     generator: Generator<'t>,
     /// Fixed inputs that go first.
@@ -262,7 +253,7 @@ impl Fuzz<'_> {
 
     fn run_one(&mut self, index: u64, input: &[u8], how: &[&'static str]) -> Outcome {
         let (hook, seed) = (self.hook, self.seed);
-        let (code, output) = self.programs.run(hook, input);
+        let (code, output) = self.programs.run_uncounted(hook, input);
         let context = Context { hook, seed, index, how, input, output: &output };
         match self.oracle.judge(code, input, &output) {
             Ok(outcome) => {
@@ -364,58 +355,6 @@ fn hex(bytes: &[u8]) -> String {
         write!(text, "{byte:02x}").expect("writing to a String");
         text
     })
-}
-
-struct Programs {
-    ebpf: Ebpf,
-    /// Kept so the maps the programs use stay open; written once, at seeding.
-    _maps: KernelMaps,
-}
-
-impl Programs {
-    fn seeded() -> Self {
-        let mut ebpf = loader::load_private()
-            .unwrap_or_else(|e| panic!("loading the programs (root and BTF needed): {e:?}"));
-        let mut maps = KernelMaps::take_from(&mut ebpf).expect("datapath maps");
-        for op in fixtures::seed_ops() {
-            maps.apply(&op).unwrap_or_else(|e| panic!("applying {op:?}: {e:?}"));
-        }
-        Self { ebpf, _maps: maps }
-    }
-
-    fn run(&self, hook: Hook, input: &[u8]) -> (u32, Vec<u8>) {
-        // Room for a refusal that grows a short packet into an ICMP error.
-        let mut output = vec![0u8; input.len() + 512];
-        let options = TestRunOptions {
-            data_in: Some(input),
-            data_out: Some(&mut output),
-            ..TestRunOptions::default()
-        };
-        let result = match hook {
-            Hook::Xdp => self.program::<Xdp>(program_names::XDP).test_run(options),
-            Hook::Tc => self.program::<SchedClassifier>(program_names::TC).test_run(options),
-        }
-        .unwrap_or_else(|e| {
-            panic!("BPF_PROG_TEST_RUN of {hook:?} on {}: {e:?}", hex(input));
-        });
-        output.truncate(result.data_size_out as usize);
-        (result.return_value, output)
-    }
-
-    fn program<'a, P>(&'a self, name: &str) -> &'a P
-    where
-        &'a P: TryFrom<&'a aya::programs::Program>,
-    {
-        self.ebpf
-            .program(name)
-            .and_then(|p| p.try_into().ok())
-            .unwrap_or_else(|| panic!("program {name} of the expected type"))
-    }
-
-    fn counters(&self) -> ReasonCounts {
-        stats::read(self.ebpf.map(lb_common::maps::names::STATS).expect("STATS map"))
-            .expect("reading STATS")
-    }
 }
 
 /// Reasons by the verdict they stand for (README, "Counters"). A packet the parser cannot trust

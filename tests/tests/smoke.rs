@@ -6,22 +6,17 @@
 use std::{
     io::{BufRead as _, BufReader, Write as _},
     net::{SocketAddr, TcpStream},
-    path::{Path, PathBuf},
-    sync::mpsc,
-    thread::JoinHandle,
+    path::PathBuf,
     time::{Duration, Instant},
 };
 
 use lb_tests::{
-    netns::{enter_path, unique_name},
+    daemon::{RunningDaemon, examples, wait_for},
+    netns::unique_name,
     pins::TestPins,
-    topology::{EXTERNAL_IFACE, NODE_IP, Topology, tcp_request, udp_request},
+    topology::{NODE_IP, Topology, tcp_request, udp_request},
 };
-use lb_user::{attach, config::NodeConfig, daemon, status};
-
-fn examples() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples")
-}
+use lb_user::status;
 
 fn addr(text: &str) -> SocketAddr {
     text.parse().expect("socket address")
@@ -53,79 +48,13 @@ impl Drop for ManifestDir {
     }
 }
 
-/// The daemon on a thread inside the node namespace; stopped like SIGTERM would.
-struct Daemon {
-    stop: Option<mpsc::Sender<()>>,
-    thread: Option<JoinHandle<()>>,
-}
-
-impl Daemon {
-    fn start(topology: &Topology, pins: &TestPins, manifests: &Path) -> Self {
-        let options = daemon::Options {
-            source: daemon::Source::Manifests(manifests.to_owned()),
-            node_config: NodeConfig::from_file(&examples().join("node.yaml")).expect("node.yaml"),
-            targets: attach::Targets {
-                xdp_ifaces: vec![EXTERNAL_IFACE.into()],
-                tc_ifaces: topology.pod_ifaces(),
-                host_cgroup: None,
-            },
-            pins: pins.layout().clone(),
-            resync: Duration::from_secs(60),
-        };
-        let node = topology.node.path();
-        let (stop, stopped) = mpsc::channel::<()>();
-        let thread = std::thread::spawn(move || {
-            enter_path(&node);
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .expect("runtime");
-            let shutdown = async move {
-                let _ = tokio::task::spawn_blocking(move || stopped.recv()).await;
-            };
-            runtime.block_on(daemon::run_until(options, shutdown)).expect("daemon");
-        });
-        let daemon = Self { stop: Some(stop), thread: Some(thread) };
-        wait_for(
-            || status::read(pins.layout()).is_ok_and(|s| s.frontends.len() >= 7),
-            "the daemon to program the services",
-        );
-        daemon
-    }
-
-    fn stop(mut self) {
-        self.shutdown();
-    }
-
-    fn shutdown(&mut self) {
-        drop(self.stop.take());
-        if let Some(thread) = self.thread.take() {
-            thread.join().expect("daemon thread");
-        }
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        self.shutdown();
-    }
-}
-
-fn wait_for(mut condition: impl FnMut() -> bool, what: &str) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !condition() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
 #[test]
 fn real_connections_through_the_running_daemon() {
     let topology = Topology::new("lbt");
     let _servers = topology.start_servers();
     let pins = TestPins::new();
     let manifests = ManifestDir::new();
-    let daemon = Daemon::start(&topology, &pins, &manifests.0);
+    let daemon = RunningDaemon::start(&topology, &pins, &manifests.0, None);
     let client_pod = &topology.pod("client").netns;
 
     let answer =
@@ -161,7 +90,7 @@ fn real_connections_through_the_running_daemon() {
     let first = exchange(&mut connection);
     daemon.stop();
     assert_eq!(exchange(&mut connection), first, "answered while no daemon runs");
-    let daemon = Daemon::start(&topology, &pins, &manifests.0);
+    let daemon = RunningDaemon::start(&topology, &pins, &manifests.0, None);
     assert_eq!(exchange(&mut connection), first, "same backend after the restart");
 
     // A live edit: my-nginx-2 leaves the EndpointSlice; new connections only reach my-nginx-1.

@@ -1,0 +1,95 @@
+//! The daemon on a thread inside a topology's node namespace, on the example node
+//! configuration, stopped the way SIGTERM stops it (the datapath stays pinned).
+
+use std::{
+    path::{Path, PathBuf},
+    sync::mpsc,
+    thread::JoinHandle,
+    time::{Duration, Instant},
+};
+
+use lb_user::{attach, config::NodeConfig, daemon, status};
+
+use crate::{
+    netns::enter_path,
+    pins::TestPins,
+    topology::{EXTERNAL_IFACE, Topology},
+};
+
+/// The repository's `examples/` directory.
+pub fn examples() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples")
+}
+
+pub struct RunningDaemon {
+    stop: Option<mpsc::Sender<()>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl RunningDaemon {
+    /// Starts the daemon on `manifests`, attached to the topology (and to `host_cgroup` for the
+    /// host path), and waits until it has programmed the example services.
+    pub fn start(
+        topology: &Topology,
+        pins: &TestPins,
+        manifests: &Path,
+        host_cgroup: Option<&Path>,
+    ) -> Self {
+        let options = daemon::Options {
+            source: daemon::Source::Manifests(manifests.to_owned()),
+            node_config: NodeConfig::from_file(&examples().join("node.yaml")).expect("node.yaml"),
+            targets: attach::Targets {
+                xdp_ifaces: vec![EXTERNAL_IFACE.into()],
+                tc_ifaces: topology.pod_ifaces(),
+                host_cgroup: host_cgroup.map(Path::to_owned),
+            },
+            pins: pins.layout().clone(),
+            resync: Duration::from_secs(60),
+        };
+        let node = topology.node.path();
+        let (stop, stopped) = mpsc::channel::<()>();
+        let thread = std::thread::spawn(move || {
+            enter_path(&node);
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
+            let shutdown = async move {
+                let _ = tokio::task::spawn_blocking(move || stopped.recv()).await;
+            };
+            runtime.block_on(daemon::run_until(options, shutdown)).expect("daemon");
+        });
+        let daemon = Self { stop: Some(stop), thread: Some(thread) };
+        wait_for(
+            || status::read(pins.layout()).is_ok_and(|s| s.frontends.len() >= 7),
+            "the daemon to program the services",
+        );
+        daemon
+    }
+
+    pub fn stop(mut self) {
+        self.shutdown();
+    }
+
+    fn shutdown(&mut self) {
+        drop(self.stop.take());
+        if let Some(thread) = self.thread.take() {
+            thread.join().expect("daemon thread");
+        }
+    }
+}
+
+impl Drop for RunningDaemon {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+/// Polls `condition` for up to 10 s.
+pub fn wait_for(mut condition: impl FnMut() -> bool, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !condition() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
