@@ -100,25 +100,51 @@ pub struct CachedDir {
 impl CachedDir {
     pub fn load(&mut self, dir: &Path) -> Result<Manifests, ManifestError> {
         let mut previous = std::mem::take(&mut self.files);
-        let mut merged = Manifests::default();
+        let mut files = Vec::new();
         for file in manifest_files(dir)? {
             let metadata = std::fs::metadata(&file).ok();
             let stamp = (
                 metadata.as_ref().and_then(|m| m.modified().ok()),
                 metadata.map_or(0, |m| m.len()),
             );
-            let parsed = match previous.remove(&file) {
-                Some((modified, len, parsed)) if (modified, len) == stamp => parsed,
-                _ => load_file(&file),
-            };
+            let cached = previous
+                .remove(&file)
+                .filter(|(modified, len, _)| (*modified, *len) == stamp)
+                .map(|(_, _, parsed)| parsed);
+            files.push((file, stamp, cached));
+        }
+        parse_missing(&mut files);
+        let mut merged = Manifests::default();
+        for (file, (modified, len), parsed) in files {
+            let parsed = parsed.unwrap_or_default();
             merged.services.extend(parsed.services.iter().cloned());
             merged.slices.extend(parsed.slices.iter().cloned());
             merged.problems.extend(parsed.problems.iter().cloned());
             merged.ignored.extend(parsed.ignored.iter().cloned());
-            self.files.insert(file, (stamp.0, stamp.1, parsed));
+            self.files.insert(file, (modified, len, parsed));
         }
         Ok(merged)
     }
+}
+
+type Stamp = (Option<SystemTime>, u64);
+
+/// Parses the files without a cached result, spread over the machine's cores: a daemon
+/// starting on a large directory is bound by YAML parsing.
+fn parse_missing(files: &mut [(PathBuf, Stamp, Option<Manifests>)]) {
+    let mut missing: Vec<&mut (PathBuf, Stamp, Option<Manifests>)> =
+        files.iter_mut().filter(|(_, _, parsed)| parsed.is_none()).collect();
+    let workers = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
+    let chunk = missing.len().div_ceil(workers).max(1);
+    std::thread::scope(|scope| {
+        for entries in missing.chunks_mut(chunk) {
+            scope.spawn(move || {
+                for entry in entries {
+                    entry.2 = Some(load_file(&entry.0));
+                }
+            });
+        }
+    });
 }
 
 /// Reads one file; problems are recorded, not returned.

@@ -134,12 +134,18 @@ fn measure(size: usize) -> String {
     let mut ebpf = loader::load_private_with(&capacities).expect("load the datapath");
     let mut maps = KernelMaps::take_from(&mut ebpf).expect("maps");
 
+    // The first sync, stage by stage (the same calls as `sync`).
     let started = Instant::now();
     let mut reconciler =
         Reconciler::with_capacities(DatapathState::default(), SlotMode::PerBackend, &capacities);
     let mut cache = manifest::CachedDir::default();
-    let writes = sync(&dir, &mut cache, &node, &mut reconciler, &mut maps);
+    let manifests = cache.load(&dir).expect("manifest directory");
+    let parsed = started.elapsed();
+    let model = model::build(&manifests.services, &manifests.slices, &node);
+    let modelled = started.elapsed();
+    let writes = reconciler.reconcile(&model, &node, &mut maps).expect("reconcile").ops.len();
     let programmed = started.elapsed();
+    drop((manifests, model));
     // KiB to MiB; exact far beyond any RSS this machine can have.
     let rss_mib = f64::from(u32::try_from(peak_rss_kib()).expect("RSS under 4 TiB")) / 1024.0;
 
@@ -165,8 +171,11 @@ fn measure(size: usize) -> String {
         latencies[rank - 1].as_secs_f64() * 1e3
     };
     format!(
-        "{{\"services\": {size}, \"endpoints_per_service\": {ENDPOINTS}, \"programmed_s\": {:.3}, \"writes\": {writes}, \"peak_rss_mib\": {rss_mib:.1}, \"changes_measured\": {}, \"change_p50_ms\": {:.2}, \"change_p99_ms\": {:.2}}}",
+        "{{\"services\": {size}, \"endpoints_per_service\": {ENDPOINTS}, \"programmed_s\": {:.3}, \"parse_s\": {:.3}, \"model_s\": {:.3}, \"reconcile_s\": {:.3}, \"writes\": {writes}, \"peak_rss_mib\": {rss_mib:.1}, \"changes_measured\": {}, \"change_p50_ms\": {:.2}, \"change_p99_ms\": {:.2}}}",
         programmed.as_secs_f64(),
+        parsed.as_secs_f64(),
+        (modelled - parsed).as_secs_f64(),
+        (programmed - modelled).as_secs_f64(),
         latencies.len(),
         percentile(50),
         percentile(99)
