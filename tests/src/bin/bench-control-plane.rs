@@ -174,8 +174,8 @@ fn measure(size: usize) -> String {
         "{{\"services\": {size}, \"endpoints_per_service\": {ENDPOINTS}, \"programmed_s\": {:.3}, \"parse_s\": {:.3}, \"model_s\": {:.3}, \"reconcile_s\": {:.3}, \"writes\": {writes}, \"peak_rss_mib\": {rss_mib:.1}, \"changes_measured\": {}, \"change_p50_ms\": {:.2}, \"change_p99_ms\": {:.2}}}",
         programmed.as_secs_f64(),
         parsed.as_secs_f64(),
-        (modelled - parsed).as_secs_f64(),
-        (programmed - modelled).as_secs_f64(),
+        modelled.saturating_sub(parsed).as_secs_f64(),
+        programmed.saturating_sub(modelled).as_secs_f64(),
         latencies.len(),
         percentile(50),
         percentile(99)
