@@ -10,7 +10,13 @@ use aya_ebpf::{
 };
 use lb_common::maps::{forwarding, node_flags};
 
-use crate::{csum, hook::Hook as _, lb, maps::FORWARDING, parse::Packet};
+use crate::{
+    csum,
+    hook::Hook as _,
+    lb,
+    maps::FORWARDING,
+    parse::{Packet, ipv4_field},
+};
 
 /// `struct bpf_fib_lookup` for IPv4 (include/uapi/linux/bpf.h), 64 bytes.
 #[repr(C)]
@@ -32,8 +38,6 @@ struct FibLookup {
 
 const AF_INET: u8 = 2;
 const FIB_LOOKUP_SUCCESS: i64 = 0;
-const IP_TTL: usize = 8;
-const IP_CHECK: usize = 10;
 
 /// The XDP verdict for a translated packet. Only with FIB forwarding on are the outcomes
 /// counted: off, every packet goes up the stack by configuration.
@@ -68,8 +72,8 @@ fn redirect(ctx: &XdpContext, packet: &Packet) -> Option<u32> {
         ifindex: ctx.ingress_ifindex() as u32,
         ..FibLookup::default()
     };
-    lookup.ipv4_src[0] = ctx.load(l3 + 12).ok()?;
-    lookup.ipv4_dst[0] = ctx.load(l3 + 16).ok()?;
+    lookup.ipv4_src[0] = ctx.load(l3 + ipv4_field::SRC).ok()?;
+    lookup.ipv4_dst[0] = ctx.load(l3 + ipv4_field::DST).ok()?;
     // SAFETY: `lookup` is a valid, writable bpf_fib_lookup of the size passed.
     let rc = unsafe {
         bpf_fib_lookup(
@@ -84,15 +88,15 @@ fn redirect(ctx: &XdpContext, packet: &Packet) -> Option<u32> {
     }
     // A router decrements the TTL; an expiring packet goes up the stack, which sends the
     // ICMP time exceeded.
-    let ttl_proto: u16 = ctx.load(l3 + IP_TTL).ok()?;
+    let ttl_proto: u16 = ctx.load(l3 + ipv4_field::TTL).ok()?;
     let ttl = ttl_proto.to_ne_bytes()[0];
     if ttl <= 1 {
         return None;
     }
     let decremented = u16::from_ne_bytes([ttl - 1, ttl_proto.to_ne_bytes()[1]]);
-    let check: u16 = ctx.load(l3 + IP_CHECK).ok()?;
-    ctx.store(l3 + IP_TTL, &decremented).ok()?;
-    ctx.store(l3 + IP_CHECK, &csum::replace16(check, ttl_proto, decremented)).ok()?;
+    let check: u16 = ctx.load(l3 + ipv4_field::CHECK).ok()?;
+    ctx.store(l3 + ipv4_field::TTL, &decremented).ok()?;
+    ctx.store(l3 + ipv4_field::CHECK, &csum::replace16(check, ttl_proto, decremented)).ok()?;
     let mut macs = [0u8; 12];
     macs[..6].copy_from_slice(&lookup.dmac);
     macs[6..].copy_from_slice(&lookup.smac);

@@ -15,16 +15,13 @@ use crate::{
     lb::Verdict,
     maps::{CONNTRACK, REV_NAT},
     nat::End,
-    parse::Packet,
+    parse::{Packet, ipv4_field},
 };
 
 const DEST_UNREACHABLE: u8 = 3;
 const TIME_EXCEEDED: u8 = 11;
 /// The ICMP header before the quoted datagram.
 const ICMP_HEADER_LEN: usize = 8;
-const IP_CHECK: usize = 10;
-const IP_SRC: usize = 12;
-const IP_DST: usize = 16;
 
 /// The quoted datagram's header fields and where they sit in the packet.
 struct Quote {
@@ -83,15 +80,15 @@ fn read_quote(hook: &impl Hook, packet: &Packet) -> Option<Quote> {
     if l4 + 4 > packet.l3_offset + usize::from(packet.total_len) {
         return None;
     }
-    let quoted_proto: u8 = hook.load(l3 + 9).ok()?;
+    let quoted_proto: u8 = hook.load(l3 + ipv4_field::PROTOCOL).ok()?;
     if quoted_proto != proto::TCP && quoted_proto != proto::UDP {
         return None;
     }
     Some(Quote {
         l3,
         l4,
-        src_be: hook.load(l3 + IP_SRC).ok()?,
-        dst_be: hook.load(l3 + IP_DST).ok()?,
+        src_be: hook.load(l3 + ipv4_field::SRC).ok()?,
+        dst_be: hook.load(l3 + ipv4_field::DST).ok()?,
         src_port_be: hook.load(l4).ok()?,
         dst_port_be: hook.load(l4 + 2).ok()?,
         proto: quoted_proto,
@@ -114,13 +111,19 @@ fn about_forward_packet(
     if reply_entry.flags & ct_flags::SNAT != 0 {
         let (client, client_port) = (reply_entry.nat_ip_be, reply_entry.nat_port_be);
         rewrite_quoted(hook, icmp, quote, End::Source, client, client_port)?;
-        rewrite_outer(hook, packet.l3_offset + IP_DST, packet.l3_offset, packet.dst_ip_be, client)?;
+        rewrite_outer(
+            hook,
+            packet.l3_offset + ipv4_field::DST,
+            packet.l3_offset,
+            packet.dst_ip_be,
+            client,
+        )?;
     }
     if packet.src_ip_be == quote.dst_be {
         // The backend's own host reported it: the client only knows the service address.
         rewrite_outer(
             hook,
-            packet.l3_offset + IP_SRC,
+            packet.l3_offset + ipv4_field::SRC,
             packet.l3_offset,
             packet.src_ip_be,
             rev_nat.vip_be,
@@ -144,9 +147,21 @@ fn about_reply_packet(
     if forward_entry.flags & ct_flags::SNAT != 0 {
         let (snat, snat_port) = (forward_entry.nat_ip_be, forward_entry.nat_port_be);
         rewrite_quoted(hook, icmp, quote, End::Destination, snat, snat_port)?;
-        rewrite_outer(hook, packet.l3_offset + IP_SRC, packet.l3_offset, packet.src_ip_be, snat)?;
+        rewrite_outer(
+            hook,
+            packet.l3_offset + ipv4_field::SRC,
+            packet.l3_offset,
+            packet.src_ip_be,
+            snat,
+        )?;
     }
-    rewrite_outer(hook, packet.l3_offset + IP_DST, packet.l3_offset, packet.dst_ip_be, backend)
+    rewrite_outer(
+        hook,
+        packet.l3_offset + ipv4_field::DST,
+        packet.l3_offset,
+        packet.dst_ip_be,
+        backend,
+    )
 }
 
 /// Rewrites one end (address and port) of the quoted header, its IPv4 checksum, and the ICMP
@@ -162,14 +177,16 @@ fn rewrite_quoted(
     new_port: u16,
 ) -> Result<(), ()> {
     let (addr_offset, port_offset, old_addr, old_port) = match end {
-        End::Source => (quote.l3 + IP_SRC, quote.l4, quote.src_be, quote.src_port_be),
-        End::Destination => (quote.l3 + IP_DST, quote.l4 + 2, quote.dst_be, quote.dst_port_be),
+        End::Source => (quote.l3 + ipv4_field::SRC, quote.l4, quote.src_be, quote.src_port_be),
+        End::Destination => {
+            (quote.l3 + ipv4_field::DST, quote.l4 + 2, quote.dst_be, quote.dst_port_be)
+        }
     };
-    let old_check: u16 = hook.load(quote.l3 + IP_CHECK)?;
+    let old_check: u16 = hook.load(quote.l3 + ipv4_field::CHECK)?;
     let new_check = csum::replace32(old_check, old_addr, new_addr);
     hook.store(addr_offset, &new_addr)?;
     hook.store(port_offset, &new_port)?;
-    hook.store(quote.l3 + IP_CHECK, &new_check)?;
+    hook.store(quote.l3 + ipv4_field::CHECK, &new_check)?;
     let payload = L4Csum { pseudo_header: false, udp: false };
     hook.fix_l4_csum(icmp + 2, old_addr, new_addr, 4, payload)?;
     hook.fix_l4_csum(icmp + 2, u32::from(old_port), u32::from(new_port), 2, payload)?;
@@ -180,5 +197,5 @@ fn rewrite_quoted(
 #[inline(always)]
 fn rewrite_outer(hook: &impl Hook, offset: usize, l3: usize, old: u32, new: u32) -> Result<(), ()> {
     hook.store(offset, &new)?;
-    hook.fix_l3_csum(l3 + IP_CHECK, old, new)
+    hook.fix_l3_csum(l3 + ipv4_field::CHECK, old, new)
 }

@@ -5,13 +5,9 @@ use lb_common::maps::proto;
 use crate::{
     frame::ptr_at_mut,
     hook::{Hook, L4Csum},
-    parse::Packet,
+    parse::{Packet, ipv4_field},
 };
 
-/// Offsets inside the IPv4 header.
-const IP_CHECK: usize = 10;
-const IP_SRC: usize = 12;
-const IP_DST: usize = 16;
 /// Offsets of the checksum inside the TCP and UDP headers.
 const TCP_CHECK: usize = 16;
 const UDP_CHECK: usize = 6;
@@ -35,8 +31,8 @@ pub fn rewrite(
     port_be: u16,
 ) -> Result<(), ()> {
     let (ip_offset, port_offset) = match end {
-        End::Source => (packet.l3_offset + IP_SRC, packet.l4_offset),
-        End::Destination => (packet.l3_offset + IP_DST, packet.l4_offset + 2),
+        End::Source => (packet.l3_offset + ipv4_field::SRC, packet.l4_offset),
+        End::Destination => (packet.l3_offset + ipv4_field::DST, packet.l4_offset + 2),
     };
     let (old_ip, old_port) = match end {
         End::Source => (packet.src_ip_be, packet.src_port_be),
@@ -55,7 +51,7 @@ pub fn rewrite(
         port.write_unaligned(port_be);
     }
 
-    hook.fix_l3_csum(packet.l3_offset + IP_CHECK, old_ip, ip_be)?;
+    hook.fix_l3_csum(packet.l3_offset + ipv4_field::CHECK, old_ip, ip_be)?;
     let address = L4Csum { pseudo_header: true, udp };
     hook.fix_l4_csum(l4_check, old_ip, ip_be, 4, address)?;
     if old_port != port_be {

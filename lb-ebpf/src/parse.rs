@@ -43,6 +43,15 @@ pub struct Packet {
     pub total_len: u16,
 }
 
+/// Field offsets inside the IPv4 header (RFC 791), shared by everything that rewrites it.
+pub mod ipv4_field {
+    pub const TTL: usize = 8;
+    pub const PROTOCOL: usize = 9;
+    pub const CHECK: usize = 10;
+    pub const SRC: usize = 12;
+    pub const DST: usize = 16;
+}
+
 /// TCP flag bits of `Packet::flags`.
 pub mod tcp_flags {
     pub const FIN: u8 = 0x01;
