@@ -36,6 +36,28 @@ pub trait Hook: Frame {
         size: u8,
         kind: L4Csum,
     ) -> Result<(), ()>;
+    /// Updates the L4 checksum at `offset` for an address (pseudo-header) and a port changed
+    /// `from` -> `to`: one translated end of a TCP or UDP packet.
+    #[inline(always)]
+    fn fix_l4_csum_endpoint(
+        &self,
+        offset: usize,
+        from: (u32, u16),
+        to: (u32, u16),
+        udp: bool,
+    ) -> Result<(), ()> {
+        self.fix_l4_csum(offset, from.0, to.0, 4, L4Csum { pseudo_header: true, udp })?;
+        if from.1 == to.1 {
+            return Ok(());
+        }
+        self.fix_l4_csum(
+            offset,
+            u32::from(from.1),
+            u32::from(to.1),
+            2,
+            L4Csum { pseudo_header: false, udp },
+        )
+    }
     /// Makes the packet `len` bytes long, adding or removing bytes at the tail.
     fn resize(&self, len: usize) -> Result<(), ()>;
     /// Writes `value`'s bytes at `offset`.
@@ -76,6 +98,27 @@ impl Hook for XdpContext {
                 csum::replace16(*check, from as u16, to as u16)
             };
             *check = if kind.udp && updated == 0 { 0xffff } else { updated };
+        }
+        Ok(())
+    }
+
+    /// Both words in one read-modify-write of the checksum: this is the per-packet path of
+    /// every established flow.
+    fn fix_l4_csum_endpoint(
+        &self,
+        offset: usize,
+        from: (u32, u16),
+        to: (u32, u16),
+        udp: bool,
+    ) -> Result<(), ()> {
+        let check: *mut u16 = ptr_at_mut(self, offset).ok_or(())?;
+        // SAFETY: `ptr_at_mut` checked the two bytes are inside the packet.
+        unsafe {
+            if udp && *check == 0 {
+                return Ok(());
+            }
+            let updated = csum::replace16(csum::replace32(*check, from.0, to.0), from.1, to.1);
+            *check = if udp && updated == 0 { 0xffff } else { updated };
         }
         Ok(())
     }

@@ -4,7 +4,7 @@ use lb_common::maps::proto;
 
 use crate::{
     frame::ptr_at_mut,
-    hook::{Hook, L4Csum},
+    hook::Hook,
     parse::{Packet, ipv4_field},
 };
 
@@ -52,11 +52,5 @@ pub fn rewrite(
     }
 
     hook.fix_l3_csum(packet.l3_offset + ipv4_field::CHECK, old_ip, ip_be)?;
-    let address = L4Csum { pseudo_header: true, udp };
-    hook.fix_l4_csum(l4_check, old_ip, ip_be, 4, address)?;
-    if old_port != port_be {
-        let port_word = L4Csum { pseudo_header: false, udp };
-        hook.fix_l4_csum(l4_check, u32::from(old_port), u32::from(port_be), 2, port_word)?;
-    }
-    Ok(())
+    hook.fix_l4_csum_endpoint(l4_check, (old_ip, old_port), (ip_be, port_be), udp)
 }
