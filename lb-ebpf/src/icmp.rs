@@ -111,23 +111,11 @@ fn about_forward_packet(
     if reply_entry.flags & ct_flags::SNAT != 0 {
         let (client, client_port) = (reply_entry.nat_ip_be, reply_entry.nat_port_be);
         rewrite_quoted(hook, icmp, quote, End::Source, client, client_port)?;
-        rewrite_outer(
-            hook,
-            packet.l3_offset + ipv4_field::DST,
-            packet.l3_offset,
-            packet.dst_ip_be,
-            client,
-        )?;
+        rewrite_outer(hook, packet, End::Destination, client)?;
     }
     if packet.src_ip_be == quote.dst_be {
         // The backend's own host reported it: the client only knows the service address.
-        rewrite_outer(
-            hook,
-            packet.l3_offset + ipv4_field::SRC,
-            packet.l3_offset,
-            packet.src_ip_be,
-            rev_nat.vip_be,
-        )?;
+        rewrite_outer(hook, packet, End::Source, rev_nat.vip_be)?;
     }
     Ok(())
 }
@@ -147,21 +135,9 @@ fn about_reply_packet(
     if forward_entry.flags & ct_flags::SNAT != 0 {
         let (snat, snat_port) = (forward_entry.nat_ip_be, forward_entry.nat_port_be);
         rewrite_quoted(hook, icmp, quote, End::Destination, snat, snat_port)?;
-        rewrite_outer(
-            hook,
-            packet.l3_offset + ipv4_field::SRC,
-            packet.l3_offset,
-            packet.src_ip_be,
-            snat,
-        )?;
+        rewrite_outer(hook, packet, End::Source, snat)?;
     }
-    rewrite_outer(
-        hook,
-        packet.l3_offset + ipv4_field::DST,
-        packet.l3_offset,
-        packet.dst_ip_be,
-        backend,
-    )
+    rewrite_outer(hook, packet, End::Destination, backend)
 }
 
 /// Rewrites one end (address and port) of the quoted header, its IPv4 checksum, and the ICMP
@@ -195,7 +171,11 @@ fn rewrite_quoted(
 
 /// Rewrites an outer address and the outer IPv4 checksum.
 #[inline(always)]
-fn rewrite_outer(hook: &impl Hook, offset: usize, l3: usize, old: u32, new: u32) -> Result<(), ()> {
-    hook.store(offset, &new)?;
-    hook.fix_l3_csum(l3 + ipv4_field::CHECK, old, new)
+fn rewrite_outer(hook: &impl Hook, packet: &Packet, end: End, new: u32) -> Result<(), ()> {
+    let (field, old) = match end {
+        End::Source => (ipv4_field::SRC, packet.src_ip_be),
+        End::Destination => (ipv4_field::DST, packet.dst_ip_be),
+    };
+    hook.store(packet.l3_offset + field, &new)?;
+    hook.fix_l3_csum(packet.l3_offset + ipv4_field::CHECK, old, new)
 }

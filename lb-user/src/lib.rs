@@ -28,6 +28,19 @@ pub mod trace;
 /// The compiled eBPF object, built by `build.rs`.
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-ebpf"));
 
+/// What the programs return, as BPF_PROG_TEST_RUN reports it (a `u32`).
+pub mod return_codes {
+    pub const XDP_DROP: u32 = 1;
+    pub const XDP_PASS: u32 = 2;
+    pub const XDP_TX: u32 = 3;
+    pub const XDP_REDIRECT: u32 = 4;
+    pub const TC_ACT_OK: u32 = 0;
+    pub const TC_ACT_SHOT: u32 = 2;
+    pub const TC_ACT_REDIRECT: u32 = 7;
+    /// `TC_ACT_UNSPEC` (-1): "not mine, continue".
+    pub const TC_ACT_UNSPEC: u32 = u32::MAX;
+}
+
 /// Names of the programs inside [`EBPF_OBJECT`].
 pub mod program_names {
     /// External interfaces (north-south).

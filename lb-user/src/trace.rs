@@ -159,12 +159,9 @@ where
 /// The verdict a return code stands for. XDP passes both untranslated and translated packets
 /// up the stack, so whether the bytes changed tells those apart.
 fn verdict(entry: Entry, code: u32, changed: bool) -> &'static str {
-    const XDP_DROP: u32 = 1;
-    const XDP_PASS: u32 = 2;
-    const XDP_TX: u32 = 3;
-    const TC_ACT_OK: u32 = 0;
-    const TC_ACT_SHOT: u32 = 2;
-    const TC_ACT_REDIRECT: u32 = 7;
+    use crate::return_codes::{
+        TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, XDP_DROP, XDP_PASS, XDP_TX,
+    };
     match (entry, code) {
         (Entry::External, XDP_PASS) if changed => "forward",
         (Entry::External, XDP_TX) | (Entry::Pod | Entry::Host, TC_ACT_REDIRECT) => "reject",

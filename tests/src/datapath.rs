@@ -5,22 +5,17 @@ use aya::{
     programs::{SchedClassifier, TestRun, TestRunOptions, Xdp},
 };
 use lb_common::maps::names;
+/// The return codes the tests compare against.
+pub use lb_user::return_codes::{
+    TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, TC_ACT_UNSPEC, XDP_DROP, XDP_PASS, XDP_REDIRECT,
+    XDP_TX,
+};
 use lb_user::{
     loader,
     maps::{KernelMaps, MapOp, MapWriter as _},
     program_names,
     stats::{self, ReasonCounts},
 };
-
-/// XDP's "let the stack have it" verdict.
-pub const XDP_PASS: u32 = 2;
-/// tc's "not mine, continue" verdict (`TC_ACT_UNSPEC`, -1), as BPF_PROG_TEST_RUN reports it.
-pub const TC_ACT_UNSPEC: u32 = u32::MAX;
-pub const XDP_DROP: u32 = 1;
-pub const XDP_TX: u32 = 3;
-pub const TC_ACT_OK: u32 = 0;
-pub const TC_ACT_SHOT: u32 = 2;
-pub const TC_ACT_REDIRECT: u32 = 7;
 
 /// Which entry point sees the packet.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -10,7 +10,7 @@ use lb_common::{
 };
 use lb_tests::{
     checksum,
-    datapath::{Datapath, Hook, XDP_PASS},
+    datapath::{Datapath, Hook, XDP_PASS, XDP_REDIRECT},
     fixtures::{EXTERNAL_CLIENT, seeded},
     netns::{Netns, run},
     node,
@@ -18,7 +18,6 @@ use lb_tests::{
 };
 use lb_user::maps::MapOp;
 
-const XDP_REDIRECT: u32 = 4;
 const NEXT_HOP_MAC: [u8; 6] = [0x02, 0, 0, 0, 0x0a, 0x0b];
 
 fn with_fib_forwarding(datapath: &mut Datapath) {

@@ -58,6 +58,7 @@ use lb_user::{
     loader,
     maps::{KernelMaps, MapOp, MapWriter as _, ip_be},
     program_names,
+    return_codes::XDP_PASS,
     stats::{self, ReasonCounts},
 };
 
@@ -186,7 +187,6 @@ struct TestRunAttr {
 const BPF_PROG_LOAD: libc::c_long = 5;
 const BPF_PROG_TEST_RUN: libc::c_long = 10;
 const BPF_PROG_TYPE_XDP: u32 = 6;
-const XDP_PASS: u32 = 2;
 
 fn bpf<T>(command: libc::c_long, attr: &mut T) -> libc::c_long {
     // SAFETY: `attr` is a live, fully initialised `repr(C)` prefix of `union bpf_attr` for
