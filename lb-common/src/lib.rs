@@ -7,6 +7,7 @@
 //! in `_be`.
 #![no_std]
 
+pub mod conntrack;
 pub mod hash;
 pub mod maps;
 pub mod stats;

@@ -186,8 +186,8 @@ pub mod ct_flags {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct ConntrackValue {
-    /// `bpf_ktime_get_coarse_ns()` when the entry was last refreshed.
-    pub last_seen_ns: u64,
+    /// `bpf_jiffies64()` when the entry was last refreshed.
+    pub last_seen: u64,
     /// The backend the flow is pinned to (the daemon purges by it when a backend goes).
     pub backend_id: u32,
     /// The frontend the flow entered through.
@@ -218,7 +218,8 @@ pub struct AffinityKey {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct AffinityValue {
-    pub last_used_ns: u64,
+    /// `bpf_jiffies64()` when a flow of the client last chose the backend.
+    pub last_used: u64,
     pub backend_id: u32,
     pub pad: [u8; 4],
 }
@@ -292,6 +293,8 @@ pub struct NodeConfig {
     pub snat_port_max: u16,
     /// [`node_flags`].
     pub flags: u32,
+    /// The kernel's tick rate (`CONFIG_HZ`): converts the timeouts, in seconds, to jiffies.
+    pub jiffies_per_second: u32,
 }
 
 /// Per-frontend traffic, a per-CPU array indexed by `service_id`.
@@ -333,7 +336,7 @@ const _: () = {
     assert!(size_of::<AffinityKey>() == 8);
     assert!(size_of::<AffinityValue>() == 16);
     assert!(size_of::<SourceRangeKey>() == 8);
-    assert!(size_of::<NodeConfig>() == 28);
+    assert!(size_of::<NodeConfig>() == 32);
     assert!(size_of::<ServiceCounters>() == 16);
     assert!(size_of::<SockRevNatKey>() == 16);
 };

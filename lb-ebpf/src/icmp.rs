@@ -12,7 +12,7 @@ use lb_common::{
 use crate::{
     conntrack, csum,
     hook::{Hook, L4Csum},
-    lb::Verdict,
+    lb::{self, Verdict},
     maps::{CONNTRACK, REV_NAT},
     nat::End,
     parse::{Packet, ipv4_field},
@@ -40,6 +40,7 @@ pub fn process_error(hook: &impl Hook, packet: &Packet) -> Option<(Verdict, Reas
     if packet.flags != DEST_UNREACHABLE && packet.flags != TIME_EXCEEDED {
         return None;
     }
+    let config = lb::node_config()?;
     let quote = read_quote(hook, packet)?;
     // The quoted datagram went one way; the conntrack entry of the opposite direction is keyed
     // by the tuple as the other end sends it.
@@ -53,7 +54,7 @@ pub fn process_error(hook: &impl Hook, packet: &Packet) -> Option<(Verdict, Reas
     };
     // SAFETY: plain data.
     let flow = *unsafe { CONNTRACK.get(&key) }?;
-    if !conntrack::is_live(&flow, quote.proto, conntrack::now_ns()) {
+    if !conntrack::is_live(&flow, quote.proto, conntrack::now(), config) {
         return None;
     }
     let translated = if flow.flags & ct_flags::REPLY != 0 {

@@ -56,10 +56,13 @@ const BPF_ANY: u64 = 0;
 /// Runs the service stage on a parsed TCP or UDP packet.
 #[inline(always)]
 pub fn process(hook: &impl Hook, packet: &Packet, origin: Origin) -> (Verdict, Reason) {
-    let now = conntrack::now_ns();
+    let Some(config) = node_config() else {
+        return (Verdict::Pass, Reason::NoNodeConfig);
+    };
+    let now = conntrack::now();
     let key = conntrack::key_of(packet);
-    if let Some(entry) = conntrack::lookup(&key, packet, now) {
-        conntrack::touch(entry, packet, now);
+    if let Some(entry) = conntrack::lookup(&key, packet, now, config) {
+        conntrack::touch(entry, packet, now, config);
         // SAFETY: a live pointer from the conntrack lookup above.
         let value = unsafe { *entry };
         return if value.flags & ct_flags::REPLY != 0 {
@@ -68,9 +71,6 @@ pub fn process(hook: &impl Hook, packet: &Packet, origin: Origin) -> (Verdict, R
             forward_established(hook, packet, &value)
         };
     }
-    let Some(config) = node_config() else {
-        return (Verdict::Pass, Reason::NoNodeConfig);
-    };
     new_flow(hook, packet, origin, config, now)
 }
 
@@ -162,12 +162,13 @@ fn new_flow(
         packet.dst_port_be,
         packet.proto,
     );
-    let Some((backend_id, backend)) = choose_backend(&service, packet.src_ip_be, hash, now) else {
+    let Some((backend_id, backend)) = choose_backend(&service, config, packet.src_ip_be, hash, now)
+    else {
         return (Verdict::Drop, Reason::DropBackendMissing);
     };
 
     let mut forward = ConntrackValue {
-        last_seen_ns: now,
+        last_seen: now,
         backend_id,
         service_id,
         backend_ip_be: backend.ip_be,
@@ -265,6 +266,7 @@ fn source_allowed(service_id: u32, src_ip_be: u32) -> bool {
 #[inline(always)]
 pub fn choose_backend(
     service: &ServiceValue,
+    config: &NodeConfig,
     client_be: u32,
     hash: u32,
     now: u64,
@@ -274,8 +276,9 @@ pub fn choose_backend(
     if sticky {
         // SAFETY: plain data.
         if let Some(previous) = unsafe { AFFINITY.get(&affinity_key) } {
-            let timeout_ns = u64::from(service.affinity_timeout_s) * 1_000_000_000;
-            if now.saturating_sub(previous.last_used_ns) <= timeout_ns {
+            let timeout =
+                u64::from(service.affinity_timeout_s) * u64::from(config.jiffies_per_second);
+            if now.saturating_sub(previous.last_used) <= timeout {
                 let backend_id = previous.backend_id;
                 // SAFETY: plain data.
                 if let Some(backend) = unsafe { BACKENDS.get(&backend_id) } {
@@ -302,7 +305,7 @@ pub fn choose_backend(
 
 #[inline(always)]
 fn remember_affinity(key: &AffinityKey, backend_id: u32, now: u64) {
-    let value = AffinityValue { last_used_ns: now, backend_id, pad: [0; 4] };
+    let value = AffinityValue { last_used: now, backend_id, pad: [0; 4] };
     // A failed insert only loses stickiness for the next flow; the LRU map makes it rare.
     let _ = AFFINITY.insert(key, &value, BPF_ANY);
 }
@@ -351,7 +354,7 @@ fn claim_snat_port(
     reply_entry.flags |= ct_flags::SNAT;
     reply_entry.nat_ip_be = packet.src_ip_be;
     reply_entry.nat_port_be = packet.src_port_be;
-    let now = reply_entry.last_seen_ns;
+    let now = reply_entry.last_seen;
     for probe in 0..SNAT_PROBES {
         // A large odd stride spreads the candidates over the whole range.
         let offset = hash.wrapping_add(probe.wrapping_mul(40_503)).checked_rem(range)?;
@@ -359,7 +362,7 @@ fn claim_snat_port(
         reply_key.dst_port_be = port.to_be();
         if let Some(existing) = crate::maps::CONNTRACK.get_ptr(reply_key) {
             // SAFETY: a valid pointer from the lookup.
-            if conntrack::is_live(unsafe { &*existing }, packet.proto, now) {
+            if conntrack::is_live(unsafe { &*existing }, packet.proto, now, config) {
                 continue;
             }
             // An expired entry: reuse its port.

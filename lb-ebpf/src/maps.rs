@@ -25,12 +25,14 @@ pub static BACKENDS: HashMap<u32, Backend> = HashMap::with_max_entries(capacity:
 #[map(name = "REV_NAT")]
 pub static REV_NAT: HashMap<u32, RevNat> = HashMap::with_max_entries(capacity::REV_NAT, 0);
 
-/// LRU: under pressure the least recently used flows go first, never an insert failure for
-/// a live one. Per-CPU LRU lists (`BPF_F_NO_COMMON_LRU`): a new flow's two inserts take no
-/// global lock, which matters on the first-packet path.
+/// LRU: under pressure (a flood of new flows) the least recently used flows go first, never
+/// an insert failure. Normally the daemon's collector deletes dead entries, so inserts take a
+/// free slot and do not evict. One LRU list for all CPUs, not per-CPU lists
+/// (`BPF_F_NO_COMMON_LRU`): those split the capacity per CPU, so one busy CPU would evict while
+/// the others' free slots sat unused.
 #[map(name = "CONNTRACK")]
 pub static CONNTRACK: LruHashMap<ConntrackKey, ConntrackValue> =
-    LruHashMap::with_max_entries(capacity::CONNTRACK, aya_ebpf::bindings::BPF_F_NO_COMMON_LRU);
+    LruHashMap::with_max_entries(capacity::CONNTRACK, 0);
 
 #[map(name = "AFFINITY")]
 pub static AFFINITY: LruHashMap<AffinityKey, AffinityValue> =

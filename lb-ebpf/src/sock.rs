@@ -75,7 +75,7 @@ fn point_at_backend(ctx: &SockAddrContext) -> i32 {
     // SAFETY: plain helper call.
     let hash = unsafe { bpf_get_prandom_u32() };
     let Some((_, backend)) =
-        lb::choose_backend(&service, config.snat_ip_be, hash, conntrack::now_ns())
+        lb::choose_backend(&service, config, config.snat_ip_be, hash, conntrack::now())
     else {
         return ALLOW;
     };

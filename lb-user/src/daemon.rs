@@ -18,6 +18,7 @@ use tracing::{error, info, warn};
 use crate::{
     attach,
     config::NodeConfig,
+    conntrack_gc,
     error::{Error, Result},
     kube_source::{self, KubeSource},
     manifest,
@@ -69,6 +70,7 @@ pub async fn run_until(
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<()> {
     let mut maps = attach_or_adopt(&options)?;
+    let _collector = conntrack_gc::Collector::start(&options.pins, conntrack_gc::INTERVAL)?;
     let programmed = DatapathState::read(&maps)?;
     let mut reconciler = reconciler_for(programmed, &options.node_config);
     let (nudge, mut nudges) = mpsc::channel(16);

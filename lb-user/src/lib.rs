@@ -10,7 +10,9 @@
 )]
 
 pub mod attach;
+pub mod clock;
 pub mod config;
+pub mod conntrack_gc;
 pub mod daemon;
 pub mod error;
 pub mod kube_source;

@@ -174,9 +174,32 @@ impl KernelMaps {
         }))
     }
 
-    /// Every conntrack entry (both directions of every flow).
+    /// Every conntrack entry (both directions of every flow). The programs keep inserting and
+    /// the LRU keeps evicting while the map is walked: an entry that vanishes between its key
+    /// and its value is skipped, not an error.
     pub fn conntrack(&self) -> Result<Vec<(ConntrackKey, ConntrackValue)>> {
-        self.conntrack.iter().collect::<Result<_, _>>().map_err(map_error(names::CONNTRACK))
+        let mut entries = Vec::new();
+        for key in self.conntrack.keys() {
+            let key = key.map_err(map_error(names::CONNTRACK))?;
+            if let Some(value) = self.conntrack_entry(&key)? {
+                entries.push((key, value));
+            }
+        }
+        Ok(entries)
+    }
+
+    /// The conntrack entry under `key`, if there is one.
+    pub fn conntrack_entry(&self, key: &ConntrackKey) -> Result<Option<ConntrackValue>> {
+        match self.conntrack.get(key, 0) {
+            Ok(value) => Ok(Some(value)),
+            Err(MapError::KeyNotFound) => Ok(None),
+            Err(e) => Err(map_error(names::CONNTRACK)(e)),
+        }
+    }
+
+    /// Writes one conntrack entry (adopting flows from elsewhere; tests age entries with it).
+    pub fn write_conntrack(&mut self, key: &ConntrackKey, value: &ConntrackValue) -> Result<()> {
+        self.conntrack.insert(key, value, 0).map_err(map_error(names::CONNTRACK))
     }
 
     /// Removes conntrack entries; gone ones are not an error (the LRU may have evicted them).

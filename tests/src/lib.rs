@@ -23,5 +23,6 @@ pub mod netns;
 pub mod node;
 pub mod packets;
 pub mod pins;
+pub mod rng;
 pub mod services;
 pub mod topology;

@@ -20,6 +20,7 @@ pub fn node_config() -> NodeConfig {
         snat_port_min: SNAT_PORT_MIN,
         snat_port_max: SNAT_PORT_MAX,
         flags: node_flags::CONFIGURED,
+        jiffies_per_second: lb_user::clock::jiffies_per_second(),
     }
 }
 

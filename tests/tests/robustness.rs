@@ -40,6 +40,7 @@ use lb_tests::{
     fixtures::{self, CLUSTER_IPS, LB_IP},
     node::{NODE_IP, SNAT_PORT_MAX, SNAT_PORT_MIN},
     packets::{CLIENT_MAC, NODE_MAC, Spec, TcpFields},
+    rng::Rng,
 };
 use lb_user::stats::ReasonCounts;
 
@@ -1385,71 +1386,6 @@ fn tcp_reset(input: &[u8], p: &Parsed) -> Vec<u8> {
     tcp
 }
 
-/// `SplitMix64` (Steele, Lea and Flood, 2014): small, fast, and entirely determined by its seed.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform in `0..n` (the modulo bias is irrelevant at these sizes).
-    fn below(&mut self, n: usize) -> usize {
-        usize::try_from(self.next() % u64::try_from(n).expect("usize fits u64")).expect("below n")
-    }
-
-    fn percent(&mut self, p: u64) -> bool {
-        self.next() % 100 < p
-    }
-
-    fn pick<'a, T>(&mut self, items: &'a [T]) -> &'a T {
-        &items[self.below(items.len())]
-    }
-
-    /// One of `items`, or (as often as any one of them) a fresh random value.
-    fn pick_or<T: Copy>(&mut self, items: &[T], random: impl FnOnce(&mut Self) -> T) -> T {
-        let index = self.below(items.len() + 1);
-        if index == items.len() { random(self) } else { items[index] }
-    }
-
-    fn byte(&mut self) -> u8 {
-        self.next().to_le_bytes()[0]
-    }
-
-    fn u16(&mut self) -> u16 {
-        let bytes = self.next().to_le_bytes();
-        u16::from_le_bytes([bytes[0], bytes[1]])
-    }
-
-    fn u32(&mut self) -> u32 {
-        let bytes = self.next().to_le_bytes();
-        u32::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]])
-    }
-
-    fn port_in(&mut self, low: u16, high: u16) -> u16 {
-        low + u16::try_from(self.below(usize::from(high - low) + 1)).expect("port")
-    }
-
-    fn bytes(&mut self, len: usize) -> Vec<u8> {
-        let mut bytes = Vec::with_capacity(len + 8);
-        while bytes.len() < len {
-            bytes.extend_from_slice(&self.next().to_le_bytes());
-        }
-        bytes.truncate(len);
-        bytes
-    }
-
-    /// 1 to `max` random bytes.
-    fn some_bytes(&mut self, max: usize) -> Vec<u8> {
-        let len = 1 + self.below(max);
-        self.bytes(len)
-    }
-}
-
 /// The L4 part of a packet to build.
 #[derive(Clone)]
 enum L4 {
@@ -1942,7 +1878,7 @@ fn truncation_sweep(tables: &Tables) -> Vec<Vec<u8>> {
     for frontend in &tables.frontends {
         for client in [fixtures::POD, fixtures::EXTERNAL_CLIENT] {
             let src = endpoint(client, 40_000);
-            let mut generator = Generator { rng: Rng(rng.next()), tables };
+            let mut generator = Generator { rng: Rng(rng.next_u64()), tables };
             let mut draft = generator.draft(src, frontend.vip, frontend.proto, TCP_SYN);
             draft.tags.clear();
             draft.ip_options.clear();

@@ -56,6 +56,7 @@ pub fn node_config(node: &config::NodeConfig) -> NodeConfig {
         snat_port_min: node.snat_port_range.min,
         snat_port_max: node.snat_port_range.max,
         flags: node_flags::CONFIGURED | if node.xdp_redirect { node_flags::FIB_FORWARD } else { 0 },
+        jiffies_per_second: crate::clock::jiffies_per_second(),
     }
 }
 

@@ -16,8 +16,14 @@
 //!   (client -> A becomes client -> B, which becomes client -> A), so each of millions of runs
 //!   of one call is a hit;
 //! - first packet and NodePort SNAT: every call is one run (`repeat = 1`) of a SYN from a client
-//!   never seen before, so every run is a new flow; a million of them, averaged. The SNAT flows'
-//!   two entries are deleted after each run, so the SNAT ports never run short.
+//!   never seen before, so every run is a new flow, averaged. The SNAT flows' two entries are
+//!   deleted after each run, so the SNAT ports never run short. A single run pays for the
+//!   caches the system call around it leaves cold, so at the largest count the first packet is
+//!   also measured inside one call: the services form a ring in random order, each one's
+//!   backends being the next one's ClusterIP, so a SYN translated by one is a new flow to the
+//!   next, and one call of n runs takes a new client's SYN once around the ring of n services.
+//!   (With 10 services such a call is mostly the cold start after the ~20 ms dispatcher update,
+//!   so the ring is not used to compare service counts.)
 //!
 //! Every measurement checks that the per-reason counters grew by exactly its run count under
 //! the reason of the path it claims to measure.
@@ -46,13 +52,14 @@ use aya::{
 use lb_common::{
     maps::{
         Backend, BackendSlotKey, ConntrackKey, ConntrackValue, RevNat, ServiceKey, ServiceValue,
-        backend_flags, ct_flags, names, proto, scope, service_flags,
+        backend_flags, capacity, ct_flags, names, proto, scope, service_flags,
     },
     stats::Reason,
 };
 use lb_tests::{
     node::{self, NODE_IP},
     packets::{Spec, TcpFields},
+    rng::Rng,
 };
 use lb_user::{
     loader,
@@ -64,10 +71,16 @@ use lb_user::{
 
 const SERVICE_COUNTS: [u32; 3] = [10, 10_000, 100_000];
 const CONNTRACK_FILL: u32 = 1_000_000;
+/// The conntrack map's size: room beside the live entries, as the daemon's collector keeps it
+/// by deleting dead ones (`lb_user::conntrack_gc`). One extra run measures new flows in a map
+/// full of live entries, where every insert evicts.
+const CONNTRACK_CAPACITY: u32 = 2 * 1_048_576;
 /// Runs of the short and the long call of a two-point measurement, per path.
 const FLOOR_RUNS: (u32, u32) = (10_000_000, 100_000_000);
 const HIT_RUNS: (u32, u32) = (1_000_000, 10_000_000);
-const FIRST_PACKETS: u32 = 1_000_000;
+/// New flows per service count, one run per call; with the ring tour at the largest count,
+/// their entries (two each) fit beside the fill, so no insert evicts.
+const FIRST_PACKETS: u32 = 300_000;
 const SNAT_PACKETS: u32 = 200_000;
 /// Single runs of the empty program, to show what a single run's timing adds.
 const FLOOR_SINGLE_RUNS: u32 = 200_000;
@@ -80,12 +93,17 @@ const PONG: u32 = 250_001;
 /// Printed under the table; the module comment has the reasons.
 const METHOD: &str = "\
 method: every path's runs are checked against the per-reason counters.
+  conntrack: 1M live entries in a map of 2M (the collector keeps dead entries out); the
+    'conntrack full' row uses the default map (1M) full of live entries, where inserts evict.
   floor, parse only, conntrack hit, reply: one program call of 10M runs (floor 100M) minus one of
     1M (10M), in this thread's CPU time, per run; hit and reply packets bounce between two
     conntrack entries, so every run is a hit.
   first packet, NodePort SNAT: one run per call (repeat 1), a SYN from a client never seen before,
-    the kernel's time averaged over 1M (SNAT 200k) calls; each includes the timer overhead of a
-    single run (floor, single runs - floor); ratios use the repeat-n floor, so they overstate.";
+    the kernel's time averaged over 300k (SNAT 200k) calls; each includes the timer overhead of
+    a single run (floor, single runs - floor) and the caches a system call leaves cold; ratios
+    use the repeat-n floor, so they overstate.
+  first packet in one call: services in a random ring, each one's backends at the next one's
+    ClusterIP; one call of 100k runs takes a new client's SYN around it: 100k new flows.";
 
 const TARGET_CT_HIT: f64 = 4.0;
 const TARGET_FIRST_PACKET: f64 = 30.0;
@@ -98,17 +116,24 @@ fn main() {
     eprintln!("floor {floor_ns:.2} ns, at repeat 1 {floor_single_ns:.1} ns");
     let mut by_services = BTreeMap::new();
     let mut parse_only_ns = 0.0;
+    let mut ring_ns = 0.0;
     for services in SERVICE_COUNTS {
         let started = Instant::now();
-        let mut bench = Bench::load(services);
+        let mut bench = Bench::load(services, CONNTRACK_CAPACITY);
         eprintln!(
             "{services} services, {CONNTRACK_FILL} conntrack entries: loaded in {:.1?}",
             started.elapsed()
         );
         parse_only_ns = bench.parse_only();
         by_services.insert(services, bench.paths());
+        if services == SERVICE_COUNTS[2] {
+            ring_ns = bench.first_packet_in_one_call();
+        }
     }
-    let report = Report { floor_ns, floor_single_ns, parse_only_ns, by_services };
+    let full_table_ns = Bench::load(SERVICE_COUNTS[2], capacity::CONNTRACK).first_packet();
+    eprintln!("first packet with the default-sized conntrack map full: {full_table_ns:.1} ns");
+    let report =
+        Report { floor_ns, floor_single_ns, parse_only_ns, by_services, full_table_ns, ring_ns };
     report.print();
     let path = report.write_json();
     println!("\nwrote {}", path.display());
@@ -258,9 +283,9 @@ fn thread_cpu_ns() -> u64 {
     clock_ns(libc::CLOCK_THREAD_CPUTIME_ID)
 }
 
-/// `bpf_ktime_get_coarse_ns()`'s clock, so the entries written here are live to the programs.
-fn coarse_now_ns() -> u64 {
-    clock_ns(libc::CLOCK_MONOTONIC_COARSE)
+/// The programs' clock, so the entries written here are live to them.
+fn datapath_now() -> u64 {
+    lb_user::clock::jiffies_now().expect("reading the kernel's jiffies (root needed)")
 }
 
 fn clock_ns(clock: libc::clockid_t) -> u64 {
@@ -290,16 +315,18 @@ struct Bench {
 }
 
 impl Bench {
-    fn load(services: u32) -> Self {
-        let mut ebpf = loader::load_private()
+    fn load(services: u32, conntrack_capacity: u32) -> Self {
+        let capacities =
+            loader::Capacities { conntrack: Some(conntrack_capacity), ..Default::default() };
+        let mut ebpf = loader::load_private_with(&capacities)
             .unwrap_or_else(|e| panic!("loading the programs (root and BTF needed): {e:?}"));
         // Opened by id before `take_from` moves the map out of the object.
         let conntrack = conntrack_by_id(&ebpf);
         let maps = KernelMaps::take_from(&mut ebpf).expect("datapath maps");
         let mut bench = Self { ebpf, maps, conntrack, services, clients: 0 };
         bench.apply(&[node::set_node_config()]);
-        for index in 0..services {
-            bench.apply(&cluster_ip_service(index));
+        for (index, next) in service_ring(services) {
+            bench.apply(&cluster_ip_service(index, next));
         }
         for index in 0..SNAT_NODE_PORTS {
             bench.apply(&node_port_service(index));
@@ -316,7 +343,7 @@ impl Bench {
 
     /// `CONNTRACK_FILL` live entries of flows nobody sends, as on a busy node.
     fn fill_conntrack(&mut self) {
-        let now = coarse_now_ns();
+        let now = datapath_now();
         for index in 0..CONNTRACK_FILL {
             let key = ConntrackKey {
                 src_ip_be: ip_be(Ipv4Addr::from(0xac10_0000 | (index >> 8))),
@@ -432,6 +459,16 @@ impl Bench {
         total_ns / f64::from(FIRST_PACKETS)
     }
 
+    /// A new pod client's SYN once around the ring of services, in one call: the first-packet
+    /// path without a system call between packets.
+    fn first_packet_in_one_call(&mut self) -> f64 {
+        let before = self.counters();
+        let client = self.next_client(Ipv4Addr::new(10, 244, 128, 0));
+        let ns = f64::from(self.run(&syn(client, cluster_ip(0)), self.services).0);
+        assert_counted(&self.counters().since(&before), Reason::ForwardNew, self.services);
+        ns
+    }
+
     /// Single runs of SYNs from new external clients to NodePorts whose backends are remote:
     /// each is masqueraded. The flow's entries are removed after each run.
     fn snat(&mut self) -> f64 {
@@ -514,7 +551,7 @@ fn tuple_key(from: (&str, u16), to: (&str, u16)) -> ConntrackKey {
 /// A live conntrack entry of frontend `service_id` with `flags` and no addresses yet.
 fn flow_value(service_id: u32, flags: u16, now: u64) -> ConntrackValue {
     ConntrackValue {
-        last_seen_ns: now,
+        last_seen: now,
         backend_id: 0,
         service_id,
         backend_ip_be: 0,
@@ -529,7 +566,7 @@ fn flow_value(service_id: u32, flags: u16, now: u64) -> ConntrackValue {
 /// A forward entry that sends its flow to `backend`.
 fn forward_entry(backend: (&str, u16)) -> ConntrackValue {
     let (backend_ip_be, backend_port_be) = endpoint_be(backend);
-    ConntrackValue { backend_ip_be, backend_port_be, ..flow_value(PING, 0, coarse_now_ns()) }
+    ConntrackValue { backend_ip_be, backend_port_be, ..flow_value(PING, 0, datapath_now()) }
 }
 
 /// A reply entry whose source becomes frontend `service_id`'s address and, `masqueraded`, whose
@@ -537,7 +574,7 @@ fn forward_entry(backend: (&str, u16)) -> ConntrackValue {
 fn reply_entry(service_id: u32, masqueraded: bool, client: (&str, u16)) -> ConntrackValue {
     let flags = ct_flags::REPLY | if masqueraded { ct_flags::SNAT } else { 0 };
     let (nat_ip_be, nat_port_be) = endpoint_be(client);
-    ConntrackValue { nat_ip_be, nat_port_be, ..flow_value(service_id, flags, coarse_now_ns()) }
+    ConntrackValue { nat_ip_be, nat_port_be, ..flow_value(service_id, flags, datapath_now()) }
 }
 
 fn established(from: (&str, u16), to: (&str, u16)) -> Vec<u8> {
@@ -558,16 +595,23 @@ fn node_port(index: u32) -> u16 {
     30_000 + u16::try_from(index).expect("a NodePort")
 }
 
-/// ClusterIP service `index` with two pod backends (in 10.244.0.0/17; clients come from the
-/// other half of the cluster CIDR, so no flow is a hairpin).
-fn cluster_ip_service(index: u32) -> Vec<MapOp> {
-    let (vip, port) = cluster_ip(index);
-    let backends = (0..2).map(|slot| {
-        let n = 2 * index + slot;
-        let ip = Ipv4Addr::from(0x0af4_0000 + n % 32_768);
-        (ip, 8080 + u16::try_from(n / 32_768).expect("port"), backend_flags::LOCAL)
-    });
-    service_ops(index + 1, (vip, port), 0, &backends.collect::<Vec<_>>())
+/// (service, next service) around a ring of `services` in random order: consecutive first
+/// packets touch unrelated entries, as traffic to many services would.
+fn service_ring(services: u32) -> Vec<(u32, u32)> {
+    let mut order: Vec<u32> = (0..services).collect();
+    let mut rng = Rng(0x5e7c_1ce5);
+    for i in (1..order.len()).rev() {
+        order.swap(i, rng.below(i + 1));
+    }
+    (0..order.len()).map(|i| (order[i], order[(i + 1) % order.len()])).collect()
+}
+
+/// ClusterIP service `index` with two backend slots, both at service `next`'s ClusterIP (see
+/// `service_ring`). Clients come from 10.244.128.0/17, so no flow is a hairpin.
+fn cluster_ip_service(index: u32, next: u32) -> Vec<MapOp> {
+    let (next_vip, next_port) = cluster_ip(next);
+    let backends = [(next_vip, next_port, backend_flags::LOCAL); 2];
+    service_ops(index + 1, cluster_ip(index), 0, &backends)
 }
 
 /// NodePort 30000 + `index` on the node's address, with two remote backends: from outside the
@@ -623,6 +667,11 @@ struct Report {
     floor_single_ns: f64,
     parse_only_ns: f64,
     by_services: BTreeMap<u32, Paths>,
+    /// First packet at the largest service count with the default-sized conntrack map full of
+    /// live entries: every insert evicts.
+    full_table_ns: f64,
+    /// First packet at the largest service count, a ring tour in one call.
+    ring_ns: f64,
 }
 
 impl Report {
@@ -659,6 +708,16 @@ impl Report {
             self.row(&format!("reply, {n} services"), paths.reply, None);
             self.row(&format!("reply, masqueraded flow, {n} services"), paths.snat_reply, None);
         }
+        self.row(
+            &format!("first packet, {} services, in one call", SERVICE_COUNTS[2]),
+            self.ring_ns,
+            None,
+        );
+        self.row(
+            &format!("first packet, {} services, conntrack full", SERVICE_COUNTS[2]),
+            self.full_table_ns,
+            None,
+        );
         let scaling = self.scaling();
         let met = if scaling <= TARGET_SCALING { "yes" } else { "NO" };
         let target = format!("<= {TARGET_SCALING}x");
@@ -687,6 +746,8 @@ impl Report {
             ("snat_ns", head.snat),
             ("reply_ns", head.reply),
             ("snat_reply_ns", head.snat_reply),
+            ("first_packet_in_one_call_ns", self.ring_ns),
+            ("first_packet_full_conntrack_ns", self.full_table_ns),
         ];
         for (name, value) in fields {
             writeln!(text, "  \"{name}\": {value:.2},").expect("writing to a String");
@@ -706,7 +767,8 @@ impl Report {
             writeln!(text, "  \"{name}\": {},", by_count(pick)).expect("writing to a String");
         }
         writeln!(text, "  \"headline_services\": {},", SERVICE_COUNTS[2]).expect("String");
-        writeln!(text, "  \"conntrack_entries\": {CONNTRACK_FILL}").expect("String");
+        writeln!(text, "  \"conntrack_entries\": {CONNTRACK_FILL},").expect("String");
+        writeln!(text, "  \"conntrack_capacity\": {CONNTRACK_CAPACITY}").expect("String");
         text.push_str("}\n");
         text
     }
