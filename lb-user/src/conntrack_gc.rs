@@ -4,7 +4,10 @@
 //! packet with a million entries (`cargo xtask bench dataplane`).
 
 use std::{
-    sync::mpsc::{self, RecvTimeoutError},
+    sync::{
+        Arc,
+        mpsc::{self, RecvTimeoutError},
+    },
     thread,
     time::{Duration, Instant},
 };
@@ -12,7 +15,7 @@ use std::{
 use lb_common::conntrack::is_live;
 use tracing::{debug, error, info};
 
-use crate::{clock, error::Result, maps::KernelMaps, pins::PinLayout};
+use crate::{clock, error::Result, maps::KernelMaps, metrics::Metrics, pins::PinLayout};
 
 /// Time between passes: UDP entries live 60 s and closing TCP ones 10 s, so no dead entry
 /// stays much longer than its own lifetime.
@@ -55,14 +58,14 @@ pub struct Collector {
 impl Collector {
     /// Runs a pass every `interval` on its own maps handle, off the reconcile loop: a pass over
     /// a million entries takes seconds of system calls.
-    pub fn start(pins: &PinLayout, interval: Duration) -> Result<Self> {
+    pub fn start(pins: &PinLayout, interval: Duration, metrics: Arc<Metrics>) -> Result<Self> {
         let mut maps = KernelMaps::from_pins(pins)?;
         let (stop, stopped) = mpsc::channel::<()>();
         thread::Builder::new()
             .name("conntrack-gc".into())
             .spawn(move || {
                 while let Err(RecvTimeoutError::Timeout) = stopped.recv_timeout(interval) {
-                    run_pass(&mut maps);
+                    run_pass(&mut maps, &metrics);
                 }
             })
             .map_err(crate::error::Error::io("starting the conntrack collector"))?;
@@ -70,11 +73,14 @@ impl Collector {
     }
 }
 
-fn run_pass(maps: &mut KernelMaps) {
+fn run_pass(maps: &mut KernelMaps, metrics: &Metrics) {
     let started = Instant::now();
     let outcome = clock::jiffies_now()
         .map_err(crate::error::Error::io("reading the kernel's jiffies"))
         .and_then(|now| collect(maps, now));
+    if let Ok(pass) = &outcome {
+        metrics.observe_collection(pass.scanned, pass.removed);
+    }
     match outcome {
         Ok(pass) if pass.removed > 0 => {
             info!(

@@ -4,9 +4,10 @@
 
 use std::{
     collections::BTreeSet,
-    net::Ipv4Addr,
+    net::{Ipv4Addr, SocketAddr},
     path::{Path, PathBuf},
-    time::Duration,
+    sync::Arc,
+    time::{Duration, Instant},
 };
 
 use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
@@ -23,6 +24,7 @@ use crate::{
     kube_source::{self, KubeSource},
     manifest,
     maps::KernelMaps,
+    metrics::{self, Metrics},
     model,
     pins::PinLayout,
     reconcile::{DatapathState, Reconciler, SlotMode},
@@ -49,6 +51,8 @@ pub struct Options {
     /// A full resync this often even without a change event, to repair what anything else may
     /// have changed in the maps.
     pub resync: Duration,
+    /// Where to serve Prometheus metrics (`GET /metrics`), if anywhere.
+    pub metrics_address: Option<SocketAddr>,
 }
 
 /// Runs until SIGINT or SIGTERM.
@@ -70,7 +74,16 @@ pub async fn run_until(
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<()> {
     let mut maps = attach_or_adopt(&options)?;
-    let _collector = conntrack_gc::Collector::start(&options.pins, conntrack_gc::INTERVAL)?;
+    let metrics = Metrics::new(&options.pins);
+    if let Some(address) = options.metrics_address {
+        metrics::serve(address, Arc::clone(&metrics)).await?;
+        info!(%address, "serving metrics at /metrics");
+    }
+    let _collector = conntrack_gc::Collector::start(
+        &options.pins,
+        conntrack_gc::INTERVAL,
+        Arc::clone(&metrics),
+    )?;
     let programmed = DatapathState::read(&maps)?;
     let mut reconciler = reconciler_for(programmed, &options.node_config);
     let (nudge, mut nudges) = mpsc::channel(16);
@@ -100,7 +113,11 @@ pub async fn run_until(
     };
     let mut reported = Reported::default();
     loop {
-        if let Err(error) = sync(&options, &objects, &mut reconciler, &mut maps, &mut reported) {
+        let started = Instant::now();
+        if let Err(error) =
+            sync(&options, &objects, &mut reconciler, &mut maps, &mut reported, &metrics)
+        {
+            metrics.observe_failed_sync(started.elapsed());
             error!(error = %error_chain(&error), "reconcile failed; re-reading the maps and retrying at the next change");
             reconciler = reconciler_for(DatapathState::read(&maps)?, &options.node_config);
         }
@@ -216,8 +233,9 @@ fn sync(
     reconciler: &mut Reconciler,
     maps: &mut KernelMaps,
     reported: &mut Reported,
+    metrics: &Metrics,
 ) -> Result<()> {
-    let started = std::time::Instant::now();
+    let started = Instant::now();
     let reading = objects.read()?;
     // The Node object's addresses, when known, are the truth about this node's IPs.
     let node = if reading.node_ips.is_empty() || reading.node_ips == options.node_config.node_ips {
@@ -240,6 +258,7 @@ fn sync(
         .collect();
     reported.update(lines);
     let purged = maps.purge_flows(&report.removed_pairs)?;
+    metrics.observe_sync(started.elapsed(), report.ops.len(), purged, model.ports.len());
     if !report.ops.is_empty() || purged > 0 {
         info!(
             writes = report.ops.len(),

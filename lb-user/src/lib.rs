@@ -20,6 +20,7 @@ pub mod loader;
 pub mod maglev;
 pub mod manifest;
 pub mod maps;
+pub mod metrics;
 pub mod model;
 pub mod pins;
 pub mod reconcile;

@@ -45,6 +45,10 @@ enum Command {
         /// Seconds between full resyncs when nothing changes.
         #[arg(long, default_value_t = 60)]
         resync_seconds: u64,
+        /// Where to serve Prometheus metrics (`GET /metrics`); kube-proxy's address by default.
+        /// `none` turns the endpoint off.
+        #[arg(long, default_value = "127.0.0.1:10249", value_parser = parse_metrics_address)]
+        metrics_address: MetricsAddress,
     },
     /// Load the programs, attach them, and pin programs, links and maps under the pin directory.
     Load {
@@ -123,7 +127,15 @@ fn main() -> anyhow::Result<()> {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     match Cli::parse().command {
-        Command::Run { manifests, kubeconfig, node_config, targets, pin_dir, resync_seconds } => {
+        Command::Run {
+            manifests,
+            kubeconfig,
+            node_config,
+            targets,
+            pin_dir,
+            resync_seconds,
+            metrics_address,
+        } => {
             let node_config = NodeConfig::from_file(&node_config)?;
             let source = match manifests {
                 Some(dir) => daemon::Source::Manifests(dir),
@@ -135,6 +147,7 @@ fn main() -> anyhow::Result<()> {
                 targets: targets.into(),
                 pins: PinLayout::new(pin_dir),
                 resync: Duration::from_secs(resync_seconds.max(1)),
+                metrics_address: metrics_address.0,
             };
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(1)
@@ -209,4 +222,15 @@ fn address(text: &str, default_port: Option<u16>) -> anyhow::Result<(Ipv4Addr, u
         Some((ip, port)) => Ok((ip.parse()?, port.parse()?)),
         None => Ok((text.parse()?, default_port.context("a port is required: IP:PORT")?)),
     }
+}
+
+/// `--metrics-address`: an address, or `none`.
+#[derive(Clone, Debug)]
+struct MetricsAddress(Option<std::net::SocketAddr>);
+
+fn parse_metrics_address(text: &str) -> Result<MetricsAddress, String> {
+    if text == "none" {
+        return Ok(MetricsAddress(None));
+    }
+    text.parse().map(|address| MetricsAddress(Some(address))).map_err(|e| format!("{text}: {e}"))
 }

@@ -21,6 +21,9 @@ pub fn examples() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples")
 }
 
+/// Where a test daemon serves its metrics, inside the topology's node namespace.
+pub const METRICS_ADDRESS: &str = "127.0.0.1:10249";
+
 pub struct RunningDaemon {
     stop: Option<mpsc::Sender<()>>,
     thread: Option<JoinHandle<()>>,
@@ -45,6 +48,8 @@ impl RunningDaemon {
             },
             pins: pins.layout().clone(),
             resync: Duration::from_secs(60),
+            // Inside the node's namespace: every test daemon has a loopback of its own.
+            metrics_address: Some(METRICS_ADDRESS.parse().expect("address")),
         };
         let node = topology.node.path();
         let (stop, stopped) = mpsc::channel::<()>();

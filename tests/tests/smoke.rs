@@ -1,18 +1,18 @@
 //! First real traffic: the daemon on a manifest directory, attached to a node namespace with
 //! pods behind veths and an external client; real TCP and UDP sockets through ClusterIPs and a
 //! NodePort, refusal of a service without endpoints, a live manifest edit, and a daemon restart
-//! that an established connection survives. Everything is torn down on success and failure.
+//! that an established connection survives, and the daemon's metrics endpoint. Everything is torn down on success and failure.
 
 use std::{
-    io::{BufRead as _, BufReader, Write as _},
+    io::{BufRead as _, BufReader, Read as _, Write as _},
     net::{SocketAddr, TcpStream},
     path::PathBuf,
     time::{Duration, Instant},
 };
 
 use lb_tests::{
-    daemon::{RunningDaemon, examples, wait_for},
-    netns::unique_name,
+    daemon::{METRICS_ADDRESS, RunningDaemon, examples, wait_for},
+    netns::{Netns, unique_name},
     pins::TestPins,
     topology::{NODE_IP, Topology, tcp_request, udp_request},
 };
@@ -81,6 +81,21 @@ fn real_connections_through_the_running_daemon() {
         assert!(answer.starts_with("hello from my-nginx-"), "{answer}");
     }
 
+    let metrics = scrape_metrics(&topology.node);
+    for line in [
+        "# TYPE lb_datapath_packets counter",
+        "# TYPE lb_syncs counter",
+        "# TYPE lb_sync_duration_seconds histogram",
+    ] {
+        assert!(metrics.contains(line), "{line} in\n{metrics}");
+    }
+    assert!(
+        counter(&metrics, "lb_datapath_packets_total{reason=\"forward_new\"}") >= 4,
+        "{metrics}"
+    );
+    assert!(counter(&metrics, "lb_datapath_packets_total{reason=\"reject_no_endpoints\"}") >= 1);
+    assert!(counter(&metrics, "lb_syncs_total{result=\"ok\"}") >= 1, "{metrics}");
+
     // An established connection survives a daemon restart: the datapath stays attached and
     // the new daemon adopts the pinned maps without a flush.
     let mut connection = client_pod
@@ -108,6 +123,30 @@ fn real_connections_through_the_running_daemon() {
         assert_eq!(answer, "hello from my-nginx-1");
     }
     drop(daemon);
+}
+
+/// `GET /metrics` from the daemon, inside the node's namespace.
+fn scrape_metrics(node: &Netns) -> String {
+    node.enter(|| {
+        let mut stream = TcpStream::connect(addr(METRICS_ADDRESS)).expect("metrics endpoint");
+        stream.set_read_timeout(Some(Duration::from_secs(2))).expect("timeout");
+        stream.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").expect("request");
+        let mut response = String::new();
+        stream.read_to_string(&mut response).expect("response");
+        assert!(
+            response.starts_with("HTTP/1.0 200") || response.starts_with("HTTP/1.1 200"),
+            "{response}"
+        );
+        response
+    })
+}
+
+/// The value of the sample `series` in an exposition text.
+fn counter(metrics: &str, series: &str) -> u64 {
+    metrics
+        .lines()
+        .find_map(|line| line.strip_prefix(series)?.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {series} in\n{metrics}"))
 }
 
 fn exchange(connection: &mut TcpStream) -> String {

@@ -1,0 +1,297 @@
+//! Prometheus metrics at `GET /metrics` (`OpenMetrics` text): the datapath's per-reason counters,
+//! read from the pinned maps at each scrape, and the daemon's own (syncs, map writes, purged
+//! flows, conntrack collection). Per-frontend packet counts stay in `status`: a series per
+//! frontend would be hundreds of thousands of series on a large cluster.
+
+use std::{convert::Infallible, net::SocketAddr, sync::Arc, time::Duration};
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::{Request, Response, StatusCode, header::CONTENT_TYPE, service::service_fn};
+use hyper_util::rt::TokioIo;
+use lb_common::stats::Reason;
+use prometheus_client::{
+    collector::Collector,
+    encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric, text::encode},
+    metrics::{
+        counter::{ConstCounter, Counter},
+        family::Family,
+        gauge::Gauge,
+        histogram::{Histogram, exponential_buckets},
+    },
+    registry::Registry,
+};
+use tokio::net::TcpListener;
+use tracing::{debug, warn};
+
+use crate::{
+    error::{Error, Result},
+    pins::PinLayout,
+    stats,
+};
+
+const CONTENT: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+/// How a sync ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum SyncResult {
+    Ok,
+    Error,
+}
+
+impl SyncResult {
+    fn label(self) -> &'static str {
+        match self {
+            Self::Ok => "ok",
+            Self::Error => "error",
+        }
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct SyncLabels {
+    result: &'static str,
+}
+
+/// The daemon's metrics; shared with the conntrack collector's thread.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    syncs: Family<SyncLabels, Counter>,
+    sync_seconds: Histogram,
+    map_writes: Counter,
+    purged_flows: Counter,
+    service_ports: Gauge,
+    conntrack_entries: Gauge,
+    conntrack_collected: Counter,
+}
+
+impl Metrics {
+    /// Metrics of the datapath pinned under `pins`.
+    pub fn new(pins: &PinLayout) -> Arc<Self> {
+        let mut registry = Registry::with_prefix("lb");
+        let syncs = Family::<SyncLabels, Counter>::default();
+        registry.register("syncs", "Reconciles of the maps with the source", syncs.clone());
+        // 100 us to ~100 s: one changed service up to a first sync of 100k services.
+        let sync_seconds = Histogram::new(exponential_buckets(0.000_1, 4.0, 11));
+        registry.register("sync_duration_seconds", "Time a sync took", sync_seconds.clone());
+        let map_writes = Counter::default();
+        registry.register(
+            "map_writes",
+            "Map entries written or removed by syncs",
+            map_writes.clone(),
+        );
+        let purged_flows = Counter::default();
+        registry.register(
+            "purged_flows",
+            "Conntrack entries of removed backends forgotten",
+            purged_flows.clone(),
+        );
+        let service_ports = Gauge::default();
+        registry.register(
+            "service_ports",
+            "Service ports in the source's model",
+            service_ports.clone(),
+        );
+        let conntrack_entries = Gauge::default();
+        registry.register(
+            "conntrack_entries",
+            "Conntrack entries at the last collection",
+            conntrack_entries.clone(),
+        );
+        let conntrack_collected = Counter::default();
+        registry.register(
+            "conntrack_collected",
+            "Dead conntrack entries deleted by the collector",
+            conntrack_collected.clone(),
+        );
+        registry.register_collector(Box::new(DatapathCounters { pins: pins.clone() }));
+        Arc::new(Self {
+            registry,
+            syncs,
+            sync_seconds,
+            map_writes,
+            purged_flows,
+            service_ports,
+            conntrack_entries,
+            conntrack_collected,
+        })
+    }
+
+    /// Records a sync that programmed `service_ports` with `writes` map writes.
+    pub fn observe_sync(
+        &self,
+        elapsed: Duration,
+        writes: usize,
+        purged: usize,
+        service_ports: usize,
+    ) {
+        self.count_sync(SyncResult::Ok, elapsed);
+        self.map_writes.inc_by(as_u64(writes));
+        self.purged_flows.inc_by(as_u64(purged));
+        self.service_ports.set(i64::try_from(service_ports).unwrap_or(i64::MAX));
+    }
+
+    /// Records a sync that failed; what it wrote before failing is not known.
+    pub fn observe_failed_sync(&self, elapsed: Duration) {
+        self.count_sync(SyncResult::Error, elapsed);
+    }
+
+    fn count_sync(&self, result: SyncResult, elapsed: Duration) {
+        self.syncs.get_or_create(&SyncLabels { result: result.label() }).inc();
+        self.sync_seconds.observe(elapsed.as_secs_f64());
+    }
+
+    /// Records one conntrack collection.
+    pub fn observe_collection(&self, scanned: usize, removed: usize) {
+        self.conntrack_entries.set(i64::try_from(scanned - removed).unwrap_or(i64::MAX));
+        self.conntrack_collected.inc_by(as_u64(removed));
+    }
+
+    /// The exposition text.
+    pub fn render(&self) -> String {
+        let mut text = String::new();
+        // Writing to a String cannot fail; a collector that fails to read the maps logs it
+        // and leaves its metrics out.
+        let _ = encode(&mut text, &self.registry);
+        text
+    }
+}
+
+fn as_u64(count: usize) -> u64 {
+    u64::try_from(count).unwrap_or(u64::MAX)
+}
+
+/// The kernel's counters, read when scraped.
+#[derive(Debug)]
+struct DatapathCounters {
+    pins: PinLayout,
+}
+
+impl Collector for DatapathCounters {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> std::fmt::Result {
+        match stats::read_pinned(&self.pins) {
+            Ok(counts) => {
+                let mut family = encoder.encode_descriptor(
+                    "datapath_packets",
+                    "Packets the programs handled, by the reason counted.",
+                    None,
+                    prometheus_client::metrics::MetricType::Counter,
+                )?;
+                for reason in Reason::ALL {
+                    let labels = [("reason", reason.name())];
+                    ConstCounter::new(counts.get(*reason))
+                        .encode(family.encode_family(&labels)?)?;
+                }
+            }
+            Err(error) => warn!(%error, "metrics: cannot read the datapath counters"),
+        }
+        match stats::read_forwarding_pinned(&self.pins) {
+            Ok((redirected, to_stack)) => {
+                let mut family = encoder.encode_descriptor(
+                    "xdp_forwarded_packets",
+                    "Translated XDP packets sent on by FIB redirect or up the stack (xdpRedirect).",
+                    None,
+                    prometheus_client::metrics::MetricType::Counter,
+                )?;
+                for (outcome, count) in [("redirect", redirected), ("stack", to_stack)] {
+                    let labels = [("outcome", outcome)];
+                    ConstCounter::new(count).encode(family.encode_family(&labels)?)?;
+                }
+            }
+            Err(error) => warn!(%error, "metrics: cannot read the forwarding counters"),
+        }
+        Ok(())
+    }
+}
+
+/// Binds `address` (an error names it) and serves the metrics there until the runtime stops.
+pub async fn serve(address: SocketAddr, metrics: Arc<Metrics>) -> Result<()> {
+    let listener = TcpListener::bind(address)
+        .await
+        .map_err(Error::io(format!("metrics address {address}")))?;
+    tokio::spawn(async move {
+        loop {
+            let stream = match listener.accept().await {
+                Ok((stream, _)) => stream,
+                Err(error) => {
+                    warn!(%error, "metrics: accept failed");
+                    continue;
+                }
+            };
+            let metrics = Arc::clone(&metrics);
+            tokio::spawn(async move {
+                let service = service_fn(move |request| {
+                    let response = respond(&metrics, &request);
+                    async move { Ok::<_, Infallible>(response) }
+                });
+                let connection = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), service);
+                if let Err(error) = connection.await {
+                    debug!(%error, "metrics: connection ended with an error");
+                }
+            });
+        }
+    });
+    Ok(())
+}
+
+fn respond<B>(metrics: &Metrics, request: &Request<B>) -> Response<Full<Bytes>> {
+    let (status, content_type, body) = if request.uri().path() == "/metrics" {
+        (StatusCode::OK, CONTENT, metrics.render())
+    } else {
+        (StatusCode::NOT_FOUND, "text/plain", "not found: try /metrics\n".to_owned())
+    };
+    let mut response = Response::new(Full::new(Bytes::from(body)));
+    *response.status_mut() = status;
+    if let Ok(value) = content_type.parse() {
+        response.headers_mut().insert(CONTENT_TYPE, value);
+    }
+    response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn unpinned() -> Arc<Metrics> {
+        Metrics::new(&PinLayout::new("/nonexistent/lb-metrics-test"))
+    }
+
+    #[test]
+    fn syncs_and_collections_are_counted() {
+        let metrics = unpinned();
+        metrics.observe_sync(Duration::from_millis(3), 120, 2, 40);
+        metrics.observe_sync(Duration::from_millis(1), 5, 0, 41);
+        metrics.observe_failed_sync(Duration::from_millis(1));
+        metrics.observe_collection(1000, 300);
+        let text = metrics.render();
+        for line in [
+            "lb_syncs_total{result=\"ok\"} 2",
+            "lb_syncs_total{result=\"error\"} 1",
+            "lb_map_writes_total 125",
+            "lb_purged_flows_total 2",
+            "lb_service_ports 41",
+            "lb_sync_duration_seconds_count 3",
+            "lb_conntrack_entries 700",
+            "lb_conntrack_collected_total 300",
+        ] {
+            assert!(text.lines().any(|l| l == line), "{line} in\n{text}");
+        }
+        // Without a pinned datapath the kernel counters are left out, not reported as zero.
+        assert!(!text.contains("lb_datapath_packets"), "{text}");
+    }
+
+    #[test]
+    fn only_the_metrics_path_is_served() {
+        let metrics = unpinned();
+        let get = |path: &str| {
+            let request = Request::get(path).body(()).expect("request");
+            respond(&metrics, &request)
+        };
+        let found = get("/metrics");
+        assert_eq!(found.status(), StatusCode::OK);
+        assert_eq!(found.headers()[CONTENT_TYPE], CONTENT);
+        assert_eq!(get("/").status(), StatusCode::NOT_FOUND);
+    }
+}
