@@ -5,6 +5,7 @@ mod bench;
 mod demo;
 mod load;
 mod test;
+mod vm;
 
 use std::{
     path::{Path, PathBuf},
@@ -37,6 +38,8 @@ enum Task {
     /// The daemon on the example manifests and a demo node of network namespaces: requests to
     /// a ClusterIP and a NodePort answered by pods, then the status; everything cleaned up.
     Demo,
+    /// The integration tests inside QEMU on Debian 12's 6.1 kernel (part of `test`).
+    Vm,
     /// Build in release and run a benchmark (see `bench --help`).
     Bench {
         #[arg(value_enum)]
@@ -51,6 +54,7 @@ fn main() -> anyhow::Result<()> {
         Task::Unload(args) => load::unload(&args),
         Task::Test => test::run(),
         Task::Demo => demo::run_demo(),
+        Task::Vm => vm::run(),
         Task::Bench { target } => bench::run(target),
     }
 }
