@@ -3,13 +3,11 @@
 //! next daemon adopts the maps without a flush.
 
 use std::{
+    borrow::Cow,
     collections::BTreeSet,
-    net::Ipv4Addr,
     path::{Path, PathBuf},
     time::Duration,
 };
-
-use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
 
 use notify::{RecursiveMode, Watcher as _};
 use tokio::sync::mpsc;
@@ -18,13 +16,14 @@ use tracing::{error, info, warn};
 use crate::{
     attach,
     config::NodeConfig,
+    control::ControlPlane,
     error::{Error, Result},
-    kube_source::{self, KubeSource},
+    kube_source::{self, Changes, KubeSource},
     manifest,
     maps::KernelMaps,
-    model,
+    model::{self, ServiceModel, ServiceName},
     pins::PinLayout,
-    reconcile::{DatapathState, Reconciler, SlotMode},
+    reconcile::{DatapathState, Reconciler, Report, SlotMode},
 };
 
 /// Where Services and EndpointSlices come from.
@@ -70,7 +69,7 @@ pub async fn run_until(
 ) -> Result<()> {
     let mut maps = attach_or_adopt(&options)?;
     let programmed = DatapathState::read(&maps)?;
-    let mut reconciler = reconciler_for(programmed, &options.node_config);
+    let reconciler = reconciler_for(programmed, &options.node_config);
     let (nudge, mut nudges) = mpsc::channel(16);
     tokio::pin!(shutdown);
     let objects = match &options.source {
@@ -78,7 +77,9 @@ pub async fn run_until(
             info!(manifests = %dir.display(), "running");
             Objects::Manifests {
                 dir: dir.clone(),
-                cache: std::cell::RefCell::default(),
+                cache: Box::new(std::cell::RefCell::new(manifest::CachedDir::new(
+                    &options.node_config,
+                ))),
                 _watcher: watch(dir, nudge)?,
             }
         }
@@ -97,18 +98,27 @@ pub async fn run_until(
         }
     };
     let mut reported = Reported::default();
+    let mut plane = ControlPlane::new(reconciler);
+    // The first sync rebuilds every service; so does the periodic resync, which repairs
+    // whatever a missed event or a failed write left behind.
+    let mut full = true;
     loop {
-        if let Err(error) = sync(&options, &objects, &mut reconciler, &mut maps, &mut reported) {
+        if let Err(error) = sync(&options, &objects, &mut plane, &mut maps, &mut reported, full) {
             error!(error = %error_chain(&error), "reconcile failed; re-reading the maps and retrying at the next change");
-            reconciler = reconciler_for(DatapathState::read(&maps)?, &options.node_config);
+            // A new control plane knows nothing yet: its next sync is a full one.
+            plane = ControlPlane::new(reconciler_for(
+                DatapathState::read(&maps)?,
+                &options.node_config,
+            ));
         }
         tokio::select! {
             _ = nudges.recv() => {
                 // Editors write a file in several steps: let the burst settle.
                 tokio::time::sleep(Duration::from_millis(20)).await;
                 while nudges.try_recv().is_ok() {}
+                full = false;
             }
-            () = tokio::time::sleep(options.resync) => {}
+            () = tokio::time::sleep(options.resync) => full = true,
             () = &mut shutdown => break,
         }
     }
@@ -155,50 +165,86 @@ enum Objects {
     Manifests {
         dir: PathBuf,
         /// Parsed files by modification time: an edit re-parses only its file.
-        cache: std::cell::RefCell<manifest::CachedDir>,
+        cache: Box<std::cell::RefCell<manifest::CachedDir>>,
         _watcher: notify::RecommendedWatcher,
     },
     Kubernetes(Box<KubeSource>),
 }
 
-/// One reading of the source: objects, problems met reading them, and the node's addresses
-/// if the source knows them.
-struct Reading {
-    services: Vec<Service>,
-    slices: Vec<EndpointSlice>,
-    problems: Vec<String>,
-    node_ips: Vec<Ipv4Addr>,
-}
-
 impl Objects {
-    fn read(&self) -> Result<Reading> {
+    /// The node configuration to build with: the Node object's addresses, when the source
+    /// knows them, are the truth about this node's IPs.
+    fn node<'a>(&self, configured: &'a NodeConfig) -> Cow<'a, NodeConfig> {
+        let node_ips = match self {
+            Self::Manifests { .. } => Vec::new(),
+            Self::Kubernetes(source) => {
+                source.node().as_ref().map(kube_source::node_ipv4_addresses).unwrap_or_default()
+            }
+        };
+        if node_ips.is_empty() || node_ips == configured.node_ips {
+            Cow::Borrowed(configured)
+        } else {
+            Cow::Owned(NodeConfig { node_ips, ..configured.clone() })
+        }
+    }
+
+    /// The services changed since the last call: `None` when any may have.
+    fn changes(&self) -> Result<Option<BTreeSet<ServiceName>>> {
         match self {
             Self::Manifests { dir, cache, .. } => {
-                let manifests = cache.borrow_mut().load(dir).map_err(|e| Error::Io {
+                cache.borrow_mut().refresh(dir).map(Some).map_err(|e| Error::Io {
                     path: dir.clone(),
                     source: std::io::Error::other(e.to_string()),
-                })?;
-                Ok(Reading {
-                    problems: manifests.problems.iter().map(|p| format!("skipped: {p}")).collect(),
-                    services: manifests.services,
-                    slices: manifests.slices,
-                    node_ips: Vec::new(),
                 })
+            }
+            Self::Kubernetes(source) => Ok(match source.take_changes() {
+                Changes::Everything => None,
+                Changes::Services(services) => Some(services),
+            }),
+        }
+    }
+
+    /// Every service, for a full sync.
+    fn sync_all(
+        &self,
+        plane: &mut ControlPlane,
+        node: &NodeConfig,
+        maps: &mut KernelMaps,
+    ) -> Result<Report> {
+        match self {
+            Self::Manifests { cache, .. } => {
+                let cache = cache.borrow();
+                let services = cache.services();
+                let parts =
+                    services.iter().map(|(name, objects)| ((*name).clone(), objects.model(name)));
+                plane.sync_all(parts, node, maps)
             }
             Self::Kubernetes(source) => {
                 let snapshot = source.snapshot();
-                let node_ips = snapshot
-                    .node
-                    .as_ref()
-                    .map(kube_source::node_ipv4_addresses)
-                    .unwrap_or_default();
-                Ok(Reading {
-                    services: snapshot.services,
-                    slices: snapshot.slices,
-                    problems: Vec::new(),
-                    node_ips,
-                })
+                let services = model::by_service(&snapshot.services, &snapshot.slices, node);
+                drop(snapshot);
+                let parts =
+                    services.iter().map(|(name, objects)| (name.clone(), objects.model(name)));
+                plane.sync_all(parts, node, maps)
             }
+        }
+    }
+
+    /// One service's part of the model, for a sync of the services a change names.
+    fn service_model(&self, service: &ServiceName, node: &NodeConfig) -> ServiceModel {
+        match self {
+            Self::Manifests { cache, .. } => cache.borrow().objects(service).model(service),
+            Self::Kubernetes(source) => source.service_objects(service, node).model(service),
+        }
+    }
+
+    /// Files or documents the source could not read, as log lines.
+    fn problems(&self) -> Vec<String> {
+        match self {
+            Self::Manifests { cache, .. } => {
+                cache.borrow().problems().map(|p| format!("skipped: {p}")).collect()
+            }
+            Self::Kubernetes(_) => Vec::new(),
         }
     }
 }
@@ -207,42 +253,47 @@ fn source_error(error: kube_source::Error) -> Error {
     Error::Source(Box::new(error))
 }
 
-/// Reads the source and reconciles; a malformed file or object is reported and skipped.
+/// Reads what changed in the source and reconciles it: the services a change names, or every
+/// service when `full` is asked for, the source may have changed anything, or the node
+/// configuration changed. A malformed file or object is reported and skipped.
 fn sync(
     options: &Options,
     objects: &Objects,
-    reconciler: &mut Reconciler,
+    plane: &mut ControlPlane,
     maps: &mut KernelMaps,
     reported: &mut Reported,
+    full: bool,
 ) -> Result<()> {
     let started = std::time::Instant::now();
-    let reading = objects.read()?;
-    // The Node object's addresses, when known, are the truth about this node's IPs.
-    let node = if reading.node_ips.is_empty() || reading.node_ips == options.node_config.node_ips {
-        std::borrow::Cow::Borrowed(&options.node_config)
-    } else {
-        std::borrow::Cow::Owned(NodeConfig {
-            node_ips: reading.node_ips.clone(),
-            ..options.node_config.clone()
-        })
+    let node = objects.node(&options.node_config);
+    let changes = objects.changes()?;
+    // How many services were rebuilt; `None` for all of them.
+    let (report, rebuilt) = match changes {
+        Some(services) if !full && !plane.needs_full_sync(&node) => {
+            if services.is_empty() {
+                return Ok(());
+            }
+            let rebuilt = services.len();
+            let report =
+                plane.sync_services(services, |name| objects.service_model(name, &node), maps)?;
+            (report, Some(rebuilt))
+        }
+        _ => (objects.sync_all(plane, &node, maps)?, None),
     };
-    let model = model::build(&reading.services, &reading.slices, &node);
-    let report = reconciler.reconcile(&model, &node, maps)?;
-    let lines = reading
-        .problems
-        .iter()
-        .cloned()
-        .chain(model.skipped.iter().map(|s| format!("not programmed: {}: {}", s.object, s.reason)))
-        .chain(model.notes.iter().map(|note| format!("note: {note}")))
+    let lines = objects
+        .problems()
+        .into_iter()
+        .chain(plane.remarks())
         .chain(report.problems.iter().map(|problem| format!("not programmed: {problem}")))
         .collect();
     reported.update(lines);
     let purged = maps.purge_flows(&report.removed_pairs)?;
-    if !report.ops.is_empty() || purged > 0 {
+    if report.writes > 0 || purged > 0 {
+        let services = rebuilt.map_or_else(|| "all".to_owned(), |count| count.to_string());
         info!(
-            writes = report.ops.len(),
+            writes = report.writes,
             purged_flows = purged,
-            service_ports = model.ports.len(),
+            services,
             elapsed_us = started.elapsed().as_micros(),
             "programmed"
         );

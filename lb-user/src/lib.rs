@@ -11,6 +11,7 @@
 
 pub mod attach;
 pub mod config;
+pub mod control;
 pub mod daemon;
 pub mod error;
 pub mod kube_source;
