@@ -6,6 +6,7 @@ use std::{
     borrow::Cow,
     collections::BTreeSet,
     path::{Path, PathBuf},
+    sync::{Arc, Mutex, PoisonError},
     time::Duration,
 };
 
@@ -75,12 +76,14 @@ pub async fn run_until(
     let objects = match &options.source {
         Source::Manifests(dir) => {
             info!(manifests = %dir.display(), "running");
+            let touched = Arc::new(Mutex::new(Touched::default()));
             Objects::Manifests {
                 dir: dir.clone(),
                 cache: Box::new(std::cell::RefCell::new(manifest::CachedDir::new(
                     &options.node_config,
                 ))),
-                _watcher: watch(dir, nudge)?,
+                touched: Arc::clone(&touched),
+                _watcher: watch(dir, nudge, touched)?,
             }
         }
         Source::Kubernetes { kubeconfig } => {
@@ -166,6 +169,7 @@ enum Objects {
         dir: PathBuf,
         /// Parsed files by modification time: an edit re-parses only its file.
         cache: Box<std::cell::RefCell<manifest::CachedDir>>,
+        touched: Arc<Mutex<Touched>>,
         _watcher: notify::RecommendedWatcher,
     },
     Kubernetes(Box<KubeSource>),
@@ -188,11 +192,21 @@ impl Objects {
         }
     }
 
-    /// The services changed since the last call: `None` when any may have.
-    fn changes(&self) -> Result<Option<BTreeSet<ServiceName>>> {
+    /// The services changed since the last call: `None` when any may have. A `full` sync
+    /// reads the whole directory rather than the files the watcher named.
+    fn changes(&self, full: bool) -> Result<Option<BTreeSet<ServiceName>>> {
         match self {
-            Self::Manifests { dir, cache, .. } => {
-                cache.borrow_mut().refresh(dir).map(Some).map_err(|e| Error::Io {
+            Self::Manifests { dir, cache, touched, .. } => {
+                let touched =
+                    std::mem::take(&mut *touched.lock().unwrap_or_else(PoisonError::into_inner));
+                let mut cache = cache.borrow_mut();
+                if !full
+                    && !touched.rescan
+                    && let Some(changed) = cache.refresh_files(dir, touched.paths)
+                {
+                    return Ok(Some(changed));
+                }
+                cache.refresh(dir).map(Some).map_err(|e| Error::Io {
                     path: dir.clone(),
                     source: std::io::Error::other(e.to_string()),
                 })
@@ -266,7 +280,7 @@ fn sync(
 ) -> Result<()> {
     let started = std::time::Instant::now();
     let node = objects.node(&options.node_config);
-    let changes = objects.changes()?;
+    let changes = objects.changes(full)?;
     // How many services were rebuilt; `None` for all of them.
     let (report, rebuilt) = match changes {
         Some(services) if !full && !plane.needs_full_sync(&node) => {
@@ -301,15 +315,33 @@ fn sync(
     Ok(())
 }
 
-/// Watches the manifest directory; every event nudges the loop.
-fn watch(dir: &Path, changes: mpsc::Sender<()>) -> Result<notify::RecommendedWatcher> {
+/// The files the watcher saw change since the last sync.
+#[derive(Debug, Default)]
+struct Touched {
+    paths: BTreeSet<PathBuf>,
+    /// Events were lost or named no file: only reading the whole directory tells.
+    rescan: bool,
+}
+
+/// Watches the manifest directory; every event records its paths and nudges the loop.
+fn watch(
+    dir: &Path,
+    changes: mpsc::Sender<()>,
+    touched: Arc<Mutex<Touched>>,
+) -> Result<notify::RecommendedWatcher> {
     let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-        // Reading the files (as every sync does) raises access events: only changes count.
-        let is_change = event.is_ok_and(|e| !matches!(e.kind, notify::EventKind::Access(_)));
-        if is_change {
-            // A full channel already holds a nudge: dropping this one loses nothing.
-            let _ = changes.try_send(());
+        let mut touched = touched.lock().unwrap_or_else(PoisonError::into_inner);
+        match event {
+            // Reading the files (as every sync does) raises access events: only changes count.
+            Ok(event) if matches!(event.kind, notify::EventKind::Access(_)) => return,
+            Ok(event) => {
+                touched.rescan |= event.need_rescan() || event.paths.is_empty();
+                touched.paths.extend(event.paths);
+            }
+            Err(_) => touched.rescan = true,
         }
+        // A full channel already holds a nudge: dropping this one loses nothing.
+        let _ = changes.try_send(());
     })
     .map_err(|e| Error::Io { path: dir.into(), source: std::io::Error::other(e) })?;
     watcher

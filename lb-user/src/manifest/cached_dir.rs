@@ -11,7 +11,9 @@ use std::{
     time::SystemTime,
 };
 
-use super::{ManifestError, Problem, load_file, manifest_files};
+use super::{
+    ManifestError, Problem, has_manifest_name, is_manifest_file, load_file, manifest_files,
+};
 use crate::{
     config::NodeConfig,
     model::{ServiceName, ServiceObjects, by_service},
@@ -39,41 +41,77 @@ impl CachedDir {
         Self { node: node.clone(), files: BTreeMap::new() }
     }
 
-    /// Re-reads the directory; returns the services that files added, changed or removed held
-    /// before or hold now.
+    /// Re-reads the directory; returns the services whose objects changed in files added,
+    /// changed or removed.
     pub fn refresh(&mut self, dir: &Path) -> Result<BTreeSet<ServiceName>, ManifestError> {
         let mut previous = std::mem::take(&mut self.files);
-        let mut changed = BTreeSet::new();
         let mut files = Vec::new();
         for path in manifest_files(dir)? {
-            let metadata = std::fs::metadata(&path).ok();
-            let stamp = (
-                metadata.as_ref().and_then(|m| m.modified().ok()),
-                metadata.map_or(0, |m| m.len()),
-            );
-            let cached = match previous.remove(&path) {
-                Some(file) if file.stamp == stamp => Some(file),
-                Some(file) => {
-                    changed.extend(file.services.into_keys());
-                    None
-                }
-                None => None,
-            };
+            let stamp = stamp(&path);
+            let cached = previous.remove(&path);
             files.push((path, stamp, cached));
         }
+        let mut changed = BTreeSet::new();
         for (_, gone) in previous {
             changed.extend(gone.services.into_keys());
         }
+        changed.append(&mut self.reparse(files));
+        Ok(changed)
+    }
+
+    /// Re-reads only `paths`, the files a watcher reported (changed, created or removed), and
+    /// returns the services whose objects changed: a change then costs its file, not a look
+    /// at every file of the directory. `None` when a path is not a manifest file of the
+    /// directory (a directory, a config map's `..data` swap): then only [`CachedDir::refresh`]
+    /// can tell what changed.
+    pub fn refresh_files(
+        &mut self,
+        dir: &Path,
+        paths: impl IntoIterator<Item = PathBuf>,
+    ) -> Option<BTreeSet<ServiceName>> {
+        let mut files = Vec::new();
+        let mut changed = BTreeSet::new();
+        for path in paths {
+            if path.parent() != Some(dir) || !has_manifest_name(&path) {
+                return None;
+            }
+            if is_manifest_file(&path) {
+                let stamp = stamp(&path);
+                let cached = self.files.remove(&path);
+                files.push((path, stamp, cached));
+            } else if let Some(gone) = self.files.remove(&path) {
+                changed.extend(gone.services.into_keys());
+            }
+        }
+        changed.append(&mut self.reparse(files));
+        Some(changed)
+    }
+
+    /// Parses the files whose stamp differs from their cached one, caches every file, and
+    /// returns the services whose objects differ from the cached ones.
+    fn reparse(
+        &mut self,
+        mut files: Vec<(PathBuf, Stamp, Option<CachedFile>)>,
+    ) -> BTreeSet<ServiceName> {
+        let mut previous = Vec::new();
+        for (_, stamp, cached) in &mut files {
+            if cached.as_ref().is_some_and(|file| file.stamp != *stamp) {
+                previous.push(cached.take().map(|file| file.services).unwrap_or_default());
+            } else {
+                previous.push(BTreeMap::new());
+            }
+        }
         let parsed: Vec<bool> = files.iter().map(|(_, _, cached)| cached.is_none()).collect();
         parse_missing(&mut files, &self.node);
-        for ((path, _, file), parsed) in files.into_iter().zip(parsed) {
+        let mut changed = BTreeSet::new();
+        for (((path, _, file), parsed), before) in files.into_iter().zip(parsed).zip(previous) {
             let file = file.unwrap_or_default();
             if parsed {
-                changed.extend(file.services.keys().cloned());
+                changed.extend(differing(&before, &file.services));
             }
             self.files.insert(path, file);
         }
-        Ok(changed)
+        changed
     }
 
     /// The objects of `service` from every file, in file order.
@@ -105,6 +143,21 @@ impl CachedDir {
     pub fn problems(&self) -> impl Iterator<Item = &Problem> {
         self.files.values().flat_map(|file| &file.problems)
     }
+}
+
+fn stamp(path: &Path) -> Stamp {
+    let metadata = std::fs::metadata(path).ok();
+    (metadata.as_ref().and_then(|m| m.modified().ok()), metadata.map_or(0, |m| m.len()))
+}
+
+/// The services whose objects differ between two readings of a file: rewriting a file of a
+/// hundred services to change one rebuilds one.
+fn differing(
+    before: &BTreeMap<ServiceName, ServiceObjects>,
+    after: &BTreeMap<ServiceName, ServiceObjects>,
+) -> Vec<ServiceName> {
+    let names: BTreeSet<&ServiceName> = before.keys().chain(after.keys()).collect();
+    names.into_iter().filter(|name| before.get(*name) != after.get(*name)).cloned().collect()
 }
 
 /// Parses the files without a cached result, spread over the machine's cores: a daemon
@@ -172,5 +225,43 @@ mod tests {
         assert_eq!(listed, ["default/b2"], "the edit is seen and the removed file is gone");
         assert!(gone.is_empty());
         assert_eq!(cache.files.len(), 1);
+    }
+
+    #[test]
+    fn a_refresh_of_named_files_reports_only_services_whose_objects_changed() {
+        let dir = std::env::temp_dir().join(format!("lb-cached-files-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let both = |second_ip: &str| {
+            format!("{}---\n{}", service("a", "10.96.0.1"), service("b", second_ip))
+        };
+        let file = dir.join("ab.yaml");
+        std::fs::write(&file, both("10.96.0.2")).expect("write");
+        let node = NodeConfig::from_yaml_str(
+            "nodeName: n\nnodeIPs: [192.168.1.1]\nclusterCIDR: 10.244.0.0/16\nserviceCIDR: 10.96.0.0/12",
+        )
+        .expect("node");
+        let mut cache = CachedDir::new(&node);
+        cache.refresh(&dir).expect("first read");
+
+        std::fs::write(&file, both("10.96.0.20")).expect("edit b");
+        let edited = cache.refresh_files(&dir, [file.clone()]);
+        let unchanged = cache.refresh_files(&dir, [file.clone()]);
+        let elsewhere = cache.refresh_files(&dir, [dir.join("..data")]);
+        std::fs::remove_file(&file).expect("remove");
+        let removed = cache.refresh_files(&dir, [file]);
+        let _ = std::fs::remove_dir_all(&dir);
+        assert_eq!(
+            edited.as_ref().map(names),
+            Some(vec!["default/b".to_owned()]),
+            "a is unchanged"
+        );
+        assert_eq!(unchanged.map(|s| s.len()), Some(0), "same stamp: not even parsed");
+        assert_eq!(elsewhere, None, "not a manifest file: the caller must read everything");
+        assert_eq!(
+            removed.as_ref().map(names),
+            Some(vec!["default/a".to_owned(), "default/b".to_owned()])
+        );
+        assert!(cache.services().is_empty());
     }
 }

@@ -98,11 +98,16 @@ pub fn load_file(path: &Path) -> Manifests {
     manifests
 }
 
-fn is_manifest_file(path: &Path) -> bool {
+pub(crate) fn is_manifest_file(path: &Path) -> bool {
+    // is_file follows links, which a mounted config map is made of.
+    has_manifest_name(path) && path.is_file()
+}
+
+/// Whether `path`'s name is one a manifest file may have (whether or not it exists).
+pub(crate) fn has_manifest_name(path: &Path) -> bool {
     let visible = path.file_name().and_then(|n| n.to_str()).is_some_and(|n| !n.starts_with('.'));
     let yaml = path.extension().is_some_and(|e| e == "yaml" || e == "yml");
-    // is_file follows links, which a mounted config map is made of.
-    visible && yaml && path.is_file()
+    visible && yaml
 }
 
 impl Manifests {

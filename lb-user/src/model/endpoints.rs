@@ -22,7 +22,7 @@ use crate::config::NodeConfig;
 pub(super) const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 
 /// One EndpointSlice as the model keeps it: normalised, or why it is left out.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub(super) enum SliceObject {
     Used(Slice),
     /// addressType IPv6 or FQDN: counted in one note rather than listed.
@@ -30,7 +30,7 @@ pub(super) enum SliceObject {
     Malformed(Skipped),
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub(super) struct Slice {
     pub(super) name: String,
     ports: Vec<SlicePort>,
@@ -38,7 +38,7 @@ pub(super) struct Slice {
     endpoints: Vec<Endpoint>,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 struct SlicePort {
     name: String,
     protocol: Protocol,

@@ -16,7 +16,7 @@ use super::{
 use crate::config::NodeConfig;
 
 /// One service's objects, normalised, in the order the source gave them.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ServiceObjects {
     /// More than one only in a manifest directory (the API server cannot hold two): the first
     /// counts.
