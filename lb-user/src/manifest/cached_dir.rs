@@ -6,8 +6,9 @@
 
 use std::{
     borrow::Cow,
-    collections::{BTreeMap, BTreeSet},
+    collections::{BTreeMap, BTreeSet, HashMap},
     path::{Path, PathBuf},
+    sync::Arc,
     time::SystemTime,
 };
 
@@ -26,7 +27,10 @@ type Stamp = (Option<SystemTime>, u64);
 pub struct CachedDir {
     /// Slices are normalised for this node (which endpoints are local).
     node: NodeConfig,
-    files: BTreeMap<PathBuf, CachedFile>,
+    files: BTreeMap<Arc<Path>, CachedFile>,
+    /// The files holding objects of each service, in file order: a change looks up its
+    /// service's objects without visiting every file.
+    holders: HashMap<ServiceName, Vec<Arc<Path>>>,
 }
 
 #[derive(Debug, Default)]
@@ -38,24 +42,21 @@ struct CachedFile {
 
 impl CachedDir {
     pub fn new(node: &NodeConfig) -> Self {
-        Self { node: node.clone(), files: BTreeMap::new() }
+        Self { node: node.clone(), files: BTreeMap::new(), holders: HashMap::new() }
     }
 
     /// Re-reads the directory; returns the services whose objects changed in files added,
     /// changed or removed.
     pub fn refresh(&mut self, dir: &Path) -> Result<BTreeSet<ServiceName>, ManifestError> {
-        let mut previous = std::mem::take(&mut self.files);
-        let mut files = Vec::new();
-        for path in manifest_files(dir)? {
-            let stamp = stamp(&path);
-            let cached = previous.remove(&path);
-            files.push((path, stamp, cached));
-        }
+        let listed: BTreeSet<PathBuf> = manifest_files(dir)?.into_iter().collect();
+        let gone: Vec<Arc<Path>> =
+            self.files.keys().filter(|path| !listed.contains(&***path)).cloned().collect();
         let mut changed = BTreeSet::new();
-        for (_, gone) in previous {
-            changed.extend(gone.services.into_keys());
+        for path in gone {
+            changed
+                .extend(self.remove_file(&path).into_iter().flat_map(|f| f.services.into_keys()));
         }
-        changed.append(&mut self.reparse(files));
+        changed.append(&mut self.reparse(listed.into_iter().collect()));
         Ok(changed)
     }
 
@@ -69,56 +70,76 @@ impl CachedDir {
         dir: &Path,
         paths: impl IntoIterator<Item = PathBuf>,
     ) -> Option<BTreeSet<ServiceName>> {
-        let mut files = Vec::new();
+        let mut present = Vec::new();
         let mut changed = BTreeSet::new();
         for path in paths {
             if path.parent() != Some(dir) || !has_manifest_name(&path) {
                 return None;
             }
             if is_manifest_file(&path) {
-                let stamp = stamp(&path);
-                let cached = self.files.remove(&path);
-                files.push((path, stamp, cached));
-            } else if let Some(gone) = self.files.remove(&path) {
-                changed.extend(gone.services.into_keys());
+                present.push(path);
+            } else {
+                changed.extend(
+                    self.remove_file(&path).into_iter().flat_map(|f| f.services.into_keys()),
+                );
             }
         }
-        changed.append(&mut self.reparse(files));
+        changed.append(&mut self.reparse(present));
         Some(changed)
     }
 
-    /// Parses the files whose stamp differs from their cached one, caches every file, and
-    /// returns the services whose objects differ from the cached ones.
-    fn reparse(
-        &mut self,
-        mut files: Vec<(PathBuf, Stamp, Option<CachedFile>)>,
-    ) -> BTreeSet<ServiceName> {
-        let mut previous = Vec::new();
-        for (_, stamp, cached) in &mut files {
-            if cached.as_ref().is_some_and(|file| file.stamp != *stamp) {
-                previous.push(cached.take().map(|file| file.services).unwrap_or_default());
-            } else {
-                previous.push(BTreeMap::new());
-            }
-        }
-        let parsed: Vec<bool> = files.iter().map(|(_, _, cached)| cached.is_none()).collect();
-        parse_missing(&mut files, &self.node);
+    /// Parses those of `paths` whose stamp differs from the cached one (or that are not
+    /// cached), caches them, and returns the services whose objects differ from before.
+    fn reparse(&mut self, paths: Vec<PathBuf>) -> BTreeSet<ServiceName> {
+        let mut stale: Vec<(PathBuf, Stamp, Option<CachedFile>)> = paths
+            .into_iter()
+            .map(|path| {
+                let stamp = stamp(&path);
+                (path, stamp, None)
+            })
+            .filter(|(path, stamp, _)| {
+                self.files.get(path.as_path()).is_none_or(|file| file.stamp != *stamp)
+            })
+            .collect();
+        parse_missing(&mut stale, &self.node);
         let mut changed = BTreeSet::new();
-        for (((path, _, file), parsed), before) in files.into_iter().zip(parsed).zip(previous) {
+        for (path, _, file) in stale {
+            let before = self.remove_file(&path).map(|file| file.services).unwrap_or_default();
             let file = file.unwrap_or_default();
-            if parsed {
-                changed.extend(differing(&before, &file.services));
-            }
-            self.files.insert(path, file);
+            changed.extend(differing(&before, &file.services));
+            self.insert_file(path, file);
         }
         changed
+    }
+
+    fn insert_file(&mut self, path: PathBuf, file: CachedFile) {
+        let path: Arc<Path> = path.into();
+        for service in file.services.keys() {
+            let holders = self.holders.entry(service.clone()).or_default();
+            let at = holders.binary_search(&path).unwrap_or_else(|at| at);
+            holders.insert(at, Arc::clone(&path));
+        }
+        self.files.insert(path, file);
+    }
+
+    fn remove_file(&mut self, path: &Path) -> Option<CachedFile> {
+        let file = self.files.remove(path)?;
+        for service in file.services.keys() {
+            if let Some(holders) = self.holders.get_mut(service) {
+                holders.retain(|holder| **holder != *path);
+                if holders.is_empty() {
+                    self.holders.remove(service);
+                }
+            }
+        }
+        Some(file)
     }
 
     /// The objects of `service` from every file, in file order.
     pub fn objects(&self, service: &ServiceName) -> ServiceObjects {
         let mut objects = ServiceObjects::default();
-        for file in self.files.values() {
-            if let Some(part) = file.services.get(service) {
+        for path in self.holders.get(service).into_iter().flatten() {
+            if let Some(part) = self.files.get(path).and_then(|file| file.services.get(service)) {
                 objects.extend(part);
             }
         }
