@@ -22,6 +22,7 @@ pub mod maps;
 pub mod model;
 pub mod pins;
 pub mod reconcile;
+pub mod scenario;
 pub mod stats;
 pub mod status;
 pub mod trace;
