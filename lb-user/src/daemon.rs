@@ -360,3 +360,47 @@ fn error_chain(error: &dyn std::error::Error) -> String {
     }
     text
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The real watcher names an edited file the way the cache expects, so that a change
+    /// re-reads that file only.
+    #[tokio::test]
+    async fn the_watcher_names_edited_files_as_the_cache_reads_them() {
+        let dir = std::env::temp_dir().join(format!("lb-watch-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let service = |ip: &str| {
+            format!(
+                "apiVersion: v1\nkind: Service\nmetadata: {{name: web}}\nspec: {{clusterIP: {ip}, ports: [{{port: 80}}]}}\n"
+            )
+        };
+        let file = dir.join("web.yaml");
+        std::fs::write(&file, service("10.96.0.1")).expect("write");
+        let node = NodeConfig::from_yaml_str(
+            "nodeName: n\nnodeIPs: [192.168.1.1]\nclusterCIDR: 10.244.0.0/16\nserviceCIDR: 10.96.0.0/12",
+        )
+        .expect("node");
+        let mut cache = manifest::CachedDir::new(&node);
+        cache.refresh(&dir).expect("first read");
+        let (nudge, mut nudges) = mpsc::channel(16);
+        let touched = Arc::new(Mutex::new(Touched::default()));
+        let _watcher = watch(&dir, nudge, Arc::clone(&touched)).expect("watching");
+
+        std::fs::write(&file, service("10.96.0.22")).expect("edit");
+        tokio::time::timeout(Duration::from_secs(5), nudges.recv())
+            .await
+            .expect("a nudge after the edit")
+            .expect("the watcher holds the sender");
+        // The rest of the burst (modify, close).
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let touched = std::mem::take(&mut *touched.lock().expect("not poisoned"));
+        let changed = cache.refresh_files(&dir, touched.paths.clone());
+        let _ = std::fs::remove_dir_all(&dir);
+        assert!(!touched.rescan, "{touched:?}");
+        assert_eq!(touched.paths, BTreeSet::from([file]));
+        assert_eq!(changed, Some(BTreeSet::from([ServiceName::new("default", "web")])));
+    }
+}
