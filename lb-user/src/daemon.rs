@@ -22,7 +22,7 @@ use crate::{
     kube_source::{self, Changes, KubeSource},
     manifest,
     maps::KernelMaps,
-    model::{self, ServiceModel, ServiceName},
+    model::{ServiceModel, ServiceName},
     pins::PinLayout,
     reconcile::{DatapathState, Reconciler, Report, SlotMode},
 };
@@ -234,9 +234,7 @@ impl Objects {
                 plane.sync_all(parts, node, maps)
             }
             Self::Kubernetes(source) => {
-                let snapshot = source.snapshot();
-                let services = model::by_service(&snapshot.services, &snapshot.slices, node);
-                drop(snapshot);
+                let services = source.objects_by_service(node);
                 let parts =
                     services.iter().map(|(name, objects)| (name.clone(), objects.model(name)));
                 plane.sync_all(parts, node, maps)

@@ -12,12 +12,13 @@ mod changes;
 mod client;
 mod node;
 
-#[cfg(test)]
-mod api_server;
+#[cfg(any(test, feature = "scripted-api-server"))]
+pub mod api_server;
 #[cfg(test)]
 mod tests;
 
 use std::{
+    collections::BTreeMap,
     path::PathBuf,
     sync::{Arc, Mutex, MutexGuard, PoisonError},
 };
@@ -44,7 +45,7 @@ use self::changes::ChangeLog;
 pub use self::{changes::Changes, client::client, node::node_ipv4_addresses};
 use crate::{
     config::NodeConfig,
-    model::{ServiceName, ServiceObjects},
+    model::{ServiceName, ServiceObjects, service_name},
 };
 
 /// Services that name another proxy in this label are that proxy's to serve, not ours; kube-proxy
@@ -183,6 +184,19 @@ impl KubeSource {
             }
         }
         objects
+    }
+
+    /// The objects of every service as the stores hold them now, normalised for `node`,
+    /// without copying the API objects (a full sync's input).
+    pub fn objects_by_service(&self, node: &NodeConfig) -> BTreeMap<ServiceName, ServiceObjects> {
+        let mut by_service: BTreeMap<ServiceName, ServiceObjects> = BTreeMap::new();
+        for service in self.services.state() {
+            by_service.entry(service_name(&service)).or_default().add_service(&service);
+        }
+        for slice in self.slices.state() {
+            ServiceObjects::add_slice_to(&mut by_service, &slice, node);
+        }
+        by_service
     }
 
     /// This node's Node, if it has been listed.

@@ -8,6 +8,11 @@
 //! watcher names is re-read (a file holds 100 services), the services whose objects changed
 //! are rebuilt and only their entries are diffed and written, and the flows of removed
 //! backends are purged.
+//!
+//! The same services also come from the scripted API server of the Kubernetes source's tests
+//! (see [`kubernetes`]): the `"kubernetes"` rows.
+
+mod kubernetes;
 
 use std::{
     fmt::Write as _,
@@ -42,26 +47,44 @@ serviceCIDR: 10.96.0.0/12
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
-    if let Some(size) =
-        args.iter().position(|a| a == "--one").map(|i| args[i + 1].parse().expect("size"))
-    {
+    let size_after = |flag: &str| {
+        args.iter().position(|a| a == flag).map(|i| args[i + 1].parse::<usize>().expect("size"))
+    };
+    if let Some(size) = size_after("--one") {
         println!("{}", measure(size));
         return;
     }
-    let mut rows = Vec::new();
-    for size in SIZES {
-        let output =
-            Command::new(&args[0]).args(["--one", &size.to_string()]).output().expect("child run");
-        assert!(
-            output.status.success(),
-            "size {size}: {}",
-            String::from_utf8_lossy(&output.stderr)
-        );
-        rows.push(String::from_utf8_lossy(&output.stdout).trim().to_owned());
-        eprintln!("{size} services: {}", rows.last().expect("row"));
+    if let Some(size) = size_after("--kubernetes") {
+        println!("{}", kubernetes::measure(size));
+        return;
     }
-    print_table(&rows);
-    let json = format!("{{\"source\": \"manifests\", \"runs\": [{}]}}\n", rows.join(", "));
+    let mut manifests = Vec::new();
+    let mut api = Vec::new();
+    for size in SIZES {
+        for (flag, rows) in [("--one", &mut manifests), ("--kubernetes", &mut api)] {
+            let output =
+                Command::new(&args[0]).args([flag, &size.to_string()]).output().expect("child run");
+            assert!(
+                output.status.success(),
+                "{flag} {size}: {}",
+                String::from_utf8_lossy(&output.stderr)
+            );
+            rows.push(String::from_utf8_lossy(&output.stdout).trim().to_owned());
+            eprintln!("{flag} {size} services: {}", rows.last().expect("row"));
+        }
+    }
+    println!("from a manifest directory:");
+    print_table(&manifests);
+    println!("from the scripted API server:");
+    print_table(&api);
+    println!(
+        "targets: 10k programmed <= 1 s, 100k <= 10 s; change p99 <= 10 ms at 100k; RSS <= 500 MiB at 100k"
+    );
+    let json = format!(
+        "{{\"source\": \"manifests\", \"runs\": [{}], \"kubernetes\": {{\"source\": \"kubernetes\", \"runs\": [{}]}}}}\n",
+        manifests.join(", "),
+        api.join(", ")
+    );
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/bench");
     std::fs::create_dir_all(&dir).expect("target/bench");
     std::fs::write(dir.join("control-plane.json"), json).expect("write JSON");
@@ -74,20 +97,58 @@ fn ip(base: [u8; 4], index: usize) -> String {
     std::net::Ipv4Addr::from(value).to_string()
 }
 
+/// Endpoint `e` of service `i` at `generation`: its address and node. A change moves the
+/// first endpoint to a fresh address.
+fn endpoint(i: usize, e: usize, generation: usize) -> (String, &'static str) {
+    let index = if e == 0 && generation > 0 { 8_000_000 - generation } else { i * ENDPOINTS + e };
+    let node = if e.is_multiple_of(2) { "node-a" } else { "node-b" };
+    (ip([10, 128, 0, 0], index), node)
+}
+
+/// The ClusterIP of service `i`.
+fn cluster_ip(i: usize) -> String {
+    ip([10, 96, 0, 1], i)
+}
+
+/// Map sizes for `size` services.
+fn capacities(size: usize) -> Capacities {
+    Capacities {
+        services: Some(u32::try_from(2 * size + 1024).expect("fits")),
+        backends: Some(u32::try_from(size * ENDPOINTS + 1024).expect("fits")),
+        backend_slots: Some(u32::try_from(size * ENDPOINTS + 1024).expect("fits")),
+        conntrack: Some(1024),
+        affinity: Some(1024),
+    }
+}
+
+/// Changes measured in one run; the services they touch.
+fn changed_service(change: usize, size: usize) -> usize {
+    (change * 7919) % size
+}
+
+/// Nearest-rank percentile of sorted `latencies`, in milliseconds: the smallest measured
+/// latency with at least `percent` of them at or below it.
+fn percentile(latencies: &[Duration], percent: usize) -> f64 {
+    let rank = (latencies.len() * percent).div_ceil(100).max(1);
+    latencies[rank - 1].as_secs_f64() * 1e3
+}
+
+/// This process's peak RSS in MiB.
+fn peak_rss_mib() -> f64 {
+    // KiB to MiB; exact far beyond any RSS this machine can have.
+    f64::from(u32::try_from(peak_rss_kib()).expect("RSS under 4 TiB")) / 1024.0
+}
+
 fn service_yaml(i: usize, generation: usize) -> String {
     let mut yaml = format!(
         "apiVersion: v1\nkind: Service\nmetadata: {{name: svc-{i}, namespace: bench}}\nspec:\n  clusterIP: {}\n  ports:\n  - {{port: 80, protocol: TCP, targetPort: 8080}}\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: svc-{i}-a\n  namespace: bench\n  labels: {{kubernetes.io/service-name: svc-{i}}}\naddressType: IPv4\nendpoints:\n",
-        ip([10, 96, 0, 1], i)
+        cluster_ip(i)
     );
     for e in 0..ENDPOINTS {
-        // A change moves the first endpoint to a fresh address.
-        let index =
-            if e == 0 && generation > 0 { 8_000_000 - generation } else { i * ENDPOINTS + e };
-        let node = if e % 2 == 0 { "node-a" } else { "node-b" };
+        let (address, node) = endpoint(i, e, generation);
         let _ = writeln!(
             yaml,
-            "- {{addresses: [{}], nodeName: {node}, conditions: {{ready: true}}}}",
-            ip([10, 128, 0, 0], index)
+            "- {{addresses: [{address}], nodeName: {node}, conditions: {{ready: true}}}}"
         );
     }
     yaml.push_str("ports:\n- {name: '', port: 8080, protocol: TCP}\n---\n");
@@ -132,13 +193,7 @@ fn measure(size: usize) -> String {
         write_file(&dir, file, size, None);
     }
     let node = NodeConfig::from_yaml_str(NODE_CONFIG).expect("node config");
-    let capacities = Capacities {
-        services: Some(u32::try_from(2 * size + 1024).expect("fits")),
-        backends: Some(u32::try_from(size * ENDPOINTS + 1024).expect("fits")),
-        backend_slots: Some(u32::try_from(size * ENDPOINTS + 1024).expect("fits")),
-        conntrack: Some(1024),
-        affinity: Some(1024),
-    };
+    let capacities = capacities(size);
     let mut ebpf = loader::load_private_with(&capacities).expect("load the datapath");
     let mut maps = KernelMaps::take_from(&mut ebpf).expect("maps");
 
@@ -166,7 +221,7 @@ fn measure(size: usize) -> String {
         if budget.elapsed() > CHANGE_BUDGET {
             break;
         }
-        let service = (change * 7919) % size;
+        let service = changed_service(change, size);
         let file = write_file(&dir, service / SERVICES_PER_FILE, size, Some((service, change)));
         let started = Instant::now();
         let writes = apply_change(&dir, file, &mut cache, &mut plane, &mut maps);
@@ -174,16 +229,9 @@ fn measure(size: usize) -> String {
         assert!(writes > 0, "a change writes something");
     }
     let _ = std::fs::remove_dir_all(&dir);
-    // The high-water mark of the whole run: first sync and changes. KiB to MiB; exact far
-    // beyond any RSS this machine can have.
-    let rss_mib = f64::from(u32::try_from(peak_rss_kib()).expect("RSS under 4 TiB")) / 1024.0;
+    // The high-water mark of the whole run: first sync and changes.
+    let rss_mib = peak_rss_mib();
     latencies.sort();
-    // Nearest-rank percentile: the smallest measured latency with at least `p` of them at or
-    // below it.
-    let percentile = |percent: usize| {
-        let rank = (latencies.len() * percent).div_ceil(100).max(1);
-        latencies[rank - 1].as_secs_f64() * 1e3
-    };
     format!(
         "{{\"services\": {size}, \"endpoints_per_service\": {ENDPOINTS}, \"programmed_s\": {:.3}, \"parse_s\": {:.3}, \"model_s\": {:.3}, \"reconcile_s\": {:.3}, \"writes\": {writes}, \"peak_rss_mib\": {rss_mib:.1}, \"changes_measured\": {}, \"change_p50_ms\": {:.2}, \"change_p99_ms\": {:.2}}}",
         programmed.as_secs_f64(),
@@ -191,8 +239,8 @@ fn measure(size: usize) -> String {
         modelled.saturating_sub(parsed).as_secs_f64(),
         programmed.saturating_sub(modelled).as_secs_f64(),
         latencies.len(),
-        percentile(50),
-        percentile(99)
+        percentile(&latencies, 50),
+        percentile(&latencies, 99)
     )
 }
 
@@ -226,7 +274,4 @@ fn print_table(rows: &[String]) {
             field("change_p99_ms")
         );
     }
-    println!(
-        "targets: 10k programmed <= 1 s, 100k <= 10 s; change p99 <= 10 ms at 100k; RSS <= 500 MiB at 100k"
-    );
 }
