@@ -116,8 +116,11 @@ pub async fn run_until(
         }
         tokio::select! {
             _ = nudges.recv() => {
-                // Editors write a file in several steps: let the burst settle.
-                tokio::time::sleep(Duration::from_millis(20)).await;
+                // Editors write a file in several steps: let the burst settle. A watch event
+                // is one whole object: no wait.
+                if matches!(objects, Objects::Manifests { .. }) {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
                 while nudges.try_recv().is_ok() {}
                 full = false;
             }

@@ -115,8 +115,9 @@ impl Reconciler {
         let desired = batch.after;
         let mut written = 0;
         for_each_op(&self.programmed, &desired, |op| {
+            writer.apply(&op)?;
             written += 1;
-            writer.apply(&op)
+            Ok(())
         })?;
         let removed_pairs = removed_pairs(&self.programmed, &desired);
         self.programmed = desired;
