@@ -3,14 +3,13 @@
 //! next daemon adopts the maps without a flush.
 
 use std::{
+    borrow::Cow,
     collections::BTreeSet,
-    net::{Ipv4Addr, SocketAddr},
+    net::SocketAddr,
     path::{Path, PathBuf},
-    sync::Arc,
+    sync::{Arc, Mutex, PoisonError},
     time::{Duration, Instant},
 };
-
-use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
 
 use notify::{RecursiveMode, Watcher as _};
 use tokio::sync::mpsc;
@@ -20,14 +19,15 @@ use crate::{
     attach,
     config::NodeConfig,
     conntrack_gc,
+    control::ControlPlane,
     error::{Error, Result},
-    kube_source::{self, KubeSource},
+    kube_source::{self, Changes, KubeSource},
     manifest,
     maps::KernelMaps,
     metrics::{self, Metrics},
-    model,
+    model::{ServiceModel, ServiceName},
     pins::PinLayout,
-    reconcile::{DatapathState, Reconciler, SlotMode},
+    reconcile::{DatapathState, Reconciler, Report, SlotMode},
 };
 
 /// Where Services and EndpointSlices come from.
@@ -85,16 +85,20 @@ pub async fn run_until(
         Arc::clone(&metrics),
     )?;
     let programmed = DatapathState::read(&maps)?;
-    let mut reconciler = reconciler_for(programmed, &options.node_config);
+    let reconciler = reconciler_for(programmed, &options.node_config);
     let (nudge, mut nudges) = mpsc::channel(16);
     tokio::pin!(shutdown);
     let objects = match &options.source {
         Source::Manifests(dir) => {
             info!(manifests = %dir.display(), "running");
+            let touched = Arc::new(Mutex::new(Touched::default()));
             Objects::Manifests {
                 dir: dir.clone(),
-                cache: std::cell::RefCell::default(),
-                _watcher: watch(dir, nudge)?,
+                cache: Box::new(std::cell::RefCell::new(manifest::CachedDir::new(
+                    &options.node_config,
+                ))),
+                touched: Arc::clone(&touched),
+                _watcher: watch(dir, nudge, touched)?,
             }
         }
         Source::Kubernetes { kubeconfig } => {
@@ -112,22 +116,33 @@ pub async fn run_until(
         }
     };
     let mut reported = Reported::default();
+    let mut plane = ControlPlane::new(reconciler);
+    // The first sync rebuilds every service; so does the periodic resync, which repairs
+    // whatever a missed event or a failed write left behind.
+    let mut full = true;
     loop {
         let started = Instant::now();
-        if let Err(error) =
-            sync(&options, &objects, &mut reconciler, &mut maps, &mut reported, &metrics)
-        {
+        let synced = sync(&options, &objects, &mut plane, &mut maps, &mut reported, full, &metrics);
+        if let Err(error) = synced {
             metrics.observe_failed_sync(started.elapsed());
             error!(error = %error_chain(&error), "reconcile failed; re-reading the maps and retrying at the next change");
-            reconciler = reconciler_for(DatapathState::read(&maps)?, &options.node_config);
+            // A new control plane knows nothing yet: its next sync is a full one.
+            plane = ControlPlane::new(reconciler_for(
+                DatapathState::read(&maps)?,
+                &options.node_config,
+            ));
         }
         tokio::select! {
             _ = nudges.recv() => {
-                // Editors write a file in several steps: let the burst settle.
-                tokio::time::sleep(Duration::from_millis(20)).await;
+                // Editors write a file in several steps: let the burst settle. A watch event
+                // is one whole object: no wait.
+                if matches!(objects, Objects::Manifests { .. }) {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
                 while nudges.try_recv().is_ok() {}
+                full = false;
             }
-            () = tokio::time::sleep(options.resync) => {}
+            () = tokio::time::sleep(options.resync) => full = true,
             () = &mut shutdown => break,
         }
     }
@@ -174,50 +189,95 @@ enum Objects {
     Manifests {
         dir: PathBuf,
         /// Parsed files by modification time: an edit re-parses only its file.
-        cache: std::cell::RefCell<manifest::CachedDir>,
+        cache: Box<std::cell::RefCell<manifest::CachedDir>>,
+        touched: Arc<Mutex<Touched>>,
         _watcher: notify::RecommendedWatcher,
     },
     Kubernetes(Box<KubeSource>),
 }
 
-/// One reading of the source: objects, problems met reading them, and the node's addresses
-/// if the source knows them.
-struct Reading {
-    services: Vec<Service>,
-    slices: Vec<EndpointSlice>,
-    problems: Vec<String>,
-    node_ips: Vec<Ipv4Addr>,
-}
-
 impl Objects {
-    fn read(&self) -> Result<Reading> {
+    /// The node configuration to build with: the Node object's addresses, when the source
+    /// knows them, are the truth about this node's IPs.
+    fn node<'a>(&self, configured: &'a NodeConfig) -> Cow<'a, NodeConfig> {
+        let node_ips = match self {
+            Self::Manifests { .. } => Vec::new(),
+            Self::Kubernetes(source) => {
+                source.node().as_ref().map(kube_source::node_ipv4_addresses).unwrap_or_default()
+            }
+        };
+        if node_ips.is_empty() || node_ips == configured.node_ips {
+            Cow::Borrowed(configured)
+        } else {
+            Cow::Owned(NodeConfig { node_ips, ..configured.clone() })
+        }
+    }
+
+    /// The services changed since the last call: `None` when any may have. A `full` sync
+    /// reads the whole directory rather than the files the watcher named.
+    fn changes(&self, full: bool) -> Result<Option<BTreeSet<ServiceName>>> {
         match self {
-            Self::Manifests { dir, cache, .. } => {
-                let manifests = cache.borrow_mut().load(dir).map_err(|e| Error::Io {
+            Self::Manifests { dir, cache, touched, .. } => {
+                let touched =
+                    std::mem::take(&mut *touched.lock().unwrap_or_else(PoisonError::into_inner));
+                let mut cache = cache.borrow_mut();
+                if !full
+                    && !touched.rescan
+                    && let Some(changed) = cache.refresh_files(dir, touched.paths)
+                {
+                    return Ok(Some(changed));
+                }
+                cache.refresh(dir).map(Some).map_err(|e| Error::Io {
                     path: dir.clone(),
                     source: std::io::Error::other(e.to_string()),
-                })?;
-                Ok(Reading {
-                    problems: manifests.problems.iter().map(|p| format!("skipped: {p}")).collect(),
-                    services: manifests.services,
-                    slices: manifests.slices,
-                    node_ips: Vec::new(),
                 })
+            }
+            Self::Kubernetes(source) => Ok(match source.take_changes() {
+                Changes::Everything => None,
+                Changes::Services(services) => Some(services),
+            }),
+        }
+    }
+
+    /// Every service, for a full sync.
+    fn sync_all(
+        &self,
+        plane: &mut ControlPlane,
+        node: &NodeConfig,
+        maps: &mut KernelMaps,
+    ) -> Result<Report> {
+        match self {
+            Self::Manifests { cache, .. } => {
+                let cache = cache.borrow();
+                let services = cache.services();
+                let parts =
+                    services.iter().map(|(name, objects)| ((*name).clone(), objects.model(name)));
+                plane.sync_all(parts, node, maps)
             }
             Self::Kubernetes(source) => {
-                let snapshot = source.snapshot();
-                let node_ips = snapshot
-                    .node
-                    .as_ref()
-                    .map(kube_source::node_ipv4_addresses)
-                    .unwrap_or_default();
-                Ok(Reading {
-                    services: snapshot.services,
-                    slices: snapshot.slices,
-                    problems: Vec::new(),
-                    node_ips,
-                })
+                let services = source.objects_by_service(node);
+                let parts =
+                    services.iter().map(|(name, objects)| (name.clone(), objects.model(name)));
+                plane.sync_all(parts, node, maps)
             }
+        }
+    }
+
+    /// One service's part of the model, for a sync of the services a change names.
+    fn service_model(&self, service: &ServiceName, node: &NodeConfig) -> ServiceModel {
+        match self {
+            Self::Manifests { cache, .. } => cache.borrow().objects(service).model(service),
+            Self::Kubernetes(source) => source.service_objects(service, node).model(service),
+        }
+    }
+
+    /// Files or documents the source could not read, as log lines.
+    fn problems(&self) -> Vec<String> {
+        match self {
+            Self::Manifests { cache, .. } => {
+                cache.borrow().problems().map(|p| format!("skipped: {p}")).collect()
+            }
+            Self::Kubernetes(_) => Vec::new(),
         }
     }
 }
@@ -226,44 +286,50 @@ fn source_error(error: kube_source::Error) -> Error {
     Error::Source(Box::new(error))
 }
 
-/// Reads the source and reconciles; a malformed file or object is reported and skipped.
+/// Reads what changed in the source and reconciles it: the services a change names, or every
+/// service when `full` is asked for, the source may have changed anything, or the node
+/// configuration changed. A malformed file or object is reported and skipped.
 fn sync(
     options: &Options,
     objects: &Objects,
-    reconciler: &mut Reconciler,
+    plane: &mut ControlPlane,
     maps: &mut KernelMaps,
     reported: &mut Reported,
+    full: bool,
     metrics: &Metrics,
 ) -> Result<()> {
     let started = Instant::now();
-    let reading = objects.read()?;
-    // The Node object's addresses, when known, are the truth about this node's IPs.
-    let node = if reading.node_ips.is_empty() || reading.node_ips == options.node_config.node_ips {
-        std::borrow::Cow::Borrowed(&options.node_config)
-    } else {
-        std::borrow::Cow::Owned(NodeConfig {
-            node_ips: reading.node_ips.clone(),
-            ..options.node_config.clone()
-        })
+    let node = objects.node(&options.node_config);
+    let changes = objects.changes(full)?;
+    // How many services were rebuilt; `None` for all of them.
+    let (report, rebuilt) = match changes {
+        Some(services) if !full && !plane.needs_full_sync(&node) => {
+            if services.is_empty() {
+                return Ok(());
+            }
+            let rebuilt = services.len();
+            let report =
+                plane.sync_services(services, |name| objects.service_model(name, &node), maps)?;
+            (report, Some(rebuilt))
+        }
+        _ => (objects.sync_all(plane, &node, maps)?, None),
     };
-    let model = model::build(&reading.services, &reading.slices, &node);
-    let report = reconciler.reconcile(&model, &node, maps)?;
-    let lines = reading
-        .problems
-        .iter()
-        .cloned()
-        .chain(model.skipped.iter().map(|s| format!("not programmed: {}: {}", s.object, s.reason)))
-        .chain(model.notes.iter().map(|note| format!("note: {note}")))
+    let lines = objects
+        .problems()
+        .into_iter()
+        .chain(plane.remarks())
         .chain(report.problems.iter().map(|problem| format!("not programmed: {problem}")))
         .collect();
     reported.update(lines);
     let purged = maps.purge_flows(&report.removed_pairs)?;
-    metrics.observe_sync(started.elapsed(), report.ops.len(), purged, model.ports.len());
-    if !report.ops.is_empty() || purged > 0 {
+    let frontends = plane.reconciler().programmed().services.len();
+    metrics.observe_sync(started.elapsed(), report.writes, purged, frontends);
+    if report.writes > 0 || purged > 0 {
+        let services = rebuilt.map_or_else(|| "all".to_owned(), |count| count.to_string());
         info!(
-            writes = report.ops.len(),
+            writes = report.writes,
             purged_flows = purged,
-            service_ports = model.ports.len(),
+            services,
             elapsed_us = started.elapsed().as_micros(),
             "programmed"
         );
@@ -271,15 +337,33 @@ fn sync(
     Ok(())
 }
 
-/// Watches the manifest directory; every event nudges the loop.
-fn watch(dir: &Path, changes: mpsc::Sender<()>) -> Result<notify::RecommendedWatcher> {
+/// The files the watcher saw change since the last sync.
+#[derive(Debug, Default)]
+struct Touched {
+    paths: BTreeSet<PathBuf>,
+    /// Events were lost or named no file: only reading the whole directory tells.
+    rescan: bool,
+}
+
+/// Watches the manifest directory; every event records its paths and nudges the loop.
+fn watch(
+    dir: &Path,
+    changes: mpsc::Sender<()>,
+    touched: Arc<Mutex<Touched>>,
+) -> Result<notify::RecommendedWatcher> {
     let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-        // Reading the files (as every sync does) raises access events: only changes count.
-        let is_change = event.is_ok_and(|e| !matches!(e.kind, notify::EventKind::Access(_)));
-        if is_change {
-            // A full channel already holds a nudge: dropping this one loses nothing.
-            let _ = changes.try_send(());
+        let mut touched = touched.lock().unwrap_or_else(PoisonError::into_inner);
+        match event {
+            // Reading the files (as every sync does) raises access events: only changes count.
+            Ok(event) if matches!(event.kind, notify::EventKind::Access(_)) => return,
+            Ok(event) => {
+                touched.rescan |= event.need_rescan() || event.paths.is_empty();
+                touched.paths.extend(event.paths);
+            }
+            Err(_) => touched.rescan = true,
         }
+        // A full channel already holds a nudge: dropping this one loses nothing.
+        let _ = changes.try_send(());
     })
     .map_err(|e| Error::Io { path: dir.into(), source: std::io::Error::other(e) })?;
     watcher
@@ -297,4 +381,48 @@ fn error_chain(error: &dyn std::error::Error) -> String {
         source = cause.source();
     }
     text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The real watcher names an edited file the way the cache expects, so that a change
+    /// re-reads that file only.
+    #[tokio::test]
+    async fn the_watcher_names_edited_files_as_the_cache_reads_them() {
+        let dir = std::env::temp_dir().join(format!("lb-watch-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let service = |ip: &str| {
+            format!(
+                "apiVersion: v1\nkind: Service\nmetadata: {{name: web}}\nspec: {{clusterIP: {ip}, ports: [{{port: 80}}]}}\n"
+            )
+        };
+        let file = dir.join("web.yaml");
+        std::fs::write(&file, service("10.96.0.1")).expect("write");
+        let node = NodeConfig::from_yaml_str(
+            "nodeName: n\nnodeIPs: [192.168.1.1]\nclusterCIDR: 10.244.0.0/16\nserviceCIDR: 10.96.0.0/12",
+        )
+        .expect("node");
+        let mut cache = manifest::CachedDir::new(&node);
+        cache.refresh(&dir).expect("first read");
+        let (nudge, mut nudges) = mpsc::channel(16);
+        let touched = Arc::new(Mutex::new(Touched::default()));
+        let _watcher = watch(&dir, nudge, Arc::clone(&touched)).expect("watching");
+
+        std::fs::write(&file, service("10.96.0.22")).expect("edit");
+        tokio::time::timeout(Duration::from_secs(5), nudges.recv())
+            .await
+            .expect("a nudge after the edit")
+            .expect("the watcher holds the sender");
+        // The rest of the burst (modify, close).
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let touched = std::mem::take(&mut *touched.lock().expect("not poisoned"));
+        let changed = cache.refresh_files(&dir, touched.paths.clone());
+        let _ = std::fs::remove_dir_all(&dir);
+        assert!(!touched.rescan, "{touched:?}");
+        assert_eq!(touched.paths, BTreeSet::from([file]));
+        assert_eq!(changed, Some(BTreeSet::from([ServiceName::new("default", "web")])));
+    }
 }

@@ -61,7 +61,7 @@ pub struct Metrics {
     sync_seconds: Histogram,
     map_writes: Counter,
     purged_flows: Counter,
-    service_ports: Gauge,
+    frontends: Gauge,
     conntrack_entries: Gauge,
     conntrack_collected: Counter,
 }
@@ -87,11 +87,11 @@ impl Metrics {
             "Conntrack entries of removed backends forgotten",
             purged_flows.clone(),
         );
-        let service_ports = Gauge::default();
+        let frontends = Gauge::default();
         registry.register(
-            "service_ports",
-            "Service ports in the source's model",
-            service_ports.clone(),
+            "frontends",
+            "Frontends (VIP, port, protocol, scope) programmed",
+            frontends.clone(),
         );
         let conntrack_entries = Gauge::default();
         registry.register(
@@ -112,24 +112,18 @@ impl Metrics {
             sync_seconds,
             map_writes,
             purged_flows,
-            service_ports,
+            frontends,
             conntrack_entries,
             conntrack_collected,
         })
     }
 
-    /// Records a sync that programmed `service_ports` with `writes` map writes.
-    pub fn observe_sync(
-        &self,
-        elapsed: Duration,
-        writes: usize,
-        purged: usize,
-        service_ports: usize,
-    ) {
+    /// Records a sync that left `frontends` programmed after `writes` map writes.
+    pub fn observe_sync(&self, elapsed: Duration, writes: usize, purged: usize, frontends: usize) {
         self.count_sync(SyncResult::Ok, elapsed);
         self.map_writes.inc_by(as_u64(writes));
         self.purged_flows.inc_by(as_u64(purged));
-        self.service_ports.set(i64::try_from(service_ports).unwrap_or(i64::MAX));
+        self.frontends.set(i64::try_from(frontends).unwrap_or(i64::MAX));
     }
 
     /// Records a sync that failed; what it wrote before failing is not known.
@@ -271,7 +265,7 @@ mod tests {
             "lb_syncs_total{result=\"error\"} 1",
             "lb_map_writes_total 125",
             "lb_purged_flows_total 2",
-            "lb_service_ports 41",
+            "lb_frontends 41",
             "lb_sync_duration_seconds_count 3",
             "lb_conntrack_entries 700",
             "lb_conntrack_collected_total 300",

@@ -14,35 +14,13 @@ use lb_user::{
     config::NodeConfig,
     manifest, model,
     model::Protocol,
+    scenario::{Case, read_cases},
     trace::{Entry, Outcome, Request, Tracer},
 };
-use serde::Deserialize;
 
 /// Source ports tried per case: enough that a uniform choice over a handful of backends
 /// misses one with negligible probability (3 backends: 3 * (2/3)^64 < 1e-10).
 const SOURCE_PORTS: u16 = 64;
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct Case {
-    name: String,
-    from: String,
-    #[serde(default = "tcp")]
-    proto: String,
-    src: Ipv4Addr,
-    dst: Ipv4Addr,
-    dport: u16,
-    expect: String,
-    #[serde(default)]
-    backends: Vec<String>,
-    snat: Option<serde_yaml::Value>,
-    #[serde(default)]
-    affinity: bool,
-}
-
-fn tcp() -> String {
-    "tcp".into()
-}
 
 fn scenarios() -> Vec<PathBuf> {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("scenarios");
@@ -66,10 +44,9 @@ fn entry(case: &Case) -> Entry {
 }
 
 fn protocol(case: &Case) -> Protocol {
-    match case.proto.as_str() {
-        "tcp" => Protocol::Tcp,
-        "udp" => Protocol::Udp,
-        other => panic!("{}: protocol {other} is not traced yet", case.name),
+    match case.protocol() {
+        Some(protocol @ (Protocol::Tcp | Protocol::Udp)) => protocol,
+        _ => panic!("{}: protocol {} is not traced yet", case.name, case.proto),
     }
 }
 
@@ -120,8 +97,7 @@ fn run_scenario(dir: &Path) -> usize {
         .iter()
         .flat_map(|p| p.endpoints.iter().filter(|e| e.node_local).map(ToString::to_string))
         .collect();
-    let text = std::fs::read_to_string(dir.join("packets.yaml")).expect("packets.yaml");
-    let cases: Vec<Case> = serde_yaml::from_str(&text).expect("packets.yaml parses");
+    let cases = read_cases(&dir.join("packets.yaml")).unwrap_or_else(|e| panic!("{e}"));
     let mut tracer = Tracer::new(model, &node).expect("a private datapath");
     let node_ip = node.node_ips[0];
     for case in &cases {

@@ -11,8 +11,9 @@ pub enum Target {
     /// ns/packet of the XDP program's paths under BPF_PROG_TEST_RUN (root needed); writes
     /// target/bench/dataplane.json.
     Dataplane,
-    /// The control plane from a manifest directory at 1k/10k/100k services: time to fully
-    /// programmed, peak RSS, change latency; writes target/bench/control-plane.json.
+    /// The control plane from a manifest directory and from a scripted API server at
+    /// 1k/10k/100k services: time to fully programmed, peak RSS, change latency; writes
+    /// target/bench/control-plane.json.
     ControlPlane,
 }
 

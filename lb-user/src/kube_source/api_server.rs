@@ -7,6 +7,12 @@
 //! routes them by path: asking for the next request of one resource holds back the requests of
 //! the others until they are asked for. A request never asked for stays unanswered, as a watch
 //! that has nothing to say does.
+//!
+//! Public behind the `scripted-api-server` feature for the control-plane benchmark.
+#![expect(
+    clippy::missing_panics_doc,
+    reason = "a test fixture: a conversation that goes wrong fails the test or benchmark"
+)]
 
 use std::{collections::BTreeMap, time::Duration};
 
@@ -23,11 +29,11 @@ use tower_test::mock;
 use super::{SERVICE_LABEL_SELECTOR, SLICE_LABEL_SELECTOR};
 
 /// The node the tests run on.
-pub(super) const NODE: &str = "node-a";
+pub const NODE: &str = "node-a";
 
 /// Longer than any backoff the tests run into (paused time skips it anyway), so that a missing
 /// request fails the test instead of hanging it.
-pub(super) const PATIENCE: Duration = Duration::from_secs(120);
+pub const PATIENCE: Duration = Duration::from_secs(120);
 
 /// Response bodies: a list or an error is sent whole; a watch streams events while the test holds
 /// its sender.
@@ -35,14 +41,14 @@ type Body = Either<Full<Bytes>, Channel<Bytes>>;
 type Handle = mock::Handle<Request<kube::client::Body>, Response<Body>>;
 
 /// A client talking to a new scripted server.
-pub(super) fn pair() -> (Client, ApiServer) {
+pub fn pair() -> (Client, ApiServer) {
     let (service, handle) = mock::pair::<Request<kube::client::Body>, Response<Body>>();
     (Client::new(service, "default"), ApiServer { handle, held: Vec::new() })
 }
 
 /// A watched resource, as told apart by the request path.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) enum Resource {
+pub enum Resource {
     Services,
     Slices,
     Node,
@@ -87,7 +93,7 @@ impl Resource {
 }
 
 /// The server side of the tests' conversations.
-pub(super) struct ApiServer {
+pub struct ApiServer {
     handle: Handle,
     /// Requests that arrived while the test waited for another resource's, oldest first.
     held: Vec<Incoming>,
@@ -95,7 +101,7 @@ pub(super) struct ApiServer {
 
 impl ApiServer {
     /// The next request for `resource`, however the watchers' requests interleave.
-    pub(super) async fn next(&mut self, resource: Resource) -> Incoming {
+    pub async fn next(&mut self, resource: Resource) -> Incoming {
         if let Some(at) = self.held.iter().position(|request| request.resource == resource) {
             return self.held.remove(at);
         }
@@ -113,23 +119,14 @@ impl ApiServer {
     }
 
     /// Expects a complete list of `resource` and answers `items` at `resource_version`.
-    pub(super) async fn list(
-        &mut self,
-        resource: Resource,
-        resource_version: &str,
-        items: &[Value],
-    ) {
+    pub async fn list(&mut self, resource: Resource, resource_version: &str, items: &[Value]) {
         let request = self.next(resource).await;
         request.assert_list(None);
         request.answer_list(resource_version, items, None);
     }
 
     /// Expects a watch of `resource` from `resource_version` and answers with an open stream.
-    pub(super) async fn watch(
-        &mut self,
-        resource: Resource,
-        resource_version: &str,
-    ) -> WatchStream {
+    pub async fn watch(&mut self, resource: Resource, resource_version: &str) -> WatchStream {
         let request = self.next(resource).await;
         request.assert_watch(resource_version);
         request.answer_watch()
@@ -137,7 +134,7 @@ impl ApiServer {
 }
 
 /// A request waiting for its answer.
-pub(super) struct Incoming {
+pub struct Incoming {
     resource: Resource,
     /// Each parameter once: kube-rs sends none twice.
     query: BTreeMap<String, String>,
@@ -161,7 +158,7 @@ impl Incoming {
 
     /// Asserts a list (a page after `continue_token` when given): the selector, kube-rs's page
     /// size, and no resourceVersion, so the API server answers from a quorum read.
-    pub(super) fn assert_list(&self, continue_token: Option<&str>) {
+    pub fn assert_list(&self, continue_token: Option<&str>) {
         let mut expected = self.expected_query([("limit", "500")]);
         if let Some(token) = continue_token {
             expected.insert("continue".to_owned(), token.to_owned());
@@ -170,7 +167,7 @@ impl Incoming {
     }
 
     /// Asserts a watch from `resource_version` with bookmarks requested.
-    pub(super) fn assert_watch(&self, resource_version: &str) {
+    pub fn assert_watch(&self, resource_version: &str) {
         let expected = self.expected_query([
             ("watch", "true"),
             ("timeoutSeconds", "290"),
@@ -191,7 +188,7 @@ impl Incoming {
 
     /// Answers a list: `items` at `resource_version`, with a continue token when more pages
     /// follow.
-    pub(super) fn answer_list(
+    pub fn answer_list(
         self,
         resource_version: &str,
         items: &[Value],
@@ -211,14 +208,14 @@ impl Incoming {
     }
 
     /// Answers a watch with a stream that stays open while the returned sender lives.
-    pub(super) fn answer_watch(self) -> WatchStream {
+    pub fn answer_watch(self) -> WatchStream {
         let (sender, body) = Channel::new(16);
         self.respond.send_response(Response::new(Either::Right(body)));
         WatchStream { resource: self.resource, sender }
     }
 
     /// Answers with an HTTP error status and the API server's Status body.
-    pub(super) fn answer_status(self, status: StatusCode, reason: &str) {
+    pub fn answer_status(self, status: StatusCode, reason: &str) {
         let body = json!({
             "apiVersion": "v1",
             "kind": "Status",
@@ -233,7 +230,7 @@ impl Incoming {
     }
 
     /// Fails the request as a refused connection does: the API server is unreachable.
-    pub(super) fn refuse(self) {
+    pub fn refuse(self) {
         let refused = std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "scripted outage");
         self.respond.send_error(refused);
     }
@@ -245,26 +242,26 @@ fn whole(json: &Value) -> Body {
 
 /// An open watch response: each call sends one event line; dropping it (or [`Self::close`])
 /// ends the response, as the API server does when the watch times out or the connection drops.
-pub(super) struct WatchStream {
+pub struct WatchStream {
     resource: Resource,
     sender: Sender<Bytes>,
 }
 
 impl WatchStream {
-    pub(super) async fn added(&mut self, object: Value) {
+    pub async fn added(&mut self, object: Value) {
         self.send("ADDED", object).await;
     }
 
-    pub(super) async fn modified(&mut self, object: Value) {
+    pub async fn modified(&mut self, object: Value) {
         self.send("MODIFIED", object).await;
     }
 
-    pub(super) async fn deleted(&mut self, object: Value) {
+    pub async fn deleted(&mut self, object: Value) {
         self.send("DELETED", object).await;
     }
 
     /// A bookmark: nothing changed up to `resource_version`.
-    pub(super) async fn bookmark(&mut self, resource_version: &str) {
+    pub async fn bookmark(&mut self, resource_version: &str) {
         let object = json!({
             "apiVersion": self.resource.api_version(),
             "kind": self.resource.kind(),
@@ -275,7 +272,7 @@ impl WatchStream {
 
     /// The ERROR event the API server sends when the watch's resourceVersion has left its
     /// window (after which it closes the response).
-    pub(super) async fn gone(&mut self) {
+    pub async fn gone(&mut self) {
         let status = json!({
             "apiVersion": "v1",
             "kind": "Status",
@@ -296,7 +293,7 @@ impl WatchStream {
     }
 
     /// Ends the response.
-    pub(super) fn close(self) {
+    pub fn close(self) {
         drop(self.sender);
     }
 }

@@ -8,15 +8,20 @@
 //! keep the last known objects and the watchers retry with exponential backoff. The daemon
 //! therefore only ever sees complete states and converges without a flush.
 
+mod changes;
 mod client;
 mod node;
 
-#[cfg(test)]
-mod api_server;
+#[cfg(any(test, feature = "scripted-api-server"))]
+pub mod api_server;
 #[cfg(test)]
 mod tests;
 
-use std::path::PathBuf;
+use std::{
+    collections::BTreeMap,
+    path::PathBuf,
+    sync::{Arc, Mutex, MutexGuard, PoisonError},
+};
 
 use futures::StreamExt as _;
 use k8s_openapi::api::{
@@ -36,7 +41,12 @@ use serde::de::DeserializeOwned;
 use tokio::{sync::mpsc, task::JoinSet};
 use tracing::{debug, info, warn};
 
-pub use self::{client::client, node::node_ipv4_addresses};
+use self::changes::ChangeLog;
+pub use self::{changes::Changes, client::client, node::node_ipv4_addresses};
+use crate::{
+    config::NodeConfig,
+    model::{ServiceName, ServiceObjects, service_name},
+};
 
 /// Services that name another proxy in this label are that proxy's to serve, not ours; kube-proxy
 /// leaves them out with the same selector. The model skips them too, but filtering on the server
@@ -92,6 +102,7 @@ pub struct KubeSource {
     slices: Store<EndpointSlice>,
     node: Store<Node>,
     node_name: String,
+    changes: Arc<Mutex<ChangeLog>>,
     /// The watcher tasks; a `JoinSet` aborts them when dropped.
     _watchers: JoinSet<()>,
 }
@@ -106,25 +117,38 @@ impl KubeSource {
     /// watch selects `metadata.name=<node_name>`.
     pub fn start(client: Client, node_name: &str, nudge: mpsc::Sender<()>) -> Self {
         let mut watchers = JoinSet::new();
+        let changes = Arc::new(Mutex::new(ChangeLog::default()));
+        let log = Arc::clone(&changes);
         let services = spawn_reflector(
             &mut watchers,
             Api::all(client.clone()),
             watcher::Config::default().labels(SERVICE_LABEL_SELECTOR),
             nudge.clone(),
+            move |event, _| lock(&log).on_service(event),
         );
+        let log = Arc::clone(&changes);
         let slices = spawn_reflector(
             &mut watchers,
             Api::all(client.clone()),
             watcher::Config::default().labels(SLICE_LABEL_SELECTOR),
             nudge.clone(),
+            move |event, store| lock(&log).on_slice(event, store),
         );
         let node = spawn_reflector(
             &mut watchers,
             Api::all(client),
             watcher::Config::default().fields(&format!("metadata.name={node_name}")),
             nudge,
+            |_, _| {},
         );
-        Self { services, slices, node, node_name: node_name.to_owned(), _watchers: watchers }
+        Self {
+            services,
+            slices,
+            node,
+            node_name: node_name.to_owned(),
+            changes,
+            _watchers: watchers,
+        }
     }
 
     /// Waits until the first list of Services and of EndpointSlices has completed. The daemon
@@ -136,6 +160,48 @@ impl KubeSource {
             tokio::join!(self.services.wait_until_ready(), self.slices.wait_until_ready());
         services.map_err(|_| Error::WatcherStopped { kind: "Service" })?;
         slices.map_err(|_| Error::WatcherStopped { kind: "EndpointSlice" })
+    }
+
+    /// The services whose objects changed since the last call (all of them the first time).
+    /// Take the changes before reading the objects: a change in between is then seen twice,
+    /// never missed.
+    pub fn take_changes(&self) -> Changes {
+        lock(&self.changes).take()
+    }
+
+    /// The objects of one service as the stores hold them now, normalised for `node`.
+    pub fn service_objects(&self, service: &ServiceName, node: &NodeConfig) -> ServiceObjects {
+        let mut objects = ServiceObjects::default();
+        let reference = ObjectRef::new(&service.name).within(&service.namespace);
+        if let Some(object) = self.services.get(&reference) {
+            objects.add_service(&object);
+        }
+        for slice in lock(&self.changes).slices_of(service) {
+            if let Some(object) =
+                self.slices.get(&ObjectRef::new(&slice).within(&service.namespace))
+            {
+                objects.add_slice(&object, node);
+            }
+        }
+        objects
+    }
+
+    /// The objects of every service as the stores hold them now, normalised for `node`,
+    /// without copying the API objects (a full sync's input).
+    pub fn objects_by_service(&self, node: &NodeConfig) -> BTreeMap<ServiceName, ServiceObjects> {
+        let mut by_service: BTreeMap<ServiceName, ServiceObjects> = BTreeMap::new();
+        for service in self.services.state() {
+            by_service.entry(service_name(&service)).or_default().add_service(&service);
+        }
+        for slice in self.slices.state() {
+            ServiceObjects::add_slice_to(&mut by_service, &slice, node);
+        }
+        by_service
+    }
+
+    /// This node's Node, if it has been listed.
+    pub fn node(&self) -> Option<Node> {
+        self.node.get(&ObjectRef::new(&self.node_name)).map(|node| (*node).clone())
     }
 
     /// Clones of the stores' objects, and this node's Node if it has been listed.
@@ -154,6 +220,7 @@ fn spawn_reflector<K>(
     api: Api<K>,
     config: watcher::Config,
     nudge: mpsc::Sender<()>,
+    record: impl Fn(&watcher::Event<K>, &Store<K>) + Send + 'static,
 ) -> Store<K>
 where
     K: kube::Resource<DynamicType = ()> + k8s_openapi::Resource,
@@ -165,6 +232,10 @@ where
     let events = watcher(api, config).default_backoff().reflect(writer);
     let reader = store.clone();
     watchers.spawn(events.for_each(move |event| {
+        // Recorded before the nudge, so that the sync it wakes sees the change.
+        if let Ok(event) = &event {
+            record(event, &reader);
+        }
         on_event(K::KIND, event.as_ref(), &reader, &nudge);
         std::future::ready(())
     }));
@@ -210,4 +281,10 @@ fn sorted_clones<K: kube::Resource<DynamicType = ()> + Clone>(store: &Store<K>) 
     let mut objects: Vec<K> = store.state().iter().map(|object| (**object).clone()).collect();
     objects.sort_by_cached_key(|object| (object.namespace(), object.name_any()));
     objects
+}
+
+/// The change log's lock. A watcher that panicked holding it left at worst one event half
+/// recorded, which the periodic full resync repairs; stopping every later sync would not.
+fn lock(changes: &Mutex<ChangeLog>) -> MutexGuard<'_, ChangeLog> {
+    changes.lock().unwrap_or_else(PoisonError::into_inner)
 }

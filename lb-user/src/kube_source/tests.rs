@@ -2,7 +2,7 @@
 //! outage. Time is paused, so the watchers' backoff passes instantly and a missing request or
 //! nudge fails the test after [`PATIENCE`] of virtual time rather than hanging it.
 
-use std::net::Ipv4Addr;
+use std::{collections::BTreeSet, net::Ipv4Addr};
 
 use futures::FutureExt as _;
 use http::StatusCode;
@@ -11,10 +11,11 @@ use serde_json::{Value, json};
 use tokio::sync::mpsc::{self, error::TryRecvError};
 
 use super::{
-    KubeSource,
+    Changes, KubeSource,
     api_server::{self, ApiServer, NODE, PATIENCE, Resource, WatchStream},
     node_ipv4_addresses,
 };
+use crate::{config::NodeConfig, model::ServiceName};
 
 fn service(name: &str, resource_version: &str) -> Value {
     json!({
@@ -259,3 +260,45 @@ const _: () = {
     const fn shareable<T: Send + Sync>() {}
     shareable::<KubeSource>();
 };
+
+/// What the daemon rebuilds after an event: the service it names, with the objects it has now.
+#[tokio::test(start_paused = true)]
+async fn watch_events_name_the_services_they_change() {
+    let mut h = Harness::start();
+    let mut watches = h.listed().await;
+    assert_eq!(h.source.take_changes(), Changes::Everything, "the first lists change anything");
+    assert_eq!(h.source.take_changes(), Changes::Services(BTreeSet::new()), "taken");
+    let node = NodeConfig::from_yaml_str(
+        "nodeName: node-a\nnodeIPs: [192.168.1.63]\nclusterCIDR: 10.244.0.0/16\nserviceCIDR: 10.96.0.0/12",
+    )
+    .expect("node configuration");
+
+    watches.slices.added(slice("api-fghij", "api", "201")).await;
+    h.nudged("ADDED slice").await;
+    watches.services.added(service("api", "101")).await;
+    h.nudged("ADDED service").await;
+    assert_eq!(h.source.take_changes(), Changes::Services(names(&["api"])));
+    let api = ServiceName::new("default", "api");
+    let model = h.source.service_objects(&api, &node).model(&api);
+    let endpoints: Vec<String> =
+        model.ports.iter().flat_map(|p| &p.endpoints).map(ToString::to_string).collect();
+    assert_eq!(endpoints, ["10.244.1.5:8080"], "the service with its slice");
+
+    // A slice moved to another service changes both; a deleted one its last owner.
+    watches.slices.modified(slice("api-fghij", "web", "202")).await;
+    h.nudged("MODIFIED slice").await;
+    assert_eq!(h.source.take_changes(), Changes::Services(names(&["api", "web"])));
+    let model = h.source.service_objects(&api, &node).model(&api);
+    assert!(model.ports.iter().all(|p| p.endpoints.is_empty()), "{model:?}");
+    watches.slices.deleted(slice("api-fghij", "web", "203")).await;
+    h.nudged("DELETED slice").await;
+    assert_eq!(h.source.take_changes(), Changes::Services(names(&["web"])));
+    let web = ServiceName::new("default", "web");
+    let model = h.source.service_objects(&web, &node).model(&web);
+    let endpoints: usize = model.ports.iter().map(|p| p.endpoints.len()).sum();
+    assert_eq!(endpoints, 1, "web keeps web-abcde's endpoint only");
+}
+
+fn names(services: &[&str]) -> BTreeSet<ServiceName> {
+    services.iter().map(|name| ServiceName::new("default", *name)).collect()
+}

@@ -1,4 +1,4 @@
-//! EndpointSlices, normalised and indexed by the service they belong to, and the merged endpoint
+//! EndpointSlices, normalised and keyed by the service they belong to, and the merged endpoint
 //! list of one service port.
 //!
 //! A slice belongs to the service named by its `kubernetes.io/service-name` label in its own
@@ -13,25 +13,32 @@ use std::{
 
 use k8s_openapi::api::discovery::v1::{Endpoint as ApiEndpoint, EndpointSlice};
 
-use super::{Endpoint, Protocol, Skipped, namespace, object_name, service::port_number};
+use super::{
+    Endpoint, Protocol, ServiceName, Skipped, object_name, service::port_number, slice_service_name,
+};
 use crate::config::NodeConfig;
 
 /// Names the service an EndpointSlice belongs to.
 pub(super) const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 
-/// The slices of every service, keyed by (namespace, service name), each list in slice-name
-/// order so that merging does not depend on the order the API delivered them in.
-pub(super) struct EndpointIndex {
-    by_service: BTreeMap<(String, String), Vec<Slice>>,
+/// One EndpointSlice as the model keeps it: normalised, or why it is left out.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) enum SliceObject {
+    Used(Slice),
+    /// addressType IPv6 or FQDN: counted in one note rather than listed.
+    NotIpv4,
+    Malformed(Skipped),
 }
 
-struct Slice {
-    name: String,
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) struct Slice {
+    pub(super) name: String,
     ports: Vec<SlicePort>,
     /// With port 0: each service port sets the port of the slice port it matches.
     endpoints: Vec<Endpoint>,
 }
 
+#[derive(Debug, Clone, PartialEq, Eq)]
 struct SlicePort {
     name: String,
     protocol: Protocol,
@@ -40,69 +47,50 @@ struct SlicePort {
 
 /// Why a slice is left out.
 enum NotUsed {
-    /// addressType IPv6 or FQDN: counted in one note rather than listed.
     NotIpv4,
     /// No service-name label: not a service's slice (someone's custom slice), nothing to say.
     NoService,
     Malformed(String),
 }
 
-impl EndpointIndex {
-    pub(super) fn new(
-        slices: &[EndpointSlice],
-        node: &NodeConfig,
-        skipped: &mut Vec<Skipped>,
-        notes: &mut Vec<String>,
-    ) -> Self {
-        let mut by_service: BTreeMap<_, Vec<Slice>> = BTreeMap::new();
-        let mut not_ipv4 = 0_usize;
-        for slice in slices {
-            match normalise(slice, node) {
-                Ok((service, normalised)) => {
-                    by_service.entry(service).or_default().push(normalised);
-                }
-                Err(NotUsed::NotIpv4) => not_ipv4 += 1,
-                Err(NotUsed::NoService) => {}
-                Err(NotUsed::Malformed(reason)) => skipped.push(Skipped {
-                    object: object_name("EndpointSlice", &slice.metadata),
-                    reason: format!("malformed: {reason}"),
-                }),
-            }
-        }
-        if not_ipv4 > 0 {
-            notes.push(format!(
-                "{not_ipv4} EndpointSlice(s) with addressType IPv6 or FQDN left out (IPv4 only)"
-            ));
-        }
-        for slices in by_service.values_mut() {
-            slices.sort_by(|a, b| a.name.cmp(&b.name));
-        }
-        Self { by_service }
-    }
+/// The service `slice` belongs to and what the model keeps of it; `None` for a slice of no
+/// service.
+pub(super) fn slice_object(
+    slice: &EndpointSlice,
+    node: &NodeConfig,
+) -> Option<(ServiceName, SliceObject)> {
+    let key = slice_service_name(slice)?;
+    let object = match normalise(slice, node) {
+        Ok(normalised) => SliceObject::Used(normalised),
+        Err(NotUsed::NotIpv4) => SliceObject::NotIpv4,
+        Err(NotUsed::NoService) => return None,
+        Err(NotUsed::Malformed(reason)) => SliceObject::Malformed(Skipped {
+            object: object_name("EndpointSlice", &slice.metadata),
+            reason: format!("malformed: {reason}"),
+        }),
+    };
+    Some((key, object))
+}
 
-    /// The endpoints of one service port: from every slice of the service that has a port of
-    /// this name and protocol, merged on address and port.
-    pub(super) fn endpoints(
-        &self,
-        namespace: &str,
-        service: &str,
-        port_name: &str,
-        protocol: Protocol,
-    ) -> Vec<Endpoint> {
-        let key = (namespace.to_owned(), service.to_owned());
-        let mut merged = BTreeMap::new();
-        for slice in self.by_service.get(&key).into_iter().flatten() {
-            let Some(port) =
-                slice.ports.iter().find(|p| p.name == port_name && p.protocol == protocol)
-            else {
-                continue;
-            };
-            for endpoint in &slice.endpoints {
-                merge(&mut merged, Endpoint { port: port.port, ..endpoint.clone() });
-            }
+/// The endpoints of one service port: from every slice of the service (in slice-name order, so
+/// that merging does not depend on the order the API delivered them in) that has a port of
+/// this name and protocol, merged on address and port.
+pub(super) fn port_endpoints(
+    slices: &[&Slice],
+    port_name: &str,
+    protocol: Protocol,
+) -> Vec<Endpoint> {
+    let mut merged = BTreeMap::new();
+    for slice in slices {
+        let Some(port) = slice.ports.iter().find(|p| p.name == port_name && p.protocol == protocol)
+        else {
+            continue;
+        };
+        for endpoint in &slice.endpoints {
+            merge(&mut merged, Endpoint { port: port.port, ..endpoint.clone() });
         }
-        merged.into_values().collect()
     }
+    merged.into_values().collect()
 }
 
 /// Keeps one endpoint per address and port, the most usable one: the same pod can appear in two
@@ -121,12 +109,11 @@ fn merge(merged: &mut BTreeMap<(Ipv4Addr, u16), Endpoint>, endpoint: Endpoint) {
     }
 }
 
-fn normalise(
-    slice: &EndpointSlice,
-    node: &NodeConfig,
-) -> Result<((String, String), Slice), NotUsed> {
+fn normalise(slice: &EndpointSlice, node: &NodeConfig) -> Result<Slice, NotUsed> {
     let labels = slice.metadata.labels.as_ref();
-    let service = labels.and_then(|l| l.get(SERVICE_NAME_LABEL)).ok_or(NotUsed::NoService)?;
+    if !labels.is_some_and(|l| l.contains_key(SERVICE_NAME_LABEL)) {
+        return Err(NotUsed::NoService);
+    }
     match slice.address_type.as_str() {
         "IPv4" => {}
         "IPv6" | "FQDN" => return Err(NotUsed::NotIpv4),
@@ -146,9 +133,8 @@ fn normalise(
         .enumerate()
         .map(|(index, endpoint)| slice_endpoint(index, endpoint, node))
         .collect::<Result<_, _>>()?;
-    let key = (namespace(&slice.metadata).to_owned(), service.clone());
     let name = slice.metadata.name.clone().unwrap_or_default();
-    Ok((key, Slice { name, ports, endpoints }))
+    Ok(Slice { name, ports, endpoints })
 }
 
 /// A slice port; `None` for one without a port number, which the API allows (it means "all

@@ -10,6 +10,7 @@
 
 mod endpoints;
 mod frontend;
+mod objects;
 mod service;
 
 #[cfg(test)]
@@ -17,7 +18,7 @@ mod fixtures;
 #[cfg(test)]
 mod seed_tests;
 
-use std::{collections::BTreeSet, fmt, net::Ipv4Addr};
+use std::{fmt, net::Ipv4Addr};
 
 use ipnet::Ipv4Net;
 use k8s_openapi::{
@@ -25,8 +26,10 @@ use k8s_openapi::{
     apimachinery::pkg::apis::meta::v1::ObjectMeta,
 };
 
-pub use self::frontend::{Frontend, FrontendKind};
-use self::{endpoints::EndpointIndex, service::NormalisedPort};
+pub use self::{
+    frontend::{Frontend, FrontendKind},
+    objects::{ServiceModel, ServiceObjects, by_service, service_name, slice_service_name},
+};
 use crate::config::NodeConfig;
 
 /// A service port's transport protocol.
@@ -64,6 +67,26 @@ impl fmt::Display for Protocol {
     }
 }
 
+/// Names one service: the unit the control plane rebuilds and reprograms when its Service or
+/// one of its EndpointSlices changes.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ServiceName {
+    pub namespace: String,
+    pub name: String,
+}
+
+impl ServiceName {
+    pub fn new(namespace: impl Into<String>, name: impl Into<String>) -> Self {
+        Self { namespace: namespace.into(), name: name.into() }
+    }
+}
+
+impl fmt::Display for ServiceName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)
+    }
+}
+
 /// Names one service port. Displayed `namespace/name:port`, with `/udp` or `/sctp` appended for
 /// those protocols: TCP is by far the common case, and the suffix keeps the two halves of a
 /// service such as DNS (53/udp and 53/tcp) apart.
@@ -74,6 +97,18 @@ pub struct ServicePortId {
     /// The service port (not the target port).
     pub port: u16,
     pub protocol: Protocol,
+}
+
+impl ServicePortId {
+    /// The service this port belongs to.
+    pub fn service(&self) -> ServiceName {
+        ServiceName::new(&self.namespace, &self.name)
+    }
+
+    /// Whether this port belongs to `service`, without building a [`ServiceName`].
+    pub fn belongs_to(&self, service: &ServiceName) -> bool {
+        self.namespace == service.namespace && self.name == service.name
+    }
 }
 
 impl fmt::Display for ServicePortId {
@@ -217,23 +252,16 @@ impl Model {
 /// Builds this node's model from the cluster's objects.
 pub fn build(services: &[Service], slices: &[EndpointSlice], node: &NodeConfig) -> Model {
     let mut model = Model { node_port_addresses: node.node_port_addresses(), ..Model::default() };
-    let index = EndpointIndex::new(slices, node, &mut model.skipped, &mut model.notes);
-    let mut seen = BTreeSet::new();
-    for service in services {
-        let object = object_name("Service", &service.metadata);
-        if !seen.insert(object.clone()) {
-            // Only a manifest directory can hold two; the API server cannot.
-            let reason = "a Service of the same namespace and name came earlier".to_owned();
-            model.skipped.push(Skipped { object, reason });
-            continue;
-        }
-        match service::normalise(service) {
-            Ok(normalised) => {
-                model.notes.extend(normalised.notes.into_iter().map(|n| format!("{object}: {n}")));
-                model.ports.extend(normalised.ports.into_iter().map(|p| with_endpoints(p, &index)));
-            }
-            Err(reason) => model.skipped.push(Skipped { object, reason: reason.to_string() }),
-        }
+    let mut not_ipv4_slices = 0;
+    for (name, objects) in by_service(services, slices, node) {
+        let part = objects.model(&name);
+        model.ports.extend(part.ports);
+        model.skipped.extend(part.skipped);
+        model.notes.extend(part.notes);
+        not_ipv4_slices += part.not_ipv4_slices;
+    }
+    if let Some(note) = not_ipv4_note(not_ipv4_slices) {
+        model.notes.push(note);
     }
     model.ports.sort_by(|a, b| a.id.cmp(&b.id));
     model.skipped.sort();
@@ -241,11 +269,11 @@ pub fn build(services: &[Service], slices: &[EndpointSlice], node: &NodeConfig) 
     model
 }
 
-fn with_endpoints(normalised: NormalisedPort, index: &EndpointIndex) -> ServicePort {
-    let NormalisedPort { port_name, mut port } = normalised;
-    port.endpoints =
-        index.endpoints(&port.id.namespace, &port.id.name, &port_name, port.id.protocol);
-    port
+/// The one note for every slice left out for its address type.
+pub fn not_ipv4_note(slices: usize) -> Option<String> {
+    (slices > 0).then(|| {
+        format!("{slices} EndpointSlice(s) with addressType IPv6 or FQDN left out (IPv4 only)")
+    })
 }
 
 /// The namespace an object without one lands in, as with `kubectl apply`.

@@ -4,29 +4,12 @@
 
 use std::{collections::BTreeSet, net::Ipv4Addr, path::PathBuf};
 
-use serde::Deserialize;
-
 use super::{Endpoint, FrontendKind, Model, Protocol, Traffic, build};
-use crate::{config::NodeConfig, manifest};
-
-/// One case of `packets.yaml`; the fields this test does not check are not read.
-#[derive(Deserialize)]
-struct Case {
-    name: String,
-    from: String,
-    #[serde(default = "tcp")]
-    proto: String,
-    src: Ipv4Addr,
-    dst: Ipv4Addr,
-    dport: u16,
-    expect: String,
-    #[serde(default)]
-    backends: BTreeSet<String>,
-}
-
-fn tcp() -> String {
-    "tcp".to_owned()
-}
+use crate::{
+    config::NodeConfig,
+    manifest,
+    scenario::{Case, read_cases},
+};
 
 fn seed_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/scenarios/seed")
@@ -38,19 +21,12 @@ fn seed() -> (Model, NodeConfig, Vec<Case>) {
         .unwrap_or_else(|e| panic!("seed node.yaml: {e}"));
     let manifests = manifest::load_file(&dir.join("manifests.yaml"));
     assert!(manifests.problems.is_empty(), "seed manifests: {:#?}", manifests.problems);
-    let packets = std::fs::read_to_string(dir.join("packets.yaml"))
-        .unwrap_or_else(|e| panic!("reading seed packets.yaml: {e}"));
-    let cases = serde_yaml::from_str(&packets).unwrap_or_else(|e| panic!("seed packets.yaml: {e}"));
+    let cases = read_cases(&dir.join("packets.yaml")).unwrap_or_else(|e| panic!("{e}"));
     (build(&manifests.services, &manifests.slices, &node), node, cases)
 }
 
 fn protocol(case: &Case) -> Protocol {
-    match case.proto.as_str() {
-        "tcp" => Protocol::Tcp,
-        "udp" => Protocol::Udp,
-        "sctp" => Protocol::Sctp,
-        other => panic!("{}: unknown proto {other}", case.name),
-    }
+    case.protocol().unwrap_or_else(|| panic!("{}: unknown proto {}", case.name, case.proto))
 }
 
 fn traffic(case: &Case) -> Traffic {
@@ -79,7 +55,8 @@ fn forward_cases_reach_exactly_their_backends() {
         let found = backends(&model, case).unwrap_or_else(|| {
             panic!("{}: no service port at {}:{}", case.name, case.dst, case.dport)
         });
-        assert_eq!(found, case.backends, "{}", case.name);
+        let expected: BTreeSet<String> = case.backends.iter().cloned().collect();
+        assert_eq!(found, expected, "{}", case.name);
     }
 }
 

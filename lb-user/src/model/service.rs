@@ -25,11 +25,13 @@ pub(super) const DEFAULT_AFFINITY_TIMEOUT_S: u32 = 10_800;
 const MAX_AFFINITY_TIMEOUT_S: u32 = 86_400;
 
 /// A service port before its endpoints are attached; EndpointSlice ports match on `port_name`.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub(super) struct NormalisedPort {
     pub port_name: String,
     pub port: ServicePort,
 }
 
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub(super) struct Normalised {
     pub ports: Vec<NormalisedPort>,
     /// Parts left out, such as IPv6 addresses of a dual-stack service.

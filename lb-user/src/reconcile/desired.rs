@@ -8,7 +8,12 @@ use lb_common::maps::{
     node_flags, proto, scope, service_flags,
 };
 
-use super::{ids::Ids, state::DatapathState};
+use super::{
+    claims::Claims,
+    ids::Ids,
+    ledger::{Batch, Layout, Ledger, Owned},
+    state::DatapathState,
+};
 use crate::{
     config,
     maps::{ip_be, prefix_be},
@@ -62,20 +67,23 @@ pub fn node_config(node: &config::NodeConfig) -> NodeConfig {
 
 /// Computes the tables for `model`, allocating ids through `ids`.
 pub fn desired(model: &Model, node: &config::NodeConfig, mode: SlotMode, ids: &mut Ids) -> Desired {
-    let mut desired = Desired::default();
-    desired.state.node = Some(node_config(node));
-    for port in &model.ports {
-        let Some(protocol) = protocol_number(port.id.protocol) else {
-            desired.problems.push(format!("{}: the datapath does not translate SCTP yet", port.id));
-            continue;
-        };
-        let mut builder = PortTables { port, protocol, mode, ids, desired: &mut desired };
-        builder.add_all(&model.node_port_addresses);
+    let mut ledger = Ledger::default();
+    let layout = Layout { mode, node_port_addresses: &model.node_port_addresses };
+    let mut batch =
+        Batch::new(DatapathState { node: Some(node_config(node)), ..DatapathState::default() });
+    for ports in by_service(&model.ports) {
+        ledger.rebuild_service(&ports[0].id.service(), ports, &layout, ids, &mut batch);
     }
-    desired
+    ledger.settle(&mut batch, &DatapathState::default(), ids);
+    Desired { state: batch.after, problems: ledger.problems() }
 }
 
-fn protocol_number(protocol: Protocol) -> Option<u8> {
+/// The ports of each service, from ports sorted by id (as a [`Model`] holds them).
+pub(super) fn by_service(ports: &[ServicePort]) -> impl Iterator<Item = &[ServicePort]> {
+    ports.chunk_by(|a, b| a.id.namespace == b.id.namespace && a.id.name == b.id.name)
+}
+
+pub(super) fn protocol_number(protocol: Protocol) -> Option<u8> {
     match protocol {
         Protocol::Tcp => Some(proto::TCP),
         Protocol::Udp => Some(proto::UDP),
@@ -83,17 +91,20 @@ fn protocol_number(protocol: Protocol) -> Option<u8> {
     }
 }
 
-/// Adds one service port's frontends to the tables.
-struct PortTables<'a> {
-    port: &'a ServicePort,
-    protocol: u8,
-    mode: SlotMode,
-    ids: &'a mut Ids,
-    desired: &'a mut Desired,
+/// Adds one service port's frontends to a batch's tables, recording what its service owns.
+pub(super) struct PortTables<'a> {
+    pub(super) port: &'a ServicePort,
+    pub(super) protocol: u8,
+    pub(super) mode: SlotMode,
+    pub(super) ids: &'a mut Ids,
+    pub(super) claims: &'a mut Claims,
+    pub(super) batch: &'a mut Batch,
+    pub(super) owned: &'a mut Owned,
+    pub(super) problems: &'a mut Vec<String>,
 }
 
 impl PortTables<'_> {
-    fn add_all(&mut self, node_port_addresses: &[Ipv4Addr]) {
+    pub(super) fn add_all(&mut self, node_port_addresses: &[Ipv4Addr]) {
         let port = self.port;
         // Any usable endpoint anywhere: if a policy filters them all away, the datapath drops
         // (kube-proxy's "no local endpoints"); with none at all it refuses.
@@ -156,7 +167,8 @@ impl PortTables<'_> {
     /// Marks `vip` as an allocated ClusterIP: its other ports are refused, not dropped.
     fn add_marker(&mut self, vip: Ipv4Addr) {
         let key = ServiceKey { vip_be: ip_be(vip), port_be: 0, proto: 0, scope: scope::EXTERNAL };
-        self.desired.state.services.entry(key).or_default();
+        self.batch.after.services.entry(key).or_default();
+        self.owned.markers.push(key);
     }
 
     fn add_frontend(
@@ -170,41 +182,55 @@ impl PortTables<'_> {
     ) {
         let key =
             ServiceKey { vip_be: ip_be(vip), port_be: vport.to_be(), proto: self.protocol, scope };
-        if self.desired.state.services.contains_key(&key) {
-            self.desired.problems.push(format!(
-                "{}: {vip}:{vport}/{} is already served by another service port; left to that one",
-                self.port.id, self.port.id.protocol
+        let port_id = &self.port.id;
+        if self.claims.held_by_earlier(key, port_id) || self.owned.frontends.contains(&key) {
+            self.problems.push(format!(
+                "{port_id}: {vip}:{vport}/{} is already served by another service port; left to that one",
+                port_id.protocol
             ));
+            self.claims.wait(key, port_id);
+            self.owned.waiting.push(key);
             return;
         }
         let Some(service_id) = self.ids.service(key) else {
-            self.desired
-                .problems
-                .push(format!("{}: no frontend id left for {vip}:{vport}", self.port.id));
+            self.problems.push(format!("{port_id}: no frontend id left for {vip}:{vport}"));
             return;
         };
+        self.batch.allocated.insert(key);
         let Some(backend_ids) = self.backend_ids(backends) else {
-            self.desired.problems.push(format!("{}: no backend id left", self.port.id));
+            self.problems.push(format!("{port_id}: no backend id left"));
             return;
         };
-        let Some(slot_count) = self.add_slots(service_id, &backend_ids, backends) else {
+        let Some(table) = self.slot_table(&backend_ids, backends) else {
             return;
         };
+        if let Some(displaced) = self.claims.take(key, port_id) {
+            self.batch.wake.push(displaced.service());
+        }
+        self.owned.frontends.push(key);
+        self.owned.backends.extend_from_slice(&backend_ids);
+        // Whatever an earlier build of this frontend left (the displaced owner's, or this
+        // service's own before a rebuild in the same batch) must not mix in.
+        let after = &mut self.batch.after;
+        after.remove_frontend(&key);
+        let slots =
+            (0u32..).zip(&table).map(|(slot, id)| (BackendSlotKey { service_id, slot }, *id));
+        after.slots.extend(slots);
         let rev_nat = RevNat { vip_be: key.vip_be, port_be: key.port_be, pad: [0; 2] };
-        self.desired.state.rev_nats.insert(service_id, rev_nat);
+        after.rev_nats.insert(service_id, rev_nat);
         if with_ranges {
             for range in &self.port.source_ranges {
-                self.desired.state.source_ranges.insert((service_id, *range));
+                after.source_ranges.insert((service_id, *range));
             }
         }
         let value = ServiceValue {
             service_id,
-            slot_count,
+            slot_count: u32::try_from(table.len()).unwrap_or(u32::MAX),
             affinity_timeout_s: self.port.affinity_timeout_s.unwrap_or(0),
             flags,
             pad: [0; 2],
         };
-        self.desired.state.services.insert(key, value);
+        after.services.insert(key, value);
     }
 
     /// Backend ids of `backends`, in the same order, with their entries added.
@@ -219,38 +245,30 @@ impl PortTables<'_> {
                     flags: if endpoint.node_local { backend_flags::LOCAL } else { 0 },
                 };
                 let id = self.ids.backend((backend.ip_be, backend.port_be, backend.proto))?;
-                self.desired.state.backends.insert(id, backend);
+                self.batch.backends.insert(id);
+                self.batch.after.backends.insert(id, backend);
                 Some(id)
             })
             .collect()
     }
 
-    /// Fills the frontend's slots and returns their count; `None` (with a problem recorded)
-    /// when no Maglev table can be built for them.
-    fn add_slots(
-        &mut self,
-        service_id: u32,
-        backend_ids: &[u32],
-        backends: &[&Endpoint],
-    ) -> Option<u32> {
-        let table: Vec<u32> = match self.mode {
-            SlotMode::PerBackend => backend_ids.to_vec(),
+    /// The frontend's slot table (backend id per slot); `None` (with a problem recorded) when
+    /// no Maglev table can be built for them.
+    fn slot_table(&mut self, backend_ids: &[u32], backends: &[&Endpoint]) -> Option<Vec<u32>> {
+        match self.mode {
+            SlotMode::PerBackend => Some(backend_ids.to_vec()),
             SlotMode::Maglev(size) => {
                 let names: Vec<String> = backends.iter().map(ToString::to_string).collect();
                 match crate::maglev::table(&names, size) {
                     Ok(table) => {
-                        table.into_iter().map(|index| backend_ids[index as usize]).collect()
+                        Some(table.into_iter().map(|index| backend_ids[index as usize]).collect())
                     }
                     Err(error) => {
-                        self.desired.problems.push(format!("{}: {error}", self.port.id));
-                        return None;
+                        self.problems.push(format!("{}: {error}", self.port.id));
+                        None
                     }
                 }
             }
-        };
-        let slots =
-            (0u32..).zip(&table).map(|(slot, id)| (BackendSlotKey { service_id, slot }, *id));
-        self.desired.state.slots.extend(slots);
-        u32::try_from(table.len()).ok()
+        }
     }
 }

@@ -6,75 +6,104 @@
 //! what it stops pointing at is removed after it. A frontend whose slot count shrinks is
 //! rewritten before its surplus slots go, so no flow hash lands on a missing slot.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    convert::Infallible,
+};
 
-use super::state::DatapathState;
+use super::state::{DatapathState, slots_of};
 use crate::maps::MapOp;
 
 /// The operations, in a safe order. Equal states give no operation at all.
 pub fn diff(programmed: &DatapathState, desired: &DatapathState) -> Vec<MapOp> {
     let mut ops = Vec::new();
-    if let Some(node) = desired.node
-        && programmed.node != desired.node
-    {
-        ops.push(MapOp::SetNodeConfig(node));
-    }
-    for (id, backend) in changed(&programmed.backends, &desired.backends) {
-        ops.push(MapOp::UpsertBackend { id, backend });
-    }
-    for (key, backend_id) in changed(&programmed.slots, &desired.slots) {
-        ops.push(MapOp::UpsertSlot { key, backend_id });
-    }
-    for (service_id, rev_nat) in changed(&programmed.rev_nats, &desired.rev_nats) {
-        ops.push(MapOp::UpsertRevNat { service_id, rev_nat });
-    }
-    for &(service_id, range) in desired.source_ranges.difference(&programmed.source_ranges) {
-        ops.push(MapOp::AddSourceRange { service_id, range });
-    }
-    for (key, value) in changed(&programmed.services, &desired.services) {
-        ops.push(MapOp::UpsertService { key, value });
-    }
-    for key in stale(&programmed.services, &desired.services) {
-        ops.push(MapOp::RemoveService { key });
-    }
-    for key in stale(&programmed.slots, &desired.slots) {
-        ops.push(MapOp::RemoveSlot { key });
-    }
-    for &(service_id, range) in programmed.source_ranges.difference(&desired.source_ranges) {
-        ops.push(MapOp::RemoveSourceRange { service_id, range });
-    }
-    for service_id in stale(&programmed.rev_nats, &desired.rev_nats) {
-        ops.push(MapOp::RemoveRevNat { service_id });
-    }
-    for id in stale(&programmed.backends, &desired.backends) {
-        ops.push(MapOp::RemoveBackend { id });
-    }
+    let Ok(()) = for_each_op(programmed, desired, |op| {
+        ops.push(op);
+        Ok::<(), Infallible>(())
+    });
     ops
 }
 
+/// [`diff`] as a stream: each operation goes to `emit` as soon as it is known, so a first sync
+/// of millions of entries never holds them all in a list. Stops at the first error.
+pub fn for_each_op<E>(
+    programmed: &DatapathState,
+    desired: &DatapathState,
+    mut emit: impl FnMut(MapOp) -> Result<(), E>,
+) -> Result<(), E> {
+    if let Some(node) = desired.node
+        && programmed.node != desired.node
+    {
+        emit(MapOp::SetNodeConfig(node))?;
+    }
+    for (id, backend) in changed(&programmed.backends, &desired.backends) {
+        emit(MapOp::UpsertBackend { id, backend })?;
+    }
+    for (key, backend_id) in changed(&programmed.slots, &desired.slots) {
+        emit(MapOp::UpsertSlot { key, backend_id })?;
+    }
+    for (service_id, rev_nat) in changed(&programmed.rev_nats, &desired.rev_nats) {
+        emit(MapOp::UpsertRevNat { service_id, rev_nat })?;
+    }
+    for &(service_id, range) in desired.source_ranges.difference(&programmed.source_ranges) {
+        emit(MapOp::AddSourceRange { service_id, range })?;
+    }
+    for (key, value) in changed(&programmed.services, &desired.services) {
+        emit(MapOp::UpsertService { key, value })?;
+    }
+    for key in stale(&programmed.services, &desired.services) {
+        emit(MapOp::RemoveService { key })?;
+    }
+    for key in stale(&programmed.slots, &desired.slots) {
+        emit(MapOp::RemoveSlot { key })?;
+    }
+    for &(service_id, range) in programmed.source_ranges.difference(&desired.source_ranges) {
+        emit(MapOp::RemoveSourceRange { service_id, range })?;
+    }
+    for service_id in stale(&programmed.rev_nats, &desired.rev_nats) {
+        emit(MapOp::RemoveRevNat { service_id })?;
+    }
+    for id in stale(&programmed.backends, &desired.backends) {
+        emit(MapOp::RemoveBackend { id })?;
+    }
+    Ok(())
+}
+
 /// Entries of `desired` that `programmed` lacks or holds with another value.
-fn changed<K: Ord + Copy, V: PartialEq + Copy>(
-    programmed: &BTreeMap<K, V>,
-    desired: &BTreeMap<K, V>,
-) -> Vec<(K, V)> {
+fn changed<'a, K: Ord + Copy, V: PartialEq + Copy>(
+    programmed: &'a BTreeMap<K, V>,
+    desired: &'a BTreeMap<K, V>,
+) -> impl Iterator<Item = (K, V)> + 'a {
     desired
         .iter()
         .filter(|(key, value)| programmed.get(key) != Some(value))
         .map(|(key, value)| (*key, *value))
-        .collect()
 }
 
 /// Keys of `programmed` that `desired` no longer has.
-fn stale<K: Ord + Copy, V>(programmed: &BTreeMap<K, V>, desired: &BTreeMap<K, V>) -> Vec<K> {
-    programmed.keys().filter(|key| !desired.contains_key(key)).copied().collect()
+fn stale<'a, K: Ord + Copy, V>(
+    programmed: &'a BTreeMap<K, V>,
+    desired: &'a BTreeMap<K, V>,
+) -> impl Iterator<Item = K> + 'a {
+    programmed.keys().filter(|key| !desired.contains_key(key)).copied()
 }
 
 /// (frontend, backend) pairs that were programmed and are no longer: their non-TCP conntrack
 /// entries must go, so UDP clients move to a live backend instead of sending into the void.
 /// TCP flows are left alone, as kube-proxy does: a terminating backend may still finish them.
 pub fn removed_pairs(programmed: &DatapathState, desired: &DatapathState) -> BTreeSet<(u32, u32)> {
-    let pairs = |state: &DatapathState| -> BTreeSet<(u32, u32)> {
-        state.slots.iter().map(|(key, backend)| (key.service_id, *backend)).collect()
-    };
-    pairs(programmed).difference(&pairs(desired)).copied().collect()
+    let mut removed = BTreeSet::new();
+    let mut slots = programmed.slots.iter().peekable();
+    // Frontend by frontend, so that only one frontend's backends are in a set at a time.
+    while let Some((first, _)) = slots.peek() {
+        let id = first.service_id;
+        let mut before = BTreeSet::new();
+        while let Some((_, backend)) = slots.next_if(|(key, _)| key.service_id == id) {
+            before.insert(*backend);
+        }
+        let after: BTreeSet<u32> =
+            slots_of(&desired.slots, id).map(|(_, backend)| *backend).collect();
+        removed.extend(before.difference(&after).map(|backend| (id, *backend)));
+    }
+    removed
 }

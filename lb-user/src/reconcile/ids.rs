@@ -55,6 +55,12 @@ impl IdSpace {
         Some(id)
     }
 
+    fn release(&mut self, id: u32) {
+        if self.used.remove(&id) {
+            self.released.insert(id);
+        }
+    }
+
     /// Keeps the ids `live` says are in use and releases the rest.
     fn retain(&mut self, live: impl Fn(u32) -> bool) {
         let released: Vec<u32> = self.used.iter().copied().filter(|id| !live(*id)).collect();
@@ -132,6 +138,20 @@ impl Ids {
         let id = self.backend_space.take()?;
         self.backends.insert(identity, id);
         Some(id)
+    }
+
+    /// Frees the id of frontend `key`, which nothing uses any longer.
+    pub fn release_service(&mut self, key: &ServiceKey) {
+        if let Some(id) = self.services.remove(key) {
+            self.service_space.release(id);
+        }
+    }
+
+    /// Frees the id of backend `identity`, which no frontend uses any longer.
+    pub fn release_backend(&mut self, identity: &BackendIdentity) {
+        if let Some(id) = self.backends.remove(identity) {
+            self.backend_space.release(id);
+        }
     }
 
     /// Forgets every id the `desired` state no longer uses, so they can be reused.

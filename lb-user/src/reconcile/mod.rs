@@ -1,22 +1,38 @@
 //! The reconciler: a pure diff from the desired tables to the programmed ones, emitting map
 //! operations through a [`MapWriter`]. Only what changed is written; a resync with no change
 //! writes nothing.
+//!
+//! Two ways in: [`Reconciler::reconcile`] rebuilds every service from a whole model and diffs
+//! every table (the first sync, and the periodic resync that repairs whatever was missed);
+//! [`Reconciler::reconcile_services`] rebuilds only the services a change names and diffs only
+//! the entries they own or share, so a change costs the size of its services, not of the node.
 
+mod claims;
 mod desired;
 mod diff;
 mod ids;
+mod ledger;
 mod state;
 
 #[cfg(test)]
+mod incremental_tests;
+#[cfg(test)]
 mod tests;
 
-use std::collections::BTreeSet;
+use std::{
+    collections::{BTreeSet, VecDeque},
+    net::Ipv4Addr,
+};
 
 use tracing::{debug, info_span};
 
+use self::{
+    desired::by_service,
+    ledger::{Batch, Layout, Ledger},
+};
 pub use self::{
     desired::{Desired, SlotMode, desired, node_config},
-    diff::{diff, removed_pairs},
+    diff::{diff, for_each_op, removed_pairs},
     ids::Ids,
     state::DatapathState,
 };
@@ -24,27 +40,32 @@ use crate::{
     config::NodeConfig,
     error::Result,
     loader::Capacities,
-    maps::{MapOp, MapWriter},
-    model::Model,
+    maps::MapWriter,
+    model::{Model, ServiceName, ServicePort},
 };
 
 /// What one reconcile did.
 #[derive(Debug, Default)]
 pub struct Report {
-    /// The operations written, in order.
-    pub ops: Vec<MapOp>,
-    /// Parts of the model that could not be programmed.
+    /// How many map operations were written.
+    pub writes: usize,
+    /// Every part of the model that could not be programmed (all services, not only the
+    /// rebuilt ones).
     pub problems: Vec<String>,
     /// (frontend id, backend id) pairs removed: their non-TCP flows must be forgotten.
     pub removed_pairs: BTreeSet<(u32, u32)>,
 }
 
-/// Keeps the programmed state and the id allocation between reconciles.
+/// Keeps the programmed state, the id allocation and who owns which entries between
+/// reconciles.
 #[derive(Debug)]
 pub struct Reconciler {
     programmed: DatapathState,
     ids: Ids,
     mode: SlotMode,
+    ledger: Ledger,
+    /// From the last full reconcile: a change of node addresses calls for a full one.
+    node_port_addresses: Vec<Ipv4Addr>,
 }
 
 impl Reconciler {
@@ -61,15 +82,17 @@ impl Reconciler {
         capacities: &Capacities,
     ) -> Self {
         let ids = Ids::from_programmed(&programmed, capacities.services(), capacities.backends());
-        Self { programmed, ids, mode }
+        Self { programmed, ids, mode, ledger: Ledger::default(), node_port_addresses: Vec::new() }
     }
 
     pub fn programmed(&self) -> &DatapathState {
         &self.programmed
     }
 
-    /// Brings the maps to the state `model` asks for. On a write error the programmed state is
-    /// unknown in part: call [`Reconciler::new`] again with what the maps hold.
+    /// Brings the maps to the state `model` asks for, every service and every table (entries
+    /// no service owns, such as those an earlier daemon left, go too). On a write error the
+    /// programmed state is unknown in part: call [`Reconciler::new`] again with what the maps
+    /// hold.
     pub fn reconcile(
         &mut self,
         model: &Model,
@@ -78,15 +101,74 @@ impl Reconciler {
     ) -> Result<Report> {
         let span = info_span!("reconcile", service_ports = model.ports.len());
         let _entered = span.enter();
-        let desired = desired(model, node, self.mode, &mut self.ids);
-        let ops = diff(&self.programmed, &desired.state);
-        for op in &ops {
-            writer.apply(op)?;
+        self.ledger = Ledger::default();
+        self.node_port_addresses.clone_from(&model.node_port_addresses);
+        let layout = Layout { mode: self.mode, node_port_addresses: &self.node_port_addresses };
+        let mut batch =
+            Batch::new(DatapathState { node: Some(node_config(node)), ..DatapathState::default() });
+        // In id order nobody displaces anybody: the first claimant of a frontend keeps it.
+        for ports in by_service(&model.ports) {
+            let service = ports[0].id.service();
+            self.ledger.rebuild_service(&service, ports, &layout, &mut self.ids, &mut batch);
         }
-        let removed_pairs = removed_pairs(&self.programmed, &desired.state);
-        self.programmed = desired.state;
+        self.ledger.settle(&mut batch, &self.programmed, &mut self.ids);
+        let desired = batch.after;
+        let mut written = 0;
+        for_each_op(&self.programmed, &desired, |op| {
+            writer.apply(&op)?;
+            written += 1;
+            Ok(())
+        })?;
+        let removed_pairs = removed_pairs(&self.programmed, &desired);
+        self.programmed = desired;
         self.ids.retain_used(&self.programmed);
-        debug!(ops = ops.len(), removed_pairs = removed_pairs.len(), "reconciled");
-        Ok(Report { ops, problems: desired.problems, removed_pairs })
+        debug!(written, removed_pairs = removed_pairs.len(), "reconciled");
+        Ok(Report { writes: written, problems: self.ledger.problems(), removed_pairs })
+    }
+
+    /// Rebuilds the services in `changed` from `ports_of` (a service's ports sorted by id, none
+    /// for a service that is gone) and writes what differs from what they own. Services whose
+    /// frontends a rebuilt one takes over or gives up are rebuilt too, through `ports_of`.
+    /// The node configuration must be the one of the last [`Reconciler::reconcile`].
+    pub fn reconcile_services(
+        &mut self,
+        changed: impl IntoIterator<Item = ServiceName>,
+        mut ports_of: impl FnMut(&ServiceName) -> Vec<ServicePort>,
+        writer: &mut impl MapWriter,
+    ) -> Result<Report> {
+        let mut queue: VecDeque<ServiceName> = VecDeque::new();
+        let mut queued = BTreeSet::new();
+        for service in changed {
+            if queued.insert(service.clone()) {
+                queue.push_back(service);
+            }
+        }
+        let span = info_span!("reconcile_services", services = queue.len());
+        let _entered = span.enter();
+        let layout = Layout { mode: self.mode, node_port_addresses: &self.node_port_addresses };
+        let mut batch = Batch::default();
+        while let Some(service) = queue.pop_front() {
+            queued.remove(&service);
+            let ports = ports_of(&service);
+            self.ledger.rebuild_service(&service, &ports, &layout, &mut self.ids, &mut batch);
+            for woken in batch.wake.drain(..) {
+                if queued.insert(woken.clone()) {
+                    queue.push_back(woken);
+                }
+            }
+        }
+        self.ledger.settle(&mut batch, &self.programmed, &mut self.ids);
+        let before = batch.before(&self.programmed);
+        let mut written = 0;
+        let programmed = &mut self.programmed;
+        for_each_op(&before, &batch.after, |op| {
+            writer.apply(&op)?;
+            programmed.apply(&op);
+            written += 1;
+            Ok(())
+        })?;
+        let removed_pairs = removed_pairs(&before, &batch.after);
+        debug!(written, removed_pairs = removed_pairs.len(), "reconciled");
+        Ok(Report { writes: written, problems: self.ledger.problems(), removed_pairs })
     }
 }

@@ -6,7 +6,10 @@ use std::collections::{BTreeMap, BTreeSet};
 use ipnet::Ipv4Net;
 use lb_common::maps::{Backend, BackendSlotKey, NodeConfig, RevNat, ServiceKey, ServiceValue};
 
-use crate::{error::Result, maps::KernelMaps};
+use crate::{
+    error::Result,
+    maps::{KernelMaps, MapOp},
+};
 
 /// Everything the daemon writes into the datapath's maps.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -32,4 +35,86 @@ impl DatapathState {
             source_ranges: maps.source_ranges()?.into_iter().collect(),
         })
     }
+}
+
+impl DatapathState {
+    /// Removes frontend `key` and what hangs off its id (slots, reverse NAT, source ranges).
+    pub fn remove_frontend(&mut self, key: &ServiceKey) {
+        let Some(value) = self.services.remove(key) else { return };
+        let id = value.service_id;
+        let slots: Vec<BackendSlotKey> = slots_of(&self.slots, id).map(|(slot, _)| *slot).collect();
+        for slot in slots {
+            self.slots.remove(&slot);
+        }
+        self.rev_nats.remove(&id);
+        let ranges: Vec<(u32, Ipv4Net)> = ranges_of(&self.source_ranges, id).copied().collect();
+        for range in ranges {
+            self.source_ranges.remove(&range);
+        }
+    }
+
+    /// Copies frontend `key` and what hangs off its id from `from`, if `from` has it.
+    pub fn copy_frontend(&mut self, from: &Self, key: &ServiceKey) {
+        let Some(value) = from.services.get(key) else { return };
+        self.services.insert(*key, *value);
+        let id = value.service_id;
+        self.slots.extend(slots_of(&from.slots, id));
+        if let Some(rev_nat) = from.rev_nats.get(&id) {
+            self.rev_nats.insert(id, *rev_nat);
+        }
+        self.source_ranges.extend(ranges_of(&from.source_ranges, id));
+    }
+
+    /// What the maps hold after `op`: keeps this state equal to the maps it mirrors.
+    pub fn apply(&mut self, op: &MapOp) {
+        match *op {
+            MapOp::SetNodeConfig(node) => self.node = Some(node),
+            MapOp::UpsertBackend { id, backend } => {
+                self.backends.insert(id, backend);
+            }
+            MapOp::RemoveBackend { id } => {
+                self.backends.remove(&id);
+            }
+            MapOp::UpsertSlot { key, backend_id } => {
+                self.slots.insert(key, backend_id);
+            }
+            MapOp::RemoveSlot { key } => {
+                self.slots.remove(&key);
+            }
+            MapOp::UpsertRevNat { service_id, rev_nat } => {
+                self.rev_nats.insert(service_id, rev_nat);
+            }
+            MapOp::RemoveRevNat { service_id } => {
+                self.rev_nats.remove(&service_id);
+            }
+            MapOp::UpsertService { key, value } => {
+                self.services.insert(key, value);
+            }
+            MapOp::RemoveService { key } => {
+                self.services.remove(&key);
+            }
+            MapOp::AddSourceRange { service_id, range } => {
+                self.source_ranges.insert((service_id, range));
+            }
+            MapOp::RemoveSourceRange { service_id, range } => {
+                self.source_ranges.remove(&(service_id, range));
+            }
+        }
+    }
+}
+
+/// The slots of frontend `id`, in slot order.
+pub fn slots_of(
+    slots: &BTreeMap<BackendSlotKey, u32>,
+    id: u32,
+) -> impl Iterator<Item = (&BackendSlotKey, &u32)> {
+    slots
+        .range(BackendSlotKey { service_id: id, slot: 0 }..)
+        .take_while(move |(k, _)| k.service_id == id)
+}
+
+/// The source ranges of frontend `id`.
+fn ranges_of(ranges: &BTreeSet<(u32, Ipv4Net)>, id: u32) -> impl Iterator<Item = &(u32, Ipv4Net)> {
+    // 0.0.0.0/0 sorts first among networks.
+    ranges.range((id, Ipv4Net::default())..).take_while(move |(i, _)| *i == id)
 }

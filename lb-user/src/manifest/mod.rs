@@ -4,16 +4,18 @@
 //! A bad document or file is a [`Problem`] and is skipped; everything else still loads, so one
 //! typo does not take every service down. Only the directory itself being unreadable fails.
 
+mod cached_dir;
+
 use std::{
-    collections::BTreeMap,
     fmt, io,
     path::{Path, PathBuf},
-    time::SystemTime,
 };
 
 use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
 use serde::Deserialize as _;
 use serde_yaml::Value;
+
+pub use self::cached_dir::CachedDir;
 
 /// What a manifest directory held.
 #[derive(Debug, Clone, Default)]
@@ -76,7 +78,7 @@ pub fn load_dir(dir: &Path) -> Result<Manifests, ManifestError> {
 }
 
 /// The manifest files of `dir`, sorted.
-fn manifest_files(dir: &Path) -> Result<Vec<PathBuf>, ManifestError> {
+pub(crate) fn manifest_files(dir: &Path) -> Result<Vec<PathBuf>, ManifestError> {
     let read_dir_error = |source| ManifestError::ReadDir { dir: dir.to_owned(), source };
     let mut files = Vec::new();
     for entry in std::fs::read_dir(dir).map_err(read_dir_error)? {
@@ -89,64 +91,6 @@ fn manifest_files(dir: &Path) -> Result<Vec<PathBuf>, ManifestError> {
     Ok(files)
 }
 
-/// A directory read like [`load_dir`] again and again, re-parsing only the files whose size
-/// or modification time changed: with services spread over many files, one edit costs one
-/// file's parse.
-#[derive(Debug, Default)]
-pub struct CachedDir {
-    files: BTreeMap<PathBuf, (Option<SystemTime>, u64, Manifests)>,
-}
-
-impl CachedDir {
-    pub fn load(&mut self, dir: &Path) -> Result<Manifests, ManifestError> {
-        let mut previous = std::mem::take(&mut self.files);
-        let mut files = Vec::new();
-        for file in manifest_files(dir)? {
-            let metadata = std::fs::metadata(&file).ok();
-            let stamp = (
-                metadata.as_ref().and_then(|m| m.modified().ok()),
-                metadata.map_or(0, |m| m.len()),
-            );
-            let cached = previous
-                .remove(&file)
-                .filter(|(modified, len, _)| (*modified, *len) == stamp)
-                .map(|(_, _, parsed)| parsed);
-            files.push((file, stamp, cached));
-        }
-        parse_missing(&mut files);
-        let mut merged = Manifests::default();
-        for (file, (modified, len), parsed) in files {
-            let parsed = parsed.unwrap_or_default();
-            merged.services.extend(parsed.services.iter().cloned());
-            merged.slices.extend(parsed.slices.iter().cloned());
-            merged.problems.extend(parsed.problems.iter().cloned());
-            merged.ignored.extend(parsed.ignored.iter().cloned());
-            self.files.insert(file, (modified, len, parsed));
-        }
-        Ok(merged)
-    }
-}
-
-type Stamp = (Option<SystemTime>, u64);
-
-/// Parses the files without a cached result, spread over the machine's cores: a daemon
-/// starting on a large directory is bound by YAML parsing.
-fn parse_missing(files: &mut [(PathBuf, Stamp, Option<Manifests>)]) {
-    let mut missing: Vec<&mut (PathBuf, Stamp, Option<Manifests>)> =
-        files.iter_mut().filter(|(_, _, parsed)| parsed.is_none()).collect();
-    let workers = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
-    let chunk = missing.len().div_ceil(workers).max(1);
-    std::thread::scope(|scope| {
-        for entries in missing.chunks_mut(chunk) {
-            scope.spawn(move || {
-                for entry in entries {
-                    entry.2 = Some(load_file(&entry.0));
-                }
-            });
-        }
-    });
-}
-
 /// Reads one file; problems are recorded, not returned.
 pub fn load_file(path: &Path) -> Manifests {
     let mut manifests = Manifests::default();
@@ -154,11 +98,16 @@ pub fn load_file(path: &Path) -> Manifests {
     manifests
 }
 
-fn is_manifest_file(path: &Path) -> bool {
+pub(crate) fn is_manifest_file(path: &Path) -> bool {
+    // is_file follows links, which a mounted config map is made of.
+    has_manifest_name(path) && path.is_file()
+}
+
+/// Whether `path`'s name is one a manifest file may have (whether or not it exists).
+pub(crate) fn has_manifest_name(path: &Path) -> bool {
     let visible = path.file_name().and_then(|n| n.to_str()).is_some_and(|n| !n.starts_with('.'));
     let yaml = path.extension().is_some_and(|e| e == "yaml" || e == "yml");
-    // is_file follows links, which a mounted config map is made of.
-    visible && yaml && path.is_file()
+    visible && yaml
 }
 
 impl Manifests {
@@ -456,38 +405,5 @@ spec:
     fn a_missing_directory_is_an_error_naming_it() {
         let error = load_dir(Path::new("/nonexistent/manifests")).expect_err("no such directory");
         assert_eq!(error.to_string(), "reading manifest directory /nonexistent/manifests");
-    }
-}
-
-#[cfg(test)]
-mod cached_dir_tests {
-    use super::*;
-
-    #[test]
-    fn a_cached_directory_reparses_only_changed_files_and_forgets_removed_ones() {
-        let dir = std::env::temp_dir().join(format!("lb-cached-dir-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).expect("temp dir");
-        let service = |name: &str| {
-            format!(
-                "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}}}\nspec: {{clusterIP: 10.96.0.1, ports: [{{port: 80}}]}}\n"
-            )
-        };
-        std::fs::write(dir.join("a.yaml"), service("a")).expect("write a");
-        std::fs::write(dir.join("b.yaml"), service("b")).expect("write b");
-        let mut cache = CachedDir::default();
-        let names = |m: &Manifests| {
-            m.services
-                .iter()
-                .map(|s| s.metadata.name.clone().unwrap_or_default())
-                .collect::<Vec<_>>()
-        };
-        let first = cache.load(&dir).expect("first read");
-        assert_eq!(names(&first), ["a", "b"]);
-        std::fs::write(dir.join("b.yaml"), service("b2")).expect("edit b");
-        std::fs::remove_file(dir.join("a.yaml")).expect("remove a");
-        let second = cache.load(&dir).expect("second read");
-        let _ = std::fs::remove_dir_all(&dir);
-        assert_eq!(names(&second), ["b2"], "the edit is seen and the removed file is gone");
-        assert_eq!(cache.files.len(), 1);
     }
 }

@@ -1,0 +1,142 @@
+//! The objects of one service (its Service, its EndpointSlices) in the normalised form the
+//! model is built from, and that service's part of the model. A source keeps these instead of
+//! the API objects, which are many times larger, and rebuilds only the services a change
+//! names.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
+
+use super::{
+    ServiceName, ServicePort, Skipped,
+    endpoints::{SERVICE_NAME_LABEL, Slice, SliceObject, port_endpoints, slice_object},
+    namespace,
+    service::{self, Normalised},
+};
+use crate::config::NodeConfig;
+
+/// One service's objects, normalised, in the order the source gave them.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ServiceObjects {
+    /// More than one only in a manifest directory (the API server cannot hold two): the first
+    /// counts.
+    services: Vec<Result<Normalised, String>>,
+    slices: Vec<SliceObject>,
+}
+
+/// One service's part of the [`super::Model`].
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ServiceModel {
+    /// Sorted by id.
+    pub ports: Vec<ServicePort>,
+    pub skipped: Vec<Skipped>,
+    pub notes: Vec<String>,
+    /// EndpointSlices with addressType IPv6 or FQDN: the model counts them in one note.
+    pub not_ipv4_slices: usize,
+}
+
+/// The service a Service object is: its namespace and name.
+pub fn service_name(service: &Service) -> ServiceName {
+    let name = service.metadata.name.as_deref().unwrap_or("<unnamed>");
+    ServiceName::new(namespace(&service.metadata), name)
+}
+
+impl ServiceObjects {
+    pub fn add_service(&mut self, service: &Service) {
+        self.services.push(service::normalise(service).map_err(|reason| reason.to_string()));
+    }
+
+    /// Adds `slice` to the objects of its service in `by_service`; a slice of no service (no
+    /// service-name label) is nobody's and left out.
+    pub fn add_slice_to(
+        by_service: &mut BTreeMap<ServiceName, Self>,
+        slice: &EndpointSlice,
+        node: &NodeConfig,
+    ) {
+        if let Some((service, object)) = slice_object(slice, node) {
+            by_service.entry(service).or_default().slices.push(object);
+        }
+    }
+
+    /// Adds `slice`, which the caller knows to belong to this service; a slice of no service
+    /// is left out.
+    pub fn add_slice(&mut self, slice: &EndpointSlice, node: &NodeConfig) {
+        if let Some((_, object)) = slice_object(slice, node) {
+            self.slices.push(object);
+        }
+    }
+
+    /// Appends `other`'s objects after this one's (the next file of a directory, say).
+    pub fn extend(&mut self, other: &Self) {
+        self.services.extend(other.services.iter().cloned());
+        self.slices.extend(other.slices.iter().cloned());
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.services.is_empty() && self.slices.is_empty()
+    }
+
+    /// This service's part of the model: its ports with their endpoints, and what was left out.
+    pub fn model(&self, name: &ServiceName) -> ServiceModel {
+        let mut model = ServiceModel::default();
+        let mut slices: Vec<&Slice> = Vec::new();
+        for slice in &self.slices {
+            match slice {
+                SliceObject::Used(slice) => slices.push(slice),
+                SliceObject::NotIpv4 => model.not_ipv4_slices += 1,
+                SliceObject::Malformed(skipped) => model.skipped.push(skipped.clone()),
+            }
+        }
+        // Stable: slices of the same name keep the source's order.
+        slices.sort_by(|a, b| a.name.cmp(&b.name));
+        let object = format!("Service {name}");
+        for (index, service) in self.services.iter().enumerate() {
+            if index > 0 {
+                // Only a manifest directory can hold two; the API server cannot.
+                let reason = "a Service of the same namespace and name came earlier".to_owned();
+                model.skipped.push(Skipped { object: object.clone(), reason });
+                continue;
+            }
+            match service {
+                Ok(normalised) => {
+                    model.notes.extend(normalised.notes.iter().map(|n| format!("{object}: {n}")));
+                    model.ports.extend(normalised.ports.iter().map(|normalised| {
+                        let mut port = normalised.port.clone();
+                        port.endpoints =
+                            port_endpoints(&slices, &normalised.port_name, port.id.protocol);
+                        port
+                    }));
+                }
+                Err(reason) => {
+                    model.skipped.push(Skipped { object: object.clone(), reason: reason.clone() });
+                }
+            }
+        }
+        model.ports.sort_by(|a, b| a.id.cmp(&b.id));
+        model
+    }
+}
+
+/// The service an EndpointSlice belongs to: the one its service-name label names, in its
+/// namespace.
+pub fn slice_service_name(slice: &EndpointSlice) -> Option<ServiceName> {
+    let labels = slice.metadata.labels.as_ref();
+    let service = labels.and_then(|l| l.get(SERVICE_NAME_LABEL))?;
+    Some(ServiceName::new(namespace(&slice.metadata), service.as_str()))
+}
+
+/// The objects of every service, by service.
+pub fn by_service(
+    services: &[Service],
+    slices: &[EndpointSlice],
+    node: &NodeConfig,
+) -> BTreeMap<ServiceName, ServiceObjects> {
+    let mut by_service: BTreeMap<ServiceName, ServiceObjects> = BTreeMap::new();
+    for service in services {
+        by_service.entry(service_name(service)).or_default().add_service(service);
+    }
+    for slice in slices {
+        ServiceObjects::add_slice_to(&mut by_service, slice, node);
+    }
+    by_service
+}

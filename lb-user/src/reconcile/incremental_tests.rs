@@ -1,0 +1,359 @@
+//! Tests of the per-service path: rebuilding only the services a change names must leave the
+//! maps as a full rebuild would, write nothing for other services, and keep the write order.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::Ipv4Addr,
+};
+
+use ipnet::Ipv4Net;
+use lb_common::maps::{Backend, RevNat, ServiceKey};
+
+use super::{tests::assert_safely_ordered, *};
+use crate::{
+    config::NodeConfig,
+    maps::MapOp,
+    model::{Endpoint, Protocol, ServicePortId},
+};
+
+/// Applies operations to a table, as the kernel maps would.
+#[derive(Default)]
+struct StateMaps {
+    state: DatapathState,
+    ops: Vec<MapOp>,
+}
+
+impl MapWriter for StateMaps {
+    fn apply(&mut self, op: &MapOp) -> crate::error::Result<()> {
+        self.state.apply(op);
+        self.ops.push(op.clone());
+        Ok(())
+    }
+}
+
+fn node() -> NodeConfig {
+    NodeConfig::from_yaml_str(
+        "nodeName: node-a
+nodeIPs: [192.168.1.63]
+clusterCIDR: 10.244.0.0/16
+serviceCIDR: 10.96.0.0/12",
+    )
+    .expect("node configuration")
+}
+
+/// xorshift64: reproducible edits without a dependency.
+struct Random(u64);
+
+impl Random {
+    fn below(&mut self, n: u64) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0 % n
+    }
+
+    fn chance(&mut self, percent: u64) -> bool {
+        self.below(100) < percent
+    }
+}
+
+fn name(index: u64) -> ServiceName {
+    ServiceName::new("shop", format!("svc-{index}"))
+}
+
+/// A random service: addresses and endpoints come from small pools, so that services share
+/// backends and ClusterIPs and fight over external IPs.
+fn random_ports(random: &mut Random, service: &ServiceName) -> Vec<ServicePort> {
+    let cluster_ip = Ipv4Addr::new(10, 96, 0, u8::try_from(1 + random.below(8)).expect("small"));
+    let external_ips =
+        if random.chance(30) { vec![Ipv4Addr::new(192, 0, 2, 1)] } else { Vec::new() };
+    let load_balancer_ips =
+        if random.chance(20) { vec![Ipv4Addr::new(198, 51, 100, 1)] } else { Vec::new() };
+    let source_ranges = if random.chance(50) {
+        vec!["203.0.113.0/25".parse::<Ipv4Net>().expect("CIDR")]
+    } else {
+        Vec::new()
+    };
+    let external_policy_local = random.chance(30);
+    let internal_policy_local = random.chance(20);
+    let affinity_timeout_s = random.chance(20).then_some(600);
+    let mut ports = Vec::new();
+    for (port, protocol) in [(80, Protocol::Tcp), (53, Protocol::Udp), (9000, Protocol::Sctp)] {
+        if port != 80 && random.chance(60) {
+            continue;
+        }
+        let mut endpoints: Vec<Endpoint> = (0..random.below(5))
+            .map(|_| {
+                let ready = random.chance(70);
+                let host = u8::try_from(1 + random.below(8)).expect("small");
+                Endpoint {
+                    ip: Ipv4Addr::new(10, 244, 0, host),
+                    port: 8080,
+                    // A pod runs on one node, whichever service lists it.
+                    node_local: host % 2 == 0,
+                    ready,
+                    serving: ready || random.chance(50),
+                    terminating: !ready && random.chance(50),
+                }
+            })
+            .collect();
+        endpoints.sort();
+        endpoints.dedup_by_key(|e| (e.ip, e.port));
+        ports.push(ServicePort {
+            id: ServicePortId {
+                namespace: service.namespace.clone(),
+                name: service.name.clone(),
+                port,
+                protocol,
+            },
+            cluster_ip,
+            port,
+            node_port: random
+                .chance(40)
+                .then(|| 30_000 + u16::try_from(random.below(4)).expect("small")),
+            external_ips: external_ips.clone(),
+            load_balancer_ips: load_balancer_ips.clone(),
+            external_policy_local,
+            internal_policy_local,
+            affinity_timeout_s,
+            source_ranges: source_ranges.clone(),
+            endpoints,
+        });
+    }
+    ports.sort_by(|a, b| a.id.cmp(&b.id));
+    ports
+}
+
+fn model_of(services: &BTreeMap<ServiceName, Vec<ServicePort>>, node: &NodeConfig) -> Model {
+    Model {
+        ports: services.values().flatten().cloned().collect(),
+        node_port_addresses: node.node_port_addresses(),
+        ..Model::default()
+    }
+}
+
+/// A frontend with its ids replaced by what they name, so that tables built with different
+/// id allocations compare equal when they serve the same.
+#[derive(Debug, PartialEq, Eq)]
+struct Resolved {
+    slot_count: u32,
+    flags: u16,
+    affinity_timeout_s: u32,
+    slots: Vec<Option<Backend>>,
+    rev_nat: Option<RevNat>,
+    ranges: Vec<Ipv4Net>,
+}
+
+fn resolved(state: &DatapathState) -> BTreeMap<ServiceKey, Resolved> {
+    state
+        .services
+        .iter()
+        .map(|(key, value)| {
+            let id = value.service_id;
+            let slots = state
+                .slots
+                .iter()
+                .filter(|(slot, _)| slot.service_id == id && id != 0)
+                .map(|(_, backend)| state.backends.get(backend).copied())
+                .collect();
+            let ranges =
+                state.source_ranges.iter().filter(|(i, _)| *i == id).map(|(_, r)| *r).collect();
+            let resolved = Resolved {
+                slot_count: value.slot_count,
+                flags: value.flags,
+                affinity_timeout_s: value.affinity_timeout_s,
+                slots,
+                rev_nat: state.rev_nats.get(&id).copied(),
+                ranges,
+            };
+            (*key, resolved)
+        })
+        .collect()
+}
+
+/// Entries nothing points at: a rebuild must not leave them behind.
+fn assert_no_orphans(state: &DatapathState) {
+    let ids: BTreeSet<u32> = state.services.values().map(|v| v.service_id).collect();
+    assert!(state.slots.keys().all(|k| ids.contains(&k.service_id)), "slots of unknown frontends");
+    assert!(state.rev_nats.keys().all(|id| ids.contains(id)), "reverse NAT of unknown frontends");
+    assert!(state.source_ranges.iter().all(|(id, _)| ids.contains(id)), "ranges of unknown");
+    let used: BTreeSet<u32> = state.slots.values().copied().collect();
+    let backends: BTreeSet<u32> = state.backends.keys().copied().collect();
+    assert_eq!(used, backends, "exactly the backends the slots use");
+}
+
+fn sorted(mut problems: Vec<String>) -> Vec<String> {
+    problems.sort();
+    problems
+}
+
+#[test]
+fn incremental_results_equal_a_full_rebuild_over_random_edits() {
+    let node = node();
+    for seed in 1..=20 {
+        let mut random = Random(0x9E37_79B9_7F4A_7C15 ^ seed);
+        let mut services: BTreeMap<ServiceName, Vec<ServicePort>> = BTreeMap::new();
+        for index in 0..10 {
+            let service = name(index);
+            services.insert(service.clone(), random_ports(&mut random, &service));
+        }
+        let mut incremental = Reconciler::new(DatapathState::default(), SlotMode::PerBackend);
+        let mut maps = StateMaps::default();
+        incremental.reconcile(&model_of(&services, &node), &node, &mut maps).expect("first sync");
+        for step in 0..60 {
+            let mut changed = BTreeSet::new();
+            for _ in 0..=random.below(2) {
+                let service = name(random.below(12));
+                if random.chance(15) {
+                    services.remove(&service);
+                } else {
+                    services.insert(service.clone(), random_ports(&mut random, &service));
+                }
+                changed.insert(service);
+            }
+            let written = maps.ops.len();
+            let report = incremental
+                .reconcile_services(
+                    changed,
+                    |service| services.get(service).cloned().unwrap_or_default(),
+                    &mut maps,
+                )
+                .expect("incremental sync");
+            let context = format!("seed {seed} step {step}");
+            assert_eq!(report.writes, maps.ops.len() - written, "{context}");
+            assert_safely_ordered(&maps.ops[written..]);
+            assert_eq!(&maps.state, incremental.programmed(), "{context}: the maps were written");
+            assert_no_orphans(incremental.programmed());
+
+            let mut full = Reconciler::new(DatapathState::default(), SlotMode::PerBackend);
+            let full_report = full
+                .reconcile(&model_of(&services, &node), &node, &mut StateMaps::default())
+                .expect("full sync");
+            assert_eq!(
+                resolved(incremental.programmed()),
+                resolved(full.programmed()),
+                "{context}"
+            );
+            assert_eq!(sorted(report.problems), sorted(full_report.problems), "{context}");
+        }
+        // The periodic full resync finds nothing to repair.
+        let report =
+            incremental.reconcile(&model_of(&services, &node), &node, &mut maps).expect("resync");
+        assert_eq!(
+            report.writes,
+            0,
+            "seed {seed}: {:?}",
+            &maps.ops[maps.ops.len() - report.writes..]
+        );
+    }
+}
+
+/// Two services with the seed's shape: one port, two endpoints each.
+fn two_services(
+    node: &NodeConfig,
+) -> (BTreeMap<ServiceName, Vec<ServicePort>>, Reconciler, StateMaps) {
+    let mut random = Random(7);
+    let mut services = BTreeMap::new();
+    for index in 0..2 {
+        let service = name(index);
+        let mut ports = random_ports(&mut random, &service);
+        ports.retain(|p| p.port == 80);
+        ports[0].cluster_ip = Ipv4Addr::new(10, 96, 1, u8::try_from(index).expect("small"));
+        ports[0].external_ips = vec![Ipv4Addr::new(192, 0, 2, 1)];
+        ports[0].endpoints = (1..=2)
+            .map(|host| Endpoint {
+                ip: Ipv4Addr::new(10, 244, u8::try_from(index).expect("small"), host),
+                port: 8080,
+                node_local: true,
+                ready: true,
+                serving: true,
+                terminating: false,
+            })
+            .collect();
+        services.insert(service, ports);
+    }
+    let mut reconciler = Reconciler::new(DatapathState::default(), SlotMode::PerBackend);
+    let mut maps = StateMaps::default();
+    reconciler.reconcile(&model_of(&services, node), node, &mut maps).expect("first sync");
+    (services, reconciler, maps)
+}
+
+#[test]
+fn a_change_writes_only_its_services_entries_and_purges_its_removed_backends() {
+    let node = node();
+    let (mut services, mut reconciler, mut maps) = two_services(&node);
+    let before = reconciler.programmed().clone();
+    let other_ids: BTreeSet<u32> = before
+        .services
+        .iter()
+        .filter(|(key, _)| key.vip_be == crate::maps::ip_be(Ipv4Addr::new(10, 96, 1, 0)))
+        .map(|(_, value)| value.service_id)
+        .collect();
+    let changed = name(1);
+    services.get_mut(&changed).expect("svc-1")[0].endpoints.pop();
+    let written = maps.ops.len();
+    let report = reconciler
+        .reconcile_services([changed.clone()], |s| services[s].clone(), &mut maps)
+        .expect("incremental sync");
+    let ops = &maps.ops[written..];
+    assert_ne!(ops, []);
+    for op in ops {
+        let service_id = match op {
+            MapOp::UpsertService { value, .. } => value.service_id,
+            MapOp::UpsertSlot { key, .. } | MapOp::RemoveSlot { key } => key.service_id,
+            MapOp::RemoveBackend { .. } => continue,
+            other => panic!("unexpected write for a removed endpoint: {other:?}"),
+        };
+        assert!(!other_ids.contains(&service_id), "svc-0's frontend {service_id} was written");
+    }
+    let gone = *before
+        .backends
+        .iter()
+        .find(|(_, b)| b.ip_be == crate::maps::ip_be(Ipv4Addr::new(10, 244, 1, 2)))
+        .expect("the removed endpoint was a backend")
+        .0;
+    assert!(ops.contains(&MapOp::RemoveBackend { id: gone }));
+    assert!(report.removed_pairs.iter().all(|(_, backend)| *backend == gone));
+    assert!(!report.removed_pairs.is_empty());
+
+    let again = reconciler
+        .reconcile_services([changed], |s| services[s].clone(), &mut maps)
+        .expect("no change");
+    assert_eq!(again.writes, 0, "rebuilding an unchanged service writes nothing");
+}
+
+#[test]
+fn a_frontend_given_up_goes_to_the_next_claimant_and_back() {
+    let node = node();
+    let (mut services, mut reconciler, mut maps) = two_services(&node);
+    let external = ServiceKey {
+        vip_be: crate::maps::ip_be(Ipv4Addr::new(192, 0, 2, 1)),
+        port_be: 80_u16.to_be(),
+        proto: lb_common::maps::proto::TCP,
+        scope: lb_common::maps::scope::EXTERNAL,
+    };
+    let serving = |reconciler: &Reconciler| {
+        let state = reconciler.programmed();
+        let id = state.services[&external].service_id;
+        let first_slot = state.slots[&lb_common::maps::BackendSlotKey { service_id: id, slot: 0 }];
+        Ipv4Addr::from(u32::from_be(state.backends[&first_slot].ip_be))
+    };
+    assert_eq!(serving(&reconciler), Ipv4Addr::new(10, 244, 0, 1), "svc-0 sorts first");
+    assert_eq!(reconciler.ledger.problems().len(), 1, "svc-1 is told the external IP is taken");
+
+    // svc-0 gives the external IP up: svc-1, which did not change, takes it over.
+    services.get_mut(&name(0)).expect("svc-0")[0].external_ips.clear();
+    reconciler.reconcile_services([name(0)], |s| services[s].clone(), &mut maps).expect("give up");
+    assert_eq!(serving(&reconciler), Ipv4Addr::new(10, 244, 1, 1));
+    assert_eq!(reconciler.ledger.problems(), Vec::<String>::new());
+
+    // And claims it back: the earlier port wins again.
+    services.get_mut(&name(0)).expect("svc-0")[0].external_ips = vec![Ipv4Addr::new(192, 0, 2, 1)];
+    let written = maps.ops.len();
+    reconciler
+        .reconcile_services([name(0)], |s| services[s].clone(), &mut maps)
+        .expect("take back");
+    assert_eq!(serving(&reconciler), Ipv4Addr::new(10, 244, 0, 1));
+    assert_safely_ordered(&maps.ops[written..]);
+    assert_eq!(&maps.state, reconciler.programmed());
+}
