@@ -20,6 +20,7 @@ pub mod kube_source;
 pub mod loader;
 pub mod maglev;
 pub mod manifest;
+pub mod map_batch;
 pub mod maps;
 pub mod metrics;
 pub mod model;

@@ -4,7 +4,10 @@
 //! Writers speak in [`MapOp`]s, so the reconciler can be a pure function tested without a
 //! kernel (through [`MapWriter`]) and the kernel side is a thin `apply`.
 
-use std::net::Ipv4Addr;
+use std::{
+    net::Ipv4Addr,
+    os::fd::{AsFd as _, OwnedFd},
+};
 
 use aya::{
     Ebpf,
@@ -18,6 +21,7 @@ use lb_common::maps::{
 
 use crate::{
     error::{Error, Result},
+    map_batch,
     pins::PinLayout,
 };
 
@@ -40,6 +44,11 @@ pub enum MapOp {
 /// Something that applies map operations: the kernel maps, or a recording fake in tests.
 pub trait MapWriter {
     fn apply(&mut self, op: &MapOp) -> Result<()>;
+
+    /// Applies `ops` in order; a writer may merge runs of them into fewer calls.
+    fn apply_all(&mut self, ops: &[MapOp]) -> Result<()> {
+        ops.iter().try_for_each(|op| self.apply(op))
+    }
 }
 
 /// The datapath's maps that the daemon writes or reads.
@@ -52,6 +61,16 @@ pub struct KernelMaps {
     node_config: Array<MapData, NodeConfig>,
     conntrack: HashMap<MapData, ConntrackKey, ConntrackValue>,
     service_stats: PerCpuArray<MapData, ServiceCounters>,
+    /// Second descriptors of the maps a sync fills in bulk, for batch updates (the typed maps
+    /// do not lend theirs).
+    batch_fds: BatchFds,
+}
+
+struct BatchFds {
+    services: OwnedFd,
+    slots: OwnedFd,
+    backends: OwnedFd,
+    rev_nat: OwnedFd,
 }
 
 fn map_error(name: &str) -> impl FnOnce(MapError) -> Error + '_ {
@@ -89,15 +108,25 @@ impl KernelMaps {
     }
 
     fn open(mut take: impl FnMut(&str) -> Option<Map>) -> Result<Self> {
+        let (services, services_fd) = with_fd(names::SERVICES, take(names::SERVICES))?;
+        let (slots, slots_fd) = with_fd(names::BACKEND_SLOTS, take(names::BACKEND_SLOTS))?;
+        let (backends, backends_fd) = with_fd(names::BACKENDS, take(names::BACKENDS))?;
+        let (rev_nat, rev_nat_fd) = with_fd(names::REV_NAT, take(names::REV_NAT))?;
         Ok(Self {
-            services: typed(names::SERVICES, take(names::SERVICES))?,
-            slots: typed(names::BACKEND_SLOTS, take(names::BACKEND_SLOTS))?,
-            backends: typed(names::BACKENDS, take(names::BACKENDS))?,
-            rev_nat: typed(names::REV_NAT, take(names::REV_NAT))?,
+            services: typed(names::SERVICES, services)?,
+            slots: typed(names::BACKEND_SLOTS, slots)?,
+            backends: typed(names::BACKENDS, backends)?,
+            rev_nat: typed(names::REV_NAT, rev_nat)?,
             source_ranges: typed(names::SOURCE_RANGES, take(names::SOURCE_RANGES))?,
             node_config: typed(names::NODE_CONFIG, take(names::NODE_CONFIG))?,
             conntrack: typed(names::CONNTRACK, take(names::CONNTRACK))?,
             service_stats: typed(names::SERVICE_STATS, take(names::SERVICE_STATS))?,
+            batch_fds: BatchFds {
+                services: services_fd,
+                slots: slots_fd,
+                backends: backends_fd,
+                rev_nat: rev_nat_fd,
+            },
         })
     }
 
@@ -219,6 +248,22 @@ fn source_range_key(service_id: u32, range: Ipv4Net) -> LpmKey<SourceRangeKey> {
     LpmKey::new(SourceRangeKey::SERVICE_ID_BITS + u32::from(range.prefix_len()), data)
 }
 
+/// The map, and a second descriptor of it.
+fn with_fd(name: &str, map: Option<Map>) -> Result<(Option<Map>, OwnedFd)> {
+    let fd = match &map {
+        Some(Map::HashMap(data)) => data.fd().as_fd().try_clone_to_owned(),
+        _ => Err(std::io::Error::other("not a hash map")),
+    };
+    let fd = fd.map_err(|source| Error::Map {
+        name: name.to_owned(),
+        source: Box::new(MapError::SyscallError(aya::sys::SyscallError {
+            call: "dup",
+            io_error: source,
+        })),
+    })?;
+    Ok((map, fd))
+}
+
 /// Removing what is already gone is not an error: a retried reconcile must converge.
 fn ignore_missing(result: Result<(), MapError>) -> Result<(), MapError> {
     match result {
@@ -228,6 +273,19 @@ fn ignore_missing(result: Result<(), MapError>) -> Result<(), MapError> {
 }
 
 impl MapWriter for KernelMaps {
+    /// Runs of upserts into one hash map go in one batch call each; the rest one by one, in
+    /// the same order.
+    fn apply_all(&mut self, ops: &[MapOp]) -> Result<()> {
+        let mut rest = ops;
+        while let Some(first) = rest.first() {
+            let run = rest.iter().take_while(|op| same_upsert(first, op)).count().max(1);
+            let (head, tail) = rest.split_at(run);
+            self.apply_run(head)?;
+            rest = tail;
+        }
+        Ok(())
+    }
+
     fn apply(&mut self, op: &MapOp) -> Result<()> {
         match op {
             MapOp::SetNodeConfig(config) => {
@@ -277,4 +335,81 @@ pub fn ip_be(ip: Ipv4Addr) -> u32 {
 /// A prefix's address and mask as the datapath stores them.
 pub fn prefix_be(net: Ipv4Net) -> (u32, u32) {
     (ip_be(net.network()), ip_be(net.netmask()))
+}
+
+/// True if `a` and `b` are upserts into the same map (a batchable run).
+fn same_upsert(a: &MapOp, b: &MapOp) -> bool {
+    matches!(
+        (a, b),
+        (MapOp::UpsertBackend { .. }, MapOp::UpsertBackend { .. })
+            | (MapOp::UpsertSlot { .. }, MapOp::UpsertSlot { .. })
+            | (MapOp::UpsertRevNat { .. }, MapOp::UpsertRevNat { .. })
+            | (MapOp::UpsertService { .. }, MapOp::UpsertService { .. })
+    )
+}
+
+impl KernelMaps {
+    /// One run of [`same_upsert`] operations (or a single other one).
+    fn apply_run(&mut self, run: &[MapOp]) -> Result<()> {
+        let batch_error = |name: &str| {
+            let name = name.to_owned();
+            move |io_error| Error::Map {
+                name,
+                source: Box::new(MapError::SyscallError(aya::sys::SyscallError {
+                    call: "bpf_map_update_batch",
+                    io_error,
+                })),
+            }
+        };
+        match run {
+            [op] => self.apply(op),
+            [MapOp::UpsertBackend { .. }, ..] => {
+                let (ids, backends): (Vec<u32>, Vec<Backend>) = run
+                    .iter()
+                    .filter_map(|op| match op {
+                        MapOp::UpsertBackend { id, backend } => Some((*id, *backend)),
+                        _ => None,
+                    })
+                    .unzip();
+                map_batch::update(self.batch_fds.backends.as_fd(), &ids, &backends)
+                    .map_err(batch_error(names::BACKENDS))
+            }
+            [MapOp::UpsertSlot { .. }, ..] => {
+                let (keys, ids): (Vec<BackendSlotKey>, Vec<u32>) = run
+                    .iter()
+                    .filter_map(|op| match op {
+                        MapOp::UpsertSlot { key, backend_id } => Some((*key, *backend_id)),
+                        _ => None,
+                    })
+                    .unzip();
+                map_batch::update(self.batch_fds.slots.as_fd(), &keys, &ids)
+                    .map_err(batch_error(names::BACKEND_SLOTS))
+            }
+            [MapOp::UpsertRevNat { .. }, ..] => {
+                let (ids, rev_nats): (Vec<u32>, Vec<RevNat>) = run
+                    .iter()
+                    .filter_map(|op| match op {
+                        MapOp::UpsertRevNat { service_id, rev_nat } => {
+                            Some((*service_id, *rev_nat))
+                        }
+                        _ => None,
+                    })
+                    .unzip();
+                map_batch::update(self.batch_fds.rev_nat.as_fd(), &ids, &rev_nats)
+                    .map_err(batch_error(names::REV_NAT))
+            }
+            [MapOp::UpsertService { .. }, ..] => {
+                let (keys, values): (Vec<ServiceKey>, Vec<ServiceValue>) = run
+                    .iter()
+                    .filter_map(|op| match op {
+                        MapOp::UpsertService { key, value } => Some((*key, *value)),
+                        _ => None,
+                    })
+                    .unzip();
+                map_batch::update(self.batch_fds.services.as_fd(), &keys, &values)
+                    .map_err(batch_error(names::SERVICES))
+            }
+            _ => run.iter().try_for_each(|op| self.apply(op)),
+        }
+    }
 }

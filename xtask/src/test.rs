@@ -1,4 +1,4 @@
-//! The test command CI runs: formatting, lints and every test tier available on this machine.
+//! The test command CI runs: formatting, lints and every test tier, the VM one included.
 
 use anyhow::bail;
 
@@ -10,7 +10,7 @@ use super::{cargo, run_in, workspace_root};
 type Step = (&'static str, fn() -> anyhow::Result<()>);
 
 pub fn run() -> anyhow::Result<()> {
-    let steps: [Step; 4] = [
+    let steps: [Step; 5] = [
         ("rustfmt", || cargo(&["fmt", "--all", "--check"])),
         ("clippy (userspace, pedantic)", || {
             cargo(&["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"])
@@ -36,6 +36,7 @@ pub fn run() -> anyhow::Result<()> {
             )
         }),
         ("tests", || cargo(&["test", "--workspace", "--", "--test-threads", "2"])),
+        ("VM tier: integration tests on Debian 12's 6.1 kernel", super::vm::run),
     ];
     let mut failed = Vec::new();
     for (name, step) in steps {

@@ -40,7 +40,7 @@ use crate::{
     config::NodeConfig,
     error::Result,
     loader::Capacities,
-    maps::MapWriter,
+    maps::{MapOp, MapWriter},
     model::{Model, ServiceName, ServicePort},
 };
 
@@ -113,12 +113,9 @@ impl Reconciler {
         }
         self.ledger.settle(&mut batch, &self.programmed, &mut self.ids);
         let desired = batch.after;
-        let mut written = 0;
-        for_each_op(&self.programmed, &desired, |op| {
-            writer.apply(&op)?;
-            written += 1;
-            Ok(())
-        })?;
+        let mut chunk = Chunk::default();
+        for_each_op(&self.programmed, &desired, |op| chunk.push(op, writer, |_| {}))?;
+        let written = chunk.finish(writer, |_| {})?;
         let removed_pairs = removed_pairs(&self.programmed, &desired);
         self.programmed = desired;
         self.ids.retain_used(&self.programmed);
@@ -159,16 +156,53 @@ impl Reconciler {
         }
         self.ledger.settle(&mut batch, &self.programmed, &mut self.ids);
         let before = batch.before(&self.programmed);
-        let mut written = 0;
         let programmed = &mut self.programmed;
-        for_each_op(&before, &batch.after, |op| {
-            writer.apply(&op)?;
-            programmed.apply(&op);
-            written += 1;
-            Ok(())
-        })?;
+        let mut chunk = Chunk::default();
+        for_each_op(&before, &batch.after, |op| chunk.push(op, writer, |op| programmed.apply(op)))?;
+        let written = chunk.finish(writer, |op| programmed.apply(op))?;
         let removed_pairs = removed_pairs(&before, &batch.after);
         debug!(written, removed_pairs = removed_pairs.len(), "reconciled");
         Ok(Report { writes: written, problems: self.ledger.problems(), removed_pairs })
+    }
+}
+
+/// Operations on their way to the writer, handed over a few thousand at a time so that it can
+/// batch runs of them (one system call per run instead of per entry) while a first sync of
+/// millions of entries is never held whole.
+#[derive(Default)]
+struct Chunk {
+    ops: Vec<MapOp>,
+    written: usize,
+}
+
+impl Chunk {
+    const SIZE: usize = 4096;
+
+    /// Queues `op`; writes the chunk once it is full, calling `written` for each operation.
+    fn push(
+        &mut self,
+        op: MapOp,
+        writer: &mut impl MapWriter,
+        written: impl FnMut(&MapOp),
+    ) -> Result<()> {
+        self.ops.push(op);
+        if self.ops.len() >= Self::SIZE {
+            self.write(writer, written)?;
+        }
+        Ok(())
+    }
+
+    /// Writes what is queued; returns how many operations were written in all.
+    fn finish(mut self, writer: &mut impl MapWriter, written: impl FnMut(&MapOp)) -> Result<usize> {
+        self.write(writer, written)?;
+        Ok(self.written)
+    }
+
+    fn write(&mut self, writer: &mut impl MapWriter, written: impl FnMut(&MapOp)) -> Result<()> {
+        writer.apply_all(&self.ops)?;
+        self.ops.iter().for_each(written);
+        self.written += self.ops.len();
+        self.ops.clear();
+        Ok(())
     }
 }

@@ -1,0 +1,79 @@
+//! The kernel writer's batches: runs of upserts go into the maps in one system call each, and
+//! what the maps hold afterwards is exactly what the operations, applied one by one in order,
+//! would have left.
+
+use std::collections::BTreeMap;
+
+use lb_common::maps::{Backend, BackendSlotKey, RevNat, ServiceKey, ServiceValue, proto, scope};
+use lb_tests::datapath::Datapath;
+use lb_user::maps::{MapOp, MapWriter as _};
+
+fn backend(n: u32) -> Backend {
+    Backend {
+        ip_be: (0x0af4_0000 + n).to_be(),
+        port_be: 8080u16.to_be(),
+        proto: proto::TCP,
+        flags: 0,
+    }
+}
+
+fn service_key(n: u32) -> ServiceKey {
+    ServiceKey {
+        vip_be: (0x0a60_0000 + n).to_be(),
+        port_be: 80u16.to_be(),
+        proto: proto::TCP,
+        scope: scope::EXTERNAL,
+    }
+}
+
+#[test]
+fn batched_runs_leave_what_single_writes_would() {
+    let mut datapath = Datapath::load();
+    let services = 3_000u32;
+    let mut ops = Vec::new();
+    ops.extend((0..2 * services).map(|id| MapOp::UpsertBackend { id, backend: backend(id) }));
+    for service_id in 0..services {
+        for slot in 0..2 {
+            let key = BackendSlotKey { service_id, slot };
+            ops.push(MapOp::UpsertSlot { key, backend_id: 2 * service_id + slot });
+        }
+    }
+    // A removal inside the runs: it must land after the upserts before it and before the
+    // ones after it.
+    ops.push(MapOp::RemoveBackend { id: 7 });
+    ops.push(MapOp::UpsertBackend { id: 7, backend: backend(70_000) });
+    ops.extend((0..services).map(|service_id| MapOp::UpsertRevNat {
+        service_id,
+        rev_nat: RevNat {
+            vip_be: service_key(service_id).vip_be,
+            port_be: 80u16.to_be(),
+            pad: [0; 2],
+        },
+    }));
+    ops.extend((0..services).map(|service_id| MapOp::UpsertService {
+        key: service_key(service_id),
+        value: ServiceValue {
+            service_id,
+            slot_count: 2,
+            affinity_timeout_s: 0,
+            flags: 0,
+            pad: [0; 2],
+        },
+    }));
+    ops.push(MapOp::RemoveService { key: service_key(5) });
+    datapath.maps().apply_all(&ops).expect("applying the operations");
+
+    let maps = datapath.maps();
+    let backends: BTreeMap<u32, Backend> = maps.backends().expect("backends").into_iter().collect();
+    assert_eq!(backends.len(), 2 * services as usize);
+    assert_eq!(backends[&7], backend(70_000), "the later upsert of 7 wins");
+    assert_eq!(backends[&8], backend(8));
+    let slots: BTreeMap<BackendSlotKey, u32> = maps.slots().expect("slots").into_iter().collect();
+    assert_eq!(slots.len(), 2 * services as usize);
+    assert_eq!(slots[&BackendSlotKey { service_id: 2_999, slot: 1 }], 5_999);
+    let frontends: BTreeMap<ServiceKey, ServiceValue> =
+        maps.services().expect("services").into_iter().collect();
+    assert_eq!(frontends.len(), services as usize - 1, "service 5 removed after its upsert");
+    assert!(!frontends.contains_key(&service_key(5)));
+    assert_eq!(frontends[&service_key(42)].service_id, 42);
+}
