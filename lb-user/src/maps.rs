@@ -351,65 +351,51 @@ fn same_upsert(a: &MapOp, b: &MapOp) -> bool {
 impl KernelMaps {
     /// One run of [`same_upsert`] operations (or a single other one).
     fn apply_run(&mut self, run: &[MapOp]) -> Result<()> {
-        let batch_error = |name: &str| {
-            let name = name.to_owned();
-            move |io_error| Error::Map {
-                name,
-                source: Box::new(MapError::SyscallError(aya::sys::SyscallError {
-                    call: "bpf_map_update_batch",
-                    io_error,
-                })),
-            }
-        };
+        let fds = &self.batch_fds;
         match run {
             [op] => self.apply(op),
             [MapOp::UpsertBackend { .. }, ..] => {
-                let (ids, backends): (Vec<u32>, Vec<Backend>) = run
-                    .iter()
-                    .filter_map(|op| match op {
-                        MapOp::UpsertBackend { id, backend } => Some((*id, *backend)),
-                        _ => None,
-                    })
-                    .unzip();
-                map_batch::update(self.batch_fds.backends.as_fd(), &ids, &backends)
-                    .map_err(batch_error(names::BACKENDS))
+                upsert_batch(&fds.backends, names::BACKENDS, run, |op| match op {
+                    MapOp::UpsertBackend { id, backend } => Some((*id, *backend)),
+                    _ => None,
+                })
             }
             [MapOp::UpsertSlot { .. }, ..] => {
-                let (keys, ids): (Vec<BackendSlotKey>, Vec<u32>) = run
-                    .iter()
-                    .filter_map(|op| match op {
-                        MapOp::UpsertSlot { key, backend_id } => Some((*key, *backend_id)),
-                        _ => None,
-                    })
-                    .unzip();
-                map_batch::update(self.batch_fds.slots.as_fd(), &keys, &ids)
-                    .map_err(batch_error(names::BACKEND_SLOTS))
+                upsert_batch(&fds.slots, names::BACKEND_SLOTS, run, |op| match op {
+                    MapOp::UpsertSlot { key, backend_id } => Some((*key, *backend_id)),
+                    _ => None,
+                })
             }
             [MapOp::UpsertRevNat { .. }, ..] => {
-                let (ids, rev_nats): (Vec<u32>, Vec<RevNat>) = run
-                    .iter()
-                    .filter_map(|op| match op {
-                        MapOp::UpsertRevNat { service_id, rev_nat } => {
-                            Some((*service_id, *rev_nat))
-                        }
-                        _ => None,
-                    })
-                    .unzip();
-                map_batch::update(self.batch_fds.rev_nat.as_fd(), &ids, &rev_nats)
-                    .map_err(batch_error(names::REV_NAT))
+                upsert_batch(&fds.rev_nat, names::REV_NAT, run, |op| match op {
+                    MapOp::UpsertRevNat { service_id, rev_nat } => Some((*service_id, *rev_nat)),
+                    _ => None,
+                })
             }
             [MapOp::UpsertService { .. }, ..] => {
-                let (keys, values): (Vec<ServiceKey>, Vec<ServiceValue>) = run
-                    .iter()
-                    .filter_map(|op| match op {
-                        MapOp::UpsertService { key, value } => Some((*key, *value)),
-                        _ => None,
-                    })
-                    .unzip();
-                map_batch::update(self.batch_fds.services.as_fd(), &keys, &values)
-                    .map_err(batch_error(names::SERVICES))
+                upsert_batch(&fds.services, names::SERVICES, run, |op| match op {
+                    MapOp::UpsertService { key, value } => Some((*key, *value)),
+                    _ => None,
+                })
             }
             _ => run.iter().try_for_each(|op| self.apply(op)),
         }
     }
+}
+
+/// Writes the entries `entry` picks out of `run` into map `name` in one batch.
+fn upsert_batch<K: aya::Pod, V: aya::Pod>(
+    fd: &OwnedFd,
+    name: &str,
+    run: &[MapOp],
+    entry: impl Fn(&MapOp) -> Option<(K, V)>,
+) -> Result<()> {
+    let (keys, values): (Vec<K>, Vec<V>) = run.iter().filter_map(entry).unzip();
+    map_batch::update(fd.as_fd(), &keys, &values).map_err(|io_error| Error::Map {
+        name: name.to_owned(),
+        source: Box::new(MapError::SyscallError(aya::sys::SyscallError {
+            call: "bpf_map_update_batch",
+            io_error,
+        })),
+    })
 }
