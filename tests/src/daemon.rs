@@ -51,6 +51,7 @@ impl RunningDaemon {
             // Inside the node's namespace: every test daemon has a loopback of its own.
             metrics_address: Some(METRICS_ADDRESS.parse().expect("address")),
         };
+        log_to_stderr();
         let node = topology.node.path();
         let (stop, stopped) = mpsc::channel::<()>();
         let thread = std::thread::spawn(move || {
@@ -90,9 +91,24 @@ impl Drop for RunningDaemon {
     }
 }
 
-/// Polls `condition` for up to 10 s.
+/// The daemon's log on stderr (shown with a failing test's output), once per test process.
+fn log_to_stderr() {
+    static INIT: std::sync::Once = std::sync::Once::new();
+    INIT.call_once(|| {
+        let filter =
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_writer(std::io::stderr)
+            .try_init();
+    });
+}
+
+/// Polls `condition` for up to a minute: it returns as soon as the condition holds, and the
+/// VM tier runs under CPU emulation, where loading and verifying the programs alone can take
+/// ten seconds.
 pub fn wait_for(mut condition: impl FnMut() -> bool, what: &str) {
-    let deadline = Instant::now() + Duration::from_secs(10);
+    let deadline = Instant::now() + Duration::from_secs(60);
     while !condition() {
         assert!(Instant::now() < deadline, "timed out waiting for {what}");
         std::thread::sleep(Duration::from_millis(50));
