@@ -96,6 +96,31 @@ mod tests {
         assert!(parse("cpu: 0\n").is_none());
     }
 
+    /// The measured rate against the kernel's own configuration: `/proc/config.gz`
+    /// (`CONFIG_IKCONFIG_PROC`, as on this project's CI kernels) or Debian's
+    /// `/boot/config-<release>`.
+    #[test]
+    fn the_measured_rate_is_the_kernels_config_hz() {
+        let from_proc = std::process::Command::new("zcat").arg("/proc/config.gz").output();
+        let text = match from_proc {
+            Ok(output) if output.status.success() => {
+                String::from_utf8_lossy(&output.stdout).into_owned()
+            }
+            _ => {
+                let release =
+                    std::fs::read_to_string("/proc/sys/kernel/osrelease").expect("release");
+                let path = format!("/boot/config-{}", release.trim());
+                std::fs::read_to_string(&path)
+                    .unwrap_or_else(|e| panic!("neither /proc/config.gz nor {path}: {e}"))
+            }
+        };
+        let configured: u32 = text
+            .lines()
+            .find_map(|line| line.strip_prefix("CONFIG_HZ=")?.parse().ok())
+            .expect("CONFIG_HZ in the kernel's configuration");
+        assert_eq!(measure_rate().expect("reading /proc/timer_list (root)"), configured);
+    }
+
     #[test]
     fn snaps_a_measured_rate_to_a_kernel_setting() {
         assert_eq!(nearest_tick_rate(96.0), 100);
