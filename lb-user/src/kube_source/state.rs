@@ -7,13 +7,13 @@ use kube::{ResourceExt as _, runtime::watcher};
 
 use super::{
     changes::{ChangeLog, Changes},
-    store::{ObjectKey, Store},
+    store::Store,
 };
 use crate::{
     config::NodeConfig,
     model::{
         KeptService, KeptSlice, NodeNames, ServiceModel, ServiceName, ServiceObjects, keep_slice,
-        service_name,
+        service_name, slice_service_name,
     },
 };
 
@@ -52,7 +52,7 @@ impl Objects {
             }
             watcher::Event::InitApply(service) => {
                 let name = service_name(&service);
-                self.services.listed(key(&name), Some(KeptService::new(&service)));
+                self.services.listed(&name.namespace, name.name, Some(KeptService::new(&service)));
                 Applied::Buffered
             }
             watcher::Event::InitDone => {
@@ -62,13 +62,14 @@ impl Objects {
             }
             watcher::Event::Apply(service) => {
                 let name = service_name(&service);
-                self.services.put(key(&name), Some(KeptService::new(&service)));
+                let kept = KeptService::new(&service);
+                self.services.put(&name.namespace, name.name.clone(), Some(kept));
                 self.changes.service_changed(name);
                 Applied::Changed
             }
             watcher::Event::Delete(service) => {
                 let name = service_name(&service);
-                self.services.remove(&key(&name));
+                self.services.remove(&name.namespace, &name.name);
                 self.changes.service_changed(name);
                 Applied::Changed
             }
@@ -83,34 +84,30 @@ impl Objects {
             }
             watcher::Event::InitApply(slice) => {
                 let owned = self.keep_slice(&slice);
-                self.slices.listed(slice_key(&slice), owned);
+                self.slices.listed(slice_namespace(&slice), slice.name_any(), owned);
                 Applied::Buffered
             }
             watcher::Event::InitDone => {
                 self.slices.finish_list();
-                let owners = self.slices.iter().map(|((_, name), owned)| (&**name, &owned.service));
+                let owners = self.slices.iter().map(|(_, name, owned)| (name, &owned.service));
                 self.changes.slices_relisted(owners);
                 Applied::Listed { objects: self.slices.len() }
             }
             watcher::Event::Apply(slice) => {
                 let owned = self.keep_slice(&slice);
                 let after = owned.as_ref().map(|owned| owned.service.clone());
-                let key = slice_key(&slice);
+                let name = slice.name_any();
                 // A slice relabelled to another service changes both.
-                let before = self.slices.put(key.clone(), owned);
-                self.changes.slice_moved(
-                    &key.1,
-                    before.map(|b| b.service).as_ref(),
-                    after.as_ref(),
-                );
+                let before = self.slices.put(slice_namespace(&slice), name.clone(), owned);
+                self.changes.slice_moved(&name, before.map(|b| b.service).as_ref(), after.as_ref());
                 Applied::Changed
             }
             watcher::Event::Delete(slice) => {
-                let key = slice_key(&slice);
-                let before = self.slices.remove(&key);
-                self.changes.slice_moved(&key.1, before.map(|b| b.service).as_ref(), None);
+                let name = slice.name_any();
+                let before = self.slices.remove(slice_namespace(&slice), &name);
+                self.changes.slice_moved(&name, before.map(|b| b.service).as_ref(), None);
                 // The service its last version named, should the store have missed it.
-                if let Some((service, _)) = keep_slice(&slice, &mut self.node_names) {
+                if let Some(service) = slice_service_name(&slice) {
                     self.changes.service_changed(service);
                 }
                 Applied::Changed
@@ -141,13 +138,15 @@ impl Objects {
     }
 
     /// Every service's part of the model for `node`, by name. One service's objects are
-    /// built at a time, so that the whole set never exists twice over.
+    /// built at a time, so that the whole set never exists twice over. The watchers wait for
+    /// the lock meanwhile (about a second at 100k services): their events are applied late,
+    /// not lost.
     pub(super) fn service_models(&self, node: &NodeConfig) -> Vec<(ServiceName, ServiceModel)> {
         let mut names: Vec<ServiceName> = self
             .services
             .iter()
-            .map(|((namespace, name), _)| ServiceName::new(namespace, name))
-            .chain(self.slices.iter().map(|(_, owned)| owned.service.clone()))
+            .map(|(namespace, name, _)| ServiceName::new(namespace, name))
+            .chain(self.slices.iter().map(|(_, _, owned)| owned.service.clone()))
             .collect();
         names.sort_unstable();
         names.dedup();
@@ -167,10 +166,6 @@ impl Objects {
     }
 }
 
-fn key(service: &ServiceName) -> ObjectKey {
-    (service.namespace.clone(), service.name.clone())
-}
-
-fn slice_key(slice: &EndpointSlice) -> ObjectKey {
-    (slice.namespace().unwrap_or_default(), slice.name_any())
+fn slice_namespace(slice: &EndpointSlice) -> &str {
+    slice.metadata.namespace.as_deref().unwrap_or_default()
 }

@@ -2,16 +2,17 @@
 //! semantics: a (re-)list is buffered and swapped in whole when it completes, so the store never
 //! shows a half-listed state, and until then it keeps the last known objects.
 
-use std::collections::{HashMap, hash_map};
+use std::collections::HashMap;
 
-/// An object's namespace and name.
-pub(super) type ObjectKey = (String, String);
+/// By namespace, then name: a namespace's name is stored once, not once per object, and a
+/// lookup by borrowed names needs no allocation.
+type Namespaces<T> = HashMap<String, HashMap<String, T>>;
 
 #[derive(Debug)]
 pub(super) struct Store<T> {
-    objects: HashMap<ObjectKey, T>,
+    objects: Namespaces<T>,
     /// The list in progress, if any.
-    listing: Option<HashMap<ObjectKey, T>>,
+    listing: Option<Namespaces<T>>,
 }
 
 impl<T> Default for Store<T> {
@@ -27,83 +28,104 @@ impl<T> Store<T> {
     }
 
     /// One object of the list in progress; `None` is an object the source does not keep.
-    pub(super) fn listed(&mut self, key: ObjectKey, object: Option<T>) {
+    pub(super) fn listed(&mut self, namespace: &str, name: String, object: Option<T>) {
         let listing = self.listing.get_or_insert_with(HashMap::new);
-        match object {
-            Some(object) => listing.insert(key, object),
-            None => listing.remove(&key),
-        };
+        put(listing, namespace, name, object);
     }
 
     /// The list completed: it replaces every object.
     pub(super) fn finish_list(&mut self) {
         self.objects = self.listing.take().unwrap_or_default();
-        self.objects.shrink_to_fit();
     }
 
     /// A watch event's object; `None` is one the source does not keep (any earlier version
     /// goes). Returns the version it replaced.
-    pub(super) fn put(&mut self, key: ObjectKey, object: Option<T>) -> Option<T> {
-        match object {
-            Some(object) => self.objects.insert(key, object),
-            None => self.objects.remove(&key),
-        }
+    pub(super) fn put(&mut self, namespace: &str, name: String, object: Option<T>) -> Option<T> {
+        put(&mut self.objects, namespace, name, object)
     }
 
     /// Returns the removed object.
-    pub(super) fn remove(&mut self, key: &ObjectKey) -> Option<T> {
-        self.objects.remove(key)
+    pub(super) fn remove(&mut self, namespace: &str, name: &str) -> Option<T> {
+        remove(&mut self.objects, namespace, name)
     }
 
     pub(super) fn get(&self, namespace: &str, name: &str) -> Option<&T> {
-        // The key is a pair of owned strings: a lookup by borrowed parts needs them owned too,
-        // which costs two small allocations per lookup, negligible next to building a model.
-        self.objects.get(&(namespace.to_owned(), name.to_owned()))
+        self.objects.get(namespace)?.get(name)
     }
 
-    pub(super) fn iter(&self) -> hash_map::Iter<'_, ObjectKey, T> {
-        self.objects.iter()
+    /// Every object with its namespace and name, in no particular order.
+    pub(super) fn iter(&self) -> impl Iterator<Item = (&str, &str, &T)> {
+        self.objects.iter().flat_map(|(namespace, objects)| {
+            objects.iter().map(move |(name, object)| (namespace.as_str(), name.as_str(), object))
+        })
     }
 
     pub(super) fn len(&self) -> usize {
-        self.objects.len()
+        self.objects.values().map(HashMap::len).sum()
     }
+}
+
+fn put<T>(map: &mut Namespaces<T>, namespace: &str, name: String, object: Option<T>) -> Option<T> {
+    let Some(object) = object else { return remove(map, namespace, &name) };
+    if let Some(objects) = map.get_mut(namespace) {
+        return objects.insert(name, object);
+    }
+    map.insert(namespace.to_owned(), HashMap::from([(name, object)]));
+    None
+}
+
+fn remove<T>(map: &mut Namespaces<T>, namespace: &str, name: &str) -> Option<T> {
+    let objects = map.get_mut(namespace)?;
+    let removed = objects.remove(name);
+    if objects.is_empty() {
+        map.remove(namespace);
+    }
+    removed
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn key(name: &str) -> ObjectKey {
-        ("default".to_owned(), name.to_owned())
-    }
-
-    fn names(store: &Store<u32>) -> Vec<(String, u32)> {
-        let mut names: Vec<_> = store.iter().map(|((_, name), v)| (name.clone(), *v)).collect();
+    fn names(store: &Store<u32>) -> Vec<(String, String, u32)> {
+        let mut names: Vec<_> =
+            store.iter().map(|(ns, name, v)| (ns.to_owned(), name.to_owned(), *v)).collect();
         names.sort();
         names
+    }
+
+    fn entry(namespace: &str, name: &str, value: u32) -> (String, String, u32) {
+        (namespace.to_owned(), name.to_owned(), value)
     }
 
     #[test]
     fn a_list_shows_only_once_complete_and_replaces_everything() {
         let mut store = Store::default();
-        store.put(key("old"), Some(1));
+        store.put("default", "old".to_owned(), Some(1));
         store.start_list();
-        store.listed(key("a"), Some(2));
-        store.listed(key("b"), None);
-        assert_eq!(names(&store), [("old".to_owned(), 1)], "half a list is not shown");
+        store.listed("default", "a".to_owned(), Some(2));
+        store.listed("kube-system", "b".to_owned(), Some(3));
+        store.listed("default", "c".to_owned(), None);
+        assert_eq!(names(&store), [entry("default", "old", 1)], "half a list is not shown");
         store.finish_list();
-        assert_eq!(names(&store), [("a".to_owned(), 2)], "the list replaced the old objects");
+        assert_eq!(
+            names(&store),
+            [entry("default", "a", 2), entry("kube-system", "b", 3)],
+            "the list replaced the old objects"
+        );
+        assert_eq!(store.len(), 2);
     }
 
     #[test]
     fn watch_events_replace_and_remove_single_objects() {
         let mut store = Store::default();
-        assert_eq!(store.put(key("a"), Some(1)), None);
-        assert_eq!(store.put(key("a"), Some(2)), Some(1), "the replaced version");
-        assert_eq!(store.put(key("b"), Some(3)), None);
-        assert_eq!(store.put(key("b"), None), Some(3), "an object no longer kept goes");
-        assert_eq!(store.remove(&key("a")), Some(2));
+        assert_eq!(store.put("default", "a".to_owned(), Some(1)), None);
+        assert_eq!(store.put("default", "a".to_owned(), Some(2)), Some(1), "the replaced version");
+        assert_eq!(store.put("other", "a".to_owned(), Some(3)), None, "another namespace's a");
+        assert_eq!(store.put("other", "a".to_owned(), None), Some(3), "no longer kept: gone");
+        assert_eq!(store.get("default", "a"), Some(&2));
+        assert_eq!(store.remove("default", "a"), Some(2));
+        assert_eq!(store.remove("default", "a"), None);
         assert_eq!(store.len(), 0);
         assert_eq!(store.get("default", "a"), None);
     }
@@ -112,10 +134,10 @@ mod tests {
     fn a_restarted_list_drops_the_abandoned_one() {
         let mut store = Store::default();
         store.start_list();
-        store.listed(key("a"), Some(1));
+        store.listed("default", "a".to_owned(), Some(1));
         store.start_list();
-        store.listed(key("b"), Some(2));
+        store.listed("default", "b".to_owned(), Some(2));
         store.finish_list();
-        assert_eq!(names(&store), [("b".to_owned(), 2)]);
+        assert_eq!(names(&store), [entry("default", "b", 2)]);
     }
 }

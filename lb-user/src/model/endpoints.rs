@@ -243,14 +243,15 @@ fn slice_endpoint(
     endpoint: &ApiEndpoint,
     nodes: &mut NodeNames,
 ) -> Result<KeptEndpoint, NotUsed> {
-    // The API says consumers use the first address; the others are reserved.
-    let field = format!("endpoints[{index}].addresses");
+    // The API says consumers use the first address; the others are reserved. The field is
+    // named only on error: a big cluster has millions of endpoints.
+    let field = || format!("endpoints[{index}].addresses");
     let text = endpoint
         .addresses
         .first()
-        .ok_or_else(|| NotUsed::Malformed(format!("{field} is empty")))?;
+        .ok_or_else(|| NotUsed::Malformed(format!("{} is empty", field())))?;
     let Ok(IpAddr::V4(ip)) = text.parse() else {
-        return Err(NotUsed::Malformed(format!("{field}: {text:?} is not an IPv4 address")));
+        return Err(NotUsed::Malformed(format!("{}: {text:?} is not an IPv4 address", field())));
     };
     let conditions = endpoint.conditions.as_ref();
     let ready = conditions.and_then(|c| c.ready).unwrap_or(true);
