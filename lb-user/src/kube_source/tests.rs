@@ -355,3 +355,27 @@ async fn which_endpoints_are_local_is_decided_when_the_model_is_built() {
     assert_eq!(local(&node_a), ["10.244.1.5:191"]);
     assert_eq!(local(&node_b), ["10.244.2.5:191"]);
 }
+
+/// A re-list of slices replaces them whole, and the index of which slices each service has
+/// follows it: a slice missing from the new list no longer counts for its service.
+#[tokio::test(start_paused = true)]
+async fn a_slice_relist_replaces_the_slices_of_every_service() {
+    let mut h = Harness::start();
+    let mut watches = h.listed().await;
+    watches.services.added(service("api", "101")).await;
+    h.nudged("ADDED service").await;
+    watches.slices.added(slice("api-fghij", "api", "201")).await;
+    h.nudged("ADDED slice").await;
+    assert_eq!(h.slices(), ["api@201", "web@190"]);
+
+    watches.slices.gone().await;
+    let relist = h.server.next(Resource::Slices).await;
+    relist.assert_list(None);
+    // While we were away api-fghij went and web got a second slice.
+    let now = [slice("web-abcde", "web", "190"), slice("web-klmno", "web", "290")];
+    relist.answer_list("300", &now, None);
+    h.nudged("the re-list").await;
+    assert_eq!(h.source.take_changes(), Changes::Everything, "a re-list may change anything");
+    assert_eq!(h.slices(), ["web@190", "web@290"], "api lost its slice; web has both");
+    let _watch = h.server.watch(Resource::Slices, "300").await;
+}
