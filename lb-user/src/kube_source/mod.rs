@@ -167,10 +167,21 @@ impl KubeSource {
         lock(&self.objects).service_objects(service, node)
     }
 
-    /// Every service's part of the model for `node`, by name, as the source holds the objects
-    /// now (a full sync's input).
+    /// Every service's part of the model for `node`, by name (a full sync's input). One
+    /// service's objects are built at a time, so that the whole set never exists twice over,
+    /// each under the lock only briefly, so that the watchers are not held up for the whole
+    /// build. A service changed meanwhile is read as it is then; its change is also recorded
+    /// for the next sync, as with any change after [`KubeSource::take_changes`].
     pub fn service_models(&self, node: &NodeConfig) -> Vec<(ServiceName, ServiceModel)> {
-        lock(&self.objects).service_models(node)
+        let names = lock(&self.objects).service_names();
+        names
+            .into_iter()
+            .map(|name| {
+                let objects = lock(&self.objects).service_objects(&name, node);
+                let model = objects.model(&name);
+                (name, model)
+            })
+            .collect()
     }
 
     /// This node's Node, if it has been listed.

@@ -12,8 +12,8 @@ use super::{
 use crate::{
     config::NodeConfig,
     model::{
-        KeptService, KeptSlice, NodeNames, ServiceModel, ServiceName, ServiceObjects, keep_slice,
-        service_name, slice_service_name,
+        KeptService, KeptSlice, NodeNames, ServiceName, ServiceObjects, keep_slice, service_name,
+        slice_service_name,
     },
 };
 
@@ -137,11 +137,8 @@ impl Objects {
         objects
     }
 
-    /// Every service's part of the model for `node`, by name. One service's objects are
-    /// built at a time, so that the whole set never exists twice over. The watchers wait for
-    /// the lock meanwhile (about a second at 100k services): their events are applied late,
-    /// not lost.
-    pub(super) fn service_models(&self, node: &NodeConfig) -> Vec<(ServiceName, ServiceModel)> {
+    /// Every service with a Service or a slice, sorted.
+    pub(super) fn service_names(&self) -> Vec<ServiceName> {
         let mut names: Vec<ServiceName> = self
             .services
             .iter()
@@ -151,12 +148,6 @@ impl Objects {
         names.sort_unstable();
         names.dedup();
         names
-            .into_iter()
-            .map(|name| {
-                let model = self.service_objects(&name, node).model(&name);
-                (name, model)
-            })
-            .collect()
     }
 
     /// `slice` in the form kept, with its service; `None` for a slice of no service.
