@@ -54,7 +54,7 @@ pub fn service_name(service: &Service) -> ServiceName {
 
 impl ServiceObjects {
     pub fn add_service(&mut self, service: &Service) {
-        self.add_kept_service(&KeptService::new(service));
+        self.services.push(KeptService::new(service).0);
     }
 
     pub fn add_kept_service(&mut self, service: &KeptService) {
@@ -76,14 +76,6 @@ impl ServiceObjects {
     ) {
         if let Some((service, object)) = slice_object(slice, node) {
             by_service.entry(service).or_default().slices.push(object);
-        }
-    }
-
-    /// Adds `slice`, which the caller knows to belong to this service; a slice of no service
-    /// is left out.
-    pub fn add_slice(&mut self, slice: &EndpointSlice, node: &NodeConfig) {
-        if let Some((_, object)) = slice_object(slice, node) {
-            self.slices.push(object);
         }
     }
 
