@@ -254,12 +254,7 @@ impl Objects {
                     services.iter().map(|(name, objects)| ((*name).clone(), objects.model(name)));
                 plane.sync_all(parts, node, maps)
             }
-            Self::Kubernetes(source) => {
-                let services = source.objects_by_service(node);
-                let parts =
-                    services.iter().map(|(name, objects)| (name.clone(), objects.model(name)));
-                plane.sync_all(parts, node, maps)
-            }
+            Self::Kubernetes(source) => plane.sync_all(source.service_models(node), node, maps),
         }
     }
 

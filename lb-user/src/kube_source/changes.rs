@@ -1,16 +1,11 @@
 //! Which services the watch events touched since the daemon last looked, and which slices each
-//! service has (a reflector store has no index by label). A watch event names its object, so a
-//! change costs a rebuild of its service only; a completed (re-)list may have changed anything.
+//! service has (the slice store is keyed by slice, not by service). A watch event names its
+//! object, so a change costs a rebuild of its service only; a completed (re-)list may have
+//! changed anything.
 
 use std::collections::{BTreeSet, HashMap};
 
-use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
-use kube::{
-    ResourceExt as _,
-    runtime::{reflector::Store, watcher},
-};
-
-use crate::model::{ServiceName, service_name, slice_service_name};
+use crate::model::ServiceName;
 
 /// The services to rebuild.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -24,68 +19,61 @@ pub enum Changes {
 pub(super) struct ChangeLog {
     everything: bool,
     services: BTreeSet<ServiceName>,
-    /// (namespace, slice name) to the service it belongs to.
-    slice_owners: HashMap<(String, String), ServiceName>,
-    /// A service's slices, by name.
+    /// A service's slices, by name (they share its namespace).
     slices: HashMap<ServiceName, BTreeSet<String>>,
 }
 
 impl Default for ChangeLog {
     fn default() -> Self {
         // Before the first look, everything is new.
-        Self {
-            everything: true,
-            services: BTreeSet::new(),
-            slice_owners: HashMap::new(),
-            slices: HashMap::new(),
-        }
+        Self { everything: true, services: BTreeSet::new(), slices: HashMap::new() }
     }
 }
 
 impl ChangeLog {
-    pub(super) fn on_service(&mut self, event: &watcher::Event<Service>) {
-        match event {
-            watcher::Event::Apply(service) | watcher::Event::Delete(service) => {
-                self.services.insert(service_name(service));
+    /// A watch event changed `service`'s Service or one of its slices.
+    pub(super) fn service_changed(&mut self, service: ServiceName) {
+        self.services.insert(service);
+    }
+
+    /// A list completed.
+    pub(super) fn relisted(&mut self) {
+        self.everything = true;
+    }
+
+    /// Slice `name` belonged to `before` and now to `after` (`None`: to no service, or it is
+    /// gone); both services changed.
+    pub(super) fn slice_moved(
+        &mut self,
+        name: &str,
+        before: Option<&ServiceName>,
+        after: Option<&ServiceName>,
+    ) {
+        if let Some(before) = before {
+            if let Some(names) = self.slices.get_mut(before) {
+                names.remove(name);
+                if names.is_empty() {
+                    self.slices.remove(before);
+                }
             }
-            watcher::Event::InitDone => self.everything = true,
-            watcher::Event::Init | watcher::Event::InitApply(_) => {}
+            self.services.insert(before.clone());
+        }
+        if let Some(after) = after {
+            self.slices.entry(after.clone()).or_default().insert(name.to_owned());
+            self.services.insert(after.clone());
         }
     }
 
-    /// `store` has applied `event` already.
-    pub(super) fn on_slice(
+    /// A list of slices completed: `owners` gives each slice's name and service.
+    pub(super) fn slices_relisted<'a>(
         &mut self,
-        event: &watcher::Event<EndpointSlice>,
-        store: &Store<EndpointSlice>,
+        owners: impl Iterator<Item = (&'a str, &'a ServiceName)>,
     ) {
-        match event {
-            watcher::Event::Apply(slice) => {
-                // A slice relabelled to another service changes both.
-                self.forget(slice);
-                if let Some(owner) = owner(slice) {
-                    self.slices.entry(owner.clone()).or_default().insert(slice.name_any());
-                    self.slice_owners.insert(slice_key(slice), owner.clone());
-                    self.services.insert(owner);
-                }
-            }
-            watcher::Event::Delete(slice) => {
-                self.forget(slice);
-                self.services.extend(owner(slice));
-            }
-            watcher::Event::InitDone => {
-                self.slice_owners.clear();
-                self.slices.clear();
-                for slice in store.state() {
-                    if let Some(owner) = owner(&slice) {
-                        self.slices.entry(owner.clone()).or_default().insert(slice.name_any());
-                        self.slice_owners.insert(slice_key(&slice), owner);
-                    }
-                }
-                self.everything = true;
-            }
-            watcher::Event::Init | watcher::Event::InitApply(_) => {}
+        self.slices.clear();
+        for (name, service) in owners {
+            self.slices.entry(service.clone()).or_default().insert(name.to_owned());
         }
+        self.everything = true;
     }
 
     /// What changed since the last call.
@@ -99,27 +87,7 @@ impl ChangeLog {
     }
 
     /// The names of `service`'s slices.
-    pub(super) fn slices_of(&self, service: &ServiceName) -> Vec<String> {
-        self.slices.get(service).into_iter().flatten().cloned().collect()
+    pub(super) fn slices_of(&self, service: &ServiceName) -> impl Iterator<Item = &str> {
+        self.slices.get(service).into_iter().flatten().map(String::as_str)
     }
-
-    /// Drops `slice` from the index, marking the service it belonged to as changed.
-    fn forget(&mut self, slice: &EndpointSlice) {
-        let Some(previous) = self.slice_owners.remove(&slice_key(slice)) else { return };
-        if let Some(names) = self.slices.get_mut(&previous) {
-            names.remove(&slice.name_any());
-            if names.is_empty() {
-                self.slices.remove(&previous);
-            }
-        }
-        self.services.insert(previous);
-    }
-}
-
-fn slice_key(slice: &EndpointSlice) -> (String, String) {
-    (slice.namespace().unwrap_or_default(), slice.name_any())
-}
-
-fn owner(slice: &EndpointSlice) -> Option<ServiceName> {
-    slice_service_name(slice)
 }

@@ -1,5 +1,7 @@
 //! The Kubernetes source of the desired model: kube-rs watchers of Services, EndpointSlices and
-//! this node's Node, each feeding a reflector store that the daemon reads a [`Snapshot`] from.
+//! this node's Node. Services and slices are kept in the compact normalised form the model is
+//! built from (a store of full API objects took several times the memory); the Node, one
+//! object, in a reflector store.
 //!
 //! The stores follow kube-rs's list-then-watch semantics: a list (the first one, or a re-list
 //! after the watch fell out of the API server's window with 410 Gone) is buffered and swapped in
@@ -11,6 +13,8 @@
 mod changes;
 mod client;
 mod node;
+mod state;
+mod store;
 
 #[cfg(any(test, feature = "scripted-api-server"))]
 pub mod api_server;
@@ -18,18 +22,14 @@ pub mod api_server;
 mod tests;
 
 use std::{
-    collections::BTreeMap,
     path::PathBuf,
     sync::{Arc, Mutex, MutexGuard, PoisonError},
 };
 
 use futures::StreamExt as _;
-use k8s_openapi::api::{
-    core::v1::{Node, Service},
-    discovery::v1::EndpointSlice,
-};
+use k8s_openapi::api::core::v1::Node;
 use kube::{
-    Api, Client, ResourceExt as _,
+    Api, Client,
     config::{InferConfigError, KubeconfigError},
     runtime::{
         WatchStreamExt as _,
@@ -38,14 +38,17 @@ use kube::{
     },
 };
 use serde::de::DeserializeOwned;
-use tokio::{sync::mpsc, task::JoinSet};
+use tokio::{
+    sync::{mpsc, watch},
+    task::JoinSet,
+};
 use tracing::{debug, info, warn};
 
-use self::changes::ChangeLog;
+use self::state::{Applied, Objects};
 pub use self::{changes::Changes, client::client, node::node_ipv4_addresses};
 use crate::{
     config::NodeConfig,
-    model::{ServiceName, ServiceObjects, service_name},
+    model::{ServiceModel, ServiceName, ServiceObjects},
 };
 
 /// Services that name another proxy in this label are that proxy's to serve, not ours; kube-proxy
@@ -84,69 +87,59 @@ pub enum Error {
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
-/// The objects the model is built from, as the stores hold them now.
-#[derive(Debug, Clone, Default)]
-pub struct Snapshot {
-    /// Sorted by namespace and name.
-    pub services: Vec<Service>,
-    /// Sorted by namespace and name.
-    pub slices: Vec<EndpointSlice>,
-    /// This node; `None` until its list completes, and if the API server has no Node of this name.
-    pub node: Option<Node>,
-}
-
-/// Watches v1 Services and discovery.k8s.io/v1 EndpointSlices in all namespaces, and this node's
-/// Node object, into reflector stores. Dropping it stops the watchers.
+/// Watches v1 Services and discovery.k8s.io/v1 EndpointSlices in all namespaces into compact
+/// normalised objects, and this node's Node object into a reflector store. Dropping it stops the
+/// watchers.
 pub struct KubeSource {
-    services: Store<Service>,
-    slices: Store<EndpointSlice>,
+    objects: Arc<Mutex<Objects>>,
+    /// Whether the first list of Services, of EndpointSlices, completed.
+    services_listed: watch::Receiver<bool>,
+    slices_listed: watch::Receiver<bool>,
     node: Store<Node>,
     node_name: String,
-    changes: Arc<Mutex<ChangeLog>>,
     /// The watcher tasks; a `JoinSet` aborts them when dropped.
     _watchers: JoinSet<()>,
 }
 
 impl KubeSource {
-    /// Starts the watchers on `client` (on the current Tokio runtime). Every change to a store
-    /// sends `()` on `nudge`; when the channel is full a nudge is already pending and the new one
-    /// is dropped.
+    /// Starts the watchers on `client` (on the current Tokio runtime). Every change to the
+    /// objects sends `()` on `nudge`; when the channel is full a nudge is already pending and the
+    /// new one is dropped.
     ///
     /// Services carrying `service.kubernetes.io/service-proxy-name` are not watched (see
     /// [`SERVICE_LABEL_SELECTOR`]), nor are slices outside [`SLICE_LABEL_SELECTOR`]; the Node
     /// watch selects `metadata.name=<node_name>`.
     pub fn start(client: Client, node_name: &str, nudge: mpsc::Sender<()>) -> Self {
         let mut watchers = JoinSet::new();
-        let changes = Arc::new(Mutex::new(ChangeLog::default()));
-        let log = Arc::clone(&changes);
-        let services = spawn_reflector(
+        let objects = Arc::new(Mutex::new(Objects::default()));
+        let held = Arc::clone(&objects);
+        let services_listed = spawn_watcher(
             &mut watchers,
             Api::all(client.clone()),
             watcher::Config::default().labels(SERVICE_LABEL_SELECTOR),
             nudge.clone(),
-            move |event, _| lock(&log).on_service(event),
+            move |event| lock(&held).on_service(event),
         );
-        let log = Arc::clone(&changes);
-        let slices = spawn_reflector(
+        let held = Arc::clone(&objects);
+        let slices_listed = spawn_watcher(
             &mut watchers,
             Api::all(client.clone()),
             watcher::Config::default().labels(SLICE_LABEL_SELECTOR),
             nudge.clone(),
-            move |event, store| lock(&log).on_slice(event, store),
+            move |event| lock(&held).on_slice(event),
         );
         let node = spawn_reflector(
             &mut watchers,
             Api::all(client),
             watcher::Config::default().fields(&format!("metadata.name={node_name}")),
             nudge,
-            |_, _| {},
         );
         Self {
-            services,
-            slices,
+            objects,
+            services_listed,
+            slices_listed,
             node,
             node_name: node_name.to_owned(),
-            changes,
             _watchers: watchers,
         }
     }
@@ -157,118 +150,127 @@ impl KubeSource {
     /// ones, and a wrong node name must not stop the node from serving.
     pub async fn ready(&self) -> Result<()> {
         let (services, slices) =
-            tokio::join!(self.services.wait_until_ready(), self.slices.wait_until_ready());
-        services.map_err(|_| Error::WatcherStopped { kind: "Service" })?;
-        slices.map_err(|_| Error::WatcherStopped { kind: "EndpointSlice" })
+            tokio::join!(listed(&self.services_listed), listed(&self.slices_listed));
+        services.map_err(|()| Error::WatcherStopped { kind: "Service" })?;
+        slices.map_err(|()| Error::WatcherStopped { kind: "EndpointSlice" })
     }
 
     /// The services whose objects changed since the last call (all of them the first time).
     /// Take the changes before reading the objects: a change in between is then seen twice,
     /// never missed.
     pub fn take_changes(&self) -> Changes {
-        lock(&self.changes).take()
+        lock(&self.objects).take_changes()
     }
 
-    /// The objects of one service as the stores hold them now, normalised for `node`.
+    /// The objects of one service as the source holds them now, normalised for `node`.
     pub fn service_objects(&self, service: &ServiceName, node: &NodeConfig) -> ServiceObjects {
-        let mut objects = ServiceObjects::default();
-        let reference = ObjectRef::new(&service.name).within(&service.namespace);
-        if let Some(object) = self.services.get(&reference) {
-            objects.add_service(&object);
-        }
-        for slice in lock(&self.changes).slices_of(service) {
-            if let Some(object) =
-                self.slices.get(&ObjectRef::new(&slice).within(&service.namespace))
-            {
-                objects.add_slice(&object, node);
-            }
-        }
-        objects
+        lock(&self.objects).service_objects(service, node)
     }
 
-    /// The objects of every service as the stores hold them now, normalised for `node`,
-    /// without copying the API objects (a full sync's input).
-    pub fn objects_by_service(&self, node: &NodeConfig) -> BTreeMap<ServiceName, ServiceObjects> {
-        let mut by_service: BTreeMap<ServiceName, ServiceObjects> = BTreeMap::new();
-        for service in self.services.state() {
-            by_service.entry(service_name(&service)).or_default().add_service(&service);
-        }
-        for slice in self.slices.state() {
-            ServiceObjects::add_slice_to(&mut by_service, &slice, node);
-        }
-        by_service
+    /// Every service's part of the model for `node`, by name (a full sync's input). One
+    /// service's objects are built at a time, so that the whole set never exists twice over,
+    /// each under the lock only briefly, so that the watchers are not held up for the whole
+    /// build. A service changed meanwhile is read as it is then; its change is also recorded
+    /// for the next sync, as with any change after [`KubeSource::take_changes`].
+    pub fn service_models(&self, node: &NodeConfig) -> Vec<(ServiceName, ServiceModel)> {
+        let names = lock(&self.objects).service_names();
+        names
+            .into_iter()
+            .map(|name| {
+                let objects = lock(&self.objects).service_objects(&name, node);
+                let model = objects.model(&name);
+                (name, model)
+            })
+            .collect()
     }
 
     /// This node's Node, if it has been listed.
     pub fn node(&self) -> Option<Node> {
         self.node.get(&ObjectRef::new(&self.node_name)).map(|node| (*node).clone())
     }
-
-    /// Clones of the stores' objects, and this node's Node if it has been listed.
-    pub fn snapshot(&self) -> Snapshot {
-        Snapshot {
-            services: sorted_clones(&self.services),
-            slices: sorted_clones(&self.slices),
-            node: self.node.get(&ObjectRef::new(&self.node_name)).map(|node| (*node).clone()),
-        }
-    }
 }
 
-/// Runs a watcher of `api` into a new store; returns the store.
+/// Waits for the first complete list; `Err` if the watcher stopped before.
+async fn listed(listed: &watch::Receiver<bool>) -> std::result::Result<(), ()> {
+    listed.clone().wait_for(|listed| *listed).await.map(|_| ()).map_err(|_| ())
+}
+
+/// Runs a watcher of `api` whose events `apply` records; returns whether its first list
+/// completed.
+fn spawn_watcher<K>(
+    watchers: &mut JoinSet<()>,
+    api: Api<K>,
+    config: watcher::Config,
+    nudge: mpsc::Sender<()>,
+    mut apply: impl FnMut(watcher::Event<K>) -> Applied + Send + 'static,
+) -> watch::Receiver<bool>
+where
+    K: kube::Resource<DynamicType = ()> + k8s_openapi::Resource,
+    K: Clone + std::fmt::Debug + DeserializeOwned + Send + Sync + 'static,
+{
+    let (listed, receiver) = watch::channel(false);
+    // The default backoff (exponential from 0.8 s to 30 s, reset after 2 minutes without errors)
+    // keeps a restarting API server from being hammered by every node at once.
+    let events = watcher(api, config).default_backoff();
+    watchers.spawn(events.for_each(move |event| {
+        match event {
+            // Recorded before the nudge, so that the sync it wakes sees the change.
+            Ok(event) => match apply(event) {
+                Applied::Buffered => {}
+                Applied::Changed => nudge_daemon(&nudge),
+                Applied::Listed { objects } => {
+                    debug!(kind = K::KIND, objects, "list complete; store replaced");
+                    listed.send_replace(true);
+                    nudge_daemon(&nudge);
+                }
+            },
+            Err(error) => log_watch_error(K::KIND, &error),
+        }
+        std::future::ready(())
+    }));
+    receiver
+}
+
+/// Runs a watcher of `api` into a new reflector store; returns the store.
 fn spawn_reflector<K>(
     watchers: &mut JoinSet<()>,
     api: Api<K>,
     config: watcher::Config,
     nudge: mpsc::Sender<()>,
-    record: impl Fn(&watcher::Event<K>, &Store<K>) + Send + 'static,
 ) -> Store<K>
 where
     K: kube::Resource<DynamicType = ()> + k8s_openapi::Resource,
     K: Clone + std::fmt::Debug + DeserializeOwned + Send + Sync + 'static,
 {
     let (store, writer) = reflector::store();
-    // The default backoff (exponential from 0.8 s to 30 s, reset after 2 minutes without errors)
-    // keeps a restarting API server from being hammered by every node at once.
     let events = watcher(api, config).default_backoff().reflect(writer);
-    let reader = store.clone();
     watchers.spawn(events.for_each(move |event| {
-        // Recorded before the nudge, so that the sync it wakes sees the change.
-        if let Ok(event) = &event {
-            record(event, &reader);
+        // The reflector has applied the event by the time it reaches here; a list in progress
+        // is buffered by the reflector and has not changed the store yet.
+        match event {
+            Ok(watcher::Event::Apply(_) | watcher::Event::Delete(_) | watcher::Event::InitDone) => {
+                nudge_daemon(&nudge);
+            }
+            Ok(watcher::Event::Init | watcher::Event::InitApply(_)) => {}
+            Err(error) => log_watch_error(K::KIND, &error),
         }
-        on_event(K::KIND, event.as_ref(), &reader, &nudge);
         std::future::ready(())
     }));
     store
 }
 
-/// Nudges the daemon after every event that changed the store (the reflector has applied it by
-/// the time it reaches here), and logs watch errors.
-fn on_event<K: kube::Resource<DynamicType = ()> + Clone>(
-    kind: &'static str,
-    event: std::result::Result<&watcher::Event<K>, &watcher::Error>,
-    store: &Store<K>,
-    nudge: &mpsc::Sender<()>,
-) {
-    match event {
-        Ok(watcher::Event::Apply(_) | watcher::Event::Delete(_)) => {
-            // Full: a nudge is pending and covers this change. Closed: the daemon is stopping.
-            let _ = nudge.try_send(());
-        }
-        Ok(watcher::Event::InitDone) => {
-            debug!(kind, objects = store.len(), "list complete; store replaced");
-            let _ = nudge.try_send(());
-        }
-        // A list in progress is buffered by the reflector: the store has not changed yet.
-        Ok(watcher::Event::Init | watcher::Event::InitApply(_)) => {}
-        Err(error) if is_gone(error) => {
-            // Routine after a long quiet spell or an API server restart: the watch window moved
-            // past our resourceVersion. The watcher re-lists; the store changes when it completes.
-            info!(kind, %error, "watch expired; re-listing, keeping the last known objects");
-        }
-        Err(error) => {
-            warn!(kind, %error, "watch failed; retrying with backoff, keeping the last known objects");
-        }
+fn nudge_daemon(nudge: &mpsc::Sender<()>) {
+    // Full: a nudge is pending and covers this change. Closed: the daemon is stopping.
+    let _ = nudge.try_send(());
+}
+
+fn log_watch_error(kind: &'static str, error: &watcher::Error) {
+    if is_gone(error) {
+        // Routine after a long quiet spell or an API server restart: the watch window moved
+        // past our resourceVersion. The watcher re-lists; the store changes when it completes.
+        info!(kind, %error, "watch expired; re-listing, keeping the last known objects");
+    } else {
+        warn!(kind, %error, "watch failed; retrying with backoff, keeping the last known objects");
     }
 }
 
@@ -277,14 +279,8 @@ fn is_gone(error: &watcher::Error) -> bool {
     matches!(error, watcher::Error::WatchError(status) if status.code == 410)
 }
 
-fn sorted_clones<K: kube::Resource<DynamicType = ()> + Clone>(store: &Store<K>) -> Vec<K> {
-    let mut objects: Vec<K> = store.state().iter().map(|object| (**object).clone()).collect();
-    objects.sort_by_cached_key(|object| (object.namespace(), object.name_any()));
-    objects
-}
-
-/// The change log's lock. A watcher that panicked holding it left at worst one event half
-/// recorded, which the periodic full resync repairs; stopping every later sync would not.
-fn lock(changes: &Mutex<ChangeLog>) -> MutexGuard<'_, ChangeLog> {
-    changes.lock().unwrap_or_else(PoisonError::into_inner)
+/// The objects' lock. A watcher that panicked holding it left at worst one event half recorded,
+/// which the periodic full resync repairs; stopping every later sync would not.
+fn lock(objects: &Mutex<Objects>) -> MutexGuard<'_, Objects> {
+    objects.lock().unwrap_or_else(PoisonError::into_inner)
 }

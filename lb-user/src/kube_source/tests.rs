@@ -6,7 +6,6 @@ use std::{collections::BTreeSet, net::Ipv4Addr};
 
 use futures::FutureExt as _;
 use http::StatusCode;
-use kube::ResourceExt;
 use serde_json::{Value, json};
 use tokio::sync::mpsc::{self, error::TryRecvError};
 
@@ -17,16 +16,21 @@ use super::{
 };
 use crate::{config::NodeConfig, model::ServiceName};
 
+/// The source keeps no resourceVersions: the version also numbers the service's port, so that
+/// the tests can tell which version the source holds.
 fn service(name: &str, resource_version: &str) -> Value {
+    let port = port(resource_version);
     json!({
         "apiVersion": "v1",
         "kind": "Service",
         "metadata": { "name": name, "namespace": "default", "resourceVersion": resource_version },
-        "spec": { "type": "ClusterIP", "clusterIP": "10.96.0.10", "ports": [{ "port": 80 }] },
+        "spec": { "type": "ClusterIP", "clusterIP": "10.96.0.10", "ports": [{ "port": port }] },
     })
 }
 
+/// The version also numbers the slice's port, that its endpoints take.
 fn slice(name: &str, service: &str, resource_version: &str) -> Value {
+    let port = port(resource_version);
     json!({
         "apiVersion": "discovery.k8s.io/v1",
         "kind": "EndpointSlice",
@@ -38,7 +42,7 @@ fn slice(name: &str, service: &str, resource_version: &str) -> Value {
         },
         "addressType": "IPv4",
         "endpoints": [{ "addresses": ["10.244.1.5"], "conditions": { "ready": true } }],
-        "ports": [{ "port": 8080 }],
+        "ports": [{ "port": port }],
     })
 }
 
@@ -51,12 +55,35 @@ fn node(resource_version: &str, internal_ip: &str) -> Value {
     })
 }
 
-/// `name@resourceVersion` of each object, in the snapshot's order.
-fn versions<K: ResourceExt>(objects: &[K]) -> Vec<String> {
-    objects
+fn port(resource_version: &str) -> u16 {
+    resource_version.parse().expect("a resourceVersion that is a port number")
+}
+
+fn node_config() -> NodeConfig {
+    NodeConfig::from_yaml_str(
+        "nodeName: node-a\nnodeIPs: [192.168.1.63]\nclusterCIDR: 10.244.0.0/16\nserviceCIDR: 10.96.0.0/12",
+    )
+    .expect("node configuration")
+}
+
+/// `name@resourceVersion` of each Service the source holds, by name.
+fn services(source: &KubeSource) -> Vec<String> {
+    let models = source.service_models(&node_config());
+    models
         .iter()
-        .map(|o| format!("{}@{}", o.name_any(), o.resource_version().unwrap_or_default()))
+        .filter_map(|(name, model)| Some(format!("{}@{}", name.name, model.ports.first()?.port)))
         .collect()
+}
+
+/// `service@resourceVersion` of the slices the source holds, seen through the endpoints of
+/// their service's port, by service name.
+fn slices(source: &KubeSource) -> Vec<String> {
+    let models = source.service_models(&node_config());
+    let endpoints = models.iter().flat_map(|(name, model)| {
+        let ports = model.ports.iter().flat_map(|port| &port.endpoints);
+        ports.map(|endpoint| format!("{}@{}", name.name, endpoint.port))
+    });
+    endpoints.collect()
 }
 
 /// A source started on a scripted server.
@@ -110,15 +137,19 @@ impl Harness {
     }
 
     fn services(&self) -> Vec<String> {
-        versions(&self.source.snapshot().services)
+        services(&self.source)
+    }
+
+    fn slices(&self) -> Vec<String> {
+        slices(&self.source)
     }
 }
 
 #[tokio::test(start_paused = true)]
 async fn initial_list_makes_the_source_ready_with_the_listed_objects() {
     let Harness { source, mut server, mut nudges } = Harness::start();
-    let services = [service("web", "90"), service("dns", "95")];
-    server.list(Resource::Services, "100", &services).await;
+    let listed = [service("web", "90"), service("dns", "95")];
+    server.list(Resource::Services, "100", &listed).await;
     // Each watch follows its completed list: once it arrives, that store is filled.
     let _services = server.watch(Resource::Services, "100").await;
     assert!(
@@ -134,10 +165,9 @@ async fn initial_list_makes_the_source_ready_with_the_listed_objects() {
     let _slices = server.watch(Resource::Slices, "200").await;
     let _node = server.watch(Resource::Node, "300").await;
 
-    let snapshot = source.snapshot();
-    assert_eq!(versions(&snapshot.services), ["dns@95", "web@90"], "sorted by name");
-    assert_eq!(versions(&snapshot.slices), ["web-abcde@190"]);
-    let node = snapshot.node.expect("the node is listed");
+    assert_eq!(services(&source), ["dns@95", "web@90"], "sorted by name");
+    assert_eq!(slices(&source), ["web@190"]);
+    let node = source.node().expect("the node is listed");
     assert_eq!(node_ipv4_addresses(&node), [Ipv4Addr::new(192, 168, 1, 63)]);
     let mut lists = 0;
     while nudges.try_recv().is_ok() {
@@ -147,7 +177,7 @@ async fn initial_list_makes_the_source_ready_with_the_listed_objects() {
 }
 
 #[tokio::test(start_paused = true)]
-async fn watch_events_change_the_snapshot_and_nudge() {
+async fn watch_events_change_the_objects_and_nudge() {
     let mut h = Harness::start();
     let mut watches = h.listed().await;
 
@@ -165,11 +195,11 @@ async fn watch_events_change_the_snapshot_and_nudge() {
 
     watches.slices.added(slice("api-fghij", "api", "201")).await;
     h.nudged("ADDED slice").await;
-    assert_eq!(versions(&h.source.snapshot().slices), ["api-fghij@201", "web-abcde@190"]);
+    assert_eq!(h.slices(), ["api@201", "web@190"]);
 
     watches.node.modified(node("301", "192.168.1.64")).await;
     h.nudged("MODIFIED node").await;
-    let node = h.source.snapshot().node.expect("the node is still there");
+    let node = h.source.node().expect("the node is still there");
     assert_eq!(node_ipv4_addresses(&node), [Ipv4Addr::new(192, 168, 1, 64)], "re-addressed node");
     h.assert_not_nudged("nothing: one nudge per event");
 }
@@ -210,7 +240,7 @@ async fn gone_relists_and_swaps_the_store_only_when_the_list_completes() {
     h.nudged("the re-list").await;
     assert_eq!(h.services(), ["api@460", "web@450"], "the new list replaced the old one whole");
     let _watch = h.server.watch(Resource::Services, "500").await;
-    assert_eq!(versions(&h.source.snapshot().slices), ["web-abcde@190"], "other stores untouched");
+    assert_eq!(h.slices(), ["web@190"], "other stores untouched");
 }
 
 #[tokio::test(start_paused = true)]
@@ -268,10 +298,7 @@ async fn watch_events_name_the_services_they_change() {
     let mut watches = h.listed().await;
     assert_eq!(h.source.take_changes(), Changes::Everything, "the first lists change anything");
     assert_eq!(h.source.take_changes(), Changes::Services(BTreeSet::new()), "taken");
-    let node = NodeConfig::from_yaml_str(
-        "nodeName: node-a\nnodeIPs: [192.168.1.63]\nclusterCIDR: 10.244.0.0/16\nserviceCIDR: 10.96.0.0/12",
-    )
-    .expect("node configuration");
+    let node = node_config();
 
     watches.slices.added(slice("api-fghij", "api", "201")).await;
     h.nudged("ADDED slice").await;
@@ -282,7 +309,7 @@ async fn watch_events_name_the_services_they_change() {
     let model = h.source.service_objects(&api, &node).model(&api);
     let endpoints: Vec<String> =
         model.ports.iter().flat_map(|p| &p.endpoints).map(ToString::to_string).collect();
-    assert_eq!(endpoints, ["10.244.1.5:8080"], "the service with its slice");
+    assert_eq!(endpoints, ["10.244.1.5:201"], "the service with its slice");
 
     // A slice moved to another service changes both; a deleted one its last owner.
     watches.slices.modified(slice("api-fghij", "web", "202")).await;
@@ -301,4 +328,54 @@ async fn watch_events_name_the_services_they_change() {
 
 fn names(services: &[&str]) -> BTreeSet<ServiceName> {
     services.iter().map(|name| ServiceName::new("default", *name)).collect()
+}
+
+/// The source keeps each endpoint's node name, not whether it is local: a model built for
+/// another node configuration (the Node renamed, say) sees the endpoints from that node.
+#[tokio::test(start_paused = true)]
+async fn which_endpoints_are_local_is_decided_when_the_model_is_built() {
+    let mut h = Harness::start();
+    let mut watches = h.listed().await;
+    let mut two_nodes = slice("web-abcde", "web", "191");
+    two_nodes["endpoints"] = json!([
+        { "addresses": ["10.244.1.5"], "nodeName": "node-a" },
+        { "addresses": ["10.244.2.5"], "nodeName": "node-b" },
+    ]);
+    watches.slices.modified(two_nodes).await;
+    h.nudged("MODIFIED slice").await;
+
+    let web = ServiceName::new("default", "web");
+    let local = |node: &NodeConfig| -> Vec<String> {
+        let model = h.source.service_objects(&web, node).model(&web);
+        let endpoints = model.ports.iter().flat_map(|p| &p.endpoints);
+        endpoints.filter(|e| e.node_local).map(ToString::to_string).collect()
+    };
+    let node_a = node_config();
+    let node_b = NodeConfig { node_name: "node-b".to_owned(), ..node_config() };
+    assert_eq!(local(&node_a), ["10.244.1.5:191"]);
+    assert_eq!(local(&node_b), ["10.244.2.5:191"]);
+}
+
+/// A re-list of slices replaces them whole, and the index of which slices each service has
+/// follows it: a slice missing from the new list no longer counts for its service.
+#[tokio::test(start_paused = true)]
+async fn a_slice_relist_replaces_the_slices_of_every_service() {
+    let mut h = Harness::start();
+    let mut watches = h.listed().await;
+    watches.services.added(service("api", "101")).await;
+    h.nudged("ADDED service").await;
+    watches.slices.added(slice("api-fghij", "api", "201")).await;
+    h.nudged("ADDED slice").await;
+    assert_eq!(h.slices(), ["api@201", "web@190"]);
+
+    watches.slices.gone().await;
+    let relist = h.server.next(Resource::Slices).await;
+    relist.assert_list(None);
+    // While we were away api-fghij went and web got a second slice.
+    let now = [slice("web-abcde", "web", "190"), slice("web-klmno", "web", "290")];
+    relist.answer_list("300", &now, None);
+    h.nudged("the re-list").await;
+    assert_eq!(h.source.take_changes(), Changes::Everything, "a re-list may change anything");
+    assert_eq!(h.slices(), ["web@190", "web@290"], "api lost its slice; web has both");
+    let _watch = h.server.watch(Resource::Slices, "300").await;
 }

@@ -5,10 +5,15 @@
 //! namespace. A service port takes its endpoints' port from the slice port with the same name
 //! and protocol: that is how a named targetPort, resolved per pod by the EndpointSlice
 //! controller, reaches us.
+//!
+//! Normalising happens in two steps: [`keep_slice`] extracts what the model needs without
+//! looking at the node (what a long-lived source stores), and [`KeptSlice::resolve`] decides
+//! which endpoints are local once the node configuration is known, at model time.
 
 use std::{
-    collections::{BTreeMap, btree_map::Entry},
+    collections::{BTreeMap, HashSet, btree_map::Entry},
     net::{IpAddr, Ipv4Addr},
+    sync::Arc,
 };
 
 use k8s_openapi::api::discovery::v1::{Endpoint as ApiEndpoint, EndpointSlice};
@@ -38,6 +43,46 @@ pub(super) struct Slice {
     endpoints: Vec<Endpoint>,
 }
 
+/// One EndpointSlice normalised without the node configuration: the compact form a source
+/// keeps instead of the API object. Which endpoints are local is decided by
+/// [`KeptSlice::resolve`], against the node configuration a model is built with.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeptSlice(Kept);
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Kept {
+    Used { name: String, ports: Vec<SlicePort>, endpoints: Vec<KeptEndpoint> },
+    NotIpv4,
+    Malformed(Skipped),
+}
+
+/// An endpoint with its node's name instead of whether that node is this one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct KeptEndpoint {
+    ip: Ipv4Addr,
+    /// Shared through [`NodeNames`]: a cluster has far fewer nodes than endpoints.
+    node_name: Option<Arc<str>>,
+    ready: bool,
+    serving: bool,
+    terminating: bool,
+}
+
+/// The node names endpoints run on, each stored once. Names are never dropped: a cluster has
+/// few nodes, and a name outlives its last endpoint only until the next pod lands there.
+#[derive(Debug, Default)]
+pub struct NodeNames(HashSet<Arc<str>>);
+
+impl NodeNames {
+    fn intern(&mut self, name: &str) -> Arc<str> {
+        if let Some(known) = self.0.get(name) {
+            return Arc::clone(known);
+        }
+        let name: Arc<str> = Arc::from(name);
+        self.0.insert(Arc::clone(&name));
+        name
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct SlicePort {
     name: String,
@@ -59,17 +104,55 @@ pub(super) fn slice_object(
     slice: &EndpointSlice,
     node: &NodeConfig,
 ) -> Option<(ServiceName, SliceObject)> {
+    let (service, kept) = keep_slice(slice, &mut NodeNames::default())?;
+    Some((service, kept.resolve(node)))
+}
+
+/// The service `slice` belongs to and its node-independent normalised form; `None` for a slice
+/// of no service.
+pub fn keep_slice(
+    slice: &EndpointSlice,
+    nodes: &mut NodeNames,
+) -> Option<(ServiceName, KeptSlice)> {
     let key = slice_service_name(slice)?;
-    let object = match normalise(slice, node) {
-        Ok(normalised) => SliceObject::Used(normalised),
-        Err(NotUsed::NotIpv4) => SliceObject::NotIpv4,
+    let kept = match normalise(slice, nodes) {
+        Ok(kept) => kept,
+        Err(NotUsed::NotIpv4) => Kept::NotIpv4,
         Err(NotUsed::NoService) => return None,
-        Err(NotUsed::Malformed(reason)) => SliceObject::Malformed(Skipped {
+        Err(NotUsed::Malformed(reason)) => Kept::Malformed(Skipped {
             object: object_name("EndpointSlice", &slice.metadata),
             reason: format!("malformed: {reason}"),
         }),
     };
-    Some((key, object))
+    Some((key, KeptSlice(kept)))
+}
+
+impl KeptSlice {
+    /// The slice as the model uses it on `node`.
+    pub(super) fn resolve(&self, node: &NodeConfig) -> SliceObject {
+        match &self.0 {
+            Kept::Used { name, ports, endpoints } => SliceObject::Used(Slice {
+                name: name.clone(),
+                ports: ports.clone(),
+                endpoints: endpoints.iter().map(|endpoint| endpoint.resolve(node)).collect(),
+            }),
+            Kept::NotIpv4 => SliceObject::NotIpv4,
+            Kept::Malformed(skipped) => SliceObject::Malformed(skipped.clone()),
+        }
+    }
+}
+
+impl KeptEndpoint {
+    fn resolve(&self, node: &NodeConfig) -> Endpoint {
+        Endpoint {
+            ip: self.ip,
+            port: 0,
+            node_local: self.node_name.as_deref().is_some_and(|n| node.is_local_node(n)),
+            ready: self.ready,
+            serving: self.serving,
+            terminating: self.terminating,
+        }
+    }
 }
 
 /// The endpoints of one service port: from every slice of the service (in slice-name order, so
@@ -109,7 +192,7 @@ fn merge(merged: &mut BTreeMap<(Ipv4Addr, u16), Endpoint>, endpoint: Endpoint) {
     }
 }
 
-fn normalise(slice: &EndpointSlice, node: &NodeConfig) -> Result<Slice, NotUsed> {
+fn normalise(slice: &EndpointSlice, nodes: &mut NodeNames) -> Result<Kept, NotUsed> {
     let labels = slice.metadata.labels.as_ref();
     if !labels.is_some_and(|l| l.contains_key(SERVICE_NAME_LABEL)) {
         return Err(NotUsed::NoService);
@@ -131,10 +214,10 @@ fn normalise(slice: &EndpointSlice, node: &NodeConfig) -> Result<Slice, NotUsed>
         .iter()
         .flatten()
         .enumerate()
-        .map(|(index, endpoint)| slice_endpoint(index, endpoint, node))
+        .map(|(index, endpoint)| slice_endpoint(index, endpoint, nodes))
         .collect::<Result<_, _>>()?;
     let name = slice.metadata.name.clone().unwrap_or_default();
-    Ok(Slice { name, ports, endpoints })
+    Ok(Kept::Used { name, ports, endpoints })
 }
 
 /// A slice port; `None` for one without a port number, which the API allows (it means "all
@@ -158,23 +241,23 @@ fn slice_port(
 fn slice_endpoint(
     index: usize,
     endpoint: &ApiEndpoint,
-    node: &NodeConfig,
-) -> Result<Endpoint, NotUsed> {
-    // The API says consumers use the first address; the others are reserved.
-    let field = format!("endpoints[{index}].addresses");
+    nodes: &mut NodeNames,
+) -> Result<KeptEndpoint, NotUsed> {
+    // The API says consumers use the first address; the others are reserved. The field is
+    // named only on error: a big cluster has millions of endpoints.
+    let field = || format!("endpoints[{index}].addresses");
     let text = endpoint
         .addresses
         .first()
-        .ok_or_else(|| NotUsed::Malformed(format!("{field} is empty")))?;
+        .ok_or_else(|| NotUsed::Malformed(format!("{} is empty", field())))?;
     let Ok(IpAddr::V4(ip)) = text.parse() else {
-        return Err(NotUsed::Malformed(format!("{field}: {text:?} is not an IPv4 address")));
+        return Err(NotUsed::Malformed(format!("{}: {text:?} is not an IPv4 address", field())));
     };
     let conditions = endpoint.conditions.as_ref();
     let ready = conditions.and_then(|c| c.ready).unwrap_or(true);
-    Ok(Endpoint {
+    Ok(KeptEndpoint {
         ip,
-        port: 0,
-        node_local: endpoint.node_name.as_deref().is_some_and(|n| node.is_local_node(n)),
+        node_name: endpoint.node_name.as_deref().map(|name| nodes.intern(name)),
         ready,
         serving: conditions.and_then(|c| c.serving).unwrap_or(ready),
         terminating: conditions.and_then(|c| c.terminating).unwrap_or(false),

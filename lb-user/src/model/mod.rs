@@ -27,8 +27,11 @@ use k8s_openapi::{
 };
 
 pub use self::{
+    endpoints::{KeptSlice, NodeNames, keep_slice},
     frontend::{Frontend, FrontendKind},
-    objects::{ServiceModel, ServiceObjects, by_service, service_name, slice_service_name},
+    objects::{
+        KeptService, ServiceModel, ServiceObjects, by_service, service_name, slice_service_name,
+    },
 };
 use crate::config::NodeConfig;
 

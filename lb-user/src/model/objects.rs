@@ -9,7 +9,7 @@ use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
 
 use super::{
     ServiceName, ServicePort, Skipped,
-    endpoints::{SERVICE_NAME_LABEL, Slice, SliceObject, port_endpoints, slice_object},
+    endpoints::{KeptSlice, SERVICE_NAME_LABEL, Slice, SliceObject, port_endpoints, slice_object},
     namespace,
     service::{self, Normalised},
 };
@@ -22,6 +22,17 @@ pub struct ServiceObjects {
     /// counts.
     services: Vec<Result<Normalised, String>>,
     slices: Vec<SliceObject>,
+}
+
+/// A Service normalised (it does not depend on the node), or why it is not programmed: the
+/// compact form a source keeps instead of the API object.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeptService(Result<Normalised, String>);
+
+impl KeptService {
+    pub fn new(service: &Service) -> Self {
+        Self(service::normalise(service).map_err(|reason| reason.to_string()))
+    }
 }
 
 /// One service's part of the [`super::Model`].
@@ -43,7 +54,17 @@ pub fn service_name(service: &Service) -> ServiceName {
 
 impl ServiceObjects {
     pub fn add_service(&mut self, service: &Service) {
-        self.services.push(service::normalise(service).map_err(|reason| reason.to_string()));
+        self.services.push(KeptService::new(service).0);
+    }
+
+    pub fn add_kept_service(&mut self, service: &KeptService) {
+        self.services.push(service.0.clone());
+    }
+
+    /// Adds a slice kept by a source, which the caller knows to belong to this service,
+    /// deciding against `node` which of its endpoints are local.
+    pub fn add_kept_slice(&mut self, slice: &KeptSlice, node: &NodeConfig) {
+        self.slices.push(slice.resolve(node));
     }
 
     /// Adds `slice` to the objects of its service in `by_service`; a slice of no service (no
@@ -55,14 +76,6 @@ impl ServiceObjects {
     ) {
         if let Some((service, object)) = slice_object(slice, node) {
             by_service.entry(service).or_default().slices.push(object);
-        }
-    }
-
-    /// Adds `slice`, which the caller knows to belong to this service; a slice of no service
-    /// is left out.
-    pub fn add_slice(&mut self, slice: &EndpointSlice, node: &NodeConfig) {
-        if let Some((_, object)) = slice_object(slice, node) {
-            self.slices.push(object);
         }
     }
 

@@ -16,7 +16,6 @@ use lb_user::{
     },
     loader,
     maps::KernelMaps,
-    model::{ServiceModel, ServiceName},
     reconcile::{DatapathState, Reconciler, SlotMode},
 };
 use serde_json::{Value, json};
@@ -127,10 +126,7 @@ async fn run(size: usize) -> String {
         .expect("watchers running");
     let listed = started.elapsed();
     assert_eq!(source.take_changes(), Changes::Everything, "the first lists change anything");
-    let by_service = source.objects_by_service(&node_config);
-    let models: Vec<(ServiceName, ServiceModel)> =
-        by_service.iter().map(|(name, objects)| (name.clone(), objects.model(name))).collect();
-    drop(by_service);
+    let models = source.service_models(&node_config);
     let modelled = started.elapsed();
     let reconciler =
         Reconciler::with_capacities(DatapathState::default(), SlotMode::PerBackend, &capacities);
