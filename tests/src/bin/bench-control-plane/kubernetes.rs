@@ -22,8 +22,7 @@ use serde_json::{Value, json};
 use tokio::sync::mpsc;
 
 use super::{
-    CHANGES, ENDPOINTS, NODE_CONFIG, capacities, changed_service, cluster_ip, endpoint,
-    peak_rss_mib, percentile,
+    CHANGES, ENDPOINTS, NODE_CONFIG, capacities, changed_service, cluster_ip, endpoint, row_json,
 };
 
 /// kube-rs's list page size.
@@ -158,16 +157,11 @@ async fn run(size: usize) -> String {
         latencies.push(started.elapsed());
         assert!(report.writes > 0, "a change writes something");
     }
-    let rss_mib = peak_rss_mib();
-    latencies.sort();
-    format!(
-        "{{\"source\": \"kubernetes\", \"services\": {size}, \"endpoints_per_service\": {ENDPOINTS}, \"programmed_s\": {:.3}, \"parse_s\": {:.3}, \"model_s\": {:.3}, \"reconcile_s\": {:.3}, \"writes\": {writes}, \"peak_rss_mib\": {rss_mib:.1}, \"changes_measured\": {}, \"change_p50_ms\": {:.2}, \"change_p99_ms\": {:.2}}}",
-        programmed.as_secs_f64(),
-        listed.as_secs_f64(),
-        modelled.saturating_sub(listed).as_secs_f64(),
-        programmed.saturating_sub(modelled).as_secs_f64(),
-        latencies.len(),
-        percentile(&latencies, 50),
-        percentile(&latencies, 99)
+    row_json(
+        "\"source\": \"kubernetes\", ",
+        size,
+        (listed, modelled, programmed),
+        writes,
+        &mut latencies,
     )
 }

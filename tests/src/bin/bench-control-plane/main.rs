@@ -128,6 +128,30 @@ fn changed_service(change: usize, size: usize) -> usize {
 
 /// Nearest-rank percentile of sorted `latencies`, in milliseconds: the smallest measured
 /// latency with at least `percent` of them at or below it.
+/// One size's JSON row: `prefix` (more fields, each followed by ", "), the start-up stages as
+/// the elapsed times when parsing, modelling and programming ended, and the peak RSS of the
+/// whole run (first sync and changes).
+fn row_json(
+    prefix: &str,
+    size: usize,
+    (parsed, modelled, programmed): (Duration, Duration, Duration),
+    writes: usize,
+    latencies: &mut [Duration],
+) -> String {
+    let rss_mib = peak_rss_mib();
+    latencies.sort();
+    format!(
+        "{{{prefix}\"services\": {size}, \"endpoints_per_service\": {ENDPOINTS}, \"programmed_s\": {:.3}, \"parse_s\": {:.3}, \"model_s\": {:.3}, \"reconcile_s\": {:.3}, \"writes\": {writes}, \"peak_rss_mib\": {rss_mib:.1}, \"changes_measured\": {}, \"change_p50_ms\": {:.2}, \"change_p99_ms\": {:.2}}}",
+        programmed.as_secs_f64(),
+        parsed.as_secs_f64(),
+        modelled.saturating_sub(parsed).as_secs_f64(),
+        programmed.saturating_sub(modelled).as_secs_f64(),
+        latencies.len(),
+        percentile(latencies, 50),
+        percentile(latencies, 99)
+    )
+}
+
 fn percentile(latencies: &[Duration], percent: usize) -> f64 {
     let rank = (latencies.len() * percent).div_ceil(100).max(1);
     latencies[rank - 1].as_secs_f64() * 1e3
@@ -229,19 +253,7 @@ fn measure(size: usize) -> String {
         assert!(writes > 0, "a change writes something");
     }
     let _ = std::fs::remove_dir_all(&dir);
-    // The high-water mark of the whole run: first sync and changes.
-    let rss_mib = peak_rss_mib();
-    latencies.sort();
-    format!(
-        "{{\"services\": {size}, \"endpoints_per_service\": {ENDPOINTS}, \"programmed_s\": {:.3}, \"parse_s\": {:.3}, \"model_s\": {:.3}, \"reconcile_s\": {:.3}, \"writes\": {writes}, \"peak_rss_mib\": {rss_mib:.1}, \"changes_measured\": {}, \"change_p50_ms\": {:.2}, \"change_p99_ms\": {:.2}}}",
-        programmed.as_secs_f64(),
-        parsed.as_secs_f64(),
-        modelled.saturating_sub(parsed).as_secs_f64(),
-        programmed.saturating_sub(modelled).as_secs_f64(),
-        latencies.len(),
-        percentile(&latencies, 50),
-        percentile(&latencies, 99)
-    )
+    row_json("", size, (parsed, modelled, programmed), writes, &mut latencies)
 }
 
 fn peak_rss_kib() -> u64 {
