@@ -254,14 +254,18 @@ fn with_fd(name: &str, map: Option<Map>) -> Result<(Option<Map>, OwnedFd)> {
         Some(Map::HashMap(data)) => data.fd().as_fd().try_clone_to_owned(),
         _ => Err(std::io::Error::other("not a hash map")),
     };
-    let fd = fd.map_err(|source| Error::Map {
+    Ok((map, fd.map_err(syscall_error(name, "dup"))?))
+}
+
+/// A failed system call on map `name`, in aya's terms.
+fn syscall_error<'a>(
+    name: &'a str,
+    call: &'static str,
+) -> impl FnOnce(std::io::Error) -> Error + 'a {
+    move |io_error| Error::Map {
         name: name.to_owned(),
-        source: Box::new(MapError::SyscallError(aya::sys::SyscallError {
-            call: "dup",
-            io_error: source,
-        })),
-    })?;
-    Ok((map, fd))
+        source: Box::new(MapError::SyscallError(aya::sys::SyscallError { call, io_error })),
+    }
 }
 
 /// Removing what is already gone is not an error: a retried reconcile must converge.
@@ -391,11 +395,6 @@ fn upsert_batch<K: aya::Pod, V: aya::Pod>(
     entry: impl Fn(&MapOp) -> Option<(K, V)>,
 ) -> Result<()> {
     let (keys, values): (Vec<K>, Vec<V>) = run.iter().filter_map(entry).unzip();
-    map_batch::update(fd.as_fd(), &keys, &values).map_err(|io_error| Error::Map {
-        name: name.to_owned(),
-        source: Box::new(MapError::SyscallError(aya::sys::SyscallError {
-            call: "bpf_map_update_batch",
-            io_error,
-        })),
-    })
+    map_batch::update(fd.as_fd(), &keys, &values)
+        .map_err(syscall_error(name, "bpf_map_update_batch"))
 }

@@ -95,7 +95,11 @@ fn lb_user_binary() -> anyhow::Result<PathBuf> {
 
 /// Where the daemon's debug binary is built.
 fn lb_user_binary_path() -> PathBuf {
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map_or_else(|| workspace_root().join("target"), PathBuf::from);
-    target.join("debug").join("lb-user")
+    target_dir().join("debug").join("lb-user")
+}
+
+/// Cargo's target directory: `CARGO_TARGET_DIR`, or `target` in the workspace.
+fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map_or_else(|| workspace_root().join("target"), PathBuf::from)
 }

@@ -17,7 +17,7 @@ use std::{
 
 use anyhow::{Context as _, bail};
 
-use super::{run_in, workspace_root};
+use super::{run_in, target_dir, workspace_root};
 
 /// Debian's 6.1 kernels, newest ABI first after sorting.
 const KERNEL_PACKAGES: &str = r"^linux-image-6\.1\.0-[0-9]+-amd64-unsigned$";
@@ -63,11 +63,6 @@ pub fn run() -> anyhow::Result<()> {
 struct Kernel {
     release: String,
     image: PathBuf,
-}
-
-fn target_dir() -> PathBuf {
-    std::env::var_os("CARGO_TARGET_DIR")
-        .map_or_else(|| workspace_root().join("target"), PathBuf::from)
 }
 
 /// Downloads and unpacks the newest Debian 6.1 kernel, and installs its modules for the guest.
