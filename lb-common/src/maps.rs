@@ -133,6 +133,20 @@ pub struct Backend {
     pub flags: u8,
 }
 
+/// Value of `BACKEND_SLOTS`: the backend a slot sends flows to, copied in whole beside its id.
+///
+/// The copy is what makes the first packet of a flow cheap: on a node with many services the
+/// frontend, slot and backend entries of a new flow are all cold, and every dependent lookup
+/// of a large hash map costs a cache and TLB miss or two. `BACKENDS` still holds every backend
+/// by id, for session affinity and the daemon.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Slot {
+    /// The backend's id (conntrack entries carry it, so the daemon can purge a backend's flows).
+    pub backend_id: u32,
+    pub backend: Backend,
+}
+
 /// What a frontend's reverse NAT restores as the source of replies: the address the client
 /// spoke to. Keyed by `service_id`.
 #[repr(C)]
@@ -312,6 +326,7 @@ user_pod!(
     ServiceValue,
     BackendSlotKey,
     Backend,
+    Slot,
     RevNat,
     ConntrackKey,
     ConntrackValue,
@@ -330,6 +345,7 @@ const _: () = {
     assert!(size_of::<ServiceValue>() == 16);
     assert!(size_of::<BackendSlotKey>() == 8);
     assert!(size_of::<Backend>() == 8);
+    assert!(size_of::<Slot>() == 12);
     assert!(size_of::<RevNat>() == 8);
     assert!(size_of::<ConntrackKey>() == 16);
     assert!(size_of::<ConntrackValue>() == 32);

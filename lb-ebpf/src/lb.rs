@@ -293,14 +293,12 @@ pub fn choose_backend(
         service_id: service.service_id,
         slot: hash.checked_rem(service.slot_count)?,
     };
-    // SAFETY: plain data.
-    let backend_id = *unsafe { BACKEND_SLOTS.get(&slot) }?;
-    // SAFETY: plain data.
-    let backend = *unsafe { BACKENDS.get(&backend_id) }?;
+    // SAFETY: plain data. The slot carries the backend itself: no `BACKENDS` lookup.
+    let slot = *unsafe { BACKEND_SLOTS.get(&slot) }?;
     if sticky {
-        remember_affinity(&affinity_key, backend_id, now);
+        remember_affinity(&affinity_key, slot.backend_id, now);
     }
-    Some((backend_id, backend))
+    Some((slot.backend_id, slot.backend))
 }
 
 #[inline(always)]

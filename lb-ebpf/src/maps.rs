@@ -7,8 +7,8 @@ use aya_ebpf::{
 };
 use lb_common::maps::{
     AffinityKey, AffinityValue, Backend, BackendSlotKey, ConntrackKey, ConntrackValue, NodeConfig,
-    RevNat, ServiceCounters, ServiceKey, ServiceValue, SockRevNatKey, SourceRangeKey, capacity,
-    forwarding,
+    RevNat, ServiceCounters, ServiceKey, ServiceValue, Slot, SockRevNatKey, SourceRangeKey,
+    capacity, forwarding,
 };
 
 #[map(name = "SERVICES")]
@@ -16,7 +16,7 @@ pub static SERVICES: HashMap<ServiceKey, ServiceValue> =
     HashMap::with_max_entries(capacity::SERVICES, 0);
 
 #[map(name = "BACKEND_SLOTS")]
-pub static BACKEND_SLOTS: HashMap<BackendSlotKey, u32> =
+pub static BACKEND_SLOTS: HashMap<BackendSlotKey, Slot> =
     HashMap::with_max_entries(capacity::BACKEND_SLOTS, 0);
 
 #[map(name = "BACKENDS")]

@@ -16,7 +16,7 @@ use aya::{
 use ipnet::Ipv4Net;
 use lb_common::maps::{
     Backend, BackendSlotKey, ConntrackKey, ConntrackValue, NodeConfig, RevNat, ServiceCounters,
-    ServiceKey, ServiceValue, SourceRangeKey, names, node_flags,
+    ServiceKey, ServiceValue, Slot, SourceRangeKey, names, node_flags,
 };
 
 use crate::{
@@ -31,7 +31,7 @@ pub enum MapOp {
     SetNodeConfig(NodeConfig),
     UpsertBackend { id: u32, backend: Backend },
     RemoveBackend { id: u32 },
-    UpsertSlot { key: BackendSlotKey, backend_id: u32 },
+    UpsertSlot { key: BackendSlotKey, slot: Slot },
     RemoveSlot { key: BackendSlotKey },
     UpsertRevNat { service_id: u32, rev_nat: RevNat },
     RemoveRevNat { service_id: u32 },
@@ -54,7 +54,7 @@ pub trait MapWriter {
 /// The datapath's maps that the daemon writes or reads.
 pub struct KernelMaps {
     services: HashMap<MapData, ServiceKey, ServiceValue>,
-    slots: HashMap<MapData, BackendSlotKey, u32>,
+    slots: HashMap<MapData, BackendSlotKey, Slot>,
     backends: HashMap<MapData, u32, Backend>,
     rev_nat: HashMap<MapData, u32, RevNat>,
     source_ranges: LpmTrie<MapData, SourceRangeKey, u8>,
@@ -136,7 +136,7 @@ impl KernelMaps {
     }
 
     /// Every programmed slot.
-    pub fn slots(&self) -> Result<Vec<(BackendSlotKey, u32)>> {
+    pub fn slots(&self) -> Result<Vec<(BackendSlotKey, Slot)>> {
         self.slots.iter().collect::<Result<_, _>>().map_err(map_error(names::BACKEND_SLOTS))
     }
 
@@ -301,8 +301,8 @@ impl MapWriter for KernelMaps {
             MapOp::RemoveBackend { id } => {
                 ignore_missing(self.backends.remove(id)).map_err(map_error(names::BACKENDS))
             }
-            MapOp::UpsertSlot { key, backend_id } => {
-                self.slots.insert(key, backend_id, 0).map_err(map_error(names::BACKEND_SLOTS))
+            MapOp::UpsertSlot { key, slot } => {
+                self.slots.insert(key, slot, 0).map_err(map_error(names::BACKEND_SLOTS))
             }
             MapOp::RemoveSlot { key } => {
                 ignore_missing(self.slots.remove(key)).map_err(map_error(names::BACKEND_SLOTS))
@@ -366,7 +366,7 @@ impl KernelMaps {
             }
             [MapOp::UpsertSlot { .. }, ..] => {
                 upsert_batch(&fds.slots, names::BACKEND_SLOTS, run, |op| match op {
-                    MapOp::UpsertSlot { key, backend_id } => Some((*key, *backend_id)),
+                    MapOp::UpsertSlot { key, slot } => Some((*key, *slot)),
                     _ => None,
                 })
             }

@@ -51,8 +51,8 @@ pub fn read(pins: &PinLayout) -> Result<Status> {
     let maps = KernelMaps::from_pins(pins)?;
     let backends: BTreeMap<u32, _> = maps.backends()?.into_iter().collect();
     let mut slots: BTreeMap<u32, Vec<u32>> = BTreeMap::new();
-    for (key, backend_id) in maps.slots()? {
-        slots.entry(key.service_id).or_default().push(backend_id);
+    for (key, slot) in maps.slots()? {
+        slots.entry(key.service_id).or_default().push(slot.backend_id);
     }
     let mut frontends = Vec::new();
     let mut services = maps.services()?;

@@ -2,7 +2,7 @@
 //! backends, as map operations.
 
 use lb_common::maps::{
-    Backend, BackendSlotKey, RevNat, ServiceKey, ServiceValue, backend_flags, scope,
+    Backend, BackendSlotKey, RevNat, ServiceKey, ServiceValue, Slot, backend_flags, scope,
 };
 use lb_user::maps::{MapOp, ip_be};
 
@@ -84,7 +84,8 @@ impl Frontend {
                 service_id: self.service_id,
                 slot: u32::try_from(index).expect("few"),
             };
-            ops.push(MapOp::UpsertSlot { key, backend_id: self.backend_id(index) });
+            let slot = Slot { backend_id: self.backend_id(index), backend };
+            ops.push(MapOp::UpsertSlot { key, slot });
         }
         let vip_be = ip_be(self.vip.parse().expect("VIP"));
         let rev_nat = RevNat { vip_be, port_be: self.port.to_be(), pad: [0; 2] };

@@ -4,7 +4,7 @@
 use std::net::Ipv4Addr;
 
 use lb_common::maps::{
-    Backend, BackendSlotKey, NodeConfig, RevNat, ServiceKey, ServiceValue, backend_flags,
+    Backend, BackendSlotKey, NodeConfig, RevNat, ServiceKey, ServiceValue, Slot, backend_flags,
     node_flags, proto, scope, service_flags,
 };
 
@@ -197,24 +197,26 @@ impl PortTables<'_> {
             return;
         };
         self.batch.allocated.insert(key);
-        let Some(backend_ids) = self.backend_ids(backends) else {
+        let Some(backend_slots) = self.backend_slots(backends) else {
             self.problems.push(format!("{port_id}: no backend id left"));
             return;
         };
-        let Some(table) = self.slot_table(&backend_ids, backends) else {
+        let Some(table) = self.slot_table(&backend_slots, backends) else {
             return;
         };
         if let Some(displaced) = self.claims.take(key, port_id) {
             self.batch.wake.push(displaced.service());
         }
         self.owned.frontends.push(key);
-        self.owned.backends.extend_from_slice(&backend_ids);
+        self.owned.backends.extend(backend_slots.iter().map(|slot| slot.backend_id));
         // Whatever an earlier build of this frontend left (the displaced owner's, or this
         // service's own before a rebuild in the same batch) must not mix in.
+        let slot_count = u32::try_from(table.len()).unwrap_or(u32::MAX);
         let after = &mut self.batch.after;
         after.remove_frontend(&key);
-        let slots =
-            (0u32..).zip(&table).map(|(slot, id)| (BackendSlotKey { service_id, slot }, *id));
+        let slots = (0u32..)
+            .zip(table)
+            .map(|(slot, backend)| (BackendSlotKey { service_id, slot }, backend));
         after.slots.extend(slots);
         let rev_nat = RevNat { vip_be: key.vip_be, port_be: key.port_be, pad: [0; 2] };
         after.rev_nats.insert(service_id, rev_nat);
@@ -225,7 +227,7 @@ impl PortTables<'_> {
         }
         let value = ServiceValue {
             service_id,
-            slot_count: u32::try_from(table.len()).unwrap_or(u32::MAX),
+            slot_count,
             affinity_timeout_s: self.port.affinity_timeout_s.unwrap_or(0),
             flags,
             pad: [0; 2],
@@ -233,8 +235,9 @@ impl PortTables<'_> {
         after.services.insert(key, value);
     }
 
-    /// Backend ids of `backends`, in the same order, with their entries added.
-    fn backend_ids(&mut self, backends: &[&Endpoint]) -> Option<Vec<u32>> {
+    /// The slot of each of `backends` (its id and entry), in the same order, with their
+    /// `BACKENDS` entries added.
+    fn backend_slots(&mut self, backends: &[&Endpoint]) -> Option<Vec<Slot>> {
         backends
             .iter()
             .map(|endpoint| {
@@ -247,21 +250,21 @@ impl PortTables<'_> {
                 let id = self.ids.backend((backend.ip_be, backend.port_be, backend.proto))?;
                 self.batch.backends.insert(id);
                 self.batch.after.backends.insert(id, backend);
-                Some(id)
+                Some(Slot { backend_id: id, backend })
             })
             .collect()
     }
 
-    /// The frontend's slot table (backend id per slot); `None` (with a problem recorded) when
-    /// no Maglev table can be built for them.
-    fn slot_table(&mut self, backend_ids: &[u32], backends: &[&Endpoint]) -> Option<Vec<u32>> {
+    /// The frontend's slot table; `None` (with a problem recorded) when no Maglev table can be
+    /// built for its backends.
+    fn slot_table(&mut self, backend_slots: &[Slot], backends: &[&Endpoint]) -> Option<Vec<Slot>> {
         match self.mode {
-            SlotMode::PerBackend => Some(backend_ids.to_vec()),
+            SlotMode::PerBackend => Some(backend_slots.to_vec()),
             SlotMode::Maglev(size) => {
                 let names: Vec<String> = backends.iter().map(ToString::to_string).collect();
                 match crate::maglev::table(&names, size) {
                     Ok(table) => {
-                        Some(table.into_iter().map(|index| backend_ids[index as usize]).collect())
+                        Some(table.into_iter().map(|index| backend_slots[index as usize]).collect())
                     }
                     Err(error) => {
                         self.problems.push(format!("{}: {error}", self.port.id));

@@ -39,8 +39,8 @@ pub fn for_each_op<E>(
     for (id, backend) in changed(&programmed.backends, &desired.backends) {
         emit(MapOp::UpsertBackend { id, backend })?;
     }
-    for (key, backend_id) in changed(&programmed.slots, &desired.slots) {
-        emit(MapOp::UpsertSlot { key, backend_id })?;
+    for (key, slot) in changed(&programmed.slots, &desired.slots) {
+        emit(MapOp::UpsertSlot { key, slot })?;
     }
     for (service_id, rev_nat) in changed(&programmed.rev_nats, &desired.rev_nats) {
         emit(MapOp::UpsertRevNat { service_id, rev_nat })?;
@@ -98,11 +98,11 @@ pub fn removed_pairs(programmed: &DatapathState, desired: &DatapathState) -> BTr
     while let Some((first, _)) = slots.peek() {
         let id = first.service_id;
         let mut before = BTreeSet::new();
-        while let Some((_, backend)) = slots.next_if(|(key, _)| key.service_id == id) {
-            before.insert(*backend);
+        while let Some((_, slot)) = slots.next_if(|(key, _)| key.service_id == id) {
+            before.insert(slot.backend_id);
         }
         let after: BTreeSet<u32> =
-            slots_of(&desired.slots, id).map(|(_, backend)| *backend).collect();
+            slots_of(&desired.slots, id).map(|(_, slot)| slot.backend_id).collect();
         removed.extend(before.difference(&after).map(|backend| (id, *backend)));
     }
     removed

@@ -154,7 +154,11 @@ fn resolved(state: &DatapathState) -> BTreeMap<ServiceKey, Resolved> {
                 .slots
                 .iter()
                 .filter(|(slot, _)| slot.service_id == id && id != 0)
-                .map(|(_, backend)| state.backends.get(backend).copied())
+                .map(|(_, slot)| {
+                    let backend = state.backends.get(&slot.backend_id).copied();
+                    assert_eq!(backend, Some(slot.backend), "a slot's copy of its backend");
+                    backend
+                })
                 .collect();
             let ranges =
                 state.source_ranges.iter().filter(|(i, _)| *i == id).map(|(_, r)| *r).collect();
@@ -177,7 +181,7 @@ fn assert_no_orphans(state: &DatapathState) {
     assert!(state.slots.keys().all(|k| ids.contains(&k.service_id)), "slots of unknown frontends");
     assert!(state.rev_nats.keys().all(|id| ids.contains(id)), "reverse NAT of unknown frontends");
     assert!(state.source_ranges.iter().all(|(id, _)| ids.contains(id)), "ranges of unknown");
-    let used: BTreeSet<u32> = state.slots.values().copied().collect();
+    let used: BTreeSet<u32> = state.slots.values().map(|slot| slot.backend_id).collect();
     let backends: BTreeSet<u32> = state.backends.keys().copied().collect();
     assert_eq!(used, backends, "exactly the backends the slots use");
 }
@@ -336,7 +340,7 @@ fn a_frontend_given_up_goes_to_the_next_claimant_and_back() {
         let state = reconciler.programmed();
         let id = state.services[&external].service_id;
         let first_slot = state.slots[&lb_common::maps::BackendSlotKey { service_id: id, slot: 0 }];
-        Ipv4Addr::from(u32::from_be(state.backends[&first_slot].ip_be))
+        Ipv4Addr::from(u32::from_be(first_slot.backend.ip_be))
     };
     assert_eq!(serving(&reconciler), Ipv4Addr::new(10, 244, 0, 1), "svc-0 sorts first");
     assert_eq!(reconciler.ledger.problems().len(), 1, "svc-1 is told the external IP is taken");

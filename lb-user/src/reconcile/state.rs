@@ -4,7 +4,9 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use ipnet::Ipv4Net;
-use lb_common::maps::{Backend, BackendSlotKey, NodeConfig, RevNat, ServiceKey, ServiceValue};
+use lb_common::maps::{
+    Backend, BackendSlotKey, NodeConfig, RevNat, ServiceKey, ServiceValue, Slot,
+};
 
 use crate::{
     error::Result,
@@ -16,7 +18,7 @@ use crate::{
 pub struct DatapathState {
     pub node: Option<NodeConfig>,
     pub services: BTreeMap<ServiceKey, ServiceValue>,
-    pub slots: BTreeMap<BackendSlotKey, u32>,
+    pub slots: BTreeMap<BackendSlotKey, Slot>,
     pub backends: BTreeMap<u32, Backend>,
     pub rev_nats: BTreeMap<u32, RevNat>,
     /// (service id, allowed source range)
@@ -75,8 +77,8 @@ impl DatapathState {
             MapOp::RemoveBackend { id } => {
                 self.backends.remove(&id);
             }
-            MapOp::UpsertSlot { key, backend_id } => {
-                self.slots.insert(key, backend_id);
+            MapOp::UpsertSlot { key, slot } => {
+                self.slots.insert(key, slot);
             }
             MapOp::RemoveSlot { key } => {
                 self.slots.remove(&key);
@@ -105,9 +107,9 @@ impl DatapathState {
 
 /// The slots of frontend `id`, in slot order.
 pub fn slots_of(
-    slots: &BTreeMap<BackendSlotKey, u32>,
+    slots: &BTreeMap<BackendSlotKey, Slot>,
     id: u32,
-) -> impl Iterator<Item = (&BackendSlotKey, &u32)> {
+) -> impl Iterator<Item = (&BackendSlotKey, &Slot)> {
     slots
         .range(BackendSlotKey { service_id: id, slot: 0 }..)
         .take_while(move |(k, _)| k.service_id == id)

@@ -166,8 +166,8 @@ pub(super) fn assert_safely_ordered(ops: &[MapOp]) {
                     position(&|op| matches!(op, MapOp::RemoveSlot { key } if key.service_id == id));
                 assert!(removed.is_none_or(|removed| removed > index), "surplus slots after");
             }
-            MapOp::UpsertSlot { backend_id, .. } => {
-                let id = *backend_id;
+            MapOp::UpsertSlot { slot, .. } => {
+                let id = slot.backend_id;
                 let backend =
                     position(&|op| matches!(op, MapOp::UpsertBackend { id: b, .. } if *b == id));
                 assert!(backend.is_none_or(|backend| backend < index), "backends before slots");
@@ -223,7 +223,7 @@ fn maglev_mode_fills_a_prime_sized_table_with_every_backend() {
         .slots
         .iter()
         .filter(|(k, _)| k.service_id == value.service_id)
-        .map(|(_, b)| *b)
+        .map(|(_, slot)| slot.backend_id)
         .collect();
     assert_eq!(used.len(), 3, "all three sticky backends own slots");
 }

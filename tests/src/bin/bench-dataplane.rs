@@ -52,7 +52,7 @@ use aya::{
 use lb_common::{
     maps::{
         Backend, BackendSlotKey, ConntrackKey, ConntrackValue, RevNat, ServiceKey, ServiceValue,
-        backend_flags, capacity, ct_flags, names, proto, scope, service_flags,
+        Slot, backend_flags, capacity, ct_flags, names, proto, scope, service_flags,
     },
     stats::Reason,
 };
@@ -639,7 +639,8 @@ fn service_ops(
             flags: *backend_flags,
         };
         ops.push(MapOp::UpsertBackend { id, backend });
-        ops.push(MapOp::UpsertSlot { key: BackendSlotKey { service_id, slot }, backend_id: id });
+        let key = BackendSlotKey { service_id, slot };
+        ops.push(MapOp::UpsertSlot { key, slot: Slot { backend_id: id, backend } });
     }
     ops.push(rev_nat(service_id, (&vip.to_string(), port)));
     let key = ServiceKey {
