@@ -90,9 +90,12 @@ pub mod service_flags {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct ServiceValue {
-    /// Identifies the frontend: its slots in `BACKEND_SLOTS`, its `REV_NAT` entry, its counters
-    /// in `SERVICE_STATS` and its affinity entries. Below `capacity::SERVICES`.
+    /// Identifies the frontend: its `REV_NAT` entry, its counters in `SERVICE_STATS` and its
+    /// affinity entries. Below `capacity::SERVICES`.
     pub service_id: u32,
+    /// Index of the frontend's first slot in the `BACKEND_SLOTS` array; its slots are
+    /// `slot_base..slot_base + slot_count`.
+    pub slot_base: u32,
     /// Number of slots to choose from; 0 means no usable endpoint (refuse, or drop with
     /// [`service_flags::EMPTY_DROP`]).
     pub slot_count: u32,
@@ -101,15 +104,6 @@ pub struct ServiceValue {
     /// [`service_flags`].
     pub flags: u16,
     pub pad: [u8; 2],
-}
-
-/// Key of `BACKEND_SLOTS`: slot `slot` of frontend `service_id`. The daemon fills slots with one
-/// entry per backend, or with a Maglev table; the datapath picks `flow_hash % slot_count`.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default, PartialOrd, Ord)]
-pub struct BackendSlotKey {
-    pub service_id: u32,
-    pub slot: u32,
 }
 
 /// Backend flags (`Backend::flags`).
@@ -133,12 +127,19 @@ pub struct Backend {
     pub flags: u8,
 }
 
-/// Value of `BACKEND_SLOTS`: the backend a slot sends flows to, copied in whole beside its id.
+/// An entry of the `BACKEND_SLOTS` array: the backend a slot sends flows to, copied in whole
+/// beside its id. A frontend owns a contiguous run of slots (`ServiceValue::slot_base`), which
+/// the daemon fills with one entry per backend or with a Maglev table; the datapath picks
+/// `slot_base + flow_hash % slot_count`.
 ///
-/// The copy is what makes the first packet of a flow cheap: on a node with many services the
-/// frontend, slot and backend entries of a new flow are all cold, and every dependent lookup
-/// of a large hash map costs a cache and TLB miss or two. `BACKENDS` still holds every backend
-/// by id, for session affinity and the daemon.
+/// Array and copy are what make the first packet of a flow cheap: on a node with many services
+/// the frontend, slot and backend entries of a new flow are all cold, and each dependent lookup
+/// of a large hash map costs a cache and TLB miss or two, an array index one. `BACKENDS` still
+/// holds every backend by id, for session affinity and the daemon.
+///
+/// The daemon never rewrites a run a frontend points at: a changed table goes to a fresh run and
+/// the frontend entry (a hash map entry, replaced atomically) then switches to it, so a packet
+/// never sees half a table or a torn entry. Unused slots are zero: `backend_id` 0 is no backend.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct Slot {
@@ -324,7 +325,6 @@ pub struct ServiceCounters {
 user_pod!(
     ServiceKey,
     ServiceValue,
-    BackendSlotKey,
     Backend,
     Slot,
     RevNat,
@@ -342,8 +342,7 @@ user_pod!(
 const _: () = {
     use core::mem::size_of;
     assert!(size_of::<ServiceKey>() == 8);
-    assert!(size_of::<ServiceValue>() == 16);
-    assert!(size_of::<BackendSlotKey>() == 8);
+    assert!(size_of::<ServiceValue>() == 20);
     assert!(size_of::<Backend>() == 8);
     assert!(size_of::<Slot>() == 12);
     assert!(size_of::<RevNat>() == 8);

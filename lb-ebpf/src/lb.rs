@@ -4,9 +4,9 @@
 use lb_common::{
     hash::flow_hash,
     maps::{
-        AffinityKey, AffinityValue, Backend, BackendSlotKey, ConntrackKey, ConntrackValue,
-        NodeConfig, ServiceKey, ServiceValue, SourceRangeKey, backend_flags, ct_flags, node_flags,
-        proto, scope, service_flags,
+        AffinityKey, AffinityValue, Backend, ConntrackKey, ConntrackValue, NodeConfig, ServiceKey,
+        ServiceValue, SourceRangeKey, backend_flags, ct_flags, node_flags, proto, scope,
+        service_flags,
     },
     stats::Reason,
 };
@@ -289,12 +289,10 @@ pub fn choose_backend(
         }
     }
     // `checked_rem`: a division by zero would be a panic path, which the verifier rejects.
-    let slot = BackendSlotKey {
-        service_id: service.service_id,
-        slot: hash.checked_rem(service.slot_count)?,
-    };
-    // SAFETY: plain data. The slot carries the backend itself: no `BACKENDS` lookup.
-    let slot = *unsafe { BACKEND_SLOTS.get(&slot) }?;
+    let index = service.slot_base.wrapping_add(hash.checked_rem(service.slot_count)?);
+    // The slot carries the backend itself: no `BACKENDS` lookup. A zero slot was never written
+    // (or was freed): no backend.
+    let slot = *BACKEND_SLOTS.get(index).filter(|slot| slot.backend_id != 0)?;
     if sticky {
         remember_affinity(&affinity_key, slot.backend_id, now);
     }

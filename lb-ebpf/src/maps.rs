@@ -6,18 +6,19 @@ use aya_ebpf::{
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
 };
 use lb_common::maps::{
-    AffinityKey, AffinityValue, Backend, BackendSlotKey, ConntrackKey, ConntrackValue, NodeConfig,
-    RevNat, ServiceCounters, ServiceKey, ServiceValue, Slot, SockRevNatKey, SourceRangeKey,
-    capacity, forwarding,
+    AffinityKey, AffinityValue, Backend, ConntrackKey, ConntrackValue, NodeConfig, RevNat,
+    ServiceCounters, ServiceKey, ServiceValue, Slot, SockRevNatKey, SourceRangeKey, capacity,
+    forwarding,
 };
 
 #[map(name = "SERVICES")]
 pub static SERVICES: HashMap<ServiceKey, ServiceValue> =
     HashMap::with_max_entries(capacity::SERVICES, 0);
 
+/// Every frontend's slots, each frontend a contiguous run (`ServiceValue::slot_base`): an array
+/// lookup is one load the verifier inlines, where a hash lookup walks a bucket.
 #[map(name = "BACKEND_SLOTS")]
-pub static BACKEND_SLOTS: HashMap<BackendSlotKey, Slot> =
-    HashMap::with_max_entries(capacity::BACKEND_SLOTS, 0);
+pub static BACKEND_SLOTS: Array<Slot> = Array::with_max_entries(capacity::BACKEND_SLOTS, 0);
 
 #[map(name = "BACKENDS")]
 pub static BACKENDS: HashMap<u32, Backend> = HashMap::with_max_entries(capacity::BACKENDS, 0);

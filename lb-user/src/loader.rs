@@ -50,6 +50,10 @@ impl Capacities {
         self.backends.unwrap_or(capacity::BACKENDS)
     }
 
+    pub fn backend_slots(&self) -> u32 {
+        self.backend_slots.unwrap_or(capacity::BACKEND_SLOTS)
+    }
+
     /// (map, entries) for every map whose size was chosen.
     fn overrides(&self) -> Vec<(&'static str, u32)> {
         let services = self

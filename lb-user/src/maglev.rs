@@ -1,7 +1,7 @@
 //! Maglev consistent hashing (Eisenbud et al., "Maglev: A Fast and Reliable Software Network Load
 //! Balancer", NSDI 2016, section 3.4) for a service's backend slots.
 //!
-//! The datapath picks `slots[flow_hash % slot_count]` (`lb_common::maps::BackendSlotKey`). Filled
+//! The datapath picks slot `flow_hash % slot_count` of a frontend (`lb_common::maps::Slot`). Filled
 //! with one entry per backend, any change of the backend set reshuffles almost every flow, and two
 //! nodes that saw the backends in a different order disagree. Filled with a Maglev table instead,
 //! the slots depend only on the set of backend names, so every node picks the same backend for a

@@ -15,8 +15,8 @@ use aya::{
 };
 use ipnet::Ipv4Net;
 use lb_common::maps::{
-    Backend, BackendSlotKey, ConntrackKey, ConntrackValue, NodeConfig, RevNat, ServiceCounters,
-    ServiceKey, ServiceValue, Slot, SourceRangeKey, names, node_flags,
+    Backend, ConntrackKey, ConntrackValue, NodeConfig, RevNat, ServiceCounters, ServiceKey,
+    ServiceValue, Slot, SourceRangeKey, names, node_flags,
 };
 
 use crate::{
@@ -25,14 +25,15 @@ use crate::{
     pins::PinLayout,
 };
 
-/// One change to the datapath's maps.
+/// One change to the datapath's maps. Slots are addressed by index in the `BACKEND_SLOTS`
+/// array; removing one zeroes it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum MapOp {
     SetNodeConfig(NodeConfig),
     UpsertBackend { id: u32, backend: Backend },
     RemoveBackend { id: u32 },
-    UpsertSlot { key: BackendSlotKey, slot: Slot },
-    RemoveSlot { key: BackendSlotKey },
+    UpsertSlot { index: u32, slot: Slot },
+    RemoveSlot { index: u32 },
     UpsertRevNat { service_id: u32, rev_nat: RevNat },
     RemoveRevNat { service_id: u32 },
     UpsertService { key: ServiceKey, value: ServiceValue },
@@ -54,7 +55,7 @@ pub trait MapWriter {
 /// The datapath's maps that the daemon writes or reads.
 pub struct KernelMaps {
     services: HashMap<MapData, ServiceKey, ServiceValue>,
-    slots: HashMap<MapData, BackendSlotKey, Slot>,
+    slots: Array<MapData, Slot>,
     backends: HashMap<MapData, u32, Backend>,
     rev_nat: HashMap<MapData, u32, RevNat>,
     source_ranges: LpmTrie<MapData, SourceRangeKey, u8>,
@@ -98,7 +99,7 @@ impl KernelMaps {
             let data = MapData::from_pin(pins.map(name)).ok()?;
             let map = match name {
                 names::SOURCE_RANGES => Map::LpmTrie(data),
-                names::NODE_CONFIG => Map::Array(data),
+                names::NODE_CONFIG | names::BACKEND_SLOTS => Map::Array(data),
                 names::CONNTRACK => Map::LruHashMap(data),
                 names::SERVICE_STATS => Map::PerCpuArray(data),
                 _ => Map::HashMap(data),
@@ -135,9 +136,11 @@ impl KernelMaps {
         self.services.iter().collect::<Result<_, _>>().map_err(map_error(names::SERVICES))
     }
 
-    /// Every programmed slot.
-    pub fn slots(&self) -> Result<Vec<(BackendSlotKey, Slot)>> {
-        self.slots.iter().collect::<Result<_, _>>().map_err(map_error(names::BACKEND_SLOTS))
+    /// The run of `count` slots from `base` (a frontend's).
+    pub fn slots(&self, base: u32, count: u32) -> Result<Vec<Slot>> {
+        (base..base.saturating_add(count))
+            .map(|index| self.slots.get(&index, 0).map_err(map_error(names::BACKEND_SLOTS)))
+            .collect()
     }
 
     /// Every programmed backend.
@@ -251,8 +254,8 @@ fn source_range_key(service_id: u32, range: Ipv4Net) -> LpmKey<SourceRangeKey> {
 /// The map, and a second descriptor of it.
 fn with_fd(name: &str, map: Option<Map>) -> Result<(Option<Map>, OwnedFd)> {
     let fd = match &map {
-        Some(Map::HashMap(data)) => data.fd().as_fd().try_clone_to_owned(),
-        _ => Err(std::io::Error::other("not a hash map")),
+        Some(Map::HashMap(data) | Map::Array(data)) => data.fd().as_fd().try_clone_to_owned(),
+        _ => Err(std::io::Error::other("not a hash map or an array")),
     };
     Ok((map, fd.map_err(syscall_error(name, "dup"))?))
 }
@@ -277,7 +280,7 @@ fn ignore_missing(result: Result<(), MapError>) -> Result<(), MapError> {
 }
 
 impl MapWriter for KernelMaps {
-    /// Runs of upserts into one hash map go in one batch call each; the rest one by one, in
+    /// Runs of upserts into one map go in one batch call each; the rest one by one, in
     /// the same order.
     fn apply_all(&mut self, ops: &[MapOp]) -> Result<()> {
         let mut rest = ops;
@@ -301,11 +304,11 @@ impl MapWriter for KernelMaps {
             MapOp::RemoveBackend { id } => {
                 ignore_missing(self.backends.remove(id)).map_err(map_error(names::BACKENDS))
             }
-            MapOp::UpsertSlot { key, slot } => {
-                self.slots.insert(key, slot, 0).map_err(map_error(names::BACKEND_SLOTS))
+            MapOp::UpsertSlot { index, slot } => {
+                self.slots.set(*index, slot, 0).map_err(map_error(names::BACKEND_SLOTS))
             }
-            MapOp::RemoveSlot { key } => {
-                ignore_missing(self.slots.remove(key)).map_err(map_error(names::BACKEND_SLOTS))
+            MapOp::RemoveSlot { index } => {
+                self.slots.set(*index, &Slot::default(), 0).map_err(map_error(names::BACKEND_SLOTS))
             }
             MapOp::UpsertRevNat { service_id, rev_nat } => {
                 self.rev_nat.insert(service_id, rev_nat, 0).map_err(map_error(names::REV_NAT))
@@ -366,7 +369,7 @@ impl KernelMaps {
             }
             [MapOp::UpsertSlot { .. }, ..] => {
                 upsert_batch(&fds.slots, names::BACKEND_SLOTS, run, |op| match op {
-                    MapOp::UpsertSlot { key, slot } => Some((*key, *slot)),
+                    MapOp::UpsertSlot { index, slot } => Some((*index, *slot)),
                     _ => None,
                 })
             }

@@ -50,10 +50,6 @@ const FLAG_NAMES: [(u16, &str); 6] = [
 pub fn read(pins: &PinLayout) -> Result<Status> {
     let maps = KernelMaps::from_pins(pins)?;
     let backends: BTreeMap<u32, _> = maps.backends()?.into_iter().collect();
-    let mut slots: BTreeMap<u32, Vec<u32>> = BTreeMap::new();
-    for (key, slot) in maps.slots()? {
-        slots.entry(key.service_id).or_default().push(slot.backend_id);
-    }
     let mut frontends = Vec::new();
     let mut services = maps.services()?;
     services.sort_by_key(|(key, _)| {
@@ -61,7 +57,8 @@ pub fn read(pins: &PinLayout) -> Result<Status> {
     });
     // Port-0 entries only mark allocated ClusterIPs.
     for (key, value) in services.into_iter().filter(|(key, _)| key.proto != 0) {
-        let mut ids = slots.remove(&value.service_id).unwrap_or_default();
+        let slots = maps.slots(value.slot_base, value.slot_count)?;
+        let mut ids: Vec<u32> = slots.iter().map(|slot| slot.backend_id).collect();
         ids.sort_unstable();
         ids.dedup();
         let counters = maps.service_counters(value.service_id)?;

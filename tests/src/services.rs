@@ -1,9 +1,7 @@
 //! Seeding the datapath's service maps directly, Katran/Cilium style: frontends with their
 //! backends, as map operations.
 
-use lb_common::maps::{
-    Backend, BackendSlotKey, RevNat, ServiceKey, ServiceValue, Slot, backend_flags, scope,
-};
+use lb_common::maps::{Backend, RevNat, ServiceKey, ServiceValue, Slot, backend_flags, scope};
 use lb_user::maps::{MapOp, ip_be};
 
 /// One frontend (VIP, port, protocol, scope) and the backends in its slots.
@@ -64,9 +62,15 @@ impl Frontend {
         self
     }
 
-    /// The id of backend number `index`: unique per frontend and index.
+    /// The id of backend number `index`, and the index of its slot: unique per frontend and
+    /// index (64 per frontend).
     pub fn backend_id(&self, index: usize) -> u32 {
-        self.service_id * 64 + u32::try_from(index).expect("few backends")
+        self.slot_base() + u32::try_from(index).expect("few backends")
+    }
+
+    /// The first slot of the frontend's run.
+    fn slot_base(&self) -> u32 {
+        self.service_id * 64
     }
 
     /// Backends, then slots and reverse NAT, then the frontend: the daemon's write order.
@@ -80,12 +84,8 @@ impl Frontend {
                 flags: if local { backend_flags::LOCAL } else { 0 },
             };
             ops.push(MapOp::UpsertBackend { id: self.backend_id(index), backend });
-            let key = BackendSlotKey {
-                service_id: self.service_id,
-                slot: u32::try_from(index).expect("few"),
-            };
             let slot = Slot { backend_id: self.backend_id(index), backend };
-            ops.push(MapOp::UpsertSlot { key, slot });
+            ops.push(MapOp::UpsertSlot { index: self.backend_id(index), slot });
         }
         let vip_be = ip_be(self.vip.parse().expect("VIP"));
         let rev_nat = RevNat { vip_be, port_be: self.port.to_be(), pad: [0; 2] };
@@ -100,6 +100,7 @@ impl Frontend {
             ServiceKey { vip_be, port_be: self.port.to_be(), proto: self.proto, scope: self.scope };
         let value = ServiceValue {
             service_id: self.service_id,
+            slot_base: self.slot_base(),
             slot_count: u32::try_from(self.backends.len()).expect("few"),
             affinity_timeout_s: self.affinity_timeout_s,
             flags: self.flags,

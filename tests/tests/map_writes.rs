@@ -4,9 +4,7 @@
 
 use std::collections::BTreeMap;
 
-use lb_common::maps::{
-    Backend, BackendSlotKey, RevNat, ServiceKey, ServiceValue, Slot, proto, scope,
-};
+use lb_common::maps::{Backend, RevNat, ServiceKey, ServiceValue, Slot, proto, scope};
 use lb_tests::datapath::Datapath;
 use lb_user::maps::{MapOp, MapWriter as _};
 
@@ -36,10 +34,9 @@ fn batched_runs_leave_what_single_writes_would() {
     ops.extend((0..2 * services).map(|id| MapOp::UpsertBackend { id, backend: backend(id) }));
     for service_id in 0..services {
         for slot in 0..2 {
-            let key = BackendSlotKey { service_id, slot };
             let backend_id = 2 * service_id + slot;
             let slot = Slot { backend_id, backend: backend(backend_id) };
-            ops.push(MapOp::UpsertSlot { key, slot });
+            ops.push(MapOp::UpsertSlot { index: backend_id, slot });
         }
     }
     // A removal inside the runs: it must land after the upserts before it and before the
@@ -58,6 +55,7 @@ fn batched_runs_leave_what_single_writes_would() {
         key: service_key(service_id),
         value: ServiceValue {
             service_id,
+            slot_base: 2 * service_id,
             slot_count: 2,
             affinity_timeout_s: 0,
             flags: 0,
@@ -72,10 +70,10 @@ fn batched_runs_leave_what_single_writes_would() {
     assert_eq!(backends.len(), 2 * services as usize);
     assert_eq!(backends[&7], backend(70_000), "the later upsert of 7 wins");
     assert_eq!(backends[&8], backend(8));
-    let slots: BTreeMap<BackendSlotKey, Slot> = maps.slots().expect("slots").into_iter().collect();
-    assert_eq!(slots.len(), 2 * services as usize);
-    let last = slots[&BackendSlotKey { service_id: 2_999, slot: 1 }];
-    assert_eq!(last, Slot { backend_id: 5_999, backend: backend(5_999) });
+    let slots = maps.slots(0, 2 * services).expect("slots");
+    let expected: Vec<Slot> =
+        (0..2 * services).map(|id| Slot { backend_id: id, backend: backend(id) }).collect();
+    assert_eq!(slots, expected, "every slot, in order");
     let frontends: BTreeMap<ServiceKey, ServiceValue> =
         maps.services().expect("services").into_iter().collect();
     assert_eq!(frontends.len(), services as usize - 1, "service 5 removed after its upsert");

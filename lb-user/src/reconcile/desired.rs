@@ -4,15 +4,15 @@
 use std::net::Ipv4Addr;
 
 use lb_common::maps::{
-    Backend, BackendSlotKey, NodeConfig, RevNat, ServiceKey, ServiceValue, Slot, backend_flags,
-    node_flags, proto, scope, service_flags,
+    Backend, NodeConfig, RevNat, ServiceKey, ServiceValue, Slot, backend_flags, node_flags, proto,
+    scope, service_flags,
 };
 
 use super::{
     claims::Claims,
     ids::Ids,
     ledger::{Batch, Layout, Ledger, Owned},
-    state::DatapathState,
+    state::{DatapathState, slots_of},
 };
 use crate::{
     config,
@@ -68,13 +68,18 @@ pub fn node_config(node: &config::NodeConfig) -> NodeConfig {
 /// Computes the tables for `model`, allocating ids through `ids`.
 pub fn desired(model: &Model, node: &config::NodeConfig, mode: SlotMode, ids: &mut Ids) -> Desired {
     let mut ledger = Ledger::default();
-    let layout = Layout { mode, node_port_addresses: &model.node_port_addresses };
+    let nothing_programmed = DatapathState::default();
+    let layout = Layout {
+        mode,
+        node_port_addresses: &model.node_port_addresses,
+        programmed: &nothing_programmed,
+    };
     let mut batch =
         Batch::new(DatapathState { node: Some(node_config(node)), ..DatapathState::default() });
     for ports in by_service(&model.ports) {
         ledger.rebuild_service(&ports[0].id.service(), ports, &layout, ids, &mut batch);
     }
-    ledger.settle(&mut batch, &DatapathState::default(), ids);
+    ledger.settle(&mut batch, &nothing_programmed, ids);
     Desired { state: batch.after, problems: ledger.problems() }
 }
 
@@ -96,6 +101,7 @@ pub(super) struct PortTables<'a> {
     pub(super) port: &'a ServicePort,
     pub(super) protocol: u8,
     pub(super) mode: SlotMode,
+    pub(super) programmed: &'a DatapathState,
     pub(super) ids: &'a mut Ids,
     pub(super) claims: &'a mut Claims,
     pub(super) batch: &'a mut Batch,
@@ -204,6 +210,13 @@ impl PortTables<'_> {
         let Some(table) = self.slot_table(&backend_slots, backends) else {
             return;
         };
+        let Some(slot_base) = self.place_slots(key, &table) else {
+            self.problems.push(format!(
+                "{port_id}: no room left in the slot array for {vip}:{vport}'s {} slots",
+                table.len()
+            ));
+            return;
+        };
         if let Some(displaced) = self.claims.take(key, port_id) {
             self.batch.wake.push(displaced.service());
         }
@@ -214,10 +227,7 @@ impl PortTables<'_> {
         let slot_count = u32::try_from(table.len()).unwrap_or(u32::MAX);
         let after = &mut self.batch.after;
         after.remove_frontend(&key);
-        let slots = (0u32..)
-            .zip(table)
-            .map(|(slot, backend)| (BackendSlotKey { service_id, slot }, backend));
-        after.slots.extend(slots);
+        after.slots.extend((slot_base..).zip(table));
         let rev_nat = RevNat { vip_be: key.vip_be, port_be: key.port_be, pad: [0; 2] };
         after.rev_nats.insert(service_id, rev_nat);
         if with_ranges {
@@ -227,12 +237,30 @@ impl PortTables<'_> {
         }
         let value = ServiceValue {
             service_id,
+            slot_base,
             slot_count,
             affinity_timeout_s: self.port.affinity_timeout_s.unwrap_or(0),
             flags,
             pad: [0; 2],
         };
         after.services.insert(key, value);
+    }
+
+    /// The first index of frontend `key`'s run of slots for `table`: the run it has if the maps
+    /// hold `table` there already, else a fresh one (so that a packet never sees a run half
+    /// rewritten); `None` when the slot array has no room.
+    fn place_slots(&mut self, key: ServiceKey, table: &[Slot]) -> Option<u32> {
+        let len = u32::try_from(table.len()).ok()?;
+        let programmed = self.programmed;
+        let unchanged = self.ids.slot_run(&key).is_some_and(|run| {
+            programmed.services.get(&key).is_some_and(|value| {
+                (value.slot_base, value.slot_count) == (run.base, run.len)
+                    && slots_of(&programmed.slots, value)
+                        .map(|(_, slot)| slot)
+                        .eq(table.iter().copied())
+            })
+        });
+        self.ids.place_slots(key, len, unchanged)
     }
 
     /// The slot of each of `backends` (its id and entry), in the same order, with their

@@ -3,13 +3,16 @@
 //!
 //! Order is what keeps packets from seeing a half-written service: everything a frontend will
 //! point at (backends, slots, reverse NAT, source ranges) is written before the frontend, and
-//! what it stops pointing at is removed after it. A frontend whose slot count shrinks is
-//! rewritten before its surplus slots go, so no flow hash lands on a missing slot.
+//! what it stops pointing at is removed after it. A frontend's new slots are a fresh run (see
+//! `ids`), so they never overwrite slots a frontend points at, and its old run goes once it
+//! points at the new one.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
     convert::Infallible,
 };
+
+use lb_common::maps::ServiceValue;
 
 use super::state::{DatapathState, slots_of};
 use crate::maps::MapOp;
@@ -39,8 +42,8 @@ pub fn for_each_op<E>(
     for (id, backend) in changed(&programmed.backends, &desired.backends) {
         emit(MapOp::UpsertBackend { id, backend })?;
     }
-    for (key, slot) in changed(&programmed.slots, &desired.slots) {
-        emit(MapOp::UpsertSlot { key, slot })?;
+    for (index, slot) in changed(&programmed.slots, &desired.slots) {
+        emit(MapOp::UpsertSlot { index, slot })?;
     }
     for (service_id, rev_nat) in changed(&programmed.rev_nats, &desired.rev_nats) {
         emit(MapOp::UpsertRevNat { service_id, rev_nat })?;
@@ -54,8 +57,8 @@ pub fn for_each_op<E>(
     for key in stale(&programmed.services, &desired.services) {
         emit(MapOp::RemoveService { key })?;
     }
-    for key in stale(&programmed.slots, &desired.slots) {
-        emit(MapOp::RemoveSlot { key })?;
+    for index in stale(&programmed.slots, &desired.slots) {
+        emit(MapOp::RemoveSlot { index })?;
     }
     for &(service_id, range) in programmed.source_ranges.difference(&desired.source_ranges) {
         emit(MapOp::RemoveSourceRange { service_id, range })?;
@@ -92,17 +95,17 @@ fn stale<'a, K: Ord + Copy, V>(
 /// entries must go, so UDP clients move to a live backend instead of sending into the void.
 /// TCP flows are left alone, as kube-proxy does: a terminating backend may still finish them.
 pub fn removed_pairs(programmed: &DatapathState, desired: &DatapathState) -> BTreeSet<(u32, u32)> {
+    let desired_by_id: BTreeMap<u32, &ServiceValue> =
+        desired.services.values().map(|value| (value.service_id, value)).collect();
+    let backends_of = |state: &DatapathState, value: &ServiceValue| -> BTreeSet<u32> {
+        slots_of(&state.slots, value).map(|(_, slot)| slot.backend_id).collect()
+    };
     let mut removed = BTreeSet::new();
-    let mut slots = programmed.slots.iter().peekable();
     // Frontend by frontend, so that only one frontend's backends are in a set at a time.
-    while let Some((first, _)) = slots.peek() {
-        let id = first.service_id;
-        let mut before = BTreeSet::new();
-        while let Some((_, slot)) = slots.next_if(|(key, _)| key.service_id == id) {
-            before.insert(slot.backend_id);
-        }
-        let after: BTreeSet<u32> =
-            slots_of(&desired.slots, id).map(|(_, slot)| slot.backend_id).collect();
+    for value in programmed.services.values().filter(|value| value.slot_count > 0) {
+        let id = value.service_id;
+        let before = backends_of(programmed, value);
+        let after = desired_by_id.get(&id).map(|now| backends_of(desired, now)).unwrap_or_default();
         removed.extend(before.difference(&after).map(|backend| (id, *backend)));
     }
     removed

@@ -1,13 +1,17 @@
-//! Stable ids for frontends and backends. An id names a frontend's slots, reverse-NAT entry,
-//! counters and affinity entries, and a backend's conntrack references, so it must not change
-//! while the thing it names lives, across reconciles and across daemon restarts (the allocator
-//! is seeded from the programmed maps).
+//! Stable ids for frontends and backends, and the frontends' runs of slots. An id names a
+//! frontend's reverse-NAT entry, counters and affinity entries, and a backend's conntrack
+//! references, so it must not change while the thing it names lives, across reconciles and
+//! across daemon restarts (the allocator is seeded from the programmed maps).
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use lb_common::maps::{ServiceKey, capacity};
+use lb_common::maps::ServiceKey;
 
-use super::state::DatapathState;
+use super::{
+    slot_runs::{Run, SlotRuns},
+    state::DatapathState,
+};
+use crate::loader::Capacities;
 
 /// What identifies a backend: address, target port, protocol (network order, as in the map).
 pub type BackendIdentity = (u32, u16, u8);
@@ -71,36 +75,43 @@ impl IdSpace {
     }
 }
 
-/// The ids in use, by what they name.
+/// The ids in use, by what they name, and where the frontends' slots are.
 #[derive(Clone, Debug)]
 pub struct Ids {
     services: BTreeMap<ServiceKey, u32>,
     backends: BTreeMap<BackendIdentity, u32>,
     service_space: IdSpace,
     backend_space: IdSpace,
+    slot_runs: SlotRuns,
 }
 
 impl Default for Ids {
     fn default() -> Self {
-        Self::with_limits(capacity::SERVICES, capacity::BACKENDS)
+        Self::for_capacities(&Capacities::default())
     }
 }
 
 impl Ids {
     /// Ids below the frontend and backend map sizes (a frontend id indexes the per-frontend
-    /// counters array, so it must stay below its size).
-    pub fn with_limits(services: u32, backends: u32) -> Self {
+    /// counters array, so it must stay below its size), slots within the slot array.
+    pub fn for_capacities(capacities: &Capacities) -> Self {
         Self {
             services: BTreeMap::new(),
             backends: BTreeMap::new(),
-            service_space: IdSpace::new(services),
-            backend_space: IdSpace::new(backends),
+            service_space: IdSpace::new(capacities.services()),
+            backend_space: IdSpace::new(capacities.backends()),
+            slot_runs: SlotRuns::new(capacities.backend_slots()),
         }
     }
 
-    /// The ids a programmed state already uses.
-    pub fn from_programmed(state: &DatapathState, services: u32, backends: u32) -> Self {
-        let mut ids = Self::with_limits(services, backends);
+    /// The ids and slot runs a programmed state already uses.
+    pub fn from_programmed(state: &DatapathState, capacities: &Capacities) -> Self {
+        let mut ids = Self::for_capacities(capacities);
+        let runs = state
+            .services
+            .iter()
+            .map(|(key, value)| (*key, Run { base: value.slot_base, len: value.slot_count }));
+        ids.slot_runs = SlotRuns::adopt(capacities.backend_slots(), runs);
         let mut service_ids: Vec<u32> = Vec::new();
         for (key, value) in &state.services {
             if value.service_id != 0 {
@@ -140,11 +151,27 @@ impl Ids {
         Some(id)
     }
 
-    /// Frees the id of frontend `key`, which nothing uses any longer.
+    /// Frees the id and slot run of frontend `key`, which nothing uses any longer.
     pub fn release_service(&mut self, key: &ServiceKey) {
         if let Some(id) = self.services.remove(key) {
             self.service_space.release(id);
         }
+        self.slot_runs.release(*key);
+    }
+
+    /// The run frontend `key`'s slots are in now, if it has slots.
+    pub fn slot_run(&self, key: &ServiceKey) -> Option<Run> {
+        self.slot_runs.current(*key)
+    }
+
+    /// The first slot of frontend `key`'s table of `len` slots (see [`SlotRuns::place`]).
+    pub fn place_slots(&mut self, key: ServiceKey, len: u32, keep: bool) -> Option<u32> {
+        self.slot_runs.place(key, len, keep)
+    }
+
+    /// The reconcile has been written: the slot runs it gave up may be handed out again.
+    pub fn commit(&mut self) {
+        self.slot_runs.commit();
     }
 
     /// Frees the id of backend `identity`, which no frontend uses any longer.
@@ -160,6 +187,7 @@ impl Ids {
             desired.services.values().map(|v| v.service_id).collect();
         self.services.retain(|_, id| live_services.contains(id));
         self.service_space.retain(|id| live_services.contains(&id));
+        self.slot_runs.retain(|key| desired.services.contains_key(key));
         self.backends.retain(|_, id| desired.backends.contains_key(id));
         self.backend_space.retain(|id| desired.backends.contains_key(&id));
     }

@@ -9,7 +9,11 @@ use std::{
 use ipnet::Ipv4Net;
 use lb_common::maps::{Backend, RevNat, ServiceKey};
 
-use super::{tests::assert_safely_ordered, *};
+use super::{
+    state::{run_of, slots_of},
+    tests::assert_safely_ordered,
+    *,
+};
 use crate::{
     config::NodeConfig,
     maps::MapOp,
@@ -150,10 +154,7 @@ fn resolved(state: &DatapathState) -> BTreeMap<ServiceKey, Resolved> {
         .iter()
         .map(|(key, value)| {
             let id = value.service_id;
-            let slots = state
-                .slots
-                .iter()
-                .filter(|(slot, _)| slot.service_id == id && id != 0)
+            let slots = slots_of(&state.slots, value)
                 .map(|(_, slot)| {
                     let backend = state.backends.get(&slot.backend_id).copied();
                     assert_eq!(backend, Some(slot.backend), "a slot's copy of its backend");
@@ -178,7 +179,8 @@ fn resolved(state: &DatapathState) -> BTreeMap<ServiceKey, Resolved> {
 /// Entries nothing points at: a rebuild must not leave them behind.
 fn assert_no_orphans(state: &DatapathState) {
     let ids: BTreeSet<u32> = state.services.values().map(|v| v.service_id).collect();
-    assert!(state.slots.keys().all(|k| ids.contains(&k.service_id)), "slots of unknown frontends");
+    let pointed_at: BTreeSet<u32> = state.services.values().flat_map(run_of).collect();
+    assert!(state.slots.keys().all(|i| pointed_at.contains(i)), "slots no frontend points at");
     assert!(state.rev_nats.keys().all(|id| ids.contains(id)), "reverse NAT of unknown frontends");
     assert!(state.source_ranges.iter().all(|(id, _)| ids.contains(id)), "ranges of unknown");
     let used: BTreeSet<u32> = state.slots.values().map(|slot| slot.backend_id).collect();
@@ -216,6 +218,7 @@ fn incremental_results_equal_a_full_rebuild_over_random_edits() {
                 changed.insert(service);
             }
             let written = maps.ops.len();
+            let before = maps.state.clone();
             let report = incremental
                 .reconcile_services(
                     changed,
@@ -225,7 +228,7 @@ fn incremental_results_equal_a_full_rebuild_over_random_edits() {
                 .expect("incremental sync");
             let context = format!("seed {seed} step {step}");
             assert_eq!(report.writes, maps.ops.len() - written, "{context}");
-            assert_safely_ordered(&maps.ops[written..]);
+            assert_safely_ordered(&before, &maps.ops[written..]);
             assert_eq!(&maps.state, incremental.programmed(), "{context}: the maps were written");
             assert_no_orphans(incremental.programmed());
 
@@ -301,10 +304,17 @@ fn a_change_writes_only_its_services_entries_and_purges_its_removed_backends() {
         .expect("incremental sync");
     let ops = &maps.ops[written..];
     assert_ne!(ops, []);
+    let slot_owner: BTreeMap<u32, u32> = [&before, reconciler.programmed()]
+        .into_iter()
+        .flat_map(|state| state.services.values())
+        .flat_map(|value| run_of(value).map(|index| (index, value.service_id)))
+        .collect();
     for op in ops {
         let service_id = match op {
             MapOp::UpsertService { value, .. } => value.service_id,
-            MapOp::UpsertSlot { key, .. } | MapOp::RemoveSlot { key } => key.service_id,
+            MapOp::UpsertSlot { index, .. } | MapOp::RemoveSlot { index } => *slot_owner
+                .get(index)
+                .unwrap_or_else(|| panic!("slot {index} belongs to no frontend, before or after")),
             MapOp::RemoveBackend { .. } => continue,
             other => panic!("unexpected write for a removed endpoint: {other:?}"),
         };
@@ -338,8 +348,7 @@ fn a_frontend_given_up_goes_to_the_next_claimant_and_back() {
     };
     let serving = |reconciler: &Reconciler| {
         let state = reconciler.programmed();
-        let id = state.services[&external].service_id;
-        let first_slot = state.slots[&lb_common::maps::BackendSlotKey { service_id: id, slot: 0 }];
+        let first_slot = state.slots[&state.services[&external].slot_base];
         Ipv4Addr::from(u32::from_be(first_slot.backend.ip_be))
     };
     assert_eq!(serving(&reconciler), Ipv4Addr::new(10, 244, 0, 1), "svc-0 sorts first");
@@ -354,10 +363,11 @@ fn a_frontend_given_up_goes_to_the_next_claimant_and_back() {
     // And claims it back: the earlier port wins again.
     services.get_mut(&name(0)).expect("svc-0")[0].external_ips = vec![Ipv4Addr::new(192, 0, 2, 1)];
     let written = maps.ops.len();
+    let before = maps.state.clone();
     reconciler
         .reconcile_services([name(0)], |s| services[s].clone(), &mut maps)
         .expect("take back");
     assert_eq!(serving(&reconciler), Ipv4Addr::new(10, 244, 0, 1));
-    assert_safely_ordered(&maps.ops[written..]);
+    assert_safely_ordered(&before, &maps.ops[written..]);
     assert_eq!(&maps.state, reconciler.programmed());
 }

@@ -95,6 +95,8 @@ impl Batch {
 pub(super) struct Layout<'a> {
     pub(super) mode: SlotMode,
     pub(super) node_port_addresses: &'a [Ipv4Addr],
+    /// What the maps hold: a frontend whose slot table is unchanged keeps its run.
+    pub(super) programmed: &'a DatapathState,
 }
 
 impl Ledger {
@@ -139,6 +141,7 @@ impl Ledger {
                 port,
                 protocol,
                 mode: layout.mode,
+                programmed: layout.programmed,
                 ids: &mut *ids,
                 claims: &mut self.claims,
                 batch: &mut *batch,

@@ -12,6 +12,7 @@ mod desired;
 mod diff;
 mod ids;
 mod ledger;
+mod slot_runs;
 mod state;
 
 #[cfg(test)]
@@ -81,7 +82,7 @@ impl Reconciler {
         mode: SlotMode,
         capacities: &Capacities,
     ) -> Self {
-        let ids = Ids::from_programmed(&programmed, capacities.services(), capacities.backends());
+        let ids = Ids::from_programmed(&programmed, capacities);
         Self { programmed, ids, mode, ledger: Ledger::default(), node_port_addresses: Vec::new() }
     }
 
@@ -103,7 +104,11 @@ impl Reconciler {
         let _entered = span.enter();
         self.ledger = Ledger::default();
         self.node_port_addresses.clone_from(&model.node_port_addresses);
-        let layout = Layout { mode: self.mode, node_port_addresses: &self.node_port_addresses };
+        let layout = Layout {
+            mode: self.mode,
+            node_port_addresses: &self.node_port_addresses,
+            programmed: &self.programmed,
+        };
         let mut batch =
             Batch::new(DatapathState { node: Some(node_config(node)), ..DatapathState::default() });
         // In id order nobody displaces anybody: the first claimant of a frontend keeps it.
@@ -119,6 +124,7 @@ impl Reconciler {
         let removed_pairs = removed_pairs(&self.programmed, &desired);
         self.programmed = desired;
         self.ids.retain_used(&self.programmed);
+        self.ids.commit();
         debug!(written, removed_pairs = removed_pairs.len(), "reconciled");
         Ok(Report { writes: written, problems: self.ledger.problems(), removed_pairs })
     }
@@ -142,7 +148,11 @@ impl Reconciler {
         }
         let span = info_span!("reconcile_services", services = queue.len());
         let _entered = span.enter();
-        let layout = Layout { mode: self.mode, node_port_addresses: &self.node_port_addresses };
+        let layout = Layout {
+            mode: self.mode,
+            node_port_addresses: &self.node_port_addresses,
+            programmed: &self.programmed,
+        };
         let mut batch = Batch::default();
         while let Some(service) = queue.pop_front() {
             queued.remove(&service);
@@ -160,6 +170,7 @@ impl Reconciler {
         let mut chunk = Chunk::default();
         for_each_op(&before, &batch.after, |op| chunk.push(op, writer, |op| programmed.apply(op)))?;
         let written = chunk.finish(writer, |op| programmed.apply(op))?;
+        self.ids.commit();
         let removed_pairs = removed_pairs(&before, &batch.after);
         debug!(written, removed_pairs = removed_pairs.len(), "reconciled");
         Ok(Report { writes: written, problems: self.ledger.problems(), removed_pairs })

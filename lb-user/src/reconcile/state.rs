@@ -4,9 +4,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use ipnet::Ipv4Net;
-use lb_common::maps::{
-    Backend, BackendSlotKey, NodeConfig, RevNat, ServiceKey, ServiceValue, Slot,
-};
+use lb_common::maps::{Backend, NodeConfig, RevNat, ServiceKey, ServiceValue, Slot};
 
 use crate::{
     error::Result,
@@ -18,7 +16,8 @@ use crate::{
 pub struct DatapathState {
     pub node: Option<NodeConfig>,
     pub services: BTreeMap<ServiceKey, ServiceValue>,
-    pub slots: BTreeMap<BackendSlotKey, Slot>,
+    /// The slots frontends point at, by index in the `BACKEND_SLOTS` array.
+    pub slots: BTreeMap<u32, Slot>,
     pub backends: BTreeMap<u32, Backend>,
     pub rev_nats: BTreeMap<u32, RevNat>,
     /// (service id, allowed source range)
@@ -28,10 +27,18 @@ pub struct DatapathState {
 impl DatapathState {
     /// Reads what is programmed, for a restarted daemon to reconcile against.
     pub fn read(maps: &KernelMaps) -> Result<Self> {
+        let services: BTreeMap<ServiceKey, ServiceValue> = maps.services()?.into_iter().collect();
+        // Only the runs frontends point at: anything else in the array is unused (zero, or
+        // left by a daemon that stopped between writing a run and switching to it).
+        let mut slots = BTreeMap::new();
+        for value in services.values() {
+            let run = maps.slots(value.slot_base, value.slot_count)?;
+            slots.extend((value.slot_base..).zip(run));
+        }
         Ok(Self {
             node: maps.node_config()?,
-            services: maps.services()?.into_iter().collect(),
-            slots: maps.slots()?.into_iter().collect(),
+            services,
+            slots,
             backends: maps.backends()?.into_iter().collect(),
             rev_nats: maps.rev_nats()?.into_iter().collect(),
             source_ranges: maps.source_ranges()?.into_iter().collect(),
@@ -44,9 +51,8 @@ impl DatapathState {
     pub fn remove_frontend(&mut self, key: &ServiceKey) {
         let Some(value) = self.services.remove(key) else { return };
         let id = value.service_id;
-        let slots: Vec<BackendSlotKey> = slots_of(&self.slots, id).map(|(slot, _)| *slot).collect();
-        for slot in slots {
-            self.slots.remove(&slot);
+        for index in run_of(&value) {
+            self.slots.remove(&index);
         }
         self.rev_nats.remove(&id);
         let ranges: Vec<(u32, Ipv4Net)> = ranges_of(&self.source_ranges, id).copied().collect();
@@ -60,7 +66,7 @@ impl DatapathState {
         let Some(value) = from.services.get(key) else { return };
         self.services.insert(*key, *value);
         let id = value.service_id;
-        self.slots.extend(slots_of(&from.slots, id));
+        self.slots.extend(slots_of(&from.slots, value));
         if let Some(rev_nat) = from.rev_nats.get(&id) {
             self.rev_nats.insert(id, *rev_nat);
         }
@@ -77,11 +83,11 @@ impl DatapathState {
             MapOp::RemoveBackend { id } => {
                 self.backends.remove(&id);
             }
-            MapOp::UpsertSlot { key, slot } => {
-                self.slots.insert(key, slot);
+            MapOp::UpsertSlot { index, slot } => {
+                self.slots.insert(index, slot);
             }
-            MapOp::RemoveSlot { key } => {
-                self.slots.remove(&key);
+            MapOp::RemoveSlot { index } => {
+                self.slots.remove(&index);
             }
             MapOp::UpsertRevNat { service_id, rev_nat } => {
                 self.rev_nats.insert(service_id, rev_nat);
@@ -105,14 +111,17 @@ impl DatapathState {
     }
 }
 
-/// The slots of frontend `id`, in slot order.
-pub fn slots_of(
-    slots: &BTreeMap<BackendSlotKey, Slot>,
-    id: u32,
-) -> impl Iterator<Item = (&BackendSlotKey, &Slot)> {
-    slots
-        .range(BackendSlotKey { service_id: id, slot: 0 }..)
-        .take_while(move |(k, _)| k.service_id == id)
+/// The indices of frontend `value`'s run of slots.
+pub fn run_of(value: &ServiceValue) -> std::ops::Range<u32> {
+    value.slot_base..value.slot_base.saturating_add(value.slot_count)
+}
+
+/// The slots of frontend `value`, in slot order, by index.
+pub fn slots_of<'a>(
+    slots: &'a BTreeMap<u32, Slot>,
+    value: &ServiceValue,
+) -> impl Iterator<Item = (u32, Slot)> + 'a {
+    slots.range(run_of(value)).map(|(index, slot)| (*index, *slot))
 }
 
 /// The source ranges of frontend `id`.

@@ -5,7 +5,10 @@ use std::{collections::BTreeMap, net::Ipv4Addr, path::PathBuf};
 
 use lb_common::maps::{ServiceKey, ServiceValue, proto, scope, service_flags as flag};
 
-use super::*;
+use super::{
+    state::{run_of, slots_of},
+    *,
+};
 use crate::{
     config::NodeConfig,
     manifest,
@@ -100,7 +103,7 @@ fn every_frontend_has_its_reverse_nat_and_slots() {
     for (key, value) in state.services.iter().filter(|(_, v)| v.service_id != 0) {
         let rev_nat = state.rev_nats.get(&value.service_id).expect("reverse NAT entry");
         assert_eq!((rev_nat.vip_be, rev_nat.port_be), (key.vip_be, key.port_be));
-        let slots = state.slots.keys().filter(|s| s.service_id == value.service_id).count();
+        let slots = slots_of(&state.slots, value).count();
         assert_eq!(slots, value.slot_count as usize);
     }
 }
@@ -146,39 +149,31 @@ fn writes_are_ordered_so_no_packet_sees_a_half_written_service() {
     let mut reconciler = Reconciler::new(DatapathState::default(), SlotMode::PerBackend);
     for model in [model.clone(), without_endpoint(&model, "10.244.2.10"), model] {
         let mut maps = FakeMaps::default();
+        let before = reconciler.programmed().clone();
         reconciler.reconcile(&model, &node, &mut maps).expect("reconcile");
-        assert_safely_ordered(&maps.ops);
+        assert_safely_ordered(&before, &maps.ops);
     }
 }
 
-/// Everything a frontend points at is written before it, and removed after it.
-pub(super) fn assert_safely_ordered(ops: &[MapOp]) {
-    let position = |wanted: &dyn Fn(&MapOp) -> bool| ops.iter().position(wanted);
-    for (index, op) in ops.iter().enumerate() {
-        match op {
-            MapOp::UpsertService { value, .. } => {
-                let id = value.service_id;
-                let slot = position(
-                    &|op| matches!(op, MapOp::UpsertSlot { key, .. } if key.service_id == id),
-                );
-                assert!(slot.is_none_or(|slot| slot < index), "slots before their frontend");
-                let removed =
-                    position(&|op| matches!(op, MapOp::RemoveSlot { key } if key.service_id == id));
-                assert!(removed.is_none_or(|removed| removed > index), "surplus slots after");
+/// Replays `ops` on `before` and checks, after every one, what a packet could see: each
+/// frontend's whole run of slots, the backends they name and its reverse-NAT entry, and a run
+/// a frontend points at never rewritten.
+pub(super) fn assert_safely_ordered(before: &DatapathState, ops: &[MapOp]) {
+    let mut state = before.clone();
+    for op in ops {
+        if let MapOp::UpsertSlot { index, .. } | MapOp::RemoveSlot { index } = op {
+            let live = state.services.values().any(|value| run_of(value).contains(index));
+            assert!(!live, "{op:?} rewrites a run a frontend points at");
+        }
+        state.apply(op);
+        for value in state.services.values().filter(|value| value.service_id != 0) {
+            assert!(state.rev_nats.contains_key(&value.service_id), "after {op:?}: reverse NAT");
+            for index in run_of(value) {
+                let slot = state.slots.get(&index);
+                assert!(slot.is_some(), "after {op:?}: frontend {value:?} lacks slot {index}");
+                let backend_id = slot.map(|slot| slot.backend_id).unwrap_or_default();
+                assert!(state.backends.contains_key(&backend_id), "after {op:?}: backend gone");
             }
-            MapOp::UpsertSlot { slot, .. } => {
-                let id = slot.backend_id;
-                let backend =
-                    position(&|op| matches!(op, MapOp::UpsertBackend { id: b, .. } if *b == id));
-                assert!(backend.is_none_or(|backend| backend < index), "backends before slots");
-            }
-            MapOp::RemoveBackend { .. } => {
-                let last_service = ops.iter().rposition(|op| {
-                    matches!(op, MapOp::UpsertService { .. } | MapOp::RemoveService { .. })
-                });
-                assert!(last_service.is_none_or(|last| last < index), "backends go last");
-            }
-            _ => {}
         }
     }
 }
@@ -219,11 +214,7 @@ fn maglev_mode_fills_a_prime_sized_table_with_every_backend() {
     let state = desired(&model, &node, SlotMode::Maglev(251), &mut Ids::default()).state;
     let value = frontend(&state, "10.96.45.11", 80, scope::EXTERNAL);
     assert_eq!(value.slot_count, 251);
-    let used: std::collections::BTreeSet<u32> = state
-        .slots
-        .iter()
-        .filter(|(k, _)| k.service_id == value.service_id)
-        .map(|(_, slot)| slot.backend_id)
-        .collect();
+    let used: std::collections::BTreeSet<u32> =
+        slots_of(&state.slots, &value).map(|(_, slot)| slot.backend_id).collect();
     assert_eq!(used.len(), 3, "all three sticky backends own slots");
 }

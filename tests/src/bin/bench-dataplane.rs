@@ -51,8 +51,8 @@ use aya::{
 };
 use lb_common::{
     maps::{
-        Backend, BackendSlotKey, ConntrackKey, ConntrackValue, RevNat, ServiceKey, ServiceValue,
-        Slot, backend_flags, capacity, ct_flags, names, proto, scope, service_flags,
+        Backend, ConntrackKey, ConntrackValue, RevNat, ServiceKey, ServiceValue, Slot,
+        backend_flags, capacity, ct_flags, names, proto, scope, service_flags,
     },
     stats::Reason,
 };
@@ -631,6 +631,7 @@ fn service_ops(
 ) -> Vec<MapOp> {
     let mut ops = Vec::new();
     for (slot, (ip, backend_port, backend_flags)) in (0u32..).zip(backends) {
+        // The backend id doubles as the slot index: the frontend's run starts at 2 x its id.
         let id = 2 * service_id + slot;
         let backend = Backend {
             ip_be: ip_be(*ip),
@@ -639,8 +640,7 @@ fn service_ops(
             flags: *backend_flags,
         };
         ops.push(MapOp::UpsertBackend { id, backend });
-        let key = BackendSlotKey { service_id, slot };
-        ops.push(MapOp::UpsertSlot { key, slot: Slot { backend_id: id, backend } });
+        ops.push(MapOp::UpsertSlot { index: id, slot: Slot { backend_id: id, backend } });
     }
     ops.push(rev_nat(service_id, (&vip.to_string(), port)));
     let key = ServiceKey {
@@ -650,7 +650,14 @@ fn service_ops(
         scope: scope::EXTERNAL,
     };
     let slot_count = u32::try_from(backends.len()).expect("few backends");
-    let value = ServiceValue { service_id, slot_count, affinity_timeout_s: 0, flags, pad: [0; 2] };
+    let value = ServiceValue {
+        service_id,
+        slot_base: 2 * service_id,
+        slot_count,
+        affinity_timeout_s: 0,
+        flags,
+        pad: [0; 2],
+    };
     ops.push(MapOp::UpsertService { key, value });
     ops
 }
