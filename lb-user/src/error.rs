@@ -67,6 +67,18 @@ pub enum Error {
     )]
     AlreadyLoaded(PathBuf),
 
+    #[error(
+        "the datapath pinned under {dir} was loaded by a build whose map {name} has another \
+         layout; run `unload --pin-dir {dir}` (its connections are forgotten) and start again",
+        dir = .dir.display()
+    )]
+    IncompatiblePins {
+        dir: PathBuf,
+        name: String,
+        #[source]
+        source: Box<MapError>,
+    },
+
     #[error("reading map {name}")]
     Map {
         name: String,

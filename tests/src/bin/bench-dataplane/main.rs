@@ -109,7 +109,11 @@ const TARGET_CT_HIT: f64 = 4.0;
 const TARGET_FIRST_PACKET: f64 = 30.0;
 const TARGET_SCALING: f64 = 1.25;
 
+mod memory;
+
 fn main() {
+    let miss_ns = memory::dependent_miss_ns();
+    eprintln!("one dependent cache miss over 256 MiB: {miss_ns:.1} ns");
     let floor = Floor::load();
     let floor_ns = two_point(FLOOR_RUNS, |runs| floor.run(runs).1);
     let floor_single_ns = floor.kernel_average_of_single_runs(FLOOR_SINGLE_RUNS);
@@ -132,8 +136,15 @@ fn main() {
     }
     let full_table_ns = Bench::load(SERVICE_COUNTS[2], capacity::CONNTRACK).first_packet();
     eprintln!("first packet with the default-sized conntrack map full: {full_table_ns:.1} ns");
-    let report =
-        Report { floor_ns, floor_single_ns, parse_only_ns, by_services, full_table_ns, ring_ns };
+    let report = Report {
+        floor_ns,
+        floor_single_ns,
+        parse_only_ns,
+        by_services,
+        full_table_ns,
+        ring_ns,
+        miss_ns,
+    };
     report.print();
     let path = report.write_json();
     println!("\nwrote {}", path.display());
@@ -680,6 +691,8 @@ struct Report {
     full_table_ns: f64,
     /// First packet at the largest service count, a ring tour in one call.
     ring_ns: f64,
+    /// One dependent cache miss in userspace (see `memory`).
+    miss_ns: f64,
 }
 
 impl Report {
@@ -730,6 +743,16 @@ impl Report {
         let met = if scaling <= TARGET_SCALING { "yes" } else { "NO" };
         let target = format!("<= {TARGET_SCALING}x");
         println!("{:<48} {:>9} {scaling:>8.2}  {target:<8} {met}", "first packet, 100k / 10", "");
+        let (miss, first, budget) =
+            (self.miss_ns, self.headline().first_packet, TARGET_FIRST_PACKET * self.floor_ns);
+        println!(
+            "\nyardstick: one dependent cache miss (userspace, random walk of 256 MiB) {miss:.0} ns;\n  \
+             first packet, {} services = {:.1} misses; the {TARGET_FIRST_PACKET}x target \
+             ({budget:.0} ns) = {:.1}",
+            SERVICE_COUNTS[2],
+            first / miss,
+            budget / miss
+        );
         println!("\n{METHOD}");
     }
 
@@ -756,6 +779,7 @@ impl Report {
             ("snat_reply_ns", head.snat_reply),
             ("first_packet_in_one_call_ns", self.ring_ns),
             ("first_packet_full_conntrack_ns", self.full_table_ns),
+            ("dependent_cache_miss_ns", self.miss_ns),
         ];
         for (name, value) in fields {
             writeln!(text, "  \"{name}\": {value:.2},").expect("writing to a String");
