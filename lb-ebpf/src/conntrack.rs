@@ -45,9 +45,7 @@ pub fn lookup(
     if !is_live(value, key.proto, now, config) {
         return None;
     }
-    let new_syn = packet.proto == proto::TCP
-        && packet.flags & (tcp_flags::SYN | tcp_flags::ACK) == tcp_flags::SYN;
-    if new_syn && value.flags & ct_flags::CLOSING != 0 {
+    if packet.opens_tcp_connection() && value.flags & ct_flags::CLOSING != 0 {
         return None;
     }
     Some(entry)

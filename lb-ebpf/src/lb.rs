@@ -61,6 +61,11 @@ pub fn process(hook: &impl Hook, packet: &Packet, origin: Origin) -> (Verdict, R
     };
     let now = conntrack::now();
     let key = conntrack::key_of(packet);
+    // A TCP SYN nearly always opens a flow. Looking its frontend up before the conntrack lookup,
+    // instead of after that misses, lets the CPU overlap the two lookups' cache misses (their
+    // loads are independent), and misses are most of what a first packet costs on a busy node.
+    let early_frontend =
+        packet.opens_tcp_connection().then(|| find_service(packet, origin, config));
     if let Some(entry) = conntrack::lookup(&key, packet, now, config) {
         conntrack::touch(entry, packet, now, config);
         // SAFETY: a live pointer from the conntrack lookup above.
@@ -71,7 +76,8 @@ pub fn process(hook: &impl Hook, packet: &Packet, origin: Origin) -> (Verdict, R
             forward_established(hook, packet, &value)
         };
     }
-    new_flow(hook, packet, origin, config, now)
+    let frontend = early_frontend.unwrap_or_else(|| find_service(packet, origin, config));
+    new_flow(hook, packet, origin, config, now, frontend)
 }
 
 /// The node configuration, once the daemon has written it.
@@ -130,7 +136,7 @@ fn in_prefix(address_be: u32, prefix_be: u32, mask_be: u32) -> bool {
     address_be & mask_be == prefix_be
 }
 
-/// The first packet of a flow.
+/// The first packet of a flow, to `frontend` (`None`: no frontend serves its destination).
 #[inline(always)]
 fn new_flow(
     hook: &impl Hook,
@@ -138,8 +144,9 @@ fn new_flow(
     origin: Origin,
     config: &NodeConfig,
     now: u64,
+    frontend: Option<ServiceValue>,
 ) -> (Verdict, Reason) {
-    let Some(service) = find_service(packet, origin, config) else {
+    let Some(service) = frontend else {
         return not_a_service(packet, config);
     };
     let service_id = service.service_id;

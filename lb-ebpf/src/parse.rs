@@ -43,6 +43,14 @@ pub struct Packet {
     pub total_len: u16,
 }
 
+impl Packet {
+    /// A TCP SYN without ACK: a client opening a connection.
+    #[inline(always)]
+    pub fn opens_tcp_connection(&self) -> bool {
+        self.proto == proto::TCP && self.flags & (tcp_flags::SYN | tcp_flags::ACK) == tcp_flags::SYN
+    }
+}
+
 /// Field offsets inside the IPv4 header (RFC 791), shared by everything that rewrites it.
 pub mod ipv4_field {
     pub const TTL: usize = 8;
