@@ -5,7 +5,10 @@
 use std::{collections::BTreeSet, net::Ipv4Addr};
 
 use etherparse::{Icmpv4Type, PacketBuilder, icmpv4::DestUnreachableHeader};
-use lb_common::stats::Reason;
+use lb_common::{
+    maps::{ServiceKey, ServiceValue, proto, scope},
+    stats::Reason,
+};
 use lb_tests::{
     checksum,
     datapath::{Hook, Run},
@@ -13,6 +16,7 @@ use lb_tests::{
     node::{NODE_IP, SNAT_PORT_MAX, SNAT_PORT_MIN},
     packets::{CLIENT_MAC, L3, NODE_MAC, Spec, TcpFields, endpoints},
 };
+use lb_user::maps::{MapOp, ip_be};
 
 /// Asserts the run's verdict and that exactly `reason` was counted, once.
 fn assert_outcome(run: &Run, code: u32, reason: Reason, context: &str) {
@@ -283,6 +287,37 @@ fn drops_by_policy_and_unallocated_addresses() {
     for (name, hook, spec, reason) in cases {
         let run = datapath.run(hook, &spec.build());
         assert_outcome(&run, hook.drop_code(), reason, name);
+    }
+}
+
+#[test]
+fn a_frontend_whose_slots_hold_no_backend_drops_and_counts_it() {
+    let mut datapath = seeded();
+    // Frontend entries without their slots, which the daemon never leaves: a run of zeroed
+    // slots (backend id 0), and a run past the end of the array.
+    let frontend = |vip: &str, service_id: u32, slot_base: u32| MapOp::UpsertService {
+        key: ServiceKey {
+            vip_be: ip_be(addr(vip)),
+            port_be: 80u16.to_be(),
+            proto: proto::TCP,
+            scope: scope::EXTERNAL,
+        },
+        value: ServiceValue {
+            service_id,
+            slot_base,
+            slot_count: 3,
+            affinity_timeout_s: 0,
+            flags: 0,
+            pad: [0; 2],
+        },
+    };
+    datapath
+        .apply(&[frontend("10.96.77.1", 900, 1_000_000), frontend("10.96.77.2", 901, u32::MAX)]);
+    for (name, vip) in [("zeroed slots", "10.96.77.1"), ("slots past the array", "10.96.77.2")] {
+        for hook in Hook::ALL {
+            let run = datapath.run(hook, &Spec::tcp(POD, 40_500, vip, 80).build());
+            assert_outcome(&run, hook.drop_code(), Reason::DropBackendMissing, name);
+        }
     }
 }
 
