@@ -1,5 +1,6 @@
 //! Where each frontend's slots live in the `BACKEND_SLOTS` array: a contiguous run per frontend,
-//! handed out first-fit from the free extents.
+//! handed out best-fit from the free extents (the smallest one long enough, lowest first), in
+//! logarithmic time however fragmented the array gets.
 //!
 //! A run a frontend points at is never rewritten: a changed table gets a fresh run, written
 //! before the frontend entry switches to it, and the old run is only retired. Retired runs
@@ -7,7 +8,7 @@
 //! has been written. A program that read a frontend entry just before its switch is done with
 //! the old run within microseconds, long before a later reconcile can hand the run out again.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use lb_common::maps::ServiceKey;
 
@@ -24,10 +25,56 @@ impl Run {
     }
 }
 
+/// The free extents, by first index (to merge neighbours) and by length (to fit).
+#[derive(Clone, Debug, Default)]
+struct Extents {
+    /// First index to length; two are never adjacent (they merge when freed).
+    by_base: BTreeMap<u32, u32>,
+    /// (length, first index).
+    by_len: BTreeSet<(u32, u32)>,
+}
+
+impl Extents {
+    fn insert(&mut self, base: u32, len: u32) {
+        if len > 0 {
+            self.by_base.insert(base, len);
+            self.by_len.insert((len, base));
+        }
+    }
+
+    fn remove(&mut self, base: u32) -> Option<u32> {
+        let len = self.by_base.remove(&base)?;
+        self.by_len.remove(&(len, base));
+        Some(len)
+    }
+
+    /// Takes `len` slots from the start of the smallest extent that has them.
+    fn take(&mut self, len: u32) -> Option<u32> {
+        let &(free_len, base) = self.by_len.range((len, 0)..).next()?;
+        self.remove(base);
+        self.insert(base + len, free_len - len);
+        Some(base)
+    }
+
+    /// Frees `run`, merged with the extents on either side of it.
+    fn free(&mut self, run: Run) {
+        let mut merged = run;
+        if let Some((&before, &len)) = self.by_base.range(..run.base).next_back()
+            && before + len == run.base
+        {
+            self.remove(before);
+            merged = Run { base: before, len: len + merged.len };
+        }
+        if let Some(len) = self.remove(run.end()) {
+            merged.len += len;
+        }
+        self.insert(merged.base, merged.len);
+    }
+}
+
 #[derive(Clone, Debug)]
 pub struct SlotRuns {
-    /// Free extents, first index to length; two are never adjacent (they merge when freed).
-    free: BTreeMap<u32, u32>,
+    free: Extents,
     /// The run of each frontend that has slots.
     runs: BTreeMap<ServiceKey, Run>,
     /// Runs given up since the last commit: not free yet.
@@ -48,7 +95,7 @@ impl SlotRuns {
             programmed.into_iter().filter(|(_, run)| run.len > 0).collect();
         let mut taken: Vec<Run> = runs.values().copied().collect();
         taken.sort_unstable_by_key(|run| run.base);
-        let mut free = BTreeMap::new();
+        let mut free = Extents::default();
         let mut next = 0;
         for run in taken {
             if run.base > next {
@@ -56,10 +103,7 @@ impl SlotRuns {
             }
             next = next.max(run.end()).min(capacity);
         }
-        if next < capacity {
-            free.insert(next, capacity - next);
-        }
-        free.retain(|_, len| *len > 0);
+        free.insert(next, capacity - next);
         Self { free, runs, retired: Vec::new() }
     }
 
@@ -83,11 +127,7 @@ impl SlotRuns {
             self.release(key);
             return Some(0);
         }
-        let (&base, &free_len) = self.free.iter().find(|(_, free_len)| **free_len >= len)?;
-        self.free.remove(&base);
-        if free_len > len {
-            self.free.insert(base + len, free_len - len);
-        }
+        let base = self.free.take(len)?;
         if let Some(old) = current {
             self.retired.push(old);
         }
@@ -113,23 +153,8 @@ impl SlotRuns {
     /// The reconcile that retired runs has been written: they are free from now on.
     pub fn commit(&mut self) {
         for run in std::mem::take(&mut self.retired) {
-            self.free_run(run);
+            self.free.free(run);
         }
-    }
-
-    /// Returns `run` to the free extents, merged with its neighbours.
-    fn free_run(&mut self, run: Run) {
-        let mut merged = run;
-        if let Some((&before, &len)) = self.free.range(..run.base).next_back()
-            && before + len == run.base
-        {
-            self.free.remove(&before);
-            merged = Run { base: before, len: len + merged.len };
-        }
-        if let Some(len) = self.free.remove(&run.end()) {
-            merged.len += len;
-        }
-        self.free.insert(merged.base, merged.len);
     }
 }
 
@@ -168,5 +193,13 @@ mod tests {
         assert_eq!(runs.place(key(4), 8, false), Some(2), "2..10 merged into one extent");
         assert_eq!(runs.place(key(5), 0, false), Some(0), "an empty table needs no run");
         assert_eq!(runs.current(key(5)), None);
+    }
+
+    #[test]
+    fn the_smallest_extent_long_enough_is_used() {
+        // Free: 0..5 and 6..8.
+        let mut runs = SlotRuns::adopt(8, [(key(1), Run { base: 5, len: 1 })]);
+        assert_eq!(runs.place(key(2), 2, false), Some(6), "the 2-slot hole, not the 5");
+        assert_eq!(runs.place(key(3), 5, false), Some(0), "so that 5 still fit");
     }
 }
