@@ -1,6 +1,6 @@
 //! Keys and values of the load balancer's BPF maps, following Cilium's split: a service entry
-//! keyed by (VIP, port, protocol), backend slots per service, backends by id, reverse-NAT entries,
-//! connection tracking, session affinity and node configuration.
+//! keyed by (VIP, port, protocol), backend slots per service, backends by id, connection
+//! tracking (whose reply entries hold the reverse NAT), session affinity and node configuration.
 //!
 //! Userspace computes, the kernel looks up: slot tables are written by the daemon and only read by
 //! the datapath.
@@ -13,7 +13,6 @@ pub mod names {
     pub const SERVICES: &str = "SERVICES";
     pub const BACKEND_SLOTS: &str = "BACKEND_SLOTS";
     pub const BACKENDS: &str = "BACKENDS";
-    pub const REV_NAT: &str = "REV_NAT";
     pub const CONNTRACK: &str = "CONNTRACK";
     pub const AFFINITY: &str = "AFFINITY";
     pub const SOURCE_RANGES: &str = "SOURCE_RANGES";
@@ -29,7 +28,6 @@ pub mod capacity {
     pub const SERVICES: u32 = 262_144;
     pub const BACKEND_SLOTS: u32 = 2_097_152;
     pub const BACKENDS: u32 = 262_144;
-    pub const REV_NAT: u32 = 262_144;
     pub const CONNTRACK: u32 = 1_048_576;
     pub const AFFINITY: u32 = 262_144;
     pub const SOURCE_RANGES: u32 = 16_384;
@@ -90,8 +88,8 @@ pub mod service_flags {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct ServiceValue {
-    /// Identifies the frontend: its `REV_NAT` entry, its counters in `SERVICE_STATS` and its
-    /// affinity entries. Below `capacity::SERVICES`.
+    /// Identifies the frontend: its counters in `SERVICE_STATS`, its affinity entries and its
+    /// flows' conntrack entries. Below `capacity::SERVICES`.
     pub service_id: u32,
     /// Index of the frontend's first slot in the `BACKEND_SLOTS` array; its slots are
     /// `slot_base..slot_base + slot_count`.
@@ -148,8 +146,8 @@ pub struct Slot {
     pub backend: Backend,
 }
 
-/// What a frontend's reverse NAT restores as the source of replies: the address the client
-/// spoke to. Keyed by `service_id`.
+/// What reverse NAT restores for a host socket (`SOCK_REV_NAT`): the service address the
+/// client spoke to.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct RevNat {
@@ -194,10 +192,16 @@ pub mod ct_flags {
 
 /// State of one translated flow in one direction.
 ///
-/// Forward entry: rewrite the destination to `backend_ip_be:backend_port_be` and, with
-/// [`ct_flags::SNAT`], the source to `nat_ip_be:nat_port_be`.
-/// Reply entry: rewrite the source to the `REV_NAT` entry of `service_id` and, with SNAT, the
-/// destination back to the client at `nat_ip_be:nat_port_be`.
+/// Forward entry: rewrite the destination to the backend at `translated_ip_be:translated_port_be`
+/// and, with [`ct_flags::SNAT`], the source to `nat_ip_be:nat_port_be`.
+/// Reply entry: rewrite the source to the frontend at `translated_ip_be:translated_port_be` (the
+/// address the client spoke to) and, with SNAT, the destination back to the client at
+/// `nat_ip_be:nat_port_be`.
+///
+/// The reply entry carries the frontend's address itself, rather than naming the frontend by
+/// id: a reply then needs no second lookup, and a flow that outlives its frontend (TCP flows
+/// are left to finish) keeps answering from the address its client knows, even once the id
+/// names another frontend.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct ConntrackValue {
@@ -207,12 +211,12 @@ pub struct ConntrackValue {
     pub backend_id: u32,
     /// The frontend the flow entered through.
     pub service_id: u32,
-    /// Network order.
-    pub backend_ip_be: u32,
+    /// Network order; the backend (forward entry) or the frontend (reply entry).
+    pub translated_ip_be: u32,
     /// Network order; see the type's doc for each direction.
     pub nat_ip_be: u32,
-    /// Network order.
-    pub backend_port_be: u16,
+    /// Network order; the backend (forward entry) or the frontend (reply entry).
+    pub translated_port_be: u16,
     /// Network order; see the type's doc for each direction.
     pub nat_port_be: u16,
     /// [`ct_flags`].

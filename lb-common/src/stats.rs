@@ -73,8 +73,6 @@ reasons! {
     DropBackendMissing = "drop_backend_missing",
     /// The conntrack map refused a new entry: dropped rather than translated without state.
     DropConntrackFull = "drop_conntrack_full",
-    /// A reply of a flow whose frontend's reverse-NAT entry is gone: dropped.
-    DropRevNatMissing = "drop_rev_nat_missing",
     /// The refusal could not be built in the packet (no room to grow it): dropped instead.
     DropRefusalFailed = "drop_refusal_failed",
     /// A node process connected to (or sent to) a service: the socket was pointed at a backend.

@@ -5,7 +5,7 @@
 //! otherwise path-MTU discovery breaks and clients wait for timeouts instead of errors.
 
 use lb_common::{
-    maps::{ConntrackKey, RevNat, ct_flags, proto},
+    maps::{ConntrackKey, ct_flags, proto},
     stats::Reason,
 };
 
@@ -13,7 +13,7 @@ use crate::{
     conntrack, csum,
     hook::{Hook, L4Csum},
     lb::{self, Verdict},
-    maps::{CONNTRACK, REV_NAT},
+    maps::CONNTRACK,
     nat::End,
     parse::{Packet, ipv4_field},
 };
@@ -105,10 +105,9 @@ fn about_forward_packet(
     quote: &Quote,
     reply_entry: &lb_common::maps::ConntrackValue,
 ) -> Result<(), ()> {
-    // SAFETY: plain data.
-    let rev_nat: RevNat = *unsafe { REV_NAT.get(&reply_entry.service_id) }.ok_or(())?;
+    let (vip, port) = (reply_entry.translated_ip_be, reply_entry.translated_port_be);
     let icmp = packet.l4_offset;
-    rewrite_quoted(hook, icmp, quote, End::Destination, rev_nat.vip_be, rev_nat.port_be)?;
+    rewrite_quoted(hook, icmp, quote, End::Destination, vip, port)?;
     if reply_entry.flags & ct_flags::SNAT != 0 {
         let (client, client_port) = (reply_entry.nat_ip_be, reply_entry.nat_port_be);
         rewrite_quoted(hook, icmp, quote, End::Source, client, client_port)?;
@@ -116,7 +115,7 @@ fn about_forward_packet(
     }
     if packet.src_ip_be == quote.dst_be {
         // The backend's own host reported it: the client only knows the service address.
-        rewrite_outer(hook, packet, End::Source, rev_nat.vip_be)?;
+        rewrite_outer(hook, packet, End::Source, vip)?;
     }
     Ok(())
 }
@@ -131,7 +130,8 @@ fn about_reply_packet(
     forward_entry: &lb_common::maps::ConntrackValue,
 ) -> Result<(), ()> {
     let icmp = packet.l4_offset;
-    let (backend, backend_port) = (forward_entry.backend_ip_be, forward_entry.backend_port_be);
+    let (backend, backend_port) =
+        (forward_entry.translated_ip_be, forward_entry.translated_port_be);
     rewrite_quoted(hook, icmp, quote, End::Source, backend, backend_port)?;
     if forward_entry.flags & ct_flags::SNAT != 0 {
         let (snat, snat_port) = (forward_entry.nat_ip_be, forward_entry.nat_port_be);

@@ -17,8 +17,7 @@ use crate::{
     conntrack,
     hook::Hook,
     maps::{
-        AFFINITY, BACKEND_SLOTS, BACKENDS, NODE_CONFIG, REV_NAT, SERVICE_STATS, SERVICES,
-        SOURCE_RANGES,
+        AFFINITY, BACKEND_SLOTS, BACKENDS, NODE_CONFIG, SERVICE_STATS, SERVICES, SOURCE_RANGES,
     },
     nat::{self, End},
     parse::Packet,
@@ -102,7 +101,7 @@ fn forward_established(
 
 #[inline(always)]
 fn translate_forward(hook: &impl Hook, packet: &Packet, flow: &ConntrackValue) -> Result<(), ()> {
-    nat::rewrite(hook, packet, End::Destination, flow.backend_ip_be, flow.backend_port_be)?;
+    nat::rewrite(hook, packet, End::Destination, flow.translated_ip_be, flow.translated_port_be)?;
     if flow.flags & ct_flags::SNAT != 0 {
         nat::rewrite(hook, packet, End::Source, flow.nat_ip_be, flow.nat_port_be)?;
     }
@@ -113,11 +112,7 @@ fn translate_forward(hook: &impl Hook, packet: &Packet, flow: &ConntrackValue) -
 /// destination if the flow was masqueraded.
 #[inline(always)]
 fn reply(hook: &impl Hook, packet: &Packet, flow: &ConntrackValue) -> (Verdict, Reason) {
-    // SAFETY: REV_NAT values are plain data written by the daemon.
-    let Some(rev_nat) = (unsafe { REV_NAT.get(&flow.service_id) }) else {
-        return (Verdict::Drop, Reason::DropRevNatMissing);
-    };
-    let (vip, port) = (rev_nat.vip_be, rev_nat.port_be);
+    let (vip, port) = (flow.translated_ip_be, flow.translated_port_be);
     let translated = nat::rewrite(hook, packet, End::Source, vip, port).and_then(|()| {
         if flow.flags & ct_flags::SNAT != 0 {
             nat::rewrite(hook, packet, End::Destination, flow.nat_ip_be, flow.nat_port_be)
@@ -178,14 +173,20 @@ fn new_flow(
         last_seen: now,
         backend_id,
         service_id,
-        backend_ip_be: backend.ip_be,
+        translated_ip_be: backend.ip_be,
         nat_ip_be: 0,
-        backend_port_be: backend.port_be,
+        translated_port_be: backend.port_be,
         nat_port_be: 0,
         flags: 0,
         pad: [0; 2],
     };
-    let mut reply_entry = ConntrackValue { flags: ct_flags::REPLY, ..forward };
+    // Replies come from the address the client spoke to: the packet's destination.
+    let mut reply_entry = ConntrackValue {
+        flags: ct_flags::REPLY,
+        translated_ip_be: packet.dst_ip_be,
+        translated_port_be: packet.dst_port_be,
+        ..forward
+    };
     let mut reply_key = ConntrackKey {
         src_ip_be: backend.ip_be,
         dst_ip_be: packet.src_ip_be,

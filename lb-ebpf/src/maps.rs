@@ -23,9 +23,6 @@ pub static BACKEND_SLOTS: Array<Slot> = Array::with_max_entries(capacity::BACKEN
 #[map(name = "BACKENDS")]
 pub static BACKENDS: HashMap<u32, Backend> = HashMap::with_max_entries(capacity::BACKENDS, 0);
 
-#[map(name = "REV_NAT")]
-pub static REV_NAT: HashMap<u32, RevNat> = HashMap::with_max_entries(capacity::REV_NAT, 0);
-
 /// LRU: under pressure (a flood of new flows) the least recently used flows go first, never
 /// an insert failure. Normally the daemon's collector deletes dead entries, so inserts take a
 /// free slot and do not evict. One LRU list for all CPUs, not per-CPU lists

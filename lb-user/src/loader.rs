@@ -13,12 +13,11 @@ use crate::{
 };
 
 /// Every map the object declares, pinned by name under `maps/`.
-pub const MAP_NAMES: [&str; 12] = [
+pub const MAP_NAMES: [&str; 11] = [
     names::STATS,
     names::SERVICES,
     names::BACKEND_SLOTS,
     names::BACKENDS,
-    names::REV_NAT,
     names::CONNTRACK,
     names::AFFINITY,
     names::SOURCE_RANGES,
@@ -33,7 +32,7 @@ pub const MAP_NAMES: [&str; 12] = [
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Capacities {
-    /// Frontends; also sizes the reverse-NAT entries and per-frontend counters.
+    /// Frontends; also sizes the per-frontend counters.
     pub services: Option<u32>,
     pub backends: Option<u32>,
     pub backend_slots: Option<u32>,
@@ -56,9 +55,7 @@ impl Capacities {
 
     /// (map, entries) for every map whose size was chosen.
     fn overrides(&self) -> Vec<(&'static str, u32)> {
-        let services = self
-            .services
-            .map(|n| [(names::SERVICES, n), (names::REV_NAT, n), (names::SERVICE_STATS, n)]);
+        let services = self.services.map(|n| [(names::SERVICES, n), (names::SERVICE_STATS, n)]);
         services
             .into_iter()
             .flatten()

@@ -15,8 +15,8 @@ use aya::{
 };
 use ipnet::Ipv4Net;
 use lb_common::maps::{
-    Backend, ConntrackKey, ConntrackValue, NodeConfig, RevNat, ServiceCounters, ServiceKey,
-    ServiceValue, Slot, SourceRangeKey, names, node_flags,
+    Backend, ConntrackKey, ConntrackValue, NodeConfig, ServiceCounters, ServiceKey, ServiceValue,
+    Slot, SourceRangeKey, names, node_flags,
 };
 
 use crate::{
@@ -34,8 +34,6 @@ pub enum MapOp {
     RemoveBackend { id: u32 },
     UpsertSlot { index: u32, slot: Slot },
     RemoveSlot { index: u32 },
-    UpsertRevNat { service_id: u32, rev_nat: RevNat },
-    RemoveRevNat { service_id: u32 },
     UpsertService { key: ServiceKey, value: ServiceValue },
     RemoveService { key: ServiceKey },
     AddSourceRange { service_id: u32, range: Ipv4Net },
@@ -57,7 +55,6 @@ pub struct KernelMaps {
     services: HashMap<MapData, ServiceKey, ServiceValue>,
     slots: Array<MapData, Slot>,
     backends: HashMap<MapData, u32, Backend>,
-    rev_nat: HashMap<MapData, u32, RevNat>,
     source_ranges: LpmTrie<MapData, SourceRangeKey, u8>,
     node_config: Array<MapData, NodeConfig>,
     conntrack: HashMap<MapData, ConntrackKey, ConntrackValue>,
@@ -71,7 +68,6 @@ struct BatchFds {
     services: OwnedFd,
     slots: OwnedFd,
     backends: OwnedFd,
-    rev_nat: OwnedFd,
     conntrack: OwnedFd,
 }
 
@@ -117,13 +113,11 @@ impl KernelMaps {
         let (services, services_fd) = with_fd(names::SERVICES, take(names::SERVICES))?;
         let (slots, slots_fd) = with_fd(names::BACKEND_SLOTS, take(names::BACKEND_SLOTS))?;
         let (backends, backends_fd) = with_fd(names::BACKENDS, take(names::BACKENDS))?;
-        let (rev_nat, rev_nat_fd) = with_fd(names::REV_NAT, take(names::REV_NAT))?;
         let (conntrack, conntrack_fd) = with_fd(names::CONNTRACK, take(names::CONNTRACK))?;
         Ok(Self {
             services: typed(names::SERVICES, services)?,
             slots: typed(names::BACKEND_SLOTS, slots)?,
             backends: typed(names::BACKENDS, backends)?,
-            rev_nat: typed(names::REV_NAT, rev_nat)?,
             source_ranges: typed(names::SOURCE_RANGES, take(names::SOURCE_RANGES))?,
             node_config: typed(names::NODE_CONFIG, take(names::NODE_CONFIG))?,
             conntrack: typed(names::CONNTRACK, conntrack)?,
@@ -132,7 +126,6 @@ impl KernelMaps {
                 services: services_fd,
                 slots: slots_fd,
                 backends: backends_fd,
-                rev_nat: rev_nat_fd,
                 conntrack: conntrack_fd,
             },
         })
@@ -153,11 +146,6 @@ impl KernelMaps {
     /// Every programmed backend.
     pub fn backends(&self) -> Result<Vec<(u32, Backend)>> {
         self.backends.iter().collect::<Result<_, _>>().map_err(map_error(names::BACKENDS))
-    }
-
-    /// Every programmed reverse-NAT entry.
-    pub fn rev_nats(&self) -> Result<Vec<(u32, RevNat)>> {
-        self.rev_nat.iter().collect::<Result<_, _>>().map_err(map_error(names::REV_NAT))
     }
 
     /// The node configuration, if the daemon has written it.
@@ -310,12 +298,6 @@ impl MapWriter for KernelMaps {
             MapOp::RemoveSlot { index } => {
                 self.slots.set(*index, &Slot::default(), 0).map_err(map_error(names::BACKEND_SLOTS))
             }
-            MapOp::UpsertRevNat { service_id, rev_nat } => {
-                self.rev_nat.insert(service_id, rev_nat, 0).map_err(map_error(names::REV_NAT))
-            }
-            MapOp::RemoveRevNat { service_id } => {
-                ignore_missing(self.rev_nat.remove(service_id)).map_err(map_error(names::REV_NAT))
-            }
             MapOp::UpsertService { key, value } => {
                 self.services.insert(key, value, 0).map_err(map_error(names::SERVICES))
             }
@@ -350,7 +332,6 @@ fn same_upsert(a: &MapOp, b: &MapOp) -> bool {
         (a, b),
         (MapOp::UpsertBackend { .. }, MapOp::UpsertBackend { .. })
             | (MapOp::UpsertSlot { .. }, MapOp::UpsertSlot { .. })
-            | (MapOp::UpsertRevNat { .. }, MapOp::UpsertRevNat { .. })
             | (MapOp::UpsertService { .. }, MapOp::UpsertService { .. })
     )
 }
@@ -370,12 +351,6 @@ impl KernelMaps {
             [MapOp::UpsertSlot { .. }, ..] => {
                 upsert_batch(&fds.slots, names::BACKEND_SLOTS, run, |op| match op {
                     MapOp::UpsertSlot { index, slot } => Some((*index, *slot)),
-                    _ => None,
-                })
-            }
-            [MapOp::UpsertRevNat { .. }, ..] => {
-                upsert_batch(&fds.rev_nat, names::REV_NAT, run, |op| match op {
-                    MapOp::UpsertRevNat { service_id, rev_nat } => Some((*service_id, *rev_nat)),
                     _ => None,
                 })
             }

@@ -1,7 +1,7 @@
 //! Seeding the datapath's service maps directly, Katran/Cilium style: frontends with their
 //! backends, as map operations.
 
-use lb_common::maps::{Backend, RevNat, ServiceKey, ServiceValue, Slot, backend_flags, scope};
+use lb_common::maps::{Backend, ServiceKey, ServiceValue, Slot, backend_flags, scope};
 use lb_user::maps::{MapOp, ip_be};
 
 /// One frontend (VIP, port, protocol, scope) and the backends in its slots.
@@ -68,12 +68,18 @@ impl Frontend {
         self.slot_base() + u32::try_from(index).expect("few backends")
     }
 
+    /// The frontend's `SERVICES` key.
+    pub fn key(&self) -> ServiceKey {
+        let vip_be = ip_be(self.vip.parse().expect("VIP"));
+        ServiceKey { vip_be, port_be: self.port.to_be(), proto: self.proto, scope: self.scope }
+    }
+
     /// The first slot of the frontend's run.
     fn slot_base(&self) -> u32 {
         self.service_id * 64
     }
 
-    /// Backends, then slots and reverse NAT, then the frontend: the daemon's write order.
+    /// Backends, then slots and source ranges, then the frontend: the daemon's write order.
     pub fn ops(&self) -> Vec<MapOp> {
         let mut ops = Vec::new();
         for (index, &(ip, port, local)) in self.backends.iter().enumerate() {
@@ -87,17 +93,13 @@ impl Frontend {
             let slot = Slot { backend_id: self.backend_id(index), backend };
             ops.push(MapOp::UpsertSlot { index: self.backend_id(index), slot });
         }
-        let vip_be = ip_be(self.vip.parse().expect("VIP"));
-        let rev_nat = RevNat { vip_be, port_be: self.port.to_be(), pad: [0; 2] };
-        ops.push(MapOp::UpsertRevNat { service_id: self.service_id, rev_nat });
         for cidr in &self.source_ranges {
             ops.push(MapOp::AddSourceRange {
                 service_id: self.service_id,
                 range: cidr.parse().expect("CIDR"),
             });
         }
-        let key =
-            ServiceKey { vip_be, port_be: self.port.to_be(), proto: self.proto, scope: self.scope };
+        let key = self.key();
         let value = ServiceValue {
             service_id: self.service_id,
             slot_base: self.slot_base(),

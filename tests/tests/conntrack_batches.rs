@@ -52,7 +52,7 @@ fn value(n: u32, last_seen: u64) -> ConntrackValue {
         last_seen,
         backend_id: n,
         service_id: n / 7,
-        backend_ip_be: (0x0af4_0000 + n).to_be(),
+        translated_ip_be: (0x0af4_0000 + n).to_be(),
         ..ConntrackValue::default()
     }
 }

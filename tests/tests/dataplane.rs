@@ -15,6 +15,7 @@ use lb_tests::{
     fixtures::{EXTERNAL_CLIENT, POD, seeded},
     node::{NODE_IP, SNAT_PORT_MAX, SNAT_PORT_MIN},
     packets::{CLIENT_MAC, L3, NODE_MAC, Spec, TcpFields, endpoints},
+    services::Frontend,
 };
 use lb_user::maps::{MapOp, ip_be};
 
@@ -76,6 +77,30 @@ fn pod_to_cluster_ip_is_translated_and_its_replies_reverse_translated() {
     assert_eq!(run.output, expected.build(), "exact bytes after reverse NAT");
     checksum::assert_valid(&run.output);
     assert_eq!(datapath.service_counters(1).0, 2, "both client packets counted for the frontend");
+}
+
+#[test]
+fn a_flow_that_outlives_its_frontend_answers_from_the_address_its_client_knows() {
+    let mut datapath = seeded();
+    let request = Spec::tcp(POD, 40_010, "10.96.45.10", 80);
+    let run = datapath.run(Hook::Tc, &request.build());
+    assert_outcome(&run, Hook::Tc.forward_code(), Reason::ForwardNew, "first packet");
+    let backend = endpoints(&run.output).1;
+
+    // The Service goes and its frontend id (1) goes to another frontend, as the daemon reuses
+    // ids; the TCP flow is left to finish.
+    let gone = Frontend::new(1, "10.96.45.10", 80, proto::TCP);
+    let successor =
+        Frontend::new(1, "10.96.45.99", 8080, proto::TCP).backend("10.244.1.77", 80, true);
+    datapath.apply(&[MapOp::RemoveService { key: gone.key() }]);
+    datapath.apply(&successor.ops());
+
+    let hook = if backend.0 == addr("10.244.1.10") { Hook::Tc } else { Hook::Xdp };
+    let reply = reply_of(&request, backend, (addr(POD), 40_010));
+    let run = datapath.run(hook, &reply.build());
+    assert_outcome(&run, hook.forward_code(), Reason::ReplyTranslated, "reply");
+    let expected = reply.with_addresses("10.96.45.10", 80, POD, 40_010);
+    assert_eq!(run.output, expected.build(), "from the address the client spoke to");
 }
 
 #[test]

@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 
-use lb_common::maps::{Backend, RevNat, ServiceKey, ServiceValue, Slot, proto, scope};
+use lb_common::maps::{Backend, ServiceKey, ServiceValue, Slot, proto, scope};
 use lb_tests::datapath::Datapath;
 use lb_user::maps::{MapOp, MapWriter as _};
 
@@ -43,14 +43,6 @@ fn batched_runs_leave_what_single_writes_would() {
     // ones after it.
     ops.push(MapOp::RemoveBackend { id: 7 });
     ops.push(MapOp::UpsertBackend { id: 7, backend: backend(70_000) });
-    ops.extend((0..services).map(|service_id| MapOp::UpsertRevNat {
-        service_id,
-        rev_nat: RevNat {
-            vip_be: service_key(service_id).vip_be,
-            port_be: 80u16.to_be(),
-            pad: [0; 2],
-        },
-    }));
     ops.extend((0..services).map(|service_id| MapOp::UpsertService {
         key: service_key(service_id),
         value: ServiceValue {

@@ -392,7 +392,6 @@ const DROPPED: &[Reason] = &[
     Reason::DropSnatExhausted,
     Reason::DropBackendMissing,
     Reason::DropConntrackFull,
-    Reason::DropRevNatMissing,
     Reason::DropRefusalFailed,
 ];
 
@@ -508,8 +507,7 @@ impl Totals {
             let count = self.counted.get(reason.name()).copied().unwrap_or(0);
             assert!(count > 0, "{hook:?}: {} never counted: {:?}", reason.name(), self.counted);
         }
-        for reason in [Reason::NoNodeConfig, Reason::DropBackendMissing, Reason::DropRevNatMissing]
-        {
+        for reason in [Reason::NoNodeConfig, Reason::DropBackendMissing] {
             let count = self.counted.get(reason.name()).copied().unwrap_or(0);
             assert_eq!(count, 0, "{hook:?}: {} with a complete seed", reason.name());
         }
@@ -518,7 +516,7 @@ impl Totals {
 
 /// Reasons this run need not produce. Never: the socket hooks' reasons (asserted zero per
 /// batch), `truncated_ethernet` (frames under 14 bytes never reach a program), and the
-/// missing-configuration, missing-slot and missing-reverse-NAT drops (the seed is complete;
+/// missing-configuration and missing-slot drops (the seed is complete;
 /// asserted zero above). Not necessarily: a full conntrack map, a refusal with no room to grow,
 /// and SNAT exhaustion (which does happen here: every masqueraded flow to one backend competes
 /// for the same 4536 ports, probed 8 at a time, and fuzzed TCP flows seldom close).
@@ -530,7 +528,6 @@ const NOT_REQUIRED: &[Reason] = &[
     Reason::DropSnatExhausted,
     Reason::DropBackendMissing,
     Reason::DropConntrackFull,
-    Reason::DropRevNatMissing,
     Reason::DropRefusalFailed,
 ];
 

@@ -1,11 +1,11 @@
 //! From the model of this node to the datapath tables it needs: frontends (with their scopes,
-//! flags and ClusterIP markers), backend slots, backends, reverse NAT and source ranges.
+//! flags and ClusterIP markers), backend slots, backends and source ranges.
 
 use std::net::Ipv4Addr;
 
 use lb_common::maps::{
-    Backend, NodeConfig, RevNat, ServiceKey, ServiceValue, Slot, backend_flags, node_flags, proto,
-    scope, service_flags,
+    Backend, NodeConfig, ServiceKey, ServiceValue, Slot, backend_flags, node_flags, proto, scope,
+    service_flags,
 };
 
 use super::{
@@ -228,8 +228,6 @@ impl PortTables<'_> {
         let after = &mut self.batch.after;
         after.remove_frontend(&key);
         after.slots.extend((slot_base..).zip(table));
-        let rev_nat = RevNat { vip_be: key.vip_be, port_be: key.port_be, pad: [0; 2] };
-        after.rev_nats.insert(service_id, rev_nat);
         if with_ranges {
             for range in &self.port.source_ranges {
                 after.source_ranges.insert((service_id, *range));

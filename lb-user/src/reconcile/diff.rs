@@ -2,7 +2,7 @@
 //! ones, and nothing else.
 //!
 //! Order is what keeps packets from seeing a half-written service: everything a frontend will
-//! point at (backends, slots, reverse NAT, source ranges) is written before the frontend, and
+//! point at (backends, slots, source ranges) is written before the frontend, and
 //! what it stops pointing at is removed after it. A frontend's new slots are a fresh run (see
 //! `ids`), so they never overwrite slots a frontend points at, and its old run goes once it
 //! points at the new one.
@@ -45,9 +45,6 @@ pub fn for_each_op<E>(
     for (index, slot) in changed(&programmed.slots, &desired.slots) {
         emit(MapOp::UpsertSlot { index, slot })?;
     }
-    for (service_id, rev_nat) in changed(&programmed.rev_nats, &desired.rev_nats) {
-        emit(MapOp::UpsertRevNat { service_id, rev_nat })?;
-    }
     for &(service_id, range) in desired.source_ranges.difference(&programmed.source_ranges) {
         emit(MapOp::AddSourceRange { service_id, range })?;
     }
@@ -62,9 +59,6 @@ pub fn for_each_op<E>(
     }
     for &(service_id, range) in programmed.source_ranges.difference(&desired.source_ranges) {
         emit(MapOp::RemoveSourceRange { service_id, range })?;
-    }
-    for service_id in stale(&programmed.rev_nats, &desired.rev_nats) {
-        emit(MapOp::RemoveRevNat { service_id })?;
     }
     for id in stale(&programmed.backends, &desired.backends) {
         emit(MapOp::RemoveBackend { id })?;

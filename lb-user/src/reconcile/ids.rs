@@ -1,5 +1,5 @@
 //! Stable ids for frontends and backends, and the frontends' runs of slots. An id names a
-//! frontend's reverse-NAT entry, counters and affinity entries, and a backend's conntrack
+//! frontend's counters, affinity entries and source ranges, and a backend's conntrack
 //! references, so it must not change while the thing it names lives, across reconciles and
 //! across daemon restarts (the allocator is seeded from the programmed maps).
 

@@ -7,7 +7,7 @@ use std::{
 };
 
 use ipnet::Ipv4Net;
-use lb_common::maps::{Backend, RevNat, ServiceKey};
+use lb_common::maps::{Backend, ServiceKey};
 
 use super::{
     state::{run_of, slots_of},
@@ -144,7 +144,6 @@ struct Resolved {
     flags: u16,
     affinity_timeout_s: u32,
     slots: Vec<Option<Backend>>,
-    rev_nat: Option<RevNat>,
     ranges: Vec<Ipv4Net>,
 }
 
@@ -168,7 +167,6 @@ fn resolved(state: &DatapathState) -> BTreeMap<ServiceKey, Resolved> {
                 flags: value.flags,
                 affinity_timeout_s: value.affinity_timeout_s,
                 slots,
-                rev_nat: state.rev_nats.get(&id).copied(),
                 ranges,
             };
             (*key, resolved)
@@ -181,7 +179,6 @@ fn assert_no_orphans(state: &DatapathState) {
     let ids: BTreeSet<u32> = state.services.values().map(|v| v.service_id).collect();
     let pointed_at: BTreeSet<u32> = state.services.values().flat_map(run_of).collect();
     assert!(state.slots.keys().all(|i| pointed_at.contains(i)), "slots no frontend points at");
-    assert!(state.rev_nats.keys().all(|id| ids.contains(id)), "reverse NAT of unknown frontends");
     assert!(state.source_ranges.iter().all(|(id, _)| ids.contains(id)), "ranges of unknown");
     let used: BTreeSet<u32> = state.slots.values().map(|slot| slot.backend_id).collect();
     let backends: BTreeSet<u32> = state.backends.keys().copied().collect();

@@ -4,7 +4,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use ipnet::Ipv4Net;
-use lb_common::maps::{Backend, NodeConfig, RevNat, ServiceKey, ServiceValue, Slot};
+use lb_common::maps::{Backend, NodeConfig, ServiceKey, ServiceValue, Slot};
 
 use crate::{
     error::Result,
@@ -19,7 +19,6 @@ pub struct DatapathState {
     /// The slots frontends point at, by index in the `BACKEND_SLOTS` array.
     pub slots: BTreeMap<u32, Slot>,
     pub backends: BTreeMap<u32, Backend>,
-    pub rev_nats: BTreeMap<u32, RevNat>,
     /// (service id, allowed source range)
     pub source_ranges: BTreeSet<(u32, Ipv4Net)>,
 }
@@ -40,21 +39,19 @@ impl DatapathState {
             services,
             slots,
             backends: maps.backends()?.into_iter().collect(),
-            rev_nats: maps.rev_nats()?.into_iter().collect(),
             source_ranges: maps.source_ranges()?.into_iter().collect(),
         })
     }
 }
 
 impl DatapathState {
-    /// Removes frontend `key` and what hangs off its id (slots, reverse NAT, source ranges).
+    /// Removes frontend `key` and what hangs off it (slots, source ranges).
     pub fn remove_frontend(&mut self, key: &ServiceKey) {
         let Some(value) = self.services.remove(key) else { return };
         let id = value.service_id;
         for index in run_of(&value) {
             self.slots.remove(&index);
         }
-        self.rev_nats.remove(&id);
         let ranges: Vec<(u32, Ipv4Net)> = ranges_of(&self.source_ranges, id).copied().collect();
         for range in ranges {
             self.source_ranges.remove(&range);
@@ -67,9 +64,6 @@ impl DatapathState {
         self.services.insert(*key, *value);
         let id = value.service_id;
         self.slots.extend(slots_of(&from.slots, value));
-        if let Some(rev_nat) = from.rev_nats.get(&id) {
-            self.rev_nats.insert(id, *rev_nat);
-        }
         self.source_ranges.extend(ranges_of(&from.source_ranges, id));
     }
 
@@ -88,12 +82,6 @@ impl DatapathState {
             }
             MapOp::RemoveSlot { index } => {
                 self.slots.remove(&index);
-            }
-            MapOp::UpsertRevNat { service_id, rev_nat } => {
-                self.rev_nats.insert(service_id, rev_nat);
-            }
-            MapOp::RemoveRevNat { service_id } => {
-                self.rev_nats.remove(&service_id);
             }
             MapOp::UpsertService { key, value } => {
                 self.services.insert(key, value);

@@ -98,11 +98,9 @@ fn seed_frontends_carry_their_policies() {
 }
 
 #[test]
-fn every_frontend_has_its_reverse_nat_and_slots() {
+fn every_frontend_has_its_slots() {
     let state = seed_state();
-    for (key, value) in state.services.iter().filter(|(_, v)| v.service_id != 0) {
-        let rev_nat = state.rev_nats.get(&value.service_id).expect("reverse NAT entry");
-        assert_eq!((rev_nat.vip_be, rev_nat.port_be), (key.vip_be, key.port_be));
+    for value in state.services.values().filter(|v| v.service_id != 0) {
         let slots = slots_of(&state.slots, value).count();
         assert_eq!(slots, value.slot_count as usize);
     }
@@ -156,7 +154,7 @@ fn writes_are_ordered_so_no_packet_sees_a_half_written_service() {
 }
 
 /// Replays `ops` on `before` and checks, after every one, what a packet could see: each
-/// frontend's whole run of slots, the backends they name and its reverse-NAT entry, and a run
+/// frontend's whole run of slots and the backends they name, and a run
 /// a frontend points at never rewritten.
 pub(super) fn assert_safely_ordered(before: &DatapathState, ops: &[MapOp]) {
     let mut state = before.clone();
@@ -167,7 +165,6 @@ pub(super) fn assert_safely_ordered(before: &DatapathState, ops: &[MapOp]) {
         }
         state.apply(op);
         for value in state.services.values().filter(|value| value.service_id != 0) {
-            assert!(state.rev_nats.contains_key(&value.service_id), "after {op:?}: reverse NAT");
             for index in run_of(value) {
                 let slot = state.slots.get(&index);
                 assert!(slot.is_some(), "after {op:?}: frontend {value:?} lacks slot {index}");

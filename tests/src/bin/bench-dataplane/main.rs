@@ -51,8 +51,8 @@ use aya::{
 };
 use lb_common::{
     maps::{
-        Backend, ConntrackKey, ConntrackValue, RevNat, ServiceKey, ServiceValue, Slot,
-        backend_flags, capacity, ct_flags, names, proto, scope, service_flags,
+        Backend, ConntrackKey, ConntrackValue, ServiceKey, ServiceValue, Slot, backend_flags,
+        capacity, ct_flags, names, proto, scope, service_flags,
     },
     stats::Reason,
 };
@@ -86,9 +86,8 @@ const SNAT_PACKETS: u32 = 200_000;
 const FLOOR_SINGLE_RUNS: u32 = 200_000;
 /// NodePorts (30000 up) with remote backends, on top of the services counted.
 const SNAT_NODE_PORTS: u32 = 100;
-/// Service ids of the ping-pong reverse-NAT entries, above any other.
+/// Service id of the ping-pong conntrack entries, above any other.
 const PING: u32 = 250_000;
-const PONG: u32 = 250_001;
 
 /// Printed under the table; the module comment has the reasons.
 const METHOD: &str = "\
@@ -441,17 +440,16 @@ impl Bench {
         self.long_run(&established(client, a), Reason::ForwardEstablished)
     }
 
-    /// Two reply entries whose reverse NAT turns B -> client into A -> client and back; with
-    /// `masqueraded`, the client side is the SNAT address and is restored too.
+    /// Two reply entries that turn B -> client into A -> client and back; with `masqueraded`,
+    /// the client side is the SNAT address and is restored too.
     fn reply(&mut self, masqueraded: bool) -> f64 {
         let (a, b) = (("10.96.201.1", 80), ("10.244.201.2", 80));
         let client = if masqueraded { (NODE_IP, 61_001) } else { ("10.244.201.1", 40_000) };
         let original = ("203.0.113.7", 50_000);
-        self.apply(&[rev_nat(PING, a), rev_nat(PONG, b)]);
         let (far, near) = if masqueraded { (original, client) } else { (client, client) };
         // B -> near becomes A -> far; A -> far becomes B -> near.
-        for (from, to, service, restore) in [(b, near, PING, far), (a, far, PONG, near)] {
-            let value = reply_entry(service, masqueraded, restore);
+        for (from, to, frontend, restore) in [(b, near, a, far), (a, far, b, near)] {
+            let value = reply_entry(frontend, masqueraded, restore);
             self.conntrack.insert(&tuple_key(from, to), &value, 0).expect("reply entry");
         }
         self.long_run(&established(b, near), Reason::ReplyTranslated)
@@ -508,8 +506,8 @@ impl Bench {
         let value = self.conntrack.get(&key, 0).expect("the new flow's forward entry");
         assert!(value.flags & ct_flags::SNAT != 0, "{client:?} was masqueraded");
         let reply = ConntrackKey {
-            src_ip_be: value.backend_ip_be,
-            src_port_be: value.backend_port_be,
+            src_ip_be: value.translated_ip_be,
+            src_port_be: value.translated_port_be,
             dst_ip_be: value.nat_ip_be,
             dst_port_be: value.nat_port_be,
             ..key
@@ -565,9 +563,9 @@ fn flow_value(service_id: u32, flags: u16, now: u64) -> ConntrackValue {
         last_seen: now,
         backend_id: 0,
         service_id,
-        backend_ip_be: 0,
+        translated_ip_be: 0,
         nat_ip_be: 0,
-        backend_port_be: 0,
+        translated_port_be: 0,
         nat_port_be: 0,
         flags,
         pad: [0; 2],
@@ -576,16 +574,23 @@ fn flow_value(service_id: u32, flags: u16, now: u64) -> ConntrackValue {
 
 /// A forward entry that sends its flow to `backend`.
 fn forward_entry(backend: (&str, u16)) -> ConntrackValue {
-    let (backend_ip_be, backend_port_be) = endpoint_be(backend);
-    ConntrackValue { backend_ip_be, backend_port_be, ..flow_value(PING, 0, datapath_now()) }
+    let (translated_ip_be, translated_port_be) = endpoint_be(backend);
+    ConntrackValue { translated_ip_be, translated_port_be, ..flow_value(PING, 0, datapath_now()) }
 }
 
-/// A reply entry whose source becomes frontend `service_id`'s address and, `masqueraded`, whose
-/// destination becomes `client`.
-fn reply_entry(service_id: u32, masqueraded: bool, client: (&str, u16)) -> ConntrackValue {
+/// A reply entry whose source becomes `frontend` and, `masqueraded`, whose destination becomes
+/// `client`.
+fn reply_entry(frontend: (&str, u16), masqueraded: bool, client: (&str, u16)) -> ConntrackValue {
     let flags = ct_flags::REPLY | if masqueraded { ct_flags::SNAT } else { 0 };
+    let (translated_ip_be, translated_port_be) = endpoint_be(frontend);
     let (nat_ip_be, nat_port_be) = endpoint_be(client);
-    ConntrackValue { nat_ip_be, nat_port_be, ..flow_value(service_id, flags, datapath_now()) }
+    ConntrackValue {
+        translated_ip_be,
+        translated_port_be,
+        nat_ip_be,
+        nat_port_be,
+        ..flow_value(PING, flags, datapath_now())
+    }
 }
 
 fn established(from: (&str, u16), to: (&str, u16)) -> Vec<u8> {
@@ -633,7 +638,7 @@ fn node_port_service(index: u32) -> Vec<MapOp> {
     service_ops(200_000 + index, frontend, service_flags::EXTERNAL, &backends.collect::<Vec<_>>())
 }
 
-/// The daemon's write order for one frontend: backends and slots, reverse NAT, the frontend.
+/// The daemon's write order for one frontend: backends and slots, then the frontend.
 fn service_ops(
     service_id: u32,
     (vip, port): (Ipv4Addr, u16),
@@ -653,7 +658,6 @@ fn service_ops(
         ops.push(MapOp::UpsertBackend { id, backend });
         ops.push(MapOp::UpsertSlot { index: id, slot: Slot { backend_id: id, backend } });
     }
-    ops.push(rev_nat(service_id, (&vip.to_string(), port)));
     let key = ServiceKey {
         vip_be: ip_be(vip),
         port_be: port.to_be(),
@@ -671,11 +675,6 @@ fn service_ops(
     };
     ops.push(MapOp::UpsertService { key, value });
     ops
-}
-
-fn rev_nat(service_id: u32, (ip, port): (&str, u16)) -> MapOp {
-    let (vip_be, port_be) = endpoint_be((ip, port));
-    MapOp::UpsertRevNat { service_id, rev_nat: RevNat { vip_be, port_be, pad: [0; 2] } }
 }
 
 /// A JSON key and the path figure it holds, by service count.
