@@ -10,9 +10,9 @@
 
 use std::{
     fmt::Write as _,
-    fs,
+    fs, io,
     path::{Path, PathBuf},
-    process::Command,
+    process::{Command, Stdio},
 };
 
 use anyhow::{Context as _, bail};
@@ -43,7 +43,10 @@ pub fn run() -> anyhow::Result<()> {
     // vng's own exit status is not the script's here (it reports 255 when the guest has to run
     // the script on the console rather than over virtio-serial): each test's exit code is
     // read back from `results` instead, and a missing one is a failure.
-    let status = Command::new("vng")
+    // vng's guest console reopens the output it is given and truncates it: with the output
+    // of `scripts/test > log` a file, everything before the VM tier was lost. A pipe, copied
+    // here, cannot be truncated.
+    let mut vng = Command::new("vng")
         .arg("--run")
         .arg(&kernel.image)
         .arg("--qemu")
@@ -55,8 +58,13 @@ pub fn run() -> anyhow::Result<()> {
         .arg("--exec")
         .arg(format!("bash {}", script.display()))
         .current_dir(workspace_root())
-        .status()
+        .stdout(Stdio::piped())
+        .spawn()
         .context("starting vng (scripts/setup installs virtme-ng)")?;
+    if let Some(mut console) = vng.stdout.take() {
+        io::copy(&mut console, &mut io::stdout()).context("copying the guest's console")?;
+    }
+    let status = vng.wait().context("waiting for vng")?;
     report(&tests, &out).with_context(|| format!("vng exited with {status}"))
 }
 

@@ -63,7 +63,7 @@ use lb_tests::{
     rng::Rng,
 };
 use lb_user::{
-    loader,
+    conntrack_gc, loader,
     maps::{KernelMaps, MapOp, MapWriter as _, ip_be},
     program_names,
     return_codes::XDP_PASS,
@@ -125,6 +125,7 @@ fn main() {
     let mut by_services = BTreeMap::new();
     let mut parse_only_ns = 0.0;
     let mut ring_ns = 0.0;
+    let mut collector_pass_s = 0.0;
     for services in SERVICE_COUNTS {
         let started = Instant::now();
         let mut bench = Bench::load(services, CONNTRACK_CAPACITY);
@@ -132,6 +133,9 @@ fn main() {
             "{services} services, {CONNTRACK_FILL} conntrack entries: loaded in {:.1?}",
             started.elapsed()
         );
+        if services == SERVICE_COUNTS[0] {
+            collector_pass_s = bench.collector_pass();
+        }
         parse_only_ns = bench.parse_only();
         by_services.insert(services, bench.paths());
         if services == SERVICE_COUNTS[2] {
@@ -148,6 +152,7 @@ fn main() {
         full_table_ns,
         ring_ns,
         miss_ns,
+        collector_pass_s,
     };
     report.print();
     let path = report.write_json();
@@ -420,6 +425,17 @@ impl Bench {
         let ns = two_point(HIT_RUNS, |runs| self.run(frame, runs).1);
         assert_counted(&self.counters().since(&before), reason, HIT_RUNS.0 + HIT_RUNS.1);
         ns
+    }
+
+    /// Seconds of one pass of the daemon's collector (`lb_user::conntrack_gc`) over the
+    /// conntrack map as loaded: it reads every entry and deletes none, all being live.
+    fn collector_pass(&mut self) -> f64 {
+        let started = Instant::now();
+        let pass = conntrack_gc::collect(&mut self.maps, datapath_now()).expect("a collector pass");
+        let seconds = started.elapsed().as_secs_f64();
+        let filled = usize::try_from(CONNTRACK_FILL).expect("fits usize");
+        assert_eq!((pass.scanned, pass.removed), (filled, 0), "{pass:?}");
+        seconds
     }
 
     fn parse_only(&self) -> f64 {
@@ -710,6 +726,8 @@ struct Report {
     ring_ns: f64,
     /// One dependent cache miss in userspace (see `memory`).
     miss_ns: f64,
+    /// One pass of the daemon's conntrack collector over the freshly filled map.
+    collector_pass_s: f64,
 }
 
 impl Report {
@@ -770,6 +788,11 @@ impl Report {
             first / miss,
             budget / miss
         );
+        println!(
+            "conntrack collector (the daemon's, every 30 s): one pass over {CONNTRACK_FILL} \
+             entries {:.2} s",
+            self.collector_pass_s
+        );
         println!("\n{METHOD}");
     }
 
@@ -797,6 +820,7 @@ impl Report {
             ("first_packet_in_one_call_ns", self.ring_ns),
             ("first_packet_full_conntrack_ns", self.full_table_ns),
             ("dependent_cache_miss_ns", self.miss_ns),
+            ("conntrack_collector_pass_s", self.collector_pass_s),
         ];
         for (name, value) in fields {
             writeln!(text, "  \"{name}\": {value:.2},").expect("writing to a String");
