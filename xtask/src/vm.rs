@@ -44,8 +44,8 @@ pub fn run() -> anyhow::Result<()> {
     // the script on the console rather than over virtio-serial): each test's exit code is
     // read back from `results` instead, and a missing one is a failure.
     // vng's guest console reopens the output it is given and truncates it: with the output
-    // of `scripts/test > log` a file, everything before the VM tier was lost. A pipe, copied
-    // here, cannot be truncated.
+    // of `scripts/test > log 2>&1` a file, everything before the VM tier was lost. Pipes,
+    // copied here, cannot be truncated.
     let mut vng = Command::new("vng")
         .arg("--run")
         .arg(&kernel.image)
@@ -59,10 +59,18 @@ pub fn run() -> anyhow::Result<()> {
         .arg(format!("bash {}", script.display()))
         .current_dir(workspace_root())
         .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
         .spawn()
         .context("starting vng (scripts/setup installs virtme-ng)")?;
+    let errors = vng
+        .stderr
+        .take()
+        .map(|mut errors| std::thread::spawn(move || io::copy(&mut errors, &mut io::stderr())));
     if let Some(mut console) = vng.stdout.take() {
-        io::copy(&mut console, &mut io::stdout()).context("copying the guest's console")?;
+        io::copy(&mut console, &mut io::stdout()).context("copying vng's output")?;
+    }
+    if let Some(copying) = errors {
+        let _ = copying.join();
     }
     let status = vng.wait().context("waiting for vng")?;
     report(&tests, &out).with_context(|| format!("vng exited with {status}"))
