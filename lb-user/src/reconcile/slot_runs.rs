@@ -21,7 +21,7 @@ pub struct Run {
 
 impl Run {
     fn end(self) -> u32 {
-        self.base + self.len
+        self.base.saturating_add(self.len)
     }
 }
 
