@@ -11,6 +11,7 @@ use super::{
 };
 use crate::{
     config::NodeConfig,
+    loader::Capacities,
     manifest,
     maps::{MapOp, ip_be},
     model::{self, Model},
@@ -214,4 +215,26 @@ fn maglev_mode_fills_a_prime_sized_table_with_every_backend() {
     let used: std::collections::BTreeSet<u32> =
         slots_of(&state.slots, &value).map(|(_, slot)| slot.backend_id).collect();
     assert_eq!(used.len(), 3, "all three sticky backends own slots");
+}
+
+#[test]
+fn a_full_slot_array_leaves_out_what_does_not_fit_says_so_and_keeps_the_rest() {
+    let (model, node) = seed();
+    let all = seed_state();
+    let room = u32::try_from(all.slots.len()).expect("few slots") - 1;
+    let capacities = Capacities { backend_slots: Some(room), ..Capacities::default() };
+    let mut reconciler =
+        Reconciler::with_capacities(DatapathState::default(), SlotMode::PerBackend, &capacities);
+    let report = reconciler.reconcile(&model, &node, &mut FakeMaps::default()).expect("reconcile");
+    let left_out: Vec<&String> =
+        report.problems.iter().filter(|p| p.contains("no room left in the slot array")).collect();
+    assert!(!left_out.is_empty(), "{:?}", report.problems);
+    let programmed = reconciler.programmed();
+    let frontends =
+        |state: &DatapathState| state.services.values().filter(|v| v.service_id != 0).count();
+    assert_eq!(frontends(programmed), frontends(&all) - left_out.len(), "only those left out");
+    for value in programmed.services.values() {
+        assert_eq!(slots_of(&programmed.slots, value).count(), value.slot_count as usize);
+        assert!(run_of(value).end <= room, "{value:?} within the array");
+    }
 }
