@@ -60,11 +60,12 @@ pub fn update<K: Pod, V: Pod>(map: BorrowedFd<'_>, keys: &[K], values: &[V]) -> 
     Ok(())
 }
 
-/// Reads every entry of the hash map behind `map` (a plain or LRU hash map, not a per-CPU one;
-/// key and value sizes those of `K` and `V`), up to `per_call` entries a call.
+/// Reads every entry of the map behind `map` (a plain or LRU hash map, or an array; not a
+/// per-CPU one; key and value sizes those of `K` and `V`), up to `per_call` entries a call.
 ///
-/// The kernel hands out whole buckets, each under its lock, so an entry that the programs
-/// insert or evict meanwhile is either read whole or not at all; none is read twice.
+/// For a hash map the kernel hands out whole buckets, each under its lock, so an entry that
+/// the programs insert or evict meanwhile is either read whole or not at all; none is read
+/// twice. For an array the cursor is the last index read, a `u32` as well.
 pub fn lookup<K: Pod, V: Pod>(
     map: BorrowedFd<'_>,
     per_call: usize,

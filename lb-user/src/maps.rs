@@ -75,6 +75,10 @@ struct BatchFds {
 /// take about 120 calls.
 const CONNTRACK_ENTRIES_PER_CALL: usize = 8_192;
 
+/// Slots a batch read asks for at once: 12 bytes each, so the 2M of the default array take
+/// 128 calls.
+const SLOTS_PER_CALL: usize = 16_384;
+
 fn map_error(name: &str) -> impl FnOnce(MapError) -> Error + '_ {
     move |source| Error::Map { name: name.to_owned(), source: Box::new(source) }
 }
@@ -134,6 +138,14 @@ impl KernelMaps {
     /// Every programmed frontend.
     pub fn services(&self) -> Result<Vec<(ServiceKey, ServiceValue)>> {
         self.services.iter().collect::<Result<_, _>>().map_err(map_error(names::SERVICES))
+    }
+
+    /// The whole slot array, in index order, read in batches.
+    pub fn slot_array(&self) -> Result<Vec<Slot>> {
+        let (_, slots): (Vec<u32>, Vec<Slot>) =
+            map_batch::lookup(self.batch_fds.slots.as_fd(), SLOTS_PER_CALL)
+                .map_err(syscall_error(names::BACKEND_SLOTS, "bpf_map_lookup_batch"))?;
+        Ok(slots)
     }
 
     /// The run of `count` slots from `base` (a frontend's).

@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 
-use lb_common::maps::{Backend, ServiceKey, ServiceValue, Slot, proto, scope};
+use lb_common::maps::{Backend, ServiceKey, ServiceValue, Slot, capacity, proto, scope};
 use lb_tests::datapath::Datapath;
 use lb_user::maps::{MapOp, MapWriter as _};
 
@@ -66,6 +66,11 @@ fn batched_runs_leave_what_single_writes_would() {
     let expected: Vec<Slot> =
         (0..2 * services).map(|id| Slot { backend_id: id, backend: backend(id) }).collect();
     assert_eq!(slots, expected, "every slot, in order");
+    // The batched read of the whole array, as a restarted daemon does it.
+    let array = maps.slot_array().expect("the slot array");
+    assert_eq!(array.len(), capacity::BACKEND_SLOTS as usize, "every index, once");
+    assert_eq!(array[..expected.len()], expected[..], "the written slots");
+    assert!(array[expected.len()..].iter().all(|slot| *slot == Slot::default()), "zero beyond");
     let frontends: BTreeMap<ServiceKey, ServiceValue> =
         maps.services().expect("services").into_iter().collect();
     assert_eq!(frontends.len(), services as usize - 1, "service 5 removed after its upsert");

@@ -29,10 +29,13 @@ impl DatapathState {
         let services: BTreeMap<ServiceKey, ServiceValue> = maps.services()?.into_iter().collect();
         // Only the runs frontends point at: anything else in the array is unused (zero, or
         // left by a daemon that stopped between writing a run and switching to it).
+        let array = maps.slot_array()?;
         let mut slots = BTreeMap::new();
         for value in services.values() {
-            let run = maps.slots(value.slot_base, value.slot_count)?;
-            slots.extend((value.slot_base..).zip(run));
+            for index in run_of(value) {
+                let slot = usize::try_from(index).ok().and_then(|i| array.get(i));
+                slots.extend(slot.map(|slot| (index, *slot)));
+            }
         }
         Ok(Self {
             node: maps.node_config()?,
