@@ -280,12 +280,12 @@ fn ignore_missing(result: Result<(), MapError>) -> Result<(), MapError> {
 }
 
 impl MapWriter for KernelMaps {
-    /// Runs of upserts into one map go in one batch call each; the rest one by one, in
+    /// Runs of [`same_batch`] writes go in one batch call each; the rest one by one, in
     /// the same order.
     fn apply_all(&mut self, ops: &[MapOp]) -> Result<()> {
         let mut rest = ops;
         while let Some(first) = rest.first() {
-            let run = rest.iter().take_while(|op| same_upsert(first, op)).count().max(1);
+            let run = rest.iter().take_while(|op| same_batch(first, op)).count().max(1);
             let (head, tail) = rest.split_at(run);
             self.apply_run(head)?;
             rest = tail;
@@ -338,18 +338,22 @@ pub fn prefix_be(net: Ipv4Net) -> (u32, u32) {
     (ip_be(net.network()), ip_be(net.netmask()))
 }
 
-/// True if `a` and `b` are upserts into the same map (a batchable run).
-fn same_upsert(a: &MapOp, b: &MapOp) -> bool {
+/// True if `a` and `b` write the same map in a way one batch update carries: upserts, and
+/// slot removals, which write a zero slot (a changed table frees its whole old run).
+fn same_batch(a: &MapOp, b: &MapOp) -> bool {
     matches!(
         (a, b),
         (MapOp::UpsertBackend { .. }, MapOp::UpsertBackend { .. })
-            | (MapOp::UpsertSlot { .. }, MapOp::UpsertSlot { .. })
+            | (
+                MapOp::UpsertSlot { .. } | MapOp::RemoveSlot { .. },
+                MapOp::UpsertSlot { .. } | MapOp::RemoveSlot { .. }
+            )
             | (MapOp::UpsertService { .. }, MapOp::UpsertService { .. })
     )
 }
 
 impl KernelMaps {
-    /// One run of [`same_upsert`] operations (or a single other one).
+    /// One run of [`same_batch`] operations (or a single other one).
     fn apply_run(&mut self, run: &[MapOp]) -> Result<()> {
         let fds = &self.batch_fds;
         match run {
@@ -360,9 +364,10 @@ impl KernelMaps {
                     _ => None,
                 })
             }
-            [MapOp::UpsertSlot { .. }, ..] => {
+            [MapOp::UpsertSlot { .. } | MapOp::RemoveSlot { .. }, ..] => {
                 upsert_batch(&fds.slots, names::BACKEND_SLOTS, run, |op| match op {
                     MapOp::UpsertSlot { index, slot } => Some((*index, *slot)),
+                    MapOp::RemoveSlot { index } => Some((*index, Slot::default())),
                     _ => None,
                 })
             }

@@ -32,6 +32,10 @@ fn batched_runs_leave_what_single_writes_would() {
     let services = 3_000u32;
     let mut ops = Vec::new();
     ops.extend((0..2 * services).map(|id| MapOp::UpsertBackend { id, backend: backend(id) }));
+    // Slot removals (zero writes) batch with slot upserts, in order: slot 3 is zeroed, then
+    // written again below; the slot past the written ones stays zero.
+    ops.push(MapOp::RemoveSlot { index: 3 });
+    ops.push(MapOp::RemoveSlot { index: 2 * services });
     for service_id in 0..services {
         for slot in 0..2 {
             let backend_id = 2 * service_id + slot;
