@@ -11,7 +11,6 @@ use std::{
     time::{Duration, Instant},
 };
 
-use aya::maps::MapError;
 use notify::{RecursiveMode, Watcher as _};
 use tokio::sync::mpsc;
 use tracing::{error, info, warn};
@@ -168,23 +167,7 @@ fn attach_or_adopt(options: &Options) -> Result<KernelMaps> {
             info!(%attachment, "attached");
         }
     }
-    KernelMaps::from_pins(&options.pins).map_err(|error| incompatible_pins(&options.pins, error))
-}
-
-/// Names a map whose key or value size differs from this build's for what it is: a datapath
-/// left by a build with other map layouts, which this daemon cannot adopt.
-fn incompatible_pins(pins: &PinLayout, error: Error) -> Error {
-    match error {
-        Error::Map { name, source }
-            if matches!(
-                *source,
-                MapError::InvalidKeySize { .. } | MapError::InvalidValueSize { .. }
-            ) =>
-        {
-            Error::IncompatiblePins { dir: pins.root().to_path_buf(), name, source }
-        }
-        other => other,
-    }
+    KernelMaps::from_pins(&options.pins)
 }
 
 /// What the last sync reported, so that an unchanged problem is logged once, not every sync.
@@ -436,17 +419,5 @@ mod tests {
         assert!(!touched.rescan, "{touched:?}");
         assert_eq!(touched.paths, BTreeSet::from([file]));
         assert_eq!(changed, Some(BTreeSet::from([ServiceName::new("default", "web")])));
-    }
-
-    #[test]
-    fn a_map_of_another_layout_is_reported_as_a_datapath_to_unload() {
-        let pins = PinLayout::new("/sys/fs/bpf/lb-old");
-        let size = MapError::InvalidValueSize { size: 20, expected: 16 };
-        let error = Error::Map { name: "SERVICES".into(), source: Box::new(size) };
-        let message = incompatible_pins(&pins, error).to_string();
-        assert!(message.contains("map SERVICES has another layout"), "{message}");
-        assert!(message.contains("unload --pin-dir /sys/fs/bpf/lb-old"), "{message}");
-        let other = Error::Map { name: "SERVICES".into(), source: Box::new(MapError::KeyNotFound) };
-        assert!(matches!(incompatible_pins(&pins, other), Error::Map { .. }), "other errors stay");
     }
 }

@@ -100,7 +100,7 @@ impl KernelMaps {
 
     /// Opens the maps pinned under `pins`.
     pub fn from_pins(pins: &PinLayout) -> Result<Self> {
-        Self::open(|name| {
+        let opened = Self::open(|name| {
             let data = MapData::from_pin(pins.map(name)).ok()?;
             let map = match name {
                 names::SOURCE_RANGES => Map::LpmTrie(data),
@@ -110,7 +110,8 @@ impl KernelMaps {
                 _ => Map::HashMap(data),
             };
             Some(map)
-        })
+        });
+        opened.map_err(|error| incompatible_pins(pins, error))
     }
 
     fn open(mut take: impl FnMut(&str) -> Option<Map>) -> Result<Self> {
@@ -260,6 +261,23 @@ fn with_fd(name: &str, map: Option<Map>) -> Result<(Option<Map>, OwnedFd)> {
     Ok((map, fd.map_err(syscall_error(name, "dup"))?))
 }
 
+/// Names a map whose key or value size differs from this build's for what it is: a datapath
+/// left by a build with other map layouts, which this build cannot open (daemon, status or
+/// collector alike).
+fn incompatible_pins(pins: &PinLayout, error: Error) -> Error {
+    match error {
+        Error::Map { name, source }
+            if matches!(
+                *source,
+                MapError::InvalidKeySize { .. } | MapError::InvalidValueSize { .. }
+            ) =>
+        {
+            Error::IncompatiblePins { dir: pins.root().to_path_buf(), name, source }
+        }
+        other => other,
+    }
+}
+
 /// A failed system call on map `name`, in aya's terms.
 fn syscall_error<'a>(
     name: &'a str,
@@ -392,4 +410,24 @@ fn upsert_batch<K: aya::Pod, V: aya::Pod>(
     let (keys, values): (Vec<K>, Vec<V>) = run.iter().filter_map(entry).unzip();
     map_batch::update(fd.as_fd(), &keys, &values)
         .map_err(syscall_error(name, "bpf_map_update_batch"))
+}
+
+#[cfg(test)]
+mod tests {
+    use aya::maps::MapError;
+
+    use super::incompatible_pins;
+    use crate::{error::Error, pins::PinLayout};
+
+    #[test]
+    fn a_map_of_another_layout_is_reported_as_a_datapath_to_unload() {
+        let pins = PinLayout::new("/sys/fs/bpf/lb-old");
+        let size = MapError::InvalidValueSize { size: 20, expected: 16 };
+        let error = Error::Map { name: "SERVICES".into(), source: Box::new(size) };
+        let message = incompatible_pins(&pins, error).to_string();
+        assert!(message.contains("map SERVICES has another layout"), "{message}");
+        assert!(message.contains("unload --pin-dir /sys/fs/bpf/lb-old"), "{message}");
+        let other = Error::Map { name: "SERVICES".into(), source: Box::new(MapError::KeyNotFound) };
+        assert!(matches!(incompatible_pins(&pins, other), Error::Map { .. }), "other errors stay");
+    }
 }
