@@ -2,7 +2,8 @@
 //! from a freshly loaded object or opened from their pins.
 //!
 //! Writers speak in [`MapOp`]s, so the reconciler can be a pure function tested without a
-//! kernel (through [`MapWriter`]) and the kernel side is a thin `apply`.
+//! kernel (through [`MapWriter`]) and the kernel side a thin `apply_all`, which batches runs of
+//! writes into one map.
 
 use std::{
     net::Ipv4Addr,

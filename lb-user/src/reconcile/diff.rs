@@ -4,31 +4,19 @@
 //! Order is what keeps packets from seeing a half-written service: everything a frontend will
 //! point at (backends, slots, source ranges) is written before the frontend, and
 //! what it stops pointing at is removed after it. A frontend's new slots are a fresh run (see
-//! `ids`), so they never overwrite slots a frontend points at, and its old run goes once it
+//! `slot_runs`), so they never overwrite slots a frontend points at, and its old run goes once it
 //! points at the new one.
 
-use std::{
-    collections::{BTreeMap, BTreeSet},
-    convert::Infallible,
-};
+use std::collections::{BTreeMap, BTreeSet};
 
 use lb_common::maps::ServiceValue;
 
 use super::state::{DatapathState, slots_of};
 use crate::maps::MapOp;
 
-/// The operations, in a safe order. Equal states give no operation at all.
-pub fn diff(programmed: &DatapathState, desired: &DatapathState) -> Vec<MapOp> {
-    let mut ops = Vec::new();
-    let Ok(()) = for_each_op(programmed, desired, |op| {
-        ops.push(op);
-        Ok::<(), Infallible>(())
-    });
-    ops
-}
-
-/// [`diff`] as a stream: each operation goes to `emit` as soon as it is known, so a first sync
-/// of millions of entries never holds them all in a list. Stops at the first error.
+/// The operations that turn `programmed` into `desired`, in a safe order; equal states give
+/// none. Each goes to `emit` as soon as it is known, so a first sync of millions of entries
+/// never holds them all in a list. Stops at the first error.
 pub fn for_each_op<E>(
     programmed: &DatapathState,
     desired: &DatapathState,

@@ -69,8 +69,7 @@ impl IdSpace {
     fn retain(&mut self, live: impl Fn(u32) -> bool) {
         let released: Vec<u32> = self.used.iter().copied().filter(|id| !live(*id)).collect();
         for id in released {
-            self.used.remove(&id);
-            self.released.insert(id);
+            self.release(id);
         }
     }
 }

@@ -33,7 +33,7 @@ use self::{
 };
 pub use self::{
     desired::{Desired, SlotMode, desired, node_config},
-    diff::{diff, for_each_op, removed_pairs},
+    diff::{for_each_op, removed_pairs},
     ids::Ids,
     state::DatapathState,
 };
