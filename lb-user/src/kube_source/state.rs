@@ -12,8 +12,8 @@ use super::{
 use crate::{
     config::NodeConfig,
     model::{
-        KeptService, KeptSlice, NodeNames, ServiceName, ServiceObjects, keep_slice, service_name,
-        slice_service_name,
+        self, KeptService, KeptSlice, NodeNames, ServiceName, ServiceObjects, keep_slice,
+        service_name, slice_service_name,
     },
 };
 
@@ -84,7 +84,7 @@ impl Objects {
             }
             watcher::Event::InitApply(slice) => {
                 let owned = self.keep_slice(&slice);
-                self.slices.listed(slice_namespace(&slice), slice.name_any(), owned);
+                self.slices.listed(model::namespace(&slice.metadata), slice.name_any(), owned);
                 Applied::Buffered
             }
             watcher::Event::InitDone => {
@@ -98,13 +98,14 @@ impl Objects {
                 let after = owned.as_ref().map(|owned| owned.service.clone());
                 let name = slice.name_any();
                 // A slice relabelled to another service changes both.
-                let before = self.slices.put(slice_namespace(&slice), name.clone(), owned);
+                let before =
+                    self.slices.put(model::namespace(&slice.metadata), name.clone(), owned);
                 self.changes.slice_moved(&name, before.map(|b| b.service).as_ref(), after.as_ref());
                 Applied::Changed
             }
             watcher::Event::Delete(slice) => {
                 let name = slice.name_any();
-                let before = self.slices.remove(slice_namespace(&slice), &name);
+                let before = self.slices.remove(model::namespace(&slice.metadata), &name);
                 self.changes.slice_moved(&name, before.map(|b| b.service).as_ref(), None);
                 // The service its last version named, should the store have missed it.
                 if let Some(service) = slice_service_name(&slice) {
@@ -155,8 +156,4 @@ impl Objects {
         keep_slice(slice, &mut self.node_names)
             .map(|(service, slice)| OwnedSlice { service, slice })
     }
-}
-
-fn slice_namespace(slice: &EndpointSlice) -> &str {
-    slice.metadata.namespace.as_deref().unwrap_or_default()
 }

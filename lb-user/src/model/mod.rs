@@ -282,7 +282,8 @@ pub fn not_ipv4_note(slices: usize) -> Option<String> {
 /// The namespace an object without one lands in, as with `kubectl apply`.
 const DEFAULT_NAMESPACE: &str = "default";
 
-fn namespace(meta: &ObjectMeta) -> &str {
+/// An object's namespace, `default` when the object names none.
+pub(crate) fn namespace(meta: &ObjectMeta) -> &str {
     meta.namespace.as_deref().unwrap_or(DEFAULT_NAMESPACE)
 }
 
