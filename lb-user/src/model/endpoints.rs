@@ -93,8 +93,6 @@ struct SlicePort {
 /// Why a slice is left out.
 enum NotUsed {
     NotIpv4,
-    /// No service-name label: not a service's slice (someone's custom slice), nothing to say.
-    NoService,
     Malformed(String),
 }
 
@@ -118,7 +116,6 @@ pub fn keep_slice(
     let kept = match normalise(slice, nodes) {
         Ok(kept) => kept,
         Err(NotUsed::NotIpv4) => Kept::NotIpv4,
-        Err(NotUsed::NoService) => return None,
         Err(NotUsed::Malformed(reason)) => Kept::Malformed(Skipped {
             object: object_name("EndpointSlice", &slice.metadata),
             reason: format!("malformed: {reason}"),
@@ -192,11 +189,9 @@ fn merge(merged: &mut BTreeMap<(Ipv4Addr, u16), Endpoint>, endpoint: Endpoint) {
     }
 }
 
+/// The slice's ports and endpoints; its owner (the service-name label) is `keep_slice`'s
+/// business.
 fn normalise(slice: &EndpointSlice, nodes: &mut NodeNames) -> Result<Kept, NotUsed> {
-    let labels = slice.metadata.labels.as_ref();
-    if !labels.is_some_and(|l| l.contains_key(SERVICE_NAME_LABEL)) {
-        return Err(NotUsed::NoService);
-    }
     match slice.address_type.as_str() {
         "IPv4" => {}
         "IPv6" | "FQDN" => return Err(NotUsed::NotIpv4),
