@@ -5,14 +5,14 @@
 //! pages in this process (so does the peak RSS). A change is an EndpointSlice MODIFIED event, timed from sending it to its map
 //! writes: watch stream, reflector store, nudge, rebuild of the service the event names.
 
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use lb_user::{
     config::NodeConfig,
     control::ControlPlane,
     kube_source::{
         Changes, KubeSource,
-        api_server::{self, NODE, Resource},
+        api_server::{self, NODE, PATIENCE, Resource},
     },
     loader,
     maps::KernelMaps,
@@ -27,9 +27,6 @@ use super::{
 
 /// kube-rs's list page size.
 const PAGE: usize = 500;
-
-/// How long a step may take before the benchmark is declared stuck.
-const PATIENCE: Duration = Duration::from_secs(120);
 
 pub fn measure(size: usize) -> String {
     tokio::runtime::Builder::new_multi_thread()
