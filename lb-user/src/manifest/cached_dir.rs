@@ -91,21 +91,20 @@ impl CachedDir {
     /// Parses those of `paths` whose stamp differs from the cached one (or that are not
     /// cached), caches them, and returns the services whose objects differ from before.
     fn reparse(&mut self, paths: Vec<PathBuf>) -> BTreeSet<ServiceName> {
-        let mut stale: Vec<(PathBuf, Stamp, Option<CachedFile>)> = paths
+        let stale: Vec<(PathBuf, Stamp)> = paths
             .into_iter()
             .map(|path| {
                 let stamp = stamp(&path);
-                (path, stamp, None)
+                (path, stamp)
             })
-            .filter(|(path, stamp, _)| {
+            .filter(|(path, stamp)| {
                 self.files.get(path.as_path()).is_none_or(|file| file.stamp != *stamp)
             })
             .collect();
-        parse_missing(&mut stale, &self.node);
+        let parsed = parse(&stale, &self.node);
         let mut changed = BTreeSet::new();
-        for (path, _, file) in stale {
+        for ((path, _), file) in stale.into_iter().zip(parsed) {
             let before = self.remove_file(&path).map(|file| file.services).unwrap_or_default();
-            let file = file.unwrap_or_default();
             changed.extend(differing(&before, &file.services));
             self.insert_file(path, file);
         }
@@ -181,28 +180,31 @@ fn differing(
     names.into_iter().filter(|name| before.get(*name) != after.get(*name)).cloned().collect()
 }
 
-/// Parses the files without a cached result, spread over the machine's cores: a daemon
-/// starting on a large directory is bound by YAML parsing. Each thread drops a file's API
-/// objects as soon as they are normalised, so only a file's worth per thread is ever held.
-fn parse_missing(files: &mut [(PathBuf, Stamp, Option<CachedFile>)], node: &NodeConfig) {
-    let mut missing: Vec<&mut (PathBuf, Stamp, Option<CachedFile>)> =
-        files.iter_mut().filter(|(_, _, parsed)| parsed.is_none()).collect();
+/// Parses `files`, in order, spread over the machine's cores: a daemon starting on a large
+/// directory is bound by YAML parsing. Each thread drops a file's API objects as soon as they
+/// are normalised, so only a file's worth per thread is ever held.
+fn parse(files: &[(PathBuf, Stamp)], node: &NodeConfig) -> Vec<CachedFile> {
     let workers = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
-    let chunk = missing.len().div_ceil(workers).max(1);
+    let chunk = files.len().div_ceil(workers).max(1);
     std::thread::scope(|scope| {
-        for entries in missing.chunks_mut(chunk) {
-            scope.spawn(move || {
-                for (path, stamp, parsed) in entries.iter_mut() {
-                    let manifests = load_file(path);
-                    *parsed = Some(CachedFile {
-                        stamp: *stamp,
-                        services: by_service(&manifests.services, &manifests.slices, node),
-                        problems: manifests.problems,
-                    });
-                }
-            });
-        }
-    });
+        let parsers: Vec<_> = files
+            .chunks(chunk)
+            .map(|entries| {
+                scope.spawn(move || {
+                    let parse_one = |(path, stamp): &(PathBuf, Stamp)| {
+                        let manifests = load_file(path);
+                        CachedFile {
+                            stamp: *stamp,
+                            services: by_service(&manifests.services, &manifests.slices, node),
+                            problems: manifests.problems,
+                        }
+                    };
+                    entries.iter().map(parse_one).collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        parsers.into_iter().flat_map(|parser| parser.join().expect("a parser thread")).collect()
+    })
 }
 
 #[cfg(test)]
