@@ -24,7 +24,7 @@ use tracing::{info, warn};
 use crate::{
     error::{Error, Result},
     loader::program_mut,
-    pins::{NetlinkTcRecord, PinLayout},
+    pins::{HOST_IFACE, NetlinkTcRecord, PinLayout, TCX_HOOK, XDP_HOOK},
     program_names,
 };
 
@@ -155,7 +155,7 @@ fn attach_host(
     let program_id = program.info().map_err(attach_error())?.id();
     let link_id = program.attach(&file, CgroupAttachMode::Single).map_err(attach_error())?;
     let link = program.take_link(link_id).map_err(attach_error())?;
-    let link_id = pin_link(into_fd_link(link, "cgroup attachment")?, &pins.link(name, "host"))?;
+    let link_id = pin_link(into_fd_link(link, "cgroup attachment")?, &pins.link(name, HOST_IFACE))?;
     Ok(Attachment {
         iface: where_,
         program: name,
@@ -206,7 +206,7 @@ fn attach_xdp(program: &mut Xdp, pins: &PinLayout, iface: &str) -> Result<Attach
     };
     let program_id = program.info().map_err(attach_error())?.id();
     let link = program.take_link(link_id).map_err(attach_error())?;
-    let link_id = pin_link(into_fd_link(link, "XDP attachment")?, &pins.link("xdp", iface))?;
+    let link_id = pin_link(into_fd_link(link, "XDP attachment")?, &pins.link(XDP_HOOK, iface))?;
     Ok(Attachment {
         iface: iface.into(),
         program: program_names::XDP,
@@ -225,7 +225,7 @@ fn attach_tc(program: &mut SchedClassifier, pins: &PinLayout, iface: &str) -> Re
         Ok(link_id) => {
             let link = program.take_link(link_id).map_err(attach_error())?;
             let link = into_fd_link(link, "tcx attachment")?;
-            (AttachMode::Tcx, Some(pin_link(link, &pins.link("tcx-ingress", iface))?))
+            (AttachMode::Tcx, Some(pin_link(link, &pins.link(TCX_HOOK, iface))?))
         }
         Err(source @ ProgramError::UnknownInterface { .. }) => return Err(attach_error()(source)),
         Err(tcx_error) => {

@@ -28,6 +28,7 @@ use crate::{
     model::{ServiceModel, ServiceName},
     pins::PinLayout,
     reconcile::{DatapathState, Reconciler, Report, SlotMode},
+    upgrade,
 };
 
 /// Where Services and EndpointSlices come from.
@@ -154,10 +155,14 @@ fn reconciler_for(programmed: DatapathState, node: &NodeConfig) -> Reconciler {
     Reconciler::with_capacities(programmed, SlotMode::of(node), &node.map_capacities)
 }
 
-/// Attaches a fresh datapath, or adopts the one pinned by an earlier daemon.
+/// Attaches a fresh datapath, or adopts the one pinned by an earlier daemon, with this
+/// binary's programs in place of any older ones.
 fn attach_or_adopt(options: &Options) -> Result<KernelMaps> {
     if options.pins.is_loaded() {
         info!(pin_dir = %options.pins.root().display(), "adopting the pinned datapath");
+        // The maps' layout is checked first: programs of another layout must not run on them.
+        KernelMaps::from_pins(&options.pins)?;
+        upgrade::replace_outdated_programs(&options.pins)?;
     } else {
         for attachment in attach::load_and_attach(
             &options.pins,

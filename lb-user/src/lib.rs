@@ -30,6 +30,7 @@ pub mod scenario;
 pub mod stats;
 pub mod status;
 pub mod trace;
+pub mod upgrade;
 
 /// The allocator of every program built on this library: the daemon and CLI, and the tests and
 /// benchmarks, which so measure what the daemon does. A first sync decodes and normalises

@@ -91,7 +91,13 @@ fn load(pins: Option<&PinLayout>, capacities: &Capacities) -> Result<Ebpf> {
     if let Some(pins) = pins {
         pins.create_dirs()?;
         for name in MAP_NAMES {
-            loader.map_pin_path(name, pins.map(name));
+            let path = pins.map(name);
+            // aya adopts a pinned map only if its definition matches the object's, size
+            // included: an adopted map keeps the size it was created with.
+            if let Ok(pinned) = aya::maps::MapInfo::from_pin(&path) {
+                loader.map_max_entries(name, pinned.max_entries());
+            }
+            loader.map_pin_path(name, path);
         }
     }
     let mut ebpf = loader.load(EBPF_OBJECT).map_err(|e| Error::LoadObject(Box::new(e)))?;

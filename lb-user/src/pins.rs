@@ -12,7 +12,16 @@
 
 use std::path::{Path, PathBuf};
 
-use crate::error::{Error, Result};
+use crate::{
+    error::{Error, Result},
+    program_names,
+};
+
+/// Link names: `<hook>@<iface>`.
+pub const XDP_HOOK: &str = "xdp";
+pub const TCX_HOOK: &str = "tcx-ingress";
+/// The "interface" of the host path's links: `<program>@host`.
+pub const HOST_IFACE: &str = "host";
 
 /// The pin directory used when none is given.
 pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/lb-xdp";
@@ -55,7 +64,8 @@ impl PinLayout {
         self.root.join("links")
     }
 
-    /// The pinned bpf_link of `hook` (`xdp`, `tcx-ingress`) on `iface`.
+    /// The pinned bpf_link of `hook` ([`XDP_HOOK`], [`TCX_HOOK`], or a host program's name)
+    /// on `iface` ([`HOST_IFACE`] for the host path's cgroup).
     pub fn link(&self, hook: &str, iface: &str) -> PathBuf {
         self.links_dir().join(format!("{hook}@{iface}"))
     }
@@ -76,6 +86,17 @@ impl PinLayout {
             std::fs::create_dir_all(&dir).map_err(Error::io(&dir))?;
         }
         Ok(())
+    }
+}
+
+/// The program a pinned bpf_link (its file name under `links/`) runs.
+pub fn program_of_link(link_name: &str) -> Option<&'static str> {
+    let (hook, iface) = link_name.split_once('@')?;
+    match hook {
+        XDP_HOOK => Some(program_names::XDP),
+        TCX_HOOK => Some(program_names::TC),
+        _ if iface == HOST_IFACE => program_names::HOST.into_iter().find(|name| *name == hook),
+        _ => None,
     }
 }
 
@@ -142,5 +163,20 @@ mod tests {
         }
         assert_eq!(NetlinkTcRecord::parse("xdp@eth0"), None);
         assert_eq!(NetlinkTcRecord::parse("cls_bpf@eth0@1@2@bogus"), None);
+    }
+
+    #[test]
+    fn every_link_name_names_the_program_it_runs() {
+        let pins = PinLayout::new("/sys/fs/bpf/test");
+        let name_of = |path: PathBuf| path.file_name().unwrap().to_string_lossy().into_owned();
+        let xdp = name_of(pins.link(XDP_HOOK, "eth0"));
+        assert_eq!(program_of_link(&xdp), Some(program_names::XDP));
+        let tcx = name_of(pins.link(TCX_HOOK, "veth1"));
+        assert_eq!(program_of_link(&tcx), Some(program_names::TC));
+        for host in program_names::HOST {
+            assert_eq!(program_of_link(&name_of(pins.link(host, HOST_IFACE))), Some(host));
+        }
+        assert_eq!(program_of_link("lb_connect4@eth0"), None);
+        assert_eq!(program_of_link("cls_bpf@eth0@1@2"), None);
     }
 }

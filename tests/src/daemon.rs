@@ -2,6 +2,8 @@
 //! configuration, stopped the way SIGTERM stops it (the datapath stays pinned).
 
 use std::{
+    io::{Read as _, Write as _},
+    net::TcpStream,
     path::{Path, PathBuf},
     sync::mpsc,
     thread::JoinHandle,
@@ -11,7 +13,7 @@ use std::{
 use lb_user::{attach, config::NodeConfig, daemon, status};
 
 use crate::{
-    netns::enter_path,
+    netns::{Netns, enter_path},
     pins::TestPins,
     topology::{EXTERNAL_IFACE, Topology},
 };
@@ -66,6 +68,15 @@ impl RunningDaemon {
             runtime.block_on(daemon::run_until(options, shutdown)).expect("daemon");
         });
         let daemon = Self { stop: Some(stop), thread: Some(thread) };
+        // Its first sync, not only the services in the maps: an adopted datapath has those
+        // before the new daemon has done anything.
+        wait_for(
+            || {
+                scrape_metrics(&topology.node)
+                    .is_some_and(|metrics| counter(&metrics, SYNCS_OK) >= Some(1))
+            },
+            "the daemon's first sync",
+        );
         wait_for(
             || status::read(pins.layout()).is_ok_and(|s| s.frontends.len() >= 7),
             "the daemon to program the services",
@@ -89,6 +100,27 @@ impl Drop for RunningDaemon {
     fn drop(&mut self) {
         self.shutdown();
     }
+}
+
+/// `GET /metrics` from the daemon, inside the node's namespace; `None` while none answers.
+pub fn scrape_metrics(node: &Netns) -> Option<String> {
+    node.enter(|| {
+        let mut stream = TcpStream::connect(METRICS_ADDRESS).ok()?;
+        stream.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+        stream.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").ok()?;
+        let mut response = String::new();
+        stream.read_to_string(&mut response).ok()?;
+        let ok = response.starts_with("HTTP/1.0 200") || response.starts_with("HTTP/1.1 200");
+        ok.then_some(response)
+    })
+}
+
+/// The series of successful syncs.
+pub const SYNCS_OK: &str = "lb_syncs_total{result=\"ok\"}";
+
+/// The value of the sample `series` in an exposition text.
+pub fn counter(metrics: &str, series: &str) -> Option<u64> {
+    metrics.lines().find_map(|line| line.strip_prefix(series)?.trim().parse().ok())
 }
 
 /// The daemon's log on stderr (shown with a failing test's output), once per test process.

@@ -25,4 +25,5 @@ pub mod packets;
 pub mod pins;
 pub mod rng;
 pub mod services;
+pub mod stand_in;
 pub mod topology;

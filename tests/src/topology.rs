@@ -229,6 +229,23 @@ pub fn tcp_request(netns: &Netns, addr: SocketAddr) -> std::io::Result<String> {
     })
 }
 
+/// A connection from `netns` to `addr` kept open, for [`exchange`] across datapath changes.
+pub fn long_lived(netns: &Netns, addr: SocketAddr) -> TcpStream {
+    let connection = netns
+        .enter(|| TcpStream::connect_timeout(&addr, Duration::from_secs(2)))
+        .unwrap_or_else(|e| panic!("long-lived connection to {addr}: {e}"));
+    connection.set_read_timeout(Some(Duration::from_secs(2))).expect("timeout");
+    connection
+}
+
+/// One line over a [`long_lived`] connection, and the server's answer (its pod's name).
+pub fn exchange(connection: &mut TcpStream) -> String {
+    connection.write_all(b"again\n").expect("write on the long-lived connection");
+    let mut line = String::new();
+    BufReader::new(connection.try_clone().expect("clone")).read_line(&mut line).expect("answer");
+    line.trim().to_owned()
+}
+
 /// Sends one datagram from `netns` to `addr` and returns the answer.
 pub fn udp_request(netns: &Netns, addr: SocketAddr) -> std::io::Result<String> {
     netns.enter(|| {

@@ -7,7 +7,7 @@ use std::{
 };
 
 use aya::programs::{SchedClassifier, TcAttachType};
-use lb_common::stats::Reason;
+use lb_common::{maps::names, stats::Reason};
 use lb_tests::{
     netns::{Netns, run},
     pins::TestPins,
@@ -15,7 +15,7 @@ use lb_tests::{
 use lb_user::{
     attach::{self, AttachMode, Attachment, Targets},
     error::Error,
-    loader::Capacities,
+    loader::{self, Capacities},
     stats,
 };
 
@@ -179,4 +179,16 @@ fn an_unknown_interface_is_named_and_nothing_is_left_behind() {
         !link.contains("prog/xdp"),
         "the XDP attachment made before the failure is undone: {link}"
     );
+}
+
+#[test]
+fn pinned_maps_keep_their_size_when_a_later_load_asks_for_another() {
+    let pins = TestPins::new();
+    let small = Capacities { conntrack: Some(4096), ..Capacities::default() };
+    drop(loader::load_pinned(pins.layout(), &small).expect("a load that pins its maps"));
+    // An upgraded daemon loads its programs with the default sizes against these maps.
+    drop(loader::load_pinned(pins.layout(), &Capacities::default()).expect("adopting them"));
+    let conntrack = aya::maps::MapInfo::from_pin(pins.layout().map(names::CONNTRACK))
+        .expect("the pinned conntrack map");
+    assert_eq!(conntrack.max_entries(), 4096);
 }

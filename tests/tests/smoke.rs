@@ -4,17 +4,16 @@
 //! that an established connection survives, and the daemon's metrics endpoint. Everything is torn down on success and failure.
 
 use std::{
-    io::{BufRead as _, BufReader, Read as _, Write as _},
-    net::{SocketAddr, TcpStream},
+    net::SocketAddr,
     path::PathBuf,
     time::{Duration, Instant},
 };
 
 use lb_tests::{
-    daemon::{METRICS_ADDRESS, RunningDaemon, examples, wait_for},
-    netns::{Netns, unique_name},
+    daemon::{RunningDaemon, SYNCS_OK, counter, examples, scrape_metrics, wait_for},
+    netns::unique_name,
     pins::TestPins,
-    topology::{NODE_IP, Topology, tcp_request, udp_request},
+    topology::{NODE_IP, Topology, exchange, long_lived, tcp_request, udp_request},
 };
 use lb_user::status;
 
@@ -81,7 +80,7 @@ fn real_connections_through_the_running_daemon() {
         assert!(answer.starts_with("hello from my-nginx-"), "{answer}");
     }
 
-    let metrics = scrape_metrics(&topology.node);
+    let metrics = scrape_metrics(&topology.node).expect("the metrics endpoint answers");
     for line in [
         "# TYPE lb_datapath_packets counter",
         "# TYPE lb_syncs counter",
@@ -90,18 +89,17 @@ fn real_connections_through_the_running_daemon() {
         assert!(metrics.contains(line), "{line} in\n{metrics}");
     }
     assert!(
-        counter(&metrics, "lb_datapath_packets_total{reason=\"forward_new\"}") >= 4,
+        counter(&metrics, "lb_datapath_packets_total{reason=\"forward_new\"}") >= Some(4),
         "{metrics}"
     );
-    assert!(counter(&metrics, "lb_datapath_packets_total{reason=\"reject_no_endpoints\"}") >= 1);
-    assert!(counter(&metrics, "lb_syncs_total{result=\"ok\"}") >= 1, "{metrics}");
+    assert!(
+        counter(&metrics, "lb_datapath_packets_total{reason=\"reject_no_endpoints\"}") >= Some(1)
+    );
+    assert!(counter(&metrics, SYNCS_OK) >= Some(1), "{metrics}");
 
     // An established connection survives a daemon restart: the datapath stays attached and
     // the new daemon adopts the pinned maps without a flush.
-    let mut connection = client_pod
-        .enter(|| TcpStream::connect_timeout(&addr("10.96.45.10:80"), Duration::from_secs(2)))
-        .expect("long-lived connection");
-    connection.set_read_timeout(Some(Duration::from_secs(2))).expect("timeout");
+    let mut connection = long_lived(client_pod, addr("10.96.45.10:80"));
     let first = exchange(&mut connection);
     daemon.stop();
     assert_eq!(exchange(&mut connection), first, "answered while no daemon runs");
@@ -123,35 +121,4 @@ fn real_connections_through_the_running_daemon() {
         assert_eq!(answer, "hello from my-nginx-1");
     }
     drop(daemon);
-}
-
-/// `GET /metrics` from the daemon, inside the node's namespace.
-fn scrape_metrics(node: &Netns) -> String {
-    node.enter(|| {
-        let mut stream = TcpStream::connect(addr(METRICS_ADDRESS)).expect("metrics endpoint");
-        stream.set_read_timeout(Some(Duration::from_secs(2))).expect("timeout");
-        stream.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").expect("request");
-        let mut response = String::new();
-        stream.read_to_string(&mut response).expect("response");
-        assert!(
-            response.starts_with("HTTP/1.0 200") || response.starts_with("HTTP/1.1 200"),
-            "{response}"
-        );
-        response
-    })
-}
-
-/// The value of the sample `series` in an exposition text.
-fn counter(metrics: &str, series: &str) -> u64 {
-    metrics
-        .lines()
-        .find_map(|line| line.strip_prefix(series)?.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no {series} in\n{metrics}"))
-}
-
-fn exchange(connection: &mut TcpStream) -> String {
-    connection.write_all(b"again\n").expect("write on the long-lived connection");
-    let mut line = String::new();
-    BufReader::new(connection.try_clone().expect("clone")).read_line(&mut line).expect("answer");
-    line.trim().to_owned()
 }

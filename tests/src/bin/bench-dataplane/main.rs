@@ -40,7 +40,7 @@ use std::{
     collections::BTreeMap,
     fmt::Write as _,
     net::Ipv4Addr,
-    os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
+    os::fd::{AsRawFd as _, OwnedFd},
     path::{Path, PathBuf},
     time::Instant,
 };
@@ -61,6 +61,7 @@ use lb_tests::{
     node::{self, NODE_IP},
     packets::{Spec, TcpFields},
     rng::Rng,
+    stand_in::{self, address_of, bpf},
 };
 use lb_user::{
     conntrack_gc, loader,
@@ -196,30 +197,6 @@ struct Floor {
     fd: OwnedFd,
 }
 
-/// `struct bpf_insn`.
-#[repr(C)]
-struct Insn {
-    code: u8,
-    /// `dst_reg` in the low nibble, `src_reg` in the high nibble.
-    regs: u8,
-    off: i16,
-    imm: i32,
-}
-
-/// The `BPF_PROG_LOAD` part of `union bpf_attr` (linux/bpf.h), as far as this load needs it.
-#[repr(C)]
-struct ProgLoadAttr {
-    prog_type: u32,
-    insn_cnt: u32,
-    insns: u64,
-    license: u64,
-    log_level: u32,
-    log_size: u32,
-    log_buf: u64,
-    kern_version: u32,
-    prog_flags: u32,
-}
-
 /// The `BPF_PROG_TEST_RUN` part of `union bpf_attr` (linux/bpf.h).
 #[repr(C)]
 #[derive(Default)]
@@ -243,46 +220,11 @@ struct TestRunAttr {
     pad: u32,
 }
 
-const BPF_PROG_LOAD: libc::c_long = 5;
 const BPF_PROG_TEST_RUN: libc::c_long = 10;
-const BPF_PROG_TYPE_XDP: u32 = 6;
-
-fn bpf<T>(command: libc::c_long, attr: &mut T) -> libc::c_long {
-    // SAFETY: `attr` is a live, fully initialised `repr(C)` prefix of `union bpf_attr` for
-    // `command`, and its size goes with it; the kernel reads and writes only that much.
-    unsafe {
-        libc::syscall(libc::SYS_bpf, command, std::ptr::from_mut(attr), std::mem::size_of::<T>())
-    }
-}
-
-fn address_of<T>(data: &[T]) -> u64 {
-    data.as_ptr().expose_provenance() as u64
-}
 
 impl Floor {
     fn load() -> Self {
-        // r0 = XDP_PASS (BPF_ALU64 | BPF_MOV | BPF_K); exit (BPF_JMP | BPF_EXIT).
-        let insns = [
-            Insn { code: 0xb7, regs: 0, off: 0, imm: 2 },
-            Insn { code: 0x95, regs: 0, off: 0, imm: 0 },
-        ];
-        let license = c"GPL";
-        let mut attr = ProgLoadAttr {
-            prog_type: BPF_PROG_TYPE_XDP,
-            insn_cnt: 2,
-            insns: address_of(&insns),
-            license: address_of(license.to_bytes_with_nul()),
-            log_level: 0,
-            log_size: 0,
-            log_buf: 0,
-            kern_version: 0,
-            prog_flags: 0,
-        };
-        let fd = bpf(BPF_PROG_LOAD, &mut attr);
-        assert!(fd >= 0, "BPF_PROG_LOAD of the empty program: {}", std::io::Error::last_os_error());
-        let fd = i32::try_from(fd).expect("a file descriptor");
-        // SAFETY: the kernel just returned this descriptor, and nothing else owns it.
-        Self { fd: unsafe { OwnedFd::from_raw_fd(fd) } }
+        Self { fd: stand_in::load(stand_in::Kind::Xdp) }
     }
 
     /// Runs the program `repeat` times on a 64-byte frame; returns the kernel's average (whole

@@ -1,0 +1,180 @@
+//! An upgraded daemon runs its own datapath code. Adopting a pinned datapath keeps the pinned
+//! maps (conntrack, affinity, what is programmed), but the pinned programs are whatever version
+//! attached them. Each pinned program whose instructions differ from this binary's (the kernel's
+//! tag: a hash of the instructions, map references left out) is replaced on every one of its
+//! attachments in place, without a moment detached: `BPF_LINK_UPDATE` for XDP, tcx and cgroup
+//! links, a netlink replace of the same filter for cls_bpf. The new programs use the pinned
+//! maps, so established flows carry on.
+
+use std::{fs, mem::ManuallyDrop, path::Path};
+
+use aya::programs::{
+    CgroupSockAddr, Program, ProgramError, ProgramInfo, SchedClassifier, TcAttachType, Xdp,
+    cgroup_sock_addr::CgroupSockAddrLink,
+    links::{FdLink, LinkError, PinnedLink},
+    tc::SchedClassifierLink,
+    xdp::XdpLink,
+};
+use tracing::info;
+
+use crate::{
+    error::{Error, Result},
+    loader,
+    pins::{NetlinkTcRecord, PinLayout, program_of_link},
+    program_names,
+};
+
+/// A pinned program replaced by this binary's.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Replaced {
+    pub program: &'static str,
+    pub old_id: u32,
+    pub new_id: u32,
+    /// Attachments (links or filters) now running the new program.
+    pub attachments: usize,
+}
+
+/// Loads this binary's programs against the pinned maps and puts each one whose code differs
+/// from the pinned program's in its place. Programs with the same code stay as they are.
+pub fn replace_outdated_programs(pins: &PinLayout) -> Result<Vec<Replaced>> {
+    // The capacities do not matter: adopted maps keep their pinned sizes.
+    let mut ebpf = loader::load_pinned(pins, &loader::Capacities::default())?;
+    let mut replaced = Vec::new();
+    for name in program_names::ALL {
+        let program = ebpf.program_mut(name).ok_or(Error::MissingProgram(name))?;
+        let new = program.info().map_err(program_error(name, "reading the loaded program"))?;
+        let pin = pins.program(name);
+        let old = ProgramInfo::from_pin(&pin).map_err(program_error(name, "opening the pin"))?;
+        if old.tag() == new.tag() {
+            continue;
+        }
+        let attachments = relink(program, name, pins)?;
+        let change = Replaced { program: name, old_id: old.id(), new_id: new.id(), attachments };
+        info!(
+            program = name,
+            old_id = change.old_id,
+            new_id = change.new_id,
+            attachments,
+            "replaced an outdated program"
+        );
+        replaced.push(change);
+    }
+    Ok(replaced)
+}
+
+/// Points every pinned attachment of program `name` at `program` (loaded, of the same type)
+/// and pins `program` in place of the one it replaces. Returns the number of attachments.
+pub fn relink(program: &mut Program, name: &'static str, pins: &PinLayout) -> Result<usize> {
+    let links_dir = pins.links_dir();
+    let mut attachments = 0;
+    for entry in fs::read_dir(&links_dir).map_err(Error::io(&links_dir))? {
+        let entry = entry.map_err(Error::io(&links_dir))?;
+        let file_name = entry.file_name().to_string_lossy().into_owned();
+        if let Some(record) = NetlinkTcRecord::parse(&file_name) {
+            if name == program_names::TC {
+                replace_cls_bpf(program, &record)?;
+                attachments += 1;
+            }
+        } else if program_of_link(&file_name) == Some(name) {
+            update_link(program, &entry.path())?;
+            attachments += 1;
+        }
+    }
+    let pin = pins.program(name);
+    fs::remove_file(&pin).map_err(Error::io(&pin))?;
+    program.pin(&pin).map_err(Error::pin(format!("program {name}"), &pin))?;
+    Ok(attachments)
+}
+
+/// `BPF_LINK_UPDATE` of one pinned bpf_link. The link stays pinned; the descriptor opened
+/// here is closed again, which leaves a pinned link attached.
+fn update_link(program: &mut Program, path: &Path) -> Result<()> {
+    let link_error = |source: LinkError| Error::Link {
+        what: format!("opening pinned link {}", path.display()),
+        source: source.into(),
+    };
+    let link = FdLink::from(PinnedLink::from_pin(path).map_err(link_error)?);
+    match program {
+        Program::Xdp(xdp) => XdpLink::try_from(link)
+            .map_err(link_error)
+            .and_then(|link| update_xdp(xdp, link).map_err(update_error(path))),
+        Program::SchedClassifier(tc) => SchedClassifierLink::try_from(link)
+            .map_err(link_error)
+            .and_then(|link| update_tc(tc, link).map_err(update_error(path))),
+        Program::CgroupSockAddr(host) => CgroupSockAddrLink::try_from(link)
+            .map_err(link_error)
+            .and_then(|link| update_host(host, link).map_err(update_error(path))),
+        _ => Err(Error::Link {
+            what: format!(
+                "{} links a program of a type this project never attaches",
+                path.display()
+            ),
+            source: "unexpected program type".into(),
+        }),
+    }
+}
+
+fn update_xdp(program: &mut Xdp, link: XdpLink) -> std::result::Result<(), ProgramError> {
+    let id = program.attach_to_link(link)?;
+    drop(program.take_link(id)?);
+    Ok(())
+}
+
+fn update_tc(
+    program: &mut SchedClassifier,
+    link: SchedClassifierLink,
+) -> std::result::Result<(), ProgramError> {
+    let id = program.attach_to_link(link)?;
+    drop(program.take_link(id)?);
+    Ok(())
+}
+
+fn update_host(
+    program: &mut CgroupSockAddr,
+    link: CgroupSockAddrLink,
+) -> std::result::Result<(), ProgramError> {
+    let id = program.attach_to_link(link)?;
+    drop(program.take_link(id)?);
+    Ok(())
+}
+
+/// Replaces the program of a netlink tc filter by re-adding the filter under its priority and
+/// handle (a netlink replace, atomic for packets).
+fn replace_cls_bpf(program: &mut Program, record: &NetlinkTcRecord) -> Result<()> {
+    let Program::SchedClassifier(tc) = program else {
+        return Err(Error::MissingProgram(program_names::TC));
+    };
+    let iface = std::ffi::CString::new(record.iface.as_str()).map_err(|_| Error::Link {
+        what: format!("interface name {:?}", record.iface),
+        source: "contains a NUL byte".into(),
+    })?;
+    let replaced = SchedClassifierLink::attached(
+        iface.as_c_str(),
+        TcAttachType::Ingress.into(),
+        record.priority,
+        record.handle.into(),
+        None,
+    )
+    .map_err(ProgramError::from)
+    .and_then(|link| tc.attach_to_link(link))
+    .and_then(|id| tc.take_link(id));
+    match replaced {
+        // Dropping a netlink link deletes the filter: it must outlive this process.
+        Ok(link) => {
+            let _ = ManuallyDrop::new(link);
+            Ok(())
+        }
+        Err(source) => {
+            Err(Error::attach(program_names::TC, "cls_bpf replace", &record.iface)(source))
+        }
+    }
+}
+
+fn update_error(path: &Path) -> impl FnOnce(ProgramError) -> Error {
+    let what = format!("updating the program of link {}", path.display());
+    move |source| Error::Link { what, source: source.into() }
+}
+
+fn program_error(name: &'static str, doing: &'static str) -> impl FnOnce(ProgramError) -> Error {
+    move |source| Error::Link { what: format!("{doing}: program {name}"), source: source.into() }
+}

@@ -1,0 +1,123 @@
+//! Two-instruction programs (`r0 = verdict; exit`) loaded with bpf(2), since aya loads only
+//! object files: the benchmark's floor (an empty XDP program), and the upgrade test's stand-ins
+//! for programs an older version left attached.
+
+use std::{
+    ffi::CString,
+    os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
+    path::Path,
+};
+
+/// The program types a stand-in can be.
+#[derive(Clone, Copy, Debug)]
+pub enum Kind {
+    /// Returns `XDP_PASS`.
+    Xdp,
+    /// A tc classifier that returns `TC_ACT_OK` (tcx: pass).
+    SchedCls,
+}
+
+impl Kind {
+    /// (`bpf_prog_type`, `expected_attach_type`, the verdict that passes the packet on). An
+    /// XDP program that is to replace another on a link must expect `BPF_XDP`, as aya's do.
+    fn type_attach_and_verdict(self) -> (u32, u32, i32) {
+        match self {
+            Self::Xdp => (6, 37, 2),
+            Self::SchedCls => (3, 0, 0),
+        }
+    }
+}
+
+/// `struct bpf_insn`.
+#[repr(C)]
+struct Insn {
+    code: u8,
+    /// `dst_reg` in the low nibble, `src_reg` in the high nibble.
+    regs: u8,
+    off: i16,
+    imm: i32,
+}
+
+/// The `BPF_PROG_LOAD` part of `union bpf_attr` (linux/bpf.h), as far as this load needs it.
+#[repr(C)]
+struct ProgLoadAttr {
+    prog_type: u32,
+    insn_cnt: u32,
+    insns: u64,
+    license: u64,
+    log_level: u32,
+    log_size: u32,
+    log_buf: u64,
+    kern_version: u32,
+    prog_flags: u32,
+    prog_name: [u8; 16],
+    prog_ifindex: u32,
+    expected_attach_type: u32,
+}
+
+/// The `BPF_OBJ_PIN` part of `union bpf_attr`.
+#[repr(C)]
+struct ObjPinAttr {
+    pathname: u64,
+    bpf_fd: u32,
+    file_flags: u32,
+}
+
+const BPF_PROG_LOAD: libc::c_long = 5;
+const BPF_OBJ_PIN: libc::c_long = 6;
+
+/// Loads `r0 = <kind's pass verdict>; exit`.
+pub fn load(kind: Kind) -> OwnedFd {
+    let (prog_type, expected_attach_type, verdict) = kind.type_attach_and_verdict();
+    // BPF_ALU64 | BPF_MOV | BPF_K; BPF_JMP | BPF_EXIT.
+    let insns = [
+        Insn { code: 0xb7, regs: 0, off: 0, imm: verdict },
+        Insn { code: 0x95, regs: 0, off: 0, imm: 0 },
+    ];
+    let license = c"GPL";
+    let mut attr = ProgLoadAttr {
+        prog_type,
+        insn_cnt: 2,
+        insns: address_of(&insns),
+        license: address_of(license.to_bytes_with_nul()),
+        log_level: 0,
+        log_size: 0,
+        log_buf: 0,
+        kern_version: 0,
+        prog_flags: 0,
+        prog_name: [0; 16],
+        prog_ifindex: 0,
+        expected_attach_type,
+    };
+    let fd = bpf(BPF_PROG_LOAD, &mut attr);
+    assert!(fd >= 0, "BPF_PROG_LOAD of a {kind:?} stand-in: {}", std::io::Error::last_os_error());
+    let fd = i32::try_from(fd).expect("a file descriptor");
+    // SAFETY: the kernel just returned this descriptor, and nothing else owns it.
+    unsafe { OwnedFd::from_raw_fd(fd) }
+}
+
+/// Pins a program at `path` on bpffs.
+pub fn pin(program: &OwnedFd, path: &Path) {
+    let c_path = CString::new(path.as_os_str().as_encoded_bytes()).expect("a path without NUL");
+    let mut attr = ObjPinAttr {
+        pathname: address_of(c_path.as_bytes_with_nul()),
+        bpf_fd: u32::try_from(program.as_raw_fd()).expect("fd"),
+        file_flags: 0,
+    };
+    let rc = bpf(BPF_OBJ_PIN, &mut attr);
+    assert!(rc == 0, "pinning at {}: {}", path.display(), std::io::Error::last_os_error());
+}
+
+/// bpf(2) with `attr`, a `repr(C)` prefix of `union bpf_attr` for `command`.
+pub fn bpf<T>(command: libc::c_long, attr: &mut T) -> libc::c_long {
+    // SAFETY: `attr` is a live, fully initialised `repr(C)` prefix of `union bpf_attr` for
+    // `command`, and its size goes with it; the kernel reads and writes only that much.
+    unsafe {
+        libc::syscall(libc::SYS_bpf, command, std::ptr::from_mut(attr), std::mem::size_of::<T>())
+    }
+}
+
+/// A buffer's address as bpf(2) takes it.
+pub fn address_of<T>(data: &[T]) -> u64 {
+    data.as_ptr().expose_provenance() as u64
+}
