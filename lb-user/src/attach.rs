@@ -174,7 +174,7 @@ fn pin_programs(ebpf: &mut Ebpf, pins: &PinLayout) -> Result<()> {
     Ok(())
 }
 
-fn interface_name(iface: &str) -> Result<CString> {
+pub(crate) fn interface_name(iface: &str) -> Result<CString> {
     CString::new(iface).map_err(|_| Error::Link {
         what: format!("interface name {iface:?}"),
         source: "contains a NUL byte".into(),

@@ -18,6 +18,7 @@ use aya::programs::{
 use tracing::info;
 
 use crate::{
+    attach::interface_name,
     error::{Error, Result},
     loader,
     pins::{NetlinkTcRecord, PinLayout, program_of_link},
@@ -144,10 +145,7 @@ fn replace_cls_bpf(program: &mut Program, record: &NetlinkTcRecord) -> Result<()
     let Program::SchedClassifier(tc) = program else {
         return Err(Error::MissingProgram(program_names::TC));
     };
-    let iface = std::ffi::CString::new(record.iface.as_str()).map_err(|_| Error::Link {
-        what: format!("interface name {:?}", record.iface),
-        source: "contains a NUL byte".into(),
-    })?;
+    let iface = interface_name(&record.iface)?;
     let replaced = SchedClassifierLink::attached(
         iface.as_c_str(),
         TcAttachType::Ingress.into(),
