@@ -77,7 +77,9 @@ fn an_upgrade_replaces_outdated_programs_in_place_and_established_flows_keep_the
     daemon.stop();
 
     let own = own_tags();
-    play_an_older_version(pins.layout());
+    // cls_bpf filters (kernels without tcx) are found by interface name, in the node's namespace.
+    let layout = pins.layout().clone();
+    topology.node.enter(move || play_an_older_version(&layout));
     let older = pinned(pins.layout());
     for name in [program_names::XDP, program_names::TC] {
         assert_ne!(older[name].1, own[name], "{name}: the stand-in's code differs");
