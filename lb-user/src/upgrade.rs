@@ -45,6 +45,12 @@ pub fn replace_outdated_programs(pins: &PinLayout) -> Result<Vec<Replaced>> {
         let program = ebpf.program_mut(name).ok_or(Error::MissingProgram(name))?;
         let new = program.info().map_err(program_error(name, "reading the loaded program"))?;
         let pin = pins.program(name);
+        if !pin.exists() {
+            // A program the older version did not have: pinned for the next daemon, attached
+            // nowhere until the datapath is loaded afresh.
+            program.pin(&pin).map_err(Error::pin(format!("program {name}"), &pin))?;
+            continue;
+        }
         let old = ProgramInfo::from_pin(&pin).map_err(program_error(name, "opening the pin"))?;
         if old.tag() == new.tag() {
             continue;

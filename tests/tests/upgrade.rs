@@ -2,7 +2,7 @@
 //! differs from this binary's is replaced on its attachments in place, programs with the same
 //! code are left alone, the maps stay, and connections established before the upgrade keep
 //! their backends. The older version is played by stand-in programs (pass everything) put on
-//! the pinned XDP and tc attachments while no daemon runs.
+//! the pinned XDP and tc attachments while no daemon runs; a program it did not have is pinned.
 
 use std::{collections::BTreeMap, net::SocketAddr};
 
@@ -85,13 +85,20 @@ fn an_upgrade_replaces_outdated_programs_in_place_and_established_flows_keep_the
         assert_ne!(older[name].1, own[name], "{name}: the stand-in's code differs");
     }
 
+    // A program the older version did not have (the host path is not attached here).
+    let missing = program_names::GETPEERNAME4;
+    std::fs::remove_file(pins.layout().program(missing)).expect("unpin a host program");
+
     let daemon = RunningDaemon::start(&topology, &pins, &manifests, None);
     let upgraded = pinned(pins.layout());
     for name in program_names::ALL {
         assert_eq!(upgraded[name].1, own[name], "{name} runs this binary's code");
         let replaced = upgraded[name].0 != older[name].0;
-        let outdated = older[name].1 != own[name];
-        assert_eq!(replaced, outdated, "{name}: replaced exactly when its code differed");
+        let outdated = older[name].1 != own[name] || name == missing;
+        assert_eq!(
+            replaced, outdated,
+            "{name}: new exactly when its code differed or it was missing"
+        );
     }
     assert_eq!(
         (exchange(&mut east_west), exchange(&mut north_south)),
