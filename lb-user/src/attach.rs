@@ -12,8 +12,8 @@ use std::{ffi::CString, fmt, mem::ManuallyDrop, path::Path, process::Command};
 use aya::{
     Ebpf,
     programs::{
-        CgroupAttachMode, CgroupSockAddr, LinkOrder, ProgramError, SchedClassifier, TcAttachType,
-        Xdp, XdpMode,
+        CgroupAttachMode, CgroupSockAddr, LinkOrder, Program, ProgramError, SchedClassifier,
+        TcAttachType, Xdp, XdpMode,
         links::{FdLink, Link as _, LinkError, PinnedLink},
         tc::{self, NlOptions, SchedClassifierLink, TcAttach},
     },
@@ -167,11 +167,15 @@ fn attach_host(
 
 fn pin_programs(ebpf: &mut Ebpf, pins: &PinLayout) -> Result<()> {
     for name in program_names::ALL {
-        let path = pins.program(name);
-        let program = ebpf.program_mut(name).ok_or(Error::MissingProgram(name))?;
-        program.pin(&path).map_err(Error::pin(format!("program {name}"), &path))?;
+        pin_program(ebpf.program_mut(name).ok_or(Error::MissingProgram(name))?, name, pins)?;
     }
     Ok(())
+}
+
+/// Pins `program` as the instance's program `name`.
+pub(crate) fn pin_program(program: &mut Program, name: &str, pins: &PinLayout) -> Result<()> {
+    let path = pins.program(name);
+    program.pin(&path).map_err(Error::pin(format!("program {name}"), &path))
 }
 
 pub(crate) fn interface_name(iface: &str) -> Result<CString> {

@@ -160,17 +160,18 @@ fn reconciler_for(programmed: DatapathState, node: &NodeConfig) -> Reconciler {
 fn attach_or_adopt(options: &Options) -> Result<KernelMaps> {
     if options.pins.is_loaded() {
         info!(pin_dir = %options.pins.root().display(), "adopting the pinned datapath");
-        // The maps' layout is checked first: programs of another layout must not run on them.
-        KernelMaps::from_pins(&options.pins)?;
+        // Opening the maps checks their layout, before programs that assume this binary's
+        // layout go near them.
+        let maps = KernelMaps::from_pins(&options.pins)?;
         upgrade::replace_outdated_programs(&options.pins)?;
-    } else {
-        for attachment in attach::load_and_attach(
-            &options.pins,
-            &options.targets,
-            &options.node_config.map_capacities,
-        )? {
-            info!(%attachment, "attached");
-        }
+        return Ok(maps);
+    }
+    for attachment in attach::load_and_attach(
+        &options.pins,
+        &options.targets,
+        &options.node_config.map_capacities,
+    )? {
+        info!(%attachment, "attached");
     }
     KernelMaps::from_pins(&options.pins)
 }

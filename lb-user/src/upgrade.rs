@@ -18,29 +18,19 @@ use aya::programs::{
 use tracing::info;
 
 use crate::{
-    attach::interface_name,
+    attach::{interface_name, pin_program},
     error::{Error, Result},
     loader,
     pins::{NetlinkTcRecord, PinLayout, program_of_link},
     program_names,
 };
 
-/// A pinned program replaced by this binary's.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Replaced {
-    pub program: &'static str,
-    pub old_id: u32,
-    pub new_id: u32,
-    /// Attachments (links or filters) now running the new program.
-    pub attachments: usize,
-}
-
 /// Loads this binary's programs against the pinned maps and puts each one whose code differs
-/// from the pinned program's in its place. Programs with the same code stay as they are.
-pub fn replace_outdated_programs(pins: &PinLayout) -> Result<Vec<Replaced>> {
+/// from the pinned program's in its place, and logs each. Programs with the same code stay as
+/// they are.
+pub fn replace_outdated_programs(pins: &PinLayout) -> Result<()> {
     // The capacities do not matter: adopted maps keep their pinned sizes.
     let mut ebpf = loader::load_pinned(pins, &loader::Capacities::default())?;
-    let mut replaced = Vec::new();
     for name in program_names::ALL {
         let program = ebpf.program_mut(name).ok_or(Error::MissingProgram(name))?;
         let new = program.info().map_err(program_error(name, "reading the loaded program"))?;
@@ -48,7 +38,7 @@ pub fn replace_outdated_programs(pins: &PinLayout) -> Result<Vec<Replaced>> {
         if !pin.exists() {
             // A program the older version did not have: pinned for the next daemon, attached
             // nowhere until the datapath is loaded afresh.
-            program.pin(&pin).map_err(Error::pin(format!("program {name}"), &pin))?;
+            pin_program(program, name, pins)?;
             continue;
         }
         let old = ProgramInfo::from_pin(&pin).map_err(program_error(name, "opening the pin"))?;
@@ -56,17 +46,10 @@ pub fn replace_outdated_programs(pins: &PinLayout) -> Result<Vec<Replaced>> {
             continue;
         }
         let attachments = relink(program, name, pins)?;
-        let change = Replaced { program: name, old_id: old.id(), new_id: new.id(), attachments };
-        info!(
-            program = name,
-            old_id = change.old_id,
-            new_id = change.new_id,
-            attachments,
-            "replaced an outdated program"
-        );
-        replaced.push(change);
+        let (old_id, new_id) = (old.id(), new.id());
+        info!(program = name, old_id, new_id, attachments, "replaced an outdated program");
     }
-    Ok(replaced)
+    Ok(())
 }
 
 /// Points every pinned attachment of program `name` at `program` (loaded, of the same type)
@@ -89,7 +72,7 @@ pub fn relink(program: &mut Program, name: &'static str, pins: &PinLayout) -> Re
     }
     let pin = pins.program(name);
     fs::remove_file(&pin).map_err(Error::io(&pin))?;
-    program.pin(&pin).map_err(Error::pin(format!("program {name}"), &pin))?;
+    pin_program(program, name, pins)?;
     Ok(attachments)
 }
 
