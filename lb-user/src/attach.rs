@@ -61,7 +61,8 @@ impl fmt::Display for AttachMode {
 pub struct Targets {
     /// External interfaces: the XDP program.
     pub xdp_ifaces: Vec<String>,
-    /// Pod-facing interfaces: the tc ingress program.
+    /// Pod-facing interfaces: the tc ingress program. A value ending in `*` is a prefix
+    /// pattern (see [`crate::interfaces::Selector`]).
     pub tc_ifaces: Vec<String>,
     /// The cgroup (v2 directory) whose processes get the host path, usually the root
     /// `/sys/fs/cgroup` so that every node process does.
@@ -129,8 +130,9 @@ fn attach_all(ebpf: &mut Ebpf, pins: &PinLayout, targets: &Targets) -> Result<Ve
     for iface in &targets.xdp_ifaces {
         attachments.push(attach_xdp(program_mut(ebpf, program_names::XDP)?, pins, iface)?);
     }
-    for iface in &targets.tc_ifaces {
-        attachments.push(attach_tc(program_mut(ebpf, program_names::TC)?, pins, iface)?);
+    let present = crate::interfaces::present()?;
+    for iface in crate::interfaces::Selector::new(&targets.tc_ifaces).expand(&present) {
+        attachments.push(attach_tc(program_mut(ebpf, program_names::TC)?, pins, &iface)?);
     }
     if let Some(cgroup) = &targets.host_cgroup {
         for name in program_names::HOST {
@@ -196,7 +198,7 @@ where
     })
 }
 
-fn attach_xdp(program: &mut Xdp, pins: &PinLayout, iface: &str) -> Result<Attachment> {
+pub(crate) fn attach_xdp(program: &mut Xdp, pins: &PinLayout, iface: &str) -> Result<Attachment> {
     let c_iface = interface_name(iface)?;
     let attach_error = || Error::attach(program_names::XDP, "xdp", iface);
     let (link_id, mode) = match program.attach(c_iface.as_c_str(), XdpMode::Driver) {
@@ -220,7 +222,11 @@ fn attach_xdp(program: &mut Xdp, pins: &PinLayout, iface: &str) -> Result<Attach
     })
 }
 
-fn attach_tc(program: &mut SchedClassifier, pins: &PinLayout, iface: &str) -> Result<Attachment> {
+pub(crate) fn attach_tc(
+    program: &mut SchedClassifier,
+    pins: &PinLayout,
+    iface: &str,
+) -> Result<Attachment> {
     let c_iface = interface_name(iface)?;
     let attach_error = || Error::attach(program_names::TC, "tc ingress", iface);
     let program_id = program.info().map_err(attach_error())?.id();
@@ -285,8 +291,16 @@ fn attach_cls_bpf(
     let (Ok(priority), Ok(handle)) = (link.priority(), link.handle()) else {
         unreachable!("a link made by a netlink attach is a netlink link");
     };
-    let record =
-        NetlinkTcRecord { iface: iface.into(), priority, handle: handle.into(), created_clsact };
+    // SAFETY: a NUL-terminated name; 0 means no such interface.
+    let ifindex =
+        Some(unsafe { libc::if_nametoindex(c_iface.as_ptr()) }).filter(|&index| index != 0);
+    let record = NetlinkTcRecord {
+        iface: iface.into(),
+        priority,
+        handle: handle.into(),
+        ifindex,
+        created_clsact,
+    };
     let dir = pins.links_dir().join(record.dir_name());
     std::fs::create_dir(&dir).map_err(Error::io(&dir))?;
     Ok(record)
@@ -344,26 +358,32 @@ fn detach_links(pins: &PinLayout) -> Result<Vec<String>> {
     let mut removed = Vec::new();
     for entry in entries {
         let entry = entry.map_err(Error::io(&links_dir))?;
-        let path = entry.path();
-        let name = entry.file_name().to_string_lossy().into_owned();
-        if let Some(record) = NetlinkTcRecord::parse(&name) {
-            detach_cls_bpf(&record);
-            std::fs::remove_dir(&path).map_err(Error::io(&path))?;
-            removed.push(format!(
-                "detached cls_bpf filter from {} (priority {})",
-                record.iface, record.priority
-            ));
-        } else if name.contains('@') {
-            let link = PinnedLink::from_pin(&path).map_err(|source| Error::Link {
-                what: format!("opening pinned link {}", path.display()),
-                source: source.into(),
-            })?;
-            // Dropping the last reference to an unpinned bpf_link detaches it.
-            drop(link.unpin().map_err(Error::io(&path))?);
-            removed.push(format!("detached {name}"));
-        }
+        removed.extend(detach_pinned(pins, &entry.file_name().to_string_lossy())?);
     }
     Ok(removed)
+}
+
+/// Detaches and unpins the attachment pinned as `links/<file_name>`; says what it did.
+pub(crate) fn detach_pinned(pins: &PinLayout, file_name: &str) -> Result<Option<String>> {
+    let path = pins.links_dir().join(file_name);
+    if let Some(record) = NetlinkTcRecord::parse(file_name) {
+        detach_cls_bpf(&record);
+        std::fs::remove_dir(&path).map_err(Error::io(&path))?;
+        return Ok(Some(format!(
+            "detached cls_bpf filter from {} (priority {})",
+            record.iface, record.priority
+        )));
+    }
+    if !file_name.contains('@') {
+        return Ok(None);
+    }
+    let link = PinnedLink::from_pin(&path).map_err(|source| Error::Link {
+        what: format!("opening pinned link {}", path.display()),
+        source: source.into(),
+    })?;
+    // Dropping the last reference to an unpinned bpf_link detaches it.
+    drop(link.unpin().map_err(Error::io(&path))?);
+    Ok(Some(format!("detached {file_name}")))
 }
 
 fn detach_cls_bpf(record: &NetlinkTcRecord) {

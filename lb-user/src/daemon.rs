@@ -21,6 +21,7 @@ use crate::{
     conntrack_gc,
     control::ControlPlane,
     error::{Error, Result},
+    interfaces::{self, LinkEvents},
     kube_source::{self, Changes, KubeSource},
     manifest,
     maps::KernelMaps,
@@ -46,7 +47,8 @@ pub enum Source {
 pub struct Options {
     pub source: Source,
     pub node_config: NodeConfig,
-    /// Where to attach when no earlier daemon left a datapath pinned.
+    /// Where the programs go. XDP and tc follow the interfaces as they come and go (see
+    /// [`interfaces`]); the host path's cgroup is attached when the datapath is loaded afresh.
     pub targets: attach::Targets,
     pub pins: PinLayout,
     /// A full resync this often even without a change event, to repair what anything else may
@@ -74,7 +76,10 @@ pub async fn run_until(
     options: Options,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<()> {
+    // Subscribed before the first look at the interfaces, so that no change falls between.
+    let mut link_events = Some(LinkEvents::subscribe()?);
     let mut maps = attach_or_adopt(&options)?;
+    follow_interfaces(&options);
     let metrics = Metrics::new(&options.pins);
     if let Some(address) = options.metrics_address {
         metrics::serve(address, Arc::clone(&metrics)).await?;
@@ -121,30 +126,47 @@ pub async fn run_until(
     // The first sync rebuilds every service; so does the periodic resync, which repairs
     // whatever a missed event or a failed write left behind.
     let mut full = true;
-    loop {
+    'running: loop {
         let started = Instant::now();
         let synced = sync(&options, &objects, &mut plane, &mut maps, &mut reported, full, &metrics);
         if let Err(error) = synced {
             metrics.observe_failed_sync(started.elapsed());
-            error!(error = %error_chain(&error), "reconcile failed; re-reading the maps and retrying at the next change");
+            error!(error = %crate::error::chain(&error), "reconcile failed; re-reading the maps and retrying at the next change");
             // A new control plane knows nothing yet: its next sync is a full one.
             plane = ControlPlane::new(reconciler_for(
                 DatapathState::read(&maps)?,
                 &options.node_config,
             ));
         }
-        tokio::select! {
-            _ = nudges.recv() => {
-                // Editors write a file in several steps: let the burst settle. A watch event
-                // is one whole object: no wait.
-                if matches!(objects, Objects::Manifests { .. }) {
-                    tokio::time::sleep(Duration::from_millis(20)).await;
+        let resync = tokio::time::sleep(options.resync);
+        tokio::pin!(resync);
+        // Interface events change attachments, not maps: they do not end the wait for the next
+        // sync.
+        loop {
+            tokio::select! {
+                _ = nudges.recv() => {
+                    // Editors write a file in several steps: let the burst settle. A watch
+                    // event is one whole object: no wait.
+                    if matches!(objects, Objects::Manifests { .. }) {
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                    while nudges.try_recv().is_ok() {}
+                    full = false;
+                    break;
                 }
-                while nudges.try_recv().is_ok() {}
-                full = false;
+                () = &mut resync => {
+                    full = true;
+                    break;
+                }
+                changed = next_link_event(&mut link_events) => match changed {
+                    Ok(()) => follow_interfaces(&options),
+                    Err(error) => {
+                        error!(error = %crate::error::chain(&error), "interface events lost: new interfaces are no longer attached until the daemon restarts");
+                        link_events = None;
+                    }
+                },
+                () = &mut shutdown => break 'running,
             }
-            () = tokio::time::sleep(options.resync) => full = true,
-            () = &mut shutdown => break,
         }
     }
     info!(pin_dir = %options.pins.root().display(), "exiting; the datapath stays attached and pinned");
@@ -163,6 +185,10 @@ fn attach_or_adopt(options: &Options) -> Result<KernelMaps> {
         // Opening the maps checks their layout, before programs that assume this binary's
         // layout go near them.
         let maps = KernelMaps::from_pins(&options.pins)?;
+        // A link left on an interface that went away while no daemon ran cannot be updated.
+        for removed in interfaces::remove_stale(&options.pins)? {
+            info!("{removed}");
+        }
         upgrade::replace_outdated_programs(&options.pins)?;
         return Ok(maps);
     }
@@ -174,6 +200,36 @@ fn attach_or_adopt(options: &Options) -> Result<KernelMaps> {
         info!(%attachment, "attached");
     }
     KernelMaps::from_pins(&options.pins)
+}
+
+/// Attaches the programs to new interfaces the targets select and forgets the attachments of
+/// interfaces that are gone, logging each change. A failure is logged, and the next interface
+/// event tries again.
+fn follow_interfaces(options: &Options) {
+    match interfaces::follow(&options.pins, &options.targets) {
+        Ok(changes) => {
+            for attachment in changes.attached {
+                info!(%attachment, "attached");
+            }
+            for removed in changes.removed {
+                info!("{removed}");
+            }
+            for failed in changes.failed {
+                warn!("could not attach: {failed}");
+            }
+        }
+        Err(error) => {
+            error!(error = %crate::error::chain(&error), "could not compare the attachments with the interfaces");
+        }
+    }
+}
+
+/// The next interface event, or never once they were lost.
+async fn next_link_event(events: &mut Option<LinkEvents>) -> Result<()> {
+    match events {
+        Some(events) => events.changed().await,
+        None => std::future::pending().await,
+    }
 }
 
 /// What the last sync reported, so that an unchanged problem is logged once, not every sync.
@@ -371,17 +427,6 @@ fn watch(
         .watch(dir, RecursiveMode::NonRecursive)
         .map_err(|e| Error::Io { path: dir.into(), source: std::io::Error::other(e) })?;
     Ok(watcher)
-}
-
-fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }
 
 #[cfg(test)]

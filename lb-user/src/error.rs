@@ -137,3 +137,15 @@ impl Error {
         move |source| Self::Io { path, source }
     }
 }
+
+/// `error` and its sources, one after the other: what a log line needs to say why.
+pub fn chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}

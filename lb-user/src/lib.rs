@@ -16,6 +16,7 @@ pub mod conntrack_gc;
 pub mod control;
 pub mod daemon;
 pub mod error;
+pub mod interfaces;
 pub mod kube_source;
 pub mod loader;
 pub mod maglev;

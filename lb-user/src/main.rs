@@ -99,7 +99,8 @@ struct TargetArgs {
     /// External interface for the XDP program (repeatable).
     #[arg(long = "xdp-iface", value_name = "IF")]
     xdp_ifaces: Vec<String>,
-    /// Pod-facing interface for the tc ingress program (repeatable).
+    /// Pod-facing interface for the tc ingress program (repeatable), or a prefix pattern ending
+    /// in `*` (`cali*`): `run` attaches to matching interfaces as they appear.
     #[arg(long = "tc-iface", value_name = "IF")]
     tc_ifaces: Vec<String>,
     /// cgroup v2 directory whose processes reach services through the host path

@@ -4,7 +4,7 @@
 //! <pin-dir>/maps/<MAP>                        maps, pinned by name (adopted by the next load)
 //! <pin-dir>/programs/<program>                the loaded programs
 //! <pin-dir>/links/<hook>@<iface>              bpf_links (XDP, tcx): unpinning one detaches it
-//! <pin-dir>/links/cls_bpf@<iface>@<prio>@<handle>[@clsact]
+//! <pin-dir>/links/cls_bpf@<iface>@<prio>@<handle>[@if<index>][@clsact]
 //!                                             a directory that records a netlink tc filter
 //!                                             (kernels without tcx), which has no link to pin
 //! ```
@@ -117,6 +117,9 @@ pub struct NetlinkTcRecord {
     pub iface: String,
     pub priority: u16,
     pub handle: u32,
+    /// The interface's index when the filter was added: a new interface of the same name has
+    /// another, and none of its filters. `None` in records of versions that did not keep it.
+    pub ifindex: Option<u32>,
     /// The clsact qdisc was added by this load and goes away with it.
     pub created_clsact: bool,
 }
@@ -125,8 +128,10 @@ impl NetlinkTcRecord {
     const PREFIX: &str = "cls_bpf";
 
     pub fn dir_name(&self) -> String {
+        let ifindex = self.ifindex.map(|index| format!("@if{index}")).unwrap_or_default();
         let clsact = if self.created_clsact { "@clsact" } else { "" };
-        format!("{}@{}@{}@{}{clsact}", Self::PREFIX, self.iface, self.priority, self.handle)
+        let Self { iface, priority, handle, .. } = self;
+        format!("{}@{iface}@{priority}@{handle}{ifindex}{clsact}", Self::PREFIX)
     }
 
     pub fn parse(name: &str) -> Option<Self> {
@@ -137,12 +142,15 @@ impl NetlinkTcRecord {
         let iface = parts.next()?.to_owned();
         let priority = parts.next()?.parse().ok()?;
         let handle = parts.next()?.parse().ok()?;
-        let created_clsact = match parts.next() {
-            None => false,
-            Some("clsact") => true,
-            Some(_) => return None,
-        };
-        Some(Self { iface, priority, handle, created_clsact })
+        let mut record = Self { iface, priority, handle, ifindex: None, created_clsact: false };
+        for part in parts {
+            match (part, part.strip_prefix("if")) {
+                ("clsact", _) => record.created_clsact = true,
+                (_, Some(index)) => record.ifindex = Some(index.parse().ok()?),
+                _ => return None,
+            }
+        }
+        Some(record)
     }
 }
 
@@ -152,15 +160,19 @@ mod tests {
 
     #[test]
     fn netlink_record_round_trips_through_its_directory_name() {
-        for created_clsact in [false, true] {
+        for (ifindex, created_clsact) in [(None, false), (Some(7), false), (Some(7), true)] {
             let record = NetlinkTcRecord {
                 iface: "eth0.100".into(),
                 priority: 49152,
                 handle: 1,
+                ifindex,
                 created_clsact,
             };
             assert_eq!(NetlinkTcRecord::parse(&record.dir_name()), Some(record));
         }
+        // A record of a version that kept no interface index.
+        let older = NetlinkTcRecord::parse("cls_bpf@eth0@49152@1@clsact").expect("parses");
+        assert_eq!((older.ifindex, older.created_clsact), (None, true));
         assert_eq!(NetlinkTcRecord::parse("xdp@eth0"), None);
         assert_eq!(NetlinkTcRecord::parse("cls_bpf@eth0@1@2@bogus"), None);
     }

@@ -40,14 +40,25 @@ impl RunningDaemon {
         manifests: &Path,
         host_cgroup: Option<&Path>,
     ) -> Self {
+        let targets = attach::Targets {
+            xdp_ifaces: vec![EXTERNAL_IFACE.into()],
+            tc_ifaces: topology.pod_ifaces(),
+            host_cgroup: host_cgroup.map(Path::to_owned),
+        };
+        Self::start_with_targets(topology, pins, manifests, targets)
+    }
+
+    /// [`Self::start`] with the attachment targets given.
+    pub fn start_with_targets(
+        topology: &Topology,
+        pins: &TestPins,
+        manifests: &Path,
+        targets: attach::Targets,
+    ) -> Self {
         let options = daemon::Options {
             source: daemon::Source::Manifests(manifests.to_owned()),
             node_config: NodeConfig::from_file(&examples().join("node.yaml")).expect("node.yaml"),
-            targets: attach::Targets {
-                xdp_ifaces: vec![EXTERNAL_IFACE.into()],
-                tc_ifaces: topology.pod_ifaces(),
-                host_cgroup: host_cgroup.map(Path::to_owned),
-            },
+            targets,
             pins: pins.layout().clone(),
             resync: Duration::from_secs(60),
             // Inside the node's namespace: every test daemon has a loopback of its own.
@@ -72,6 +83,8 @@ impl RunningDaemon {
         // before the new daemon has done anything.
         wait_for(
             || {
+                let exited = daemon.thread.as_ref().is_none_or(JoinHandle::is_finished);
+                assert!(!exited, "the daemon exited before its first sync (its error is above)");
                 scrape_metrics(&topology.node)
                     .is_some_and(|metrics| counter(&metrics, SYNCS_OK) >= Some(1))
             },
@@ -91,7 +104,10 @@ impl RunningDaemon {
     fn shutdown(&mut self) {
         drop(self.stop.take());
         if let Some(thread) = self.thread.take() {
-            thread.join().expect("daemon thread");
+            // A second panic while a failed test unwinds would abort it before its namespaces
+            // and pins are removed.
+            let joined = thread.join();
+            assert!(joined.is_ok() || std::thread::panicking(), "the daemon thread panicked");
         }
     }
 }

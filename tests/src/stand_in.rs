@@ -8,6 +8,10 @@ use std::{
     path::Path,
 };
 
+use aya::programs::{Program, SchedClassifier, Xdp};
+use aya_obj::programs::XdpAttachType;
+use lb_user::{pins::PinLayout, program_names, upgrade};
+
 /// The program types a stand-in can be.
 #[derive(Clone, Copy, Debug)]
 pub enum Kind {
@@ -120,4 +124,25 @@ pub fn bpf<T>(command: libc::c_long, attr: &mut T) -> libc::c_long {
 /// A buffer's address as bpf(2) takes it.
 pub fn address_of<T>(data: &[T]) -> u64 {
     data.as_ptr().expose_provenance() as u64
+}
+
+/// Puts pass-everything stand-ins on the pinned XDP and tc attachments, as an older version
+/// would have left its own programs there. Run it in the namespace of the interfaces: cls_bpf
+/// filters (kernels without tcx) are found by interface name.
+pub fn put_on_attachments(pins: &PinLayout) {
+    for (name, kind) in [(program_names::XDP, Kind::Xdp), (program_names::TC, Kind::SchedCls)] {
+        let staged = pins.root().join(format!("stand-in-{name}"));
+        pin(&load(kind), &staged);
+        let mut program = match kind {
+            Kind::Xdp => {
+                Program::Xdp(Xdp::from_pin(&staged, XdpAttachType::Interface).expect("stand-in"))
+            }
+            Kind::SchedCls => {
+                Program::SchedClassifier(SchedClassifier::from_pin(&staged).expect("stand-in"))
+            }
+        };
+        let attachments = upgrade::relink(&mut program, name, pins).expect("stand-in attached");
+        assert!(attachments > 0, "{name} is attached somewhere");
+        std::fs::remove_file(&staged).expect("unpin the staging pin");
+    }
 }

@@ -47,6 +47,9 @@ pub struct Pod {
 
 /// All namespaces of the demo, removed on drop.
 pub struct Topology {
+    prefix: String,
+    /// The index of the next pod's namespace and veth names.
+    next_pod: usize,
     pub node: Netns,
     pub client: Netns,
     pub pods: Vec<Pod>,
@@ -83,7 +86,31 @@ impl Topology {
             .enumerate()
             .map(|(index, &(name, ip))| add_pod(&node, prefix, index, name, ip))
             .collect();
-        Self { node, client, pods }
+        Self { prefix: prefix.into(), next_pod: PODS.len(), node, client, pods }
+    }
+
+    /// Adds a pod (no servers) behind a new veth `vpod<n>`, as a CNI does when a pod starts.
+    pub fn add_pod(&mut self, name: &'static str, ip: &str) -> &Pod {
+        let pod = add_pod(&self.node, &self.prefix, self.next_pod, name, ip);
+        self.next_pod += 1;
+        self.pods.push(pod);
+        self.pods.last().expect("just added")
+    }
+
+    /// Removes a pod and its veth, as a CNI does when a pod goes.
+    pub fn remove_pod(&mut self, name: &str) {
+        let index = self.pods.iter().position(|p| p.name == name).expect("a pod of that name");
+        let pod = self.pods.remove(index);
+        // Deleting the node's end deletes the pair at once; the namespace goes on drop.
+        self.node.ip(&["link", "del", &pod.host_iface]);
+    }
+
+    /// Gives a pod a new veth of the same name (a new interface index), as when a CNI sets a
+    /// pod's network up again.
+    pub fn replace_pod_veth(&self, name: &str) {
+        let pod = self.pod(name);
+        self.node.ip(&["link", "del", &pod.host_iface]);
+        connect(&self.node, pod);
     }
 
     pub fn pod(&self, name: &str) -> &Pod {
@@ -112,27 +139,37 @@ fn sysctl(netns: &Netns, key: &str, value: &str) {
 }
 
 fn add_pod(node: &Netns, prefix: &str, index: usize, name: &'static str, ip: &str) -> Pod {
-    let netns = Netns::new(&format!("{prefix}-pod{index}"));
-    let host_iface = format!("vpod{index}");
+    let pod = Pod {
+        name,
+        ip: ip.parse().expect("pod address"),
+        netns: Netns::new(&format!("{prefix}-pod{index}")),
+        host_iface: format!("vpod{index}"),
+    };
+    connect(node, &pod);
+    pod
+}
+
+/// The pod's veth: its node end routes the pod's address, its pod end is the pod's `eth0`.
+fn connect(node: &Netns, pod: &Pod) {
+    let (host_iface, ip) = (pod.host_iface.as_str(), pod.ip.to_string());
     node.ip(&[
         "link",
         "add",
-        &host_iface,
+        host_iface,
         "type",
         "veth",
         "peer",
         "name",
         "eth0",
         "netns",
-        netns.name(),
+        pod.netns.name(),
     ]);
-    node.ip(&["link", "set", &host_iface, "up"]);
-    node.ip(&["route", "add", &format!("{ip}/32"), "dev", &host_iface]);
-    netns.ip(&["addr", "add", &format!("{ip}/32"), "dev", "eth0"]);
-    netns.ip(&["link", "set", "eth0", "up"]);
-    netns.ip(&["route", "add", POD_GATEWAY, "dev", "eth0", "scope", "link"]);
-    netns.ip(&["route", "add", "default", "via", POD_GATEWAY, "dev", "eth0"]);
-    Pod { name, ip: ip.parse().expect("pod address"), netns, host_iface }
+    node.ip(&["link", "set", host_iface, "up"]);
+    node.ip(&["route", "add", &format!("{ip}/32"), "dev", host_iface]);
+    pod.netns.ip(&["addr", "add", &format!("{ip}/32"), "dev", "eth0"]);
+    pod.netns.ip(&["link", "set", "eth0", "up"]);
+    pod.netns.ip(&["route", "add", POD_GATEWAY, "dev", "eth0", "scope", "link"]);
+    pod.netns.ip(&["route", "add", "default", "via", POD_GATEWAY, "dev", "eth0"]);
 }
 
 /// The pods' servers; stopped and joined on drop.

@@ -6,15 +6,14 @@
 
 use std::{collections::BTreeMap, net::SocketAddr};
 
-use aya::programs::{Program, ProgramInfo, SchedClassifier, Xdp};
-use aya_obj::programs::XdpAttachType;
+use aya::programs::ProgramInfo;
 use lb_tests::{
     daemon::{RunningDaemon, examples},
     pins::TestPins,
     stand_in,
     topology::{NODE_IP, Topology, exchange, long_lived, tcp_request},
 };
-use lb_user::{loader, pins::PinLayout, program_names, upgrade};
+use lb_user::{loader, pins::PinLayout, program_names};
 
 fn addr(text: &str) -> SocketAddr {
     text.parse().expect("socket address")
@@ -40,28 +39,6 @@ fn own_tags() -> BTreeMap<&'static str, u64> {
         .collect()
 }
 
-/// Puts pass-everything stand-ins on the pinned XDP and tc attachments, as an older version
-/// would have left its own programs there.
-fn play_an_older_version(pins: &PinLayout) {
-    for (name, kind) in
-        [(program_names::XDP, stand_in::Kind::Xdp), (program_names::TC, stand_in::Kind::SchedCls)]
-    {
-        let staged = pins.root().join(format!("stand-in-{name}"));
-        stand_in::pin(&stand_in::load(kind), &staged);
-        let mut program = match kind {
-            stand_in::Kind::Xdp => {
-                Program::Xdp(Xdp::from_pin(&staged, XdpAttachType::Interface).expect("stand-in"))
-            }
-            stand_in::Kind::SchedCls => {
-                Program::SchedClassifier(SchedClassifier::from_pin(&staged).expect("stand-in"))
-            }
-        };
-        let attachments = upgrade::relink(&mut program, name, pins).expect("stand-in attached");
-        assert!(attachments > 0, "{name} is attached somewhere");
-        std::fs::remove_file(&staged).expect("unpin the staging pin");
-    }
-}
-
 #[test]
 fn an_upgrade_replaces_outdated_programs_in_place_and_established_flows_keep_their_backends() {
     let topology = Topology::new("lbu");
@@ -79,7 +56,7 @@ fn an_upgrade_replaces_outdated_programs_in_place_and_established_flows_keep_the
     let own = own_tags();
     // cls_bpf filters (kernels without tcx) are found by interface name, in the node's namespace.
     let layout = pins.layout().clone();
-    topology.node.enter(move || play_an_older_version(&layout));
+    topology.node.enter(move || stand_in::put_on_attachments(&layout));
     let older = pinned(pins.layout());
     for name in [program_names::XDP, program_names::TC] {
         assert_ne!(older[name].1, own[name], "{name}: the stand-in's code differs");

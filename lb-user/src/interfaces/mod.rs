@@ -1,0 +1,228 @@
+//! Keeping the programs on the interfaces that exist. Pod-facing interfaces come and go with
+//! their pods (a routed CNI gives each pod a veth of its own, named by a pattern: Calico's
+//! `cali*`, Cilium's `lxc*`), and any interface may vanish while no daemon runs. The daemon
+//! looks at the interfaces when it starts and on every link event, and makes the pinned
+//! attachments match: the tc program on each existing interface that `--tc-iface` names or
+//! matches (`prefix*`), XDP on each existing `--xdp-iface`; the pin of an attachment whose
+//! interface is gone (or was replaced by a new one of the same name) is removed, and an
+//! attachment the targets no longer select is detached.
+
+mod events;
+mod kernel;
+
+use std::{collections::BTreeMap, fs};
+
+use aya::programs::{SchedClassifier, Xdp};
+use aya_obj::programs::XdpAttachType;
+
+pub use events::LinkEvents;
+
+use crate::{
+    attach::{self, Attachment, Targets},
+    error::{Error, Result},
+    pins::{NetlinkTcRecord, PinLayout, TCX_HOOK, XDP_HOOK},
+    program_names,
+};
+
+/// Which interfaces a list of `--tc-iface` values selects: a value ending in `*` selects every
+/// interface whose name begins with what comes before it; any other value, that one name.
+pub struct Selector<'a>(&'a [String]);
+
+impl<'a> Selector<'a> {
+    pub fn new(specs: &'a [String]) -> Self {
+        Self(specs)
+    }
+
+    pub fn matches(&self, iface: &str) -> bool {
+        self.0.iter().any(|spec| match spec.strip_suffix('*') {
+            Some(prefix) => iface.starts_with(prefix),
+            None => spec == iface,
+        })
+    }
+
+    /// The interfaces to attach to now: every plain name (present or not, so that a missing
+    /// one is reported), and the present interfaces a pattern matches.
+    pub fn expand(&self, present: &BTreeMap<String, u32>) -> Vec<String> {
+        let mut names: Vec<String> =
+            self.0.iter().filter(|spec| !spec.ends_with('*')).cloned().collect();
+        for iface in present.keys() {
+            if self.matches(iface) && !names.contains(iface) {
+                names.push(iface.clone());
+            }
+        }
+        names
+    }
+}
+
+/// The interfaces of this network namespace, by name.
+pub fn present() -> Result<BTreeMap<String, u32>> {
+    kernel::present()
+}
+
+/// What one look at the interfaces changed.
+#[derive(Debug, Default)]
+pub struct Changes {
+    pub attached: Vec<Attachment>,
+    /// A line per pin removed, saying why.
+    pub removed: Vec<String>,
+    /// A line per interface that could not be attached (it may have vanished meanwhile).
+    pub failed: Vec<String>,
+}
+
+/// The interface hooks this module keeps: XDP and tc ingress.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Hook {
+    Xdp,
+    Tc,
+}
+
+/// Removes the pins of attachments whose interface is gone: a link left on a vanished
+/// interface cannot be updated, so this comes before replacing programs on adoption.
+pub fn remove_stale(pins: &PinLayout) -> Result<Vec<String>> {
+    let present = kernel::present()?;
+    let mut removed = Vec::new();
+    for pinned in pinned_attachments(pins)? {
+        if !pinned.is_live(&present)? {
+            removed.push(pinned.remove_stale()?);
+        }
+    }
+    Ok(removed)
+}
+
+/// Makes the attachments pinned under `pins` match `targets` on the interfaces that exist now
+/// (see the module's comment). An interface that cannot be attached is reported in
+/// [`Changes::failed`] and the others are still done.
+pub fn follow(pins: &PinLayout, targets: &Targets) -> Result<Changes> {
+    let present = kernel::present()?;
+    let tc = Selector::new(&targets.tc_ifaces);
+    let selects = |hook: Hook, iface: &str| match hook {
+        Hook::Xdp => targets.xdp_ifaces.iter().any(|name| name == iface),
+        Hook::Tc => tc.matches(iface),
+    };
+    let mut changes = Changes::default();
+    let mut attached = Vec::new();
+    for pinned in pinned_attachments(pins)? {
+        if !pinned.is_live(&present)? {
+            changes.removed.push(pinned.remove_stale()?);
+        } else if !selects(pinned.hook, &pinned.iface) {
+            changes.removed.extend(attach::detach_pinned(pins, &pinned.file_name)?);
+        } else {
+            attached.push((pinned.hook, pinned.iface));
+        }
+    }
+    for iface in present.keys() {
+        for hook in [Hook::Xdp, Hook::Tc] {
+            if selects(hook, iface) && !attached.contains(&(hook, iface.clone())) {
+                match attach_one(pins, hook, iface) {
+                    Ok(attachment) => changes.attached.push(attachment),
+                    Err(error) => {
+                        changes.failed.push(format!("{iface}: {}", crate::error::chain(&error)));
+                    }
+                }
+            }
+        }
+    }
+    Ok(changes)
+}
+
+fn attach_one(pins: &PinLayout, hook: Hook, iface: &str) -> Result<Attachment> {
+    match hook {
+        Hook::Xdp => {
+            let name = program_names::XDP;
+            let mut program = Xdp::from_pin(pins.program(name), XdpAttachType::Interface)
+                .map_err(Error::attach(name, "xdp", iface))?;
+            attach::attach_xdp(&mut program, pins, iface)
+        }
+        Hook::Tc => {
+            let name = program_names::TC;
+            let mut program = SchedClassifier::from_pin(pins.program(name))
+                .map_err(Error::attach(name, "tc ingress", iface))?;
+            attach::attach_tc(&mut program, pins, iface)
+        }
+    }
+}
+
+/// One XDP or tc attachment pinned under `links/`.
+struct Pinned {
+    hook: Hook,
+    iface: String,
+    file_name: String,
+    path: std::path::PathBuf,
+    /// A cls_bpf filter's record; `None` for a bpf_link.
+    record: Option<NetlinkTcRecord>,
+}
+
+fn pinned_attachments(pins: &PinLayout) -> Result<Vec<Pinned>> {
+    let links_dir = pins.links_dir();
+    let mut pinned = Vec::new();
+    for entry in fs::read_dir(&links_dir).map_err(Error::io(&links_dir))? {
+        let entry = entry.map_err(Error::io(&links_dir))?;
+        let file_name = entry.file_name().to_string_lossy().into_owned();
+        let path = entry.path();
+        if let Some(record) = NetlinkTcRecord::parse(&file_name) {
+            let iface = record.iface.clone();
+            pinned.push(Pinned { hook: Hook::Tc, iface, file_name, path, record: Some(record) });
+            continue;
+        }
+        let hook = match file_name.split_once('@') {
+            Some((XDP_HOOK, iface)) => (Hook::Xdp, iface),
+            Some((TCX_HOOK, iface)) => (Hook::Tc, iface),
+            _ => continue,
+        };
+        let (hook, iface) = (hook.0, hook.1.to_owned());
+        pinned.push(Pinned { hook, iface, file_name, path, record: None });
+    }
+    Ok(pinned)
+}
+
+impl Pinned {
+    /// True while the attachment still runs on the interface its pin names: an interface of
+    /// that name exists and has the index the attachment was made on. A bpf_link says which
+    /// interface it is on (none once that one is gone); a cls_bpf filter goes with its
+    /// interface, and its record keeps the index (records of versions that did not are taken
+    /// as live while the name exists).
+    fn is_live(&self, present: &BTreeMap<String, u32>) -> Result<bool> {
+        let Some(&ifindex) = present.get(&self.iface) else {
+            return Ok(false);
+        };
+        match &self.record {
+            Some(record) => Ok(record.ifindex.is_none_or(|attached| attached == ifindex)),
+            None => Ok(kernel::pinned_link_ifindex(&self.path)? == ifindex),
+        }
+    }
+
+    /// Removes the pin of an attachment whose interface is gone: the kernel detached it with
+    /// the interface, so there is nothing to detach.
+    fn remove_stale(&self) -> Result<String> {
+        let removed = if self.record.is_some() { fs::remove_dir } else { fs::remove_file };
+        removed(&self.path).map_err(Error::io(&self.path))?;
+        Ok(format!("removed {}: its interface {} is gone", self.file_name, self.iface))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_trailing_star_selects_by_prefix_and_a_name_selects_itself() {
+        let specs = ["cali*".to_owned(), "eth1".to_owned()];
+        let selector = Selector::new(&specs);
+        assert!(selector.matches("cali12ab"));
+        assert!(selector.matches("cali"));
+        assert!(selector.matches("eth1"));
+        assert!(!selector.matches("eth10"));
+        assert!(!selector.matches("xcali1"));
+    }
+
+    #[test]
+    fn expanding_keeps_plain_names_even_when_absent_and_adds_pattern_matches() {
+        let specs = ["vpod*".to_owned(), "missing0".to_owned(), "vpod1".to_owned()];
+        let present = BTreeMap::from([
+            ("lo".to_owned(), 1),
+            ("vpod0".to_owned(), 2),
+            ("vpod1".to_owned(), 3),
+        ]);
+        assert_eq!(Selector::new(&specs).expand(&present), ["missing0", "vpod1", "vpod0"]);
+    }
+}
