@@ -13,7 +13,7 @@ use std::{
 
 use notify::{RecursiveMode, Watcher as _};
 use tokio::sync::mpsc;
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::{
     attach,
@@ -79,8 +79,9 @@ pub async fn run_until(
     // Subscribed before the first look at the interfaces, so that no change falls between.
     let mut link_events = Some(LinkEvents::subscribe()?);
     let mut maps = attach_or_adopt(&options)?;
-    follow_interfaces(&options);
     let metrics = Metrics::new(&options.pins);
+    let mut failing_interfaces = BTreeSet::new();
+    follow_interfaces(&options, &metrics, &mut failing_interfaces);
     if let Some(address) = options.metrics_address {
         metrics::serve(address, Arc::clone(&metrics)).await?;
         info!(%address, "serving metrics at /metrics");
@@ -159,7 +160,7 @@ pub async fn run_until(
                     break;
                 }
                 changed = next_link_event(&mut link_events) => match changed {
-                    Ok(()) => follow_interfaces(&options),
+                    Ok(()) => follow_interfaces(&options, &metrics, &mut failing_interfaces),
                     Err(error) => {
                         error!(error = %crate::error::chain(&error), "interface events lost: new interfaces are no longer attached until the daemon restarts");
                         link_events = None;
@@ -203,25 +204,34 @@ fn attach_or_adopt(options: &Options) -> Result<KernelMaps> {
 }
 
 /// Attaches the programs to new interfaces the targets select and forgets the attachments of
-/// interfaces that are gone, logging each change. A failure is logged, and the next interface
-/// event tries again.
-fn follow_interfaces(options: &Options) {
-    match interfaces::follow(&options.pins, &options.targets) {
-        Ok(changes) => {
-            for attachment in changes.attached {
-                info!(%attachment, "attached");
-            }
-            for removed in changes.removed {
-                info!("{removed}");
-            }
-            for failed in changes.failed {
-                warn!("could not attach: {failed}");
-            }
-        }
+/// interfaces that are gone, logging and counting each change. An interface that cannot be
+/// attached is tried again at the next interface event, and logged as a warning only when it
+/// starts failing, not at every event while it still does.
+fn follow_interfaces(options: &Options, metrics: &Metrics, failing: &mut BTreeSet<String>) {
+    let changes = match interfaces::follow(&options.pins, &options.targets) {
+        Ok(changes) => changes,
         Err(error) => {
             error!(error = %crate::error::chain(&error), "could not compare the attachments with the interfaces");
+            return;
         }
+    };
+    metrics.observe_interfaces(&changes);
+    for attachment in &changes.attached {
+        info!(%attachment, "attached");
     }
+    for removed in &changes.removed {
+        info!("{removed}");
+    }
+    let mut still_failing = BTreeSet::new();
+    for (iface, why) in changes.failed {
+        if failing.contains(&iface) {
+            debug!(%iface, error = %why, "still cannot attach");
+        } else {
+            warn!(%iface, error = %why, "cannot attach; trying again at the next interface event");
+        }
+        still_failing.insert(iface);
+    }
+    *failing = still_failing;
 }
 
 /// The next interface event, or never once they were lost.

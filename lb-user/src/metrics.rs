@@ -53,6 +53,12 @@ struct SyncLabels {
     result: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct InterfaceLabels {
+    /// `attached`, `removed` (interface gone or no longer selected) or `failed`.
+    change: &'static str,
+}
+
 /// The daemon's metrics; shared with the conntrack collector's thread.
 #[derive(Debug)]
 pub struct Metrics {
@@ -64,6 +70,7 @@ pub struct Metrics {
     frontends: Gauge,
     conntrack_entries: Gauge,
     conntrack_collected: Counter,
+    interface_changes: Family<InterfaceLabels, Counter>,
 }
 
 impl Metrics {
@@ -105,6 +112,12 @@ impl Metrics {
             "Dead conntrack entries deleted by the collector",
             conntrack_collected.clone(),
         );
+        let interface_changes = Family::<InterfaceLabels, Counter>::default();
+        registry.register(
+            "interface_attachments",
+            "Attachments made, removed and failed as interfaces came and went",
+            interface_changes.clone(),
+        );
         registry.register_collector(Box::new(DatapathCounters { pins: pins.clone() }));
         Arc::new(Self {
             registry,
@@ -115,6 +128,7 @@ impl Metrics {
             frontends,
             conntrack_entries,
             conntrack_collected,
+            interface_changes,
         })
     }
 
@@ -140,6 +154,17 @@ impl Metrics {
     pub fn observe_collection(&self, scanned: usize, removed: usize) {
         self.conntrack_entries.set(i64::try_from(scanned - removed).unwrap_or(i64::MAX));
         self.conntrack_collected.inc_by(as_u64(removed));
+    }
+
+    /// Records what one look at the interfaces changed.
+    pub fn observe_interfaces(&self, changes: &crate::interfaces::Changes) {
+        for (change, count) in [
+            ("attached", changes.attached.len()),
+            ("removed", changes.removed.len()),
+            ("failed", changes.failed.len()),
+        ] {
+            self.interface_changes.get_or_create(&InterfaceLabels { change }).inc_by(as_u64(count));
+        }
     }
 
     /// The exposition text.

@@ -8,7 +8,7 @@
 use std::net::SocketAddr;
 
 use lb_tests::{
-    daemon::{RunningDaemon, examples, wait_for},
+    daemon::{RunningDaemon, counter, examples, scrape_metrics, wait_for},
     pins::TestPins,
     stand_in,
     topology::{EXTERNAL_IFACE, Topology, tcp_request},
@@ -68,6 +68,11 @@ fn pods_that_start_get_the_tc_program_and_pods_that_go_take_their_pins() {
     topology.remove_pod("late");
     wait_for(|| !tc_pinned(pins.layout(), &late), "the gone pod's pin to be removed");
     assert_served(&topology, "client");
+    let metrics = scrape_metrics(&topology.node).expect("metrics");
+    for change in ["attached", "removed"] {
+        let series = format!("lb_interface_attachments_total{{change=\"{change}\"}}");
+        assert_eq!(counter(&metrics, &series), Some(1), "{series}");
+    }
     drop(daemon);
 }
 

@@ -65,8 +65,9 @@ pub struct Changes {
     pub attached: Vec<Attachment>,
     /// A line per pin removed, saying why.
     pub removed: Vec<String>,
-    /// A line per interface that could not be attached (it may have vanished meanwhile).
-    pub failed: Vec<String>,
+    /// (interface, why) for each interface that could not be attached (it may have vanished
+    /// meanwhile).
+    pub failed: Vec<(String, String)>,
 }
 
 /// The interface hooks this module keeps: XDP and tc ingress.
@@ -116,7 +117,7 @@ pub fn follow(pins: &PinLayout, targets: &Targets) -> Result<Changes> {
                 match attach_one(pins, hook, iface) {
                     Ok(attachment) => changes.attached.push(attachment),
                     Err(error) => {
-                        changes.failed.push(format!("{iface}: {}", crate::error::chain(&error)));
+                        changes.failed.push((iface.clone(), crate::error::chain(&error)));
                     }
                 }
             }
