@@ -71,7 +71,7 @@ pub struct Changes {
 }
 
 /// The interface hooks this module keeps: XDP and tc ingress.
-#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+#[derive(Clone, Copy, PartialEq, Eq)]
 enum Hook {
     Xdp,
     Tc,
@@ -94,24 +94,21 @@ pub fn remove_stale(pins: &PinLayout) -> Result<Vec<String>> {
 /// (see the module's comment). An interface that cannot be attached is reported in
 /// [`Changes::failed`] and the others are still done.
 pub fn follow(pins: &PinLayout, targets: &Targets) -> Result<Changes> {
-    let present = kernel::present()?;
+    let mut changes = Changes { removed: remove_stale(pins)?, ..Changes::default() };
     let tc = Selector::new(&targets.tc_ifaces);
     let selects = |hook: Hook, iface: &str| match hook {
         Hook::Xdp => targets.xdp_ifaces.iter().any(|name| name == iface),
         Hook::Tc => tc.matches(iface),
     };
-    let mut changes = Changes::default();
     let mut attached = Vec::new();
     for pinned in pinned_attachments(pins)? {
-        if !pinned.is_live(&present)? {
-            changes.removed.push(pinned.remove_stale()?);
-        } else if !selects(pinned.hook, &pinned.iface) {
-            changes.removed.extend(attach::detach_pinned(pins, &pinned.file_name)?);
-        } else {
+        if selects(pinned.hook, &pinned.iface) {
             attached.push((pinned.hook, pinned.iface));
+        } else {
+            changes.removed.extend(attach::detach_pinned(pins, &pinned.file_name)?);
         }
     }
-    for iface in present.keys() {
+    for iface in kernel::present()?.keys() {
         for hook in [Hook::Xdp, Hook::Tc] {
             if selects(hook, iface) && !attached.contains(&(hook, iface.clone())) {
                 match attach_one(pins, hook, iface) {
@@ -165,12 +162,11 @@ fn pinned_attachments(pins: &PinLayout) -> Result<Vec<Pinned>> {
             pinned.push(Pinned { hook: Hook::Tc, iface, file_name, path, record: Some(record) });
             continue;
         }
-        let hook = match file_name.split_once('@') {
-            Some((XDP_HOOK, iface)) => (Hook::Xdp, iface),
-            Some((TCX_HOOK, iface)) => (Hook::Tc, iface),
+        let (hook, iface) = match file_name.split_once('@') {
+            Some((XDP_HOOK, iface)) => (Hook::Xdp, iface.to_owned()),
+            Some((TCX_HOOK, iface)) => (Hook::Tc, iface.to_owned()),
             _ => continue,
         };
-        let (hook, iface) = (hook.0, hook.1.to_owned());
         pinned.push(Pinned { hook, iface, file_name, path, record: None });
     }
     Ok(pinned)
