@@ -1,7 +1,8 @@
 //! One sync of the daemon, from a source's services to the maps: either every service (the
 //! first sync, the periodic resync, a new node configuration) or only the services a change
 //! names. Besides the reconciler it keeps what the model said about each service (objects
-//! skipped, notes), so that a sync of a few services still reports the whole picture.
+//! skipped, notes, health checks), so that a sync of a few services still reports the whole
+//! picture.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -9,7 +10,7 @@ use crate::{
     config::NodeConfig,
     error::Result,
     maps::MapWriter,
-    model::{Model, ServiceModel, ServiceName, not_ipv4_note},
+    model::{HealthCheck, Model, ServiceModel, ServiceName, not_ipv4_note},
     reconcile::{Reconciler, Report},
 };
 
@@ -17,8 +18,15 @@ pub struct ControlPlane {
     reconciler: Reconciler,
     /// The node configuration of the last full sync: a service sync must build with the same.
     node: Option<NodeConfig>,
+    /// What the model said about each service that had something to say.
+    remembered: Remembered,
+}
+
+#[derive(Default)]
+struct Remembered {
     /// Only services with something to say.
     remarks: BTreeMap<ServiceName, Remarks>,
+    health_checks: BTreeMap<ServiceName, HealthCheck>,
 }
 
 /// What the model said about one service.
@@ -43,7 +51,7 @@ impl Remarks {
 
 impl ControlPlane {
     pub fn new(reconciler: Reconciler) -> Self {
-        Self { reconciler, node: None, remarks: BTreeMap::new() }
+        Self { reconciler, node: None, remembered: Remembered::default() }
     }
 
     pub fn reconciler(&self) -> &Reconciler {
@@ -65,9 +73,9 @@ impl ControlPlane {
     ) -> Result<Report> {
         let mut model =
             Model { node_port_addresses: node.node_port_addresses(), ..Model::default() };
-        self.remarks.clear();
+        self.remembered = Remembered::default();
         for (name, part) in services {
-            self.remember(name, &part);
+            self.remembered.remember(name, &part);
             model.ports.extend(part.ports);
         }
         model.ports.sort_by(|a, b| a.id.cmp(&b.id));
@@ -86,12 +94,12 @@ impl ControlPlane {
         mut model_of: impl FnMut(&ServiceName) -> ServiceModel,
         writer: &mut impl MapWriter,
     ) -> Result<Report> {
-        let remarks = &mut self.remarks;
+        let remembered = &mut self.remembered;
         self.reconciler.reconcile_services(
             changed,
             |name| {
                 let part = model_of(name);
-                remember(remarks, name.clone(), &part);
+                remembered.remember(name.clone(), &part);
                 part.ports
             },
             writer,
@@ -100,23 +108,31 @@ impl ControlPlane {
 
     /// Every object skipped and every note, as log lines.
     pub fn remarks(&self) -> impl Iterator<Item = String> + '_ {
-        let not_ipv4 = self.remarks.values().map(|r| r.not_ipv4_slices).sum();
-        self.remarks
+        let remarks = &self.remembered.remarks;
+        let not_ipv4 = remarks.values().map(|r| r.not_ipv4_slices).sum();
+        remarks
             .values()
             .flat_map(|r| r.lines.iter().cloned())
             .chain(not_ipv4_note(not_ipv4).map(|note| format!("note: {note}")))
     }
 
-    fn remember(&mut self, name: ServiceName, model: &ServiceModel) {
-        remember(&mut self.remarks, name, model);
+    /// The health checks of the services programmed, by service.
+    pub fn health_checks(&self) -> &BTreeMap<ServiceName, HealthCheck> {
+        &self.remembered.health_checks
     }
 }
 
-fn remember(remarks: &mut BTreeMap<ServiceName, Remarks>, name: ServiceName, model: &ServiceModel) {
-    let part = Remarks::of(model);
-    if part.is_empty() {
-        remarks.remove(&name);
-    } else {
-        remarks.insert(name, part);
+impl Remembered {
+    fn remember(&mut self, name: ServiceName, model: &ServiceModel) {
+        match model.health_check {
+            Some(check) => self.health_checks.insert(name.clone(), check),
+            None => self.health_checks.remove(&name),
+        };
+        let part = Remarks::of(model);
+        if part.is_empty() {
+            self.remarks.remove(&name);
+        } else {
+            self.remarks.insert(name, part);
+        }
     }
 }

@@ -21,6 +21,7 @@ use crate::{
     conntrack_gc,
     control::ControlPlane,
     error::{Error, Result},
+    health::HealthCheckServers,
     interfaces::{self, LinkEvents},
     kube_source::{self, Changes, KubeSource},
     manifest,
@@ -124,12 +125,17 @@ pub async fn run_until(
     };
     let mut reported = Reported::default();
     let mut plane = ControlPlane::new(reconciler);
+    let mut health_checks = HealthCheckServers::new();
     // The first sync rebuilds every service; so does the periodic resync, which repairs
     // whatever a missed event or a failed write left behind.
     let mut full = true;
     'running: loop {
         let started = Instant::now();
         let synced = sync(&options, &objects, &mut plane, &mut maps, &mut reported, full, &metrics);
+        health_checks.set_proxy_healthy(synced.is_ok());
+        if synced.is_ok() {
+            health_checks.update(plane.health_checks());
+        }
         if let Err(error) = synced {
             metrics.observe_failed_sync(started.elapsed());
             error!(error = %crate::error::chain(&error), "reconcile failed; re-reading the maps and retrying at the next change");

@@ -16,6 +16,8 @@ pub mod conntrack_gc;
 pub mod control;
 pub mod daemon;
 pub mod error;
+pub mod health;
+pub mod http;
 pub mod interfaces;
 pub mod kube_source;
 pub mod loader;

@@ -3,12 +3,9 @@
 //! flows, conntrack collection). Per-frontend packet counts stay in `status`: a series per
 //! frontend would be hundreds of thousands of series on a large cluster.
 
-use std::{convert::Infallible, net::SocketAddr, sync::Arc, time::Duration};
+use std::{net::SocketAddr, sync::Arc, time::Duration};
 
-use bytes::Bytes;
-use http_body_util::Full;
-use hyper::{Request, Response, StatusCode, header::CONTENT_TYPE, service::service_fn};
-use hyper_util::rt::TokioIo;
+use hyper::{Request, StatusCode};
 use lb_common::stats::Reason;
 use prometheus_client::{
     collector::Collector,
@@ -22,10 +19,11 @@ use prometheus_client::{
     registry::Registry,
 };
 use tokio::net::TcpListener;
-use tracing::{debug, warn};
+use tracing::warn;
 
 use crate::{
     error::{Error, Result},
+    http,
     pins::PinLayout,
     stats,
 };
@@ -229,44 +227,16 @@ pub async fn serve(address: SocketAddr, metrics: Arc<Metrics>) -> Result<()> {
     let listener = TcpListener::bind(address)
         .await
         .map_err(Error::io(format!("metrics address {address}")))?;
-    tokio::spawn(async move {
-        loop {
-            let stream = match listener.accept().await {
-                Ok((stream, _)) => stream,
-                Err(error) => {
-                    warn!(%error, "metrics: accept failed");
-                    continue;
-                }
-            };
-            let metrics = Arc::clone(&metrics);
-            tokio::spawn(async move {
-                let service = service_fn(move |request| {
-                    let response = respond(&metrics, &request);
-                    async move { Ok::<_, Infallible>(response) }
-                });
-                let connection = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(stream), service);
-                if let Err(error) = connection.await {
-                    debug!(%error, "metrics: connection ended with an error");
-                }
-            });
-        }
-    });
+    http::serve(listener, "metrics", move |request| respond(&metrics, request));
     Ok(())
 }
 
-fn respond<B>(metrics: &Metrics, request: &Request<B>) -> Response<Full<Bytes>> {
-    let (status, content_type, body) = if request.uri().path() == "/metrics" {
-        (StatusCode::OK, CONTENT, metrics.render())
+fn respond<B>(metrics: &Metrics, request: &Request<B>) -> http::Answer {
+    if request.uri().path() == "/metrics" {
+        http::answer(StatusCode::OK, CONTENT, metrics.render())
     } else {
-        (StatusCode::NOT_FOUND, "text/plain", "not found: try /metrics\n".to_owned())
-    };
-    let mut response = Response::new(Full::new(Bytes::from(body)));
-    *response.status_mut() = status;
-    if let Ok(value) = content_type.parse() {
-        response.headers_mut().insert(CONTENT_TYPE, value);
+        http::answer(StatusCode::NOT_FOUND, "text/plain", "not found: try /metrics\n")
     }
-    response
 }
 
 #[cfg(test)]
@@ -310,7 +280,7 @@ mod tests {
         };
         let found = get("/metrics");
         assert_eq!(found.status(), StatusCode::OK);
-        assert_eq!(found.headers()[CONTENT_TYPE], CONTENT);
+        assert_eq!(found.headers()[hyper::header::CONTENT_TYPE], CONTENT);
         assert_eq!(get("/").status(), StatusCode::NOT_FOUND);
     }
 }

@@ -120,14 +120,39 @@ impl Drop for RunningDaemon {
 
 /// `GET /metrics` from the daemon, inside the node's namespace; `None` while none answers.
 pub fn scrape_metrics(node: &Netns) -> Option<String> {
-    node.enter(|| {
-        let mut stream = TcpStream::connect(METRICS_ADDRESS).ok()?;
-        stream.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
-        stream.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").ok()?;
-        let mut response = String::new();
-        stream.read_to_string(&mut response).ok()?;
-        let ok = response.starts_with("HTTP/1.0 200") || response.starts_with("HTTP/1.1 200");
-        ok.then_some(response)
+    let response = http_get(node, METRICS_ADDRESS, "/metrics").ok()?;
+    (response.status == 200).then_some(response.text)
+}
+
+/// An HTTP response: its status code, and the whole text (status line, headers and body).
+pub struct HttpResponse {
+    pub status: u16,
+    pub text: String,
+}
+
+impl HttpResponse {
+    /// What follows the headers.
+    pub fn body(&self) -> &str {
+        self.text.split_once("\r\n\r\n").map_or("", |(_, body)| body)
+    }
+}
+
+/// `GET path` from inside `netns` to `address`, over HTTP/1.0 (the server closes the
+/// connection after answering).
+pub fn http_get(netns: &Netns, address: &str, path: &str) -> std::io::Result<HttpResponse> {
+    let address: std::net::SocketAddr = address.parse().expect("socket address");
+    netns.enter(|| {
+        let mut stream = TcpStream::connect_timeout(&address, Duration::from_secs(2))?;
+        stream.set_read_timeout(Some(Duration::from_secs(2)))?;
+        stream.write_all(format!("GET {path} HTTP/1.0\r\n\r\n").as_bytes())?;
+        let mut text = String::new();
+        stream.read_to_string(&mut text)?;
+        let status = text
+            .split(' ')
+            .nth(1)
+            .and_then(|code| code.parse().ok())
+            .ok_or_else(|| std::io::Error::other(format!("not an HTTP response: {text:?}")))?;
+        Ok(HttpResponse { status, text })
     })
 }
 

@@ -19,6 +19,7 @@ pub mod checksum;
 pub mod daemon;
 pub mod datapath;
 pub mod fixtures;
+pub mod manifests;
 pub mod netns;
 pub mod node;
 pub mod packets;

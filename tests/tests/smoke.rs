@@ -5,13 +5,12 @@
 
 use std::{
     net::SocketAddr,
-    path::PathBuf,
     time::{Duration, Instant},
 };
 
 use lb_tests::{
-    daemon::{RunningDaemon, SYNCS_OK, counter, examples, scrape_metrics, wait_for},
-    netns::unique_name,
+    daemon::{RunningDaemon, SYNCS_OK, counter, scrape_metrics, wait_for},
+    manifests::ManifestDir,
     pins::TestPins,
     topology::{NODE_IP, Topology, exchange, long_lived, tcp_request, udp_request},
 };
@@ -21,39 +20,13 @@ fn addr(text: &str) -> SocketAddr {
     text.parse().expect("socket address")
 }
 
-/// A copy of the example manifests the test may edit, removed on drop.
-struct ManifestDir(PathBuf);
-
-impl ManifestDir {
-    fn new() -> Self {
-        let dir = std::env::temp_dir().join(unique_name("lbt-manifests"));
-        std::fs::create_dir_all(&dir).expect("manifest directory");
-        std::fs::copy(examples().join("manifests/seed-tutorial.yaml"), dir.join("manifests.yaml"))
-            .expect("copy manifests");
-        Self(dir)
-    }
-
-    fn edit(&self, from: &str, to: &str) {
-        let path = self.0.join("manifests.yaml");
-        let text = std::fs::read_to_string(&path).expect("read manifests");
-        assert!(text.contains(from), "the manifests contain {from:?}");
-        std::fs::write(&path, text.replace(from, to)).expect("write manifests");
-    }
-}
-
-impl Drop for ManifestDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
 #[test]
 fn real_connections_through_the_running_daemon() {
     let topology = Topology::new("lbt");
     let _servers = topology.start_servers();
     let pins = TestPins::new();
     let manifests = ManifestDir::new();
-    let daemon = RunningDaemon::start(&topology, &pins, &manifests.0, None);
+    let daemon = RunningDaemon::start(&topology, &pins, manifests.path(), None);
     let client_pod = &topology.pod("client").netns;
 
     let answer =
@@ -103,7 +76,7 @@ fn real_connections_through_the_running_daemon() {
     let first = exchange(&mut connection);
     daemon.stop();
     assert_eq!(exchange(&mut connection), first, "answered while no daemon runs");
-    let daemon = RunningDaemon::start(&topology, &pins, &manifests.0, None);
+    let daemon = RunningDaemon::start(&topology, &pins, manifests.path(), None);
     assert_eq!(exchange(&mut connection), first, "same backend after the restart");
 
     // A live edit: my-nginx-2 leaves the EndpointSlice; new connections only reach my-nginx-1.

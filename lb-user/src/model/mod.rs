@@ -30,7 +30,8 @@ pub use self::{
     endpoints::{KeptSlice, NodeNames, keep_slice},
     frontend::{Frontend, FrontendKind},
     objects::{
-        KeptService, ServiceModel, ServiceObjects, by_service, service_name, slice_service_name,
+        HealthCheck, KeptService, ServiceModel, ServiceObjects, by_service, service_name,
+        slice_service_name,
     },
 };
 use crate::config::NodeConfig;
@@ -494,5 +495,45 @@ status: {loadBalancer: {ingress: [{ip: 198.51.100.1}]}}",
         assert_eq!(find([198, 51, 100, 1], 80), Some(FrontendKind::LoadBalancer));
         assert_eq!(find([10, 96, 0, 1], 443), None);
         assert_eq!(model.lookup(Ipv4Addr::new(10, 96, 0, 1), 80, Protocol::Udp), None);
+    }
+
+    #[test]
+    fn a_local_load_balancer_counts_its_ready_endpoints_on_this_node_for_its_health_check() {
+        let load_balancer = |extra: &str| {
+            service(&format!(
+                "metadata: {{name: web, namespace: default}}
+spec:
+  type: LoadBalancer
+  clusterIP: 10.96.0.5
+  healthCheckNodePort: 32100
+  ports: [{{name: http, port: 80, nodePort: 30080}}, {{name: https, port: 443, nodePort: 30443}}]
+  {extra}"
+            ))
+        };
+        let slice = slice(
+            "metadata:
+  name: web-1
+  namespace: default
+  labels: {kubernetes.io/service-name: web}
+addressType: IPv4
+endpoints:
+- {addresses: [10.244.1.10], nodeName: node-a, conditions: {ready: true}}
+- {addresses: [10.244.1.11], nodeName: node-a, conditions: {ready: false}}
+- {addresses: [10.244.2.10], nodeName: node-b, conditions: {ready: true}}
+ports: [{name: http, port: 8080}, {name: https, port: 8443}]",
+        );
+        let name = ServiceName::new("default", "web");
+        let health_check = |service: &Service| {
+            let objects =
+                by_service(std::slice::from_ref(service), std::slice::from_ref(&slice), &node());
+            objects[&name].model(&name).health_check
+        };
+        // One ready local pod behind two ports: two endpoints, as kube-proxy counts them.
+        assert_eq!(
+            health_check(&load_balancer("externalTrafficPolicy: Local")),
+            Some(HealthCheck { node_port: 32100, local_endpoints: 2 })
+        );
+        // Cluster policy: every node may take the traffic, and the API allocates no port.
+        assert_eq!(health_check(&load_balancer("externalTrafficPolicy: Cluster")), None);
     }
 }

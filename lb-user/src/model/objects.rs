@@ -44,6 +44,19 @@ pub struct ServiceModel {
     pub notes: Vec<String>,
     /// EndpointSlices with addressType IPv6 or FQDN: the model counts them in one note.
     pub not_ipv4_slices: usize,
+    /// What this node answers on the service's health check node port, if it has one.
+    pub health_check: Option<HealthCheck>,
+}
+
+/// A LoadBalancer service with externalTrafficPolicy Local asks each node, on its
+/// `healthCheckNodePort`, whether it has endpoints of the service: load balancers send traffic
+/// only to nodes that do, since the others drop it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HealthCheck {
+    pub node_port: u16,
+    /// Ready endpoints (address and port) of the service on this node, over all its ports, as
+    /// kube-proxy counts them.
+    pub local_endpoints: usize,
 }
 
 /// The service a Service object is: its namespace and name.
@@ -119,6 +132,9 @@ impl ServiceObjects {
                             port_endpoints(&slices, &normalised.port_name, port.id.protocol);
                         port
                     }));
+                    model.health_check = normalised.health_check_node_port.map(|node_port| {
+                        HealthCheck { node_port, local_endpoints: local_ready(&model.ports) }
+                    });
                 }
                 Err(reason) => {
                     model.skipped.push(Skipped { object: object.clone(), reason: reason.clone() });
@@ -128,6 +144,17 @@ impl ServiceObjects {
         model.ports.sort_by(|a, b| a.id.cmp(&b.id));
         model
     }
+}
+
+/// Distinct ready endpoints on this node among `ports`' endpoints.
+fn local_ready(ports: &[ServicePort]) -> usize {
+    let local: std::collections::BTreeSet<_> = ports
+        .iter()
+        .flat_map(|port| &port.endpoints)
+        .filter(|endpoint| endpoint.node_local && endpoint.ready)
+        .map(|endpoint| (endpoint.ip, endpoint.port))
+        .collect();
+    local.len()
 }
 
 /// The service an EndpointSlice belongs to: the one its service-name label names, in its

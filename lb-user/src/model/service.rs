@@ -34,6 +34,9 @@ pub(super) struct NormalisedPort {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(super) struct Normalised {
     pub ports: Vec<NormalisedPort>,
+    /// `spec.healthCheckNodePort` of a LoadBalancer with externalTrafficPolicy Local: where
+    /// the node tells load balancers whether it has endpoints of the service.
+    pub health_check_node_port: Option<u16>,
     /// Parts left out, such as IPv6 addresses of a dual-stack service.
     pub notes: Vec<String>,
 }
@@ -121,8 +124,17 @@ pub(super) fn normalise(service: &Service) -> Result<Normalised, NotProgrammed> 
         )?,
         affinity_timeout_s: affinity_timeout(spec)?,
     };
+    let health_check_node_port = match spec.health_check_node_port {
+        // The API server allocates one only for this kind of service; 0 or absent: none.
+        Some(port)
+            if port != 0 && service_type == ServiceType::LoadBalancer && external_policy_local =>
+        {
+            Some(port_number("spec.healthCheckNodePort", port).map_err(malformed)?)
+        }
+        _ => None,
+    };
     let ports = service_ports(&shared, ports)?;
-    Ok(Normalised { ports, notes })
+    Ok(Normalised { ports, health_check_node_port, notes })
 }
 
 /// The spec and type of a service this proxy serves, or why it is not served.
