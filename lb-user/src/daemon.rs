@@ -21,7 +21,7 @@ use crate::{
     conntrack_gc,
     control::ControlPlane,
     error::{Error, Result},
-    health::HealthCheckServers,
+    health::{self, HealthCheckServers, ProxyHealth},
     interfaces::{self, LinkEvents},
     kube_source::{self, Changes, KubeSource},
     manifest,
@@ -57,6 +57,8 @@ pub struct Options {
     pub resync: Duration,
     /// Where to serve Prometheus metrics (`GET /metrics`), if anywhere.
     pub metrics_address: Option<SocketAddr>,
+    /// Where to answer `GET /healthz` and `/livez`, if anywhere.
+    pub healthz_address: Option<SocketAddr>,
 }
 
 /// Runs until SIGINT or SIGTERM.
@@ -125,14 +127,19 @@ pub async fn run_until(
     };
     let mut reported = Reported::default();
     let mut plane = ControlPlane::new(reconciler);
-    let mut health_checks = HealthCheckServers::new();
+    let proxy_health = ProxyHealth::new(options.resync);
+    if let Some(address) = options.healthz_address {
+        health::serve_healthz(address, Arc::clone(&proxy_health)).await?;
+        info!(%address, "serving /healthz");
+    }
+    let mut health_checks = HealthCheckServers::new(Arc::clone(&proxy_health));
     // The first sync rebuilds every service; so does the periodic resync, which repairs
     // whatever a missed event or a failed write left behind.
     let mut full = true;
     'running: loop {
         let started = Instant::now();
         let synced = sync(&options, &objects, &mut plane, &mut maps, &mut reported, full, &metrics);
-        health_checks.set_proxy_healthy(synced.is_ok());
+        proxy_health.record_sync(synced.is_ok());
         if synced.is_ok() {
             health_checks.update(plane.health_checks());
         }

@@ -1,34 +1,115 @@
-//! Health check node ports, as kube-proxy serves them. A LoadBalancer service with
-//! externalTrafficPolicy Local has a `healthCheckNodePort`; cloud load balancers probe it on
-//! every node and send the service's traffic only to nodes that answer 200, since the others
-//! have no local endpoint and drop it. Each port gets an HTTP server on all addresses that
-//! answers any path with the count of local ready endpoints: 200 when there is one and the
-//! daemon's last sync succeeded, 503 otherwise, with kube-proxy's JSON body and headers.
+//! The daemon's health, as kube-proxy reports its own.
+//!
+//! - `/healthz` and `/livez` (kube-proxy's port 10256): 200 while the daemon keeps the maps in
+//!   step with the source, 503 otherwise. Liveness probes use it, and load balancers of
+//!   services with externalTrafficPolicy Cluster probe it to choose nodes.
+//! - Health check node ports. A LoadBalancer service with externalTrafficPolicy Local has a
+//!   `healthCheckNodePort`; load balancers probe it on every node and send the service's
+//!   traffic only to nodes that answer 200, since the others have no local endpoint and drop
+//!   it. Each port gets an HTTP server on all addresses that answers any path with the count
+//!   of local ready endpoints: 200 when there is one and the daemon is healthy, 503 otherwise,
+//!   with kube-proxy's JSON body and headers.
 
 use std::{
     collections::BTreeMap,
     net::{Ipv4Addr, SocketAddr},
     sync::{
-        Arc,
-        atomic::{AtomicBool, AtomicUsize, Ordering},
+        Arc, Mutex, PoisonError,
+        atomic::{AtomicUsize, Ordering},
     },
+    time::{Duration, SystemTime},
 };
 
-use hyper::StatusCode;
-use tokio::{net::TcpSocket, task::JoinHandle};
+use hyper::{Request, StatusCode};
+use tokio::{
+    net::{TcpListener, TcpSocket},
+    task::JoinHandle,
+};
 use tracing::{info, warn};
 
 use crate::{
+    error::{Error, Result},
     http,
     model::{HealthCheck, ServiceName},
 };
 
+/// Whether the daemon keeps the maps in step with the source: healthy once a sync succeeded,
+/// while the latest one did and is no older than twice the resync interval (the daemon syncs
+/// at least that often, so an older one means it is stuck).
+#[derive(Debug)]
+pub struct ProxyHealth {
+    resync: Duration,
+    syncs: Mutex<Syncs>,
+}
+
+#[derive(Debug, Default)]
+struct Syncs {
+    last_ok: Option<SystemTime>,
+    last_failed: bool,
+}
+
+impl ProxyHealth {
+    pub fn new(resync: Duration) -> Arc<Self> {
+        Arc::new(Self { resync, syncs: Mutex::default() })
+    }
+
+    /// Records a sync that succeeded or failed.
+    pub fn record_sync(&self, ok: bool) {
+        let mut syncs = self.syncs.lock().unwrap_or_else(PoisonError::into_inner);
+        syncs.last_failed = !ok;
+        if ok {
+            syncs.last_ok = Some(SystemTime::now());
+        }
+    }
+
+    /// (healthy, time of the last good sync) at `now`.
+    fn at(&self, now: SystemTime) -> (bool, Option<SystemTime>) {
+        let syncs = self.syncs.lock().unwrap_or_else(PoisonError::into_inner);
+        let recent = syncs.last_ok.is_some_and(|last| {
+            now.duration_since(last).unwrap_or_default() <= self.resync.saturating_mul(2)
+        });
+        (recent && !syncs.last_failed, syncs.last_ok)
+    }
+
+    pub fn is_healthy(&self) -> bool {
+        self.at(SystemTime::now()).0
+    }
+}
+
+/// Binds `address` (an error names it) and answers `/healthz` and `/livez` there until the
+/// runtime stops.
+pub async fn serve_healthz(address: SocketAddr, health: Arc<ProxyHealth>) -> Result<()> {
+    let listener = TcpListener::bind(address)
+        .await
+        .map_err(Error::io(format!("healthz address {address}")))?;
+    http::serve(listener, "healthz", move |request| healthz(&health, request, SystemTime::now()));
+    Ok(())
+}
+
+/// kube-proxy's `/healthz` answer (`pkg/proxy/healthcheck/proxy_health.go`); `/livez` is the
+/// same here: the daemon has no state that would keep it alive but unready.
+fn healthz<B>(health: &ProxyHealth, request: &Request<B>, now: SystemTime) -> http::Answer {
+    if !matches!(request.uri().path(), "/healthz" | "/livez") {
+        return http::answer(StatusCode::NOT_FOUND, "text/plain", "not found: try /healthz\n");
+    }
+    let (healthy, last_ok) = health.at(now);
+    let timestamp = |time: SystemTime| {
+        jiff::Timestamp::try_from(time).map(|t| t.to_string()).unwrap_or_default()
+    };
+    let body = serde_json::json!({
+        "lastUpdated": last_ok.map(timestamp).unwrap_or_default(),
+        "currentTime": timestamp(now),
+        // Whether load balancers should pick this node; a node being drained would say no.
+        "nodeEligible": true,
+    });
+    let status = if healthy { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    http::answer(status, "application/json", body.to_string())
+}
+
 /// The servers of the health check node ports of the services programmed.
-#[derive(Default)]
 pub struct HealthCheckServers {
     servers: BTreeMap<u16, Server>,
-    /// False while the last sync failed: the maps may not say what the source does.
-    proxy_healthy: Arc<AtomicBool>,
+    proxy_health: Arc<ProxyHealth>,
 }
 
 struct Server {
@@ -44,13 +125,9 @@ impl Drop for Server {
 }
 
 impl HealthCheckServers {
-    pub fn new() -> Self {
-        Self::default()
-    }
-
-    /// Records whether the last sync succeeded; the answers say so from now on.
-    pub fn set_proxy_healthy(&self, healthy: bool) {
-        self.proxy_healthy.store(healthy, Ordering::Relaxed);
+    /// Servers whose answers also say whether the daemon is healthy.
+    pub fn new(proxy_health: Arc<ProxyHealth>) -> Self {
+        Self { servers: BTreeMap::new(), proxy_health }
     }
 
     /// Serves exactly `checks`: new ports are bound, gone ones closed, counts updated. A port
@@ -97,10 +174,10 @@ impl HealthCheckServers {
         socket.bind(SocketAddr::from((Ipv4Addr::UNSPECIFIED, port)))?;
         let listener = socket.listen(128)?;
         let local_endpoints = Arc::new(AtomicUsize::new(count));
-        let (name, healthy) = (service.clone(), Arc::clone(&self.proxy_healthy));
+        let (name, health) = (service.clone(), Arc::clone(&self.proxy_health));
         let endpoints = Arc::clone(&local_endpoints);
         let task = http::serve(listener, "health check", move |_request| {
-            answer(&name, endpoints.load(Ordering::Relaxed), healthy.load(Ordering::Relaxed))
+            answer(&name, endpoints.load(Ordering::Relaxed), health.is_healthy())
         });
         Ok(Server { service: service.clone(), local_endpoints, task })
     }
@@ -133,6 +210,30 @@ mod tests {
         use http_body_util::BodyExt as _;
         let bytes = response.into_body().collect().await.expect("a full body").to_bytes();
         serde_json::from_slice(&bytes).expect("JSON")
+    }
+
+    fn get(path: &str) -> Request<()> {
+        Request::get(path).body(()).expect("request")
+    }
+
+    #[tokio::test]
+    async fn healthz_is_200_after_a_good_sync_and_503_before_after_a_failed_or_stale_one() {
+        let resync = Duration::from_secs(60);
+        let health = ProxyHealth::new(resync);
+        let now = SystemTime::now();
+        let status_at = |time| healthz(&health, &get("/healthz"), time).status();
+        assert_eq!(status_at(now), StatusCode::SERVICE_UNAVAILABLE, "no sync yet");
+        health.record_sync(true);
+        let answered = healthz(&health, &get("/healthz"), SystemTime::now());
+        assert_eq!(answered.status(), StatusCode::OK);
+        let body = body(answered).await;
+        assert!(body["lastUpdated"].as_str().is_some_and(|t| t.ends_with('Z')), "{body}");
+        assert_eq!(body["nodeEligible"], true);
+        assert_eq!(healthz(&health, &get("/livez"), SystemTime::now()).status(), StatusCode::OK);
+        assert_eq!(status_at(now + resync * 3), StatusCode::SERVICE_UNAVAILABLE, "stuck");
+        health.record_sync(false);
+        assert_eq!(status_at(SystemTime::now()), StatusCode::SERVICE_UNAVAILABLE, "failed");
+        assert_eq!(healthz(&health, &get("/"), now).status(), StatusCode::NOT_FOUND);
     }
 
     #[tokio::test]

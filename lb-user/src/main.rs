@@ -47,8 +47,13 @@ enum Command {
         resync_seconds: u64,
         /// Where to serve Prometheus metrics (`GET /metrics`); kube-proxy's address by default.
         /// `none` turns the endpoint off.
-        #[arg(long, default_value = "127.0.0.1:10249", value_parser = parse_metrics_address)]
-        metrics_address: MetricsAddress,
+        #[arg(long, default_value = "127.0.0.1:10249", value_parser = parse_server_address)]
+        metrics_address: ServerAddress,
+        /// Where to answer `GET /healthz` and `/livez` (200 while the daemon syncs, else 503);
+        /// kube-proxy's address by default, which liveness probes and load balancers use.
+        /// `none` turns it off.
+        #[arg(long, default_value = "0.0.0.0:10256", value_parser = parse_server_address)]
+        healthz_address: ServerAddress,
     },
     /// Load the programs, attach them, and pin programs, links and maps under the pin directory.
     Load {
@@ -136,6 +141,7 @@ fn main() -> anyhow::Result<()> {
             pin_dir,
             resync_seconds,
             metrics_address,
+            healthz_address,
         } => {
             let node_config = NodeConfig::from_file(&node_config)?;
             let source = match manifests {
@@ -149,6 +155,7 @@ fn main() -> anyhow::Result<()> {
                 pins: PinLayout::new(pin_dir),
                 resync: Duration::from_secs(resync_seconds.max(1)),
                 metrics_address: metrics_address.0,
+                healthz_address: healthz_address.0,
             };
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(1)
@@ -225,13 +232,13 @@ fn address(text: &str, default_port: Option<u16>) -> anyhow::Result<(Ipv4Addr, u
     }
 }
 
-/// `--metrics-address`: an address, or `none`.
+/// `--metrics-address`, `--healthz-address`: an address, or `none`.
 #[derive(Clone, Debug)]
-struct MetricsAddress(Option<std::net::SocketAddr>);
+struct ServerAddress(Option<std::net::SocketAddr>);
 
-fn parse_metrics_address(text: &str) -> Result<MetricsAddress, String> {
+fn parse_server_address(text: &str) -> Result<ServerAddress, String> {
     if text == "none" {
-        return Ok(MetricsAddress(None));
+        return Ok(ServerAddress(None));
     }
-    text.parse().map(|address| MetricsAddress(Some(address))).map_err(|e| format!("{text}: {e}"))
+    text.parse().map(|address| ServerAddress(Some(address))).map_err(|e| format!("{text}: {e}"))
 }

@@ -25,6 +25,8 @@ pub fn examples() -> PathBuf {
 
 /// Where a test daemon serves its metrics, inside the topology's node namespace.
 pub const METRICS_ADDRESS: &str = "127.0.0.1:10249";
+/// Where a test daemon answers `/healthz`, on every address of the node's namespace.
+pub const HEALTHZ_ADDRESS: &str = "0.0.0.0:10256";
 
 pub struct RunningDaemon {
     stop: Option<mpsc::Sender<()>>,
@@ -63,6 +65,7 @@ impl RunningDaemon {
             resync: Duration::from_secs(60),
             // Inside the node's namespace: every test daemon has a loopback of its own.
             metrics_address: Some(METRICS_ADDRESS.parse().expect("address")),
+            healthz_address: Some(HEALTHZ_ADDRESS.parse().expect("address")),
         };
         log_to_stderr();
         let node = topology.node.path();

@@ -1,7 +1,8 @@
 //! Health check node ports, probed as a cloud load balancer probes them, from outside the node:
 //! a LoadBalancer service with externalTrafficPolicy Local answers 200 on its
 //! `healthCheckNodePort` while this node has a ready endpoint of it and 503 when it has none,
-//! with kube-proxy's JSON body; the port closes when the service goes.
+//! with kube-proxy's JSON body; the port closes when the service goes. The daemon's own
+//! `/healthz` answers on kube-proxy's port 10256.
 
 use lb_tests::{
     daemon::{RunningDaemon, http_get, wait_for},
@@ -67,12 +68,15 @@ fn probe(topology: &Topology, port: u16) -> std::io::Result<(u16, serde_json::Va
 }
 
 #[test]
-fn health_check_node_ports_say_whether_this_node_has_ready_endpoints() {
+fn healthz_and_health_check_node_ports_answer_as_kube_proxy_does() {
     let topology = Topology::new("lbh");
     let pins = TestPins::new();
     let manifests = ManifestDir::new();
     manifests.add_file("shop.yaml", SERVICES);
     let daemon = RunningDaemon::start(&topology, &pins, manifests.path(), None);
+    let healthz = http_get(&topology.client, &format!("{NODE_IP}:10256"), "/healthz")
+        .expect("the daemon's /healthz answers");
+    assert_eq!(healthz.status, 200, "{}", healthz.text);
 
     let (status, body) = probe(&topology, 32100).expect("web-local's health check answers");
     assert_eq!(status, 200, "{body}");
