@@ -25,6 +25,10 @@ pub const DEFAULT_SNAT_PORT_RANGE: PortRange = PortRange { min: 61000, max: 6553
 pub struct NodeConfig {
     /// Endpoints whose `nodeName` equals this are local.
     pub node_name: String,
+    /// This node's zone (its `topology.kubernetes.io/zone` label, which overrides this when the
+    /// daemon watches the Node): endpoints hinted for it are preferred (topology-aware
+    /// routing).
+    pub zone: Option<String>,
     /// This node's addresses, in file order.
     pub node_ips: Vec<Ipv4Addr>,
     /// Where NodePorts listen; `None` means on every node IP.
@@ -96,6 +100,7 @@ pub enum InvalidConfig {
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 struct RawNodeConfig {
     node_name: String,
+    zone: Option<String>,
     #[serde(rename = "nodeIPs")]
     node_ips: Vec<IpAddr>,
     node_port_addresses: Option<Vec<IpNet>>,
@@ -164,6 +169,7 @@ impl RawNodeConfig {
         };
         Ok(NodeConfig {
             node_name: self.node_name,
+            zone: self.zone.filter(|zone| !zone.is_empty()),
             node_ips,
             node_port_cidrs,
             cluster_cidr: ipv4_net("clusterCIDR", self.cluster_cidr)?,

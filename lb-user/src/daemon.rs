@@ -282,20 +282,21 @@ enum Objects {
 }
 
 impl Objects {
-    /// The node configuration to build with: the Node object's addresses, when the source
-    /// knows them, are the truth about this node's IPs.
+    /// The node configuration to build with: the Node object's addresses and zone label, when
+    /// the source knows them, are the truth about this node.
     fn node<'a>(&self, configured: &'a NodeConfig) -> Cow<'a, NodeConfig> {
-        let node_ips = match self {
-            Self::Manifests { .. } => Vec::new(),
-            Self::Kubernetes(source) => {
-                source.node().as_ref().map(kube_source::node_ipv4_addresses).unwrap_or_default()
-            }
-        };
-        if node_ips.is_empty() || node_ips == configured.node_ips {
-            Cow::Borrowed(configured)
-        } else {
-            Cow::Owned(NodeConfig { node_ips, ..configured.clone() })
+        let mut node = Cow::Borrowed(configured);
+        let Self::Kubernetes(source) = self else { return node };
+        let Some(object) = source.node() else { return node };
+        let node_ips = kube_source::node_ipv4_addresses(&object);
+        if !node_ips.is_empty() && node_ips != configured.node_ips {
+            node.to_mut().node_ips = node_ips;
         }
+        let zone = kube_source::node_zone(&object);
+        if zone.is_some() && zone != configured.zone {
+            node.to_mut().zone = zone;
+        }
+        node
     }
 
     /// The services changed since the last call: `None` when any may have. A `full` sync

@@ -45,7 +45,11 @@ use tokio::{
 use tracing::{debug, info, warn};
 
 use self::state::{Applied, Objects};
-pub use self::{changes::Changes, client::client, node::node_ipv4_addresses};
+pub use self::{
+    changes::Changes,
+    client::client,
+    node::{node_ipv4_addresses, node_zone},
+};
 use crate::{
     config::NodeConfig,
     model::{ServiceModel, ServiceName, ServiceObjects},

@@ -1,4 +1,4 @@
-//! This node's addresses as its Node object reports them.
+//! This node's addresses and zone as its Node object reports them.
 
 use std::net::Ipv4Addr;
 
@@ -24,6 +24,15 @@ pub fn node_ipv4_addresses(node: &Node) -> Vec<Ipv4Addr> {
         }
     }
     ips
+}
+
+/// The well-known label of the zone a node runs in.
+const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
+
+/// This node's zone, from its Node object's `topology.kubernetes.io/zone` label.
+pub fn node_zone(node: &Node) -> Option<String> {
+    let labels = node.metadata.labels.as_ref()?;
+    labels.get(ZONE_LABEL).filter(|zone| !zone.is_empty()).cloned()
 }
 
 #[cfg(test)]
@@ -71,5 +80,16 @@ mod tests {
         let node: Node = serde_json::from_value(serde_json::json!({ "metadata": { "name": "a" } }))
             .expect("test Node deserialises");
         assert!(node_ipv4_addresses(&node).is_empty(), "no status: no addresses");
+    }
+
+    #[test]
+    fn the_zone_is_the_well_known_label() {
+        let labelled: Node = serde_json::from_value(serde_json::json!({
+            "metadata": { "name": "a", "labels": { "topology.kubernetes.io/zone": "eu-west-1a" } }
+        }))
+        .expect("test Node deserialises");
+        assert_eq!(node_zone(&labelled).as_deref(), Some("eu-west-1a"));
+        let unlabelled = node(&[]);
+        assert_eq!(node_zone(&unlabelled), None);
     }
 }

@@ -19,7 +19,8 @@ use std::{
 use k8s_openapi::api::discovery::v1::{Endpoint as ApiEndpoint, EndpointSlice};
 
 use super::{
-    Endpoint, Protocol, ServiceName, Skipped, object_name, service::port_number, slice_service_name,
+    Endpoint, Hint, Protocol, ServiceName, Skipped, object_name, service::port_number,
+    slice_service_name,
 };
 use crate::config::NodeConfig;
 
@@ -65,10 +66,20 @@ struct KeptEndpoint {
     ready: bool,
     serving: bool,
     terminating: bool,
+    /// Boxed: most endpoints have none, and a big cluster has millions of endpoints.
+    hints: Option<Box<TopologyHints>>,
 }
 
-/// The node names endpoints run on, each stored once. Names are never dropped: a cluster has
-/// few nodes, and a name outlives its last endpoint only until the next pod lands there.
+/// The zones and nodes an endpoint is hinted for (topology-aware routing); either may be empty.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct TopologyHints {
+    zones: Box<[Arc<str>]>,
+    nodes: Box<[Arc<str>]>,
+}
+
+/// The node names endpoints run on (and the zone names of their hints), each stored once.
+/// Names are never dropped: a cluster has few nodes, and a name outlives its last endpoint only
+/// until the next pod lands there.
 #[derive(Debug, Default)]
 pub struct NodeNames(HashSet<Arc<str>>);
 
@@ -141,6 +152,7 @@ impl KeptSlice {
 
 impl KeptEndpoint {
     fn resolve(&self, node: &NodeConfig) -> Endpoint {
+        let hints = self.hints.as_deref();
         Endpoint {
             ip: self.ip,
             port: 0,
@@ -148,7 +160,20 @@ impl KeptEndpoint {
             ready: self.ready,
             serving: self.serving,
             terminating: self.terminating,
+            zone_hint: hint(hints.map(|h| &*h.zones), node.zone.as_deref()),
+            node_hint: hint(hints.map(|h| &*h.nodes), Some(&node.node_name)),
         }
+    }
+}
+
+/// What hints for `names` say about `here`.
+fn hint(names: Option<&[Arc<str>]>, here: Option<&str>) -> Hint {
+    match names {
+        None | Some([]) => Hint::None,
+        Some(names) if here.is_some_and(|here| names.iter().any(|name| **name == *here)) => {
+            Hint::Here
+        }
+        Some(_) => Hint::Elsewhere,
     }
 }
 
@@ -256,7 +281,17 @@ fn slice_endpoint(
         ready,
         serving: conditions.and_then(|c| c.serving).unwrap_or(ready),
         terminating: conditions.and_then(|c| c.terminating).unwrap_or(false),
+        hints: topology_hints(endpoint, nodes),
     })
+}
+
+fn topology_hints(endpoint: &ApiEndpoint, names: &mut NodeNames) -> Option<Box<TopologyHints>> {
+    let hints = endpoint.hints.as_ref()?;
+    let zones: Box<[Arc<str>]> =
+        hints.for_zones.iter().flatten().map(|zone| names.intern(&zone.name)).collect();
+    let nodes: Box<[Arc<str>]> =
+        hints.for_nodes.iter().flatten().map(|node| names.intern(&node.name)).collect();
+    (!zones.is_empty() || !nodes.is_empty()).then(|| Box::new(TopologyHints { zones, nodes }))
 }
 
 #[cfg(test)]

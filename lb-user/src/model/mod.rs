@@ -140,6 +140,21 @@ pub struct Endpoint {
     pub ready: bool,
     pub serving: bool,
     pub terminating: bool,
+    /// Its topology hints for zones (`hints.forZones`) and for nodes (`hints.forNodes`).
+    pub zone_hint: Hint,
+    pub node_hint: Hint,
+}
+
+/// What one kind of an endpoint's topology hints says about this node.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Hint {
+    /// No hint of this kind.
+    #[default]
+    None,
+    /// For other zones (or nodes) only.
+    Elsewhere,
+    /// For this node's zone (or this node).
+    Here,
 }
 
 impl Endpoint {
@@ -206,10 +221,30 @@ impl ServicePort {
         let allowed = || self.endpoints.iter().filter(move |e| e.node_local || !local_only);
         let ready: Vec<_> = allowed().filter(|e| e.ready).collect();
         if !ready.is_empty() {
-            return ready;
+            return if local_only { ready } else { prefer_close(ready) };
         }
         allowed().filter(|e| e.serving && e.terminating).collect()
     }
+}
+
+/// Topology-aware routing, for endpoints any node may use (kube-proxy's `canUseTopology` and
+/// `availableForTopology`): when every ready endpoint has node hints and one is for this node,
+/// or every one has zone hints and one is for this node's zone, only the endpoints hinted for
+/// here (by their node hints if they have any, else their zone hints); otherwise all.
+fn prefer_close(ready: Vec<&Endpoint>) -> Vec<&Endpoint> {
+    let usable = |hint: fn(&Endpoint) -> Hint| {
+        ready.iter().all(|e| hint(e) != Hint::None) && ready.iter().any(|e| hint(e) == Hint::Here)
+    };
+    if !usable(|e| e.node_hint) && !usable(|e| e.zone_hint) {
+        return ready;
+    }
+    ready
+        .into_iter()
+        .filter(|e| match e.node_hint {
+            Hint::None => e.zone_hint == Hint::Here,
+            node_hint => node_hint == Hint::Here,
+        })
+        .collect()
 }
 
 /// An object left out of the model, and why.
@@ -314,7 +349,16 @@ mod tests {
             State::Terminating => (false, false, true),
             State::NotReady => (false, false, false),
         };
-        Endpoint { ip: ip.into(), port: 80, node_local, ready, serving, terminating }
+        Endpoint {
+            ip: ip.into(),
+            port: 80,
+            node_local,
+            ready,
+            serving,
+            terminating,
+            zone_hint: Hint::None,
+            node_hint: Hint::None,
+        }
     }
 
     fn port_with(
@@ -535,5 +579,73 @@ ports: [{name: http, port: 8080}, {name: https, port: 8443}]",
         );
         // Cluster policy: every node may take the traffic, and the API allocates no port.
         assert_eq!(health_check(&load_balancer("externalTrafficPolicy: Cluster")), None);
+    }
+
+    fn hinted(ip: [u8; 4], ready: bool, zone_hint: Hint, node_hint: Hint) -> Endpoint {
+        let state = if ready { State::Ready } else { State::NotReady };
+        Endpoint { zone_hint, node_hint, ..endpoint(ip, false, state) }
+    }
+
+    #[test]
+    fn topology_hints_keep_traffic_close_only_when_every_ready_endpoint_has_them() {
+        use Hint::{Elsewhere, Here, None as No};
+        let backends = |endpoints: Vec<Endpoint>| {
+            let port = port_with(endpoints, false, false);
+            let internal = ips(&port.backends(Traffic::Internal));
+            assert_eq!(internal, ips(&port.backends(Traffic::External)), "Cluster policy: same");
+            internal
+        };
+        let zone_here = hinted([10, 0, 0, 1], true, Here, No);
+        let zone_elsewhere = hinted([10, 0, 0, 2], true, Elsewhere, No);
+        assert_eq!(backends(vec![zone_here.clone(), zone_elsewhere.clone()]), ["10.0.0.1:80"]);
+        // A not-ready endpoint without hints does not count.
+        let not_ready = hinted([10, 0, 0, 3], false, No, No);
+        assert_eq!(
+            backends(vec![zone_here.clone(), zone_elsewhere.clone(), not_ready]),
+            ["10.0.0.1:80"]
+        );
+        // A ready one without hints turns topology off, and so does no hint for this zone.
+        let unhinted = hinted([10, 0, 0, 4], true, No, No);
+        assert_eq!(backends(vec![zone_here.clone(), unhinted]).len(), 2);
+        assert_eq!(backends(vec![zone_elsewhere.clone(), zone_elsewhere.clone()]).len(), 2);
+        // Node hints (trafficDistribution PreferSameNode) come first, where every one has them.
+        let this_node = hinted([10, 0, 0, 5], true, Elsewhere, Here);
+        let other_node = hinted([10, 0, 0, 6], true, Here, Elsewhere);
+        assert_eq!(backends(vec![this_node, other_node]), ["10.0.0.5:80"]);
+        // A Local policy already keeps traffic on this node: hints do not narrow it further.
+        let local = |hint| Endpoint { node_local: true, ..hinted([10, 0, 0, 7], true, hint, No) };
+        let port = port_with(
+            vec![local(Elsewhere), Endpoint { ip: [10, 0, 0, 8].into(), ..local(Here) }],
+            true,
+            true,
+        );
+        assert_eq!(port.backends(Traffic::Internal).len(), 2);
+    }
+
+    #[test]
+    fn zone_hints_are_read_from_endpoint_slices_against_the_node_zone() {
+        let web = service(
+            "metadata: {name: web, namespace: default}\nspec: {clusterIP: 10.96.0.5, ports: [{port: 80}]}",
+        );
+        let slice = slice(
+            "metadata:
+  name: web-1
+  namespace: default
+  labels: {kubernetes.io/service-name: web}
+addressType: IPv4
+endpoints:
+- {addresses: [10.244.1.10], zone: a, hints: {forZones: [{name: a}]}}
+- {addresses: [10.244.2.10], zone: b, hints: {forZones: [{name: b}]}}
+ports: [{port: 8080}]",
+        );
+        let backends = |zone: Option<&str>| {
+            let node = NodeConfig { zone: zone.map(str::to_owned), ..node() };
+            let model = build(std::slice::from_ref(&web), std::slice::from_ref(&slice), &node);
+            ips(&model.ports[0].backends(Traffic::Internal))
+        };
+        assert_eq!(backends(Some("a")), ["10.244.1.10:8080"]);
+        assert_eq!(backends(Some("b")), ["10.244.2.10:8080"]);
+        // A node without a zone uses every endpoint.
+        assert_eq!(backends(None).len(), 2);
     }
 }

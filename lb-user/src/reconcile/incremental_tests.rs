@@ -17,7 +17,7 @@ use super::{
 use crate::{
     config::NodeConfig,
     maps::MapOp,
-    model::{Endpoint, Protocol, ServicePortId},
+    model::{Endpoint, Hint, Protocol, ServicePortId},
 };
 
 /// Applies operations to a table, as the kernel maps would.
@@ -98,6 +98,8 @@ fn random_ports(random: &mut Random, service: &ServiceName) -> Vec<ServicePort> 
                     ready,
                     serving: ready || random.chance(50),
                     terminating: !ready && random.chance(50),
+                    zone_hint: Hint::None,
+                    node_hint: Hint::None,
                 }
             })
             .collect();
@@ -272,6 +274,8 @@ fn two_services(
                 ready: true,
                 serving: true,
                 terminating: false,
+                zone_hint: Hint::None,
+                node_hint: Hint::None,
             })
             .collect();
         services.insert(service, ports);
