@@ -59,7 +59,7 @@ impl fmt::Display for AttachMode {
 /// Where the programs go.
 #[derive(Clone, Debug, Default)]
 pub struct Targets {
-    /// External interfaces: the XDP program.
+    /// External interfaces: the XDP program. A value ending in `*` is a prefix pattern.
     pub xdp_ifaces: Vec<String>,
     /// Pod-facing interfaces: the tc ingress program. A value ending in `*` is a prefix
     /// pattern (see [`crate::interfaces::Selector`]).
@@ -127,10 +127,10 @@ pub fn load_and_attach(
 fn attach_all(ebpf: &mut Ebpf, pins: &PinLayout, targets: &Targets) -> Result<Vec<Attachment>> {
     pin_programs(ebpf, pins)?;
     let mut attachments = Vec::new();
-    for iface in &targets.xdp_ifaces {
-        attachments.push(attach_xdp(program_mut(ebpf, program_names::XDP)?, pins, iface)?);
-    }
     let present = crate::interfaces::present()?;
+    for iface in crate::interfaces::Selector::new(&targets.xdp_ifaces).expand(&present) {
+        attachments.push(attach_xdp(program_mut(ebpf, program_names::XDP)?, pins, &iface)?);
+    }
     for iface in crate::interfaces::Selector::new(&targets.tc_ifaces).expand(&present) {
         attachments.push(attach_tc(program_mut(ebpf, program_names::TC)?, pins, &iface)?);
     }

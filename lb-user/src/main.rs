@@ -101,7 +101,7 @@ enum Command {
 /// Where `run` and `load` attach the programs.
 #[derive(clap::Args)]
 struct TargetArgs {
-    /// External interface for the XDP program (repeatable).
+    /// External interface for the XDP program (repeatable), or a prefix pattern ending in `*`.
     #[arg(long = "xdp-iface", value_name = "IF")]
     xdp_ifaces: Vec<String>,
     /// Pod-facing interface for the tc ingress program (repeatable), or a prefix pattern ending

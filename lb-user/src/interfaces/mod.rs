@@ -3,7 +3,7 @@
 //! `cali*`, Cilium's `lxc*`), and any interface may vanish while no daemon runs. The daemon
 //! looks at the interfaces when it starts and on every link event, and makes the pinned
 //! attachments match: the tc program on each existing interface that `--tc-iface` names or
-//! matches (`prefix*`), XDP on each existing `--xdp-iface`; the pin of an attachment whose
+//! matches (`prefix*`), XDP on each that `--xdp-iface` names or matches; the pin of an attachment whose
 //! interface is gone (or was replaced by a new one of the same name) is removed, and an
 //! attachment the targets no longer select is detached.
 
@@ -24,8 +24,9 @@ use crate::{
     program_names,
 };
 
-/// Which interfaces a list of `--tc-iface` values selects: a value ending in `*` selects every
-/// interface whose name begins with what comes before it; any other value, that one name.
+/// Which interfaces a list of `--tc-iface` or `--xdp-iface` values selects: a value ending in
+/// `*` selects every interface whose name begins with what comes before it; any other value,
+/// that one name.
 pub struct Selector<'a>(&'a [String]);
 
 impl<'a> Selector<'a> {
@@ -95,9 +96,9 @@ pub fn remove_stale(pins: &PinLayout) -> Result<Vec<String>> {
 /// [`Changes::failed`] and the others are still done.
 pub fn follow(pins: &PinLayout, targets: &Targets) -> Result<Changes> {
     let mut changes = Changes { removed: remove_stale(pins)?, ..Changes::default() };
-    let tc = Selector::new(&targets.tc_ifaces);
+    let (xdp, tc) = (Selector::new(&targets.xdp_ifaces), Selector::new(&targets.tc_ifaces));
     let selects = |hook: Hook, iface: &str| match hook {
-        Hook::Xdp => targets.xdp_ifaces.iter().any(|name| name == iface),
+        Hook::Xdp => xdp.matches(iface),
         Hook::Tc => tc.matches(iface),
     };
     let mut attached = Vec::new();
