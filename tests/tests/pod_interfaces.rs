@@ -15,14 +15,15 @@ use lb_tests::{
 };
 use lb_user::{
     attach::Targets,
-    pins::{NetlinkTcRecord, PinLayout, TCX_HOOK},
+    pins::{NetlinkTcRecord, PinLayout, TCX_HOOK, XDP_HOOK},
 };
 
 const MY_NGINX: &str = "10.96.45.10:80";
 
+/// Both kinds of interface by pattern, as a node's configuration would name them.
 fn targets() -> Targets {
     Targets {
-        xdp_ifaces: vec![EXTERNAL_IFACE.into()],
+        xdp_ifaces: vec!["ext*".into()],
         tc_ifaces: vec!["vpod*".into()],
         host_cgroup: None,
     }
@@ -60,6 +61,8 @@ fn pods_that_start_get_the_tc_program_and_pods_that_go_take_their_pins() {
     for iface in topology.pod_ifaces() {
         assert!(tc_pinned(pins.layout(), &iface), "{iface} matched vpod* when the daemon started");
     }
+    let xdp = pins.layout().link(XDP_HOOK, EXTERNAL_IFACE);
+    assert!(xdp.exists(), "{EXTERNAL_IFACE} matched ext* when the daemon started");
 
     let late = topology.add_pod("late", "10.244.1.40").host_iface.clone();
     wait_for(|| tc_pinned(pins.layout(), &late), "the new pod's veth to be attached");
