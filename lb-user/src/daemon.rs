@@ -13,7 +13,7 @@ use std::{
 
 use notify::{RecursiveMode, Watcher as _};
 use tokio::sync::mpsc;
-use tracing::{debug, error, info, warn};
+use tracing::{error, info, warn};
 
 use crate::{
     attach,
@@ -22,7 +22,7 @@ use crate::{
     control::ControlPlane,
     error::{Error, Result},
     health::{self, HealthCheckServers, ProxyHealth},
-    interfaces::{self, LinkEvents},
+    interfaces::{self, Follower},
     kube_source::{self, Changes, KubeSource},
     manifest,
     maps::KernelMaps,
@@ -80,11 +80,10 @@ pub async fn run_until(
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<()> {
     // Subscribed before the first look at the interfaces, so that no change falls between.
-    let mut link_events = Some(LinkEvents::subscribe()?);
+    let mut interfaces = Follower::subscribe()?;
     let mut maps = attach_or_adopt(&options)?;
     let metrics = Metrics::new(&options.pins);
-    let mut failing_interfaces = BTreeSet::new();
-    follow_interfaces(&options, &metrics, &mut failing_interfaces);
+    interfaces.follow(&options.pins, &options.targets, &metrics);
     if let Some(address) = options.metrics_address {
         metrics::serve(address, Arc::clone(&metrics)).await?;
         info!(%address, "serving metrics at /metrics");
@@ -172,13 +171,9 @@ pub async fn run_until(
                     full = true;
                     break;
                 }
-                changed = next_link_event(&mut link_events) => match changed {
-                    Ok(()) => follow_interfaces(&options, &metrics, &mut failing_interfaces),
-                    Err(error) => {
-                        error!(error = %crate::error::chain(&error), "interface events lost: new interfaces are no longer attached until the daemon restarts");
-                        link_events = None;
-                    }
-                },
+                () = interfaces.changed() => {
+                    interfaces.follow(&options.pins, &options.targets, &metrics);
+                }
                 () = &mut shutdown => break 'running,
             }
         }
@@ -214,45 +209,6 @@ fn attach_or_adopt(options: &Options) -> Result<KernelMaps> {
         info!(%attachment, "attached");
     }
     KernelMaps::from_pins(&options.pins)
-}
-
-/// Attaches the programs to new interfaces the targets select and forgets the attachments of
-/// interfaces that are gone, logging and counting each change. An interface that cannot be
-/// attached is tried again at the next interface event, and logged as a warning only when it
-/// starts failing, not at every event while it still does.
-fn follow_interfaces(options: &Options, metrics: &Metrics, failing: &mut BTreeSet<String>) {
-    let changes = match interfaces::follow(&options.pins, &options.targets) {
-        Ok(changes) => changes,
-        Err(error) => {
-            error!(error = %crate::error::chain(&error), "could not compare the attachments with the interfaces");
-            return;
-        }
-    };
-    metrics.observe_interfaces(&changes);
-    for attachment in &changes.attached {
-        info!(%attachment, "attached");
-    }
-    for removed in &changes.removed {
-        info!("{removed}");
-    }
-    let mut still_failing = BTreeSet::new();
-    for (iface, why) in changes.failed {
-        if failing.contains(&iface) {
-            debug!(%iface, error = %why, "still cannot attach");
-        } else {
-            warn!(%iface, error = %why, "cannot attach; trying again at the next interface event");
-        }
-        still_failing.insert(iface);
-    }
-    *failing = still_failing;
-}
-
-/// The next interface event, or never once they were lost.
-async fn next_link_event(events: &mut Option<LinkEvents>) -> Result<()> {
-    match events {
-        Some(events) => events.changed().await,
-        None => std::future::pending().await,
-    }
 }
 
 /// What the last sync reported, so that an unchanged problem is logged once, not every sync.

@@ -22,11 +22,7 @@ const MY_NGINX: &str = "10.96.45.10:80";
 
 /// Both kinds of interface by pattern, as a node's configuration would name them.
 fn targets() -> Targets {
-    Targets {
-        xdp_ifaces: vec!["ext*".into()],
-        tc_ifaces: vec!["vpod*".into()],
-        host_cgroup: None,
-    }
+    Targets { xdp_ifaces: vec!["ext*".into()], tc_ifaces: vec!["vpod*".into()], host_cgroup: None }
 }
 
 /// True if a tc attachment (tcx link, or cls_bpf record on kernels without tcx) of `iface` is

@@ -10,19 +10,83 @@
 mod events;
 mod kernel;
 
-use std::{collections::BTreeMap, fs};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fs,
+};
 
 use aya::programs::{SchedClassifier, Xdp};
 use aya_obj::programs::XdpAttachType;
-
-pub use events::LinkEvents;
+use events::LinkEvents;
+use tracing::{debug, error, info, warn};
 
 use crate::{
     attach::{self, Attachment, Targets},
     error::{Error, Result},
+    metrics::Metrics,
     pins::{NetlinkTcRecord, PinLayout, TCX_HOOK, XDP_HOOK},
     program_names,
 };
+
+/// A running daemon's side of this module: it waits for link events and follows each, logging
+/// and counting the changes.
+pub struct Follower {
+    /// `None` once the events were lost: interfaces are then no longer followed.
+    events: Option<LinkEvents>,
+    /// Interfaces that could not be attached at the last look.
+    failing: BTreeSet<String>,
+}
+
+impl Follower {
+    /// Subscribes to link events in the calling thread's network namespace. Subscribe before
+    /// the first look at the interfaces, so that no change falls between.
+    pub fn subscribe() -> Result<Self> {
+        Ok(Self { events: Some(LinkEvents::subscribe()?), failing: BTreeSet::new() })
+    }
+
+    /// Waits for the next batch of link events. Should the events be lost, says so once and
+    /// then waits for ever.
+    pub async fn changed(&mut self) {
+        let Some(events) = &mut self.events else {
+            return std::future::pending().await;
+        };
+        if let Err(error) = events.changed().await {
+            error!(error = %crate::error::chain(&error), "interface events lost: new interfaces are no longer attached until the daemon restarts");
+            self.events = None;
+            std::future::pending::<()>().await;
+        }
+    }
+
+    /// [`follow`]s `targets`, logging and counting each change. An interface that cannot be
+    /// attached is tried again at the next event, and warned about when it starts failing, not
+    /// at every event while it still does.
+    pub fn follow(&mut self, pins: &PinLayout, targets: &Targets, metrics: &Metrics) {
+        let changes = match follow(pins, targets) {
+            Ok(changes) => changes,
+            Err(error) => {
+                error!(error = %crate::error::chain(&error), "could not compare the attachments with the interfaces");
+                return;
+            }
+        };
+        metrics.observe_interfaces(&changes);
+        for attachment in &changes.attached {
+            info!(%attachment, "attached");
+        }
+        for removed in &changes.removed {
+            info!("{removed}");
+        }
+        let mut failing = BTreeSet::new();
+        for (iface, why) in changes.failed {
+            if self.failing.contains(&iface) {
+                debug!(%iface, error = %why, "still cannot attach");
+            } else {
+                warn!(%iface, error = %why, "cannot attach; trying again at the next interface event");
+            }
+            failing.insert(iface);
+        }
+        self.failing = failing;
+    }
+}
 
 /// Which interfaces a list of `--tc-iface` or `--xdp-iface` values selects: a value ending in
 /// `*` selects every interface whose name begins with what comes before it; any other value,
