@@ -88,6 +88,12 @@ pub async fn run_until(
         metrics::serve(address, Arc::clone(&metrics)).await?;
         info!(%address, "serving metrics at /metrics");
     }
+    // Before the first lists: a liveness probe must find the daemon while it waits for them.
+    let proxy_health = ProxyHealth::new(options.resync);
+    if let Some(address) = options.healthz_address {
+        health::serve_healthz(address, Arc::clone(&proxy_health)).await?;
+        info!(%address, "serving /healthz");
+    }
     let _collector = conntrack_gc::Collector::start(
         &options.pins,
         conntrack_gc::INTERVAL,
@@ -126,11 +132,6 @@ pub async fn run_until(
     };
     let mut reported = Reported::default();
     let mut plane = ControlPlane::new(reconciler);
-    let proxy_health = ProxyHealth::new(options.resync);
-    if let Some(address) = options.healthz_address {
-        health::serve_healthz(address, Arc::clone(&proxy_health)).await?;
-        info!(%address, "serving /healthz");
-    }
     let mut health_checks = HealthCheckServers::new(Arc::clone(&proxy_health));
     // The first sync rebuilds every service; so does the periodic resync, which repairs
     // whatever a missed event or a failed write left behind.

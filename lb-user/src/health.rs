@@ -33,12 +33,15 @@ use crate::{
     model::{HealthCheck, ServiceName},
 };
 
-/// Whether the daemon keeps the maps in step with the source: healthy once a sync succeeded,
-/// while the latest one did and is no older than twice the resync interval (the daemon syncs
-/// at least that often, so an older one means it is stuck).
+/// Whether the daemon keeps the maps in step with the source: healthy while the latest sync
+/// succeeded and the last good one is no older than twice the resync interval (the daemon
+/// syncs at least that often, so an older one means it is stuck). Before the first sync the
+/// daemon's start counts as one, as kube-proxy gives a starting proxy that grace: a first list
+/// of a big cluster takes a while.
 #[derive(Debug)]
 pub struct ProxyHealth {
     resync: Duration,
+    started: SystemTime,
     syncs: Mutex<Syncs>,
 }
 
@@ -50,7 +53,7 @@ struct Syncs {
 
 impl ProxyHealth {
     pub fn new(resync: Duration) -> Arc<Self> {
-        Arc::new(Self { resync, syncs: Mutex::default() })
+        Arc::new(Self { resync, started: SystemTime::now(), syncs: Mutex::default() })
     }
 
     /// Records a sync that succeeded or failed.
@@ -65,9 +68,8 @@ impl ProxyHealth {
     /// (healthy, time of the last good sync) at `now`.
     fn at(&self, now: SystemTime) -> (bool, Option<SystemTime>) {
         let syncs = self.syncs.lock().unwrap_or_else(PoisonError::into_inner);
-        let recent = syncs.last_ok.is_some_and(|last| {
-            now.duration_since(last).unwrap_or_default() <= self.resync.saturating_mul(2)
-        });
+        let since = syncs.last_ok.unwrap_or(self.started);
+        let recent = now.duration_since(since).unwrap_or_default() <= self.resync.saturating_mul(2);
         (recent && !syncs.last_failed, syncs.last_ok)
     }
 
@@ -217,12 +219,13 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn healthz_is_200_after_a_good_sync_and_503_before_after_a_failed_or_stale_one() {
+    async fn healthz_is_200_while_syncs_succeed_and_503_after_a_failed_or_stale_one() {
         let resync = Duration::from_secs(60);
         let health = ProxyHealth::new(resync);
         let now = SystemTime::now();
         let status_at = |time| healthz(&health, &get("/healthz"), time).status();
-        assert_eq!(status_at(now), StatusCode::SERVICE_UNAVAILABLE, "no sync yet");
+        assert_eq!(status_at(now), StatusCode::OK, "starting: no sync due yet");
+        assert_eq!(status_at(now + resync * 3), StatusCode::SERVICE_UNAVAILABLE, "never synced");
         health.record_sync(true);
         let answered = healthz(&health, &get("/healthz"), SystemTime::now());
         assert_eq!(answered.status(), StatusCode::OK);
