@@ -23,6 +23,11 @@ pub fn examples() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples")
 }
 
+/// The demo's node configuration, `examples/node.yaml`.
+pub fn example_node_config() -> NodeConfig {
+    NodeConfig::from_file(&examples().join("node.yaml")).expect("node.yaml")
+}
+
 /// Where a test daemon serves its metrics, inside the topology's node namespace.
 pub const METRICS_ADDRESS: &str = "127.0.0.1:10249";
 /// Where a test daemon answers `/healthz`, on every address of the node's namespace.
@@ -47,19 +52,20 @@ impl RunningDaemon {
             tc_ifaces: topology.pod_ifaces(),
             host_cgroup: host_cgroup.map(Path::to_owned),
         };
-        Self::start_with_targets(topology, pins, manifests, targets)
+        Self::start_with(topology, pins, manifests, targets, example_node_config())
     }
 
-    /// [`Self::start`] with the attachment targets given.
-    pub fn start_with_targets(
+    /// [`Self::start`] with the attachment targets and the node configuration given.
+    pub fn start_with(
         topology: &Topology,
         pins: &TestPins,
         manifests: &Path,
         targets: attach::Targets,
+        node_config: NodeConfig,
     ) -> Self {
         let options = daemon::Options {
             source: daemon::Source::Manifests(manifests.to_owned()),
-            node_config: NodeConfig::from_file(&examples().join("node.yaml")).expect("node.yaml"),
+            node_config,
             targets,
             pins: pins.layout().clone(),
             resync: Duration::from_secs(60),

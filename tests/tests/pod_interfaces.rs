@@ -8,7 +8,7 @@
 use std::net::SocketAddr;
 
 use lb_tests::{
-    daemon::{RunningDaemon, counter, examples, scrape_metrics, wait_for},
+    daemon::{RunningDaemon, counter, example_node_config, examples, scrape_metrics, wait_for},
     pins::TestPins,
     stand_in,
     topology::{EXTERNAL_IFACE, Topology, tcp_request},
@@ -53,7 +53,8 @@ fn pods_that_start_get_the_tc_program_and_pods_that_go_take_their_pins() {
     let mut topology = Topology::new("lbi");
     let _servers = topology.start_servers();
     let pins = TestPins::new();
-    let daemon = RunningDaemon::start_with_targets(&topology, &pins, &manifests(), targets());
+    let daemon =
+        RunningDaemon::start_with(&topology, &pins, &manifests(), targets(), example_node_config());
     for iface in topology.pod_ifaces() {
         assert!(tc_pinned(pins.layout(), &iface), "{iface} matched vpod* when the daemon started");
     }
@@ -82,7 +83,8 @@ fn interfaces_gone_or_replaced_while_no_daemon_ran_do_not_stop_an_upgrade() {
     let pins = TestPins::new();
     let gone = topology.add_pod("gone", "10.244.1.41").host_iface.clone();
     let replaced = topology.add_pod("replaced", "10.244.1.42").host_iface.clone();
-    let daemon = RunningDaemon::start_with_targets(&topology, &pins, &manifests(), targets());
+    let daemon =
+        RunningDaemon::start_with(&topology, &pins, &manifests(), targets(), example_node_config());
     assert!(tc_pinned(pins.layout(), &gone) && tc_pinned(pins.layout(), &replaced));
     daemon.stop();
 
@@ -93,7 +95,8 @@ fn interfaces_gone_or_replaced_while_no_daemon_ran_do_not_stop_an_upgrade() {
     topology.remove_pod("gone");
     topology.replace_pod_veth("replaced");
 
-    let daemon = RunningDaemon::start_with_targets(&topology, &pins, &manifests(), targets());
+    let daemon =
+        RunningDaemon::start_with(&topology, &pins, &manifests(), targets(), example_node_config());
     assert!(!tc_pinned(pins.layout(), &gone), "the pin of the gone interface is removed");
     wait_for(|| tc_pinned(pins.layout(), &replaced), "the replaced veth to be attached again");
     assert_served(&topology, "replaced");
