@@ -28,7 +28,9 @@ pub fn serve(
             let stream = match listener.accept().await {
                 Ok((stream, _)) => stream,
                 Err(error) => {
+                    // Out of descriptors, say: pause rather than spin on the same error.
                     warn!(%error, server = what, "accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
                     continue;
                 }
             };
