@@ -1,12 +1,17 @@
 //! `status`: what is programmed, read from the pinned maps: frontends with their backends and
-//! counters, and the datapath's per-reason counters.
+//! counters, the datapath's per-reason counters, and where the programs are attached.
 
 use std::{collections::BTreeMap, fmt::Write as _, net::Ipv4Addr};
 
 use lb_common::maps::{backend_flags, proto, scope, service_flags};
 use serde::Serialize;
 
-use crate::{error::Result, maps::KernelMaps, pins::PinLayout, stats};
+use crate::{
+    error::{Error, Result},
+    maps::KernelMaps,
+    pins::{NetlinkTcRecord, PinLayout, program_of_link},
+    program_names, stats,
+};
 
 #[derive(Debug, Serialize)]
 pub struct Status {
@@ -17,6 +22,17 @@ pub struct Status {
     pub xdp_redirected: u64,
     /// With FIB forwarding on: translated XDP packets passed up the stack (lookup failed).
     pub xdp_to_stack: u64,
+    /// Every pinned attachment, by program and then interface.
+    pub attachments: Vec<AttachmentStatus>,
+}
+
+#[derive(Debug, Serialize, PartialEq, Eq, PartialOrd, Ord)]
+pub struct AttachmentStatus {
+    pub program: &'static str,
+    /// `xdp`, `tcx-ingress`, `cls_bpf`, or the host path's hook.
+    pub hook: String,
+    /// The interface, or `host` for the host path's cgroup.
+    pub target: String,
 }
 
 #[derive(Debug, Serialize)]
@@ -100,7 +116,33 @@ pub fn read(pins: &PinLayout) -> Result<Status> {
     let reasons =
         lb_common::stats::Reason::ALL.iter().map(|r| (r.name(), counts.get(*r))).collect();
     let (xdp_redirected, xdp_to_stack) = stats::read_forwarding_pinned(pins)?;
-    Ok(Status { frontends, reasons, xdp_redirected, xdp_to_stack })
+    let attachments = attachments(pins)?;
+    Ok(Status { frontends, reasons, xdp_redirected, xdp_to_stack, attachments })
+}
+
+/// The attachments pinned under `links/`, from their names.
+fn attachments(pins: &PinLayout) -> Result<Vec<AttachmentStatus>> {
+    let links_dir = pins.links_dir();
+    let mut attachments = Vec::new();
+    for entry in std::fs::read_dir(&links_dir).map_err(Error::io(&links_dir))? {
+        let name = entry.map_err(Error::io(&links_dir))?.file_name().to_string_lossy().into_owned();
+        let attachment = if let Some(record) = NetlinkTcRecord::parse(&name) {
+            AttachmentStatus {
+                program: program_names::TC,
+                hook: "cls_bpf".into(),
+                target: record.iface,
+            }
+        } else if let (Some(program), Some((hook, target))) =
+            (program_of_link(&name), name.split_once('@'))
+        {
+            AttachmentStatus { program, hook: hook.into(), target: target.into() }
+        } else {
+            continue;
+        };
+        attachments.push(attachment);
+    }
+    attachments.sort();
+    Ok(attachments)
 }
 
 impl Status {
@@ -133,6 +175,10 @@ impl Status {
             "\nXDP forwarding (xdpRedirect): {} redirected by FIB lookup, {} up the stack",
             self.xdp_redirected, self.xdp_to_stack
         );
+        out.push_str("\nPROGRAM          HOOK          ON\n");
+        for a in &self.attachments {
+            let _ = writeln!(out, "{:<16} {:<13} {}", a.program, a.hook, a.target);
+        }
         out.push_str("\nREASON                       PACKETS\n");
         for (name, count) in self.reasons.iter().filter(|(_, c)| **c > 0) {
             let _ = writeln!(out, "{name:<28} {count}");

@@ -16,6 +16,7 @@ use lb_tests::{
 use lb_user::{
     attach::Targets,
     pins::{NetlinkTcRecord, PinLayout, TCX_HOOK, XDP_HOOK},
+    program_names, status,
 };
 
 const MY_NGINX: &str = "10.96.45.10:80";
@@ -64,6 +65,12 @@ fn pods_that_start_get_the_tc_program_and_pods_that_go_take_their_pins() {
     let late = topology.add_pod("late", "10.244.1.40").host_iface.clone();
     wait_for(|| tc_pinned(pins.layout(), &late), "the new pod's veth to be attached");
     assert_served(&topology, "late");
+    let status = status::read(pins.layout()).expect("status");
+    assert!(
+        status.attachments.iter().any(|a| a.program == program_names::TC && a.target == late),
+        "status lists the new attachment: {:?}",
+        status.attachments
+    );
 
     topology.remove_pod("late");
     wait_for(|| !tc_pinned(pins.layout(), &late), "the gone pod's pin to be removed");
