@@ -140,6 +140,7 @@ pub async fn run_until(
         let started = Instant::now();
         let synced = sync(&options, &objects, &mut plane, &mut maps, &mut reported, full, &metrics);
         proxy_health.record_sync(synced.is_ok());
+        proxy_health.set_node_eligible(objects.node_eligible());
         if synced.is_ok() {
             health_checks.update(plane.health_checks());
         }
@@ -254,6 +255,16 @@ impl Objects {
             node.to_mut().zone = zone;
         }
         node
+    }
+
+    /// Whether this node is to take load balancer traffic: not while its Node is being deleted.
+    fn node_eligible(&self) -> bool {
+        match self {
+            Self::Manifests { .. } => true,
+            Self::Kubernetes(source) => {
+                source.node().is_none_or(|node| kube_source::node_eligible(&node))
+            }
+        }
     }
 
     /// The services changed since the last call: `None` when any may have. A `full` sync

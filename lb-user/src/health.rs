@@ -15,7 +15,7 @@ use std::{
     net::{Ipv4Addr, SocketAddr},
     sync::{
         Arc, Mutex, PoisonError,
-        atomic::{AtomicUsize, Ordering},
+        atomic::{AtomicBool, AtomicUsize, Ordering},
     },
     time::{Duration, SystemTime},
 };
@@ -43,6 +43,9 @@ pub struct ProxyHealth {
     resync: Duration,
     started: SystemTime,
     syncs: Mutex<Syncs>,
+    /// False while this node is being deleted: `/healthz` then tells load balancers to drain
+    /// it, while `/livez` does not tell the kubelet to restart the daemon.
+    node_eligible: AtomicBool,
 }
 
 #[derive(Debug, Default)]
@@ -53,7 +56,18 @@ struct Syncs {
 
 impl ProxyHealth {
     pub fn new(resync: Duration) -> Arc<Self> {
-        Arc::new(Self { resync, started: SystemTime::now(), syncs: Mutex::default() })
+        Arc::new(Self {
+            resync,
+            started: SystemTime::now(),
+            syncs: Mutex::default(),
+            node_eligible: AtomicBool::new(true),
+        })
+    }
+
+    /// Records whether this node is to take load balancer traffic (see
+    /// [`crate::kube_source::node_eligible`]).
+    pub fn set_node_eligible(&self, eligible: bool) {
+        self.node_eligible.store(eligible, Ordering::Relaxed);
     }
 
     /// Records a sync that succeeded or failed.
@@ -88,21 +102,26 @@ pub async fn serve_healthz(address: SocketAddr, health: Arc<ProxyHealth>) -> Res
     Ok(())
 }
 
-/// kube-proxy's `/healthz` answer (`pkg/proxy/healthcheck/proxy_health.go`); `/livez` is the
-/// same here: the daemon has no state that would keep it alive but unready.
+/// kube-proxy's `/healthz` and `/livez` answers (`pkg/proxy/healthcheck/proxy_health.go`):
+/// the same, except that a node being deleted fails `/healthz` only.
 fn healthz<B>(health: &ProxyHealth, request: &Request<B>, now: SystemTime) -> http::Answer {
-    if !matches!(request.uri().path(), "/healthz" | "/livez") {
-        return http::answer(StatusCode::NOT_FOUND, "text/plain", "not found: try /healthz\n");
-    }
-    let (healthy, last_ok) = health.at(now);
+    let liveness = match request.uri().path() {
+        "/healthz" => false,
+        "/livez" => true,
+        _ => {
+            return http::answer(StatusCode::NOT_FOUND, "text/plain", "not found: try /healthz\n");
+        }
+    };
+    let (synced, last_ok) = health.at(now);
+    let node_eligible = health.node_eligible.load(Ordering::Relaxed);
+    let healthy = synced && (liveness || node_eligible);
     let timestamp = |time: SystemTime| {
         jiff::Timestamp::try_from(time).map(|t| t.to_string()).unwrap_or_default()
     };
     let body = serde_json::json!({
         "lastUpdated": last_ok.map(timestamp).unwrap_or_default(),
         "currentTime": timestamp(now),
-        // Whether load balancers should pick this node; a node being drained would say no.
-        "nodeEligible": true,
+        "nodeEligible": node_eligible,
     });
     let status = if healthy { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
     http::answer(status, "application/json", body.to_string())
@@ -237,6 +256,17 @@ mod tests {
         health.record_sync(false);
         assert_eq!(status_at(SystemTime::now()), StatusCode::SERVICE_UNAVAILABLE, "failed");
         assert_eq!(healthz(&health, &get("/"), now).status(), StatusCode::NOT_FOUND);
+    }
+
+    #[tokio::test]
+    async fn a_node_being_deleted_fails_healthz_but_not_livez() {
+        let health = ProxyHealth::new(Duration::from_secs(60));
+        health.record_sync(true);
+        health.set_node_eligible(false);
+        let answered = healthz(&health, &get("/healthz"), SystemTime::now());
+        assert_eq!(answered.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(body(answered).await["nodeEligible"], false);
+        assert_eq!(healthz(&health, &get("/livez"), SystemTime::now()).status(), StatusCode::OK);
     }
 
     #[tokio::test]

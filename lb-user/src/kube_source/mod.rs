@@ -48,7 +48,7 @@ use self::state::{Applied, Objects};
 pub use self::{
     changes::Changes,
     client::client,
-    node::{node_ipv4_addresses, node_zone},
+    node::{node_eligible, node_ipv4_addresses, node_zone},
 };
 use crate::{
     config::NodeConfig,

@@ -1,4 +1,4 @@
-//! This node's addresses and zone as its Node object reports them.
+//! This node's addresses, zone and fate as its Node object reports them.
 
 use std::net::Ipv4Addr;
 
@@ -33,6 +33,17 @@ const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
 pub fn node_zone(node: &Node) -> Option<String> {
     let labels = node.metadata.labels.as_ref()?;
     labels.get(ZONE_LABEL).filter(|zone| !zone.is_empty()).cloned()
+}
+
+/// The cluster autoscaler's taint on a node it is about to delete.
+const TO_BE_DELETED_TAINT: &str = "ToBeDeletedByClusterAutoscaler";
+
+/// False for a node being deleted (a deletion timestamp, or the cluster autoscaler's taint):
+/// load balancers should drain it (kube-proxy's `nodeEligible`, KEP-3836).
+pub fn node_eligible(node: &Node) -> bool {
+    let deleting = node.metadata.deletion_timestamp.is_some();
+    let taints = node.spec.as_ref().and_then(|spec| spec.taints.as_deref()).unwrap_or_default();
+    !deleting && !taints.iter().any(|taint| taint.key == TO_BE_DELETED_TAINT)
 }
 
 #[cfg(test)]
@@ -91,5 +102,25 @@ mod tests {
         assert_eq!(node_zone(&labelled).as_deref(), Some("eu-west-1a"));
         let unlabelled = node(&[]);
         assert_eq!(node_zone(&unlabelled), None);
+    }
+
+    #[test]
+    fn a_node_being_deleted_is_not_eligible() {
+        let node = |object| -> Node { serde_json::from_value(object).expect("test Node") };
+        let taint = |key| serde_json::json!({ "taints": [{ "key": key, "effect": "NoSchedule" }] });
+        let plain = serde_json::json!({ "metadata": { "name": "a" } });
+        assert!(node_eligible(&node(plain)));
+        let tainted = serde_json::json!({
+            "metadata": { "name": "a" }, "spec": taint("ToBeDeletedByClusterAutoscaler")
+        });
+        assert!(!node_eligible(&node(tainted)));
+        let cordoned = serde_json::json!({
+            "metadata": { "name": "a" }, "spec": taint("node.kubernetes.io/unschedulable")
+        });
+        assert!(node_eligible(&node(cordoned)), "only deletion makes a node ineligible");
+        let deleting = serde_json::json!({
+            "metadata": { "name": "a", "deletionTimestamp": "2026-11-26T23:00:00Z" }
+        });
+        assert!(!node_eligible(&node(deleting)));
     }
 }
