@@ -69,7 +69,7 @@ fn probe(topology: &Topology, port: u16) -> std::io::Result<(u16, serde_json::Va
 
 #[test]
 fn healthz_and_health_check_node_ports_answer_as_kube_proxy_does() {
-    let topology = Topology::new("lbh");
+    let topology = Topology::new("lbhc");
     let pins = TestPins::new();
     let manifests = ManifestDir::new();
     manifests.add_file("shop.yaml", SERVICES);
