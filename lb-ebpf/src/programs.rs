@@ -42,12 +42,25 @@ pub fn lb_xdp(ctx: XdpContext) -> u32 {
 #[classifier]
 pub fn lb_tc(ctx: TcContext) -> i32 {
     pull_headers(&ctx);
-    match run(&ctx, Origin::Pod).0 {
+    tc_verdict(&ctx, run(&ctx, Origin::Pod).0)
+}
+
+#[inline(always)]
+fn tc_verdict(ctx: &TcContext, verdict: Verdict) -> i32 {
+    match verdict {
         Verdict::Pass => TC_ACT_UNSPEC,
         Verdict::Forward => TC_ACT_OK,
         Verdict::Drop => TC_ACT_SHOT,
         Verdict::Refuse => ctx.bounce(),
     }
+}
+
+/// North-south on tc ingress, for an external interface whose XDP hook another program holds:
+/// `lb_xdp`'s service stage, with translated packets going up the stack.
+#[classifier]
+pub fn lb_tc_external(ctx: TcContext) -> i32 {
+    pull_headers(&ctx);
+    tc_verdict(&ctx, run(&ctx, Origin::External).0)
 }
 
 /// Makes the headers directly readable when the skb keeps them in paged fragments (GRO'd or

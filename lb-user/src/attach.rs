@@ -24,7 +24,7 @@ use tracing::{info, warn};
 use crate::{
     error::{Error, Result},
     loader::program_mut,
-    pins::{HOST_IFACE, NetlinkTcRecord, PinLayout, TCX_HOOK, XDP_HOOK},
+    pins::{HOST_IFACE, NetlinkTcRecord, PinLayout, TcRole, XDP_HOOK},
     program_names,
 };
 
@@ -129,10 +129,18 @@ fn attach_all(ebpf: &mut Ebpf, pins: &PinLayout, targets: &Targets) -> Result<Ve
     let mut attachments = Vec::new();
     let present = crate::interfaces::present()?;
     for iface in crate::interfaces::Selector::new(&targets.xdp_ifaces).expand(&present) {
-        attachments.push(attach_xdp(program_mut(ebpf, program_names::XDP)?, pins, &iface)?);
+        let attached = match attach_xdp(program_mut(ebpf, program_names::XDP)?, pins, &iface) {
+            Err(error) if falls_back_to_tc(&iface, &error) => {
+                let program = program_mut(ebpf, program_names::TC_EXTERNAL)?;
+                attach_tc(program, pins, &iface, TcRole::External)
+            }
+            attached => attached,
+        };
+        attachments.push(attached?);
     }
     for iface in crate::interfaces::Selector::new(&targets.tc_ifaces).expand(&present) {
-        attachments.push(attach_tc(program_mut(ebpf, program_names::TC)?, pins, &iface)?);
+        let program = program_mut(ebpf, program_names::TC)?;
+        attachments.push(attach_tc(program, pins, &iface, TcRole::Pods)?);
     }
     if let Some(cgroup) = &targets.host_cgroup {
         for name in program_names::HOST {
@@ -226,27 +234,44 @@ pub(crate) fn attach_tc(
     program: &mut SchedClassifier,
     pins: &PinLayout,
     iface: &str,
+    role: TcRole,
 ) -> Result<Attachment> {
     let c_iface = interface_name(iface)?;
-    let attach_error = || Error::attach(program_names::TC, "tc ingress", iface);
+    let attach_error = || Error::attach(role.program(), "tc ingress", iface);
     let program_id = program.info().map_err(attach_error())?.id();
     let tcx = TcAttach::Tcx { attach_type: TcAttachType::Ingress, order: LinkOrder::default() };
     let (mode, link_id) = match program.attach(c_iface.as_c_str(), tcx) {
         Ok(link_id) => {
             let link = program.take_link(link_id).map_err(attach_error())?;
             let link = into_fd_link(link, "tcx attachment")?;
-            (AttachMode::Tcx, Some(pin_link(link, &pins.link(TCX_HOOK, iface))?))
+            (AttachMode::Tcx, Some(pin_link(link, &pins.link(role.tcx_hook(), iface))?))
         }
         Err(source @ ProgramError::UnknownInterface { .. }) => return Err(attach_error()(source)),
         Err(tcx_error) => {
             // Kernels before 6.6 answer EINVAL: no tcx. Fall back to clsact + cls_bpf.
-            let record = attach_cls_bpf(program, pins, iface, &c_iface, &tcx_error)?;
+            let record = attach_cls_bpf(program, pins, iface, role, &tcx_error)?;
             info!(%iface, priority = record.priority, handle = record.handle, "attached through clsact/cls_bpf");
             (AttachMode::ClsBpf, None)
         }
     };
-    accept_local_sources(iface);
-    Ok(Attachment { iface: iface.into(), program: program_names::TC, program_id, mode, link_id })
+    if role == TcRole::Pods {
+        accept_local_sources(iface);
+    }
+    Ok(Attachment { iface: iface.into(), program: role.program(), program_id, mode, link_id })
+}
+
+/// North-south on an external interface is XDP, or where XDP cannot be attached (another
+/// program holds the interface's XDP hook, in a mode ours cannot join) the same service stage
+/// on tc ingress. True, with the fallback logged, if `xdp_error` calls for it; an interface
+/// that does not exist does not.
+pub(crate) fn falls_back_to_tc(iface: &str, xdp_error: &Error) -> bool {
+    let Error::Attach { source, .. } = xdp_error else { return false };
+    if matches!(**source, ProgramError::UnknownInterface { .. }) {
+        return false;
+    }
+    let error = crate::error::chain(&**source);
+    warn!(%iface, %error, "XDP cannot be attached; north-south traffic takes tc ingress instead");
+    true
 }
 
 /// Hairpin traffic (a pod reaching its own service) is masqueraded to the node's address, so
@@ -263,9 +288,10 @@ fn attach_cls_bpf(
     program: &mut SchedClassifier,
     pins: &PinLayout,
     iface: &str,
-    c_iface: &CString,
+    role: TcRole,
     tcx_error: &ProgramError,
 ) -> Result<NetlinkTcRecord> {
+    let c_iface = interface_name(iface)?;
     // An existing clsact qdisc (another tool's) is fine and stays; one we add goes on unload.
     let created_clsact = tc::qdisc_add_clsact(c_iface.as_c_str()).is_ok();
     let netlink =
@@ -279,7 +305,7 @@ fn attach_cls_bpf(
                 delete_clsact(iface);
             }
             return Err(Error::AttachTc {
-                program: program_names::TC,
+                program: role.program(),
                 iface: iface.into(),
                 tcx: tcx_error.to_string(),
                 source: Box::new(source),
@@ -295,6 +321,7 @@ fn attach_cls_bpf(
     let ifindex =
         Some(unsafe { libc::if_nametoindex(c_iface.as_ptr()) }).filter(|&index| index != 0);
     let record = NetlinkTcRecord {
+        role,
         iface: iface.into(),
         priority,
         handle: handle.into(),

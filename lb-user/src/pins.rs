@@ -4,7 +4,7 @@
 //! <pin-dir>/maps/<MAP>                        maps, pinned by name (adopted by the next load)
 //! <pin-dir>/programs/<program>                the loaded programs
 //! <pin-dir>/links/<hook>@<iface>              bpf_links (XDP, tcx): unpinning one detaches it
-//! <pin-dir>/links/cls_bpf@<iface>@<prio>@<handle>[@if<index>][@clsact]
+//! <pin-dir>/links/cls_bpf[-external]@<iface>@<prio>@<handle>[@if<index>][@clsact]
 //!                                             a directory that records a netlink tc filter
 //!                                             (kernels without tcx), which has no link to pin
 //! ```
@@ -20,6 +20,41 @@ use crate::{
 /// Link names: `<hook>@<iface>`.
 pub const XDP_HOOK: &str = "xdp";
 pub const TCX_HOOK: &str = "tcx-ingress";
+/// tcx ingress of an external interface whose XDP hook another program holds.
+pub const TCX_EXTERNAL_HOOK: &str = "tcx-ingress-external";
+
+/// Which tc program an interface runs: the pods' (east-west), or the external one where XDP
+/// cannot be attached (north-south).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TcRole {
+    Pods,
+    External,
+}
+
+impl TcRole {
+    pub fn program(self) -> &'static str {
+        match self {
+            Self::Pods => program_names::TC,
+            Self::External => program_names::TC_EXTERNAL,
+        }
+    }
+
+    /// The hook part of the name of its tcx link.
+    pub fn tcx_hook(self) -> &'static str {
+        match self {
+            Self::Pods => TCX_HOOK,
+            Self::External => TCX_EXTERNAL_HOOK,
+        }
+    }
+
+    /// The first part of the name of its cls_bpf record.
+    fn record_prefix(self) -> &'static str {
+        match self {
+            Self::Pods => "cls_bpf",
+            Self::External => "cls_bpf-external",
+        }
+    }
+}
 /// The "interface" of the host path's links: `<program>@host`.
 pub const HOST_IFACE: &str = "host";
 
@@ -95,6 +130,7 @@ pub fn program_of_link(link_name: &str) -> Option<&'static str> {
     match hook {
         XDP_HOOK => Some(program_names::XDP),
         TCX_HOOK => Some(program_names::TC),
+        TCX_EXTERNAL_HOOK => Some(program_names::TC_EXTERNAL),
         _ if iface == HOST_IFACE => program_names::HOST.into_iter().find(|name| *name == hook),
         _ => None,
     }
@@ -114,6 +150,7 @@ fn is_bpffs(path: &Path) -> bool {
 /// The record of a netlink (cls_bpf) tc filter, encoded as a directory name under `links/`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct NetlinkTcRecord {
+    pub role: TcRole,
     pub iface: String,
     pub priority: u16,
     pub handle: u32,
@@ -125,24 +162,25 @@ pub struct NetlinkTcRecord {
 }
 
 impl NetlinkTcRecord {
-    const PREFIX: &str = "cls_bpf";
-
     pub fn dir_name(&self) -> String {
         let ifindex = self.ifindex.map(|index| format!("@if{index}")).unwrap_or_default();
         let clsact = if self.created_clsact { "@clsact" } else { "" };
         let Self { iface, priority, handle, .. } = self;
-        format!("{}@{iface}@{priority}@{handle}{ifindex}{clsact}", Self::PREFIX)
+        let prefix = self.role.record_prefix();
+        format!("{prefix}@{iface}@{priority}@{handle}{ifindex}{clsact}")
     }
 
     pub fn parse(name: &str) -> Option<Self> {
         let mut parts = name.split('@');
-        if parts.next()? != Self::PREFIX {
-            return None;
-        }
+        let prefix = parts.next()?;
+        let role = [TcRole::Pods, TcRole::External]
+            .into_iter()
+            .find(|role| role.record_prefix() == prefix)?;
         let iface = parts.next()?.to_owned();
         let priority = parts.next()?.parse().ok()?;
         let handle = parts.next()?.parse().ok()?;
-        let mut record = Self { iface, priority, handle, ifindex: None, created_clsact: false };
+        let mut record =
+            Self { role, iface, priority, handle, ifindex: None, created_clsact: false };
         for part in parts {
             match (part, part.strip_prefix("if")) {
                 ("clsact", _) => record.created_clsact = true,
@@ -160,8 +198,14 @@ mod tests {
 
     #[test]
     fn netlink_record_round_trips_through_its_directory_name() {
-        for (ifindex, created_clsact) in [(None, false), (Some(7), false), (Some(7), true)] {
+        let cases = [
+            (TcRole::Pods, None, false),
+            (TcRole::Pods, Some(7), false),
+            (TcRole::External, Some(7), true),
+        ];
+        for (role, ifindex, created_clsact) in cases {
             let record = NetlinkTcRecord {
+                role,
                 iface: "eth0.100".into(),
                 priority: 49152,
                 handle: 1,
@@ -172,7 +216,7 @@ mod tests {
         }
         // A record of a version that kept no interface index.
         let older = NetlinkTcRecord::parse("cls_bpf@eth0@49152@1@clsact").expect("parses");
-        assert_eq!((older.ifindex, older.created_clsact), (None, true));
+        assert_eq!((older.role, older.ifindex, older.created_clsact), (TcRole::Pods, None, true));
         assert_eq!(NetlinkTcRecord::parse("xdp@eth0"), None);
         assert_eq!(NetlinkTcRecord::parse("cls_bpf@eth0@1@2@bogus"), None);
     }
@@ -183,8 +227,10 @@ mod tests {
         let name_of = |path: PathBuf| path.file_name().unwrap().to_string_lossy().into_owned();
         let xdp = name_of(pins.link(XDP_HOOK, "eth0"));
         assert_eq!(program_of_link(&xdp), Some(program_names::XDP));
-        let tcx = name_of(pins.link(TCX_HOOK, "veth1"));
-        assert_eq!(program_of_link(&tcx), Some(program_names::TC));
+        for role in [TcRole::Pods, TcRole::External] {
+            let tcx = name_of(pins.link(role.tcx_hook(), "veth1"));
+            assert_eq!(program_of_link(&tcx), Some(role.program()));
+        }
         for host in program_names::HOST {
             assert_eq!(program_of_link(&name_of(pins.link(host, HOST_IFACE))), Some(host));
         }

@@ -10,7 +10,7 @@ use crate::{
     error::{Error, Result},
     maps::KernelMaps,
     pins::{NetlinkTcRecord, PinLayout, program_of_link},
-    program_names, stats,
+    stats,
 };
 
 #[derive(Debug, Serialize)]
@@ -128,7 +128,7 @@ fn attachments(pins: &PinLayout) -> Result<Vec<AttachmentStatus>> {
         let name = entry.map_err(Error::io(&links_dir))?.file_name().to_string_lossy().into_owned();
         let attachment = if let Some(record) = NetlinkTcRecord::parse(&name) {
             AttachmentStatus {
-                program: program_names::TC,
+                program: record.role.program(),
                 hook: "cls_bpf".into(),
                 target: record.iface,
             }

@@ -61,7 +61,7 @@ pub fn relink(program: &mut Program, name: &'static str, pins: &PinLayout) -> Re
         let entry = entry.map_err(Error::io(&links_dir))?;
         let file_name = entry.file_name().to_string_lossy().into_owned();
         if let Some(record) = NetlinkTcRecord::parse(&file_name) {
-            if name == program_names::TC {
+            if name == record.role.program() {
                 replace_cls_bpf(program, &record)?;
                 attachments += 1;
             }
@@ -131,8 +131,9 @@ fn update_host(
 /// Replaces the program of a netlink tc filter by re-adding the filter under its priority and
 /// handle (a netlink replace, atomic for packets).
 fn replace_cls_bpf(program: &mut Program, record: &NetlinkTcRecord) -> Result<()> {
+    let name = record.role.program();
     let Program::SchedClassifier(tc) = program else {
-        return Err(Error::MissingProgram(program_names::TC));
+        return Err(Error::MissingProgram(name));
     };
     let iface = interface_name(&record.iface)?;
     let replaced = SchedClassifierLink::attached(
@@ -151,9 +152,7 @@ fn replace_cls_bpf(program: &mut Program, record: &NetlinkTcRecord) -> Result<()
             let _ = ManuallyDrop::new(link);
             Ok(())
         }
-        Err(source) => {
-            Err(Error::attach(program_names::TC, "cls_bpf replace", &record.iface)(source))
-        }
+        Err(source) => Err(Error::attach(name, "cls_bpf replace", &record.iface)(source)),
     }
 }
 

@@ -24,7 +24,7 @@ use crate::{
     attach::{self, Attachment, Targets},
     error::{Error, Result},
     metrics::Metrics,
-    pins::{NetlinkTcRecord, PinLayout, TCX_HOOK, XDP_HOOK},
+    pins::{NetlinkTcRecord, PinLayout, TCX_EXTERNAL_HOOK, TCX_HOOK, TcRole, XDP_HOOK},
     program_names,
 };
 
@@ -135,11 +135,22 @@ pub struct Changes {
     pub failed: Vec<(String, String)>,
 }
 
-/// The interface hooks this module keeps: XDP and tc ingress.
+/// The interface hooks this module keeps: north-south (XDP, or its tc fallback) and the pods'
+/// tc ingress.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Hook {
     Xdp,
     Tc,
+}
+
+impl Hook {
+    /// The hook a tc attachment of `role` serves.
+    fn of(role: TcRole) -> Self {
+        match role {
+            TcRole::Pods => Self::Tc,
+            TcRole::External => Self::Xdp,
+        }
+    }
 }
 
 /// Removes the pins of attachments whose interface is gone: a link left on a vanished
@@ -194,15 +205,21 @@ fn attach_one(pins: &PinLayout, hook: Hook, iface: &str) -> Result<Attachment> {
             let name = program_names::XDP;
             let mut program = Xdp::from_pin(pins.program(name), XdpAttachType::Interface)
                 .map_err(Error::attach(name, "xdp", iface))?;
-            attach::attach_xdp(&mut program, pins, iface)
+            match attach::attach_xdp(&mut program, pins, iface) {
+                Err(error) if attach::falls_back_to_tc(iface, &error) => {
+                    attach_tc_from_pin(pins, iface, TcRole::External)
+                }
+                attached => attached,
+            }
         }
-        Hook::Tc => {
-            let name = program_names::TC;
-            let mut program = SchedClassifier::from_pin(pins.program(name))
-                .map_err(Error::attach(name, "tc ingress", iface))?;
-            attach::attach_tc(&mut program, pins, iface)
-        }
+        Hook::Tc => attach_tc_from_pin(pins, iface, TcRole::Pods),
     }
+}
+
+fn attach_tc_from_pin(pins: &PinLayout, iface: &str, role: TcRole) -> Result<Attachment> {
+    let mut program = SchedClassifier::from_pin(pins.program(role.program()))
+        .map_err(Error::attach(role.program(), "tc ingress", iface))?;
+    attach::attach_tc(&mut program, pins, iface, role)
 }
 
 /// One XDP or tc attachment pinned under `links/`.
@@ -223,13 +240,14 @@ fn pinned_attachments(pins: &PinLayout) -> Result<Vec<Pinned>> {
         let file_name = entry.file_name().to_string_lossy().into_owned();
         let path = entry.path();
         if let Some(record) = NetlinkTcRecord::parse(&file_name) {
-            let iface = record.iface.clone();
-            pinned.push(Pinned { hook: Hook::Tc, iface, file_name, path, record: Some(record) });
+            let (hook, iface) = (Hook::of(record.role), record.iface.clone());
+            pinned.push(Pinned { hook, iface, file_name, path, record: Some(record) });
             continue;
         }
         let (hook, iface) = match file_name.split_once('@') {
             Some((XDP_HOOK, iface)) => (Hook::Xdp, iface.to_owned()),
             Some((TCX_HOOK, iface)) => (Hook::Tc, iface.to_owned()),
+            Some((TCX_EXTERNAL_HOOK, iface)) => (Hook::of(TcRole::External), iface.to_owned()),
             _ => continue,
         };
         pinned.push(Pinned { hook, iface, file_name, path, record: None });
