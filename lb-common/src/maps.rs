@@ -272,14 +272,19 @@ pub struct SockRevNatKey {
     pub pad: [u8; 2],
 }
 
-/// Indexes of the `FORWARDING` per-CPU counters: with FIB forwarding on, how XDP sent on the
-/// packets it translated.
+/// Indexes of the `FORWARDING` per-CPU counters: how the north-south programs sent on the
+/// packets they translated.
 pub mod forwarding {
-    /// Sent out of the egress interface by FIB lookup and `bpf_redirect`.
+    /// XDP with FIB forwarding on: sent out of the egress interface by FIB lookup and
+    /// `bpf_redirect`.
     pub const REDIRECTED: u32 = 0;
-    /// Handed to the stack because the lookup could not finish (no route, no neighbour yet).
+    /// XDP with FIB forwarding on: handed to the stack because the lookup could not finish (no
+    /// route, no neighbour yet).
     pub const TO_STACK: u32 = 1;
-    pub const COUNT: u32 = 2;
+    /// Translated by `lb_tc_external`, the tc fallback of an external interface where XDP could
+    /// not be attached (always counted).
+    pub const TC_FALLBACK: u32 = 2;
+    pub const COUNT: u32 = 3;
 }
 
 /// Node flags (`NodeConfig::flags`).

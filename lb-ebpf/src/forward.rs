@@ -52,11 +52,17 @@ pub fn forward(ctx: &XdpContext, packet: &Packet) -> u32 {
         Some(verdict) => (forwarding::REDIRECTED, verdict),
         None => (forwarding::TO_STACK, xdp_action::XDP_PASS),
     };
+    count(index);
+    verdict
+}
+
+/// Counts one translated packet under `index` of [`forwarding`].
+#[inline(always)]
+pub fn count(index: u32) {
     if let Some(counter) = FORWARDING.get_ptr_mut(index) {
         // SAFETY: this CPU's slot.
         unsafe { *counter += 1 };
     }
-    verdict
 }
 
 #[inline(always)]

@@ -6,7 +6,10 @@ use aya_ebpf::{
     macros::{classifier, xdp},
     programs::{TcContext, XdpContext},
 };
-use lb_common::{maps::proto, stats::Reason};
+use lb_common::{
+    maps::{forwarding, proto},
+    stats::Reason,
+};
 
 use crate::{
     forward,
@@ -60,7 +63,11 @@ fn tc_verdict(ctx: &TcContext, verdict: Verdict) -> i32 {
 #[classifier]
 pub fn lb_tc_external(ctx: TcContext) -> i32 {
     pull_headers(&ctx);
-    tc_verdict(&ctx, run(&ctx, Origin::External).0)
+    let verdict = run(&ctx, Origin::External).0;
+    if verdict == Verdict::Forward {
+        forward::count(forwarding::TC_FALLBACK);
+    }
+    tc_verdict(&ctx, verdict)
 }
 
 /// Makes the headers directly readable when the skb keeps them in paged fragments (GRO'd or

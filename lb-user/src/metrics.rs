@@ -204,17 +204,26 @@ impl Collector for DatapathCounters {
             Err(error) => warn!(%error, "metrics: cannot read the datapath counters"),
         }
         match stats::read_forwarding_pinned(&self.pins) {
-            Ok((redirected, to_stack)) => {
+            Ok(forwarding) => {
                 let mut family = encoder.encode_descriptor(
                     "xdp_forwarded_packets",
                     "Translated XDP packets sent on by FIB redirect or up the stack (xdpRedirect).",
                     None,
                     prometheus_client::metrics::MetricType::Counter,
                 )?;
-                for (outcome, count) in [("redirect", redirected), ("stack", to_stack)] {
+                let outcomes =
+                    [("redirect", forwarding.redirected), ("stack", forwarding.to_stack)];
+                for (outcome, count) in outcomes {
                     let labels = [("outcome", outcome)];
                     ConstCounter::new(count).encode(family.encode_family(&labels)?)?;
                 }
+                ConstCounter::new(forwarding.tc_fallback).encode(encoder.encode_descriptor(
+                    "tc_fallback_packets",
+                    "Packets translated on tc ingress of external interfaces where XDP could not \
+                     be attached.",
+                    None,
+                    prometheus_client::metrics::MetricType::Counter,
+                )?)?;
             }
             Err(error) => warn!(%error, "metrics: cannot read the forwarding counters"),
         }

@@ -52,13 +52,29 @@ fn map_error(source: aya::maps::MapError) -> Error {
     Error::Map { name: names::STATS.into(), source: Box::new(source) }
 }
 
-/// How XDP sent on the packets it translated: (redirected by FIB lookup, passed to the stack).
-pub fn read_forwarding_pinned(pins: &PinLayout) -> Result<(u64, u64)> {
+/// How the north-south programs sent on the packets they translated.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Forwarding {
+    /// XDP with FIB forwarding on: redirected by FIB lookup.
+    pub redirected: u64,
+    /// XDP with FIB forwarding on: passed to the stack.
+    pub to_stack: u64,
+    /// Translated by the tc fallback of interfaces where XDP could not be attached.
+    pub tc_fallback: u64,
+}
+
+/// The `FORWARDING` counters of the datapath pinned under `pins`.
+pub fn read_forwarding_pinned(pins: &PinLayout) -> Result<Forwarding> {
     let error = |source| Error::Map { name: names::FORWARDING.into(), source: Box::new(source) };
     let data = MapData::from_pin(pins.map(names::FORWARDING)).map_err(error)?;
     let map = Map::PerCpuArray(data);
     let array: PerCpuArray<&MapData, u64> = PerCpuArray::try_from(&map).map_err(error)?;
     let total =
         |index: u32| -> Result<u64> { Ok(array.get(&index, 0).map_err(error)?.iter().sum()) };
-    Ok((total(forwarding::REDIRECTED)?, total(forwarding::TO_STACK)?))
+    Ok(Forwarding {
+        redirected: total(forwarding::REDIRECTED)?,
+        to_stack: total(forwarding::TO_STACK)?,
+        // A map pinned by a version without the fallback keeps its two slots.
+        tc_fallback: total(forwarding::TC_FALLBACK).unwrap_or(0),
+    })
 }

@@ -22,6 +22,8 @@ pub struct Status {
     pub xdp_redirected: u64,
     /// With FIB forwarding on: translated XDP packets passed up the stack (lookup failed).
     pub xdp_to_stack: u64,
+    /// Packets translated by the tc fallback of interfaces where XDP could not be attached.
+    pub tc_fallback_translated: u64,
     /// Every pinned attachment, by program and then interface.
     pub attachments: Vec<AttachmentStatus>,
 }
@@ -115,9 +117,16 @@ pub fn read(pins: &PinLayout) -> Result<Status> {
     let counts = stats::read_pinned(pins)?;
     let reasons =
         lb_common::stats::Reason::ALL.iter().map(|r| (r.name(), counts.get(*r))).collect();
-    let (xdp_redirected, xdp_to_stack) = stats::read_forwarding_pinned(pins)?;
+    let forwarding = stats::read_forwarding_pinned(pins)?;
     let attachments = attachments(pins)?;
-    Ok(Status { frontends, reasons, xdp_redirected, xdp_to_stack, attachments })
+    Ok(Status {
+        frontends,
+        reasons,
+        xdp_redirected: forwarding.redirected,
+        xdp_to_stack: forwarding.to_stack,
+        tc_fallback_translated: forwarding.tc_fallback,
+        attachments,
+    })
 }
 
 /// The attachments pinned under `links/`, from their names.
@@ -172,8 +181,9 @@ impl Status {
         }
         let _ = writeln!(
             out,
-            "\nXDP forwarding (xdpRedirect): {} redirected by FIB lookup, {} up the stack",
-            self.xdp_redirected, self.xdp_to_stack
+            "\nXDP forwarding (xdpRedirect): {} redirected by FIB lookup, {} up the stack; \
+             {} translated by the tc fallback",
+            self.xdp_redirected, self.xdp_to_stack, self.tc_fallback_translated
         );
         out.push_str("\nPROGRAM          HOOK          ON\n");
         for a in &self.attachments {

@@ -39,7 +39,9 @@ fn an_external_interface_whose_xdp_hook_is_taken_is_served_through_tc() {
     let node_port: SocketAddr = format!("{NODE_IP}:30380").parse().expect("address");
     let answer = tcp_request(&topology.client, node_port).expect("the NodePort answers");
     assert!(answer.starts_with("hello from my-nginx-nodeport-"), "{answer}");
-    let forwarded = status::read(pins.layout()).expect("status").reasons["forward_new"];
-    assert!(forwarded >= 1, "the flow was translated by a program: {forwarded}");
+    let status = status::read(pins.layout()).expect("status");
+    assert!(status.reasons["forward_new"] >= 1, "{:?}", status.reasons);
+    assert!(status.tc_fallback_translated >= 1, "counted as the tc fallback's");
+    assert_eq!(status.xdp_to_stack + status.xdp_redirected, 0, "XDP translated nothing");
     drop(daemon);
 }
