@@ -6,7 +6,7 @@
 use std::net::SocketAddr;
 
 use lb_tests::{
-    daemon::{RunningDaemon, examples},
+    daemon::{RunningDaemon, counter, examples, scrape_metrics},
     netns::run,
     pins::TestPins,
     stand_in,
@@ -43,5 +43,9 @@ fn an_external_interface_whose_xdp_hook_is_taken_is_served_through_tc() {
     assert!(status.reasons["forward_new"] >= 1, "{:?}", status.reasons);
     assert!(status.tc_fallback_translated >= 1, "counted as the tc fallback's");
     assert_eq!(status.xdp_to_stack + status.xdp_redirected, 0, "XDP translated nothing");
+    let metrics = scrape_metrics(&topology.node).expect("metrics");
+    // The metric is read later: the connection's last packets may have been counted since.
+    let series = counter(&metrics, "lb_tc_fallback_packets_total");
+    assert!(series >= Some(status.tc_fallback_translated), "the metric: {series:?}");
     drop(daemon);
 }
