@@ -24,16 +24,25 @@ pub enum Hook {
     Xdp,
     /// `lb_tc`, on tc ingress of pod-facing interfaces.
     Tc,
+    /// `lb_tc_external`, the tc fallback of an external interface where XDP could not be
+    /// attached: `lb_xdp`'s semantics with tc's return codes.
+    TcExternal,
 }
 
 impl Hook {
+    /// The hooks of the packet tables: the two entry points every node has.
     pub const ALL: [Self; 2] = [Self::Xdp, Self::Tc];
+
+    /// A tc program (an skb): tc's return codes and test-run rules.
+    pub fn is_tc(self) -> bool {
+        self != Self::Xdp
+    }
 
     /// The return code meaning "passed on untouched".
     pub fn pass_code(self) -> u32 {
         match self {
             Self::Xdp => XDP_PASS,
-            Self::Tc => TC_ACT_UNSPEC,
+            Self::Tc | Self::TcExternal => TC_ACT_UNSPEC,
         }
     }
 
@@ -41,7 +50,7 @@ impl Hook {
     pub fn forward_code(self) -> u32 {
         match self {
             Self::Xdp => XDP_PASS,
-            Self::Tc => TC_ACT_OK,
+            Self::Tc | Self::TcExternal => TC_ACT_OK,
         }
     }
 
@@ -49,7 +58,7 @@ impl Hook {
     pub fn drop_code(self) -> u32 {
         match self {
             Self::Xdp => XDP_DROP,
-            Self::Tc => TC_ACT_SHOT,
+            Self::Tc | Self::TcExternal => TC_ACT_SHOT,
         }
     }
 
@@ -57,7 +66,7 @@ impl Hook {
     pub fn bounce_code(self) -> u32 {
         match self {
             Self::Xdp => XDP_TX,
-            Self::Tc => TC_ACT_REDIRECT,
+            Self::Tc | Self::TcExternal => TC_ACT_REDIRECT,
         }
     }
 }
@@ -134,6 +143,9 @@ impl Datapath {
         let result = match hook {
             Hook::Xdp => self.program::<Xdp>(program_names::XDP).test_run(options),
             Hook::Tc => self.program::<SchedClassifier>(program_names::TC).test_run(options),
+            Hook::TcExternal => {
+                self.program::<SchedClassifier>(program_names::TC_EXTERNAL).test_run(options)
+            }
         }
         .unwrap_or_else(|e| panic!("BPF_PROG_TEST_RUN of {hook:?} on {packet:02x?}: {e:?}"));
         output.truncate(result.data_size_out as usize);

@@ -59,6 +59,11 @@ fn tc_survives_a_million_random_and_mutated_packets() {
     survive(Hook::Tc);
 }
 
+#[test]
+fn the_tc_fallback_survives_a_million_random_and_mutated_packets() {
+    survive(Hook::TcExternal);
+}
+
 /// The oracle itself, on hand-made outputs: it accepts a correct DNAT, reverse NAT and refusal
 /// (the refusal built independently, by etherparse) and rejects each way a datapath could get
 /// them wrong. Without this, a lenient oracle would pass a million packets and prove nothing.
@@ -283,6 +288,7 @@ fn hook_salt(hook: Hook) -> u64 {
     match hook {
         Hook::Xdp => 0,
         Hook::Tc => 0x7c7c_7c7c_7c7c_7c7c,
+        Hook::TcExternal => 0x7e7e_7e7e_7e7e_7e7e,
     }
 }
 
@@ -299,7 +305,7 @@ fn refused_by_test_run(hook: Hook, frame: &[u8]) -> bool {
         return true;
     }
     let after_ethernet = frame.len() - ETH_LEN;
-    hook == Hook::Tc
+    hook.is_tc()
         && match be16(frame, 12) {
             ETH_P_IPV4 => after_ethernet < 20,
             ETH_P_IPV6 => after_ethernet < 40,
