@@ -129,14 +129,8 @@ fn attach_all(ebpf: &mut Ebpf, pins: &PinLayout, targets: &Targets) -> Result<Ve
     let mut attachments = Vec::new();
     let present = crate::interfaces::present()?;
     for iface in crate::interfaces::Selector::new(&targets.xdp_ifaces).expand(&present) {
-        let attached = match attach_xdp(program_mut(ebpf, program_names::XDP)?, pins, &iface) {
-            Err(error) if falls_back_to_tc(&iface, &error) => {
-                let program = program_mut(ebpf, program_names::TC_EXTERNAL)?;
-                attach_tc(program, pins, &iface, TcRole::External)
-            }
-            attached => attached,
-        };
-        attachments.push(attached?);
+        // From the programs just pinned, as interfaces that appear later are attached.
+        attachments.push(crate::interfaces::attach_north_south(pins, &iface)?);
     }
     for iface in crate::interfaces::Selector::new(&targets.tc_ifaces).expand(&present) {
         let program = program_mut(ebpf, program_names::TC)?;
@@ -249,7 +243,7 @@ pub(crate) fn attach_tc(
         Err(source @ ProgramError::UnknownInterface { .. }) => return Err(attach_error()(source)),
         Err(tcx_error) => {
             // Kernels before 6.6 answer EINVAL: no tcx. Fall back to clsact + cls_bpf.
-            let record = attach_cls_bpf(program, pins, iface, role, &tcx_error)?;
+            let record = attach_cls_bpf(program, pins, (iface, &c_iface), role, &tcx_error)?;
             info!(%iface, priority = record.priority, handle = record.handle, "attached through clsact/cls_bpf");
             (AttachMode::ClsBpf, None)
         }
@@ -258,20 +252,6 @@ pub(crate) fn attach_tc(
         accept_local_sources(iface);
     }
     Ok(Attachment { iface: iface.into(), program: role.program(), program_id, mode, link_id })
-}
-
-/// North-south on an external interface is XDP, or where XDP cannot be attached (another
-/// program holds the interface's XDP hook, in a mode ours cannot join) the same service stage
-/// on tc ingress. True, with the fallback logged, if `xdp_error` calls for it; an interface
-/// that does not exist does not.
-pub(crate) fn falls_back_to_tc(iface: &str, xdp_error: &Error) -> bool {
-    let Error::Attach { source, .. } = xdp_error else { return false };
-    if matches!(**source, ProgramError::UnknownInterface { .. }) {
-        return false;
-    }
-    let error = crate::error::chain(&**source);
-    warn!(%iface, %error, "XDP cannot be attached; north-south traffic takes tc ingress instead");
-    true
 }
 
 /// Hairpin traffic (a pod reaching its own service) is masqueraded to the node's address, so
@@ -287,11 +267,10 @@ fn accept_local_sources(iface: &str) {
 fn attach_cls_bpf(
     program: &mut SchedClassifier,
     pins: &PinLayout,
-    iface: &str,
+    (iface, c_iface): (&str, &CString),
     role: TcRole,
     tcx_error: &ProgramError,
 ) -> Result<NetlinkTcRecord> {
-    let c_iface = interface_name(iface)?;
     // An existing clsact qdisc (another tool's) is fine and stays; one we add goes on unload.
     let created_clsact = tc::qdisc_add_clsact(c_iface.as_c_str()).is_ok();
     let netlink =
@@ -413,17 +392,24 @@ pub(crate) fn detach_pinned(pins: &PinLayout, file_name: &str) -> Result<Option<
     Ok(Some(format!("detached {file_name}")))
 }
 
-fn detach_cls_bpf(record: &NetlinkTcRecord) {
-    let Ok(c_iface) = CString::new(record.iface.as_str()) else { return };
-    let detached = SchedClassifierLink::attached(
-        c_iface.as_c_str(),
-        TcAttachType::Ingress.into(),
+/// The netlink filter `record` describes, as a link aya can replace or detach.
+pub(crate) fn recorded_filter(record: &NetlinkTcRecord) -> Result<SchedClassifierLink> {
+    let iface = interface_name(&record.iface)?;
+    let parent = TcAttachType::Ingress.into();
+    SchedClassifierLink::attached(
+        iface.as_c_str(),
+        parent,
         record.priority,
         record.handle.into(),
         None,
     )
-    .map_err(|e| e.to_string())
-    .and_then(|link| link.detach().map_err(|e| e.to_string()));
+    .map_err(|source| Error::attach(record.role.program(), "cls_bpf", &record.iface)(source.into()))
+}
+
+fn detach_cls_bpf(record: &NetlinkTcRecord) {
+    let detached = recorded_filter(record)
+        .map_err(|e| crate::error::chain(&e))
+        .and_then(|link| link.detach().map_err(|e| e.to_string()));
     if let Err(error) = detached {
         // The interface or the filter is already gone: nothing is left attached.
         warn!(iface = %record.iface, %error, "cls_bpf filter was already gone");

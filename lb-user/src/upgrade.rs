@@ -9,7 +9,7 @@
 use std::{fs, mem::ManuallyDrop, path::Path};
 
 use aya::programs::{
-    CgroupSockAddr, Program, ProgramError, ProgramInfo, SchedClassifier, TcAttachType, Xdp,
+    CgroupSockAddr, Program, ProgramError, ProgramInfo, SchedClassifier, Xdp,
     cgroup_sock_addr::CgroupSockAddrLink,
     links::{FdLink, LinkError, PinnedLink},
     tc::SchedClassifierLink,
@@ -18,7 +18,7 @@ use aya::programs::{
 use tracing::info;
 
 use crate::{
-    attach::{interface_name, pin_program},
+    attach::{pin_program, recorded_filter},
     error::{Error, Result},
     loader,
     pins::{NetlinkTcRecord, PinLayout, program_of_link},
@@ -135,17 +135,7 @@ fn replace_cls_bpf(program: &mut Program, record: &NetlinkTcRecord) -> Result<()
     let Program::SchedClassifier(tc) = program else {
         return Err(Error::MissingProgram(name));
     };
-    let iface = interface_name(&record.iface)?;
-    let replaced = SchedClassifierLink::attached(
-        iface.as_c_str(),
-        TcAttachType::Ingress.into(),
-        record.priority,
-        record.handle.into(),
-        None,
-    )
-    .map_err(ProgramError::from)
-    .and_then(|link| tc.attach_to_link(link))
-    .and_then(|id| tc.take_link(id));
+    let replaced = tc.attach_to_link(recorded_filter(record)?).and_then(|id| tc.take_link(id));
     match replaced {
         // Dropping a netlink link deletes the filter: it must outlive this process.
         Ok(link) => {

@@ -15,7 +15,7 @@ use std::{
     fs,
 };
 
-use aya::programs::{SchedClassifier, Xdp};
+use aya::programs::{ProgramError, SchedClassifier, Xdp};
 use aya_obj::programs::XdpAttachType;
 use events::LinkEvents;
 use tracing::{debug, error, info, warn};
@@ -156,10 +156,13 @@ impl Hook {
 /// Removes the pins of attachments whose interface is gone: a link left on a vanished
 /// interface cannot be updated, so this comes before replacing programs on adoption.
 pub fn remove_stale(pins: &PinLayout) -> Result<Vec<String>> {
-    let present = kernel::present()?;
+    remove_stale_among(pins, &kernel::present()?)
+}
+
+fn remove_stale_among(pins: &PinLayout, present: &BTreeMap<String, u32>) -> Result<Vec<String>> {
     let mut removed = Vec::new();
     for pinned in pinned_attachments(pins)? {
-        if !pinned.is_live(&present)? {
+        if !pinned.is_live(present)? {
             removed.push(pinned.remove_stale()?);
         }
     }
@@ -170,7 +173,9 @@ pub fn remove_stale(pins: &PinLayout) -> Result<Vec<String>> {
 /// (see the module's comment). An interface that cannot be attached is reported in
 /// [`Changes::failed`] and the others are still done.
 pub fn follow(pins: &PinLayout, targets: &Targets) -> Result<Changes> {
-    let mut changes = Changes { removed: remove_stale(pins)?, ..Changes::default() };
+    let present = kernel::present()?;
+    let mut changes =
+        Changes { removed: remove_stale_among(pins, &present)?, ..Changes::default() };
     let (xdp, tc) = (Selector::new(&targets.xdp_ifaces), Selector::new(&targets.tc_ifaces));
     let selects = |hook: Hook, iface: &str| match hook {
         Hook::Xdp => xdp.matches(iface),
@@ -184,7 +189,7 @@ pub fn follow(pins: &PinLayout, targets: &Targets) -> Result<Changes> {
             changes.removed.extend(attach::detach_pinned(pins, &pinned.file_name)?);
         }
     }
-    for iface in kernel::present()?.keys() {
+    for iface in present.keys() {
         for hook in [Hook::Xdp, Hook::Tc] {
             if selects(hook, iface) && !attached.contains(&(hook, iface.clone())) {
                 match attach_one(pins, hook, iface) {
@@ -201,18 +206,27 @@ pub fn follow(pins: &PinLayout, targets: &Targets) -> Result<Changes> {
 
 fn attach_one(pins: &PinLayout, hook: Hook, iface: &str) -> Result<Attachment> {
     match hook {
-        Hook::Xdp => {
-            let name = program_names::XDP;
-            let mut program = Xdp::from_pin(pins.program(name), XdpAttachType::Interface)
-                .map_err(Error::attach(name, "xdp", iface))?;
-            match attach::attach_xdp(&mut program, pins, iface) {
-                Err(error) if attach::falls_back_to_tc(iface, &error) => {
-                    attach_tc_from_pin(pins, iface, TcRole::External)
-                }
-                attached => attached,
-            }
-        }
+        Hook::Xdp => attach_north_south(pins, iface),
         Hook::Tc => attach_tc_from_pin(pins, iface, TcRole::Pods),
+    }
+}
+
+/// North-south on an external interface, from the pinned programs: XDP, or where XDP cannot be
+/// attached (another program holds the interface's XDP hook, in a mode ours cannot join) the
+/// same service stage on tc ingress, logged.
+pub(crate) fn attach_north_south(pins: &PinLayout, iface: &str) -> Result<Attachment> {
+    let name = program_names::XDP;
+    let mut program = Xdp::from_pin(pins.program(name), XdpAttachType::Interface)
+        .map_err(Error::attach(name, "xdp", iface))?;
+    match attach::attach_xdp(&mut program, pins, iface) {
+        Err(Error::Attach { source, .. })
+            if !matches!(*source, ProgramError::UnknownInterface { .. }) =>
+        {
+            let error = crate::error::chain(&*source);
+            warn!(%iface, %error, "XDP cannot be attached; north-south traffic takes tc ingress instead");
+            attach_tc_from_pin(pins, iface, TcRole::External)
+        }
+        attached => attached,
     }
 }
 
