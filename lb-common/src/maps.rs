@@ -284,7 +284,10 @@ pub mod forwarding {
     /// Translated by `lb_tc_external`, the tc fallback of an external interface where XDP could
     /// not be attached (always counted).
     pub const TC_FALLBACK: u32 = 2;
-    pub const COUNT: u32 = 3;
+    /// Of those, sent out by FIB lookup and `bpf_redirect` (FIB forwarding on); the others went
+    /// up the stack.
+    pub const TC_FALLBACK_REDIRECTED: u32 = 3;
+    pub const COUNT: u32 = 4;
 }
 
 /// Node flags (`NodeConfig::flags`).

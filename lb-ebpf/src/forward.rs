@@ -1,18 +1,20 @@
-//! XDP forwarding of translated packets: a FIB lookup finds the egress interface and next hop,
-//! and the packet leaves by `bpf_redirect` without going up the stack. When the lookup cannot
-//! finish the job (no route, no neighbour entry yet, forwarding disabled) the packet goes up
-//! the stack, which resolves the neighbour; both outcomes are counted.
+//! North-south forwarding of translated packets: a FIB lookup finds the egress interface and
+//! next hop, and the packet leaves by `bpf_redirect` without going up the stack. When the lookup
+//! cannot finish the job (no route, no neighbour entry yet, forwarding disabled) the packet goes
+//! up the stack, which resolves the neighbour; both outcomes are counted. XDP and the tc
+//! fallback of an external interface forward the same way.
 
 use aya_ebpf::{
-    bindings::xdp_action,
+    EbpfContext,
+    bindings::{TC_ACT_OK, xdp_action},
     helpers::{bpf_fib_lookup, bpf_redirect},
-    programs::XdpContext,
+    programs::{TcContext, XdpContext},
 };
 use lb_common::maps::{forwarding, node_flags};
 
 use crate::{
     csum,
-    hook::Hook as _,
+    hook::Hook,
     lb,
     maps::FORWARDING,
     parse::{Packet, ipv4_field},
@@ -43,17 +45,37 @@ const FIB_LOOKUP_SUCCESS: i64 = 0;
 /// counted: off, every packet goes up the stack by configuration.
 #[inline(always)]
 pub fn forward(ctx: &XdpContext, packet: &Packet) -> u32 {
-    let enabled =
-        lb::node_config().is_some_and(|config| config.flags & node_flags::FIB_FORWARD != 0);
-    if !enabled {
+    if !fib_forwarding() {
         return xdp_action::XDP_PASS;
     }
     let (index, verdict) = match redirect(ctx, packet) {
-        Some(verdict) => (forwarding::REDIRECTED, verdict),
+        Some(verdict) => (forwarding::REDIRECTED, verdict as u32),
         None => (forwarding::TO_STACK, xdp_action::XDP_PASS),
     };
     count(index);
     verdict
+}
+
+/// The tc fallback's verdict for a translated packet: every one is counted as the fallback's,
+/// and with FIB forwarding on the redirected ones also on their own.
+#[inline(always)]
+pub fn forward_from_tc(ctx: &TcContext, packet: &Packet) -> i32 {
+    count(forwarding::TC_FALLBACK);
+    if !fib_forwarding() {
+        return TC_ACT_OK;
+    }
+    match redirect(ctx, packet) {
+        Some(verdict) => {
+            count(forwarding::TC_FALLBACK_REDIRECTED);
+            verdict as i32
+        }
+        None => TC_ACT_OK,
+    }
+}
+
+#[inline(always)]
+fn fib_forwarding() -> bool {
+    lb::node_config().is_some_and(|config| config.flags & node_flags::FIB_FORWARD != 0)
 }
 
 /// Counts one translated packet under `index` of [`forwarding`].
@@ -65,8 +87,10 @@ pub fn count(index: u32) {
     }
 }
 
+/// Rewrites the packet for the next hop the FIB names and returns `bpf_redirect`'s verdict;
+/// `None` (the packet unchanged) where the stack has to take it.
 #[inline(always)]
-fn redirect(ctx: &XdpContext, packet: &Packet) -> Option<u32> {
+fn redirect(ctx: &(impl Hook + EbpfContext), packet: &Packet) -> Option<i64> {
     let l3 = packet.l3_offset;
     // The translated addresses and ports, as they are now in the packet.
     let mut lookup = FibLookup {
@@ -75,7 +99,7 @@ fn redirect(ctx: &XdpContext, packet: &Packet) -> Option<u32> {
         sport_be: ctx.load(packet.l4_offset).ok()?,
         dport_be: ctx.load(packet.l4_offset + 2).ok()?,
         tot_len: packet.total_len,
-        ifindex: ctx.ingress_ifindex() as u32,
+        ifindex: ctx.ingress_ifindex(),
         ..FibLookup::default()
     };
     lookup.ipv4_src[0] = ctx.load(l3 + ipv4_field::SRC).ok()?;
@@ -83,7 +107,7 @@ fn redirect(ctx: &XdpContext, packet: &Packet) -> Option<u32> {
     // SAFETY: `lookup` is a valid, writable bpf_fib_lookup of the size passed.
     let rc = unsafe {
         bpf_fib_lookup(
-            ctx.ctx.cast(),
+            ctx.as_ptr(),
             core::ptr::from_mut(&mut lookup).cast(),
             size_of::<FibLookup>() as i32,
             0,
@@ -108,5 +132,5 @@ fn redirect(ctx: &XdpContext, packet: &Packet) -> Option<u32> {
     macs[6..].copy_from_slice(&lookup.smac);
     ctx.store(0, &macs).ok()?;
     // SAFETY: plain helper call.
-    Some(unsafe { bpf_redirect(lookup.ifindex, 0) } as u32)
+    Some(unsafe { bpf_redirect(lookup.ifindex, 0) })
 }

@@ -68,6 +68,8 @@ pub trait Hook: Frame {
     /// Sends the (rewritten) packet back out of the interface it arrived on; returns the hook's
     /// return code for that.
     fn bounce(&self) -> i32;
+    /// The interface the packet arrived on.
+    fn ingress_ifindex(&self) -> u32;
 }
 
 impl Hook for XdpContext {
@@ -161,6 +163,10 @@ impl Hook for XdpContext {
     fn bounce(&self) -> i32 {
         aya_ebpf::bindings::xdp_action::XDP_TX as i32
     }
+
+    fn ingress_ifindex(&self) -> u32 {
+        XdpContext::ingress_ifindex(self) as u32
+    }
 }
 
 impl Hook for TcContext {
@@ -201,11 +207,15 @@ impl Hook for TcContext {
     }
 
     fn bounce(&self) -> i32 {
-        let skb = self.as_ptr().cast::<__sk_buff>();
-        // SAFETY: reads the ifindex field of the skb the kernel handed us.
-        let ifindex = unsafe { (*skb).ifindex };
         // Egress of the interface the packet came in on: back towards the pod.
         // SAFETY: plain helper call.
-        unsafe { bpf_redirect(ifindex, 0) as i32 }
+        unsafe { bpf_redirect(self.ingress_ifindex(), 0) as i32 }
+    }
+
+    fn ingress_ifindex(&self) -> u32 {
+        let skb = self.as_ptr().cast::<__sk_buff>();
+        // SAFETY: reads the ifindex field of the skb the kernel handed us; on ingress that is
+        // the interface it arrived on.
+        unsafe { (*skb).ifindex }
     }
 }

@@ -6,10 +6,7 @@ use aya_ebpf::{
     macros::{classifier, xdp},
     programs::{TcContext, XdpContext},
 };
-use lb_common::{
-    maps::{forwarding, proto},
-    stats::Reason,
-};
+use lb_common::{maps::proto, stats::Reason};
 
 use crate::{
     forward,
@@ -59,15 +56,14 @@ fn tc_verdict(ctx: &TcContext, verdict: Verdict) -> i32 {
 }
 
 /// North-south on tc ingress, for an external interface whose XDP hook another program holds:
-/// `lb_xdp`'s service stage, with translated packets going up the stack.
+/// `lb_xdp`'s service stage and forwarding, with tc's return codes.
 #[classifier]
 pub fn lb_tc_external(ctx: TcContext) -> i32 {
     pull_headers(&ctx);
-    let verdict = run(&ctx, Origin::External).0;
-    if verdict == Verdict::Forward {
-        forward::count(forwarding::TC_FALLBACK);
+    match run(&ctx, Origin::External) {
+        (Verdict::Forward, Some(packet)) => forward::forward_from_tc(&ctx, &packet),
+        (verdict, _) => tc_verdict(&ctx, verdict),
     }
-    tc_verdict(&ctx, verdict)
 }
 
 /// Makes the headers directly readable when the skb keeps them in paged fragments (GRO'd or

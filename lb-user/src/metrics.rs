@@ -224,6 +224,15 @@ impl Collector for DatapathCounters {
                     None,
                     prometheus_client::metrics::MetricType::Counter,
                 )?)?;
+                ConstCounter::new(forwarding.tc_fallback_redirected).encode(
+                    encoder.encode_descriptor(
+                        "tc_fallback_redirected_packets",
+                        "Of the tc fallback's packets, those sent on by FIB redirect \
+                         (xdpRedirect); the others went up the stack.",
+                        None,
+                        prometheus_client::metrics::MetricType::Counter,
+                    )?,
+                )?;
             }
             Err(error) => warn!(%error, "metrics: cannot read the forwarding counters"),
         }

@@ -61,20 +61,32 @@ pub struct Forwarding {
     pub to_stack: u64,
     /// Translated by the tc fallback of interfaces where XDP could not be attached.
     pub tc_fallback: u64,
+    /// Of those, redirected by FIB lookup (FIB forwarding on).
+    pub tc_fallback_redirected: u64,
 }
 
 /// The `FORWARDING` counters of the datapath pinned under `pins`.
 pub fn read_forwarding_pinned(pins: &PinLayout) -> Result<Forwarding> {
-    let error = |source| Error::Map { name: names::FORWARDING.into(), source: Box::new(source) };
-    let data = MapData::from_pin(pins.map(names::FORWARDING)).map_err(error)?;
-    let map = Map::PerCpuArray(data);
-    let array: PerCpuArray<&MapData, u64> = PerCpuArray::try_from(&map).map_err(error)?;
-    let total =
-        |index: u32| -> Result<u64> { Ok(array.get(&index, 0).map_err(error)?.iter().sum()) };
+    let data = MapData::from_pin(pins.map(names::FORWARDING)).map_err(forwarding_error)?;
+    read_forwarding(&Map::PerCpuArray(data))
+}
+
+/// Reads the `FORWARDING` map of a loaded object.
+pub fn read_forwarding(map: &Map) -> Result<Forwarding> {
+    let array: PerCpuArray<&MapData, u64> =
+        PerCpuArray::try_from(map).map_err(forwarding_error)?;
+    let total = |index: u32| -> Result<u64> {
+        Ok(array.get(&index, 0).map_err(forwarding_error)?.iter().sum())
+    };
     Ok(Forwarding {
         redirected: total(forwarding::REDIRECTED)?,
         to_stack: total(forwarding::TO_STACK)?,
-        // A map pinned by a version without the fallback keeps its two slots.
+        // A map pinned by an older version keeps its fewer slots.
         tc_fallback: total(forwarding::TC_FALLBACK).unwrap_or(0),
+        tc_fallback_redirected: total(forwarding::TC_FALLBACK_REDIRECTED).unwrap_or(0),
     })
+}
+
+fn forwarding_error(source: aya::maps::MapError) -> Error {
+    Error::Map { name: names::FORWARDING.into(), source: Box::new(source) }
 }

@@ -24,6 +24,8 @@ pub struct Status {
     pub xdp_to_stack: u64,
     /// Packets translated by the tc fallback of interfaces where XDP could not be attached.
     pub tc_fallback_translated: u64,
+    /// Of those, with FIB forwarding on, sent out by FIB lookup and redirect.
+    pub tc_fallback_redirected: u64,
     /// Every pinned attachment, by program and then interface.
     pub attachments: Vec<AttachmentStatus>,
 }
@@ -125,6 +127,7 @@ pub fn read(pins: &PinLayout) -> Result<Status> {
         xdp_redirected: forwarding.redirected,
         xdp_to_stack: forwarding.to_stack,
         tc_fallback_translated: forwarding.tc_fallback,
+        tc_fallback_redirected: forwarding.tc_fallback_redirected,
         attachments,
     })
 }
@@ -182,8 +185,11 @@ impl Status {
         let _ = writeln!(
             out,
             "\nXDP forwarding (xdpRedirect): {} redirected by FIB lookup, {} up the stack; \
-             {} translated by the tc fallback",
-            self.xdp_redirected, self.xdp_to_stack, self.tc_fallback_translated
+             {} translated by the tc fallback, {} of them redirected",
+            self.xdp_redirected,
+            self.xdp_to_stack,
+            self.tc_fallback_translated,
+            self.tc_fallback_redirected
         );
         out.push_str("\nPROGRAM          HOOK          ON\n");
         for a in &self.attachments {

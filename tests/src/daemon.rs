@@ -38,6 +38,16 @@ pub struct RunningDaemon {
     thread: Option<JoinHandle<()>>,
 }
 
+/// XDP on the topology's external interface, tc on its pod interfaces, and the host path on
+/// `host_cgroup` if given: what [`RunningDaemon::start`] attaches to.
+pub fn default_targets(topology: &Topology, host_cgroup: Option<&Path>) -> attach::Targets {
+    attach::Targets {
+        xdp_ifaces: vec![EXTERNAL_IFACE.into()],
+        tc_ifaces: topology.pod_ifaces(),
+        host_cgroup: host_cgroup.map(Path::to_owned),
+    }
+}
+
 impl RunningDaemon {
     /// Starts the daemon on `manifests`, attached to the topology (and to `host_cgroup` for the
     /// host path), and waits until it has programmed the example services.
@@ -47,11 +57,7 @@ impl RunningDaemon {
         manifests: &Path,
         host_cgroup: Option<&Path>,
     ) -> Self {
-        let targets = attach::Targets {
-            xdp_ifaces: vec![EXTERNAL_IFACE.into()],
-            tc_ifaces: topology.pod_ifaces(),
-            host_cgroup: host_cgroup.map(Path::to_owned),
-        };
+        let targets = default_targets(topology, host_cgroup);
         Self::start_with(topology, pins, manifests, targets, example_node_config())
     }
 

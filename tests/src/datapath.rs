@@ -14,7 +14,7 @@ use lb_user::{
     loader,
     maps::{KernelMaps, MapOp, MapWriter as _},
     program_names,
-    stats::{self, ReasonCounts},
+    stats::{self, Forwarding, ReasonCounts},
 };
 
 /// Which entry point sees the packet.
@@ -121,6 +121,12 @@ impl Datapath {
     pub fn counters(&self) -> ReasonCounts {
         let map = self.ebpf.map(names::STATS).expect("STATS map in the object");
         stats::read(map).expect("reading STATS")
+    }
+
+    /// How translated north-south packets were sent on, so far.
+    pub fn forwarding(&self) -> Forwarding {
+        let map = self.ebpf.map(names::FORWARDING).expect("FORWARDING map in the object");
+        stats::read_forwarding(map).expect("reading FORWARDING")
     }
 
     /// Runs `packet` once through the program behind `hook`.

@@ -1,6 +1,7 @@
-//! XDP forwarding by FIB lookup (node config `xdpRedirect: true`): a translated packet leaves
-//! by redirect to the egress interface the kernel's FIB names, with the next hop's MAC, the
-//! egress interface's MAC and a decremented TTL; without a route it goes up the stack.
+//! North-south forwarding by FIB lookup (node config `xdpRedirect: true`), by XDP and by the tc
+//! fallback of an external interface alike: a translated packet leaves by redirect to the egress
+//! interface the kernel's FIB names, with the next hop's MAC, the egress interface's MAC and a
+//! decremented TTL; without a route it goes up the stack. Both outcomes are counted.
 //! BPF_PROG_TEST_RUN looks routes up in the calling thread's namespace, so the runs happen in
 //! a throwaway namespace with a known route and neighbour.
 
@@ -10,13 +11,13 @@ use lb_common::{
 };
 use lb_tests::{
     checksum,
-    datapath::{Datapath, Hook, XDP_PASS, XDP_REDIRECT},
+    datapath::{Datapath, Hook, TC_ACT_OK, TC_ACT_REDIRECT, XDP_PASS, XDP_REDIRECT},
     fixtures::{EXTERNAL_CLIENT, seeded},
     netns::{Netns, run},
     node,
     packets::{L3, Spec, endpoints},
 };
-use lb_user::maps::MapOp;
+use lb_user::{maps::MapOp, stats::Forwarding};
 
 const NEXT_HOP_MAC: [u8; 6] = [0x02, 0, 0, 0, 0x0a, 0x0b];
 
@@ -59,36 +60,64 @@ fn routed_namespace() -> (Netns, [u8; 6]) {
     (netns, bytes.try_into().expect("six bytes"))
 }
 
+/// The north-south entry points: XDP, and the tc fallback where XDP cannot be attached.
+const NORTH_SOUTH: [Hook; 2] = [Hook::Xdp, Hook::TcExternal];
+
+fn redirect_code(hook: Hook) -> u32 {
+    if hook.is_tc() { TC_ACT_REDIRECT } else { XDP_REDIRECT }
+}
+
+fn to_stack_code(hook: Hook) -> u32 {
+    if hook.is_tc() { TC_ACT_OK } else { XDP_PASS }
+}
+
+/// What one packet of `hook` sent on `redirected` (or not) adds to the forwarding counters.
+fn counted_as(hook: Hook, redirected: bool) -> Forwarding {
+    let one = u64::from(redirected);
+    match hook {
+        Hook::Xdp => Forwarding { redirected: one, to_stack: 1 - one, ..Forwarding::default() },
+        _ => Forwarding { tc_fallback: 1, tc_fallback_redirected: one, ..Forwarding::default() },
+    }
+}
+
 #[test]
 fn a_translated_packet_is_redirected_to_the_next_hop() {
-    let mut datapath = seeded();
-    with_fib_forwarding(&mut datapath);
     let (netns, out0_mac) = routed_namespace();
-    let request = Spec::tcp(EXTERNAL_CLIENT, 50_500, "192.168.1.63", 30380).build();
-    let run = netns.enter(|| datapath.run(Hook::Xdp, &request));
-    assert_eq!(run.return_code, XDP_REDIRECT, "redirected by FIB lookup");
-    let counted: Vec<_> = run.counted.non_zero().collect();
-    assert_eq!(counted, vec![(Reason::ForwardNew.name(), 1)]);
-    assert_eq!(run.output[..6], NEXT_HOP_MAC, "destination MAC: the next hop's");
-    assert_eq!(run.output[6..12], out0_mac, "source MAC: the egress interface's");
-    assert_eq!(run.output[L3 + 8], 63, "TTL decremented");
-    assert_eq!(endpoints(&run.output).1, ("10.244.2.11".parse().expect("address"), 80));
-    checksum::assert_valid(&run.output);
+    for (port, hook) in (50_500..).zip(NORTH_SOUTH) {
+        let mut datapath = seeded();
+        with_fib_forwarding(&mut datapath);
+        let request = Spec::tcp(EXTERNAL_CLIENT, port, "192.168.1.63", 30380).build();
+        let run = netns.enter(|| datapath.run(hook, &request));
+        assert_eq!(run.return_code, redirect_code(hook), "{hook:?}: redirected by FIB lookup");
+        let counted: Vec<_> = run.counted.non_zero().collect();
+        assert_eq!(counted, vec![(Reason::ForwardNew.name(), 1)], "{hook:?}");
+        assert_eq!(datapath.forwarding(), counted_as(hook, true), "{hook:?}");
+        assert_eq!(run.output[..6], NEXT_HOP_MAC, "{hook:?}: destination MAC: the next hop's");
+        assert_eq!(run.output[6..12], out0_mac, "{hook:?}: source MAC: the egress interface's");
+        assert_eq!(run.output[L3 + 8], 63, "{hook:?}: TTL decremented");
+        let backend = ("10.244.2.11".parse().expect("address"), 80);
+        assert_eq!(endpoints(&run.output).1, backend, "{hook:?}");
+        checksum::assert_valid(&run.output);
+    }
 }
 
 #[test]
 fn without_a_route_the_packet_goes_up_the_stack() {
-    let mut datapath = seeded();
-    with_fib_forwarding(&mut datapath);
     let (netns, _) = routed_namespace();
-    // Frontend 4's backend 10.244.1.11 has no route in this namespace.
-    let request = Spec::tcp(EXTERNAL_CLIENT, 50_501, "192.168.1.63", 30381).build();
-    let run = netns.enter(|| datapath.run(Hook::Xdp, &request));
-    assert_eq!(run.return_code, XDP_PASS, "up the stack");
-    assert_eq!(run.output[L3 + 8], 64, "TTL untouched: the stack forwards it");
-    assert_eq!(
-        endpoints(&run.output).1,
-        ("10.244.1.11".parse().expect("address"), 80),
-        "still translated"
-    );
+    for (port, hook) in (50_510..).zip(NORTH_SOUTH) {
+        let mut datapath = seeded();
+        with_fib_forwarding(&mut datapath);
+        // Frontend 4's backend 10.244.1.11 has no route in this namespace.
+        let request = Spec::tcp(EXTERNAL_CLIENT, port, "192.168.1.63", 30381).build();
+        let run = netns.enter(|| datapath.run(hook, &request));
+        assert_eq!(run.return_code, to_stack_code(hook), "{hook:?}: up the stack");
+        assert_eq!(datapath.forwarding(), counted_as(hook, false), "{hook:?}");
+        assert_eq!(run.output[L3 + 8], 64, "{hook:?}: TTL untouched: the stack forwards it");
+        assert_eq!(
+            endpoints(&run.output).1,
+            ("10.244.1.11".parse().expect("address"), 80),
+            "{hook:?}: still translated"
+        );
+        checksum::assert_valid(&run.output);
+    }
 }

@@ -5,12 +5,12 @@
 use std::net::SocketAddr;
 
 use lb_tests::{
-    daemon::{RunningDaemon, example_node_config, wait_for},
+    daemon::{RunningDaemon, default_targets, example_node_config, wait_for},
     manifests::ManifestDir,
     pins::TestPins,
-    topology::{EXTERNAL_IFACE, Topology, tcp_request},
+    topology::{Topology, tcp_request},
 };
-use lb_user::{attach::Targets, config::NodeConfig};
+use lb_user::config::NodeConfig;
 
 /// The demo's two my-nginx pods behind one more service, one hinted for each zone.
 const ZONED: &str = "
@@ -49,11 +49,7 @@ fn pods_reach_the_endpoint_hinted_for_their_zone() {
     let manifests = ManifestDir::new();
     manifests.add_file("zoned.yaml", ZONED);
     let node = NodeConfig { zone: Some("zone-b".into()), ..example_node_config() };
-    let targets = Targets {
-        xdp_ifaces: vec![EXTERNAL_IFACE.into()],
-        tc_ifaces: topology.pod_ifaces(),
-        host_cgroup: None,
-    };
+    let targets = default_targets(&topology, None);
     let daemon = RunningDaemon::start_with(&topology, &pins, manifests.path(), targets, node);
 
     // New connections, each its own flow: every one lands on the zone-b endpoint.

@@ -1,22 +1,45 @@
 //! North-south where XDP cannot be attached: another program holds the external interface's
 //! XDP hook (attached through netlink in generic mode, as many tools do, which a bpf_link can
 //! neither join nor replace), so the daemon puts the same service stage on the interface's tc
-//! ingress, and NodePort traffic from outside is still served.
+//! ingress, and NodePort traffic from outside is still served: up the stack, or with FIB
+//! forwarding on (`xdpRedirect`) by redirect to the pod's interface once its neighbour is known.
 
 use std::net::SocketAddr;
 
 use lb_tests::{
-    daemon::{RunningDaemon, counter, examples, scrape_metrics},
+    daemon::{
+        RunningDaemon, counter, default_targets, example_node_config, examples, scrape_metrics,
+    },
     netns::run,
     pins::TestPins,
     stand_in,
     topology::{EXTERNAL_IFACE, NODE_IP, Topology, tcp_request},
 };
-use lb_user::{program_names, status};
+use lb_user::{
+    program_names,
+    status::{self, Status},
+};
 
 #[test]
 fn an_external_interface_whose_xdp_hook_is_taken_is_served_through_tc() {
-    let topology = Topology::new("lbx");
+    let status = serve_a_node_port_through_tc(false);
+    assert_eq!(status.tc_fallback_redirected, 0, "FIB forwarding is off");
+}
+
+#[test]
+fn with_fib_forwarding_the_tc_fallback_redirects() {
+    let status = serve_a_node_port_through_tc(true);
+    // The first packet to a pod whose neighbour entry does not exist yet goes up the stack,
+    // which resolves it; the later ones leave by redirect.
+    assert!(status.tc_fallback_redirected >= 1, "redirected by FIB lookup: {status:?}");
+    assert!(status.tc_fallback_redirected <= status.tc_fallback_translated, "{status:?}");
+}
+
+/// Takes the external interface's XDP hook, starts a daemon (`xdp_redirect` as given), checks
+/// that it put the tc fallback there and that a NodePort request from outside is answered
+/// through it; returns the status after the request.
+fn serve_a_node_port_through_tc(xdp_redirect: bool) -> Status {
+    let topology = Topology::new(if xdp_redirect { "lbxr" } else { "lbx" });
     let _servers = topology.start_servers();
     // Someone else's program (it passes everything), pinned in a directory of its own.
     let other = TestPins::new();
@@ -30,7 +53,10 @@ fn an_external_interface_whose_xdp_hook_is_taken_is_served_through_tc() {
     run("nsenter", &[&[net.as_str(), "ip"][..], &attach].concat());
 
     let pins = TestPins::new();
-    let daemon = RunningDaemon::start(&topology, &pins, &examples().join("manifests"), None);
+    let manifests = examples().join("manifests");
+    let node_config = lb_user::config::NodeConfig { xdp_redirect, ..example_node_config() };
+    let daemon =
+        RunningDaemon::start_with(&topology, &pins, &manifests, default_targets(&topology, None), node_config);
     let attachments = status::read(pins.layout()).expect("status").attachments;
     let on_external: Vec<_> =
         attachments.iter().filter(|a| a.target == EXTERNAL_IFACE).map(|a| a.program).collect();
@@ -47,5 +73,8 @@ fn an_external_interface_whose_xdp_hook_is_taken_is_served_through_tc() {
     // The metric is read later: the connection's last packets may have been counted since.
     let series = counter(&metrics, "lb_tc_fallback_packets_total");
     assert!(series >= Some(status.tc_fallback_translated), "the metric: {series:?}");
+    let series = counter(&metrics, "lb_tc_fallback_redirected_packets_total");
+    assert!(series >= Some(status.tc_fallback_redirected), "the metric: {series:?}");
     drop(daemon);
+    status
 }
