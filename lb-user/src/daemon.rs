@@ -170,6 +170,9 @@ pub async fn run_until(
                     break;
                 }
                 () = &mut resync => {
+                    // Not every change of an XDP hook sends a link event (a bpf_link's release
+                    // does not): look at the interfaces now too.
+                    interfaces.follow(&options.pins, &options.targets, &metrics);
                     full = true;
                     break;
                 }

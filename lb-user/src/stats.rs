@@ -73,8 +73,7 @@ pub fn read_forwarding_pinned(pins: &PinLayout) -> Result<Forwarding> {
 
 /// Reads the `FORWARDING` map of a loaded object.
 pub fn read_forwarding(map: &Map) -> Result<Forwarding> {
-    let array: PerCpuArray<&MapData, u64> =
-        PerCpuArray::try_from(map).map_err(forwarding_error)?;
+    let array: PerCpuArray<&MapData, u64> = PerCpuArray::try_from(map).map_err(forwarding_error)?;
     let total = |index: u32| -> Result<u64> {
         Ok(array.get(&index, 0).map_err(forwarding_error)?.iter().sum())
     };

@@ -5,7 +5,8 @@
 //! attachments match: the tc program on each existing interface that `--tc-iface` names or
 //! matches (`prefix*`), XDP on each that `--xdp-iface` names or matches; the pin of an attachment whose
 //! interface is gone (or was replaced by a new one of the same name) is removed, and an
-//! attachment the targets no longer select is detached.
+//! attachment the targets no longer select is detached. An external interface served by the tc
+//! fallback because another program held its XDP hook gets XDP back once that hook is free.
 
 mod events;
 mod kernel;
@@ -183,11 +184,20 @@ pub fn follow(pins: &PinLayout, targets: &Targets) -> Result<Changes> {
     };
     let mut attached = Vec::new();
     for pinned in pinned_attachments(pins)? {
-        if selects(pinned.hook, &pinned.iface) {
-            attached.push((pinned.hook, pinned.iface));
-        } else {
+        if !selects(pinned.hook, &pinned.iface) {
+            changes.removed.extend(attach::detach_pinned(pins, &pinned.file_name)?);
+            continue;
+        }
+        if pinned.tc_fallback
+            && let Some(xdp) = take_back_xdp(pins, &pinned.iface)
+        {
+            // XDP first, then the fallback goes: no packet meanwhile misses the service stage.
+            // One that both see is translated once: the fallback finds no service at the
+            // address XDP translated it to, and passes it.
+            changes.attached.push(xdp);
             changes.removed.extend(attach::detach_pinned(pins, &pinned.file_name)?);
         }
+        attached.push((pinned.hook, pinned.iface));
     }
     for iface in present.keys() {
         for hook in [Hook::Xdp, Hook::Tc] {
@@ -230,6 +240,25 @@ pub(crate) fn attach_north_south(pins: &PinLayout, iface: &str) -> Result<Attach
     }
 }
 
+/// XDP on an interface the tc fallback serves, if its XDP hook is free again (the program that
+/// held it is gone); `None` while it is still held.
+fn take_back_xdp(pins: &PinLayout, iface: &str) -> Option<Attachment> {
+    let name = program_names::XDP;
+    let attached = Xdp::from_pin(pins.program(name), XdpAttachType::Interface)
+        .map_err(Error::attach(name, "xdp", iface))
+        .and_then(|mut program| attach::attach_xdp(&mut program, pins, iface));
+    match attached {
+        Ok(attachment) => {
+            info!(%iface, "the XDP hook is free again: north-south traffic takes XDP, the tc fallback goes");
+            Some(attachment)
+        }
+        Err(error) => {
+            debug!(%iface, error = %crate::error::chain(&error), "XDP still cannot be attached");
+            None
+        }
+    }
+}
+
 fn attach_tc_from_pin(pins: &PinLayout, iface: &str, role: TcRole) -> Result<Attachment> {
     let mut program = SchedClassifier::from_pin(pins.program(role.program()))
         .map_err(Error::attach(role.program(), "tc ingress", iface))?;
@@ -244,6 +273,8 @@ struct Pinned {
     path: std::path::PathBuf,
     /// A cls_bpf filter's record; `None` for a bpf_link.
     record: Option<NetlinkTcRecord>,
+    /// The north-south tc fallback of an interface where XDP could not be attached.
+    tc_fallback: bool,
 }
 
 fn pinned_attachments(pins: &PinLayout) -> Result<Vec<Pinned>> {
@@ -255,16 +286,19 @@ fn pinned_attachments(pins: &PinLayout) -> Result<Vec<Pinned>> {
         let path = entry.path();
         if let Some(record) = NetlinkTcRecord::parse(&file_name) {
             let (hook, iface) = (Hook::of(record.role), record.iface.clone());
-            pinned.push(Pinned { hook, iface, file_name, path, record: Some(record) });
+            let tc_fallback = record.role == TcRole::External;
+            pinned.push(Pinned { hook, iface, file_name, path, record: Some(record), tc_fallback });
             continue;
         }
-        let (hook, iface) = match file_name.split_once('@') {
-            Some((XDP_HOOK, iface)) => (Hook::Xdp, iface.to_owned()),
-            Some((TCX_HOOK, iface)) => (Hook::Tc, iface.to_owned()),
-            Some((TCX_EXTERNAL_HOOK, iface)) => (Hook::of(TcRole::External), iface.to_owned()),
+        let (hook, iface, tc_fallback) = match file_name.split_once('@') {
+            Some((XDP_HOOK, iface)) => (Hook::Xdp, iface.to_owned(), false),
+            Some((TCX_HOOK, iface)) => (Hook::Tc, iface.to_owned(), false),
+            Some((TCX_EXTERNAL_HOOK, iface)) => {
+                (Hook::of(TcRole::External), iface.to_owned(), true)
+            }
             _ => continue,
         };
-        pinned.push(Pinned { hook, iface, file_name, path, record: None });
+        pinned.push(Pinned { hook, iface, file_name, path, record: None, tc_fallback });
     }
     Ok(pinned)
 }
