@@ -5,7 +5,6 @@
 //! fallback of an external interface forward the same way.
 
 use aya_ebpf::{
-    EbpfContext,
     bindings::{TC_ACT_OK, xdp_action},
     helpers::{bpf_fib_lookup, bpf_redirect},
     programs::{TcContext, XdpContext},
@@ -90,7 +89,7 @@ pub fn count(index: u32) {
 /// Rewrites the packet for the next hop the FIB names and returns `bpf_redirect`'s verdict;
 /// `None` (the packet unchanged) where the stack has to take it.
 #[inline(always)]
-fn redirect(ctx: &(impl Hook + EbpfContext), packet: &Packet) -> Option<i64> {
+fn redirect(ctx: &impl Hook, packet: &Packet) -> Option<i64> {
     let l3 = packet.l3_offset;
     // The translated addresses and ports, as they are now in the packet.
     let mut lookup = FibLookup {

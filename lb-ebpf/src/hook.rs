@@ -3,7 +3,7 @@
 //! bytes, and sending a packet back where it came from.
 
 use aya_ebpf::{
-    EbpfContext as _,
+    EbpfContext,
     bindings::{__sk_buff, BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR},
     helpers::{bpf_redirect, bpf_xdp_adjust_tail, bpf_xdp_load_bytes, bpf_xdp_store_bytes},
     programs::{TcContext, XdpContext},
@@ -23,7 +23,7 @@ pub struct L4Csum {
     pub udp: bool,
 }
 
-pub trait Hook: Frame {
+pub trait Hook: Frame + EbpfContext {
     /// Updates the IPv4 header checksum at `offset` for a 32-bit word changed `from` -> `to`.
     fn fix_l3_csum(&self, offset: usize, from: u32, to: u32) -> Result<(), ()>;
     /// Updates the L4 checksum at `offset` for a word of `size` (2 or 4) bytes changed

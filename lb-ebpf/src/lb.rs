@@ -16,6 +16,7 @@ use aya_ebpf::maps::lpm_trie::Key as LpmKey;
 use crate::{
     conntrack,
     hook::Hook,
+    local_sockets,
     maps::{
         AFFINITY, BACKEND_SLOTS, BACKENDS, NODE_CONFIG, SERVICE_STATS, SERVICES, SOURCE_RANGES,
     },
@@ -200,8 +201,8 @@ fn new_flow(
     };
 
     if needs_snat(&service, &backend, packet, origin, config) {
-        let Some(port_be) = claim_snat_port(&mut reply_key, &mut reply_entry, packet, config, hash)
-        else {
+        let claimed = claim_snat_port(hook, &mut reply_key, &mut reply_entry, packet, config, hash);
+        let Some(port_be) = claimed else {
             return (Verdict::Drop, Reason::DropSnatExhausted);
         };
         forward.flags |= ct_flags::SNAT;
@@ -342,9 +343,14 @@ fn needs_snat(
 }
 
 /// Finds a source port in the SNAT range whose reply tuple (backend -> SNAT address:port) is
-/// free, and claims it by inserting the reply entry. Returns the port in network order.
+/// free, of flows and of the node's own sockets, and claims it by inserting the reply entry.
+/// Returns the port in network order.
+///
+/// A local socket that takes the port later is not seen: the range sits above the kernel's
+/// ephemeral ports, so only an explicit bind (or a widened `ip_local_port_range`) does that.
 #[inline(always)]
 fn claim_snat_port(
+    hook: &impl Hook,
     reply_key: &mut ConntrackKey,
     reply_entry: &mut ConntrackValue,
     packet: &Packet,
@@ -367,6 +373,11 @@ fn claim_snat_port(
         let offset = hash.wrapping_add(probe.wrapping_mul(40_503)).checked_rem(range)?;
         let port = (min + offset) as u16;
         reply_key.dst_port_be = port.to_be();
+        let reply_from = (reply_key.src_ip_be, reply_key.src_port_be);
+        if local_sockets::receive(hook, packet.proto, reply_from, (config.snat_ip_be, port.to_be()))
+        {
+            continue;
+        }
         if let Some(existing) = crate::maps::CONNTRACK.get_ptr(reply_key) {
             // SAFETY: a valid pointer from the lookup.
             if conntrack::is_live(unsafe { &*existing }, packet.proto, now, config) {

@@ -14,10 +14,11 @@ use std::{
 use ipnet::{IpNet, Ipv4Net};
 use serde::Deserialize;
 
-/// The source ports used when the source is rewritten to the node IP (SNAT). The datapath
-/// allocates them without the kernel's socket table, so the range sits above Linux's default
-/// `ip_local_port_range` (32768-60999), so local sockets never take these ports
-/// unless an operator widens the ephemeral range over them.
+/// The source ports used when the source is rewritten to the node IP (SNAT). The datapath skips
+/// a port a local socket already holds towards the backend, but a socket that takes the port
+/// after the flow did is not stopped by anything: so the range sits above Linux's default
+/// `ip_local_port_range` (32768-60999), which local sockets do not pick from unless an operator
+/// widens the ephemeral range over it (or a program binds such a port itself).
 pub const DEFAULT_SNAT_PORT_RANGE: PortRange = PortRange { min: 61000, max: 65535 };
 
 /// The validated node configuration.
