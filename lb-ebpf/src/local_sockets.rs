@@ -20,7 +20,7 @@ struct SockTuple4 {
 
 /// True if a packet `from` -> `to` (addresses and ports in network order) of protocol `proto`
 /// would reach a socket of this node's network namespace: a connection on that tuple (TCP: also
-/// one in TIME_WAIT or being opened) or a socket listening on, or bound to, `to`.
+/// one in `TIME_WAIT` or being opened) or a socket listening on, or bound to, `to`.
 #[inline(always)]
 pub fn receive(ctx: &impl EbpfContext, proto: u8, from: (u32, u16), to: (u32, u16)) -> bool {
     let mut tuple =

@@ -1,6 +1,6 @@
 //! SNAT ports and the node's own sockets: a masqueraded flow never takes a source port that a
 //! socket of the node already receives on from its backend (a connection to the same backend,
-//! one in TIME_WAIT, a listener or a bound UDP socket), for TCP and UDP, on XDP and on the tc
+//! one in `TIME_WAIT`, a listener or a bound UDP socket), for TCP and UDP, on XDP and on the tc
 //! fallback. The SNAT range is narrowed to two ports so the test knows which one a flow must
 //! get. `BPF_PROG_TEST_RUN` looks sockets up in the calling thread's namespace, so the sockets
 //! and the runs live in a throwaway namespace.
@@ -124,7 +124,7 @@ fn udp_flows_skip_a_port_a_local_socket_is_bound_to() {
     }
 }
 
-/// Waits until a TCP socket on local port `port` is in TIME_WAIT in `netns`.
+/// Waits until a TCP socket on local port `port` is in `TIME_WAIT` in `netns`.
 fn wait_for_time_wait(netns: &Netns, port: u16) {
     let filter = format!("sport = :{port}");
     for _ in 0..100 {
