@@ -184,10 +184,13 @@ pub mod ct_flags {
     pub const REPLY: u16 = 1 << 0;
     /// The client's source was rewritten to `nat_ip_be:nat_port_be`.
     pub const SNAT: u16 = 1 << 1;
-    /// The backend has answered.
-    pub const SEEN_REPLY: u16 = 1 << 2;
     /// A FIN or RST was seen: the entry expires after the short closing timeout.
     pub const CLOSING: u16 = 1 << 3;
+    /// TCP, opened by a SYN and no packet without SYN (or RST) seen yet in either direction:
+    /// the entry expires after the short opening timeout. Cleared in both entries of the flow
+    /// by the first such packet (the handshake's last ACK). Entries without it (among them those
+    /// of versions that did not set it) are established.
+    pub const OPENING: u16 = 1 << 4;
 }
 
 /// State of one translated flow in one direction.

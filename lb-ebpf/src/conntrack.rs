@@ -1,6 +1,7 @@
 //! Connection tracking: one LRU entry per direction of a translated flow, refreshed as packets
 //! pass, expired by protocol and TCP state (the rule is `lb_common::conntrack`'s, shared with
-//! the daemon's garbage collector).
+//! the daemon's garbage collector). TCP state: opening (SYN, SYN-ACK) until the first packet
+//! without SYN in either direction, then established, closing after a FIN or RST.
 
 use aya_ebpf::helpers::bpf_jiffies64;
 use lb_common::maps::{ConntrackKey, ConntrackValue, NodeConfig, ct_flags, proto};
@@ -57,7 +58,8 @@ pub fn is_live(value: &ConntrackValue, proto_number: u8, now: u64, config: &Node
     lb_common::conntrack::is_live(value, proto_number, now, config.jiffies_per_second)
 }
 
-/// Records that a packet of the flow passed: refreshes the timestamp and notes FIN/RST.
+/// Records that a packet of the flow passed: refreshes the timestamp, notes FIN/RST, and ends
+/// the opening state of both the flow's entries at its first packet without SYN or RST.
 ///
 /// The timestamp is written at most once a second, so that busy flows do not bounce the
 /// entry's cache line between CPUs on every packet.
@@ -65,7 +67,17 @@ pub fn is_live(value: &ConntrackValue, proto_number: u8, now: u64, config: &Node
 pub fn touch(entry: *mut ConntrackValue, packet: &Packet, now: u64, config: &NodeConfig) {
     // SAFETY: `entry` came from a map lookup in this program run.
     let value = unsafe { &mut *entry };
-    let closing = packet.proto == proto::TCP
+    let tcp = packet.proto == proto::TCP;
+    // A reset (a backend refusing the SYN) ends nothing: the flow never opened.
+    let opened = packet.flags & (tcp_flags::SYN | tcp_flags::RST) == 0;
+    if tcp && value.flags & ct_flags::OPENING != 0 && opened {
+        value.flags &= !ct_flags::OPENING;
+        if let Some(twin) = CONNTRACK.get_ptr_mut(&twin_key(value, packet)) {
+            // SAFETY: a valid pointer from the lookup.
+            unsafe { (*twin).flags &= !ct_flags::OPENING };
+        }
+    }
+    let closing = tcp
         && packet.flags & (tcp_flags::FIN | tcp_flags::RST) != 0
         && value.flags & ct_flags::CLOSING == 0;
     if closing {
@@ -73,6 +85,32 @@ pub fn touch(entry: *mut ConntrackValue, packet: &Packet, now: u64, config: &Nod
         value.last_seen = now;
     } else if now.saturating_sub(value.last_seen) > u64::from(config.jiffies_per_second) {
         value.last_seen = now;
+    }
+}
+
+/// The key of the other direction's entry of the flow `value` (found under `packet`'s tuple)
+/// belongs to. Forward: backend -> client, or -> the SNAT address and port. Reply: client (the
+/// original one under SNAT) -> the frontend address.
+#[inline(always)]
+fn twin_key(value: &ConntrackValue, packet: &Packet) -> ConntrackKey {
+    let masqueraded = value.flags & ct_flags::SNAT != 0;
+    let (translated, nat) =
+        ((value.translated_ip_be, value.translated_port_be), (value.nat_ip_be, value.nat_port_be));
+    let ((src_ip_be, src_port_be), (dst_ip_be, dst_port_be)) = if value.flags & ct_flags::REPLY == 0
+    {
+        let client = if masqueraded { nat } else { (packet.src_ip_be, packet.src_port_be) };
+        (translated, client)
+    } else {
+        let client = if masqueraded { nat } else { (packet.dst_ip_be, packet.dst_port_be) };
+        (client, translated)
+    };
+    ConntrackKey {
+        src_ip_be,
+        dst_ip_be,
+        src_port_be,
+        dst_port_be,
+        proto: packet.proto,
+        pad: [0; 3],
     }
 }
 

@@ -21,7 +21,7 @@ use crate::{
         AFFINITY, BACKEND_SLOTS, BACKENDS, NODE_CONFIG, SERVICE_STATS, SERVICES, SOURCE_RANGES,
     },
     nat::{self, End},
-    parse::Packet,
+    parse::{Packet, tcp_flags},
 };
 
 /// Where the packet entered this node.
@@ -173,6 +173,12 @@ fn new_flow(
         return (Verdict::Drop, Reason::DropBackendMissing);
     };
 
+    // A flow opened by a SYN is opening until a packet without one passes (see `conntrack`).
+    let opening = if packet.proto == proto::TCP && packet.flags & tcp_flags::SYN != 0 {
+        ct_flags::OPENING
+    } else {
+        0
+    };
     let mut forward = ConntrackValue {
         last_seen: now,
         backend_id,
@@ -181,12 +187,12 @@ fn new_flow(
         nat_ip_be: 0,
         translated_port_be: backend.port_be,
         nat_port_be: 0,
-        flags: 0,
+        flags: opening,
         pad: [0; 2],
     };
     // Replies come from the address the client spoke to: the packet's destination.
     let mut reply_entry = ConntrackValue {
-        flags: ct_flags::REPLY,
+        flags: ct_flags::REPLY | opening,
         translated_ip_be: packet.dst_ip_be,
         translated_port_be: packet.dst_port_be,
         ..forward

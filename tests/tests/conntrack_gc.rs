@@ -1,16 +1,19 @@
 //! Conntrack ageing: the programs and the daemon's collector read the same clock (jiffies) and
 //! apply the same timeouts. An entry past its timeout is a new flow to the programs, and the
-//! collector deletes exactly such entries; live ones, refreshed or closing, stay.
+//! collector deletes exactly such entries; live ones, refreshed or closing, stay. TCP flows are
+//! opening (short timeout) until the first packet without SYN or RST, in either direction,
+//! ends that state in both their entries.
 
 use lb_common::{
-    conntrack::{OTHER_TIMEOUT_S, TCP_CLOSING_TIMEOUT_S},
+    conntrack::{OTHER_TIMEOUT_S, TCP_CLOSING_TIMEOUT_S, TCP_OPENING_TIMEOUT_S},
     maps::{ConntrackKey, ConntrackValue, ct_flags},
     stats::Reason,
 };
 use lb_tests::{
     datapath::{Datapath, Hook},
-    fixtures::{POD, seeded},
-    packets::{Spec, TcpFields},
+    fixtures::{EXTERNAL_CLIENT, POD, seeded},
+    node::NODE_IP,
+    packets::{Spec, TcpFields, endpoints},
 };
 use lb_user::{clock, conntrack_gc, maps::KernelMaps};
 
@@ -32,10 +35,41 @@ fn age(datapath: &mut Datapath, port: u16, seconds: u64) {
 }
 
 fn send(datapath: &mut Datapath, packet: &Spec) -> Reason {
-    let run = datapath.run(Hook::Tc, &packet.build());
+    send_through(datapath, Hook::Tc, packet).0
+}
+
+/// Runs `packet` through `hook`; returns its one reason and the packet as it left.
+fn send_through(datapath: &mut Datapath, hook: Hook, packet: &Spec) -> (Reason, Vec<u8>) {
+    let run = datapath.run(hook, &packet.build());
     let counted: Vec<_> = run.counted.non_zero().collect();
     assert_eq!(counted.len(), 1, "one reason per packet: {counted:?}");
-    Reason::ALL.iter().copied().find(|r| r.name() == counted[0].0).expect("a known reason")
+    let reason = Reason::ALL.iter().copied().find(|r| r.name() == counted[0].0);
+    (reason.expect("a known reason"), run.output)
+}
+
+/// `packet` with other TCP flags (and no SYN unless `syn`).
+fn with_flags(packet: &Spec, syn: bool, rst: bool) -> Spec {
+    packet.clone().with_tcp(TcpFields { syn, rst, ack: Some(1), ..TcpFields::default() })
+}
+
+/// The reply to `request` from the backend it was sent to, as `output` (the translated
+/// request) shows it, with the given flags.
+fn reply_to(request: &Spec, output: &[u8], syn: bool, rst: bool) -> Spec {
+    let ((client, client_port), (backend, backend_port)) = endpoints(output);
+    let reply = request.clone().with_addresses(
+        &backend.to_string(),
+        backend_port,
+        &client.to_string(),
+        client_port,
+    );
+    with_flags(&reply, syn, rst)
+}
+
+/// Whether each entry of the flows on `port` is opening, forward entry first.
+fn opening(maps: &KernelMaps, port: u16) -> Vec<bool> {
+    let mut entries = entries_of(maps, port);
+    entries.sort_by_key(|(_, value)| value.flags & ct_flags::REPLY);
+    entries.iter().map(|(_, value)| value.flags & ct_flags::OPENING != 0).collect()
 }
 
 #[test]
@@ -53,7 +87,8 @@ fn a_udp_flow_quiet_past_its_timeout_is_new_to_the_programs() {
 fn the_collector_removes_dead_entries_and_keeps_live_ones() {
     let mut datapath = seeded();
     // A quiet UDP flow past its timeout, a TCP flow closing for longer than the closing
-    // timeout, one that closed a moment ago, and an established one idle for an hour.
+    // timeout, one that closed a moment ago, an established one idle for an hour, and two that
+    // never got past their SYN: one for longer than the opening timeout, one for less.
     let udp = Spec::udp(POD, 40_200, "10.96.0.10", 53);
     let syn = |port| Spec::tcp(POD, port, "10.96.45.10", 80);
     let fin = |port| {
@@ -65,24 +100,31 @@ fn the_collector_removes_dead_entries_and_keeps_live_ones() {
         })
     };
     assert_eq!(send(&mut datapath, &udp), Reason::ForwardNew);
-    for port in [40_201, 40_202, 40_203] {
+    for port in [40_201, 40_202, 40_203, 40_204, 40_205] {
         assert_eq!(send(&mut datapath, &syn(port)), Reason::ForwardNew);
     }
     for port in [40_201, 40_202] {
         assert_eq!(send(&mut datapath, &fin(port)), Reason::ForwardEstablished);
     }
+    let ack = with_flags(&syn(40_203), false, false);
+    assert_eq!(send(&mut datapath, &ack), Reason::ForwardEstablished);
     age(&mut datapath, 40_200, OTHER_TIMEOUT_S + 1);
     age(&mut datapath, 40_201, TCP_CLOSING_TIMEOUT_S + 1);
     age(&mut datapath, 40_202, 1);
     age(&mut datapath, 40_203, 3600);
+    age(&mut datapath, 40_204, TCP_OPENING_TIMEOUT_S + 1);
+    age(&mut datapath, 40_205, TCP_OPENING_TIMEOUT_S - 10);
 
     let maps = datapath.maps();
     let before = maps.conntrack().expect("conntrack").len();
-    assert_eq!(before, 8, "two entries per flow");
+    assert_eq!(before, 12, "two entries per flow");
     let now = clock::jiffies_now().expect("jiffies");
     let pass = conntrack_gc::collect(maps, now).expect("collecting");
-    // The UDP flow goes whole; of the closing flow only the forward entry had seen the FIN.
-    assert_eq!(pass, conntrack_gc::Pass { scanned: 8, removed: 3 });
+    // The UDP flow and the stale opening one go whole; of the closing flow only the forward
+    // entry had seen the FIN.
+    assert_eq!(pass, conntrack_gc::Pass { scanned: 12, removed: 5 });
+    assert!(entries_of(maps, 40_204).is_empty(), "a SYN nobody followed up is gone");
+    assert_eq!(opening(maps, 40_205), [true, true], "a SYN of a moment ago is kept");
     assert!(entries_of(maps, 40_200).is_empty(), "the dead UDP flow is gone");
     let closing: Vec<_> = entries_of(maps, 40_201);
     assert_eq!(closing.len(), 1, "{closing:?}");
@@ -93,4 +135,64 @@ fn the_collector_removes_dead_entries_and_keeps_live_ones() {
     let established =
         syn(40_203).with_tcp(TcpFields { syn: false, ack: Some(1), ..TcpFields::default() });
     assert_eq!(send(&mut datapath, &established), Reason::ForwardEstablished);
+}
+
+#[test]
+fn the_first_packet_without_syn_ends_the_opening_state_of_both_entries() {
+    let mut datapath = seeded();
+    // Pod to ClusterIP on tc: the client's handshake ACK ends it.
+    let syn = Spec::tcp(POD, 40_300, "10.96.45.10", 80);
+    let (reason, request) = send_through(&mut datapath, Hook::Tc, &syn);
+    assert_eq!(reason, Reason::ForwardNew);
+    assert_eq!(opening(datapath.maps(), 40_300), [true, true], "a SYN opens");
+    let syn_ack = reply_to(&syn, &request, true, false);
+    assert_eq!(send(&mut datapath, &syn_ack), Reason::ReplyTranslated);
+    assert_eq!(opening(datapath.maps(), 40_300), [true, true], "a SYN-ACK still opens");
+    assert_eq!(send(&mut datapath, &with_flags(&syn, false, false)), Reason::ForwardEstablished);
+    assert_eq!(opening(datapath.maps(), 40_300), [false, false], "the ACK established both");
+
+    // The backend speaking first ends it from the reply side.
+    let syn = Spec::tcp(POD, 40_301, "10.96.45.10", 80);
+    let (_, request) = send_through(&mut datapath, Hook::Tc, &syn);
+    let data = reply_to(&syn, &request, false, false);
+    assert_eq!(send(&mut datapath, &data), Reason::ReplyTranslated);
+    assert_eq!(opening(datapath.maps(), 40_301), [false, false], "established by the reply");
+
+    // A backend's reset ends nothing: the flow never opened.
+    let syn = Spec::tcp(POD, 40_302, "10.96.45.10", 80);
+    let (_, request) = send_through(&mut datapath, Hook::Tc, &syn);
+    let reset = reply_to(&syn, &request, false, true);
+    assert_eq!(send(&mut datapath, &reset), Reason::ReplyTranslated);
+    assert_eq!(opening(datapath.maps(), 40_302), [true, true], "a reset is not an opening");
+}
+
+#[test]
+fn a_masqueraded_flow_is_established_in_both_entries_too() {
+    let mut datapath = seeded();
+    // From outside to NodePort 30380, whose backend is remote: SNAT to the node.
+    let syn = Spec::tcp(EXTERNAL_CLIENT, 40_400, NODE_IP, 30_380);
+    let (reason, request) = send_through(&mut datapath, Hook::Xdp, &syn);
+    assert_eq!(reason, Reason::ForwardNew);
+    let ((snat_ip, snat_port), _) = endpoints(&request);
+    assert_eq!(snat_ip.to_string(), NODE_IP, "masqueraded");
+    let entries = |datapath: &mut Datapath| {
+        let mut flags: Vec<_> = datapath
+            .maps()
+            .conntrack()
+            .expect("conntrack")
+            .into_iter()
+            .filter(|(key, _)| {
+                key.src_port_be == 40_400u16.to_be() || key.dst_port_be == snat_port.to_be()
+            })
+            .map(|(_, value)| {
+                (value.flags & ct_flags::REPLY != 0, value.flags & ct_flags::OPENING != 0)
+            })
+            .collect();
+        flags.sort_unstable();
+        flags
+    };
+    assert_eq!(entries(&mut datapath), [(false, true), (true, true)], "both opening");
+    let ack = with_flags(&syn, false, false);
+    assert_eq!(send_through(&mut datapath, Hook::Xdp, &ack).0, Reason::ForwardEstablished);
+    assert_eq!(entries(&mut datapath), [(false, false), (true, false)], "both established");
 }
