@@ -135,6 +135,15 @@ impl NodeConfig {
         self.node_name == name
     }
 
+    /// Where health check node ports listen, as kube-proxy binds them: on the NodePort
+    /// addresses when `nodePortAddresses` narrows them, else on every address.
+    pub fn health_check_addresses(&self) -> Vec<Ipv4Addr> {
+        match &self.node_port_cidrs {
+            Some(cidrs) if !cidrs.is_empty() => self.node_port_addresses(),
+            _ => vec![Ipv4Addr::UNSPECIFIED],
+        }
+    }
+
     /// The node IPs NodePorts listen on: those inside a `nodePortAddresses` CIDR, or all of them
     /// when the key is absent or empty (kube-proxy's `--nodeport-addresses` default).
     pub fn node_port_addresses(&self) -> Vec<Ipv4Addr> {
@@ -272,12 +281,14 @@ serviceCIDR: 10.96.0.0/12
             config.node_port_addresses(),
             [Ipv4Addr::new(192, 168, 1, 63), Ipv4Addr::new(10, 0, 0, 5)]
         );
+        assert_eq!(config.health_check_addresses(), [Ipv4Addr::UNSPECIFIED], "all addresses");
     }
 
     #[test]
     fn node_port_addresses_keep_node_ips_inside_the_cidrs() {
         let config = parse(&format!("{MINIMAL}nodePortAddresses: [192.168.0.0/16]\n"));
         assert_eq!(config.node_port_addresses(), [Ipv4Addr::new(192, 168, 1, 63)]);
+        assert_eq!(config.health_check_addresses(), [Ipv4Addr::new(192, 168, 1, 63)]);
     }
 
     #[test]

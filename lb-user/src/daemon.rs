@@ -142,7 +142,8 @@ pub async fn run_until(
         proxy_health.record_sync(synced.is_ok());
         proxy_health.set_node_eligible(objects.node_eligible());
         if synced.is_ok() {
-            health_checks.update(plane.health_checks());
+            let addresses = objects.node(&options.node_config).health_check_addresses();
+            health_checks.update(plane.health_checks(), &addresses);
         }
         if let Err(error) = synced {
             metrics.observe_failed_sync(started.elapsed());

@@ -135,13 +135,17 @@ pub struct HealthCheckServers {
 
 struct Server {
     service: ServiceName,
+    /// Where it listens (one listener each).
+    addresses: Vec<Ipv4Addr>,
     local_endpoints: Arc<AtomicUsize>,
-    task: JoinHandle<()>,
+    tasks: Vec<JoinHandle<()>>,
 }
 
 impl Drop for Server {
     fn drop(&mut self) {
-        self.task.abort();
+        for task in &self.tasks {
+            task.abort();
+        }
     }
 }
 
@@ -151,10 +155,11 @@ impl HealthCheckServers {
         Self { servers: BTreeMap::new(), proxy_health }
     }
 
-    /// Serves exactly `checks`: new ports are bound, gone ones closed, counts updated. A port
-    /// that cannot be bound (in use) is logged and tried again at the next update. Call it in
-    /// a Tokio runtime.
-    pub fn update(&mut self, checks: &BTreeMap<ServiceName, HealthCheck>) {
+    /// Serves exactly `checks` on `addresses` (see `NodeConfig::health_check_addresses`): new
+    /// ports are bound, gone ones closed, counts updated, and every port bound again when the
+    /// addresses change. A port that cannot be bound (in use) is logged and tried again at the
+    /// next update. Call it in a Tokio runtime.
+    pub fn update(&mut self, checks: &BTreeMap<ServiceName, HealthCheck>, addresses: &[Ipv4Addr]) {
         let mut wanted: BTreeMap<u16, (&ServiceName, usize)> = BTreeMap::new();
         for (service, check) in checks {
             if let Some((first, _)) = wanted.get(&check.node_port) {
@@ -165,7 +170,8 @@ impl HealthCheckServers {
             wanted.insert(check.node_port, (service, check.local_endpoints));
         }
         self.servers.retain(|port, server| {
-            let keep = wanted.get(port).is_some_and(|(service, _)| **service == server.service);
+            let keep = wanted.get(port).is_some_and(|(service, _)| **service == server.service)
+                && server.addresses == addresses;
             if !keep {
                 info!(port, service = %server.service, "health check node port closed");
             }
@@ -176,7 +182,7 @@ impl HealthCheckServers {
                 server.local_endpoints.store(count, Ordering::Relaxed);
                 continue;
             }
-            match self.start(port, service, count) {
+            match self.start(port, service, count, addresses) {
                 Ok(server) => {
                     info!(port, %service, local_endpoints = count, "serving a health check node port");
                     self.servers.insert(port, server);
@@ -188,19 +194,32 @@ impl HealthCheckServers {
         }
     }
 
-    fn start(&self, port: u16, service: &ServiceName, count: usize) -> std::io::Result<Server> {
-        let socket = TcpSocket::new_v4()?;
-        // A port closed and opened again must not wait for its old connections' TIME_WAIT.
-        socket.set_reuseaddr(true)?;
-        socket.bind(SocketAddr::from((Ipv4Addr::UNSPECIFIED, port)))?;
-        let listener = socket.listen(128)?;
-        let local_endpoints = Arc::new(AtomicUsize::new(count));
-        let (name, health) = (service.clone(), Arc::clone(&self.proxy_health));
-        let endpoints = Arc::clone(&local_endpoints);
-        let task = http::serve(listener, "health check", move |_request| {
-            answer(&name, endpoints.load(Ordering::Relaxed), health.is_healthy())
-        });
-        Ok(Server { service: service.clone(), local_endpoints, task })
+    fn start(
+        &self,
+        port: u16,
+        service: &ServiceName,
+        count: usize,
+        addresses: &[Ipv4Addr],
+    ) -> std::io::Result<Server> {
+        let mut server = Server {
+            service: service.clone(),
+            addresses: addresses.to_vec(),
+            local_endpoints: Arc::new(AtomicUsize::new(count)),
+            tasks: Vec::new(),
+        };
+        for &address in addresses {
+            let socket = TcpSocket::new_v4()?;
+            // A port closed and opened again must not wait for its old connections' TIME_WAIT.
+            socket.set_reuseaddr(true)?;
+            socket.bind(SocketAddr::from((address, port)))?;
+            let listener = socket.listen(128)?;
+            let (name, health) = (service.clone(), Arc::clone(&self.proxy_health));
+            let endpoints = Arc::clone(&server.local_endpoints);
+            server.tasks.push(http::serve(listener, "health check", move |_request| {
+                answer(&name, endpoints.load(Ordering::Relaxed), health.is_healthy())
+            }));
+        }
+        Ok(server)
     }
 }
 

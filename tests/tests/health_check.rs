@@ -1,8 +1,8 @@
 //! Health check node ports, probed as a cloud load balancer probes them, from outside the node:
 //! a LoadBalancer service with externalTrafficPolicy Local answers 200 on its
 //! `healthCheckNodePort` while this node has a ready endpoint of it and 503 when it has none,
-//! with kube-proxy's JSON body; the port closes when the service goes. The daemon's own
-//! `/healthz` answers on kube-proxy's port 10256.
+//! with kube-proxy's JSON body, on the nodePortAddresses only; the port closes when the service
+//! goes. The daemon's own `/healthz` answers on kube-proxy's port 10256.
 
 use lb_tests::{
     daemon::{RunningDaemon, http_get, wait_for},
@@ -88,6 +88,9 @@ fn healthz_and_health_check_node_ports_answer_as_kube_proxy_does() {
             "serviceProxyHealthy": true,
         })
     );
+    // As kube-proxy binds it: on the nodePortAddresses (192.168.1.63/32 here) only.
+    let elsewhere = http_get(&topology.node, "127.0.0.1:32100", "/healthz");
+    assert!(elsewhere.is_err(), "the node's other addresses do not serve it");
     let (status, body) = probe(&topology, 32101).expect("web-remote's health check answers");
     assert_eq!((status, &body["localEndpoints"]), (503, &serde_json::json!(0)), "{body}");
 
