@@ -7,6 +7,7 @@ use std::{
     collections::BTreeSet,
     net::SocketAddr,
     path::{Path, PathBuf},
+    pin::Pin,
     sync::{Arc, Mutex, PoisonError},
     time::{Duration, Instant},
 };
@@ -41,6 +42,21 @@ pub enum Source {
     /// The Kubernetes API: this kubeconfig, or what kube-rs infers (KUBECONFIG, ~/.kube/config,
     /// in-cluster).
     Kubernetes { kubeconfig: Option<PathBuf> },
+    /// The Kubernetes API through a client built elsewhere: the tests' scripted API server.
+    #[cfg(feature = "scripted-api-server")]
+    KubernetesClient(ScriptedClient),
+}
+
+/// A kube-rs client of the scripted API server (the client itself is not `Debug`).
+#[cfg(feature = "scripted-api-server")]
+#[derive(Clone)]
+pub struct ScriptedClient(pub kube::Client);
+
+#[cfg(feature = "scripted-api-server")]
+impl std::fmt::Debug for ScriptedClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ScriptedClient")
+    }
 }
 
 /// How the daemon runs.
@@ -104,32 +120,19 @@ pub async fn run_until(
     let (nudge, mut nudges) = mpsc::channel(16);
     tokio::pin!(shutdown);
     let objects = match &options.source {
-        Source::Manifests(dir) => {
-            info!(manifests = %dir.display(), "running");
-            let touched = Arc::new(Mutex::new(Touched::default()));
-            Objects::Manifests {
-                dir: dir.clone(),
-                cache: Box::new(std::cell::RefCell::new(manifest::CachedDir::new(
-                    &options.node_config,
-                ))),
-                touched: Arc::clone(&touched),
-                _watcher: watch(dir, nudge, touched)?,
-            }
-        }
+        Source::Manifests(dir) => Some(manifest_objects(dir, &options.node_config, nudge)?),
         Source::Kubernetes { kubeconfig } => {
             let client = kube_source::client(kubeconfig.as_deref()).await.map_err(source_error)?;
-            let source = KubeSource::start(client, &options.node_config.node_name, nudge);
-            // Reconciling before the first lists complete would unprogram everything an
-            // earlier daemon left: wait, keeping the adopted state untouched meanwhile.
-            info!("waiting for the initial lists of Services and EndpointSlices");
-            tokio::select! {
-                ready = source.ready() => ready.map_err(source_error)?,
-                () = &mut shutdown => return Ok(()),
-            }
-            info!("running on the Kubernetes API");
-            Objects::Kubernetes(Box::new(source))
+            kubernetes_objects(client, &options.node_config, nudge, shutdown.as_mut()).await?
+        }
+        #[cfg(feature = "scripted-api-server")]
+        Source::KubernetesClient(ScriptedClient(client)) => {
+            let client = client.clone();
+            kubernetes_objects(client, &options.node_config, nudge, shutdown.as_mut()).await?
         }
     };
+    // `None`: told to stop while waiting for the API.
+    let Some(objects) = objects else { return Ok(()) };
     let mut reported = Reported::default();
     let mut plane = ControlPlane::new(reconciler);
     let mut health_checks = HealthCheckServers::new(Arc::clone(&proxy_health));
@@ -186,6 +189,38 @@ pub async fn run_until(
     }
     info!(pin_dir = %options.pins.root().display(), "exiting; the datapath stays attached and pinned");
     Ok(())
+}
+
+/// The manifest directory `dir` as the daemon's source, watched.
+fn manifest_objects(dir: &Path, node: &NodeConfig, nudge: mpsc::Sender<()>) -> Result<Objects> {
+    info!(manifests = %dir.display(), "running");
+    let touched = Arc::new(Mutex::new(Touched::default()));
+    Ok(Objects::Manifests {
+        dir: dir.to_owned(),
+        cache: Box::new(std::cell::RefCell::new(manifest::CachedDir::new(node))),
+        touched: Arc::clone(&touched),
+        _watcher: watch(dir, nudge, touched)?,
+    })
+}
+
+/// The Kubernetes API through `client` as the daemon's source, once its first lists are in;
+/// `None` if `shutdown` comes first.
+async fn kubernetes_objects(
+    client: kube::Client,
+    node: &NodeConfig,
+    nudge: mpsc::Sender<()>,
+    shutdown: Pin<&mut impl std::future::Future<Output = ()>>,
+) -> Result<Option<Objects>> {
+    let source = KubeSource::start(client, &node.node_name, nudge);
+    // Reconciling before the first lists complete would unprogram everything an earlier daemon
+    // left: wait, keeping the adopted state untouched meanwhile.
+    info!("waiting for the initial lists of Services and EndpointSlices");
+    tokio::select! {
+        ready = source.ready() => ready.map_err(source_error)?,
+        () = shutdown => return Ok(None),
+    }
+    info!("running on the Kubernetes API");
+    Ok(Some(Objects::Kubernetes(Box::new(source))))
 }
 
 fn reconciler_for(programmed: DatapathState, node: &NodeConfig) -> Reconciler {

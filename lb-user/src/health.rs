@@ -67,7 +67,13 @@ impl ProxyHealth {
     /// Records whether this node is to take load balancer traffic (see
     /// [`crate::kube_source::node_eligible`]).
     pub fn set_node_eligible(&self, eligible: bool) {
-        self.node_eligible.store(eligible, Ordering::Relaxed);
+        if self.node_eligible.swap(eligible, Ordering::Relaxed) != eligible {
+            if eligible {
+                info!("this node takes load balancer traffic again: /healthz follows the syncs");
+            } else {
+                info!("this node is being deleted: /healthz answers 503 so load balancers drain it");
+            }
+        }
     }
 
     /// Records a sync that succeeded or failed.

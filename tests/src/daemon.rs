@@ -69,8 +69,20 @@ impl RunningDaemon {
         targets: attach::Targets,
         node_config: NodeConfig,
     ) -> Self {
+        let source = daemon::Source::Manifests(manifests.to_owned());
+        Self::start_on(topology, pins, source, targets, node_config)
+    }
+
+    /// [`Self::start_with`] on any source of objects.
+    pub fn start_on(
+        topology: &Topology,
+        pins: &TestPins,
+        source: daemon::Source,
+        targets: attach::Targets,
+        node_config: NodeConfig,
+    ) -> Self {
         let options = daemon::Options {
-            source: daemon::Source::Manifests(manifests.to_owned()),
+            source,
             node_config,
             targets,
             pins: pins.layout().clone(),
