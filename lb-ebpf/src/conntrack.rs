@@ -1,7 +1,7 @@
 //! Connection tracking: one LRU entry per direction of a translated flow, refreshed as packets
 //! pass, expired by protocol and TCP state (the rule is `lb_common::conntrack`'s, shared with
 //! the daemon's garbage collector). TCP state: opening (SYN, SYN-ACK) until the first packet
-//! without SYN in either direction, then established, closing after a FIN or RST.
+//! without SYN or RST in either direction, then established, closing after a FIN or RST.
 
 use aya_ebpf::helpers::bpf_jiffies64;
 use lb_common::maps::{ConntrackKey, ConntrackValue, NodeConfig, ct_flags, proto};

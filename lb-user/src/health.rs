@@ -71,7 +71,9 @@ impl ProxyHealth {
             if eligible {
                 info!("this node takes load balancer traffic again: /healthz follows the syncs");
             } else {
-                info!("this node is being deleted: /healthz answers 503 so load balancers drain it");
+                info!(
+                    "this node is being deleted: /healthz answers 503 so load balancers drain it"
+                );
             }
         }
     }
