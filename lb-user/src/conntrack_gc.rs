@@ -12,7 +12,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use lb_common::conntrack::is_live;
+use lb_common::{conntrack::is_live, maps::ct_flags};
 use tracing::{debug, error, info};
 
 use crate::{clock, error::Result, maps::KernelMaps, metrics::Metrics, pins::PinLayout};
@@ -26,6 +26,9 @@ pub const INTERVAL: Duration = Duration::from_secs(30);
 pub struct Pass {
     pub scanned: usize,
     pub removed: usize,
+    /// Of the entries kept, those of TCP flows still opening (SYN seen, handshake not done): a
+    /// SYN flood or a scan shows here first.
+    pub opening: usize,
 }
 
 /// Deletes every conntrack entry that is dead at jiffies `now`. The map is read in batches;
@@ -36,9 +39,10 @@ pub fn collect(maps: &mut KernelMaps, now: u64) -> Result<Pass> {
     let rate = clock::jiffies_per_second();
     let entries = maps.conntrack()?;
     let scanned = entries.len();
-    let mut removed = 0;
+    let (mut removed, mut opening) = (0, 0);
     for (key, value) in entries {
         if is_live(&value, key.proto, now, rate) {
+            opening += usize::from(value.flags & ct_flags::OPENING != 0);
             continue;
         }
         let still_dead = maps
@@ -48,7 +52,7 @@ pub fn collect(maps: &mut KernelMaps, now: u64) -> Result<Pass> {
             removed += maps.remove_conntrack(&[key])?;
         }
     }
-    Ok(Pass { scanned, removed })
+    Ok(Pass { scanned, removed, opening })
 }
 
 /// A collector thread on the pinned maps; it stops when the handle is dropped.
@@ -80,13 +84,14 @@ fn run_pass(maps: &mut KernelMaps, metrics: &Metrics) {
         .map_err(crate::error::Error::io("reading the kernel's jiffies"))
         .and_then(|now| collect(maps, now));
     if let Ok(pass) = &outcome {
-        metrics.observe_collection(pass.scanned, pass.removed);
+        metrics.observe_collection(pass);
     }
     match outcome {
         Ok(pass) if pass.removed > 0 => {
             info!(
                 scanned = pass.scanned,
                 removed = pass.removed,
+                opening = pass.opening,
                 elapsed_ms = started.elapsed().as_millis(),
                 "conntrack collected"
             );

@@ -67,6 +67,7 @@ pub struct Metrics {
     purged_flows: Counter,
     frontends: Gauge,
     conntrack_entries: Gauge,
+    conntrack_opening: Gauge,
     conntrack_collected: Counter,
     interface_changes: Family<InterfaceLabels, Counter>,
 }
@@ -104,6 +105,13 @@ impl Metrics {
             "Conntrack entries at the last collection",
             conntrack_entries.clone(),
         );
+        let conntrack_opening = Gauge::default();
+        registry.register(
+            "conntrack_opening_entries",
+            "Conntrack entries of TCP flows still opening (SYN seen, handshake not done) at the \
+             last collection",
+            conntrack_opening.clone(),
+        );
         let conntrack_collected = Counter::default();
         registry.register(
             "conntrack_collected",
@@ -125,6 +133,7 @@ impl Metrics {
             purged_flows,
             frontends,
             conntrack_entries,
+            conntrack_opening,
             conntrack_collected,
             interface_changes,
         })
@@ -149,9 +158,11 @@ impl Metrics {
     }
 
     /// Records one conntrack collection.
-    pub fn observe_collection(&self, scanned: usize, removed: usize) {
-        self.conntrack_entries.set(i64::try_from(scanned - removed).unwrap_or(i64::MAX));
-        self.conntrack_collected.inc_by(as_u64(removed));
+    pub fn observe_collection(&self, pass: &crate::conntrack_gc::Pass) {
+        let gauge = |count: usize| i64::try_from(count).unwrap_or(i64::MAX);
+        self.conntrack_entries.set(gauge(pass.scanned - pass.removed));
+        self.conntrack_opening.set(gauge(pass.opening));
+        self.conntrack_collected.inc_by(as_u64(pass.removed));
     }
 
     /// Records what one look at the interfaces changed.
@@ -271,7 +282,11 @@ mod tests {
         metrics.observe_sync(Duration::from_millis(3), 120, 2, 40);
         metrics.observe_sync(Duration::from_millis(1), 5, 0, 41);
         metrics.observe_failed_sync(Duration::from_millis(1));
-        metrics.observe_collection(1000, 300);
+        metrics.observe_collection(&crate::conntrack_gc::Pass {
+            scanned: 1000,
+            removed: 300,
+            opening: 20,
+        });
         let text = metrics.render();
         for line in [
             "lb_syncs_total{result=\"ok\"} 2",
@@ -281,6 +296,7 @@ mod tests {
             "lb_frontends 41",
             "lb_sync_duration_seconds_count 3",
             "lb_conntrack_entries 700",
+            "lb_conntrack_opening_entries 20",
             "lb_conntrack_collected_total 300",
         ] {
             assert!(text.lines().any(|l| l == line), "{line} in\n{text}");

@@ -140,7 +140,7 @@ fn the_collector_removes_exactly_the_dead_among_many() {
     let expected_dead = written.iter().filter(|(k, v)| dead(k, v)).count();
     assert_eq!(
         pass,
-        conntrack_gc::Pass { scanned: ENTRIES as usize, removed: expected_dead },
+        conntrack_gc::Pass { scanned: ENTRIES as usize, removed: expected_dead, opening: 0 },
         "every flow scanned, the quiet UDP ones removed"
     );
     let left = as_map(maps.conntrack().expect("walking the conntrack map"));
