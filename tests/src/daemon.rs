@@ -214,3 +214,16 @@ pub fn wait_for(mut condition: impl FnMut() -> bool, what: &str) {
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+/// Waits until the datapath pinned under `pins` has `count` backends behind the frontend at
+/// `address` (`ip:port`): a change the daemon was told about has reached the kernel.
+pub fn wait_for_backends(pins: &TestPins, address: &str, count: usize, what: &str) {
+    wait_for(
+        || {
+            status::read(pins.layout()).is_ok_and(|s| {
+                s.frontends.iter().any(|f| f.address == address && f.backends.len() == count)
+            })
+        },
+        what,
+    );
+}

@@ -10,7 +10,7 @@ use std::net::SocketAddr;
 use lb_tests::{
     daemon::{
         HEALTHZ_ADDRESS, RunningDaemon, default_targets, example_node_config, examples, http_get,
-        wait_for,
+        wait_for, wait_for_backends,
     },
     pins::TestPins,
     topology::{NODE_IP, Topology, tcp_request},
@@ -18,7 +18,6 @@ use lb_tests::{
 use lb_user::{
     daemon::{ScriptedClient, Source},
     kube_source::api_server::{self, NODE, Resource},
-    status,
 };
 use serde_json::{Value, json};
 
@@ -121,14 +120,7 @@ fn the_daemon_on_the_kubernetes_api_serves_and_follows_watch_events() {
         .expect("endpoints")
         .retain(|e| e["addresses"][0] != "10.244.1.11");
     runtime.block_on(watches.1.modified(slice.clone()));
-    wait_for(
-        || {
-            status::read(pins.layout()).is_ok_and(|s| {
-                s.frontends.iter().any(|f| f.address == "10.96.45.10:80" && f.backends.len() == 1)
-            })
-        },
-        "the watch event to be programmed",
-    );
+    wait_for_backends(&pins, "10.96.45.10:80", 1, "the watch event to be programmed");
     for _ in 0..6 {
         let answer = tcp_request(client_pod, addr("10.96.45.10:80")).expect("after the event");
         assert_eq!(answer, "hello from my-nginx-1");

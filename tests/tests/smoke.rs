@@ -9,12 +9,11 @@ use std::{
 };
 
 use lb_tests::{
-    daemon::{RunningDaemon, SYNCS_OK, counter, scrape_metrics, wait_for},
+    daemon::{RunningDaemon, SYNCS_OK, counter, scrape_metrics, wait_for_backends},
     manifests::ManifestDir,
     pins::TestPins,
     topology::{NODE_IP, Topology, exchange, long_lived, tcp_request, udp_request},
 };
-use lb_user::status;
 
 fn addr(text: &str) -> SocketAddr {
     text.parse().expect("socket address")
@@ -81,14 +80,7 @@ fn real_connections_through_the_running_daemon() {
 
     // A live edit: my-nginx-2 leaves the EndpointSlice; new connections only reach my-nginx-1.
     manifests.edit("- {addresses: [10.244.1.11], nodeName: node-a, conditions: {ready: true}}\nports:\n- {name: '', port: 80, protocol: TCP}\n---\napiVersion: v1\nkind: Service\nmetadata: {name: my-nginx-nodeport", "ports:\n- {name: '', port: 80, protocol: TCP}\n---\napiVersion: v1\nkind: Service\nmetadata: {name: my-nginx-nodeport");
-    wait_for(
-        || {
-            status::read(pins.layout()).is_ok_and(|s| {
-                s.frontends.iter().any(|f| f.address == "10.96.45.10:80" && f.backends.len() == 1)
-            })
-        },
-        "the edit to be programmed",
-    );
+    wait_for_backends(&pins, "10.96.45.10:80", 1, "the edit to be programmed");
     for _ in 0..8 {
         let answer = tcp_request(client_pod, addr("10.96.45.10:80")).expect("after the edit");
         assert_eq!(answer, "hello from my-nginx-1");
