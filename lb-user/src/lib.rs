@@ -16,6 +16,7 @@ pub mod conntrack_gc;
 pub mod control;
 pub mod daemon;
 pub mod error;
+pub mod flows;
 pub mod health;
 pub mod http;
 pub mod interfaces;

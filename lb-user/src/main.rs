@@ -7,7 +7,7 @@ use clap::{Parser, Subcommand};
 use lb_user::{
     attach,
     config::NodeConfig,
-    daemon,
+    daemon, flows,
     loader::Capacities,
     manifest, model,
     model::Protocol,
@@ -72,6 +72,14 @@ enum Command {
     },
     /// What is programmed: frontends, backends and counters, from the pinned maps.
     Status {
+        #[arg(long, default_value = DEFAULT_PIN_DIR)]
+        pin_dir: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+    /// The translated connections being tracked, from the pinned conntrack map (as
+    /// `conntrack -L` shows kube-proxy's): client, frontend, backend, SNAT, TCP state, idle time.
+    Flows {
         #[arg(long, default_value = DEFAULT_PIN_DIR)]
         pin_dir: PathBuf,
         #[arg(long)]
@@ -187,11 +195,11 @@ fn main() -> anyhow::Result<()> {
         }
         Command::Status { pin_dir, json } => {
             let status = status::read(&PinLayout::new(&pin_dir)).context("status")?;
-            if json {
-                println!("{}", serde_json::to_string_pretty(&status)?);
-            } else {
-                print!("{}", status.table());
-            }
+            print_json_or_text(json, &status, status::Status::table)?;
+        }
+        Command::Flows { pin_dir, json } => {
+            let flows = flows::read(&PinLayout::new(&pin_dir)).context("flows")?;
+            print_json_or_text(json, &flows, |flows| flows::table(flows))?;
         }
         Command::Trace { manifests, node_config, from, proto, src, dst, json } => {
             let node = NodeConfig::from_file(&node_config)?;
@@ -220,6 +228,20 @@ fn main() -> anyhow::Result<()> {
                 println!("reason:     {}", outcome.reason);
             }
         }
+    }
+    Ok(())
+}
+
+/// Prints `value` as JSON, or as `text` makes it for people.
+fn print_json_or_text<T: serde::Serialize>(
+    json: bool,
+    value: &T,
+    text: impl FnOnce(&T) -> String,
+) -> anyhow::Result<()> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(value)?);
+    } else {
+        print!("{}", text(value));
     }
     Ok(())
 }

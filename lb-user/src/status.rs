@@ -66,6 +66,20 @@ const FLAG_NAMES: [(u16, &str); 6] = [
     (service_flags::EMPTY_DROP, "empty-drop"),
 ];
 
+/// `ip:port` from network-order fields.
+pub fn endpoint(ip_be: u32, port_be: u16) -> String {
+    format!("{}:{}", Ipv4Addr::from(u32::from_be(ip_be)), u16::from_be(port_be))
+}
+
+/// `tcp`, `udp`, or `other`.
+pub fn protocol_name(number: u8) -> &'static str {
+    match number {
+        proto::TCP => "tcp",
+        proto::UDP => "udp",
+        _ => "other",
+    }
+}
+
 /// Reads the status of the instance pinned under `pins`.
 pub fn read(pins: &PinLayout) -> Result<Status> {
     let maps = KernelMaps::from_pins(pins)?;
@@ -83,16 +97,8 @@ pub fn read(pins: &PinLayout) -> Result<Status> {
         ids.dedup();
         let counters = maps.service_counters(value.service_id)?;
         frontends.push(FrontendStatus {
-            address: format!(
-                "{}:{}",
-                Ipv4Addr::from(u32::from_be(key.vip_be)),
-                u16::from_be(key.port_be)
-            ),
-            protocol: match key.proto {
-                proto::TCP => "tcp",
-                proto::UDP => "udp",
-                _ => "other",
-            },
+            address: endpoint(key.vip_be, key.port_be),
+            protocol: protocol_name(key.proto),
             // The second entry of a frontend with two scopes serves sources inside the cluster.
             scope: if key.scope == scope::INTERNAL { "cluster-sources" } else { "all" },
             flags: FLAG_NAMES
@@ -104,11 +110,7 @@ pub fn read(pins: &PinLayout) -> Result<Status> {
                 .iter()
                 .filter_map(|id| backends.get(id))
                 .map(|b| BackendStatus {
-                    address: format!(
-                        "{}:{}",
-                        Ipv4Addr::from(u32::from_be(b.ip_be)),
-                        u16::from_be(b.port_be)
-                    ),
+                    address: endpoint(b.ip_be, b.port_be),
                     local: b.flags & backend_flags::LOCAL != 0,
                 })
                 .collect(),

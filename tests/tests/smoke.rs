@@ -1,7 +1,8 @@
 //! First real traffic: the daemon on a manifest directory, attached to a node namespace with
 //! pods behind veths and an external client; real TCP and UDP sockets through ClusterIPs and a
 //! NodePort, refusal of a service without endpoints, a live manifest edit, and a daemon restart
-//! that an established connection survives, and the daemon's metrics endpoint. Everything is torn down on success and failure.
+//! that an established connection survives (listed by `lb-user flows` first), and the
+//! daemon's metrics endpoint. Everything is torn down on success and failure.
 
 use std::{
     net::SocketAddr,
@@ -14,6 +15,7 @@ use lb_tests::{
     pins::TestPins,
     topology::{NODE_IP, Topology, exchange, long_lived, tcp_request, udp_request},
 };
+use lb_user::flows;
 
 fn addr(text: &str) -> SocketAddr {
     text.parse().expect("socket address")
@@ -73,6 +75,17 @@ fn real_connections_through_the_running_daemon() {
     // the new daemon adopts the pinned maps without a flush.
     let mut connection = long_lived(client_pod, addr("10.96.45.10:80"));
     let first = exchange(&mut connection);
+    // `lb-user flows` lists it: from the client pod, through the ClusterIP to the pod that
+    // answered, established.
+    let answered = first.trim_start_matches("hello from ");
+    let backend = format!("{}:80", topology.pod(answered).ip);
+    let flows = flows::read(pins.layout()).expect("flows");
+    let listed = flows.iter().any(|f| {
+        f.client.starts_with("10.244.1.5:")
+            && (f.frontend.as_str(), f.backend.as_str(), f.state)
+                == ("10.96.45.10:80", backend.as_str(), "established")
+    });
+    assert!(listed, "{backend}: {flows:#?}");
     daemon.stop();
     assert_eq!(exchange(&mut connection), first, "answered while no daemon runs");
     let daemon = RunningDaemon::start(&topology, &pins, manifests.path(), None);

@@ -106,11 +106,14 @@ pub fn run_demo() -> anyhow::Result<()> {
             }
         }
     }
-    println!("== lb-user status --pin-dir {pin_dir}");
-    let status = Command::new(&binary).args(["status", "--pin-dir", &pin_dir]).status()?;
+    let mut tools_ok = true;
+    for tool in ["status", "flows"] {
+        println!("== lb-user {tool} --pin-dir {pin_dir}");
+        tools_ok &= Command::new(&binary).args([tool, "--pin-dir", &pin_dir]).status()?.success();
+    }
     drop(daemon);
     println!("== stopped the daemon, unloaded the datapath, removed the namespaces");
-    if failures > 0 || !status.success() {
+    if failures > 0 || !tools_ok {
         bail!("{failures} request(s) failed");
     }
     Ok(())
