@@ -17,11 +17,13 @@ use crate::maps::{ConntrackValue, ct_flags, proto};
 pub const TCP_TIMEOUT_S: u64 = 6 * 3600;
 /// After a FIN or RST, long enough for the closing handshake and its retransmissions.
 pub const TCP_CLOSING_TIMEOUT_S: u64 = 10;
-/// A TCP flow still opening (a SYN, perhaps a SYN-ACK, nothing else yet): Cilium's SYN timeout.
-/// Linux keeps retransmitting an unanswered SYN for about two minutes, each retransmission
-/// refreshing the entry; a SYN that nobody follows up (a scan, a flood with spoofed sources)
-/// frees its entries, and the SNAT port it took, after a minute instead of six hours.
-pub const TCP_OPENING_TIMEOUT_S: u64 = 60;
+/// A TCP flow still opening (a SYN, perhaps a SYN-ACK, nothing else yet): Linux conntrack's
+/// `SYN_SENT` timeout. A client retransmits an unanswered SYN for about a minute (the sixth and
+/// last retransmission at 63 s, with the default `tcp_syn_retries`), and only replies refresh
+/// the reply entry, which must still translate the answer to that last SYN. A SYN that nobody
+/// follows up (a scan, a flood with spoofed sources) frees its entries, and the SNAT port it
+/// took, after two minutes instead of six hours.
+pub const TCP_OPENING_TIMEOUT_S: u64 = 120;
 /// UDP and the rest: a quiet flow is new after a minute (Linux conntrack's UDP stream timeout
 /// is 120 s; a shorter one moves idle UDP clients off removed backends sooner).
 pub const OTHER_TIMEOUT_S: u64 = 60;

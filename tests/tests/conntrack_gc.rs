@@ -196,3 +196,17 @@ fn a_masqueraded_flow_is_established_in_both_entries_too() {
     assert_eq!(send_through(&mut datapath, Hook::Xdp, &ack).0, Reason::ForwardEstablished);
     assert_eq!(entries(&mut datapath), [(false, false), (true, false)], "both established");
 }
+
+#[test]
+fn the_answer_to_a_syn_retransmitted_for_a_minute_is_still_translated() {
+    let mut datapath = seeded();
+    let syn = Spec::tcp(POD, 40_500, "10.96.45.10", 80);
+    let (reason, request) = send_through(&mut datapath, Hook::Tc, &syn);
+    assert_eq!(reason, Reason::ForwardNew);
+    // Linux's last SYN retransmission, 63 s after the first: it refreshes the forward entry
+    // only; the backend's answer must still find the reply entry.
+    age(&mut datapath, 40_500, 63);
+    assert_eq!(send(&mut datapath, &syn), Reason::ForwardEstablished, "the retransmitted SYN");
+    let syn_ack = reply_to(&syn, &request, true, false);
+    assert_eq!(send(&mut datapath, &syn_ack), Reason::ReplyTranslated, "its late answer");
+}
