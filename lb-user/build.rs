@@ -14,6 +14,9 @@ fn main() -> anyhow::Result<()> {
         .find_map(|line| line.trim().strip_prefix("channel"))
         .and_then(|rest| rest.split('"').nth(1))
         .ok_or_else(|| anyhow!("no channel = \"...\" in {toolchain_file}"))?;
+    // aya-build watches the eBPF crate's own directory; the map types and conntrack rules it
+    // shares with userspace live in lb-common, whose changes must rebuild the programs too.
+    println!("cargo::rerun-if-changed=../lb-common");
     let package = Package { name: "lb-ebpf", root_dir: "../lb-ebpf", ..Default::default() };
     aya_build::build_ebpf([package], Toolchain::Custom(channel))
 }
