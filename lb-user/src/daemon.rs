@@ -141,12 +141,13 @@ pub async fn run_until(
     let mut full = true;
     'running: loop {
         let started = Instant::now();
-        let synced = sync(&options, &objects, &mut plane, &mut maps, &mut reported, full, &metrics);
+        // The Node as the source knows it now: the build and the health check ports use it.
+        let node = objects.node(&options.node_config);
+        let synced = sync(&node, &objects, &mut plane, &mut maps, &mut reported, full, &metrics);
         proxy_health.record_sync(synced.is_ok());
         proxy_health.set_node_eligible(objects.node_eligible());
         if synced.is_ok() {
-            let addresses = objects.node(&options.node_config).health_check_addresses();
-            health_checks.update(plane.health_checks(), &addresses);
+            health_checks.update(plane.health_checks(), &node.health_check_addresses());
         }
         if let Err(error) = synced {
             metrics.observe_failed_sync(started.elapsed());
@@ -374,11 +375,12 @@ fn source_error(error: kube_source::Error) -> Error {
     Error::Source(Box::new(error))
 }
 
-/// Reads what changed in the source and reconciles it: the services a change names, or every
-/// service when `full` is asked for, the source may have changed anything, or the node
-/// configuration changed. A malformed file or object is reported and skipped.
+/// Reads what changed in the source and reconciles it for `node` (the configuration with what
+/// the source knows of the Node): the services a change names, or every service when `full` is
+/// asked for, the source may have changed anything, or the node configuration changed. A
+/// malformed file or object is reported and skipped.
 fn sync(
-    options: &Options,
+    node: &NodeConfig,
     objects: &Objects,
     plane: &mut ControlPlane,
     maps: &mut KernelMaps,
@@ -387,20 +389,19 @@ fn sync(
     metrics: &Metrics,
 ) -> Result<()> {
     let started = Instant::now();
-    let node = objects.node(&options.node_config);
     let changes = objects.changes(full)?;
     // How many services were rebuilt; `None` for all of them.
     let (report, rebuilt) = match changes {
-        Some(services) if !full && !plane.needs_full_sync(&node) => {
+        Some(services) if !full && !plane.needs_full_sync(node) => {
             if services.is_empty() {
                 return Ok(());
             }
             let rebuilt = services.len();
             let report =
-                plane.sync_services(services, |name| objects.service_model(name, &node), maps)?;
+                plane.sync_services(services, |name| objects.service_model(name, node), maps)?;
             (report, Some(rebuilt))
         }
-        _ => (objects.sync_all(plane, &node, maps)?, None),
+        _ => (objects.sync_all(plane, node, maps)?, None),
     };
     let lines = objects
         .problems()

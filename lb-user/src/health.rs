@@ -6,9 +6,10 @@
 //! - Health check node ports. A LoadBalancer service with externalTrafficPolicy Local has a
 //!   `healthCheckNodePort`; load balancers probe it on every node and send the service's
 //!   traffic only to nodes that answer 200, since the others have no local endpoint and drop
-//!   it. Each port gets an HTTP server on all addresses that answers any path with the count
-//!   of local ready endpoints: 200 when there is one and the daemon is healthy, 503 otherwise,
-//!   with kube-proxy's JSON body and headers.
+//!   it. Each port gets an HTTP server, where kube-proxy's would listen (the NodePort
+//!   addresses, or all addresses), that answers any path with the count of local ready
+//!   endpoints: 200 when there is one and the daemon is healthy, 503 otherwise, with
+//!   kube-proxy's JSON body and headers.
 
 use std::{
     collections::BTreeMap,

@@ -225,9 +225,7 @@ fn attach_one(pins: &PinLayout, hook: Hook, iface: &str) -> Result<Attachment> {
 /// attached (another program holds the interface's XDP hook, in a mode ours cannot join) the
 /// same service stage on tc ingress, logged.
 pub(crate) fn attach_north_south(pins: &PinLayout, iface: &str) -> Result<Attachment> {
-    let name = program_names::XDP;
-    let mut program = Xdp::from_pin(pins.program(name), XdpAttachType::Interface)
-        .map_err(Error::attach(name, "xdp", iface))?;
+    let mut program = pinned_xdp(pins, iface)?;
     match attach::attach_xdp(&mut program, pins, iface) {
         Err(Error::Attach { source, .. })
             if !matches!(*source, ProgramError::UnknownInterface { .. }) =>
@@ -243,9 +241,7 @@ pub(crate) fn attach_north_south(pins: &PinLayout, iface: &str) -> Result<Attach
 /// XDP on an interface the tc fallback serves, if its XDP hook is free again (the program that
 /// held it is gone); `None` while it is still held.
 fn take_back_xdp(pins: &PinLayout, iface: &str) -> Option<Attachment> {
-    let name = program_names::XDP;
-    let attached = Xdp::from_pin(pins.program(name), XdpAttachType::Interface)
-        .map_err(Error::attach(name, "xdp", iface))
+    let attached = pinned_xdp(pins, iface)
         .and_then(|mut program| attach::attach_xdp(&mut program, pins, iface));
     match attached {
         Ok(attachment) => {
@@ -257,6 +253,13 @@ fn take_back_xdp(pins: &PinLayout, iface: &str) -> Option<Attachment> {
             None
         }
     }
+}
+
+/// The pinned XDP program, opened to attach it to `iface`.
+fn pinned_xdp(pins: &PinLayout, iface: &str) -> Result<Xdp> {
+    let name = program_names::XDP;
+    Xdp::from_pin(pins.program(name), XdpAttachType::Interface)
+        .map_err(Error::attach(name, "xdp", iface))
 }
 
 fn attach_tc_from_pin(pins: &PinLayout, iface: &str, role: TcRole) -> Result<Attachment> {
