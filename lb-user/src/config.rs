@@ -1,5 +1,7 @@
 //! The node configuration file: which node this is, its addresses, and the cluster's pod and
-//! service ranges. Flags may override it later; this module only reads and validates the file.
+//! service ranges. One file serves every node of a DaemonSet: the node's name may come from the
+//! command line (`--node-name`, or `NODE_NAME` from the pod's `spec.nodeName`), and its
+//! addresses from its Node object when the daemon watches the Kubernetes API ([`Supplied`]).
 //!
 //! Only IPv4 is supported for now: an IPv6 address anywhere in the file is an error rather than
 //! something silently ignored, so that a dual-stack node is not half-configured without notice.
@@ -30,7 +32,8 @@ pub struct NodeConfig {
     /// daemon watches the Node): endpoints hinted for it are preferred (topology-aware
     /// routing).
     pub zone: Option<String>,
-    /// This node's addresses, in file order.
+    /// This node's addresses, in file order. Empty when the file leaves them to the Node object
+    /// ([`Supplied::node_ips_from_api`]) until the daemon has read it.
     pub node_ips: Vec<Ipv4Addr>,
     /// Where NodePorts listen; `None` means on every node IP.
     pub node_port_cidrs: Option<Vec<Ipv4Net>>,
@@ -90,6 +93,9 @@ pub enum InvalidConfig {
     #[error("{field} must not be empty")]
     Empty { field: &'static str },
 
+    #[error("{field} is missing: {hint}")]
+    Missing { field: &'static str, hint: &'static str },
+
     #[error("snatPortRange {value:?}: {reason}")]
     SnatPortRange { value: String, reason: &'static str },
 
@@ -101,10 +107,10 @@ pub enum InvalidConfig {
 #[derive(Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 struct RawNodeConfig {
-    node_name: String,
+    node_name: Option<String>,
     zone: Option<String>,
     #[serde(rename = "nodeIPs")]
-    node_ips: Vec<IpAddr>,
+    node_ips: Option<Vec<IpAddr>>,
     node_port_addresses: Option<Vec<IpNet>>,
     #[serde(rename = "clusterCIDR")]
     cluster_cidr: IpNet,
@@ -118,17 +124,37 @@ struct RawNodeConfig {
     map_capacities: crate::loader::Capacities,
 }
 
+/// What the daemon knows about its node besides the file.
+#[derive(Debug, Default)]
+pub struct Supplied {
+    /// The node's name (`--node-name`, `NODE_NAME`): it overrides the file's `nodeName`.
+    pub node_name: Option<String>,
+    /// The node's Node object will be watched, and its `status.addresses` are this node's
+    /// addresses: the file need not list `nodeIPs`.
+    pub node_ips_from_api: bool,
+}
+
 impl NodeConfig {
+    /// A file that names the node and lists its addresses itself.
     pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
+        Self::from_file_with(path, &Supplied::default())
+    }
+
+    /// A file completed by what the daemon was told (see [`Supplied`]).
+    pub fn from_file_with(path: &Path, supplied: &Supplied) -> Result<Self, ConfigError> {
         let text = std::fs::read_to_string(path)
             .map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
-        Self::from_yaml_str(&text)
+        Self::from_yaml_str_with(&text, supplied)
             .map_err(|source| ConfigError::Invalid { path: path.to_owned(), source })
     }
 
     pub fn from_yaml_str(yaml: &str) -> Result<Self, InvalidConfig> {
+        Self::from_yaml_str_with(yaml, &Supplied::default())
+    }
+
+    pub fn from_yaml_str_with(yaml: &str, supplied: &Supplied) -> Result<Self, InvalidConfig> {
         let raw: RawNodeConfig = serde_yaml::from_str(yaml).map_err(InvalidConfig::Yaml)?;
-        raw.validate()
+        raw.validate(supplied)
     }
 
     pub fn is_local_node(&self, name: &str) -> bool {
@@ -160,16 +186,27 @@ impl NodeConfig {
 }
 
 impl RawNodeConfig {
-    fn validate(self) -> Result<NodeConfig, InvalidConfig> {
-        if self.node_name.is_empty() {
+    fn validate(self, supplied: &Supplied) -> Result<NodeConfig, InvalidConfig> {
+        let node_name =
+            supplied.node_name.clone().or(self.node_name).ok_or(InvalidConfig::Missing {
+                field: "nodeName",
+                hint: "name the node in the file, with --node-name or in NODE_NAME",
+            })?;
+        if node_name.is_empty() {
             return Err(InvalidConfig::Empty { field: "nodeName" });
         }
-        if self.node_ips.is_empty() {
+        let node_ips = match self.node_ips {
             // SNAT and NodePorts need an address of this node.
-            return Err(InvalidConfig::Empty { field: "nodeIPs" });
-        }
-        let node_ips =
-            self.node_ips.into_iter().map(|ip| ipv4("nodeIPs", ip)).collect::<Result<_, _>>()?;
+            Some(ips) if ips.is_empty() => return Err(InvalidConfig::Empty { field: "nodeIPs" }),
+            Some(ips) => ips.into_iter().map(|ip| ipv4("nodeIPs", ip)).collect::<Result<_, _>>()?,
+            None if supplied.node_ips_from_api => Vec::new(),
+            None => {
+                return Err(InvalidConfig::Missing {
+                    field: "nodeIPs",
+                    hint: "only a daemon watching the Kubernetes API can take them from the Node",
+                });
+            }
+        };
         let node_port_cidrs = self
             .node_port_addresses
             .map(|cidrs| cidrs.into_iter().map(|net| ipv4_net("nodePortAddresses", net)).collect())
@@ -179,7 +216,7 @@ impl RawNodeConfig {
             None => DEFAULT_SNAT_PORT_RANGE,
         };
         Ok(NodeConfig {
-            node_name: self.node_name,
+            node_name,
             zone: self.zone.filter(|zone| !zone.is_empty()),
             node_ips,
             node_port_cidrs,
@@ -325,6 +362,26 @@ serviceCIDR: 10.96.0.0/12",
         assert!(error.contains("missing field `serviceCIDR`"), "{error}");
         let error = rejected(&MINIMAL.replace("[192.168.1.63, 10.0.0.5]", "[]"));
         assert_eq!(error, "nodeIPs must not be empty");
+    }
+
+    #[test]
+    fn the_node_name_and_addresses_may_be_supplied_beside_the_file() {
+        let shared = "clusterCIDR: 10.244.0.0/16\nserviceCIDR: 10.96.0.0/12\n";
+        let error = rejected(shared);
+        assert_eq!(
+            error,
+            "nodeName is missing: name the node in the file, with --node-name or in NODE_NAME"
+        );
+        let named = Supplied { node_name: Some("node-b".into()), node_ips_from_api: false };
+        let error = NodeConfig::from_yaml_str_with(shared, &named).expect_err("no addresses");
+        assert!(error.to_string().starts_with("nodeIPs is missing: only a daemon watching"));
+        let from_api = Supplied { node_ips_from_api: true, ..named };
+        let config = NodeConfig::from_yaml_str_with(shared, &from_api).expect("complete");
+        assert_eq!((config.node_name.as_str(), config.node_ips.len()), ("node-b", 0));
+        // The command line wins over the file; addresses the file lists are kept.
+        let config = NodeConfig::from_yaml_str_with(MINIMAL, &from_api).expect("complete");
+        assert_eq!(config.node_name, "node-b");
+        assert_eq!(config.node_ips.len(), 2);
     }
 
     #[test]

@@ -142,10 +142,10 @@ pub async fn run_until(
     'running: loop {
         let started = Instant::now();
         // The Node as the source knows it now: the build and the health check ports use it.
-        let node = objects.node(&options.node_config);
+        let (node, eligible) = objects.node(&options.node_config);
         let synced = sync(&node, &objects, &mut plane, &mut maps, &mut reported, full, &metrics);
         proxy_health.record_sync(synced.is_ok());
-        proxy_health.set_node_eligible(objects.node_eligible());
+        proxy_health.set_node_eligible(eligible);
         if synced.is_ok() {
             health_checks.update(plane.health_checks(), &node.health_check_addresses());
         }
@@ -210,7 +210,7 @@ async fn kubernetes_objects(
     client: kube::Client,
     node: &NodeConfig,
     nudge: mpsc::Sender<()>,
-    shutdown: Pin<&mut impl std::future::Future<Output = ()>>,
+    mut shutdown: Pin<&mut impl std::future::Future<Output = ()>>,
 ) -> Result<Option<Objects>> {
     let source = KubeSource::start(client, &node.node_name, nudge);
     // Reconciling before the first lists complete would unprogram everything an earlier daemon
@@ -218,7 +218,15 @@ async fn kubernetes_objects(
     info!("waiting for the initial lists of Services and EndpointSlices");
     tokio::select! {
         ready = source.ready() => ready.map_err(source_error)?,
-        () = shutdown => return Ok(None),
+        () = shutdown.as_mut() => return Ok(None),
+    }
+    if node.node_ips.is_empty() {
+        // The file leaves the addresses to the Node, and SNAT and NodePorts need one.
+        info!(node = %node.node_name, "waiting for the Node's addresses (nodeIPs is not configured)");
+        tokio::select! {
+            () = source.node_addressed() => {}
+            () = shutdown => return Ok(None),
+        }
     }
     info!("running on the Kubernetes API");
     Ok(Some(Objects::Kubernetes(Box::new(source))))
@@ -280,31 +288,22 @@ enum Objects {
 }
 
 impl Objects {
-    /// The node configuration to build with: the Node object's addresses and zone label, when
-    /// the source knows them, are the truth about this node.
-    fn node<'a>(&self, configured: &'a NodeConfig) -> Cow<'a, NodeConfig> {
+    /// The node configuration to build with, and whether this node is to take load balancer
+    /// traffic. The Node object's addresses and zone label, when the source knows them, are the
+    /// truth about this node; it is not eligible while its Node is being deleted.
+    fn node<'a>(&self, configured: &'a NodeConfig) -> (Cow<'a, NodeConfig>, bool) {
         let mut node = Cow::Borrowed(configured);
-        let Self::Kubernetes(source) = self else { return node };
-        let Some(object) = source.node() else { return node };
-        let node_ips = kube_source::node_ipv4_addresses(&object);
+        let Self::Kubernetes(source) = self else { return (node, true) };
+        let (object, node_ips) = source.node();
         if !node_ips.is_empty() && node_ips != configured.node_ips {
             node.to_mut().node_ips = node_ips;
         }
+        let Some(object) = object else { return (node, true) };
         let zone = kube_source::node_zone(&object);
         if zone.is_some() && zone != configured.zone {
             node.to_mut().zone = zone;
         }
-        node
-    }
-
-    /// Whether this node is to take load balancer traffic: not while its Node is being deleted.
-    fn node_eligible(&self) -> bool {
-        match self {
-            Self::Manifests { .. } => true,
-            Self::Kubernetes(source) => {
-                source.node().is_none_or(|node| kube_source::node_eligible(&node))
-            }
-        }
+        (node, kube_source::node_eligible(&object))
     }
 
     /// The services changed since the last call: `None` when any may have. A `full` sync

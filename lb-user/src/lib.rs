@@ -10,6 +10,7 @@
 )]
 
 pub mod attach;
+pub mod cli;
 pub mod clock;
 pub mod config;
 pub mod conntrack_gc;

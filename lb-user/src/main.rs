@@ -1,136 +1,21 @@
 //! `lb-user`: the node daemon and its command-line tools.
 
-use std::{net::Ipv4Addr, path::PathBuf, time::Duration};
+use std::{net::Ipv4Addr, time::Duration};
 
 use anyhow::{Context as _, bail};
-use clap::{Parser, Subcommand};
+use clap::Parser as _;
 use lb_user::{
     attach,
-    config::NodeConfig,
+    cli::{Cli, Command},
+    config::{NodeConfig, Supplied},
     daemon, flows,
     loader::Capacities,
     manifest, model,
     model::Protocol,
-    pins::{DEFAULT_PIN_DIR, PinLayout},
+    pins::PinLayout,
     status,
-    trace::{Entry, Request, Tracer},
+    trace::{Request, Tracer},
 };
-
-#[derive(Parser)]
-#[command(version, about = "eBPF/XDP Kubernetes Service load balancer: node daemon and tools")]
-struct Cli {
-    #[command(subcommand)]
-    command: Command,
-}
-
-#[derive(Subcommand)]
-enum Command {
-    /// The daemon: attach (or adopt) the datapath and keep it programmed from the source.
-    Run {
-        /// A directory of Service and EndpointSlice manifests (multi-document YAML), watched.
-        /// Without it the daemon watches the Kubernetes API.
-        #[arg(long, conflicts_with = "kubeconfig")]
-        manifests: Option<PathBuf>,
-        /// The kubeconfig for the Kubernetes API; default: KUBECONFIG, ~/.kube/config or the
-        /// in-cluster service account.
-        #[arg(long)]
-        kubeconfig: Option<PathBuf>,
-        /// The node configuration file (YAML).
-        #[arg(long)]
-        node_config: PathBuf,
-        #[command(flatten)]
-        targets: TargetArgs,
-        #[arg(long, default_value = DEFAULT_PIN_DIR)]
-        pin_dir: PathBuf,
-        /// Seconds between full resyncs when nothing changes.
-        #[arg(long, default_value_t = 60)]
-        resync_seconds: u64,
-        /// Where to serve Prometheus metrics (`GET /metrics`); kube-proxy's address by default.
-        /// `none` turns the endpoint off.
-        #[arg(long, default_value = "127.0.0.1:10249", value_parser = parse_server_address)]
-        metrics_address: ServerAddress,
-        /// Where to answer `GET /healthz` and `/livez` (200 while the daemon syncs, else 503);
-        /// kube-proxy's address by default, which liveness probes and load balancers use.
-        /// `none` turns it off.
-        #[arg(long, default_value = "0.0.0.0:10256", value_parser = parse_server_address)]
-        healthz_address: ServerAddress,
-    },
-    /// Load the programs, attach them, and pin programs, links and maps under the pin directory.
-    Load {
-        #[command(flatten)]
-        targets: TargetArgs,
-        #[arg(long, default_value = DEFAULT_PIN_DIR)]
-        pin_dir: PathBuf,
-        /// Print the attachments as JSON.
-        #[arg(long)]
-        json: bool,
-    },
-    /// Detach and unpin everything `load` or `run` created under the pin directory.
-    Unload {
-        #[arg(long, default_value = DEFAULT_PIN_DIR)]
-        pin_dir: PathBuf,
-    },
-    /// What is programmed: frontends, backends and counters, from the pinned maps.
-    Status {
-        #[arg(long, default_value = DEFAULT_PIN_DIR)]
-        pin_dir: PathBuf,
-        #[arg(long)]
-        json: bool,
-    },
-    /// The translated connections being tracked, from the pinned conntrack map (as
-    /// `conntrack -L` shows kube-proxy's): client, frontend, backend, SNAT, TCP state, idle time.
-    Flows {
-        #[arg(long, default_value = DEFAULT_PIN_DIR)]
-        pin_dir: PathBuf,
-        #[arg(long)]
-        json: bool,
-    },
-    /// Run one packet through the real programs, programmed from manifests, and say what they do.
-    Trace {
-        #[arg(long)]
-        manifests: PathBuf,
-        #[arg(long)]
-        node_config: PathBuf,
-        #[arg(long, value_enum)]
-        from: Entry,
-        #[arg(long, default_value = "tcp")]
-        proto: String,
-        /// Source address, with an optional port (default 40000).
-        #[arg(long)]
-        src: String,
-        /// Destination address and port.
-        #[arg(long)]
-        dst: String,
-        #[arg(long)]
-        json: bool,
-    },
-}
-
-/// Where `run` and `load` attach the programs.
-#[derive(clap::Args)]
-struct TargetArgs {
-    /// External interface for the XDP program (repeatable), or a prefix pattern ending in `*`.
-    #[arg(long = "xdp-iface", value_name = "IF")]
-    xdp_ifaces: Vec<String>,
-    /// Pod-facing interface for the tc ingress program (repeatable), or a prefix pattern ending
-    /// in `*` (`cali*`): `run` attaches to matching interfaces as they appear.
-    #[arg(long = "tc-iface", value_name = "IF")]
-    tc_ifaces: Vec<String>,
-    /// cgroup v2 directory whose processes reach services through the host path
-    /// (`/sys/fs/cgroup` for the whole node).
-    #[arg(long, value_name = "DIR")]
-    host_cgroup: Option<PathBuf>,
-}
-
-impl From<TargetArgs> for attach::Targets {
-    fn from(args: TargetArgs) -> Self {
-        Self {
-            xdp_ifaces: args.xdp_ifaces,
-            tc_ifaces: args.tc_ifaces,
-            host_cgroup: args.host_cgroup,
-        }
-    }
-}
 
 fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
@@ -145,13 +30,16 @@ fn main() -> anyhow::Result<()> {
             manifests,
             kubeconfig,
             node_config,
+            node_name,
             targets,
             pin_dir,
             resync_seconds,
             metrics_address,
             healthz_address,
         } => {
-            let node_config = NodeConfig::from_file(&node_config)?;
+            // Without manifests the daemon watches its Node, whose addresses it then uses.
+            let supplied = Supplied { node_name, node_ips_from_api: manifests.is_none() };
+            let node_config = NodeConfig::from_file_with(&node_config, &supplied)?;
             let source = match manifests {
                 Some(dir) => daemon::Source::Manifests(dir),
                 None => daemon::Source::Kubernetes { kubeconfig },
@@ -252,15 +140,4 @@ fn address(text: &str, default_port: Option<u16>) -> anyhow::Result<(Ipv4Addr, u
         Some((ip, port)) => Ok((ip.parse()?, port.parse()?)),
         None => Ok((text.parse()?, default_port.context("a port is required: IP:PORT")?)),
     }
-}
-
-/// `--metrics-address`, `--healthz-address`: an address, or `none`.
-#[derive(Clone, Debug)]
-struct ServerAddress(Option<std::net::SocketAddr>);
-
-fn parse_server_address(text: &str) -> Result<ServerAddress, String> {
-    if text == "none" {
-        return Ok(ServerAddress(None));
-    }
-    text.parse().map(|address| ServerAddress(Some(address))).map_err(|e| format!("{text}: {e}"))
 }

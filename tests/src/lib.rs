@@ -18,6 +18,7 @@ pub mod cgroup;
 pub mod checksum;
 pub mod daemon;
 pub mod datapath;
+pub mod deploy;
 pub mod fixtures;
 pub mod manifests;
 pub mod netns;

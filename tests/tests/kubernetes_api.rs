@@ -3,19 +3,23 @@
 //! process, playing the API server's side of each list and watch), and real connections from
 //! the topology's namespaces go through the programs it writes. Watch events reach the kernel:
 //! an EndpointSlice edit moves new connections, and the Node's cluster-autoscaler taint turns
-//! `/healthz` to 503 (kube-proxy's `nodeEligible`) while `/livez` stays 200.
+//! `/healthz` to 503 (kube-proxy's `nodeEligible`) while `/livez` stays 200. A daemon configured
+//! as the DaemonSet configures it (`deploy/lb-xdp.yaml`) takes its node's addresses from the
+//! Node object.
 
 use std::net::SocketAddr;
 
 use lb_tests::{
     daemon::{
-        HEALTHZ_ADDRESS, RunningDaemon, default_targets, example_node_config, examples, http_get,
-        wait_for, wait_for_backends,
+        HEALTHZ_ADDRESS, RunningDaemon, SYNCS_OK, counter, default_targets, example_node_config,
+        examples, http_get, scrape_metrics, wait_for, wait_for_backends,
     },
+    deploy,
     pins::TestPins,
     topology::{NODE_IP, Topology, tcp_request},
 };
 use lb_user::{
+    config::{NodeConfig, Supplied},
     daemon::{ScriptedClient, Source},
     kube_source::api_server::{self, NODE, Resource},
 };
@@ -132,5 +136,54 @@ fn the_daemon_on_the_kubernetes_api_serves_and_follows_watch_events() {
     assert_eq!(healthz_status(&topology, "/livez"), Some(200), "the daemon itself is alive");
     let answer = tcp_request(client_pod, addr("10.96.45.10:80")).expect("still proxying");
     assert_eq!(answer, "hello from my-nginx-1");
+    drop(daemon);
+}
+
+/// The DaemonSet's pod: the ConfigMap's node configuration names no node and lists no address;
+/// the name comes from the command line (`NODE_NAME`), the addresses from the Node object.
+/// Nothing is synced before the Node reports an address; then NodePorts listen on it.
+#[test]
+fn a_daemonset_pod_takes_its_addresses_from_its_node() {
+    let topology = Topology::new("lbn");
+    let _servers = topology.start_servers();
+    let pins = TestPins::new();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .expect("a Tokio runtime");
+    let (client, mut server) = runtime.block_on(async { api_server::pair() });
+    let (services, slices) = example_objects();
+    let supplied = Supplied { node_name: Some(NODE.to_owned()), node_ips_from_api: true };
+    let node_config = NodeConfig::from_yaml_str_with(&deploy::node_config_text(), &supplied)
+        .expect("the ConfigMap's node configuration");
+    assert!(node_config.node_ips.is_empty(), "no address in the file");
+
+    let (daemon, _watches) = std::thread::scope(|scope| {
+        let daemon = scope.spawn(|| {
+            let source = Source::KubernetesClient(ScriptedClient(client));
+            let targets = default_targets(&topology, None);
+            RunningDaemon::start_on(&topology, &pins, source, targets, node_config)
+        });
+        let watches = runtime.block_on(async {
+            server.list(Resource::Services, "100", &services).await;
+            server.list(Resource::Slices, "200", &slices).await;
+            let services = server.watch(Resource::Services, "100").await;
+            let slices = server.watch(Resource::Slices, "200").await;
+            // The daemon serves metrics while it waits: it has not synced.
+            tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+            let metrics = scrape_metrics(&topology.node).expect("metrics while waiting");
+            // (A series appears with its first count.)
+            assert_eq!(counter(&metrics, SYNCS_OK), None, "synced with no node address");
+            server.list(Resource::Node, "300", &[node("300", false)]).await;
+            let node = server.watch(Resource::Node, "300").await;
+            (services, slices, node)
+        });
+        (daemon.join().expect("the daemon started"), watches)
+    });
+
+    let answer = tcp_request(&topology.client, addr(&format!("{NODE_IP}:30380")))
+        .expect("client to NodePort 30380 on the Node's InternalIP");
+    assert!(answer.starts_with("hello from my-nginx-nodeport-"), "{answer}");
     drop(daemon);
 }

@@ -22,12 +22,17 @@ pub mod api_server;
 mod tests;
 
 use std::{
+    net::Ipv4Addr,
     path::PathBuf,
     sync::{Arc, Mutex, MutexGuard, PoisonError},
+    time::Duration,
 };
 
 use futures::StreamExt as _;
-use k8s_openapi::api::core::v1::Node;
+use k8s_openapi::api::{
+    core::v1::{Node, Service},
+    discovery::v1::EndpointSlice,
+};
 use kube::{
     Api, Client,
     config::{InferConfigError, KubeconfigError},
@@ -67,6 +72,15 @@ pub const SERVICE_LABEL_SELECTOR: &str = "!service.kubernetes.io/service-proxy-n
 pub const SLICE_LABEL_SELECTOR: &str = "kubernetes.io/service-name,\
      !service.kubernetes.io/headless,!service.kubernetes.io/service-proxy-name";
 
+/// What the source lists and watches, as (API group, resource): what the daemon's RBAC role
+/// must grant `list` and `watch` on (`deploy/lb-xdp.yaml`).
+pub fn watched_resources() -> [(&'static str, &'static str); 3] {
+    fn resource<K: k8s_openapi::Resource>() -> (&'static str, &'static str) {
+        (K::GROUP, K::URL_PATH_SEGMENT)
+    }
+    [resource::<Service>(), resource::<EndpointSlice>(), resource::<Node>()]
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error("reading kubeconfig {}", path.display())]
@@ -101,6 +115,9 @@ pub struct KubeSource {
     slices_listed: watch::Receiver<bool>,
     node: Store<Node>,
     node_name: String,
+    /// The IPv4 addresses the Node last reported, kept while it reports none or is gone for a
+    /// moment (deleted and registered again): the node's NodePorts and SNAT address stay.
+    node_ips: Mutex<Vec<Ipv4Addr>>,
     /// The watcher tasks; a `JoinSet` aborts them when dropped.
     _watchers: JoinSet<()>,
 }
@@ -119,7 +136,7 @@ impl KubeSource {
         let held = Arc::clone(&objects);
         let services_listed = spawn_watcher(
             &mut watchers,
-            Api::all(client.clone()),
+            Api::<Service>::all(client.clone()),
             watcher::Config::default().labels(SERVICE_LABEL_SELECTOR),
             nudge.clone(),
             move |event| lock(&held).on_service(event),
@@ -127,14 +144,14 @@ impl KubeSource {
         let held = Arc::clone(&objects);
         let slices_listed = spawn_watcher(
             &mut watchers,
-            Api::all(client.clone()),
+            Api::<EndpointSlice>::all(client.clone()),
             watcher::Config::default().labels(SLICE_LABEL_SELECTOR),
             nudge.clone(),
             move |event| lock(&held).on_slice(event),
         );
         let node = spawn_reflector(
             &mut watchers,
-            Api::all(client),
+            Api::<Node>::all(client),
             watcher::Config::default().fields(&format!("metadata.name={node_name}")),
             nudge,
         );
@@ -144,6 +161,7 @@ impl KubeSource {
             slices_listed,
             node,
             node_name: node_name.to_owned(),
+            node_ips: Mutex::default(),
             _watchers: watchers,
         }
     }
@@ -188,9 +206,32 @@ impl KubeSource {
             .collect()
     }
 
-    /// This node's Node, if it has been listed.
-    pub fn node(&self) -> Option<Node> {
-        self.node.get(&ObjectRef::new(&self.node_name)).map(|node| (*node).clone())
+    /// This node's Node, if it has been listed, and this node's IPv4 addresses: those the Node
+    /// reports, or the last ones it reported (none before it has).
+    pub fn node(&self) -> (Option<Node>, Vec<Ipv4Addr>) {
+        let node = self.node.get(&ObjectRef::new(&self.node_name)).map(|node| (*node).clone());
+        let mut known = lock(&self.node_ips);
+        let reported = node.as_ref().map(node_ipv4_addresses).unwrap_or_default();
+        if !reported.is_empty() {
+            *known = reported;
+        }
+        (node, known.clone())
+    }
+
+    /// Waits until this node's Node has reported an IPv4 address, warning every 30 s meanwhile
+    /// (a wrong node name, or a Node the kubelet has not registered yet).
+    pub async fn node_addressed(&self) {
+        const POLL: Duration = Duration::from_millis(100);
+        const WARN_EVERY: u32 = 300;
+        for polls in 1u32.. {
+            if !self.node().1.is_empty() {
+                return;
+            }
+            if polls % WARN_EVERY == 0 {
+                warn!(node = %self.node_name, "still no IPv4 address from the Node object; nothing is programmed before one");
+            }
+            tokio::time::sleep(POLL).await;
+        }
     }
 }
 
@@ -285,6 +326,6 @@ fn is_gone(error: &watcher::Error) -> bool {
 
 /// The objects' lock. A watcher that panicked holding it left at worst one event half recorded,
 /// which the periodic full resync repairs; stopping every later sync would not.
-fn lock(objects: &Mutex<Objects>) -> MutexGuard<'_, Objects> {
-    objects.lock().unwrap_or_else(PoisonError::into_inner)
+fn lock<T>(held: &Mutex<T>) -> MutexGuard<'_, T> {
+    held.lock().unwrap_or_else(PoisonError::into_inner)
 }

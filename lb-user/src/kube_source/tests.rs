@@ -167,8 +167,10 @@ async fn initial_list_makes_the_source_ready_with_the_listed_objects() {
 
     assert_eq!(services(&source), ["dns@95", "web@90"], "sorted by name");
     assert_eq!(slices(&source), ["web@190"]);
-    let node = source.node().expect("the node is listed");
+    let (node, addresses) = source.node();
+    let node = node.expect("the node is listed");
     assert_eq!(node_ipv4_addresses(&node), [Ipv4Addr::new(192, 168, 1, 63)]);
+    assert_eq!(addresses, [Ipv4Addr::new(192, 168, 1, 63)]);
     let mut lists = 0;
     while nudges.try_recv().is_ok() {
         lists += 1;
@@ -199,9 +201,33 @@ async fn watch_events_change_the_objects_and_nudge() {
 
     watches.node.modified(node("301", "192.168.1.64")).await;
     h.nudged("MODIFIED node").await;
-    let node = h.source.node().expect("the node is still there");
+    let (node, _) = h.source.node();
+    let node = node.expect("the node is still there");
     assert_eq!(node_ipv4_addresses(&node), [Ipv4Addr::new(192, 168, 1, 64)], "re-addressed node");
     h.assert_not_nudged("nothing: one nudge per event");
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_node_addresses_outlive_a_node_without_any() {
+    let mut h = Harness::start();
+    assert!(h.source.node_addressed().now_or_never().is_none(), "no Node listed yet");
+    let mut watches = h.listed().await;
+    tokio::time::timeout(PATIENCE, h.source.node_addressed())
+        .await
+        .expect("addressed once the Node is listed with an InternalIP");
+    let known = [Ipv4Addr::new(192, 168, 1, 63)];
+
+    let mut unaddressed = node("302", "192.168.1.63");
+    unaddressed["status"]["addresses"] = json!([{ "type": "Hostname", "address": NODE }]);
+    watches.node.modified(unaddressed.clone()).await;
+    h.nudged("MODIFIED node").await;
+    let (node, addresses) = h.source.node();
+    assert!(node.is_some());
+    assert_eq!(addresses, known, "a Node reporting no IPv4 address keeps the last ones");
+
+    watches.node.deleted(unaddressed).await;
+    h.nudged("DELETED node").await;
+    assert_eq!(h.source.node(), (None, known.to_vec()), "nor does a Node gone for a moment");
 }
 
 #[tokio::test(start_paused = true)]
