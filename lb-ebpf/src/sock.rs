@@ -3,10 +3,15 @@
 //! socket at a backend when it connects (TCP, connected UDP) or sends (unconnected UDP), as
 //! Cilium's socket LB does: no per-packet cost, no conntrack, and it works whatever the node's
 //! routes. `recvmsg` and `getpeername` show the service address back to the process.
+//!
+//! Only sockets of the daemon's own network namespace are the node's: attached to the root of
+//! the node's cgroup tree, the hooks also see every pod's sockets, which the pod-facing tc path
+//! serves instead (as a pod's flows, with its own address for session affinity), as Cilium's
+//! socket LB does with `bpf-lb-sock-hostns-only`.
 
 use aya_ebpf::{
     EbpfContext as _,
-    helpers::{bpf_get_prandom_u32, bpf_get_socket_cookie, bpf_set_retval},
+    helpers::{bpf_get_netns_cookie, bpf_get_prandom_u32, bpf_get_socket_cookie, bpf_set_retval},
     macros::cgroup_sock_addr,
     programs::SockAddrContext,
 };
@@ -22,6 +27,11 @@ const ALLOW: i32 = 1;
 /// "Fail the call"; the error is EPERM unless `bpf_set_retval` chose another.
 const DENY: i32 = 0;
 const ECONNREFUSED: i32 = 111;
+
+/// The cookie of the daemon's network namespace (the node's), set by the loader
+/// (`lb_user::loader`): a read-only global the verifier sees as a constant.
+#[unsafe(no_mangle)]
+static NODE_NETNS_COOKIE: u64 = 0;
 
 #[cgroup_sock_addr(connect4)]
 pub fn lb_connect4(ctx: SockAddrContext) -> i32 {
@@ -52,6 +62,14 @@ fn point_at_backend(ctx: &SockAddrContext) -> i32 {
     let address = unsafe { &mut *ctx.sock_addr };
     let protocol = address.protocol as u8;
     if protocol != proto::TCP && protocol != proto::UDP {
+        return ALLOW;
+    }
+    // SAFETY: plain helper call on this program's context (Linux 5.7+ for sock_addr); the
+    // global is read volatile so that the compiler does not fold the 0 it was built with.
+    let node_socket = unsafe {
+        bpf_get_netns_cookie(ctx.as_ptr()) == core::ptr::read_volatile(&raw const NODE_NETNS_COOKIE)
+    };
+    if !node_socket {
         return ALLOW;
     }
     let Some(config) = lb::node_config() else { return ALLOW };

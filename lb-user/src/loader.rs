@@ -84,7 +84,10 @@ pub fn load_pinned(pins: &PinLayout, capacities: &Capacities) -> Result<Ebpf> {
 
 fn load(pins: Option<&PinLayout>, capacities: &Capacities) -> Result<Ebpf> {
     raise_memlock_limit();
+    let netns_cookie = network_namespace_cookie()?;
     let mut loader = EbpfLoader::new();
+    // The host path's hooks serve only sockets of this (the node's) network namespace.
+    loader.override_global("NODE_NETNS_COOKIE", &netns_cookie, true);
     for (name, entries) in capacities.overrides() {
         loader.map_max_entries(name, entries);
     }
@@ -116,6 +119,31 @@ fn load_program(ebpf: &mut Ebpf, name: &'static str) -> Result<()> {
         _ => return Err(Error::MissingProgram(name)),
     };
     loaded.map_err(|source| Error::LoadProgram { program: name, source: Box::new(source) })
+}
+
+/// The cookie of the calling thread's network namespace (`SO_NETNS_COOKIE`, Linux 5.14+): what
+/// `bpf_get_netns_cookie` returns for a socket there.
+fn network_namespace_cookie() -> Result<u64> {
+    let socket = std::net::UdpSocket::bind("127.0.0.1:0")
+        .map_err(Error::io("opening a socket to read the network namespace's cookie"))?;
+    let mut cookie = 0u64;
+    let mut length = libc::socklen_t::try_from(size_of::<u64>()).expect("8 fits socklen_t");
+    // SAFETY: getsockopt writes at most `length` bytes into `cookie`, which we own.
+    let rc = unsafe {
+        libc::getsockopt(
+            std::os::fd::AsRawFd::as_raw_fd(&socket),
+            libc::SOL_SOCKET,
+            libc::SO_NETNS_COOKIE,
+            (&raw mut cookie).cast(),
+            &raw mut length,
+        )
+    };
+    if rc != 0 {
+        return Err(Error::io("reading the network namespace's cookie (SO_NETNS_COOKIE)")(
+            std::io::Error::last_os_error(),
+        ));
+    }
+    Ok(cookie)
 }
 
 /// Kernels before 5.11 charge BPF memory to RLIMIT_MEMLOCK. Raising it needs CAP_SYS_RESOURCE,

@@ -1,7 +1,8 @@
 //! The host path: node processes (here, processes moved into a test cgroup and the node's
 //! network namespace) reach ClusterIPs and NodePorts through the cgroup hooks of the running
 //! daemon, see the service address as their peer, and are refused at once by a service
-//! without endpoints. Only the test's own processes are in the cgroup.
+//! without endpoints. Only the test's own processes are in the cgroup. A process of the cgroup
+//! in a pod's network namespace is the pod's, not the node's: the tc path serves it.
 
 use std::{path::Path, process::Command};
 
@@ -11,6 +12,7 @@ use lb_tests::{
     pins::TestPins,
     topology::Topology,
 };
+use lb_user::status;
 
 /// What the node process does: connect, print its peer and the first answer line (TCP), or
 /// exchange one datagram (UDP); errors are printed as `error: <errno name>`.
@@ -32,10 +34,11 @@ except OSError as e:
     print("error:", e.strerror)
 "#;
 
-/// Runs the client as a process of `cgroup`, inside the node's network namespace.
-fn node_process(cgroup: &Path, node_netns: &str, args: &[&str]) -> String {
+/// Runs the client as a process of `cgroup`, inside the network namespace `netns` (the node's,
+/// or a pod's).
+fn process_in(cgroup: &Path, netns: &str, args: &[&str]) -> String {
     let script = format!(
-        "echo $$ > {}/cgroup.procs && exec nsenter --net={node_netns} python3 -c '{CLIENT}' {}",
+        "echo $$ > {}/cgroup.procs && exec nsenter --net={netns} python3 -c '{CLIENT}' {}",
         cgroup.display(),
         args.join(" ")
     );
@@ -54,20 +57,35 @@ fn node_processes_reach_services_through_the_cgroup_hooks() {
         RunningDaemon::start(&topology, &pins, &examples().join("manifests"), Some(cgroup.path()));
     let netns = topology.node.path();
 
-    let answer = node_process(cgroup.path(), &netns, &["tcp", "10.96.45.10", "80"]);
+    let answer = process_in(cgroup.path(), &netns, &["tcp", "10.96.45.10", "80"]);
     assert!(
         answer.starts_with("10.96.45.10:80 hello from my-nginx-"),
         "peer is the service address: {answer}"
     );
-    let answer = node_process(cgroup.path(), &netns, &["tcp", "192.168.1.63", "30380"]);
+    let answer = process_in(cgroup.path(), &netns, &["tcp", "192.168.1.63", "30380"]);
     assert!(answer.starts_with("192.168.1.63:30380 hello from my-nginx-nodeport-"), "{answer}");
-    let answer = node_process(cgroup.path(), &netns, &["udp", "10.96.0.10", "53"]);
+    let answer = process_in(cgroup.path(), &netns, &["udp", "10.96.0.10", "53"]);
     assert!(
         answer.starts_with("10.96.0.10:53 my-nginx-"),
         "the reply comes from the service address: {answer}"
     );
-    let answer = node_process(cgroup.path(), &netns, &["tcp", "10.96.45.12", "80"]);
+    let answer = process_in(cgroup.path(), &netns, &["tcp", "10.96.45.12", "80"]);
     assert_eq!(answer, "error: Connection refused", "no endpoints: refused at once");
+
+    // The hooks also see the sockets of a pod whose processes are in the cgroup (as every pod's
+    // are when the hooks sit at the root of the node's tree): they leave those to the pod's tc
+    // path, which translates its packets.
+    let counts = |pins: &TestPins| {
+        let reasons = status::read(pins.layout()).expect("status").reasons;
+        (reasons["host_translated"], reasons["forward_new"])
+    };
+    let (host_before, tc_before) = counts(&pins);
+    let pod = topology.pod("client").netns.path();
+    let answer = process_in(cgroup.path(), &pod, &["tcp", "10.96.45.10", "80"]);
+    assert!(answer.starts_with("10.96.45.10:80 hello from my-nginx-"), "{answer}");
+    let (host_after, tc_after) = counts(&pins);
+    assert_eq!(host_after, host_before, "the host path translated a pod's connection");
+    assert_eq!(tc_after, tc_before + 1, "the pod's SYN went through the tc path");
 
     daemon.stop();
 }

@@ -21,7 +21,7 @@ use lb_tests::{
 use lb_user::{
     config::{NodeConfig, Supplied},
     daemon::{ScriptedClient, Source},
-    kube_source::api_server::{self, NODE, Resource},
+    kube_source::api_server::{self, ApiServer, NODE, Resource},
 };
 use serde_json::{Value, json};
 
@@ -59,6 +59,18 @@ fn node(resource_version: &str, leaving: bool) -> Value {
     })
 }
 
+/// A runtime, and the scripted API server's two ends: the daemon's client, whose connection
+/// task runs on that runtime whichever thread uses the client, and the server.
+fn scripted_api() -> (tokio::runtime::Runtime, ScriptedClient, ApiServer) {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .expect("a Tokio runtime");
+    let (client, server) = runtime.block_on(async { api_server::pair() });
+    (runtime, ScriptedClient(client), server)
+}
+
 fn addr(text: &str) -> SocketAddr {
     text.parse().expect("socket address")
 }
@@ -78,19 +90,13 @@ fn the_daemon_on_the_kubernetes_api_serves_and_follows_watch_events() {
     let topology = Topology::new("lbk");
     let _servers = topology.start_servers();
     let pins = TestPins::new();
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .expect("a Tokio runtime");
-    // The client's connection task runs on this runtime, whichever thread uses the client.
-    let (client, mut server) = runtime.block_on(async { api_server::pair() });
+    let (runtime, client, mut server) = scripted_api();
     let (services, slices) = example_objects();
 
     // The daemon starts (and waits for its first sync) while this thread answers its lists.
     let (daemon, mut watches) = std::thread::scope(|scope| {
         let daemon = scope.spawn(|| {
-            let source = Source::KubernetesClient(ScriptedClient(client));
+            let source = Source::KubernetesClient(client);
             let targets = default_targets(&topology, None);
             RunningDaemon::start_on(&topology, &pins, source, targets, example_node_config())
         });
@@ -147,12 +153,7 @@ fn a_daemonset_pod_takes_its_addresses_from_its_node() {
     let topology = Topology::new("lbn");
     let _servers = topology.start_servers();
     let pins = TestPins::new();
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .expect("a Tokio runtime");
-    let (client, mut server) = runtime.block_on(async { api_server::pair() });
+    let (runtime, client, mut server) = scripted_api();
     let (services, slices) = example_objects();
     let supplied = Supplied { node_name: Some(NODE.to_owned()), node_ips_from_api: true };
     let node_config = NodeConfig::from_yaml_str_with(&deploy::node_config_text(), &supplied)
@@ -161,7 +162,7 @@ fn a_daemonset_pod_takes_its_addresses_from_its_node() {
 
     let (daemon, _watches) = std::thread::scope(|scope| {
         let daemon = scope.spawn(|| {
-            let source = Source::KubernetesClient(ScriptedClient(client));
+            let source = Source::KubernetesClient(client);
             let targets = default_targets(&topology, None);
             RunningDaemon::start_on(&topology, &pins, source, targets, node_config)
         });
