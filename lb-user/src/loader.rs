@@ -124,26 +124,30 @@ fn load_program(ebpf: &mut Ebpf, name: &'static str) -> Result<()> {
 /// The cookie of the calling thread's network namespace (`SO_NETNS_COOKIE`, Linux 5.14+): what
 /// `bpf_get_netns_cookie` returns for a socket there.
 fn network_namespace_cookie() -> Result<u64> {
-    let socket = std::net::UdpSocket::bind("127.0.0.1:0")
-        .map_err(Error::io("opening a socket to read the network namespace's cookie"))?;
-    let mut cookie = 0u64;
-    let mut length = libc::socklen_t::try_from(size_of::<u64>()).expect("8 fits socklen_t");
-    // SAFETY: getsockopt writes at most `length` bytes into `cookie`, which we own.
-    let rc = unsafe {
-        libc::getsockopt(
-            std::os::fd::AsRawFd::as_raw_fd(&socket),
-            libc::SOL_SOCKET,
-            libc::SO_NETNS_COOKIE,
-            (&raw mut cookie).cast(),
-            &raw mut length,
-        )
+    let read = || {
+        // Any socket belongs to the namespace it was made in; it needs no address.
+        // SAFETY: plain system call; the descriptor is owned right after.
+        let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: a descriptor just returned by socket(2), owned by nothing else.
+        let socket = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+        let mut cookie = 0u64;
+        let mut length = libc::socklen_t::try_from(size_of::<u64>()).expect("8 fits socklen_t");
+        // SAFETY: getsockopt writes at most `length` bytes into `cookie`, which we own.
+        let rc = unsafe {
+            libc::getsockopt(
+                std::os::fd::AsRawFd::as_raw_fd(&socket),
+                libc::SOL_SOCKET,
+                libc::SO_NETNS_COOKIE,
+                (&raw mut cookie).cast(),
+                &raw mut length,
+            )
+        };
+        if rc == 0 { Ok(cookie) } else { Err(std::io::Error::last_os_error()) }
     };
-    if rc != 0 {
-        return Err(Error::io("reading the network namespace's cookie (SO_NETNS_COOKIE)")(
-            std::io::Error::last_os_error(),
-        ));
-    }
-    Ok(cookie)
+    read().map_err(Error::io("reading the network namespace's cookie (SO_NETNS_COOKIE)"))
 }
 
 /// Kernels before 5.11 charge BPF memory to RLIMIT_MEMLOCK. Raising it needs CAP_SYS_RESOURCE,
