@@ -134,6 +134,17 @@ fn the_daemonset_runs_the_daemon_as_its_command_line_and_configuration_expect() 
     // Pins made in the pod must outlive it (a restarted daemon adopts them); the cgroup hooks
     // go on the host's cgroup tree, not the container's.
     assert_eq!(host_path_under(pod, &pin_dir), ("/sys/fs/bpf".to_owned(), true));
+    let bpffs_volume = &volume_under(pod, &pin_dir).0.name;
+    let mounts_bpffs = pod.init_containers.as_deref().unwrap_or_default().iter().any(|init| {
+        let privileged = init.security_context.as_ref().and_then(|s| s.privileged);
+        let mounts = init.volume_mounts.as_deref().unwrap_or_default();
+        privileged == Some(true)
+            && init.image == container.image
+            && mounts.iter().any(|m| {
+                &m.name == bpffs_volume && m.mount_propagation.as_deref() == Some("Bidirectional")
+            })
+    });
+    assert!(mounts_bpffs, "an init container mounts bpffs where the host has not");
     let cgroup = attach::Targets::from(targets).host_cgroup.expect("--host-cgroup");
     assert_eq!(host_path_under(pod, &cgroup).0, "/sys/fs/cgroup");
     assert_eq!(pod.host_network, Some(true), "the node's interfaces and health check ports");
