@@ -11,7 +11,7 @@
     reason = "BPF programs cannot call across functions cheaply; the datapath wants these inlined"
 )]
 
-use crate::maps::{ConntrackValue, ct_flags, proto};
+use crate::maps::{ConntrackKey, ConntrackValue, ct_flags, proto};
 
 /// An established TCP flow with no packet for this long is forgotten (Cilium's default).
 pub const TCP_TIMEOUT_S: u64 = 6 * 3600;
@@ -54,4 +54,24 @@ pub fn is_live(
 ) -> bool {
     now.saturating_sub(value.last_seen)
         <= timeout_s(value, proto_number) * u64::from(jiffies_per_second)
+}
+
+/// The key of the other direction's entry of the flow whose entry `value` is found under `key`.
+/// Forward: backend -> client, or -> the SNAT address and port. Reply: client (the original
+/// one under SNAT) -> the frontend address.
+#[inline(always)]
+#[must_use]
+pub fn twin_key(key: &ConntrackKey, value: &ConntrackValue) -> ConntrackKey {
+    let masqueraded = value.flags & ct_flags::SNAT != 0;
+    let (translated, nat) =
+        ((value.translated_ip_be, value.translated_port_be), (value.nat_ip_be, value.nat_port_be));
+    let ((src_ip_be, src_port_be), (dst_ip_be, dst_port_be)) = if value.flags & ct_flags::REPLY == 0
+    {
+        let client = if masqueraded { nat } else { (key.src_ip_be, key.src_port_be) };
+        (translated, client)
+    } else {
+        let client = if masqueraded { nat } else { (key.dst_ip_be, key.dst_port_be) };
+        (client, translated)
+    };
+    ConntrackKey { src_ip_be, dst_ip_be, src_port_be, dst_port_be, proto: key.proto, pad: [0; 3] }
 }

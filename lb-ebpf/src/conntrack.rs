@@ -4,7 +4,10 @@
 //! without SYN or RST in either direction, then established, closing after a FIN or RST.
 
 use aya_ebpf::helpers::bpf_jiffies64;
-use lb_common::maps::{ConntrackKey, ConntrackValue, NodeConfig, ct_flags, proto};
+use lb_common::{
+    conntrack::twin_key,
+    maps::{ConntrackKey, ConntrackValue, NodeConfig, ct_flags, proto},
+};
 
 use crate::{
     maps::CONNTRACK,
@@ -72,7 +75,7 @@ pub fn touch(entry: *mut ConntrackValue, packet: &Packet, now: u64, config: &Nod
     let opened = packet.flags & (tcp_flags::SYN | tcp_flags::RST) == 0;
     if tcp && value.flags & ct_flags::OPENING != 0 && opened {
         value.flags &= !ct_flags::OPENING;
-        if let Some(twin) = CONNTRACK.get_ptr_mut(&twin_key(value, packet)) {
+        if let Some(twin) = CONNTRACK.get_ptr_mut(&twin_key(&key_of(packet), value)) {
             // SAFETY: a valid pointer from the lookup.
             unsafe { (*twin).flags &= !ct_flags::OPENING };
         }
@@ -85,32 +88,6 @@ pub fn touch(entry: *mut ConntrackValue, packet: &Packet, now: u64, config: &Nod
         value.last_seen = now;
     } else if now.saturating_sub(value.last_seen) > u64::from(config.jiffies_per_second) {
         value.last_seen = now;
-    }
-}
-
-/// The key of the other direction's entry of the flow `value` (found under `packet`'s tuple)
-/// belongs to. Forward: backend -> client, or -> the SNAT address and port. Reply: client (the
-/// original one under SNAT) -> the frontend address.
-#[inline(always)]
-fn twin_key(value: &ConntrackValue, packet: &Packet) -> ConntrackKey {
-    let masqueraded = value.flags & ct_flags::SNAT != 0;
-    let (translated, nat) =
-        ((value.translated_ip_be, value.translated_port_be), (value.nat_ip_be, value.nat_port_be));
-    let ((src_ip_be, src_port_be), (dst_ip_be, dst_port_be)) = if value.flags & ct_flags::REPLY == 0
-    {
-        let client = if masqueraded { nat } else { (packet.src_ip_be, packet.src_port_be) };
-        (translated, client)
-    } else {
-        let client = if masqueraded { nat } else { (packet.dst_ip_be, packet.dst_port_be) };
-        (client, translated)
-    };
-    ConntrackKey {
-        src_ip_be,
-        dst_ip_be,
-        src_port_be,
-        dst_port_be,
-        proto: packet.proto,
-        pad: [0; 3],
     }
 }
 

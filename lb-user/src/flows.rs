@@ -1,12 +1,14 @@
 //! `flows`: the translated connections the datapath tracks, read from the pinned conntrack map,
 //! as `conntrack -L` shows kube-proxy's: client, the frontend it spoke to, the backend it was
 //! sent to, the source it was masqueraded to, TCP state and idle time. One line per flow, from
-//! its forward entry (each flow also has a reply entry, which says nothing more).
+//! its forward entry; from its reply entry when that is the only one left (the forward entry
+//! evicted, or expired first: only the client's packets refresh it), which the line says, since
+//! the client's next packet would then start a new flow.
 
-use std::fmt::Write as _;
+use std::{collections::HashSet, fmt::Write as _};
 
 use lb_common::{
-    conntrack::is_live,
+    conntrack::{is_live, twin_key},
     maps::{ConntrackKey, ConntrackValue, ct_flags, proto},
 };
 use serde::Serialize;
@@ -31,6 +33,9 @@ pub struct Flow {
     pub state: &'static str,
     /// Seconds since a packet last refreshed the entry (refreshes are at most once a second).
     pub idle_s: u64,
+    /// Only the reply entry is left: replies are still translated, the client's packets are not
+    /// recognised.
+    pub reply_only: bool,
 }
 
 /// The live flows of the datapath pinned under `pins`, by client.
@@ -48,12 +53,36 @@ pub fn of_entries(
     now: u64,
     jiffies_per_second: u32,
 ) -> Vec<Flow> {
-    let mut flows: Vec<(ConntrackKey, Flow)> = entries
+    let live: Vec<_> = entries
         .iter()
-        .filter(|(key, value)| {
-            value.flags & ct_flags::REPLY == 0 && is_live(value, key.proto, now, jiffies_per_second)
+        .filter(|(key, value)| is_live(value, key.proto, now, jiffies_per_second))
+        .collect();
+    let forward_keys: HashSet<ConntrackKey> = live
+        .iter()
+        .filter(|(_, value)| value.flags & ct_flags::REPLY == 0)
+        .map(|(key, _)| *key)
+        .collect();
+    let age = |value: &ConntrackValue| {
+        now.saturating_sub(value.last_seen) / u64::from(jiffies_per_second.max(1))
+    };
+    let mut flows: Vec<(ConntrackKey, Flow)> = live
+        .iter()
+        .filter_map(|(key, value)| {
+            let masqueraded = value.flags & ct_flags::SNAT != 0;
+            if value.flags & ct_flags::REPLY == 0 {
+                let backend = (value.translated_ip_be, value.translated_port_be);
+                let snat = masqueraded.then_some((value.nat_ip_be, value.nat_port_be));
+                return Some((*key, flow(key, value, backend, snat, age(value), false)));
+            }
+            let forward = twin_key(key, value);
+            if forward_keys.contains(&forward) {
+                return None;
+            }
+            // A reply entry's source is the backend; its destination, the SNAT address if any.
+            let backend = (key.src_ip_be, key.src_port_be);
+            let snat = masqueraded.then_some((key.dst_ip_be, key.dst_port_be));
+            Some((forward, flow(&forward, value, backend, snat, age(value), true)))
         })
-        .map(|(key, value)| (*key, flow(key, value, now, jiffies_per_second)))
         .collect();
     flows.sort_by_key(|(key, _)| {
         let order = |ip_be: u32, port_be: u16| (u32::from_be(ip_be), u16::from_be(port_be));
@@ -62,25 +91,33 @@ pub fn of_entries(
     flows.into_iter().map(|(_, flow)| flow).collect()
 }
 
-fn flow(key: &ConntrackKey, value: &ConntrackValue, now: u64, jiffies_per_second: u32) -> Flow {
-    let state = if key.proto != proto::TCP {
+/// The flow whose forward tuple is `forward` (client -> frontend), from one of its entries.
+fn flow(
+    forward: &ConntrackKey,
+    entry: &ConntrackValue,
+    (backend_ip_be, backend_port_be): (u32, u16),
+    snat: Option<(u32, u16)>,
+    idle_s: u64,
+    reply_only: bool,
+) -> Flow {
+    let state = if forward.proto != proto::TCP {
         "-"
-    } else if value.flags & ct_flags::CLOSING != 0 {
+    } else if entry.flags & ct_flags::CLOSING != 0 {
         "closing"
-    } else if value.flags & ct_flags::OPENING != 0 {
+    } else if entry.flags & ct_flags::OPENING != 0 {
         "opening"
     } else {
         "established"
     };
     Flow {
-        protocol: protocol_name(key.proto),
-        client: endpoint(key.src_ip_be, key.src_port_be),
-        frontend: endpoint(key.dst_ip_be, key.dst_port_be),
-        backend: endpoint(value.translated_ip_be, value.translated_port_be),
-        snat: (value.flags & ct_flags::SNAT != 0)
-            .then(|| endpoint(value.nat_ip_be, value.nat_port_be)),
+        protocol: protocol_name(forward.proto),
+        client: endpoint(forward.src_ip_be, forward.src_port_be),
+        frontend: endpoint(forward.dst_ip_be, forward.dst_port_be),
+        backend: endpoint(backend_ip_be, backend_port_be),
+        snat: snat.map(|(ip_be, port_be)| endpoint(ip_be, port_be)),
         state,
-        idle_s: now.saturating_sub(value.last_seen) / u64::from(jiffies_per_second.max(1)),
+        idle_s,
+        reply_only,
     }
 }
 
@@ -94,11 +131,15 @@ pub fn table(flows: &[Flow]) -> String {
     );
     for f in flows {
         let snat = f.snat.as_deref().unwrap_or("-");
+        let state = if f.reply_only { format!("{}*", f.state) } else { f.state.to_owned() };
         let _ = writeln!(
             out,
-            "{:<5} {:<21} {:<21} {:<21} {snat:<21} {:<11} {:>6}",
-            f.protocol, f.client, f.frontend, f.backend, f.state, f.idle_s
+            "{:<5} {:<21} {:<21} {:<21} {snat:<21} {state:<11} {:>6}",
+            f.protocol, f.client, f.frontend, f.backend, f.idle_s
         );
+    }
+    if flows.iter().any(|f| f.reply_only) {
+        out.push_str("* reply entry only: the client's next packet would start a new flow\n");
     }
     out
 }
@@ -136,6 +177,20 @@ mod tests {
         }
     }
 
+    /// The reply entry of a flow from `client` masqueraded to the SNAT address: its NAT fields
+    /// hold the original client.
+    fn masqueraded_reply(
+        vip: [u8; 4],
+        client: [u8; 4],
+        port: u16,
+        last_seen: u64,
+    ) -> ConntrackValue {
+        let mut reply = value(ct_flags::REPLY | ct_flags::SNAT, vip, 80, last_seen);
+        reply.nat_ip_be = u32::from(Ipv4Addr::from(client)).to_be();
+        reply.nat_port_be = port.to_be();
+        reply
+    }
+
     #[test]
     fn forward_entries_become_flows_with_their_state_and_reply_or_dead_entries_do_not() {
         let now = 1_000_000;
@@ -148,10 +203,10 @@ mod tests {
                 key(pod, 40_001, vip, 80, proto::TCP),
                 value(ct_flags::SNAT, backend, 8080, now - 300),
             ),
-            // Its reply entry: no line of its own.
+            // Its reply entry (whose NAT fields hold the original client): no line of its own.
             (
                 key(backend, 8080, [192, 168, 1, 63], 61_000, proto::TCP),
-                value(ct_flags::REPLY | ct_flags::SNAT, vip, 80, now - 300),
+                masqueraded_reply(vip, pod, 40_001, now - 300),
             ),
             (key(pod, 40_000, vip, 80, proto::TCP), value(ct_flags::OPENING, backend, 8080, now)),
             (key(pod, 40_002, vip, 80, proto::TCP), value(ct_flags::CLOSING, backend, 8080, now)),
@@ -178,5 +233,41 @@ mod tests {
             ("10.96.45.10:80", "10.244.2.10:8080", "tcp")
         );
         assert!(table(&flows).lines().nth(2).is_some_and(|l| l.contains("192.168.1.63:61000")));
+        assert!(flows.iter().all(|f| !f.reply_only));
+    }
+
+    #[test]
+    fn a_reply_entry_whose_forward_entry_is_gone_stands_for_its_flow() {
+        let now = 1_000_000;
+        let (pod, vip, backend) = ([10, 244, 1, 5], [10, 96, 45, 10], [10, 244, 2, 10]);
+        let node = [192, 168, 1, 63];
+        let entries = [
+            (key(backend, 8080, pod, 40_003, proto::TCP), value(ct_flags::REPLY, vip, 80, now)),
+            // Masqueraded: the reply entry's destination is the SNAT address.
+            (
+                key(backend, 8080, node, 61_001, proto::TCP),
+                masqueraded_reply(vip, pod, 40_004, now - 200),
+            ),
+        ];
+        let flows = of_entries(&entries, now, RATE);
+        let expected = |port: u16, snat: Option<&str>, idle_s| Flow {
+            protocol: "tcp",
+            client: format!("10.244.1.5:{port}"),
+            frontend: "10.96.45.10:80".into(),
+            backend: "10.244.2.10:8080".into(),
+            snat: snat.map(str::to_owned),
+            state: "established",
+            idle_s,
+            reply_only: true,
+        };
+        assert_eq!(
+            flows,
+            [expected(40_003, None, 0), expected(40_004, Some("192.168.1.63:61001"), 2)]
+        );
+        let text = table(&flows);
+        assert!(text.contains("established*"), "{text}");
+        assert!(
+            text.ends_with("* reply entry only: the client's next packet would start a new flow\n")
+        );
     }
 }
