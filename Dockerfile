@@ -9,7 +9,7 @@ RUN apt-get update \
     && rm -rf /var/lib/apt/lists/*
 # rustup-init itself, from the Rust distribution server (what sh.rustup.rs fetches too).
 RUN curl --proto '=https' --tlsv1.2 -sSf -o /tmp/rustup-init \
-        https://static.rust-lang.org/rustup/dist/x86_64-unknown-linux-gnu/rustup-init \
+        "https://static.rust-lang.org/rustup/dist/$(uname -m)-unknown-linux-gnu/rustup-init" \
     && chmod +x /tmp/rustup-init \
     && /tmp/rustup-init -y --profile minimal --default-toolchain none \
     && rm /tmp/rustup-init

@@ -64,8 +64,9 @@ pub struct Targets {
     /// Pod-facing interfaces: the tc ingress program. A value ending in `*` is a prefix
     /// pattern (see [`crate::interfaces::Selector`]).
     pub tc_ifaces: Vec<String>,
-    /// The cgroup (v2 directory) whose processes get the host path, usually the root
-    /// `/sys/fs/cgroup` so that every node process does.
+    /// The cgroup (v2 directory) whose processes get the host path for their sockets in the
+    /// daemon's network namespace, usually the root `/sys/fs/cgroup` so that every node
+    /// process does.
     pub host_cgroup: Option<std::path::PathBuf>,
 }
 

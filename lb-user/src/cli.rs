@@ -1,11 +1,11 @@
 //! The command line of `lb-user`, here rather than in the binary so that tests can check
 //! argument lists (the DaemonSet's) against it.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use clap::{Parser, Subcommand};
 
-use crate::{attach, pins::DEFAULT_PIN_DIR, trace::Entry};
+use crate::{attach, config::Supplied, pins::DEFAULT_PIN_DIR, trace::Entry};
 
 #[derive(Parser)]
 #[command(version, about = "eBPF/XDP Kubernetes Service load balancer: node daemon and tools")]
@@ -111,8 +111,8 @@ pub struct TargetArgs {
     /// in `*` (`cali*`): `run` attaches to matching interfaces as they appear.
     #[arg(long = "tc-iface", value_name = "IF")]
     tc_ifaces: Vec<String>,
-    /// cgroup v2 directory whose processes reach services through the host path
-    /// (`/sys/fs/cgroup` for the whole node).
+    /// cgroup v2 directory whose processes reach services through the host path when their
+    /// sockets are in the daemon's network namespace (`/sys/fs/cgroup` for the whole node).
     #[arg(long, value_name = "DIR")]
     host_cgroup: Option<PathBuf>,
 }
@@ -125,6 +125,13 @@ impl From<TargetArgs> for attach::Targets {
             host_cgroup: args.host_cgroup,
         }
     }
+}
+
+/// What `run`'s command line says of the node besides its configuration file: its name
+/// (`--node-name`, `NODE_NAME`), and whether its Node object supplies its addresses (it does
+/// when the daemon watches the API, that is without `--manifests`).
+pub fn supplied(node_name: Option<String>, manifests: Option<&Path>) -> Supplied {
+    Supplied { node_name, node_ips_from_api: manifests.is_none() }
 }
 
 /// `--metrics-address`, `--healthz-address`: an address, or `none`.

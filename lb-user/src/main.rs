@@ -6,8 +6,8 @@ use anyhow::{Context as _, bail};
 use clap::Parser as _;
 use lb_user::{
     attach,
-    cli::{Cli, Command},
-    config::{NodeConfig, Supplied},
+    cli::{self, Cli, Command},
+    config::NodeConfig,
     daemon, flows,
     loader::Capacities,
     manifest, model,
@@ -37,8 +37,7 @@ fn main() -> anyhow::Result<()> {
             metrics_address,
             healthz_address,
         } => {
-            // Without manifests the daemon watches its Node, whose addresses it then uses.
-            let supplied = Supplied { node_name, node_ips_from_api: manifests.is_none() };
+            let supplied = cli::supplied(node_name, manifests.as_deref());
             let node_config = NodeConfig::from_file_with(&node_config, &supplied)?;
             let source = match manifests {
                 Some(dir) => daemon::Source::Manifests(dir),

@@ -7,7 +7,7 @@
 
 use std::path::Path;
 
-use clap::Parser as _;
+use clap::{CommandFactory as _, Parser as _};
 use k8s_openapi::api::{
     apps::v1::DaemonSet,
     core::v1::{ConfigMap, Container, PodSpec, ServiceAccount, Volume},
@@ -16,8 +16,8 @@ use k8s_openapi::api::{
 use lb_tests::deploy::{self, object};
 use lb_user::{
     attach,
-    cli::{Cli, Command},
-    config::{NodeConfig, Supplied},
+    cli::{self, Cli, Command},
+    config::NodeConfig,
     kube_source,
 };
 
@@ -30,13 +30,12 @@ fn container(pod: &PodSpec) -> &Container {
     &pod.containers[0]
 }
 
-/// The host directory mounted where `path` lies in the container, and whether the mount
-/// propagates both ways.
-fn host_path_under(pod: &PodSpec, path: &Path) -> (String, bool) {
+/// The host directory mounted where `path` lies in the container, and the mount's propagation.
+fn host_path_under<'a>(pod: &'a PodSpec, path: &Path) -> (&'a str, Option<&'a str>) {
     let (volume, mount) = volume_under(pod, path);
     let host =
         volume.host_path.as_ref().unwrap_or_else(|| panic!("{}: not a hostPath", path.display()));
-    (host.path.clone(), mount.mount_propagation.as_deref() == Some("Bidirectional"))
+    (&host.path, mount.mount_propagation.as_deref())
 }
 
 fn volume_under<'a>(
@@ -123,17 +122,23 @@ fn the_daemonset_runs_the_daemon_as_its_command_line_and_configuration_expect() 
     let text = deploy::node_config_text();
     let error = NodeConfig::from_yaml_str(&text).expect_err("no node is named in the file");
     assert!(error.to_string().starts_with("nodeName is missing"), "{error}");
-    let supplied = Supplied { node_name: Some("node-a".into()), node_ips_from_api: true };
+    // As the daemon completes it from this command line and the pod's NODE_NAME.
+    let supplied = cli::supplied(Some("node-a".into()), manifests.as_deref());
     NodeConfig::from_yaml_str_with(&text, &supplied)
         .unwrap_or_else(|e| panic!("the ConfigMap's node.yaml: {e}"));
     let env = container.env.as_deref().unwrap_or_default();
     let node_name = env.iter().find(|e| e.name == "NODE_NAME").expect("NODE_NAME is set");
     let field = node_name.value_from.as_ref().and_then(|v| v.field_ref.as_ref());
     assert_eq!(field.map(|f| f.field_path.as_str()), Some("spec.nodeName"));
+    let command = Cli::command();
+    let run = command.find_subcommand("run").expect("run");
+    let name_argument = run.get_arguments().find(|a| a.get_id() == "node_name");
+    let read_from = name_argument.and_then(|a| a.get_env());
+    assert_eq!(read_from, Some("NODE_NAME".as_ref()), "--node-name reads NODE_NAME");
 
     // Pins made in the pod must outlive it (a restarted daemon adopts them); the cgroup hooks
     // go on the host's cgroup tree, not the container's.
-    assert_eq!(host_path_under(pod, &pin_dir), ("/sys/fs/bpf".to_owned(), true));
+    assert_eq!(host_path_under(pod, &pin_dir), ("/sys/fs/bpf", Some("HostToContainer")));
     let bpffs_volume = &volume_under(pod, &pin_dir).0.name;
     let mounts_bpffs = pod.init_containers.as_deref().unwrap_or_default().iter().any(|init| {
         let privileged = init.security_context.as_ref().and_then(|s| s.privileged);
@@ -151,13 +156,17 @@ fn the_daemonset_runs_the_daemon_as_its_command_line_and_configuration_expect() 
     let privileged = container.security_context.as_ref().and_then(|s| s.privileged);
     assert_eq!(privileged, Some(true), "BPF programs, links and pins");
 
-    let probe = container.liveness_probe.as_ref().and_then(|p| p.http_get.as_ref());
-    let probe = probe.expect("an HTTP liveness probe");
-    assert_eq!(probe.path.as_deref(), Some("/livez"));
     let healthz = healthz_address.0.expect("/healthz served");
-    assert_eq!(
-        probe.port,
-        k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(healthz.port().into()),
-        "the probe asks the port the daemon answers on"
-    );
+    for (kind, probe) in
+        [("liveness", &container.liveness_probe), ("startup", &container.startup_probe)]
+    {
+        let probe = probe.as_ref().and_then(|p| p.http_get.as_ref());
+        let probe = probe.unwrap_or_else(|| panic!("an HTTP {kind} probe"));
+        assert_eq!(probe.path.as_deref(), Some("/livez"), "{kind}");
+        assert_eq!(
+            probe.port,
+            k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(healthz.port().into()),
+            "the {kind} probe asks the port the daemon answers on"
+        );
+    }
 }

@@ -19,7 +19,8 @@ use lb_tests::{
     topology::{NODE_IP, Topology, tcp_request},
 };
 use lb_user::{
-    config::{NodeConfig, Supplied},
+    cli,
+    config::NodeConfig,
     daemon::{ScriptedClient, Source},
     kube_source::api_server::{self, ApiServer, NODE, Resource},
 };
@@ -155,7 +156,7 @@ fn a_daemonset_pod_takes_its_addresses_from_its_node() {
     let pins = TestPins::new();
     let (runtime, client, mut server) = scripted_api();
     let (services, slices) = example_objects();
-    let supplied = Supplied { node_name: Some(NODE.to_owned()), node_ips_from_api: true };
+    let supplied = cli::supplied(Some(NODE.to_owned()), None);
     let node_config = NodeConfig::from_yaml_str_with(&deploy::node_config_text(), &supplied)
         .expect("the ConfigMap's node configuration");
     assert!(node_config.node_ips.is_empty(), "no address in the file");

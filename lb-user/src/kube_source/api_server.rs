@@ -297,3 +297,27 @@ impl WatchStream {
         drop(self.sender);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+
+    use super::Resource;
+
+    /// The server answers only what it knows and panics at anything else the source requests;
+    /// the daemon's RBAC role is checked against `watched_resources`. Both must name the same.
+    #[test]
+    fn it_serves_exactly_what_the_source_says_it_watches() {
+        let served: BTreeSet<_> = [Resource::Services, Resource::Slices, Resource::Node]
+            .map(|resource| resource.path().to_owned())
+            .into();
+        let watched: BTreeSet<_> = super::super::watched_resources()
+            .into_iter()
+            .map(|(group, resource)| match group {
+                "" => format!("/api/v1/{resource}"),
+                group => format!("/apis/{group}/v1/{resource}"),
+            })
+            .collect();
+        assert_eq!(served, watched);
+    }
+}

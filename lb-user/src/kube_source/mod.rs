@@ -168,8 +168,9 @@ impl KubeSource {
 
     /// Waits until the first list of Services and of EndpointSlices has completed. The daemon
     /// must not reconcile before: an empty store would unprogram everything an earlier daemon
-    /// left in the maps. The Node is not waited for: its addresses only refine the configured
-    /// ones, and a wrong node name must not stop the node from serving.
+    /// left in the maps. The Node is not waited for here: where the configuration lists the
+    /// node's addresses, the Node's only refine them, and a wrong node name must not stop the
+    /// node from serving ([`KubeSource::node_addressed`] waits where it does not).
     pub async fn ready(&self) -> Result<()> {
         let (services, slices) =
             tokio::join!(listed(&self.services_listed), listed(&self.slices_listed));
