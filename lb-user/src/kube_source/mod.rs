@@ -117,7 +117,8 @@ pub struct KubeSource {
     node_name: String,
     /// The IPv4 addresses the Node last reported, kept while it reports none or is gone for a
     /// moment (deleted and registered again): the node's NodePorts and SNAT address stay.
-    node_ips: Mutex<Vec<Ipv4Addr>>,
+    /// Updated at every Node event, not only when a sync reads them.
+    node_ips: watch::Receiver<Vec<Ipv4Addr>>,
     /// The watcher tasks; a `JoinSet` aborts them when dropped.
     _watchers: JoinSet<()>,
 }
@@ -149,11 +150,24 @@ impl KubeSource {
             nudge.clone(),
             move |event| lock(&held).on_slice(event),
         );
+        let (node_ips_sender, node_ips) = watch::channel(Vec::new());
+        let this_node = ObjectRef::new(node_name);
         let node = spawn_reflector(
             &mut watchers,
             Api::<Node>::all(client),
             watcher::Config::default().fields(&format!("metadata.name={node_name}")),
             nudge,
+            move |store| {
+                let reported = store.get(&this_node).map(|node| node_ipv4_addresses(&node));
+                let reported = reported.unwrap_or_default();
+                if !reported.is_empty() {
+                    node_ips_sender.send_if_modified(|known| {
+                        let changed = *known != reported;
+                        *known = reported;
+                        changed
+                    });
+                }
+            },
         );
         Self {
             objects,
@@ -161,7 +175,7 @@ impl KubeSource {
             slices_listed,
             node,
             node_name: node_name.to_owned(),
-            node_ips: Mutex::default(),
+            node_ips,
             _watchers: watchers,
         }
     }
@@ -211,27 +225,23 @@ impl KubeSource {
     /// reports, or the last ones it reported (none before it has).
     pub fn node(&self) -> (Option<Node>, Vec<Ipv4Addr>) {
         let node = self.node.get(&ObjectRef::new(&self.node_name)).map(|node| (*node).clone());
-        let mut known = lock(&self.node_ips);
-        let reported = node.as_ref().map(node_ipv4_addresses).unwrap_or_default();
-        if !reported.is_empty() {
-            *known = reported;
-        }
-        (node, known.clone())
+        (node, self.node_ips.borrow().clone())
     }
 
     /// Waits until this node's Node has reported an IPv4 address, warning every 30 s meanwhile
     /// (a wrong node name, or a Node the kubelet has not registered yet).
     pub async fn node_addressed(&self) {
-        const POLL: Duration = Duration::from_millis(100);
-        const WARN_EVERY: u32 = 300;
-        for polls in 1u32.. {
-            if !self.node().1.is_empty() {
-                return;
+        const WARN_EVERY: Duration = Duration::from_secs(30);
+        let mut reported = self.node_ips.clone();
+        loop {
+            let addressed = reported.wait_for(|ips| !ips.is_empty());
+            match tokio::time::timeout(WARN_EVERY, addressed).await {
+                // Addressed, or the watchers are gone (only when the source is dropped).
+                Ok(_) => return,
+                Err(_) => {
+                    warn!(node = %self.node_name, "still no IPv4 address from the Node object; nothing is programmed before one");
+                }
             }
-            if polls % WARN_EVERY == 0 {
-                warn!(node = %self.node_name, "still no IPv4 address from the Node object; nothing is programmed before one");
-            }
-            tokio::time::sleep(POLL).await;
         }
     }
 }
@@ -277,24 +287,28 @@ where
     receiver
 }
 
-/// Runs a watcher of `api` into a new reflector store; returns the store.
+/// Runs a watcher of `api` into a new reflector store; returns the store. `changed` sees the
+/// store after every event that changed it, before the daemon is nudged.
 fn spawn_reflector<K>(
     watchers: &mut JoinSet<()>,
     api: Api<K>,
     config: watcher::Config,
     nudge: mpsc::Sender<()>,
+    changed: impl Fn(&Store<K>) + Send + 'static,
 ) -> Store<K>
 where
     K: kube::Resource<DynamicType = ()> + k8s_openapi::Resource,
     K: Clone + std::fmt::Debug + DeserializeOwned + Send + Sync + 'static,
 {
     let (store, writer) = reflector::store();
+    let seen = store.clone();
     let events = watcher(api, config).default_backoff().reflect(writer);
     watchers.spawn(events.for_each(move |event| {
         // The reflector has applied the event by the time it reaches here; a list in progress
         // is buffered by the reflector and has not changed the store yet.
         match event {
             Ok(watcher::Event::Apply(_) | watcher::Event::Delete(_) | watcher::Event::InitDone) => {
+                changed(&seen);
                 nudge_daemon(&nudge);
             }
             Ok(watcher::Event::Init | watcher::Event::InitApply(_)) => {}
@@ -327,6 +341,6 @@ fn is_gone(error: &watcher::Error) -> bool {
 
 /// The objects' lock. A watcher that panicked holding it left at worst one event half recorded,
 /// which the periodic full resync repairs; stopping every later sync would not.
-fn lock<T>(held: &Mutex<T>) -> MutexGuard<'_, T> {
-    held.lock().unwrap_or_else(PoisonError::into_inner)
+fn lock(objects: &Mutex<Objects>) -> MutexGuard<'_, Objects> {
+    objects.lock().unwrap_or_else(PoisonError::into_inner)
 }
