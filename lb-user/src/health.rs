@@ -144,15 +144,14 @@ pub struct HealthCheckServers {
 
 struct Server {
     service: ServiceName,
-    /// Where it listens (one listener each).
-    addresses: Vec<Ipv4Addr>,
     local_endpoints: Arc<AtomicUsize>,
-    tasks: Vec<JoinHandle<()>>,
+    /// One listener task per address it listens on.
+    listeners: BTreeMap<Ipv4Addr, JoinHandle<()>>,
 }
 
 impl Drop for Server {
     fn drop(&mut self) {
-        for task in &self.tasks {
+        for task in self.listeners.values() {
             task.abort();
         }
     }
@@ -165,9 +164,10 @@ impl HealthCheckServers {
     }
 
     /// Serves exactly `checks` on `addresses` (see `NodeConfig::health_check_addresses`): new
-    /// ports are bound, gone ones closed, counts updated, and every port bound again when the
-    /// addresses change. A port that cannot be bound (in use) is logged and tried again at the
-    /// next update. Call it in a Tokio runtime.
+    /// ports are bound, gone ones closed, counts updated; when the addresses change, each port
+    /// stops listening on the ones that went and starts on the new ones, and keeps the rest
+    /// open. A port that cannot be bound (in use) is logged and tried again at the next update.
+    /// Call it in a Tokio runtime.
     pub fn update(&mut self, checks: &BTreeMap<ServiceName, HealthCheck>, addresses: &[Ipv4Addr]) {
         let mut wanted: BTreeMap<u16, (&ServiceName, usize)> = BTreeMap::new();
         for (service, check) in checks {
@@ -179,57 +179,62 @@ impl HealthCheckServers {
             wanted.insert(check.node_port, (service, check.local_endpoints));
         }
         self.servers.retain(|port, server| {
-            let keep = wanted.get(port).is_some_and(|(service, _)| **service == server.service)
-                && server.addresses == addresses;
+            let keep = wanted.get(port).is_some_and(|(service, _)| **service == server.service);
             if !keep {
                 info!(port, service = %server.service, "health check node port closed");
             }
             keep
         });
         for (port, (service, count)) in wanted {
-            if let Some(server) = self.servers.get(&port) {
-                server.local_endpoints.store(count, Ordering::Relaxed);
-                continue;
-            }
-            match self.start(port, service, count, addresses) {
-                Ok(server) => {
-                    info!(port, %service, local_endpoints = count, "serving a health check node port");
-                    self.servers.insert(port, server);
+            let server = self.servers.entry(port).or_insert_with(|| {
+                info!(port, %service, local_endpoints = count, "serving a health check node port");
+                Server {
+                    service: service.clone(),
+                    local_endpoints: Arc::new(AtomicUsize::new(count)),
+                    listeners: BTreeMap::new(),
                 }
-                Err(error) => {
-                    warn!(port, %service, %error, "cannot serve the health check node port");
+            });
+            server.local_endpoints.store(count, Ordering::Relaxed);
+            server.listeners.retain(|address, task| {
+                let keep = addresses.contains(address);
+                if !keep {
+                    task.abort();
+                }
+                keep
+            });
+            for &address in addresses {
+                if server.listeners.contains_key(&address) {
+                    continue;
+                }
+                match listen(server, &self.proxy_health, SocketAddr::from((address, port))) {
+                    Ok(task) => {
+                        server.listeners.insert(address, task);
+                    }
+                    Err(error) => {
+                        warn!(port, %address, %service, %error, "cannot serve the health check node port");
+                    }
                 }
             }
         }
     }
+}
 
-    fn start(
-        &self,
-        port: u16,
-        service: &ServiceName,
-        count: usize,
-        addresses: &[Ipv4Addr],
-    ) -> std::io::Result<Server> {
-        let mut server = Server {
-            service: service.clone(),
-            addresses: addresses.to_vec(),
-            local_endpoints: Arc::new(AtomicUsize::new(count)),
-            tasks: Vec::new(),
-        };
-        for &address in addresses {
-            let socket = TcpSocket::new_v4()?;
-            // A port closed and opened again must not wait for its old connections' TIME_WAIT.
-            socket.set_reuseaddr(true)?;
-            socket.bind(SocketAddr::from((address, port)))?;
-            let listener = socket.listen(128)?;
-            let (name, health) = (service.clone(), Arc::clone(&self.proxy_health));
-            let endpoints = Arc::clone(&server.local_endpoints);
-            server.tasks.push(http::serve(listener, "health check", move |_request| {
-                answer(&name, endpoints.load(Ordering::Relaxed), health.is_healthy())
-            }));
-        }
-        Ok(server)
-    }
+/// Serves `server`'s answers on `address`.
+fn listen(
+    server: &Server,
+    proxy_health: &Arc<ProxyHealth>,
+    address: SocketAddr,
+) -> std::io::Result<JoinHandle<()>> {
+    let socket = TcpSocket::new_v4()?;
+    // A port closed and opened again must not wait for its old connections' TIME_WAIT.
+    socket.set_reuseaddr(true)?;
+    socket.bind(address)?;
+    let listener = socket.listen(128)?;
+    let (name, health) = (server.service.clone(), Arc::clone(proxy_health));
+    let endpoints = Arc::clone(&server.local_endpoints);
+    Ok(http::serve(listener, "health check", move |_request| {
+        answer(&name, endpoints.load(Ordering::Relaxed), health.is_healthy())
+    }))
 }
 
 /// kube-proxy's answer (`pkg/proxy/healthcheck/service_health.go`), whatever the path.
@@ -316,5 +321,33 @@ mod tests {
         let unsynced = answer(&web, 2, false);
         assert_eq!(unsynced.status(), StatusCode::SERVICE_UNAVAILABLE);
         assert_eq!(body(unsynced).await["serviceProxyHealthy"], false);
+    }
+
+    #[tokio::test]
+    async fn new_addresses_leave_the_listeners_of_those_that_stay_alone() {
+        // A port nothing else holds on loopback.
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|probe| probe.local_addr())
+            .expect("a free port")
+            .port();
+        let mut servers = HealthCheckServers::new(ProxyHealth::new(Duration::from_secs(60)));
+        let service = ServiceName::new("default", "web");
+        let checks =
+            BTreeMap::from([(service, HealthCheck { node_port: port, local_endpoints: 1 })]);
+        let (one, two) = (Ipv4Addr::LOCALHOST, Ipv4Addr::new(127, 0, 0, 2));
+        let listener_ids = |servers: &HealthCheckServers| -> BTreeMap<Ipv4Addr, tokio::task::Id> {
+            servers.servers[&port].listeners.iter().map(|(a, task)| (*a, task.id())).collect()
+        };
+
+        servers.update(&checks, &[one]);
+        let first = listener_ids(&servers)[&one];
+        servers.update(&checks, &[one, two]);
+        let ids = listener_ids(&servers);
+        assert_eq!(ids[&one], first, "the listener on the address that stays was restarted");
+        assert_eq!(ids.len(), 2);
+        tokio::net::TcpStream::connect((two, port)).await.expect("the new address listens");
+
+        servers.update(&checks, &[two]);
+        assert_eq!(listener_ids(&servers).keys().copied().collect::<Vec<_>>(), [two]);
     }
 }
