@@ -8,16 +8,9 @@ pub fn path() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/lb-xdp.yaml")
 }
 
-/// Every document of the file, as JSON (the form the API server takes them in).
+/// Every document of the file, as JSON.
 pub fn documents() -> Vec<serde_json::Value> {
-    let text = std::fs::read_to_string(path()).expect("reading deploy/lb-xdp.yaml");
-    serde_yaml::Deserializer::from_str(&text)
-        .map(|document| {
-            let value: serde_yaml::Value = serde::Deserialize::deserialize(document)
-                .unwrap_or_else(|e| panic!("deploy/lb-xdp.yaml: {e}"));
-            serde_json::to_value(value).expect("YAML that is JSON too")
-        })
-        .collect()
+    crate::manifests::json_documents(&path())
 }
 
 /// The one document of `K`'s kind, as `K`. A field `K` does not know (a typo the API server

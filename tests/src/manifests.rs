@@ -1,5 +1,5 @@
 //! A copy of the example manifests that a test may edit while a daemon watches it, removed on
-//! drop.
+//! drop; and multi-document YAML files read as the API server takes objects.
 
 use std::path::{Path, PathBuf};
 
@@ -44,4 +44,18 @@ impl Drop for ManifestDir {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.0);
     }
+}
+
+/// Every document of the YAML file at `path`, as JSON (the form the API server takes objects
+/// in).
+pub fn json_documents(path: &Path) -> Vec<serde_json::Value> {
+    let text =
+        std::fs::read_to_string(path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
+    serde_yaml::Deserializer::from_str(&text)
+        .map(|document| {
+            let value: serde_yaml::Value = serde::Deserialize::deserialize(document)
+                .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+            serde_json::to_value(value).expect("YAML that is JSON too")
+        })
+        .collect()
 }

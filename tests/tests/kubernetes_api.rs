@@ -15,6 +15,7 @@ use lb_tests::{
         examples, http_get, scrape_metrics, wait_for, wait_for_backends,
     },
     deploy,
+    manifests::json_documents,
     pins::TestPins,
     topology::{NODE_IP, Topology, tcp_request},
 };
@@ -30,10 +31,8 @@ use serde_json::{Value, json};
 /// resource version.
 fn example_objects() -> (Vec<Value>, Vec<Value>) {
     let path = examples().join("manifests/seed-tutorial.yaml");
-    let text = std::fs::read_to_string(&path).expect("the example manifests");
     let (mut services, mut slices) = (Vec::new(), Vec::new());
-    for document in text.split("\n---\n") {
-        let mut object: Value = serde_yaml::from_str(document).expect("a manifest document");
+    for mut object in json_documents(&path) {
         object["metadata"]["resourceVersion"] = json!("1");
         match object["kind"].as_str() {
             Some("Service") => services.push(object),
