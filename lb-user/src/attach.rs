@@ -26,6 +26,7 @@ use crate::{
     loader::program_mut,
     pins::{HOST_IFACE, NetlinkTcRecord, PinLayout, TcRole, XDP_HOOK},
     program_names,
+    resize::Resizing,
 };
 
 /// How a program ended up attached.
@@ -114,14 +115,21 @@ pub fn load_and_attach(
         return Err(Error::AlreadyLoaded(pins.root().into()));
     }
     let fresh = !pins.root().exists();
-    let attached = crate::loader::load_pinned(pins, capacities)
-        .and_then(|mut ebpf| attach_all(&mut ebpf, pins, targets));
+    // Maps pinned without programs (left by a partial unload) are adopted, resized if need be.
+    let mut resizing = Resizing::begin(pins, capacities)?;
+    let attached = crate::loader::load_pinned(pins, capacities).and_then(|mut ebpf| {
+        resizing.copy()?;
+        attach_all(&mut ebpf, pins, targets)
+    });
     if attached.is_err() {
+        resizing.abandon();
         let cleanup = if fresh { unload(pins) } else { remove_attachments(pins) };
         if let Err(error) = cleanup {
             warn!(%error, "could not undo a partial load");
         }
+        return attached;
     }
+    resizing.finish()?;
     attached
 }
 
@@ -333,6 +341,7 @@ pub fn unload(pins: &PinLayout) -> Result<Vec<String>> {
     let mut removed = remove_attachments(pins)?;
     for name in crate::loader::MAP_NAMES {
         removed.extend(remove_pin(&pins.map(name))?);
+        removed.extend(remove_pin(&pins.map_set_aside(name))?);
     }
     for dir in [pins.links_dir(), pins.programs_dir(), pins.maps_dir(), pins.root().to_path_buf()] {
         match std::fs::remove_dir(&dir) {

@@ -25,13 +25,14 @@ use crate::{
     health::{self, HealthCheckServers, ProxyHealth},
     interfaces::{self, Follower},
     kube_source::{self, Changes, KubeSource},
+    loader::Capacities,
     manifest,
     maps::KernelMaps,
     metrics::{self, Metrics},
     model::{ServiceModel, ServiceName},
     pins::PinLayout,
     reconcile::{DatapathState, Reconciler, Report, SlotMode},
-    upgrade,
+    resize, upgrade,
 };
 
 /// Where Services and EndpointSlices come from.
@@ -116,7 +117,8 @@ pub async fn run_until(
         Arc::clone(&metrics),
     )?;
     let programmed = DatapathState::read(&maps)?;
-    let reconciler = reconciler_for(programmed, &options.node_config);
+    let capacities = Capacities::pinned(&options.pins)?;
+    let reconciler = reconciler_for(programmed, &options.node_config, &capacities);
     let (nudge, mut nudges) = mpsc::channel(16);
     tokio::pin!(shutdown);
     let objects = match &options.source {
@@ -156,6 +158,7 @@ pub async fn run_until(
             plane = ControlPlane::new(reconciler_for(
                 DatapathState::read(&maps)?,
                 &options.node_config,
+                &capacities,
             ));
         }
         let resync = tokio::time::sleep(options.resync);
@@ -232,24 +235,31 @@ async fn kubernetes_objects(
     Ok(Some(Objects::Kubernetes(Box::new(source))))
 }
 
-fn reconciler_for(programmed: DatapathState, node: &NodeConfig) -> Reconciler {
-    Reconciler::with_capacities(programmed, SlotMode::of(node), &node.map_capacities)
+/// A reconciler for maps of the pinned `capacities`.
+fn reconciler_for(
+    programmed: DatapathState,
+    node: &NodeConfig,
+    capacities: &Capacities,
+) -> Reconciler {
+    Reconciler::with_capacities(programmed, SlotMode::of(node), capacities)
 }
 
 /// Attaches a fresh datapath, or adopts the one pinned by an earlier daemon, with this
 /// binary's programs in place of any older ones.
 fn attach_or_adopt(options: &Options) -> Result<KernelMaps> {
+    resize::restore_unstarted(&options.pins)?;
     if options.pins.is_loaded() {
         info!(pin_dir = %options.pins.root().display(), "adopting the pinned datapath");
         // Opening the maps checks their layout, before programs that assume this binary's
         // layout go near them.
-        let maps = KernelMaps::from_pins(&options.pins)?;
+        KernelMaps::from_pins(&options.pins)?;
         // A link left on an interface that went away while no daemon ran cannot be updated.
         for removed in interfaces::remove_stale(&options.pins)? {
             info!("{removed}");
         }
-        upgrade::replace_outdated_programs(&options.pins)?;
-        return Ok(maps);
+        upgrade::replace_outdated_programs(&options.pins, &options.node_config.map_capacities)?;
+        // Reopened: a resized map is a new map.
+        return KernelMaps::from_pins(&options.pins);
     }
     for attachment in attach::load_and_attach(
         &options.pins,

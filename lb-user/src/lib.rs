@@ -31,6 +31,7 @@ pub mod metrics;
 pub mod model;
 pub mod pins;
 pub mod reconcile;
+pub mod resize;
 pub mod scenario;
 pub mod stats;
 pub mod status;

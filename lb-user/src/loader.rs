@@ -53,6 +53,32 @@ impl Capacities {
         self.backend_slots.unwrap_or(capacity::BACKEND_SLOTS)
     }
 
+    /// The size map `name` is to have, for the maps whose size can be chosen.
+    pub fn of(&self, name: &str) -> Option<u32> {
+        match name {
+            names::SERVICES | names::SERVICE_STATS => Some(self.services()),
+            names::BACKENDS => Some(self.backends()),
+            names::BACKEND_SLOTS => Some(self.backend_slots()),
+            names::CONNTRACK => Some(self.conntrack.unwrap_or(capacity::CONNTRACK)),
+            names::AFFINITY => Some(self.affinity.unwrap_or(capacity::AFFINITY)),
+            _ => None,
+        }
+    }
+
+    /// The sizes of the maps pinned under `pins`: what the datapath has room for, whatever the
+    /// configuration asks (a map the daemon programs is never shrunk in place, see
+    /// [`crate::resize`]).
+    pub fn pinned(pins: &PinLayout) -> Result<Self> {
+        let entries = |name| pinned_entries(name, &pins.map(name));
+        Ok(Self {
+            services: Some(entries(names::SERVICES)?.min(entries(names::SERVICE_STATS)?)),
+            backends: Some(entries(names::BACKENDS)?),
+            backend_slots: Some(entries(names::BACKEND_SLOTS)?),
+            conntrack: Some(entries(names::CONNTRACK)?),
+            affinity: Some(entries(names::AFFINITY)?),
+        })
+    }
+
     /// (map, entries) for every map whose size was chosen.
     fn overrides(&self) -> Vec<(&'static str, u32)> {
         let services = self.services.map(|n| [(names::SERVICES, n), (names::SERVICE_STATS, n)]);
@@ -65,6 +91,13 @@ impl Capacities {
             .chain(self.affinity.map(|n| (names::AFFINITY, n)))
             .collect()
     }
+}
+
+/// The size of map `name` pinned at `pin`, in entries.
+pub fn pinned_entries(name: &str, pin: &std::path::Path) -> Result<u32> {
+    let info = aya::maps::MapInfo::from_pin(pin)
+        .map_err(|source| Error::Map { name: name.to_owned(), source: Box::new(source) })?;
+    Ok(info.max_entries())
 }
 
 /// Loads the object with private maps: nothing pinned, nothing attached. For tests and `trace`.

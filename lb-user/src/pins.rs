@@ -87,6 +87,12 @@ impl PinLayout {
         self.maps_dir().join(name)
     }
 
+    /// Where map `name` waits while a map of another size takes its place (see
+    /// [`crate::resize`]). bpffs refuses names with a dot.
+    pub fn map_set_aside(&self, name: &str) -> PathBuf {
+        self.maps_dir().join(format!("{name}-resizing"))
+    }
+
     pub fn programs_dir(&self) -> PathBuf {
         self.root.join("programs")
     }

@@ -4,7 +4,8 @@
 //! tag: a hash of the instructions, map references left out) is replaced on every one of its
 //! attachments in place, without a moment detached: `BPF_LINK_UPDATE` for XDP, tcx and cgroup
 //! links, a netlink replace of the same filter for cls_bpf. The new programs use the pinned
-//! maps, so established flows carry on.
+//! maps, so established flows carry on. When a map changes size (see [`crate::resize`]), every
+//! program moves to the new maps this way, whatever its code.
 
 use std::{fs, mem::ManuallyDrop, path::Path};
 
@@ -23,14 +24,24 @@ use crate::{
     loader,
     pins::{NetlinkTcRecord, PinLayout, program_of_link},
     program_names,
+    resize::Resizing,
 };
 
-/// Loads this binary's programs against the pinned maps and puts each one whose code differs
-/// from the pinned program's in its place, and logs each. Programs with the same code stay as
-/// they are.
-pub fn replace_outdated_programs(pins: &PinLayout) -> Result<()> {
-    // The capacities do not matter: adopted maps keep their pinned sizes.
-    let mut ebpf = loader::load_pinned(pins, &loader::Capacities::default())?;
+/// Loads this binary's programs against the pinned maps, resized to `capacities` where they
+/// differ, and puts each one whose code differs from the pinned program's in its place (every
+/// one, if a map was resized), and logs each. Programs with the same code stay as they are.
+pub fn replace_outdated_programs(pins: &PinLayout, capacities: &loader::Capacities) -> Result<()> {
+    let mut resizing = Resizing::begin(pins, capacities)?;
+    let loaded =
+        loader::load_pinned(pins, capacities).and_then(|ebpf| resizing.copy().map(|()| ebpf));
+    let mut ebpf = match loaded {
+        Ok(ebpf) => ebpf,
+        Err(error) => {
+            resizing.abandon();
+            return Err(error);
+        }
+    };
+    // From here a failure leaves the move to the next start: some programs may use the new maps.
     for name in program_names::ALL {
         let program = ebpf.program_mut(name).ok_or(Error::MissingProgram(name))?;
         let new = program.info().map_err(program_error(name, "reading the loaded program"))?;
@@ -42,14 +53,14 @@ pub fn replace_outdated_programs(pins: &PinLayout) -> Result<()> {
             continue;
         }
         let old = ProgramInfo::from_pin(&pin).map_err(program_error(name, "opening the pin"))?;
-        if old.tag() == new.tag() {
+        if old.tag() == new.tag() && resizing.is_empty() {
             continue;
         }
         let attachments = relink(program, name, pins)?;
         let (old_id, new_id) = (old.id(), new.id());
-        info!(program = name, old_id, new_id, attachments, "replaced an outdated program");
+        info!(program = name, old_id, new_id, attachments, "replaced a pinned program");
     }
-    Ok(())
+    resizing.finish()
 }
 
 /// Points every pinned attachment of program `name` at `program` (loaded, of the same type)

@@ -186,7 +186,8 @@ fn pinned_maps_keep_their_size_when_a_later_load_asks_for_another() {
     let pins = TestPins::new();
     let small = Capacities { conntrack: Some(4096), ..Capacities::default() };
     drop(loader::load_pinned(pins.layout(), &small).expect("a load that pins its maps"));
-    // An upgraded daemon loads its programs with the default sizes against these maps.
+    // The loader adopts a pinned map at its size whatever it is asked; resizing one is
+    // `lb_user::resize`'s part, which moves it aside first (tests/upgrade.rs).
     drop(loader::load_pinned(pins.layout(), &Capacities::default()).expect("adopting them"));
     let conntrack = aya::maps::MapInfo::from_pin(pins.layout().map(names::CONNTRACK))
         .expect("the pinned conntrack map");

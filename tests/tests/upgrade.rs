@@ -3,17 +3,21 @@
 //! code are left alone, the maps stay, and connections established before the upgrade keep
 //! their backends. The older version is played by stand-in programs (pass everything) put on
 //! the pinned XDP and tc attachments while no daemon runs; a program it did not have is pinned.
+//!
+//! A restart with other map capacities resizes the pinned maps the same way: every program moves
+//! to new maps filled from the old ones, and the flows carry on.
 
 use std::{collections::BTreeMap, net::SocketAddr};
 
-use aya::programs::ProgramInfo;
+use aya::{maps::MapInfo, programs::ProgramInfo};
+use lb_common::maps::names;
 use lb_tests::{
-    daemon::{RunningDaemon, examples},
+    daemon::{RunningDaemon, default_targets, example_node_config, examples},
     pins::TestPins,
     stand_in,
     topology::{NODE_IP, Topology, exchange, long_lived, tcp_request},
 };
-use lb_user::{loader, pins::PinLayout, program_names};
+use lb_user::{loader, maps::copy::move_pin, pins::PinLayout, program_names, status};
 
 fn addr(text: &str) -> SocketAddr {
     text.parse().expect("socket address")
@@ -91,4 +95,123 @@ fn an_upgrade_replaces_outdated_programs_in_place_and_established_flows_keep_the
     assert_eq!(pinned(pins.layout()), upgraded, "a restart of the same version keeps its programs");
     assert_eq!(exchange(&mut east_west), backends.0, "after a restart of the same version");
     drop(daemon);
+}
+
+/// The maps whose size the node configuration chooses.
+const SIZED_MAPS: [&str; 6] = [
+    names::SERVICES,
+    names::SERVICE_STATS,
+    names::BACKENDS,
+    names::BACKEND_SLOTS,
+    names::CONNTRACK,
+    names::AFFINITY,
+];
+
+/// (map id, entries) of every map whose size can be chosen, as pinned.
+fn sized_maps(pins: &PinLayout) -> BTreeMap<&'static str, (u32, u32)> {
+    SIZED_MAPS
+        .into_iter()
+        .map(|name| {
+            let info = MapInfo::from_pin(pins.map(name)).expect("a pinned map");
+            (name, (info.id(), info.max_entries()))
+        })
+        .collect()
+}
+
+/// Packets counted for the my-nginx ClusterIP frontend.
+fn my_nginx_packets(pins: &PinLayout) -> u64 {
+    let status = status::read(pins).expect("status");
+    let frontend = status.frontends.iter().find(|f| f.address == "10.96.45.10:80");
+    frontend.expect("the my-nginx frontend").packets
+}
+
+#[test]
+fn a_restart_with_other_map_capacities_resizes_the_maps_and_established_flows_keep_their_backends()
+{
+    let topology = Topology::new("lbz");
+    let _servers = topology.start_servers();
+    let pins = TestPins::new();
+    let manifests = examples().join("manifests");
+    let start = |node_config| {
+        let targets = default_targets(&topology, None);
+        RunningDaemon::start_with(&topology, &pins, &manifests, targets, node_config)
+    };
+    let daemon = start(example_node_config());
+    let client_pod = &topology.pod("client").netns;
+    let mut east_west = long_lived(client_pod, addr("10.96.45.10:80"));
+    let mut north_south = long_lived(&topology.client, addr(&format!("{NODE_IP}:30380")));
+    let backends = (exchange(&mut east_west), exchange(&mut north_south));
+    daemon.stop();
+    let (programs, maps) = (pinned(pins.layout()), sized_maps(pins.layout()));
+    let packets = my_nginx_packets(pins.layout());
+
+    // Larger programmed maps, a larger affinity map and a smaller conntrack map.
+    let capacities = loader::Capacities {
+        services: Some(maps[names::SERVICES].1 + 4_096),
+        backends: Some(maps[names::BACKENDS].1 + 4_096),
+        backend_slots: Some(maps[names::BACKEND_SLOTS].1 + 65_536),
+        conntrack: Some(maps[names::CONNTRACK].1 / 16),
+        affinity: Some(maps[names::AFFINITY].1 + 4_096),
+    };
+    let daemon = start(example_node_config_with(capacities));
+    let resized = sized_maps(pins.layout());
+    for name in SIZED_MAPS {
+        assert_ne!(resized[name].0, maps[name].0, "{name} is a new map");
+        assert_eq!(Some(resized[name].1), capacities.of(name), "{name} has the configured size");
+        let aside = pins.layout().map_set_aside(name);
+        assert!(!aside.exists(), "{} is gone once the move is done", aside.display());
+    }
+    assert_eq!(my_nginx_packets(pins.layout()), packets, "the frontend's counters carried over");
+    let relinked = pinned(pins.layout());
+    for name in program_names::ALL {
+        assert_ne!(relinked[name].0, programs[name].0, "{name} moved to the new maps");
+        assert_eq!(relinked[name].1, programs[name].1, "{name}: the same code");
+    }
+    assert_eq!(
+        (exchange(&mut east_west), exchange(&mut north_south)),
+        backends,
+        "connections from before the resize keep their backends"
+    );
+    assert!(my_nginx_packets(pins.layout()) > packets, "the counters go on counting");
+    let answer = tcp_request(client_pod, addr("10.96.45.10:80")).expect("a new connection");
+    assert!(answer.starts_with("hello from my-nginx-"), "{answer}");
+    daemon.stop();
+
+    // A daemon stopped right after moving a map aside; and a smaller services capacity, which
+    // the programmed maps do not take.
+    let (aside, pinned_conntrack) =
+        (pins.layout().map_set_aside(names::CONNTRACK), pins.layout().map(names::CONNTRACK));
+    move_pin(names::CONNTRACK, &pinned_conntrack, &aside).expect("move the conntrack map aside");
+    let daemon =
+        start(example_node_config_with(loader::Capacities { services: Some(1_024), ..capacities }));
+    assert_eq!(sized_maps(pins.layout()), resized, "every map kept, at its pinned size");
+    assert_eq!(pinned(pins.layout()), relinked, "no program moved");
+    assert_eq!(exchange(&mut east_west), backends.0, "after the interrupted move");
+    daemon.stop();
+
+    // A daemon stopped after pinning a new, still empty conntrack map in place of the one
+    // the programs use, moved aside: the next one fills it and moves the programs onto it.
+    move_pin(names::CONNTRACK, &pinned_conntrack, &aside).expect("move the conntrack map aside");
+    let fresh = loader::load_private_with(&capacities).expect("loading the programs");
+    let empty = fresh.map(names::CONNTRACK).expect("a conntrack map");
+    empty.pin(&pinned_conntrack).expect("pin an empty conntrack map in its place");
+    drop(fresh);
+    let daemon = start(example_node_config_with(capacities));
+    assert!(!aside.exists(), "the interrupted move is finished");
+    let finished = pinned(pins.layout());
+    for name in program_names::ALL {
+        assert_ne!(finished[name].0, relinked[name].0, "{name} moved to the new map");
+    }
+    assert_eq!(
+        (exchange(&mut east_west), exchange(&mut north_south)),
+        backends,
+        "connections keep their backends through the finished move"
+    );
+    drop(daemon);
+}
+
+fn example_node_config_with(capacities: loader::Capacities) -> lb_user::config::NodeConfig {
+    let mut node_config = example_node_config();
+    node_config.map_capacities = capacities;
+    node_config
 }

@@ -26,6 +26,8 @@ use crate::{
     pins::PinLayout,
 };
 
+pub mod copy;
+
 /// One change to the datapath's maps. Slots are addressed by index in the `BACKEND_SLOTS`
 /// array; removing one zeroes it.
 #[derive(Clone, Debug, PartialEq, Eq)]
