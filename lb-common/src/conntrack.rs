@@ -34,13 +34,20 @@ pub const OTHER_TIMEOUT_S: u64 = 60;
 pub fn timeout_s(value: &ConntrackValue, proto_number: u8) -> u64 {
     if proto_number != proto::TCP {
         OTHER_TIMEOUT_S
-    } else if value.flags & ct_flags::CLOSING != 0 {
+    } else if is_closing(value) {
         TCP_CLOSING_TIMEOUT_S
-    } else if value.flags & ct_flags::OPENING != 0 {
+    } else if value.opening != 0 {
         TCP_OPENING_TIMEOUT_S
     } else {
         TCP_TIMEOUT_S
     }
+}
+
+/// True once a FIN or RST of the flow was seen (by this version or one before it).
+#[inline(always)]
+#[must_use]
+pub fn is_closing(value: &ConntrackValue) -> bool {
+    value.closing != 0 || value.flags & ct_flags::CLOSING != 0
 }
 
 /// True if `value` (of a flow of `proto_number`) was refreshed within its timeout at `now`.

@@ -178,18 +178,17 @@ pub struct ConntrackKey {
     pub pad: [u8; 3],
 }
 
-/// Conntrack flags (`ConntrackValue::flags`).
+/// Conntrack flags (`ConntrackValue::flags`), fixed when the entry is made.
 pub mod ct_flags {
     /// This is the reply entry of its flow.
     pub const REPLY: u16 = 1 << 0;
     /// The client's source was rewritten to `nat_ip_be:nat_port_be`.
     pub const SNAT: u16 = 1 << 1;
-    /// A FIN or RST was seen: the entry expires after the short closing timeout.
+    /// Versions before [`super::ConntrackValue::closing`] marked a closing entry with this bit;
+    /// it is still read, so that their entries keep their meaning after an upgrade.
     pub const CLOSING: u16 = 1 << 3;
-    /// TCP, opened by a SYN and no packet without SYN (or RST) seen yet in either direction:
-    /// the entry expires after the short opening timeout. Cleared in both entries of the flow
-    /// by the first such packet (the handshake's last ACK). Entries without it (among them those
-    /// of versions that did not set it) are established.
+    /// Versions before [`super::ConntrackValue::opening`] set this; it is not read: an entry
+    /// they left opening counts as established.
     pub const OPENING: u16 = 1 << 4;
 }
 
@@ -224,7 +223,17 @@ pub struct ConntrackValue {
     pub nat_port_be: u16,
     /// [`ct_flags`].
     pub flags: u16,
-    pub pad: [u8; 2],
+    /// 1 while the TCP flow is opening: made by a SYN, and no packet without SYN (or RST) seen
+    /// yet in either direction; the entry then expires after the short opening timeout. Set
+    /// to 0 in both entries of the flow by the first such packet (the handshake's last ACK).
+    ///
+    /// The TCP state is two bytes of its own, each only ever written whole (0 here, 1 in
+    /// `closing`), rather than bits of `flags`: the first packet of each direction may change
+    /// the state of the same entry on two CPUs at once, and a read-modify-write of shared
+    /// bits could then undo the other CPU's change (the BPF target has no atomic or on bytes).
+    pub opening: u8,
+    /// 1 once a FIN or RST was seen: the entry expires after the short closing timeout.
+    pub closing: u8,
 }
 
 /// Key of the session-affinity LRU map: one client and one frontend.

@@ -6,7 +6,7 @@
 use aya_ebpf::helpers::bpf_jiffies64;
 use lb_common::{
     conntrack::twin_key,
-    maps::{ConntrackKey, ConntrackValue, NodeConfig, ct_flags, proto},
+    maps::{ConntrackKey, ConntrackValue, NodeConfig, proto},
 };
 
 use crate::{
@@ -49,7 +49,7 @@ pub fn lookup(
     if !is_live(value, key.proto, now, config) {
         return None;
     }
-    if packet.opens_tcp_connection() && value.flags & ct_flags::CLOSING != 0 {
+    if packet.opens_tcp_connection() && lb_common::conntrack::is_closing(value) {
         return None;
     }
     Some(entry)
@@ -73,18 +73,20 @@ pub fn touch(entry: *mut ConntrackValue, packet: &Packet, now: u64, config: &Nod
     let tcp = packet.proto == proto::TCP;
     // A reset (a backend refusing the SYN) ends nothing: the flow never opened.
     let opened = packet.flags & (tcp_flags::SYN | tcp_flags::RST) == 0;
-    if tcp && value.flags & ct_flags::OPENING != 0 && opened {
-        value.flags &= !ct_flags::OPENING;
+    // Whole-byte stores, never read-modify-write: another CPU may change the other byte of the
+    // state at the same time (see `ConntrackValue::opening`).
+    if tcp && value.opening != 0 && opened {
+        value.opening = 0;
         if let Some(twin) = CONNTRACK.get_ptr_mut(&twin_key(&key_of(packet), value)) {
             // SAFETY: a valid pointer from the lookup.
-            unsafe { (*twin).flags &= !ct_flags::OPENING };
+            unsafe { (*twin).opening = 0 };
         }
     }
     let closing = tcp
         && packet.flags & (tcp_flags::FIN | tcp_flags::RST) != 0
-        && value.flags & ct_flags::CLOSING == 0;
+        && !lb_common::conntrack::is_closing(value);
     if closing {
-        value.flags |= ct_flags::CLOSING;
+        value.closing = 1;
         value.last_seen = now;
     } else if now.saturating_sub(value.last_seen) > u64::from(config.jiffies_per_second) {
         value.last_seen = now;

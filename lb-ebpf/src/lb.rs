@@ -174,11 +174,7 @@ fn new_flow(
     };
 
     // A flow opened by a SYN is opening until a packet without one passes (see `conntrack`).
-    let opening = if packet.proto == proto::TCP && packet.flags & tcp_flags::SYN != 0 {
-        ct_flags::OPENING
-    } else {
-        0
-    };
+    let opening = u8::from(packet.proto == proto::TCP && packet.flags & tcp_flags::SYN != 0);
     let mut forward = ConntrackValue {
         last_seen: now,
         backend_id,
@@ -187,12 +183,13 @@ fn new_flow(
         nat_ip_be: 0,
         translated_port_be: backend.port_be,
         nat_port_be: 0,
-        flags: opening,
-        pad: [0; 2],
+        flags: 0,
+        opening,
+        closing: 0,
     };
     // Replies come from the address the client spoke to: the packet's destination.
     let mut reply_entry = ConntrackValue {
-        flags: ct_flags::REPLY | opening,
+        flags: ct_flags::REPLY,
         translated_ip_be: packet.dst_ip_be,
         translated_port_be: packet.dst_port_be,
         ..forward

@@ -12,7 +12,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use lb_common::{conntrack::is_live, maps::ct_flags};
+use lb_common::conntrack::is_live;
 use tracing::{debug, error, info};
 
 use crate::{clock, error::Result, maps::KernelMaps, metrics::Metrics, pins::PinLayout};
@@ -42,7 +42,7 @@ pub fn collect(maps: &mut KernelMaps, now: u64) -> Result<Pass> {
     let (mut removed, mut opening) = (0, 0);
     for (key, value) in entries {
         if is_live(&value, key.proto, now, rate) {
-            opening += usize::from(value.flags & ct_flags::OPENING != 0);
+            opening += usize::from(value.opening != 0);
             continue;
         }
         let still_dead = maps

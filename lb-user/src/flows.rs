@@ -102,9 +102,9 @@ fn flow(
 ) -> Flow {
     let state = if forward.proto != proto::TCP {
         "-"
-    } else if entry.flags & ct_flags::CLOSING != 0 {
+    } else if lb_common::conntrack::is_closing(entry) {
         "closing"
-    } else if entry.flags & ct_flags::OPENING != 0 {
+    } else if entry.opening != 0 {
         "opening"
     } else {
         "established"
@@ -173,7 +173,8 @@ mod tests {
             translated_port_be: port.to_be(),
             nat_port_be: 61_000u16.to_be(),
             flags,
-            pad: [0; 2],
+            opening: 0,
+            closing: 0,
         }
     }
 
@@ -208,8 +209,17 @@ mod tests {
                 key(backend, 8080, [192, 168, 1, 63], 61_000, proto::TCP),
                 masqueraded_reply(vip, pod, 40_001, now - 300),
             ),
-            (key(pod, 40_000, vip, 80, proto::TCP), value(ct_flags::OPENING, backend, 8080, now)),
-            (key(pod, 40_002, vip, 80, proto::TCP), value(ct_flags::CLOSING, backend, 8080, now)),
+            (
+                key(pod, 40_000, vip, 80, proto::TCP),
+                ConntrackValue { opening: 1, ..value(0, backend, 8080, now) },
+            ),
+            (
+                key(pod, 40_002, vip, 80, proto::TCP),
+                ConntrackValue { closing: 1, ..value(0, backend, 8080, now) },
+            ),
+            // Marked by a version before the state bytes: closing still, opening no more.
+            (key(pod, 40_004, vip, 80, proto::TCP), value(ct_flags::CLOSING, backend, 8080, now)),
+            (key(pod, 40_005, vip, 80, proto::TCP), value(ct_flags::OPENING, backend, 8080, now)),
             (key(pod, 53_000, vip, 53, proto::UDP), value(0, backend, 53, now - 100)),
             // A UDP flow quiet for two minutes: dead, not listed.
             (key(pod, 53_001, vip, 53, proto::UDP), value(0, backend, 53, now - 120 * 100)),
@@ -225,6 +235,8 @@ mod tests {
                 ("10.244.1.5:40000", "opening", None, 0),
                 ("10.244.1.5:40001", "established", Some("192.168.1.63:61000"), 3),
                 ("10.244.1.5:40002", "closing", None, 0),
+                ("10.244.1.5:40004", "closing", None, 0),
+                ("10.244.1.5:40005", "established", None, 0),
                 ("10.244.1.5:53000", "-", None, 1),
             ]
         );

@@ -69,7 +69,7 @@ fn reply_to(request: &Spec, output: &[u8], syn: bool, rst: bool) -> Spec {
 fn opening(maps: &KernelMaps, port: u16) -> Vec<bool> {
     let mut entries = entries_of(maps, port);
     entries.sort_by_key(|(_, value)| value.flags & ct_flags::REPLY);
-    entries.iter().map(|(_, value)| value.flags & ct_flags::OPENING != 0).collect()
+    entries.iter().map(|(_, value)| value.opening != 0).collect()
 }
 
 #[test]
@@ -184,9 +184,7 @@ fn a_masqueraded_flow_is_established_in_both_entries_too() {
             .filter(|(key, _)| {
                 key.src_port_be == 40_400u16.to_be() || key.dst_port_be == snat_port.to_be()
             })
-            .map(|(_, value)| {
-                (value.flags & ct_flags::REPLY != 0, value.flags & ct_flags::OPENING != 0)
-            })
+            .map(|(_, value)| (value.flags & ct_flags::REPLY != 0, value.opening != 0))
             .collect();
         flags.sort_unstable();
         flags
@@ -209,4 +207,19 @@ fn the_answer_to_a_syn_retransmitted_for_a_minute_is_still_translated() {
     assert_eq!(send(&mut datapath, &syn), Reason::ForwardEstablished, "the retransmitted SYN");
     let syn_ack = reply_to(&syn, &request, true, false);
     assert_eq!(send(&mut datapath, &syn_ack), Reason::ReplyTranslated, "its late answer");
+}
+
+#[test]
+fn an_entry_an_earlier_version_marked_closing_stays_closing() {
+    let mut datapath = seeded();
+    let syn = Spec::tcp(POD, 40_500, "10.96.45.10", 80);
+    assert_eq!(send(&mut datapath, &syn), Reason::ForwardNew);
+    assert_eq!(send(&mut datapath, &with_flags(&syn, false, false)), Reason::ForwardEstablished);
+    // What versions before the state bytes wrote at a FIN: a flag bit.
+    let maps = datapath.maps();
+    for (key, mut value) in entries_of(maps, 40_500) {
+        value.flags |= ct_flags::CLOSING;
+        maps.write_conntrack(&key, &value).expect("marking an entry closing");
+    }
+    assert_eq!(send(&mut datapath, &syn), Reason::ForwardNew, "a SYN on a closing tuple is new");
 }

@@ -544,7 +544,8 @@ fn flow_value(service_id: u32, flags: u16, now: u64) -> ConntrackValue {
         translated_port_be: 0,
         nat_port_be: 0,
         flags,
-        pad: [0; 2],
+        opening: 0,
+        closing: 0,
     }
 }
 
