@@ -57,6 +57,12 @@ struct InterfaceLabels {
     change: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct MapLabels {
+    /// The map's pinned name.
+    map: &'static str,
+}
+
 /// The daemon's metrics; shared with the conntrack collector's thread.
 #[derive(Debug)]
 pub struct Metrics {
@@ -69,6 +75,7 @@ pub struct Metrics {
     conntrack_entries: Gauge,
     conntrack_opening: Gauge,
     conntrack_collected: Counter,
+    map_capacities: Family<MapLabels, Gauge>,
     interface_changes: Family<InterfaceLabels, Counter>,
 }
 
@@ -118,6 +125,12 @@ impl Metrics {
             "Dead conntrack entries deleted by the collector",
             conntrack_collected.clone(),
         );
+        let map_capacities = Family::<MapLabels, Gauge>::default();
+        registry.register(
+            "map_capacity_entries",
+            "Entries each map whose size is configured has room for, as pinned",
+            map_capacities.clone(),
+        );
         let interface_changes = Family::<InterfaceLabels, Counter>::default();
         registry.register(
             "interface_attachments",
@@ -135,6 +148,7 @@ impl Metrics {
             conntrack_entries,
             conntrack_opening,
             conntrack_collected,
+            map_capacities,
             interface_changes,
         })
     }
@@ -163,6 +177,15 @@ impl Metrics {
         self.conntrack_entries.set(gauge(pass.scanned - pass.removed));
         self.conntrack_opening.set(gauge(pass.opening));
         self.conntrack_collected.inc_by(as_u64(pass.removed));
+    }
+
+    /// Records the sizes of the maps, as pinned.
+    pub fn observe_capacities(&self, capacities: &crate::loader::Capacities) {
+        for map in crate::loader::MAP_NAMES {
+            if let Some(entries) = capacities.of(map) {
+                self.map_capacities.get_or_create(&MapLabels { map }).set(i64::from(entries));
+            }
+        }
     }
 
     /// Records what one look at the interfaces changed.
@@ -287,8 +310,12 @@ mod tests {
             removed: 300,
             opening: 20,
         });
+        let capacities = crate::loader::Capacities { conntrack: Some(4096), ..Default::default() };
+        metrics.observe_capacities(&capacities);
         let text = metrics.render();
         for line in [
+            "lb_map_capacity_entries{map=\"CONNTRACK\"} 4096",
+            "lb_map_capacity_entries{map=\"SERVICES\"} 262144",
             "lb_syncs_total{result=\"ok\"} 2",
             "lb_syncs_total{result=\"error\"} 1",
             "lb_map_writes_total 125",

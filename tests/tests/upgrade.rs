@@ -12,7 +12,9 @@ use std::{collections::BTreeMap, net::SocketAddr};
 use aya::{maps::MapInfo, programs::ProgramInfo};
 use lb_common::maps::names;
 use lb_tests::{
-    daemon::{RunningDaemon, default_targets, example_node_config, examples},
+    daemon::{
+        RunningDaemon, counter, default_targets, example_node_config, examples, scrape_metrics,
+    },
     pins::TestPins,
     stand_in,
     topology::{NODE_IP, Topology, exchange, long_lived, tcp_request},
@@ -162,6 +164,9 @@ fn a_restart_with_other_map_capacities_resizes_the_maps_and_established_flows_ke
         assert!(!aside.exists(), "{} is gone once the move is done", aside.display());
     }
     assert_eq!(my_nginx_packets(pins.layout()), packets, "the frontend's counters carried over");
+    let metrics = scrape_metrics(&topology.node).expect("the daemon's metrics");
+    let series = format!("lb_map_capacity_entries{{map=\"{}\"}}", names::CONNTRACK);
+    assert_eq!(counter(&metrics, &series), capacities.conntrack.map(u64::from), "{metrics}");
     let relinked = pinned(pins.layout());
     for name in program_names::ALL {
         assert_ne!(relinked[name].0, programs[name].0, "{name} moved to the new maps");
