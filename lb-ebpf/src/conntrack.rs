@@ -73,20 +73,22 @@ pub fn touch(entry: *mut ConntrackValue, packet: &Packet, now: u64, config: &Nod
     let tcp = packet.proto == proto::TCP;
     // A reset (a backend refusing the SYN) ends nothing: the flow never opened.
     let opened = packet.flags & (tcp_flags::SYN | tcp_flags::RST) == 0;
-    // Whole-byte stores, never read-modify-write: another CPU may change the other byte of the
-    // state at the same time (see `ConntrackValue::opening`).
+    // Whole-byte stores (volatile: never merged into a wider read-modify-write): another CPU
+    // may change the other byte of the state at the same time (see `ConntrackValue::opening`).
     if tcp && value.opening != 0 && opened {
-        value.opening = 0;
+        // SAFETY: a field of the live entry.
+        unsafe { core::ptr::write_volatile(&raw mut value.opening, 0) };
         if let Some(twin) = CONNTRACK.get_ptr_mut(&twin_key(&key_of(packet), value)) {
             // SAFETY: a valid pointer from the lookup.
-            unsafe { (*twin).opening = 0 };
+            unsafe { core::ptr::write_volatile(&raw mut (*twin).opening, 0) };
         }
     }
     let closing = tcp
         && packet.flags & (tcp_flags::FIN | tcp_flags::RST) != 0
         && !lb_common::conntrack::is_closing(value);
     if closing {
-        value.closing = 1;
+        // SAFETY: as above.
+        unsafe { core::ptr::write_volatile(&raw mut value.closing, 1) };
         value.last_seen = now;
     } else if now.saturating_sub(value.last_seen) > u64::from(config.jiffies_per_second) {
         value.last_seen = now;

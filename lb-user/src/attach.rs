@@ -26,7 +26,6 @@ use crate::{
     loader::program_mut,
     pins::{HOST_IFACE, NetlinkTcRecord, PinLayout, TcRole, XDP_HOOK},
     program_names,
-    resize::Resizing,
 };
 
 /// How a program ended up attached.
@@ -115,21 +114,14 @@ pub fn load_and_attach(
         return Err(Error::AlreadyLoaded(pins.root().into()));
     }
     let fresh = !pins.root().exists();
-    // Maps pinned without programs (left by a partial unload) are adopted, resized if need be.
-    let mut resizing = Resizing::begin(pins, capacities)?;
-    let attached = crate::loader::load_pinned(pins, capacities).and_then(|mut ebpf| {
-        resizing.copy()?;
-        attach_all(&mut ebpf, pins, targets)
-    });
+    let attached = crate::loader::load_pinned(pins, capacities)
+        .and_then(|mut ebpf| attach_all(&mut ebpf, pins, targets));
     if attached.is_err() {
-        resizing.abandon();
         let cleanup = if fresh { unload(pins) } else { remove_attachments(pins) };
         if let Err(error) = cleanup {
             warn!(%error, "could not undo a partial load");
         }
-        return attached;
     }
-    resizing.finish()?;
     attached
 }
 

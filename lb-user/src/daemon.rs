@@ -118,7 +118,7 @@ pub async fn run_until(
     )?;
     let programmed = DatapathState::read(&maps)?;
     let capacities = Capacities::pinned(&options.pins)?;
-    metrics.observe_capacities(&capacities);
+    metrics.observe_capacities(&options.pins);
     let reconciler = reconciler_for(programmed, &options.node_config, &capacities);
     let (nudge, mut nudges) = mpsc::channel(16);
     tokio::pin!(shutdown);

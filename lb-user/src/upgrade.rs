@@ -9,12 +9,15 @@
 
 use std::{fs, mem::ManuallyDrop, path::Path};
 
-use aya::programs::{
-    CgroupSockAddr, Program, ProgramError, ProgramInfo, SchedClassifier, Xdp,
-    cgroup_sock_addr::CgroupSockAddrLink,
-    links::{FdLink, LinkError, PinnedLink},
-    tc::SchedClassifierLink,
-    xdp::XdpLink,
+use aya::{
+    Ebpf,
+    programs::{
+        CgroupSockAddr, Program, ProgramError, ProgramInfo, SchedClassifier, Xdp,
+        cgroup_sock_addr::CgroupSockAddrLink,
+        links::{FdLink, LinkError, PinnedLink},
+        tc::SchedClassifierLink,
+        xdp::XdpLink,
+    },
 };
 use tracing::info;
 
@@ -32,35 +35,63 @@ use crate::{
 /// one, if a map was resized), and logs each. Programs with the same code stay as they are.
 pub fn replace_outdated_programs(pins: &PinLayout, capacities: &loader::Capacities) -> Result<()> {
     let mut resizing = Resizing::begin(pins, capacities)?;
-    let loaded =
-        loader::load_pinned(pins, capacities).and_then(|ebpf| resizing.copy().map(|()| ebpf));
-    let mut ebpf = match loaded {
-        Ok(ebpf) => ebpf,
+    let planned = loader::load_pinned(pins, capacities).and_then(|mut ebpf| {
+        resizing.copy()?;
+        let steps = plan(&mut ebpf, pins, !resizing.is_empty())?;
+        Ok((ebpf, steps))
+    });
+    let (mut ebpf, steps) = match planned {
+        Ok(planned) => planned,
         Err(error) => {
+            // Nothing uses the new maps yet.
             resizing.abandon();
             return Err(error);
         }
     };
-    // From here a failure leaves the move to the next start: some programs may use the new maps.
+    // From here a failure leaves a resize to the next start: programs may use the new maps.
+    for (name, step) in steps {
+        let program = ebpf.program_mut(name).ok_or(Error::MissingProgram(name))?;
+        match step {
+            // A program the older version did not have: pinned for the next daemon, attached
+            // nowhere until the datapath is loaded afresh.
+            Step::Pin => pin_program(program, name, pins)?,
+            Step::Relink { old_id, new_id } => {
+                let attachments = relink(program, name, pins)?;
+                info!(program = name, old_id, new_id, attachments, "replaced a pinned program");
+            }
+        }
+    }
+    resizing.finish()
+}
+
+/// What becomes of one pinned program.
+enum Step {
+    Pin,
+    Relink { old_id: u32, new_id: u32 },
+}
+
+/// The programs of `ebpf` to pin or put in place of the pinned ones (all of these if
+/// `maps_replaced`), without changing anything yet.
+fn plan(
+    ebpf: &mut Ebpf,
+    pins: &PinLayout,
+    maps_replaced: bool,
+) -> Result<Vec<(&'static str, Step)>> {
+    let mut steps = Vec::new();
     for name in program_names::ALL {
         let program = ebpf.program_mut(name).ok_or(Error::MissingProgram(name))?;
         let new = program.info().map_err(program_error(name, "reading the loaded program"))?;
         let pin = pins.program(name);
         if !pin.exists() {
-            // A program the older version did not have: pinned for the next daemon, attached
-            // nowhere until the datapath is loaded afresh.
-            pin_program(program, name, pins)?;
+            steps.push((name, Step::Pin));
             continue;
         }
         let old = ProgramInfo::from_pin(&pin).map_err(program_error(name, "opening the pin"))?;
-        if old.tag() == new.tag() && resizing.is_empty() {
-            continue;
+        if old.tag() != new.tag() || maps_replaced {
+            steps.push((name, Step::Relink { old_id: old.id(), new_id: new.id() }));
         }
-        let attachments = relink(program, name, pins)?;
-        let (old_id, new_id) = (old.id(), new.id());
-        info!(program = name, old_id, new_id, attachments, "replaced a pinned program");
     }
-    resizing.finish()
+    Ok(steps)
 }
 
 /// Points every pinned attachment of program `name` at `program` (loaded, of the same type)

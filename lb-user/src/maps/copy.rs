@@ -1,90 +1,159 @@
-//! Copies every entry of a pinned map into another pinned map of the same kind and a different
+//! Copies the entries of a pinned map into another pinned map of the same kind and a different
 //! size: how [`crate::resize`] carries a map's contents into its resized successor. The kernel
 //! cannot resize a map, so a new one is filled from the old.
+//!
+//! The programs may run on the old map while it is copied, so a copy is two passes: the first
+//! before the programs move to the new map, the second after, for what they changed in between.
 
-use std::{collections::HashSet, hash::Hash, os::fd::AsFd as _, path::Path};
+use std::{
+    collections::{BTreeMap, HashMap as StdHashMap},
+    hash::Hash,
+    os::fd::AsFd as _,
+    path::Path,
+};
 
 use aya::{
     Pod,
-    maps::{HashMap, Map, MapData, MapError, PerCpuArray},
+    maps::{HashMap, Map, MapData, MapError, MapInfo, PerCpuArray, PerCpuValues},
 };
-use lb_common::maps::{
-    AffinityKey, AffinityValue, Backend, ConntrackKey, ConntrackValue, ServiceCounters, ServiceKey,
-    ServiceValue, Slot, names,
+use lb_common::{
+    conntrack::{is_live, twin_key},
+    maps::{
+        AffinityKey, AffinityValue, Backend, ConntrackKey, ConntrackValue, ServiceCounters,
+        ServiceKey, ServiceValue, Slot, names,
+    },
 };
 
-use super::{map_error, syscall_error};
+use super::{CONNTRACK_ENTRIES_PER_CALL, map_error, syscall_error};
 use crate::{
+    clock,
     error::{Error, Result},
     map_batch,
 };
 
-/// Entries a batch read asks for at once.
-const ENTRIES_PER_CALL: usize = 8_192;
-/// `BPF_NOEXIST`: insert only if the key is free.
+/// `BPF_ANY` and `BPF_NOEXIST`.
+const BPF_ANY: u64 = 0;
 const BPF_NOEXIST: u64 = 1;
 
-/// What a first copy of a map read: for the maps the programs insert into (conntrack and
-/// affinity), the keys, so that a second pass copies only the entries made since.
+/// What the first pass read from the old map, for the second to tell what changed since.
 pub enum Copied {
-    Conntrack(HashSet<ConntrackKey>),
-    Affinity(HashSet<AffinityKey>),
-    /// Maps only the daemon writes: one copy is the whole story.
+    Conntrack(StdHashMap<ConntrackKey, ConntrackValue>),
+    Affinity(StdHashMap<AffinityKey, AffinityValue>),
+    /// The frontends' counters by index, where not zero.
+    Counters(BTreeMap<u32, Vec<ServiceCounters>>),
+    /// Maps only the daemon writes: the first pass is the whole copy.
     Complete,
 }
 
-impl Copied {
-    /// Before any copy of map `name`: every entry of a map the programs write is still to copy.
-    pub fn nothing(name: &str) -> Self {
-        match name {
-            names::CONNTRACK => Self::Conntrack(HashSet::new()),
-            names::AFFINITY => Self::Affinity(HashSet::new()),
-            _ => Self::Complete,
-        }
-    }
-}
-
-/// True for the maps the programs insert into, whose entries a copy may miss while they run.
-pub fn programs_write(name: &str) -> bool {
+/// True for the maps the programs insert into: LRU maps, which make room by evicting.
+pub fn programs_insert(name: &str) -> bool {
     matches!(name, names::CONNTRACK | names::AFFINITY)
 }
 
-/// Copies the entries of map `name` pinned at `from` into the one pinned at `to`; returns how
-/// many it copied and what a second pass ([`copy_new_entries`]) needs. `to` must be at least as
-/// large, except for the LRU maps, which evict their oldest entries when it is not.
-pub fn copy_all(name: &str, from: &Path, to: &Path) -> Result<(usize, Copied)> {
-    let (source, target) = (open(name, from)?, open(name, to)?);
-    let copied = match name {
-        names::SERVICES => {
-            (copy::<ServiceKey, ServiceValue>(name, &source, &target)?.len(), Copied::Complete)
-        }
-        names::BACKENDS => (copy::<u32, Backend>(name, &source, &target)?.len(), Copied::Complete),
-        names::BACKEND_SLOTS => {
-            (copy::<u32, Slot>(name, &source, &target)?.len(), Copied::Complete)
-        }
-        names::SERVICE_STATS => (copy_counters(name, source, target)?, Copied::Complete),
-        names::CONNTRACK => {
-            let keys = copy::<ConntrackKey, ConntrackValue>(name, &source, &target)?;
-            (keys.len(), Copied::Conntrack(keys.into_iter().collect()))
-        }
-        names::AFFINITY => {
-            let keys = copy::<AffinityKey, AffinityValue>(name, &source, &target)?;
-            (keys.len(), Copied::Affinity(keys.into_iter().collect()))
-        }
+/// Checks that map `name` pinned at `pin` has this build's key and value sizes: a copy
+/// trusts them.
+pub fn check_layout(name: &str, pin: &Path) -> Result<()> {
+    let info = MapInfo::from_pin(pin).map_err(map_error(name))?;
+    let (key, value) = match name {
+        names::SERVICES => (size_of::<ServiceKey>(), size_of::<ServiceValue>()),
+        names::BACKENDS => (size_of::<u32>(), size_of::<Backend>()),
+        names::BACKEND_SLOTS => (size_of::<u32>(), size_of::<Slot>()),
+        names::SERVICE_STATS => (size_of::<u32>(), size_of::<ServiceCounters>()),
+        names::CONNTRACK => (size_of::<ConntrackKey>(), size_of::<ConntrackValue>()),
+        names::AFFINITY => (size_of::<AffinityKey>(), size_of::<AffinityValue>()),
         _ => return Err(not_copyable(name)),
     };
-    Ok(copied)
+    let error = if info.key_size() as usize != key {
+        MapError::InvalidKeySize { size: info.key_size() as usize, expected: key }
+    } else if info.value_size() as usize != value {
+        MapError::InvalidValueSize { size: info.value_size() as usize, expected: value }
+    } else {
+        return Ok(());
+    };
+    let dir = pin.parent().and_then(Path::parent).unwrap_or(pin).to_owned();
+    Err(Error::IncompatiblePins { dir, name: name.to_owned(), source: Box::new(error) })
 }
 
-/// Copies the entries of `from` that the first copy did not see and `to` does not hold: those
-/// the programs made between the two. Returns how many.
-pub fn copy_new_entries(name: &str, from: &Path, to: &Path, copied: &Copied) -> Result<usize> {
-    match copied {
-        Copied::Conntrack(seen) => {
-            copy_unseen::<ConntrackKey, ConntrackValue>(name, from, to, seen)
+/// The first pass, into a new map no program uses yet: copies every entry of map `name`
+/// pinned at `from` into the one pinned at `to`. A conntrack map gets only live entries; both
+/// LRU maps get the least recently used first, so that a smaller map keeps the most recent.
+/// Returns how many entries it wrote, and what it read.
+pub fn copy_all(name: &str, from: &Path, to: &Path) -> Result<(usize, Copied)> {
+    let (source, target) = (open(name, from)?, open(name, to)?);
+    Ok(match name {
+        names::SERVICES => {
+            (copy::<ServiceKey, ServiceValue>(name, &source, &target)?, Copied::Complete)
         }
-        Copied::Affinity(seen) => copy_unseen::<AffinityKey, AffinityValue>(name, from, to, seen),
-        Copied::Complete => Ok(0),
+        names::BACKENDS => (copy::<u32, Backend>(name, &source, &target)?, Copied::Complete),
+        names::BACKEND_SLOTS => (copy::<u32, Slot>(name, &source, &target)?, Copied::Complete),
+        names::SERVICE_STATS => {
+            let (written, read) = copy_counters(name, source, target, false)?;
+            (written, Copied::Counters(read))
+        }
+        names::CONNTRACK => {
+            let mut entries = live_conntrack(read_all(name, &source)?)?;
+            entries.sort_by_key(|(_, value)| value.last_seen);
+            write_all(name, &target, &entries)?;
+            (entries.len(), Copied::Conntrack(entries.into_iter().collect()))
+        }
+        names::AFFINITY => {
+            let mut entries = read_all::<AffinityKey, AffinityValue>(name, &source)?;
+            entries.sort_by_key(|(_, value)| value.last_used);
+            write_all(name, &target, &entries)?;
+            (entries.len(), Copied::Affinity(entries.into_iter().collect()))
+        }
+        _ => return Err(not_copyable(name)),
+    })
+}
+
+/// The first pass of a move a stopped daemon began: programs may use the new map already, so
+/// what it holds stays, and only what it lacks is copied (as by [`copy_changes`] after a first
+/// pass that read nothing).
+pub fn copy_missing(name: &str, from: &Path, to: &Path) -> Result<(usize, Copied)> {
+    match name {
+        names::CONNTRACK => copy_changes(name, from, to, &Copied::Conntrack(StdHashMap::new())),
+        names::AFFINITY => copy_changes(name, from, to, &Copied::Affinity(StdHashMap::new())),
+        names::SERVICE_STATS => {
+            let (written, read) = copy_counters(name, open(name, from)?, open(name, to)?, true)?;
+            Ok((written, Copied::Counters(read)))
+        }
+        // Nothing runs the daemon's writes meanwhile: copy it all again.
+        _ => copy_all(name, from, to),
+    }
+}
+
+/// The second pass, once the programs use the new map: carries over what the old programs
+/// changed in the old map since `copied` was read (new flows, changed entries such as a TCP
+/// state change, counts), where the new programs have not changed the same entry since; see
+/// `carry_changes`. Returns how many entries it wrote, and what it read.
+pub fn copy_changes(
+    name: &str,
+    from: &Path,
+    to: &Path,
+    copied: &Copied,
+) -> Result<(usize, Copied)> {
+    let (source, target) = (open(name, from)?, open(name, to)?);
+    match copied {
+        Copied::Conntrack(copied) => {
+            let old = live_conntrack(read_all(name, &source)?)?.into_iter().collect();
+            let same = |a: &ConntrackValue, b: &ConntrackValue| {
+                ConntrackValue { last_seen: 0, ..*a } == ConntrackValue { last_seen: 0, ..*b }
+            };
+            let twin = |key: &ConntrackKey, value: &ConntrackValue| Some(twin_key(key, value));
+            let written = carry_changes(name, target, (copied, &old), same, twin)?;
+            Ok((written, Copied::Conntrack(old)))
+        }
+        Copied::Affinity(copied) => {
+            let old = read_all(name, &source)?.into_iter().collect();
+            let same = |a: &AffinityValue, b: &AffinityValue| a.backend_id == b.backend_id;
+            let written = carry_changes(name, target, (copied, &old), same, |_, _| None)?;
+            Ok((written, Copied::Affinity(old)))
+        }
+        Copied::Counters(copied) => {
+            let written = add_counts(name, source, target, copied)?;
+            Ok((written, Copied::Complete))
+        }
+        Copied::Complete => Ok((0, Copied::Complete)),
     }
 }
 
@@ -99,61 +168,162 @@ pub fn move_pin(name: &str, from: &Path, to: &Path) -> Result<()> {
     std::fs::remove_file(from).map_err(Error::io(from))
 }
 
+/// True if both pins name the same map.
+pub fn same_map(name: &str, a: &Path, b: &Path) -> Result<bool> {
+    let id = |pin| MapInfo::from_pin(pin).map(|info| info.id()).map_err(map_error(name));
+    Ok(id(a)? == id(b)?)
+}
+
 fn open(name: &str, path: &Path) -> Result<MapData> {
     MapData::from_pin(path).map_err(map_error(name))
 }
 
-/// Copies a hash map or an array in batches; returns the keys copied (`copy::<K, _>(..).len()`
-/// entries).
-fn copy<K: Pod, V: Pod>(name: &str, source: &MapData, target: &MapData) -> Result<Vec<K>> {
-    let (keys, values) = map_batch::lookup::<K, V>(source.fd().as_fd(), ENTRIES_PER_CALL)
+fn read_all<K: Pod, V: Pod>(name: &str, map: &MapData) -> Result<Vec<(K, V)>> {
+    let (keys, values) = map_batch::lookup::<K, V>(map.fd().as_fd(), CONNTRACK_ENTRIES_PER_CALL)
         .map_err(syscall_error(name, "BPF_MAP_LOOKUP_BATCH"))?;
-    map_batch::update(target.fd().as_fd(), &keys, &values)
-        .map_err(syscall_error(name, "BPF_MAP_UPDATE_BATCH"))?;
-    Ok(keys)
+    Ok(keys.into_iter().zip(values).collect())
 }
 
-/// The per-frontend counters, index by index (a per-CPU array; the indexes past the smaller of
-/// the two are not copied). Returns the indexes with traffic.
-fn copy_counters(name: &str, source: MapData, target: MapData) -> Result<usize> {
-    let source: PerCpuArray<_, ServiceCounters> =
-        PerCpuArray::try_from(Map::PerCpuArray(source)).map_err(map_error(name))?;
-    let mut target: PerCpuArray<_, ServiceCounters> =
-        PerCpuArray::try_from(Map::PerCpuArray(target)).map_err(map_error(name))?;
-    let mut copied = 0;
-    for index in 0..source.len().min(target.len()) {
-        let values = source.get(&index, 0).map_err(map_error(name))?;
-        if values.iter().all(|counters| *counters == ServiceCounters::default()) {
-            continue;
-        }
-        target.set(index, values, 0).map_err(map_error(name))?;
-        copied += 1;
-    }
-    Ok(copied)
+fn write_all<K: Pod, V: Pod>(name: &str, map: &MapData, entries: &[(K, V)]) -> Result<()> {
+    let (keys, values): (Vec<K>, Vec<V>) = entries.iter().copied().unzip();
+    map_batch::update(map.fd().as_fd(), &keys, &values)
+        .map_err(syscall_error(name, "BPF_MAP_UPDATE_BATCH"))
 }
 
-fn copy_unseen<K: Pod + Eq + Hash, V: Pod>(
+/// Copies a hash map or an array in batches; returns the entries copied.
+fn copy<K: Pod, V: Pod>(name: &str, source: &MapData, target: &MapData) -> Result<usize> {
+    let entries = read_all::<K, V>(name, source)?;
+    write_all(name, target, &entries)?;
+    Ok(entries.len())
+}
+
+/// The entries that have not timed out.
+fn live_conntrack(
+    entries: Vec<(ConntrackKey, ConntrackValue)>,
+) -> Result<Vec<(ConntrackKey, ConntrackValue)>> {
+    let now = clock::jiffies_now().map_err(syscall_error(names::CONNTRACK, "clock_gettime"))?;
+    let rate = clock::jiffies_per_second();
+    Ok(entries.into_iter().filter(|(key, value)| is_live(value, key.proto, now, rate)).collect())
+}
+
+/// Writes into `target` each entry of `old` that changed since `copied` was read (other than
+/// its timestamp: the new programs refresh that themselves), where the new map's entry has not
+/// changed too, and each entry new since, unless the new map holds its key or its `twin` (the
+/// other entry of its flow) with other content: then neither is copied, and no flow is copied
+/// half. Only what is to be written is looked up in the new map, so that the pass is about one
+/// read of the old map long. Returns how many entries it wrote.
+fn carry_changes<K: Pod + Eq + Hash, V: Pod>(
     name: &str,
-    from: &Path,
-    to: &Path,
-    seen: &HashSet<K>,
+    target: MapData,
+    (copied, old): (&StdHashMap<K, V>, &StdHashMap<K, V>),
+    same: fn(&V, &V) -> bool,
+    twin: fn(&K, &V) -> Option<K>,
 ) -> Result<usize> {
-    let source = open(name, from)?;
-    let (keys, values) = map_batch::lookup::<K, V>(source.fd().as_fd(), ENTRIES_PER_CALL)
-        .map_err(syscall_error(name, "BPF_MAP_LOOKUP_BATCH"))?;
     let mut target: HashMap<_, K, V> =
-        HashMap::try_from(Map::LruHashMap(open(name, to)?)).map_err(map_error(name))?;
-    let mut copied = 0;
-    for (key, value) in keys.iter().zip(&values).filter(|(key, _)| !seen.contains(key)) {
-        // An entry the new programs made for the same key meanwhile is the one packets of
-        // that flow have used since: it stays.
-        match target.insert(key, value, BPF_NOEXIST) {
-            Ok(()) => copied += 1,
+        HashMap::try_from(Map::LruHashMap(target)).map_err(map_error(name))?;
+    let get = |target: &HashMap<MapData, K, V>, key: &K| match target.get(key, 0) {
+        Ok(value) => Ok(Some(value)),
+        Err(MapError::KeyNotFound) => Ok(None),
+        Err(error) => Err(map_error(name)(error)),
+    };
+    let mut written = 0;
+    for (key, value) in old {
+        let flags = match copied.get(key) {
+            Some(before) if same(before, value) => continue,
+            Some(before) => match get(&target, key)? {
+                Some(now) if same(&now, before) => BPF_ANY,
+                _ => continue,
+            },
+            None => {
+                if let Some(twin) = twin(key, value)
+                    && let Some(theirs) = get(&target, &twin)?
+                    && old.get(&twin).is_none_or(|ours| !same(ours, &theirs))
+                {
+                    continue;
+                }
+                BPF_NOEXIST
+            }
+        };
+        // A NOEXIST insert loses to an entry the new programs made since: theirs is the one
+        // packets of that flow have used.
+        match target.insert(key, value, flags) {
+            Ok(()) => written += 1,
             Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::EEXIST) => {}
             Err(error) => return Err(map_error(name)(error)),
         }
     }
-    Ok(copied)
+    Ok(written)
+}
+
+/// The frontends' counters, index by index (a per-CPU array; indexes past the smaller of the
+/// two are not copied). With `only_into_zero`, an index the new map has counted is left alone.
+/// Returns how many indexes it wrote, and the old map's non-zero counters.
+fn copy_counters(
+    name: &str,
+    source: MapData,
+    target: MapData,
+    only_into_zero: bool,
+) -> Result<(usize, BTreeMap<u32, Vec<ServiceCounters>>)> {
+    let (source, mut target) = (counters(name, source)?, counters(name, target)?);
+    let mut read = BTreeMap::new();
+    let mut written = 0;
+    for index in 0..source.len().min(target.len()) {
+        let values = source.get(&index, 0).map_err(map_error(name))?;
+        if values.iter().all(is_zero) {
+            continue;
+        }
+        read.insert(index, values.to_vec());
+        if only_into_zero && !target.get(&index, 0).map_err(map_error(name))?.iter().all(is_zero) {
+            continue;
+        }
+        target.set(index, values, 0).map_err(map_error(name))?;
+        written += 1;
+    }
+    Ok((written, read))
+}
+
+/// Adds to `target` what `source` counted since `copied` was read. Returns how many indexes
+/// it wrote.
+fn add_counts(
+    name: &str,
+    source: MapData,
+    target: MapData,
+    copied: &BTreeMap<u32, Vec<ServiceCounters>>,
+) -> Result<usize> {
+    let (source, mut target) = (counters(name, source)?, counters(name, target)?);
+    let mut written = 0;
+    for index in 0..source.len().min(target.len()) {
+        let now = source.get(&index, 0).map_err(map_error(name))?;
+        let before = copied.get(&index);
+        let since = |cpu: usize| {
+            let then = before.and_then(|values| values.get(cpu)).copied().unwrap_or_default();
+            (
+                now[cpu].packets.saturating_sub(then.packets),
+                now[cpu].bytes.saturating_sub(then.bytes),
+            )
+        };
+        if (0..now.len()).all(|cpu| since(cpu) == (0, 0)) {
+            continue;
+        }
+        let mut sums = target.get(&index, 0).map_err(map_error(name))?.to_vec();
+        for (cpu, sum) in sums.iter_mut().enumerate() {
+            let (packets, bytes) = since(cpu);
+            sum.packets += packets;
+            sum.bytes += bytes;
+        }
+        let sums = PerCpuValues::try_from(sums).map_err(syscall_error(name, "per-CPU values"))?;
+        target.set(index, sums, 0).map_err(map_error(name))?;
+        written += 1;
+    }
+    Ok(written)
+}
+
+fn counters(name: &str, map: MapData) -> Result<PerCpuArray<MapData, ServiceCounters>> {
+    PerCpuArray::try_from(Map::PerCpuArray(map)).map_err(map_error(name))
+}
+
+fn is_zero(counters: &ServiceCounters) -> bool {
+    *counters == ServiceCounters::default()
 }
 
 fn not_copyable(name: &str) -> Error {

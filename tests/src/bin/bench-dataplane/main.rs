@@ -1,6 +1,7 @@
 //! `cargo xtask bench dataplane`: nanoseconds per packet of `lb_xdp`'s paths, measured with
 //! `BPF_PROG_TEST_RUN`, with 10, 10k and 100k services and 1M conntrack entries loaded. Prints a
-//! table and writes `target/bench/dataplane.json` under the workspace root.
+//! table and writes `target/bench/dataplane.json` under the workspace root. Beside the packet
+//! paths it times the daemon's conntrack collector and a conntrack resize over those entries.
 //!
 //! Two facts of `BPF_PROG_TEST_RUN` (measured on 6.18) shape the method:
 //! - with `repeat = n` the program runs n times on the same buffer and its rewrites persist from
@@ -115,6 +116,7 @@ const TARGET_FIRST_PACKET: f64 = 30.0;
 const TARGET_SCALING: f64 = 1.25;
 
 mod memory;
+mod resize;
 
 fn main() {
     let miss_ns = memory::dependent_miss_ns();
@@ -145,6 +147,7 @@ fn main() {
     }
     let full_table_ns = Bench::load(SERVICE_COUNTS[2], capacity::CONNTRACK).first_packet();
     eprintln!("first packet with the default-sized conntrack map full: {full_table_ns:.1} ns");
+    let resize_passes_s = resize::conntrack_passes_s();
     let report = Report {
         floor_ns,
         floor_single_ns,
@@ -154,6 +157,7 @@ fn main() {
         ring_ns,
         miss_ns,
         collector_pass_s,
+        resize_passes_s,
     };
     report.print();
     let path = report.write_json();
@@ -321,14 +325,7 @@ impl Bench {
     fn fill_conntrack(&mut self) {
         let now = datapath_now();
         for index in 0..CONNTRACK_FILL {
-            let key = ConntrackKey {
-                src_ip_be: ip_be(Ipv4Addr::from(0xac10_0000 | (index >> 8))),
-                dst_ip_be: ip_be(Ipv4Addr::from(0x0a60_0000 | (index & 0xff))),
-                src_port_be: 40_000u16.to_be(),
-                dst_port_be: 80u16.to_be(),
-                proto: proto::TCP,
-                pad: [0; 3],
-            };
+            let key = filler_key(index);
             self.conntrack.insert(&key, &flow_value(1, 0, now), 0).expect("conntrack fill");
         }
     }
@@ -498,6 +495,18 @@ impl Bench {
         let host = self.clients / 60_000;
         let port = 1024 + u16::try_from(self.clients % 60_000).expect("port");
         (Ipv4Addr::from(u32::from(base) + 1 + host), port)
+    }
+}
+
+/// The key of the `index`th entry of the fill: a flow nobody sends.
+fn filler_key(index: u32) -> ConntrackKey {
+    ConntrackKey {
+        src_ip_be: ip_be(Ipv4Addr::from(0xac10_0000 | (index >> 8))),
+        dst_ip_be: ip_be(Ipv4Addr::from(0x0a60_0000 | (index & 0xff))),
+        src_port_be: 40_000u16.to_be(),
+        dst_port_be: 80u16.to_be(),
+        proto: proto::TCP,
+        pad: [0; 3],
     }
 }
 
@@ -671,6 +680,8 @@ struct Report {
     miss_ns: f64,
     /// One pass of the daemon's conntrack collector over the freshly filled map.
     collector_pass_s: f64,
+    /// The two passes of a conntrack resize (see `resize`).
+    resize_passes_s: (f64, f64),
 }
 
 impl Report {
@@ -736,6 +747,14 @@ impl Report {
              entries {:.2} s",
             self.collector_pass_s
         );
+        let (first, second) = self.resize_passes_s;
+        println!(
+            "conntrack resize (mapCapacities changed, at the daemon's start): {CONNTRACK_FILL} \
+             live entries from a map of {} into one of {}: first pass {first:.2} s, second pass \
+             (after the programs moved) {second:.2} s",
+            resize::FROM_ENTRIES,
+            resize::TO_ENTRIES
+        );
         println!("\n{METHOD}");
     }
 
@@ -764,6 +783,8 @@ impl Report {
             ("first_packet_full_conntrack_ns", self.full_table_ns),
             ("dependent_cache_miss_ns", self.miss_ns),
             ("conntrack_collector_pass_s", self.collector_pass_s),
+            ("conntrack_resize_first_pass_s", self.resize_passes_s.0),
+            ("conntrack_resize_second_pass_s", self.resize_passes_s.1),
         ];
         for (name, value) in fields {
             writeln!(text, "  \"{name}\": {value:.2},").expect("writing to a String");
