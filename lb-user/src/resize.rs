@@ -132,7 +132,7 @@ impl Resizing {
     pub fn finish(self) -> Result<()> {
         for moved in self.moves {
             let (from, to) = (self.pins.map_set_aside(moved.name), self.pins.map(moved.name));
-            let (late, _) = copy::copy_changes(moved.name, &from, &to, &moved.read)?;
+            let late = copy::copy_changes(moved.name, &from, &to, &moved.read)?;
             fs::remove_file(&from).map_err(Error::io(&from))?;
             let (name, from, to, copied, late) =
                 (moved.name, moved.from_entries, moved.to_entries, moved.copied, late);

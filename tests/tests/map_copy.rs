@@ -90,7 +90,7 @@ fn the_second_pass_carries_what_the_old_programs_changed_and_keeps_what_the_new_
     let theirs = ConntrackValue { backend_id: 9, ..clashing[1].1 };
     write(&mut new, &[(clashing[1].0, theirs)]);
 
-    let (late, _) = copy_changes(names::CONNTRACK, &from, &to, &read).expect("the second pass");
+    let late = copy_changes(names::CONNTRACK, &from, &to, &read).expect("the second pass");
     assert_eq!(late, 4, "two changed entries and one new flow's two; a refresh is not a change");
     for (key, value) in opening.map(|(k, v)| (k, ConntrackValue { opening: 0, ..v })) {
         assert_eq!(entry(&new, &key), Some(value), "the end of the handshake carried over");

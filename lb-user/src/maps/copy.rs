@@ -111,8 +111,14 @@ pub fn copy_all(name: &str, from: &Path, to: &Path) -> Result<(usize, Copied)> {
 /// pass that read nothing).
 pub fn copy_missing(name: &str, from: &Path, to: &Path) -> Result<(usize, Copied)> {
     match name {
-        names::CONNTRACK => copy_changes(name, from, to, &Copied::Conntrack(StdHashMap::new())),
-        names::AFFINITY => copy_changes(name, from, to, &Copied::Affinity(StdHashMap::new())),
+        names::CONNTRACK => {
+            let (written, old) = carry_conntrack(name, from, to, &StdHashMap::new())?;
+            Ok((written, Copied::Conntrack(old.into_iter().collect())))
+        }
+        names::AFFINITY => {
+            let (written, old) = carry_affinity(name, from, to, &StdHashMap::new())?;
+            Ok((written, Copied::Affinity(old.into_iter().collect())))
+        }
         names::SERVICE_STATS => {
             let (written, read) = copy_counters(name, open(name, from)?, open(name, to)?, true)?;
             Ok((written, Copied::Counters(read)))
@@ -125,36 +131,43 @@ pub fn copy_missing(name: &str, from: &Path, to: &Path) -> Result<(usize, Copied
 /// The second pass, once the programs use the new map: carries over what the old programs
 /// changed in the old map since `copied` was read (new flows, changed entries such as a TCP
 /// state change, counts), where the new programs have not changed the same entry since; see
-/// `carry_changes`. Returns how many entries it wrote, and what it read.
-pub fn copy_changes(
+/// `carry_changes`. Returns how many entries it wrote.
+pub fn copy_changes(name: &str, from: &Path, to: &Path, copied: &Copied) -> Result<usize> {
+    match copied {
+        Copied::Conntrack(copied) => Ok(carry_conntrack(name, from, to, copied)?.0),
+        Copied::Affinity(copied) => Ok(carry_affinity(name, from, to, copied)?.0),
+        Copied::Counters(copied) => add_counts(name, open(name, from)?, open(name, to)?, copied),
+        Copied::Complete => Ok(0),
+    }
+}
+
+/// [`copy_changes`] of conntrack; returns the live entries it read too.
+fn carry_conntrack(
     name: &str,
     from: &Path,
     to: &Path,
-    copied: &Copied,
-) -> Result<(usize, Copied)> {
-    let (source, target) = (open(name, from)?, open(name, to)?);
-    match copied {
-        Copied::Conntrack(copied) => {
-            let old = live_conntrack(read_all(name, &source)?)?.into_iter().collect();
-            let same = |a: &ConntrackValue, b: &ConntrackValue| {
-                ConntrackValue { last_seen: 0, ..*a } == ConntrackValue { last_seen: 0, ..*b }
-            };
-            let twin = |key: &ConntrackKey, value: &ConntrackValue| Some(twin_key(key, value));
-            let written = carry_changes(name, target, (copied, &old), same, twin)?;
-            Ok((written, Copied::Conntrack(old)))
-        }
-        Copied::Affinity(copied) => {
-            let old = read_all(name, &source)?.into_iter().collect();
-            let same = |a: &AffinityValue, b: &AffinityValue| a.backend_id == b.backend_id;
-            let written = carry_changes(name, target, (copied, &old), same, |_, _| None)?;
-            Ok((written, Copied::Affinity(old)))
-        }
-        Copied::Counters(copied) => {
-            let written = add_counts(name, source, target, copied)?;
-            Ok((written, Copied::Complete))
-        }
-        Copied::Complete => Ok((0, Copied::Complete)),
-    }
+    copied: &StdHashMap<ConntrackKey, ConntrackValue>,
+) -> Result<(usize, Vec<(ConntrackKey, ConntrackValue)>)> {
+    let old = live_conntrack(read_all(name, &open(name, from)?)?)?;
+    let same = |a: &ConntrackValue, b: &ConntrackValue| {
+        ConntrackValue { last_seen: 0, ..*a } == ConntrackValue { last_seen: 0, ..*b }
+    };
+    let twin = |key: &ConntrackKey, value: &ConntrackValue| Some(twin_key(key, value));
+    let written = carry_changes(name, open(name, to)?, copied, &old, same, twin)?;
+    Ok((written, old))
+}
+
+/// [`copy_changes`] of affinity; returns the entries it read too.
+fn carry_affinity(
+    name: &str,
+    from: &Path,
+    to: &Path,
+    copied: &StdHashMap<AffinityKey, AffinityValue>,
+) -> Result<(usize, Vec<(AffinityKey, AffinityValue)>)> {
+    let old = read_all(name, &open(name, from)?)?;
+    let same = |a: &AffinityValue, b: &AffinityValue| a.backend_id == b.backend_id;
+    let written = carry_changes(name, open(name, to)?, copied, &old, same, |_, _| None)?;
+    Ok((written, old))
 }
 
 /// Moves the pin of map `name` from `from` to `to`: bpffs cannot rename, so the map is pinned
@@ -215,10 +228,16 @@ fn live_conntrack(
 fn carry_changes<K: Pod + Eq + Hash, V: Pod>(
     name: &str,
     target: MapData,
-    (copied, old): (&StdHashMap<K, V>, &StdHashMap<K, V>),
+    copied: &StdHashMap<K, V>,
+    old: &[(K, V)],
     same: fn(&V, &V) -> bool,
     twin: fn(&K, &V) -> Option<K>,
 ) -> Result<usize> {
+    let changed: StdHashMap<K, V> = old
+        .iter()
+        .filter(|(key, value)| copied.get(key).is_none_or(|before| !same(before, value)))
+        .copied()
+        .collect();
     let mut target: HashMap<_, K, V> =
         HashMap::try_from(Map::LruHashMap(target)).map_err(map_error(name))?;
     let get = |target: &HashMap<MapData, K, V>, key: &K| match target.get(key, 0) {
@@ -227,22 +246,23 @@ fn carry_changes<K: Pod + Eq + Hash, V: Pod>(
         Err(error) => Err(map_error(name)(error)),
     };
     let mut written = 0;
-    for (key, value) in old {
-        let flags = match copied.get(key) {
-            Some(before) if same(before, value) => continue,
-            Some(before) => match get(&target, key)? {
+    for (key, value) in &changed {
+        let flags = if let Some(before) = copied.get(key) {
+            match get(&target, key)? {
                 Some(now) if same(&now, before) => BPF_ANY,
                 _ => continue,
-            },
-            None => {
-                if let Some(twin) = twin(key, value)
-                    && let Some(theirs) = get(&target, &twin)?
-                    && old.get(&twin).is_none_or(|ours| !same(ours, &theirs))
-                {
+            }
+        } else {
+            if let Some(twin) = twin(key, value)
+                && let Some(theirs) = get(&target, &twin)?
+            {
+                // The old map's twin: changed too, or as copied (but for its timestamp).
+                let ours = changed.get(&twin).or_else(|| copied.get(&twin));
+                if ours.is_none_or(|ours| !same(ours, &theirs)) {
                     continue;
                 }
-                BPF_NOEXIST
             }
+            BPF_NOEXIST
         };
         // A NOEXIST insert loses to an entry the new programs made since: theirs is the one
         // packets of that flow have used.
