@@ -5,15 +5,16 @@
 //! map. So a map whose configured size differs is moved aside (pinned under another name), the
 //! programs are loaded with a new map of the configured size pinned in its place, and the
 //! entries are copied over (see [`crate::maps::copy`]: live conntrack entries only, the least
-//! recently used first, so that a smaller LRU map keeps the most recent). Then every program is
-//! relinked onto the new maps, one at a time (see [`crate::upgrade`]), and a second pass
-//! carries over what the old programs changed meanwhile (new flows, refreshed or changed
-//! entries, counts) before the old maps go. Flows, affinity, counters and what is programmed
-//! carry over. The cost is a moment, one read of the old map long, in which a reply to a flow
-//! opened just before the move may reach a new program before its entries do, and pass
-//! untranslated.
+//! recently used first). Then every program is relinked onto the new maps, one at a time (see
+//! [`crate::upgrade`]), and a second pass carries over what the old programs changed meanwhile
+//! (new flows, changed entries, counts) before the old maps go. Flows, affinity, counters and
+//! what is programmed carry over. The cost: from the first relink until the second pass is
+//! done (about a read of the old map), a reply to a flow opened during the copy may reach a
+//! program on the new maps before its entries do, and pass untranslated; and a flow opened by
+//! a relinked program may send its reply through one not relinked yet.
 //!
-//! A daemon stopped part way leaves the old map aside; the next one finishes the move.
+//! A daemon stopped part way leaves the old map aside; the next one finishes the move, or
+//! starts it afresh if no program used the new map yet.
 
 use std::fs;
 
@@ -24,6 +25,7 @@ use crate::{
     loader::{Capacities, MAP_NAMES, pinned_entries as entries},
     maps::copy::{self, Copied},
     pins::PinLayout,
+    upgrade,
 };
 
 /// Puts back every map a stopped daemon moved aside without pinning a new one in its place:
@@ -64,51 +66,69 @@ impl Move {
 }
 
 impl Resizing {
-    /// Before loading, after [`restore_unstarted`]: moves aside every pinned map whose size
-    /// differs from `capacities`, and takes up the moves a stopped daemon left unfinished.
+    /// Before loading: moves aside every pinned map whose size differs from `capacities`, and
+    /// takes up the moves a stopped daemon left unfinished. On an error, what it moved is put
+    /// back.
     pub fn begin(pins: &PinLayout, capacities: &Capacities) -> Result<Self> {
-        let mut moves = Vec::new();
+        restore_unstarted(pins)?;
+        let mut resizing = Self { pins: pins.clone(), moves: Vec::new() };
         for name in MAP_NAMES {
             let Some(configured) = capacities.of(name) else { continue };
-            let (pinned, aside) = (pins.map(name), pins.map_set_aside(name));
-            if !pinned.exists() {
-                continue;
-            }
-            copy::check_layout(name, &pinned)?;
-            if aside.exists() {
-                if copy::same_map(name, &aside, &pinned)? {
-                    // Stopped while moving the pin: nothing was loaded yet.
-                    fs::remove_file(&aside).map_err(Error::io(&aside))?;
-                } else {
-                    // Stopped after the new map was pinned: copy again and relink.
-                    copy::check_layout(name, &aside)?;
-                    let (from_entries, to_entries) =
-                        (entries(name, &aside)?, entries(name, &pinned)?);
-                    moves.push(Move::new(name, from_entries, to_entries, true));
-                    continue;
+            match resizing.judge(name, configured) {
+                Ok(Some(moved)) => resizing.moves.push(moved),
+                Ok(None) => {}
+                Err(error) => {
+                    resizing.abandon();
+                    return Err(error);
                 }
             }
-            let (from_entries, to_entries) = (entries(name, &pinned)?, configured);
-            if from_entries == to_entries {
-                continue;
-            }
-            // The maps the programs insert into are LRU maps, which make room by evicting; the
-            // others hold what the daemon programmed, addressed by ids that need not fit a
-            // smaller map.
-            if to_entries < from_entries && !copy::programs_insert(name) {
-                warn!(
-                    map = name,
-                    pinned = from_entries,
-                    configured = to_entries,
-                    "kept at its pinned size: the ids and slots in use may lie beyond a smaller \
-                     one; a datapath loaded afresh (after `lb-user unload`) takes it"
-                );
-                continue;
-            }
-            copy::move_pin(name, &pinned, &aside)?;
-            moves.push(Move::new(name, from_entries, to_entries, false));
         }
-        Ok(Self { pins: pins.clone(), moves })
+        Ok(resizing)
+    }
+
+    /// Whether map `name` moves, to `configured` entries or, resumed, to the new map a stopped
+    /// daemon pinned; a move is begun (the old map pinned aside) before it is returned.
+    fn judge(&self, name: &'static str, configured: u32) -> Result<Option<Move>> {
+        let (pinned, aside) = (self.pins.map(name), self.pins.map_set_aside(name));
+        if !pinned.exists() {
+            return Ok(None);
+        }
+        copy::check_layout(name, &pinned)?;
+        if aside.exists() {
+            copy::check_layout(name, &aside)?;
+            let new_map = copy::map_id(name, &pinned)?;
+            if new_map == copy::map_id(name, &aside)? {
+                // Stopped while moving the pin: nothing was loaded yet.
+                fs::remove_file(&aside).map_err(Error::io(&aside))?;
+            } else if upgrade::pinned_programs_use(&self.pins, new_map)? {
+                // Stopped once programs used the new map: copy what it lacks and relink.
+                let (from_entries, to_entries) = (entries(name, &aside)?, entries(name, &pinned)?);
+                return Ok(Some(Move::new(name, from_entries, to_entries, true)));
+            } else {
+                // Stopped before any program used the new map: start the move afresh.
+                fs::remove_file(&pinned).map_err(Error::io(&pinned))?;
+                copy::move_pin(name, &aside, &pinned)?;
+            }
+        }
+        let (from_entries, to_entries) = (entries(name, &pinned)?, configured);
+        if from_entries == to_entries {
+            return Ok(None);
+        }
+        // The maps the programs insert into are LRU maps, which make room by evicting; the
+        // others hold what the daemon programmed, addressed by ids that need not fit a smaller
+        // map.
+        if to_entries < from_entries && !copy::programs_insert(name) {
+            warn!(
+                map = name,
+                pinned = from_entries,
+                configured = to_entries,
+                "kept at its pinned size: the ids and slots in use may lie beyond a smaller one; \
+                 a datapath loaded afresh (after `lb-user unload`) takes it"
+            );
+            return Ok(None);
+        }
+        copy::move_pin(name, &pinned, &aside)?;
+        Ok(Some(Move::new(name, from_entries, to_entries, false)))
     }
 
     /// True if no map changes size: the programs may stay where they are.

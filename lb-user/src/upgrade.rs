@@ -49,49 +49,62 @@ pub fn replace_outdated_programs(pins: &PinLayout, capacities: &loader::Capaciti
         }
     };
     // From here a failure leaves a resize to the next start: programs may use the new maps.
-    for (name, step) in steps {
+    for Replacement { name, old_id, new_id } in steps {
         let program = ebpf.program_mut(name).ok_or(Error::MissingProgram(name))?;
-        match step {
+        let attachments = relink(program, name, pins)?;
+        if let Some(old_id) = old_id {
+            info!(program = name, old_id, new_id, attachments, "replaced a pinned program");
+        } else {
             // A program the older version did not have: pinned for the next daemon, attached
             // nowhere until the datapath is loaded afresh.
-            Step::Pin => pin_program(program, name, pins)?,
-            Step::Relink { old_id, new_id } => {
-                let attachments = relink(program, name, pins)?;
-                info!(program = name, old_id, new_id, attachments, "replaced a pinned program");
-            }
+            info!(program = name, new_id, attachments, "pinned a program the pins lacked");
         }
     }
     resizing.finish()
 }
 
-/// What becomes of one pinned program.
-enum Step {
-    Pin,
-    Relink { old_id: u32, new_id: u32 },
+/// A loaded program to put in place of a pinned one (`old_id`; `None`: none is pinned).
+struct Replacement {
+    name: &'static str,
+    old_id: Option<u32>,
+    new_id: u32,
 }
 
-/// The programs of `ebpf` to pin or put in place of the pinned ones (all of these if
-/// `maps_replaced`), without changing anything yet.
-fn plan(
-    ebpf: &mut Ebpf,
-    pins: &PinLayout,
-    maps_replaced: bool,
-) -> Result<Vec<(&'static str, Step)>> {
+/// The programs of `ebpf` to put in place of the pinned ones: those whose code differs or
+/// that are not pinned (every one if `maps_replaced`), without changing anything yet.
+fn plan(ebpf: &mut Ebpf, pins: &PinLayout, maps_replaced: bool) -> Result<Vec<Replacement>> {
     let mut steps = Vec::new();
     for name in program_names::ALL {
         let program = ebpf.program_mut(name).ok_or(Error::MissingProgram(name))?;
         let new = program.info().map_err(program_error(name, "reading the loaded program"))?;
         let pin = pins.program(name);
-        if !pin.exists() {
-            steps.push((name, Step::Pin));
-            continue;
-        }
-        let old = ProgramInfo::from_pin(&pin).map_err(program_error(name, "opening the pin"))?;
-        if old.tag() != new.tag() || maps_replaced {
-            steps.push((name, Step::Relink { old_id: old.id(), new_id: new.id() }));
+        let old = if pin.exists() {
+            Some(ProgramInfo::from_pin(&pin).map_err(program_error(name, "opening the pin"))?)
+        } else {
+            None
+        };
+        if old.as_ref().is_none_or(|old| old.tag() != new.tag()) || maps_replaced {
+            let old_id = old.map(|old| old.id());
+            steps.push(Replacement { name, old_id, new_id: new.id() });
         }
     }
     Ok(steps)
+}
+
+/// True if a program pinned under `pins` uses map `map_id` (or the kernel cannot say).
+pub fn pinned_programs_use(pins: &PinLayout, map_id: u32) -> Result<bool> {
+    for name in program_names::ALL {
+        let pin = pins.program(name);
+        if !pin.exists() {
+            continue;
+        }
+        let info = ProgramInfo::from_pin(&pin).map_err(program_error(name, "opening the pin"))?;
+        let ids = info.map_ids().map_err(program_error(name, "reading its maps"))?;
+        if ids.is_none_or(|ids| ids.contains(&map_id)) {
+            return Ok(true);
+        }
+    }
+    Ok(false)
 }
 
 /// Points every pinned attachment of program `name` at `program` (loaded, of the same type)
@@ -113,7 +126,11 @@ pub fn relink(program: &mut Program, name: &'static str, pins: &PinLayout) -> Re
         }
     }
     let pin = pins.program(name);
-    fs::remove_file(&pin).map_err(Error::io(&pin))?;
+    // Missing if the older version did not have the program, or a relink stopped here.
+    match fs::remove_file(&pin) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(Error::io(&pin)(e)),
+        _ => {}
+    }
     pin_program(program, name, pins)?;
     Ok(attachments)
 }

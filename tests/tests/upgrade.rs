@@ -143,6 +143,9 @@ fn a_restart_with_other_map_capacities_resizes_the_maps_and_established_flows_ke
     let mut east_west = long_lived(client_pod, addr("10.96.45.10:80"));
     let mut north_south = long_lived(&topology.client, addr(&format!("{NODE_IP}:30380")));
     let backends = (exchange(&mut east_west), exchange(&mut north_south));
+    // A ClientIP-affinity service: the client's backend is in the affinity map.
+    let sticky = addr("10.96.45.11:80");
+    let chosen = tcp_request(client_pod, sticky).expect("a request to the sticky service");
     daemon.stop();
     let (programs, maps) = (pinned(pins.layout()), sized_maps(pins.layout()));
     let packets = my_nginx_packets(pins.layout());
@@ -180,6 +183,10 @@ fn a_restart_with_other_map_capacities_resizes_the_maps_and_established_flows_ke
     assert!(my_nginx_packets(pins.layout()) > packets, "the counters go on counting");
     let answer = tcp_request(client_pod, addr("10.96.45.10:80")).expect("a new connection");
     assert!(answer.starts_with("hello from my-nginx-"), "{answer}");
+    for _ in 0..5 {
+        let again = tcp_request(client_pod, sticky).expect("a request to the sticky service");
+        assert_eq!(again, chosen, "the client's affinity carried over");
+    }
     daemon.stop();
 
     // A daemon stopped right after moving a map aside; and a smaller services capacity, which
@@ -195,14 +202,30 @@ fn a_restart_with_other_map_capacities_resizes_the_maps_and_established_flows_ke
     daemon.stop();
 
     // A daemon stopped after pinning a new, still empty conntrack map in place of the one
-    // the programs use, moved aside: the next one fills it and moves the programs onto it.
-    move_pin(names::CONNTRACK, &pinned_conntrack, &aside).expect("move the conntrack map aside");
-    let fresh = loader::load_private_with(&capacities).expect("loading the programs");
-    let empty = fresh.map(names::CONNTRACK).expect("a conntrack map");
-    empty.pin(&pinned_conntrack).expect("pin an empty conntrack map in its place");
+    // the programs use, moved aside, before any program used it: the next one puts the old
+    // map back, and with the size unchanged, that is all.
+    let conntrack_id = |pins: &TestPins| sized_maps(pins.layout())[names::CONNTRACK].0;
+    let old_conntrack = conntrack_id(&pins);
+    drop(interrupted_move(&pins));
+    let daemon = start(example_node_config_with(capacities));
+    assert!(!aside.exists(), "the interrupted move is undone");
+    assert_eq!(conntrack_id(&pins), old_conntrack, "the old conntrack map is back");
+    assert_eq!(pinned(pins.layout()), relinked, "no program moved");
+    assert_eq!(exchange(&mut east_west), backends.0, "after the undone move");
+    daemon.stop();
+
+    // Stopped once a program used the new map: the next one fills it, from what the old one
+    // holds, and moves every program onto it.
+    let mut fresh = interrupted_move(&pins);
+    let new_conntrack = conntrack_id(&pins);
+    let tc_pin = pins.layout().program(program_names::TC);
+    std::fs::remove_file(&tc_pin).expect("unpin a program");
+    let program = fresh.program_mut(program_names::TC).expect("the tc program");
+    program.pin(&tc_pin).expect("pin one that uses the new map");
     drop(fresh);
     let daemon = start(example_node_config_with(capacities));
     assert!(!aside.exists(), "the interrupted move is finished");
+    assert_eq!(conntrack_id(&pins), new_conntrack, "the new conntrack map stays");
     let finished = pinned(pins.layout());
     for name in program_names::ALL {
         assert_ne!(finished[name].0, relinked[name].0, "{name} moved to the new map");
@@ -213,6 +236,18 @@ fn a_restart_with_other_map_capacities_resizes_the_maps_and_established_flows_ke
         "connections keep their backends through the finished move"
     );
     drop(daemon);
+}
+
+/// What a daemon stopped in the middle of a resize leaves: the conntrack map pinned aside and
+/// a new, empty one (of the programs returned, not used by any pinned program) in its place.
+fn interrupted_move(pins: &TestPins) -> aya::Ebpf {
+    let (pinned, aside) =
+        (pins.layout().map(names::CONNTRACK), pins.layout().map_set_aside(names::CONNTRACK));
+    move_pin(names::CONNTRACK, &pinned, &aside).expect("move the conntrack map aside");
+    let fresh = loader::load_private().expect("loading the programs");
+    let empty = fresh.map(names::CONNTRACK).expect("a conntrack map");
+    empty.pin(&pinned).expect("pin an empty conntrack map in its place");
+    fresh
 }
 
 fn example_node_config_with(capacities: loader::Capacities) -> lb_user::config::NodeConfig {

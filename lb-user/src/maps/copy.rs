@@ -181,10 +181,9 @@ pub fn move_pin(name: &str, from: &Path, to: &Path) -> Result<()> {
     std::fs::remove_file(from).map_err(Error::io(from))
 }
 
-/// True if both pins name the same map.
-pub fn same_map(name: &str, a: &Path, b: &Path) -> Result<bool> {
-    let id = |pin| MapInfo::from_pin(pin).map(|info| info.id()).map_err(map_error(name));
-    Ok(id(a)? == id(b)?)
+/// The id of map `name` pinned at `pin`.
+pub fn map_id(name: &str, pin: &Path) -> Result<u32> {
+    MapInfo::from_pin(pin).map(|info| info.id()).map_err(map_error(name))
 }
 
 fn open(name: &str, path: &Path) -> Result<MapData> {
@@ -246,7 +245,10 @@ fn carry_changes<K: Pod + Eq + Hash, V: Pod>(
         Err(error) => Err(map_error(name)(error)),
     };
     let mut written = 0;
-    for (key, value) in &changed {
+    // Changed entries first: a new entry's twin may be one of them.
+    let (updates, inserts): (Vec<_>, Vec<_>) =
+        changed.iter().partition(|(key, _)| copied.contains_key(key));
+    for (key, value) in updates.into_iter().chain(inserts) {
         let flags = if let Some(before) = copied.get(key) {
             match get(&target, key)? {
                 Some(now) if same(&now, before) => BPF_ANY,

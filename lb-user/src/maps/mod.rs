@@ -1,5 +1,6 @@
-//! The one module that touches `aya::maps`: typed access to the datapath's maps, whether taken
-//! from a freshly loaded object or opened from their pins.
+//! The one module that reads and writes the datapath's maps through `aya::maps` (others only
+//! read their sizes): typed access, whether taken from a freshly loaded object or opened from
+//! their pins, and the copy into a resized map (`copy`).
 //!
 //! Writers speak in [`MapOp`]s, so the reconciler can be a pure function tested without a
 //! kernel (through [`MapWriter`]) and the kernel side a thin `apply_all`, which batches runs of
