@@ -18,6 +18,7 @@
 
 use std::fs;
 
+use lb_common::maps::names;
 use tracing::{info, warn};
 
 use crate::{
@@ -139,6 +140,9 @@ impl Resizing {
     /// After loading, with the new maps pinned, before the programs move to them: copies the
     /// entries of the old maps into them (for a resumed move, the entries they lack).
     pub fn copy(&mut self) -> Result<()> {
+        // Conntrack last, right before the programs move: a flow opened while the others are
+        // copied is then in its first pass, not left to the second.
+        self.moves.sort_by_key(|moved| moved.name == names::CONNTRACK);
         for moved in &mut self.moves {
             let (from, to) = (self.pins.map_set_aside(moved.name), self.pins.map(moved.name));
             let first_pass = if moved.resumed { copy::copy_missing } else { copy::copy_all };
@@ -149,7 +153,10 @@ impl Resizing {
 
     /// Once the programs use the new maps: carries over what the old programs changed since
     /// [`Self::copy`], and lets the old maps go.
-    pub fn finish(self) -> Result<()> {
+    pub fn finish(mut self) -> Result<()> {
+        // Conntrack first: until its second pass is done, replies to flows opened during the
+        // copy may miss their entries.
+        self.moves.sort_by_key(|moved| moved.name != names::CONNTRACK);
         for moved in self.moves {
             let (from, to) = (self.pins.map_set_aside(moved.name), self.pins.map(moved.name));
             let late = copy::copy_changes(moved.name, &from, &to, &moved.read)?;

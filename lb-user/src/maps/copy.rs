@@ -76,7 +76,8 @@ pub fn check_layout(name: &str, pin: &Path) -> Result<()> {
 
 /// The first pass, into a new map no program uses yet: copies every entry of map `name`
 /// pinned at `from` into the one pinned at `to`. A conntrack map gets only live entries; both
-/// LRU maps get the least recently used first, so that a smaller map keeps the most recent.
+/// LRU maps get the least recently used first, so that a smaller map evicts those first, as
+/// far as the kernel's LRU keeps insertion order.
 /// Returns how many entries it wrote, and what it read.
 pub fn copy_all(name: &str, from: &Path, to: &Path) -> Result<(usize, Copied)> {
     let (source, target) = (open(name, from)?, open(name, to)?);
