@@ -429,7 +429,8 @@ fn delete_clsact(iface: &str) {
     }
 }
 
-fn remove_pin(path: &Path) -> Result<Option<String>> {
+/// Unpins `path`, saying so; a pin already gone is not an error.
+pub(crate) fn remove_pin(path: &Path) -> Result<Option<String>> {
     match std::fs::remove_file(path) {
         Ok(()) => Ok(Some(format!("unpinned {}", path.display()))),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),

@@ -8,6 +8,7 @@ use tracing::debug;
 use crate::{
     EBPF_OBJECT,
     error::{Error, Result},
+    maps::pinned_entries,
     pins::PinLayout,
     program_names,
 };
@@ -91,13 +92,6 @@ impl Capacities {
             .chain(self.affinity.map(|n| (names::AFFINITY, n)))
             .collect()
     }
-}
-
-/// The size of map `name` pinned at `pin`, in entries.
-pub fn pinned_entries(name: &str, pin: &std::path::Path) -> Result<u32> {
-    let info = aya::maps::MapInfo::from_pin(pin)
-        .map_err(|source| Error::Map { name: name.to_owned(), source: Box::new(source) })?;
-    Ok(info.max_entries())
 }
 
 /// Loads the object with private maps: nothing pinned, nothing attached. For tests and `trace`.

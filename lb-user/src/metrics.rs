@@ -183,7 +183,7 @@ impl Metrics {
     pub fn observe_capacities(&self, pins: &PinLayout) {
         let configured = crate::loader::Capacities::default();
         for map in crate::loader::MAP_NAMES.into_iter().filter(|map| configured.of(map).is_some()) {
-            if let Ok(entries) = crate::loader::pinned_entries(map, &pins.map(map)) {
+            if let Ok(entries) = crate::maps::pinned_entries(map, &pins.map(map)) {
                 self.map_capacities.get_or_create(&MapLabels { map }).set(i64::from(entries));
             }
         }

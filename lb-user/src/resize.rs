@@ -23,8 +23,11 @@ use tracing::{info, warn};
 
 use crate::{
     error::{Error, Result},
-    loader::{Capacities, MAP_NAMES, pinned_entries as entries},
-    maps::copy::{self, Copied},
+    loader::{Capacities, MAP_NAMES},
+    maps::{
+        copy::{self, Copied},
+        pinned_entries as entries,
+    },
     pins::PinLayout,
     upgrade,
 };
@@ -94,9 +97,9 @@ impl Resizing {
         if !pinned.exists() {
             return Ok(None);
         }
-        copy::check_layout(name, &pinned)?;
+        copy::check_layout(&self.pins, name, &pinned)?;
         if aside.exists() {
-            copy::check_layout(name, &aside)?;
+            copy::check_layout(&self.pins, name, &aside)?;
             let new_map = copy::map_id(name, &pinned)?;
             if new_map == copy::map_id(name, &aside)? {
                 // Stopped while moving the pin: nothing was loaded yet.

@@ -22,7 +22,7 @@ use aya::{
 use tracing::info;
 
 use crate::{
-    attach::{pin_program, recorded_filter},
+    attach::{pin_program, recorded_filter, remove_pin},
     error::{Error, Result},
     loader,
     pins::{NetlinkTcRecord, PinLayout, program_of_link},
@@ -127,10 +127,7 @@ pub fn relink(program: &mut Program, name: &'static str, pins: &PinLayout) -> Re
     }
     let pin = pins.program(name);
     // Missing if the older version did not have the program, or a relink stopped here.
-    match fs::remove_file(&pin) {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(Error::io(&pin)(e)),
-        _ => {}
-    }
+    remove_pin(&pin)?;
     pin_program(program, name, pins)?;
     Ok(attachments)
 }

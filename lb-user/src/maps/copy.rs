@@ -24,11 +24,13 @@ use lb_common::{
     },
 };
 
-use super::{CONNTRACK_ENTRIES_PER_CALL, map_error, syscall_error};
+use super::{
+    found, incompatible_pins, lookup_all, map_error, syscall_error, unknown_map, update_all,
+};
 use crate::{
     clock,
     error::{Error, Result},
-    map_batch,
+    pins::PinLayout,
 };
 
 /// `BPF_ANY` and `BPF_NOEXIST`.
@@ -50,9 +52,9 @@ pub fn programs_insert(name: &str) -> bool {
     matches!(name, names::CONNTRACK | names::AFFINITY)
 }
 
-/// Checks that map `name` pinned at `pin` has this build's key and value sizes: a copy
-/// trusts them.
-pub fn check_layout(name: &str, pin: &Path) -> Result<()> {
+/// Checks that map `name` pinned at `pin` (in the datapath pinned under `pins`) has this
+/// build's key and value sizes: a copy trusts them.
+pub fn check_layout(pins: &PinLayout, name: &str, pin: &Path) -> Result<()> {
     let info = MapInfo::from_pin(pin).map_err(map_error(name))?;
     let (key, value) = match name {
         names::SERVICES => (size_of::<ServiceKey>(), size_of::<ServiceValue>()),
@@ -61,7 +63,7 @@ pub fn check_layout(name: &str, pin: &Path) -> Result<()> {
         names::SERVICE_STATS => (size_of::<u32>(), size_of::<ServiceCounters>()),
         names::CONNTRACK => (size_of::<ConntrackKey>(), size_of::<ConntrackValue>()),
         names::AFFINITY => (size_of::<AffinityKey>(), size_of::<AffinityValue>()),
-        _ => return Err(not_copyable(name)),
+        _ => return Err(unknown_map(name)),
     };
     let error = if info.key_size() as usize != key {
         MapError::InvalidKeySize { size: info.key_size() as usize, expected: key }
@@ -70,8 +72,7 @@ pub fn check_layout(name: &str, pin: &Path) -> Result<()> {
     } else {
         return Ok(());
     };
-    let dir = pin.parent().and_then(Path::parent).unwrap_or(pin).to_owned();
-    Err(Error::IncompatiblePins { dir, name: name.to_owned(), source: Box::new(error) })
+    Err(incompatible_pins(pins, map_error(name)(error)))
 }
 
 /// The first pass, into a new map no program uses yet: copies every entry of map `name`
@@ -103,7 +104,7 @@ pub fn copy_all(name: &str, from: &Path, to: &Path) -> Result<(usize, Copied)> {
             write_all(name, &target, &entries)?;
             (entries.len(), Copied::Affinity(entries.into_iter().collect()))
         }
-        _ => return Err(not_copyable(name)),
+        _ => return Err(unknown_map(name)),
     })
 }
 
@@ -192,15 +193,12 @@ fn open(name: &str, path: &Path) -> Result<MapData> {
 }
 
 fn read_all<K: Pod, V: Pod>(name: &str, map: &MapData) -> Result<Vec<(K, V)>> {
-    let (keys, values) = map_batch::lookup::<K, V>(map.fd().as_fd(), CONNTRACK_ENTRIES_PER_CALL)
-        .map_err(syscall_error(name, "BPF_MAP_LOOKUP_BATCH"))?;
-    Ok(keys.into_iter().zip(values).collect())
+    lookup_all(name, map.fd().as_fd())
 }
 
 fn write_all<K: Pod, V: Pod>(name: &str, map: &MapData, entries: &[(K, V)]) -> Result<()> {
     let (keys, values): (Vec<K>, Vec<V>) = entries.iter().copied().unzip();
-    map_batch::update(map.fd().as_fd(), &keys, &values)
-        .map_err(syscall_error(name, "BPF_MAP_UPDATE_BATCH"))
+    update_all(name, map.fd().as_fd(), &keys, &values)
 }
 
 /// Copies a hash map or an array in batches; returns the entries copied.
@@ -240,11 +238,7 @@ fn carry_changes<K: Pod + Eq + Hash, V: Pod>(
         .collect();
     let mut target: HashMap<_, K, V> =
         HashMap::try_from(Map::LruHashMap(target)).map_err(map_error(name))?;
-    let get = |target: &HashMap<MapData, K, V>, key: &K| match target.get(key, 0) {
-        Ok(value) => Ok(Some(value)),
-        Err(MapError::KeyNotFound) => Ok(None),
-        Err(error) => Err(map_error(name)(error)),
-    };
+    let get = |target: &HashMap<MapData, K, V>, key: &K| found(name, target.get(key, 0));
     let mut written = 0;
     // Changed entries first: a new entry's twin may be one of them.
     let (updates, inserts): (Vec<_>, Vec<_>) =
@@ -347,11 +341,4 @@ fn counters(name: &str, map: MapData) -> Result<PerCpuArray<MapData, ServiceCoun
 
 fn is_zero(counters: &ServiceCounters) -> bool {
     *counters == ServiceCounters::default()
-}
-
-fn not_copyable(name: &str) -> Error {
-    Error::Map {
-        name: name.to_owned(),
-        source: Box::new(MapError::InvalidName { name: name.to_owned() }),
-    }
 }

@@ -8,7 +8,8 @@
 
 use std::{
     net::Ipv4Addr,
-    os::fd::{AsFd as _, OwnedFd},
+    os::fd::{AsFd as _, BorrowedFd, OwnedFd},
+    path::Path,
 };
 
 use aya::{
@@ -87,13 +88,49 @@ fn map_error(name: &str) -> impl FnOnce(MapError) -> Error + '_ {
     move |source| Error::Map { name: name.to_owned(), source: Box::new(source) }
 }
 
-/// Typed view of one map, from whichever source.
-fn typed<T: TryFrom<Map, Error = MapError>>(name: &str, map: Option<Map>) -> Result<T> {
-    let map = map.ok_or_else(|| Error::Map {
+/// Map `name` is not one the caller knows.
+fn unknown_map(name: &str) -> Error {
+    Error::Map {
         name: name.to_owned(),
         source: Box::new(MapError::InvalidName { name: name.to_owned() }),
-    })?;
-    T::try_from(map).map_err(map_error(name))
+    }
+}
+
+/// Typed view of one map, from whichever source.
+fn typed<T: TryFrom<Map, Error = MapError>>(name: &str, map: Option<Map>) -> Result<T> {
+    T::try_from(map.ok_or_else(|| unknown_map(name))?).map_err(map_error(name))
+}
+
+/// A lookup's value, or `None` if the key is not there.
+fn found<V>(name: &str, looked_up: Result<V, MapError>) -> Result<Option<V>> {
+    match looked_up {
+        Ok(value) => Ok(Some(value)),
+        Err(MapError::KeyNotFound) => Ok(None),
+        Err(e) => Err(map_error(name)(e)),
+    }
+}
+
+/// Every entry of map `name` (a plain or LRU hash map, or an array) behind `fd`, read in
+/// batches.
+fn lookup_all<K: aya::Pod, V: aya::Pod>(name: &str, fd: BorrowedFd<'_>) -> Result<Vec<(K, V)>> {
+    let (keys, values) = map_batch::lookup(fd, CONNTRACK_ENTRIES_PER_CALL)
+        .map_err(syscall_error(name, "bpf_map_lookup_batch"))?;
+    Ok(keys.into_iter().zip(values).collect())
+}
+
+/// Writes `keys[i] -> values[i]` into map `name` behind `fd` in one batch.
+fn update_all<K: aya::Pod, V: aya::Pod>(
+    name: &str,
+    fd: BorrowedFd<'_>,
+    keys: &[K],
+    values: &[V],
+) -> Result<()> {
+    map_batch::update(fd, keys, values).map_err(syscall_error(name, "bpf_map_update_batch"))
+}
+
+/// The size of map `name` pinned at `pin`, in entries.
+pub fn pinned_entries(name: &str, pin: &Path) -> Result<u32> {
+    Ok(aya::maps::MapInfo::from_pin(pin).map_err(map_error(name))?.max_entries())
 }
 
 impl KernelMaps {
@@ -221,19 +258,12 @@ impl KernelMaps {
     /// keep inserting and the LRU keeps evicting while the map is walked: an entry that
     /// vanishes meanwhile is missed, not an error.
     pub fn conntrack(&self) -> Result<Vec<(ConntrackKey, ConntrackValue)>> {
-        let (keys, values) =
-            map_batch::lookup(self.batch_fds.conntrack.as_fd(), CONNTRACK_ENTRIES_PER_CALL)
-                .map_err(syscall_error(names::CONNTRACK, "bpf_map_lookup_batch"))?;
-        Ok(keys.into_iter().zip(values).collect())
+        lookup_all(names::CONNTRACK, self.batch_fds.conntrack.as_fd())
     }
 
     /// The conntrack entry under `key`, if there is one.
     pub fn conntrack_entry(&self, key: &ConntrackKey) -> Result<Option<ConntrackValue>> {
-        match self.conntrack.get(key, 0) {
-            Ok(value) => Ok(Some(value)),
-            Err(MapError::KeyNotFound) => Ok(None),
-            Err(e) => Err(map_error(names::CONNTRACK)(e)),
-        }
+        found(names::CONNTRACK, self.conntrack.get(key, 0))
     }
 
     /// Writes one conntrack entry (adopting flows from elsewhere; tests age entries with it).
@@ -412,8 +442,7 @@ fn upsert_batch<K: aya::Pod, V: aya::Pod>(
     entry: impl Fn(&MapOp) -> Option<(K, V)>,
 ) -> Result<()> {
     let (keys, values): (Vec<K>, Vec<V>) = run.iter().filter_map(entry).unzip();
-    map_batch::update(fd.as_fd(), &keys, &values)
-        .map_err(syscall_error(name, "bpf_map_update_batch"))
+    update_all(name, fd.as_fd(), &keys, &values)
 }
 
 #[cfg(test)]
