@@ -80,5 +80,5 @@ pub fn twin_key(key: &ConntrackKey, value: &ConntrackValue) -> ConntrackKey {
         let client = if masqueraded { nat } else { (key.dst_ip_be, key.dst_port_be) };
         (client, translated)
     };
-    ConntrackKey { src_ip_be, dst_ip_be, src_port_be, dst_port_be, proto: key.proto, pad: [0; 3] }
+    ConntrackKey::new(src_ip_be, dst_ip_be, src_port_be, dst_port_be, key.proto)
 }

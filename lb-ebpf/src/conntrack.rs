@@ -24,14 +24,13 @@ pub fn now() -> u64 {
 /// The key of `packet` as it appears on the wire.
 #[inline(always)]
 pub fn key_of(packet: &Packet) -> ConntrackKey {
-    ConntrackKey {
-        src_ip_be: packet.src_ip_be,
-        dst_ip_be: packet.dst_ip_be,
-        src_port_be: packet.src_port_be,
-        dst_port_be: packet.dst_port_be,
-        proto: packet.proto,
-        pad: [0; 3],
-    }
+    ConntrackKey::new(
+        packet.src_ip_be,
+        packet.dst_ip_be,
+        packet.src_port_be,
+        packet.dst_port_be,
+        packet.proto,
+    )
 }
 
 /// The live entry under `key`, if any. An expired entry counts as absent; a TCP SYN without ACK

@@ -44,14 +44,13 @@ pub fn process_error(hook: &impl Hook, packet: &Packet) -> Option<(Verdict, Reas
     let quote = read_quote(hook, packet)?;
     // The quoted datagram went one way; the conntrack entry of the opposite direction is keyed
     // by the tuple as the other end sends it.
-    let key = ConntrackKey {
-        src_ip_be: quote.dst_be,
-        dst_ip_be: quote.src_be,
-        src_port_be: quote.dst_port_be,
-        dst_port_be: quote.src_port_be,
-        proto: quote.proto,
-        pad: [0; 3],
-    };
+    let key = ConntrackKey::new(
+        quote.dst_be,
+        quote.src_be,
+        quote.dst_port_be,
+        quote.src_port_be,
+        quote.proto,
+    );
     // SAFETY: plain data.
     let flow = *unsafe { CONNTRACK.get(&key) }?;
     if !conntrack::is_live(&flow, quote.proto, conntrack::now(), config) {

@@ -194,14 +194,13 @@ fn new_flow(
         translated_port_be: packet.dst_port_be,
         ..forward
     };
-    let mut reply_key = ConntrackKey {
-        src_ip_be: backend.ip_be,
-        dst_ip_be: packet.src_ip_be,
-        src_port_be: backend.port_be,
-        dst_port_be: packet.src_port_be,
-        proto: packet.proto,
-        pad: [0; 3],
-    };
+    let mut reply_key = ConntrackKey::new(
+        backend.ip_be,
+        packet.src_ip_be,
+        backend.port_be,
+        packet.src_port_be,
+        packet.proto,
+    );
 
     if needs_snat(&service, &backend, packet, origin, config) {
         let claimed = claim_snat_port(hook, &mut reply_key, &mut reply_entry, packet, config, hash);
