@@ -36,7 +36,7 @@ pub fn timeout_s(value: &ConntrackValue, proto_number: u8) -> u64 {
         OTHER_TIMEOUT_S
     } else if is_closing(value) {
         TCP_CLOSING_TIMEOUT_S
-    } else if value.opening != 0 {
+    } else if is_opening(value) {
         TCP_OPENING_TIMEOUT_S
     } else {
         TCP_TIMEOUT_S
@@ -48,6 +48,13 @@ pub fn timeout_s(value: &ConntrackValue, proto_number: u8) -> u64 {
 #[must_use]
 pub fn is_closing(value: &ConntrackValue) -> bool {
     value.closing != 0 || value.flags & ct_flags::CLOSING != 0
+}
+
+/// True while the TCP flow is opening, as this version or one before it marked it.
+#[inline(always)]
+#[must_use]
+pub fn is_opening(value: &ConntrackValue) -> bool {
+    value.opening != 0 || value.flags & ct_flags::OPENING != 0
 }
 
 /// True if `value` (of a flow of `proto_number`) was refreshed within its timeout at `now`.

@@ -216,8 +216,9 @@ pub mod ct_flags {
     /// Versions before [`super::ConntrackValue::closing`] marked a closing entry with this bit;
     /// it is still read, so that their entries keep their meaning after an upgrade.
     pub const CLOSING: u16 = 1 << 3;
-    /// Versions before [`super::ConntrackValue::opening`] set this; it is not read: an entry
-    /// they left opening counts as established.
+    /// Versions before [`super::ConntrackValue::opening`] marked an opening entry with this
+    /// bit; it is still read, and the packet that ends the opening clears it (see
+    /// `lb_common::conntrack::is_opening`).
     pub const OPENING: u16 = 1 << 4;
 }
 

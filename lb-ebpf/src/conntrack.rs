@@ -6,7 +6,7 @@
 use aya_ebpf::helpers::bpf_jiffies64;
 use lb_common::{
     conntrack::twin_key,
-    maps::{ConntrackKey, ConntrackValue, NodeConfig, proto},
+    maps::{ConntrackKey, ConntrackValue, NodeConfig, ct_flags, proto},
 };
 
 use crate::{
@@ -72,25 +72,41 @@ pub fn touch(entry: *mut ConntrackValue, packet: &Packet, now: u64, config: &Nod
     let tcp = packet.proto == proto::TCP;
     // A reset (a backend refusing the SYN) ends nothing: the flow never opened.
     let opened = packet.flags & (tcp_flags::SYN | tcp_flags::RST) == 0;
-    // Whole-byte stores (volatile: never merged into a wider read-modify-write): another CPU
-    // may change the other byte of the state at the same time (see `ConntrackValue::opening`).
-    if tcp && value.opening != 0 && opened {
-        // SAFETY: a field of the live entry.
-        unsafe { core::ptr::write_volatile(&raw mut value.opening, 0) };
-        if let Some(twin) = CONNTRACK.get_ptr_mut(&twin_key(&key_of(packet), value)) {
-            // SAFETY: a valid pointer from the lookup.
-            unsafe { core::ptr::write_volatile(&raw mut (*twin).opening, 0) };
+    if tcp && lb_common::conntrack::is_opening(value) && opened {
+        let twin = CONNTRACK.get_ptr_mut(&twin_key(&key_of(packet), value));
+        end_opening(entry);
+        if let Some(twin) = twin {
+            end_opening(twin);
         }
     }
     let closing = tcp
         && packet.flags & (tcp_flags::FIN | tcp_flags::RST) != 0
         && !lb_common::conntrack::is_closing(value);
     if closing {
-        // SAFETY: as above.
+        // A whole-byte store, as in `end_opening`.
+        // SAFETY: a field of the live entry.
         unsafe { core::ptr::write_volatile(&raw mut value.closing, 1) };
         value.last_seen = now;
     } else if now.saturating_sub(value.last_seen) > u64::from(config.jiffies_per_second) {
         value.last_seen = now;
+    }
+}
+
+/// Marks an entry's flow established.
+///
+/// The state byte is written whole (volatile: never merged into a wider read-modify-write), as
+/// another CPU may set `closing` beside it at the same time (see `ConntrackValue::opening`). The opening bit an earlier version
+/// set in `flags` is cleared by a read-modify-write: this version writes `flags` nowhere else,
+/// and should a write of the previous programs (during an upgrade) undo it, the bit stays set
+/// and the flow's next packet clears it again.
+#[inline(always)]
+fn end_opening(entry: *mut ConntrackValue) {
+    // SAFETY: a valid pointer from a lookup in this program run.
+    unsafe {
+        core::ptr::write_volatile(&raw mut (*entry).opening, 0);
+        if (*entry).flags & ct_flags::OPENING != 0 {
+            (*entry).flags &= !ct_flags::OPENING;
+        }
     }
 }
 

@@ -42,7 +42,7 @@ pub fn collect(maps: &mut KernelMaps, now: u64) -> Result<Pass> {
     let (mut removed, mut opening) = (0, 0);
     for (key, value) in entries {
         if is_live(&value, key.proto, now, rate) {
-            opening += usize::from(value.opening != 0);
+            opening += usize::from(lb_common::conntrack::is_opening(&value));
             continue;
         }
         let still_dead = maps

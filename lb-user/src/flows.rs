@@ -104,7 +104,7 @@ fn flow(
         "-"
     } else if lb_common::conntrack::is_closing(entry) {
         "closing"
-    } else if entry.opening != 0 {
+    } else if lb_common::conntrack::is_opening(entry) {
         "opening"
     } else {
         "established"
@@ -217,7 +217,7 @@ mod tests {
                 key(pod, 40_002, vip, 80, proto::TCP),
                 ConntrackValue { closing: 1, ..value(0, backend, 8080, now) },
             ),
-            // Marked by a version before the state bytes: closing still, opening no more.
+            // Marked by a version before the state bytes, with flag bits.
             (key(pod, 40_004, vip, 80, proto::TCP), value(ct_flags::CLOSING, backend, 8080, now)),
             (key(pod, 40_005, vip, 80, proto::TCP), value(ct_flags::OPENING, backend, 8080, now)),
             (key(pod, 53_000, vip, 53, proto::UDP), value(0, backend, 53, now - 100)),
@@ -236,7 +236,7 @@ mod tests {
                 ("10.244.1.5:40001", "established", Some("192.168.1.63:61000"), 3),
                 ("10.244.1.5:40002", "closing", None, 0),
                 ("10.244.1.5:40004", "closing", None, 0),
-                ("10.244.1.5:40005", "established", None, 0),
+                ("10.244.1.5:40005", "opening", None, 0),
                 ("10.244.1.5:53000", "-", None, 1),
             ]
         );

@@ -223,3 +223,37 @@ fn an_entry_an_earlier_version_marked_closing_stays_closing() {
     }
     assert_eq!(send(&mut datapath, &syn), Reason::ForwardNew, "a SYN on a closing tuple is new");
 }
+
+#[test]
+fn an_entry_an_earlier_version_marked_opening_stays_opening_until_its_handshake_ends() {
+    let mut datapath = seeded();
+    let syn = |port| Spec::tcp(POD, port, "10.96.45.10", 80);
+    // What versions before the state bytes wrote at a SYN: a flag bit, and a zero byte.
+    for port in [40_600, 40_601] {
+        assert_eq!(send(&mut datapath, &syn(port)), Reason::ForwardNew);
+        let maps = datapath.maps();
+        for (key, mut value) in entries_of(maps, port) {
+            value.opening = 0;
+            value.flags |= ct_flags::OPENING;
+            maps.write_conntrack(&key, &value).expect("marking an entry opening the old way");
+        }
+    }
+    // A SYN nobody followed up goes after the opening timeout, not after six hours.
+    age(&mut datapath, 40_600, TCP_OPENING_TIMEOUT_S + 1);
+    let maps = datapath.maps();
+    let now = clock::jiffies_now().expect("jiffies");
+    let pass = conntrack_gc::collect(maps, now).expect("collecting");
+    assert_eq!(pass, conntrack_gc::Pass { scanned: 4, removed: 2, opening: 2 });
+    assert!(entries_of(maps, 40_600).is_empty(), "a stale half-open flow is gone");
+
+    // The handshake's last ACK establishes both entries, bit and byte.
+    assert_eq!(
+        send(&mut datapath, &with_flags(&syn(40_601), false, false)),
+        Reason::ForwardEstablished
+    );
+    let states: Vec<_> = entries_of(datapath.maps(), 40_601)
+        .iter()
+        .map(|(_, value)| (value.opening, value.flags & ct_flags::OPENING))
+        .collect();
+    assert_eq!(states, [(0, 0), (0, 0)], "established");
+}
