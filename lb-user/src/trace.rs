@@ -17,7 +17,7 @@ use crate::{
     error::{Error, Result},
     loader,
     maps::KernelMaps,
-    model::{FrontendKind, Model, Protocol, Traffic},
+    model::{Model, Protocol, Traffic},
     program_names,
     reconcile::{DatapathState, Reconciler, SlotMode},
     stats,
@@ -130,13 +130,7 @@ impl Tracer {
         else {
             return (None, Vec::new());
         };
-        // externalTrafficPolicy governs traffic from outside to external addresses; the
-        // ClusterIP, and pods or the node reaching anything, get the internal set.
-        let traffic = if request.entry == Entry::External && kind != FrontendKind::ClusterIp {
-            Traffic::External
-        } else {
-            Traffic::Internal
-        };
+        let traffic = Traffic::of(kind, request.entry != Entry::External);
         let candidates = port.backends(traffic).iter().map(ToString::to_string).collect();
         (Some(port.id.to_string()), candidates)
     }

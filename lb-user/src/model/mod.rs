@@ -175,13 +175,28 @@ impl fmt::Display for Endpoint {
     }
 }
 
-/// Where a packet comes from, which decides the traffic policy that applies.
+/// Where a packet comes from and goes, which decides the traffic policy that applies.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Traffic {
-    /// From outside the cluster: externalTrafficPolicy applies.
+    /// From outside the cluster to an external address (NodePort, externalIP, LoadBalancer
+    /// IP): externalTrafficPolicy applies.
     External,
-    /// From a pod or the node itself: internalTrafficPolicy applies.
+    /// To a ClusterIP: internalTrafficPolicy applies.
     Internal,
+    /// From a pod or the node itself to an external address: kube-proxy short-circuits it to
+    /// the cluster's endpoints, and neither policy applies.
+    InsideToExternal,
+}
+
+impl Traffic {
+    /// The traffic of a packet to a frontend of `kind`, from inside the cluster or not.
+    pub fn of(kind: FrontendKind, from_inside: bool) -> Self {
+        match (kind, from_inside) {
+            (FrontendKind::ClusterIp, _) => Self::Internal,
+            (_, false) => Self::External,
+            (_, true) => Self::InsideToExternal,
+        }
+    }
 }
 
 /// One port of one service, with everything the datapath needs to serve it on this node.
@@ -217,6 +232,7 @@ impl ServicePort {
         let local_only = match traffic {
             Traffic::External => self.external_policy_local,
             Traffic::Internal => self.internal_policy_local,
+            Traffic::InsideToExternal => false,
         };
         let allowed = || self.endpoints.iter().filter(move |e| e.node_local || !local_only);
         let ready: Vec<_> = allowed().filter(|e| e.ready).collect();
@@ -227,24 +243,24 @@ impl ServicePort {
     }
 }
 
-/// Topology-aware routing, for endpoints any node may use (kube-proxy's `canUseTopology` and
-/// `availableForTopology`): when every ready endpoint has node hints and one is for this node,
-/// or every one has zone hints and one is for this node's zone, only the endpoints hinted for
-/// here (by their node hints if they have any, else their zone hints); otherwise all.
+/// Topology-aware routing, for endpoints any node may use (kube-proxy's `topologyModeFromHints`
+/// and `availableForTopology`): when every ready endpoint has node hints and one is for this
+/// node, only the endpoints hinted for this node; else when every one has zone hints and one is
+/// for this node's zone, only those hinted for this zone; otherwise all. One kind of hint
+/// decides: node hints that name other nodes only must not empty the set where zone hints
+/// would not.
 fn prefer_close(ready: Vec<&Endpoint>) -> Vec<&Endpoint> {
     let usable = |hint: fn(&Endpoint) -> Hint| {
         ready.iter().all(|e| hint(e) != Hint::None) && ready.iter().any(|e| hint(e) == Hint::Here)
     };
-    if !usable(|e| e.node_hint) && !usable(|e| e.zone_hint) {
+    let hint: fn(&Endpoint) -> Hint = if usable(|e| e.node_hint) {
+        |e| e.node_hint
+    } else if usable(|e| e.zone_hint) {
+        |e| e.zone_hint
+    } else {
         return ready;
-    }
-    ready
-        .into_iter()
-        .filter(|e| match e.node_hint {
-            Hint::None => e.zone_hint == Hint::Here,
-            node_hint => node_hint == Hint::Here,
-        })
-        .collect()
+    };
+    ready.into_iter().filter(|e| hint(e) == Hint::Here).collect()
 }
 
 /// An object left out of the model, and why.
@@ -581,6 +597,22 @@ ports: [{name: http, port: 8080}, {name: https, port: 8443}]",
         assert_eq!(health_check(&load_balancer("externalTrafficPolicy: Cluster")), None);
     }
 
+    #[test]
+    fn pods_reaching_an_external_address_get_every_endpoint_whatever_the_policies() {
+        let endpoints = vec![
+            endpoint([10, 0, 0, 1], true, State::Ready),
+            endpoint([10, 0, 0, 2], false, State::Ready),
+        ];
+        let port = port_with(endpoints, true, true);
+        assert_eq!(ips(&port.backends(Traffic::External)), ["10.0.0.1:80"]);
+        assert_eq!(ips(&port.backends(Traffic::Internal)), ["10.0.0.1:80"]);
+        // kube-proxy's short-circuit of in-cluster traffic to its cluster chain.
+        assert_eq!(ips(&port.backends(Traffic::InsideToExternal)), ["10.0.0.1:80", "10.0.0.2:80"]);
+        assert_eq!(Traffic::of(FrontendKind::NodePort, true), Traffic::InsideToExternal);
+        assert_eq!(Traffic::of(FrontendKind::NodePort, false), Traffic::External);
+        assert_eq!(Traffic::of(FrontendKind::ClusterIp, false), Traffic::Internal);
+    }
+
     fn hinted(ip: [u8; 4], ready: bool, zone_hint: Hint, node_hint: Hint) -> Endpoint {
         let state = if ready { State::Ready } else { State::NotReady };
         Endpoint { zone_hint, node_hint, ..endpoint(ip, false, state) }
@@ -611,7 +643,11 @@ ports: [{name: http, port: 8080}, {name: https, port: 8443}]",
         // Node hints (trafficDistribution PreferSameNode) come first, where every one has them.
         let this_node = hinted([10, 0, 0, 5], true, Elsewhere, Here);
         let other_node = hinted([10, 0, 0, 6], true, Here, Elsewhere);
-        assert_eq!(backends(vec![this_node, other_node]), ["10.0.0.5:80"]);
+        assert_eq!(backends(vec![this_node, other_node.clone()]), ["10.0.0.5:80"]);
+        // A node none of them is hinted for falls back to zone hints, with both kinds on each
+        // endpoint (as the EndpointSlice controller writes them for PreferSameNode).
+        let third_node = hinted([10, 0, 0, 9], true, Elsewhere, Elsewhere);
+        assert_eq!(backends(vec![third_node, other_node]), ["10.0.0.6:80"]);
         // A Local policy already keeps traffic on this node: hints do not narrow it further.
         let local = |hint| Endpoint { node_local: true, ..hinted([10, 0, 0, 7], true, hint, No) };
         let port = port_with(

@@ -29,17 +29,18 @@ fn protocol(case: &Case) -> Protocol {
     case.protocol().unwrap_or_else(|| panic!("{}: unknown proto {}", case.name, case.proto))
 }
 
-fn traffic(case: &Case) -> Traffic {
+fn from_inside(case: &Case) -> bool {
     match case.from.as_str() {
-        "external" => Traffic::External,
-        "pod" | "host" => Traffic::Internal,
+        "external" => false,
+        "pod" | "host" => true,
         other => panic!("{}: unknown from {other}", case.name),
     }
 }
 
 fn backends(model: &Model, case: &Case) -> Option<BTreeSet<String>> {
-    let (port, _) = model.lookup(case.dst, case.dport, protocol(case))?;
-    Some(port.backends(traffic(case)).iter().map(ToString::to_string).collect())
+    let (port, kind) = model.lookup(case.dst, case.dport, protocol(case))?;
+    let traffic = Traffic::of(kind, from_inside(case));
+    Some(port.backends(traffic).iter().map(ToString::to_string).collect())
 }
 
 fn is_service_address(model: &Model, ip: Ipv4Addr) -> bool {

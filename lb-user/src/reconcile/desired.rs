@@ -117,6 +117,7 @@ impl PortTables<'_> {
         let any_usable = port.endpoints.iter().any(|e| e.ready || (e.serving && e.terminating));
         let internal = port.backends(Traffic::Internal);
         let external = port.backends(Traffic::External);
+        let inside_to_external = port.backends(Traffic::InsideToExternal);
         let affinity = if port.affinity_timeout_s.is_some() { service_flags::AFFINITY } else { 0 };
         let empty_drop = |backends: &[&Endpoint]| {
             if backends.is_empty() && any_usable { service_flags::EMPTY_DROP } else { 0 }
@@ -144,18 +145,19 @@ impl PortTables<'_> {
             }
             if port.external_policy_local {
                 // Sources inside the cluster are not limited by externalTrafficPolicy: they get
-                // a second entry with the internal backend set.
+                // a second entry with every endpoint, as kube-proxy short-circuits them to its
+                // cluster chain (internalTrafficPolicy is for the ClusterIP only).
                 flags |= service_flags::EXT_LOCAL | service_flags::TWO_SCOPES;
                 let internal_flags = service_flags::EXTERNAL
                     | affinity
-                    | empty_drop(&internal)
+                    | empty_drop(&inside_to_external)
                     | if ranges { service_flags::SOURCE_RANGES } else { 0 };
                 self.add_frontend(
                     frontend.ip,
                     frontend.port,
                     scope::INTERNAL,
                     internal_flags,
-                    &internal,
+                    &inside_to_external,
                     ranges,
                 );
             }

@@ -9,7 +9,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use lb_common::maps::ServiceValue;
+use lb_common::maps::{ServiceValue, scope};
 
 use super::state::{DatapathState, slots_of};
 use crate::maps::MapOp;
@@ -36,7 +36,13 @@ pub fn for_each_op<E>(
     for &(service_id, range) in desired.source_ranges.difference(&programmed.source_ranges) {
         emit(MapOp::AddSourceRange { service_id, range })?;
     }
-    for (key, value) in changed(&programmed.services, &desired.services) {
+    // INTERNAL entries before the EXTERNAL ones that name them (`TWO_SCOPES`): a lookup that
+    // follows the flag always finds the twin.
+    let services = || changed(&programmed.services, &desired.services);
+    for (key, value) in services().filter(|(key, _)| key.scope == scope::INTERNAL) {
+        emit(MapOp::UpsertService { key, value })?;
+    }
+    for (key, value) in services().filter(|(key, _)| key.scope != scope::INTERNAL) {
         emit(MapOp::UpsertService { key, value })?;
     }
     for key in stale(&programmed.services, &desired.services) {

@@ -165,6 +165,12 @@ pub(super) fn assert_safely_ordered(before: &DatapathState, ops: &[MapOp]) {
             assert!(!live, "{op:?} rewrites a run a frontend points at");
         }
         state.apply(op);
+        for (key, value) in &state.services {
+            if value.flags & flag::TWO_SCOPES != 0 {
+                let twin = ServiceKey { scope: scope::INTERNAL, ..*key };
+                assert!(state.services.contains_key(&twin), "after {op:?}: {key:?} lacks its twin");
+            }
+        }
         for value in state.services.values().filter(|value| value.service_id != 0) {
             for index in run_of(value) {
                 let slot = state.slots.get(&index);
