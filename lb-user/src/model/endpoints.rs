@@ -19,7 +19,7 @@ use std::{
 use k8s_openapi::api::discovery::v1::{Endpoint as ApiEndpoint, EndpointSlice};
 
 use super::{
-    Endpoint, Hint, Protocol, ServiceName, Skipped, object_name, service::port_number,
+    Endpoint, Hint, Protocol, ServiceName, Skipped, address, object_name, service::port_number,
     slice_service_name,
 };
 use crate::config::NodeConfig;
@@ -270,7 +270,7 @@ fn slice_endpoint(
         .addresses
         .first()
         .ok_or_else(|| NotUsed::Malformed(format!("{} is empty", field())))?;
-    let Ok(IpAddr::V4(ip)) = text.parse() else {
+    let Some(IpAddr::V4(ip)) = address::parse_ip(text) else {
         return Err(NotUsed::Malformed(format!("{}: {text:?} is not an IPv4 address", field())));
     };
     let conditions = endpoint.conditions.as_ref();

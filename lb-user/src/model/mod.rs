@@ -8,6 +8,7 @@
 //!
 //! Only IPv4 is modelled for now.
 
+mod address;
 mod endpoints;
 mod frontend;
 mod objects;

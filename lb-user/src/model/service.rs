@@ -12,7 +12,7 @@ use std::{
 use ipnet::{IpNet, Ipv4Net};
 use k8s_openapi::api::core::v1::{Service, ServiceSpec, ServiceStatus};
 
-use super::{Protocol, ServicePort, ServicePortId, namespace};
+use super::{Protocol, ServicePort, ServicePortId, address, namespace};
 
 /// Set by a service that another proxy implementation serves (KEP-2447): kube-proxy leaves it
 /// alone, and so do we.
@@ -205,7 +205,8 @@ fn cluster_ip(spec: &ServiceSpec) -> Result<Ipv4Addr, NotProgrammed> {
 }
 
 fn parse_ip(field: &str, text: &str) -> Result<IpAddr, NotProgrammed> {
-    text.parse().map_err(|_| malformed(format!("{field} {text:?} is not an IP address")))
+    address::parse_ip(text)
+        .ok_or_else(|| malformed(format!("{field} {text:?} is not an IP address")))
 }
 
 /// Parses addresses, leaving IPv6 ones out with a note.
@@ -251,7 +252,7 @@ fn source_ranges(
     let mut ranges = Vec::new();
     for text in texts {
         // The API server accepts surrounding blanks here, and kube-proxy trims them.
-        let net: IpNet = text.trim().parse().map_err(|_| {
+        let net = address::parse_cidr(text.trim()).ok_or_else(|| {
             malformed(format!("spec.loadBalancerSourceRanges {text:?} is not a CIDR"))
         })?;
         match net {
