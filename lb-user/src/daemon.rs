@@ -27,7 +27,7 @@ use crate::{
     kube_source::{self, Changes, KubeSource},
     loader::Capacities,
     manifest,
-    maps::KernelMaps,
+    maps::{KernelMaps, Purged},
     metrics::{self, Metrics},
     model::{ServiceModel, ServiceName},
     pins::PinLayout,
@@ -420,14 +420,15 @@ fn sync(
         .chain(report.problems.iter().map(|problem| format!("not programmed: {problem}")))
         .collect();
     reported.update(lines);
-    let purged = maps.purge_flows(&report.removed_pairs)?;
+    let purged = maps.purge(&report.removed_pairs)?;
     let frontends = plane.reconciler().programmed().services.len();
-    metrics.observe_sync(started.elapsed(), report.writes, purged, frontends);
-    if report.writes > 0 || purged > 0 {
+    metrics.observe_sync(started.elapsed(), report.writes, purged.flows, frontends);
+    if report.writes > 0 || purged != Purged::default() {
         let services = rebuilt.map_or_else(|| "all".to_owned(), |count| count.to_string());
         info!(
             writes = report.writes,
-            purged_flows = purged,
+            purged_flows = purged.flows,
+            purged_affinities = purged.affinities,
             services,
             elapsed_us = started.elapsed().as_micros(),
             "programmed"

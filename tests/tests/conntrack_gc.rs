@@ -2,7 +2,8 @@
 //! apply the same timeouts. An entry past its timeout is a new flow to the programs, and the
 //! collector deletes exactly such entries; live ones, refreshed or closing, stay. TCP flows are
 //! opening (short timeout) until the first packet without SYN or RST, in either direction,
-//! ends that state in both their entries.
+//! ends that state in both their entries. When the daemon unprograms a backend of a frontend,
+//! the purge takes its UDP flows and its sticky clients with it.
 
 use lb_common::{
     conntrack::{OTHER_TIMEOUT_S, TCP_CLOSING_TIMEOUT_S, TCP_OPENING_TIMEOUT_S},
@@ -15,7 +16,10 @@ use lb_tests::{
     node::NODE_IP,
     packets::{Spec, TcpFields, endpoints},
 };
-use lb_user::{clock, conntrack_gc, maps::KernelMaps};
+use lb_user::{
+    clock, conntrack_gc,
+    maps::{KernelMaps, Purged},
+};
 
 /// Every conntrack entry of the flows from `POD:port`, forward and reply.
 fn entries_of(maps: &KernelMaps, port: u16) -> Vec<(ConntrackKey, ConntrackValue)> {
@@ -256,4 +260,37 @@ fn an_entry_an_earlier_version_marked_opening_stays_opening_until_its_handshake_
         .map(|(_, value)| (value.opening, value.flags & ct_flags::OPENING))
         .collect();
     assert_eq!(states, [(0, 0), (0, 0)], "established");
+}
+
+#[test]
+fn an_unprogrammed_backend_loses_its_udp_flows_and_its_sticky_clients_keeps_its_tcp_flows() {
+    let mut datapath = seeded();
+    // A DNS query (frontend 2), and a connection to the ClientIP-affinity frontend 12.
+    assert_eq!(send(&mut datapath, &Spec::udp(POD, 40_700, "10.96.0.10", 53)), Reason::ForwardNew);
+    let syn = Spec::tcp(POD, 40_701, "10.96.45.11", 80);
+    assert_eq!(send(&mut datapath, &syn), Reason::ForwardNew);
+    let backend_of = |maps: &KernelMaps, port| {
+        entries_of(maps, port).first().map(|(_, value)| (value.service_id, value.backend_id))
+    };
+    let maps = datapath.maps();
+    let (udp_pair, tcp_pair) = (backend_of(maps, 40_700), backend_of(maps, 40_701));
+    let (Some(udp_pair), Some(tcp_pair)) = (udp_pair, tcp_pair) else {
+        panic!("both flows are tracked: {udp_pair:?} {tcp_pair:?}");
+    };
+    let sticky = |maps: &KernelMaps| -> Vec<(u32, u32)> {
+        let affinities = maps.affinities().expect("affinity entries");
+        affinities.iter().map(|(key, value)| (key.service_id, value.backend_id)).collect()
+    };
+    assert_eq!(sticky(maps), [tcp_pair], "the client sticks to its backend");
+
+    // Another frontend's pair touches nothing.
+    let unrelated = [(udp_pair.0, udp_pair.1 + 1000), (tcp_pair.0 + 1000, tcp_pair.1)];
+    let purged = maps.purge(&unrelated.into_iter().collect()).expect("purging");
+    assert_eq!(purged, Purged::default());
+
+    let purged = maps.purge(&[udp_pair, tcp_pair].into_iter().collect()).expect("purging");
+    assert_eq!(purged, Purged { flows: 2, affinities: 1 });
+    assert!(entries_of(maps, 40_700).is_empty(), "the UDP flow moves to a live backend");
+    assert_eq!(entries_of(maps, 40_701).len(), 2, "the TCP connection may still finish");
+    assert!(sticky(maps).is_empty(), "no client sticks to a backend its service no longer has");
 }

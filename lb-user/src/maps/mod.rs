@@ -18,8 +18,8 @@ use aya::{
 };
 use ipnet::Ipv4Net;
 use lb_common::maps::{
-    Backend, ConntrackKey, ConntrackValue, NodeConfig, ServiceCounters, ServiceKey, ServiceValue,
-    Slot, SourceRangeKey, names, node_flags,
+    AffinityKey, AffinityValue, Backend, ConntrackKey, ConntrackValue, NodeConfig, ServiceCounters,
+    ServiceKey, ServiceValue, Slot, SourceRangeKey, names, node_flags,
 };
 
 use crate::{
@@ -74,6 +74,17 @@ struct BatchFds {
     slots: OwnedFd,
     backends: OwnedFd,
     conntrack: OwnedFd,
+    /// The only descriptor of the affinity map: nothing reads it but a purge.
+    affinity: OwnedFd,
+}
+
+/// What [`KernelMaps::purge`] removed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Purged {
+    /// Conntrack entries (both directions count).
+    pub flows: usize,
+    /// Session-affinity entries.
+    pub affinities: usize,
 }
 
 /// Conntrack entries a batch read asks for at once: 384 KiB of room, so that a million entries
@@ -146,7 +157,7 @@ impl KernelMaps {
             let map = match name {
                 names::SOURCE_RANGES => Map::LpmTrie(data),
                 names::NODE_CONFIG | names::BACKEND_SLOTS => Map::Array(data),
-                names::CONNTRACK => Map::LruHashMap(data),
+                names::CONNTRACK | names::AFFINITY => Map::LruHashMap(data),
                 names::SERVICE_STATS => Map::PerCpuArray(data),
                 _ => Map::HashMap(data),
             };
@@ -160,6 +171,7 @@ impl KernelMaps {
         let (slots, slots_fd) = with_fd(names::BACKEND_SLOTS, take(names::BACKEND_SLOTS))?;
         let (backends, backends_fd) = with_fd(names::BACKENDS, take(names::BACKENDS))?;
         let (conntrack, conntrack_fd) = with_fd(names::CONNTRACK, take(names::CONNTRACK))?;
+        let (_, affinity_fd) = with_fd(names::AFFINITY, take(names::AFFINITY))?;
         Ok(Self {
             services: typed(names::SERVICES, services)?,
             slots: typed(names::BACKEND_SLOTS, slots)?,
@@ -173,6 +185,7 @@ impl KernelMaps {
                 slots: slots_fd,
                 backends: backends_fd,
                 conntrack: conntrack_fd,
+                affinity: affinity_fd,
             },
         })
     }
@@ -225,14 +238,17 @@ impl KernelMaps {
         Ok(ranges)
     }
 
-    /// Forgets the non-TCP flows of (frontend id, backend id) pairs that were removed; returns
-    /// how many conntrack entries went. TCP flows stay, as with kube-proxy: a terminating
-    /// backend may still finish them.
-    pub fn purge_flows(&mut self, pairs: &std::collections::BTreeSet<(u32, u32)>) -> Result<usize> {
+    /// Forgets what pointed at (frontend id, backend id) pairs that were removed:
+    /// - their non-TCP flows, so that UDP clients move to a live backend. TCP flows stay, as
+    ///   with kube-proxy: a terminating backend may still finish them;
+    /// - every client's session affinity to them, as kube-proxy's ends with the endpoint. The
+    ///   programs only check that a remembered backend id exists, and an id freed now may name
+    ///   another service's backend at the next sync: this runs before that sync.
+    pub fn purge(&mut self, pairs: &std::collections::BTreeSet<(u32, u32)>) -> Result<Purged> {
         if pairs.is_empty() {
-            return Ok(0);
+            return Ok(Purged::default());
         }
-        let doomed: Vec<ConntrackKey> = self
+        let doomed_flows: Vec<ConntrackKey> = self
             .conntrack()?
             .into_iter()
             .filter(|(key, value)| {
@@ -241,7 +257,21 @@ impl KernelMaps {
             })
             .map(|(key, _)| key)
             .collect();
-        self.remove_conntrack(&doomed)
+        let doomed_affinities: Vec<AffinityKey> = self
+            .affinities()?
+            .into_iter()
+            .filter(|(key, value)| pairs.contains(&(key.service_id, value.backend_id)))
+            .map(|(key, _)| key)
+            .collect();
+        let flows = self.remove_conntrack(&doomed_flows)?;
+        let affinities = map_batch::delete(self.batch_fds.affinity.as_fd(), &doomed_affinities)
+            .map_err(syscall_error(names::AFFINITY, "bpf_map_delete_batch"))?;
+        Ok(Purged { flows, affinities })
+    }
+
+    /// Every session-affinity entry: (client, frontend id) -> (backend id, last use).
+    pub fn affinities(&self) -> Result<Vec<(AffinityKey, AffinityValue)>> {
+        lookup_all(names::AFFINITY, self.batch_fds.affinity.as_fd())
     }
 
     /// Packets and bytes translated for frontend `service_id`, summed over CPUs.
