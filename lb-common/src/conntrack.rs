@@ -11,7 +11,7 @@
     reason = "BPF programs cannot call across functions cheaply; the datapath wants these inlined"
 )]
 
-use crate::maps::{ConntrackKey, ConntrackValue, ct_flags, proto};
+use crate::maps::{ConntrackKey, ConntrackValue, closing, ct_flags, proto};
 
 /// An established TCP flow with no packet for this long is forgotten (Cilium's default).
 pub const TCP_TIMEOUT_S: u64 = 6 * 3600;
@@ -28,26 +28,67 @@ pub const TCP_OPENING_TIMEOUT_S: u64 = 120;
 /// is 120 s; a shorter one moves idle UDP clients off removed backends sooner).
 pub const OTHER_TIMEOUT_S: u64 = 60;
 
+/// The state of a TCP flow's entry that decides its timeout.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TcpState {
+    /// SYN seen, nothing without SYN or RST since: [`TCP_OPENING_TIMEOUT_S`].
+    Opening,
+    /// [`TCP_TIMEOUT_S`].
+    Established,
+    /// A FIN in this entry's direction only: still [`TCP_TIMEOUT_S`].
+    HalfClosed,
+    /// Both FINs, or a RST: [`TCP_CLOSING_TIMEOUT_S`], whatever else was seen.
+    Closing,
+}
+
+impl TcpState {
+    /// The name `flows` and `status` show.
+    #[must_use]
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::Opening => "opening",
+            Self::Established => "established",
+            Self::HalfClosed => "half-closed",
+            Self::Closing => "closing",
+        }
+    }
+}
+
+/// The state of the TCP flow entry `value`.
+#[inline(always)]
+#[must_use]
+pub fn tcp_state(value: &ConntrackValue) -> TcpState {
+    if is_closing(value) {
+        TcpState::Closing
+    } else if is_opening(value) {
+        TcpState::Opening
+    } else if value.closing == closing::HALF_CLOSED {
+        TcpState::HalfClosed
+    } else {
+        TcpState::Established
+    }
+}
+
 /// Seconds `value` may stay quiet before it is dead.
 #[inline(always)]
 #[must_use]
 pub fn timeout_s(value: &ConntrackValue, proto_number: u8) -> u64 {
     if proto_number != proto::TCP {
-        OTHER_TIMEOUT_S
-    } else if is_closing(value) {
-        TCP_CLOSING_TIMEOUT_S
-    } else if is_opening(value) {
-        TCP_OPENING_TIMEOUT_S
-    } else {
-        TCP_TIMEOUT_S
+        return OTHER_TIMEOUT_S;
+    }
+    match tcp_state(value) {
+        TcpState::Closing => TCP_CLOSING_TIMEOUT_S,
+        TcpState::Opening => TCP_OPENING_TIMEOUT_S,
+        TcpState::Established | TcpState::HalfClosed => TCP_TIMEOUT_S,
     }
 }
 
-/// True once a FIN or RST of the flow was seen (by this version or one before it).
+/// True once both directions' FINs, or a RST, of the flow were seen (versions before the state
+/// bytes marked a single FIN so, with a flag bit).
 #[inline(always)]
 #[must_use]
 pub fn is_closing(value: &ConntrackValue) -> bool {
-    value.closing != 0 || value.flags & ct_flags::CLOSING != 0
+    value.closing == closing::CLOSING || value.flags & ct_flags::CLOSING != 0
 }
 
 /// True while the TCP flow is opening, as this version or one before it marked it.

@@ -253,17 +253,32 @@ pub struct ConntrackValue {
     pub nat_port_be: u16,
     /// [`ct_flags`].
     pub flags: u16,
-    /// 1 while the TCP flow is opening: made by a SYN, and no packet without SYN (or RST) seen
-    /// yet in either direction; the entry then expires after the short opening timeout. Set
-    /// to 0 in both entries of the flow by the first such packet (the handshake's last ACK).
+    /// 1 while the TCP flow is opening: made by its first packet (a SYN, or a packet of a
+    /// connection picked up mid-stream), and no packet without SYN (or RST) seen since in
+    /// either direction; the entry then expires after the short opening timeout. Set to 0 in
+    /// both entries of the flow by the first such packet (the handshake's last ACK).
     ///
-    /// The TCP state is two bytes of its own, each only ever written whole (0 here, 1 in
-    /// `closing`), rather than bits of `flags`: the first packet of each direction may change
-    /// the state of the same entry on two CPUs at once, and a read-modify-write of shared
-    /// bits could then undo the other CPU's change (the BPF target has no atomic or on bytes).
+    /// The TCP state is two bytes of its own, each only ever written whole, rather than bits
+    /// of `flags`: the packets of the two directions may change the state of the same entry on
+    /// two CPUs at once, and a read-modify-write of shared bits could then undo the other
+    /// CPU's change (the BPF target has no atomic or on bytes).
     pub opening: u8,
-    /// 1 once a FIN or RST was seen: the entry expires after the short closing timeout.
+    /// [`closing`]: whether the flow is closing, or half-closed in this entry's direction.
     pub closing: u8,
+}
+
+/// Values of [`ConntrackValue::closing`]. A FIN alone half-closes a connection, which may go on
+/// for long in the other direction (a client that shuts down its sending side, then reads a
+/// long answer): only both directions' FINs, or a RST, make it closing (Cilium's rule; Linux's
+/// own timeouts after a FIN are minutes).
+pub mod closing {
+    /// Neither FIN nor RST seen.
+    pub const OPEN: u8 = 0;
+    /// Closing: both directions sent a FIN, or either a RST. Both entries of the flow have it,
+    /// and expire after the short closing timeout.
+    pub const CLOSING: u8 = 1;
+    /// A FIN passed in this entry's direction only: still the established timeout.
+    pub const HALF_CLOSED: u8 = 2;
 }
 
 /// Key of the session-affinity LRU map: one client and one frontend.

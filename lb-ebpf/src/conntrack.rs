@@ -1,12 +1,13 @@
-//! Connection tracking: one LRU entry per direction of a translated flow, refreshed as packets
-//! pass, expired by protocol and TCP state (the rule is `lb_common::conntrack`'s, shared with
-//! the daemon's garbage collector). TCP state: opening (SYN, SYN-ACK) until the first packet
-//! without SYN or RST in either direction, then established, closing after a FIN or RST.
+//! Connection tracking: one LRU entry per direction of a translated flow, refreshed together as
+//! packets pass, expired by protocol and TCP state (the rule is `lb_common::conntrack`'s, shared
+//! with the daemon's garbage collector). TCP state: opening (SYN, SYN-ACK) until the first
+//! packet without SYN or RST in either direction, then established, half-closed in a direction
+//! after its FIN, closing after both FINs or a RST.
 
 use aya_ebpf::helpers::bpf_jiffies64;
 use lb_common::{
     conntrack::twin_key,
-    maps::{ConntrackKey, ConntrackValue, NodeConfig, ct_flags, proto},
+    maps::{ConntrackKey, ConntrackValue, NodeConfig, closing, ct_flags, proto},
 };
 
 use crate::{
@@ -60,45 +61,96 @@ pub fn is_live(value: &ConntrackValue, proto_number: u8, now: u64, config: &Node
     lb_common::conntrack::is_live(value, proto_number, now, config.jiffies_per_second)
 }
 
-/// Records that a packet of the flow passed: refreshes the timestamp, notes FIN/RST, and ends
-/// the opening state of both the flow's entries at its first packet without SYN or RST.
+/// Records that a packet of the flow passed: refreshes the timestamps, follows FIN and RST, and
+/// ends the opening state at the flow's first packet without SYN or RST. The two entries of a
+/// flow age together, as Linux's one conntrack entry per flow does: a flow whose packets go one
+/// way (a UDP stream) keeps its reply entry, and with it its SNAT port, and a reset flow frees
+/// both after the closing timeout.
 ///
-/// The timestamp is written at most once a second, so that busy flows do not bounce the
-/// entry's cache line between CPUs on every packet.
+/// Timestamps are written at most once a second, so that busy flows do not bounce the entries'
+/// cache lines between CPUs on every packet, and the other entry is looked up only then or at
+/// a change of state.
 #[inline(always)]
 pub fn touch(entry: *mut ConntrackValue, packet: &Packet, now: u64, config: &NodeConfig) {
+    // Where the flow's other entry is: a function of this one's fixed fields.
     // SAFETY: `entry` came from a map lookup in this program run.
+    let twin_key = twin_key(&key_of(packet), unsafe { &*entry });
+    if packet.proto == proto::TCP && follow_tcp_state(entry, &twin_key, packet, now) {
+        return;
+    }
+    // SAFETY: as above; no other reference to the entry is alive.
     let value = unsafe { &mut *entry };
-    let tcp = packet.proto == proto::TCP;
+    if now.saturating_sub(value.last_seen) > u64::from(config.jiffies_per_second) {
+        value.last_seen = now;
+        if let Some(twin) = CONNTRACK.get_ptr_mut(&twin_key) {
+            // SAFETY: a valid pointer from the lookup.
+            unsafe { (*twin).last_seen = now };
+        }
+    }
+}
+
+/// The TCP state changes `packet` makes to its flow's entries (the other one under
+/// `twin_key`); true if it closed the flow (which refreshed both timestamps).
+#[inline(always)]
+fn follow_tcp_state(
+    entry: *mut ConntrackValue,
+    twin_key: &ConntrackKey,
+    packet: &Packet,
+    now: u64,
+) -> bool {
     // A reset (a backend refusing the SYN) ends nothing: the flow never opened.
     let opened = packet.flags & (tcp_flags::SYN | tcp_flags::RST) == 0;
-    if tcp && lb_common::conntrack::is_opening(value) && opened {
-        let twin = CONNTRACK.get_ptr_mut(&twin_key(&key_of(packet), value));
+    // SAFETY (every read of `*entry` here): a valid pointer from a lookup in this program run,
+    // read through a short-lived reference while nothing writes it in this function.
+    if opened && lb_common::conntrack::is_opening(unsafe { &*entry }) {
         end_opening(entry);
-        if let Some(twin) = twin {
+        if let Some(twin) = CONNTRACK.get_ptr_mut(twin_key) {
             end_opening(twin);
         }
     }
-    let closing = tcp
-        && packet.flags & (tcp_flags::FIN | tcp_flags::RST) != 0
-        && !lb_common::conntrack::is_closing(value);
-    if closing {
-        // A whole-byte store, as in `end_opening`.
-        // SAFETY: a field of the live entry.
-        unsafe { core::ptr::write_volatile(&raw mut value.closing, 1) };
-        value.last_seen = now;
-    } else if now.saturating_sub(value.last_seen) > u64::from(config.jiffies_per_second) {
-        value.last_seen = now;
+    if lb_common::conntrack::is_closing(unsafe { &*entry }) {
+        return false;
+    }
+    let reset = packet.flags & tcp_flags::RST != 0;
+    let fin = packet.flags & tcp_flags::FIN != 0;
+    let half_closed = unsafe { (*entry).closing } == closing::HALF_CLOSED;
+    if !reset && !fin && !half_closed {
+        return false;
+    }
+    let twin = CONNTRACK.get_ptr_mut(twin_key);
+    // SAFETY: a valid pointer from the lookup.
+    let twin_finished = twin.is_some_and(|twin| unsafe { (*twin).closing } != closing::OPEN);
+    // Both FINs (the second one, or a packet after both on two CPUs at once), or a reset.
+    if reset || ((fin || half_closed) && twin_finished) {
+        set_closing(entry, closing::CLOSING, now);
+        if let Some(twin) = twin {
+            set_closing(twin, closing::CLOSING, now);
+        }
+        return true;
+    }
+    if fin && !half_closed {
+        set_closing(entry, closing::HALF_CLOSED, now);
+    }
+    false
+}
+
+/// Sets an entry's closing state (a whole-byte store, as in `end_opening`) and refreshes it.
+#[inline(always)]
+fn set_closing(entry: *mut ConntrackValue, state: u8, now: u64) {
+    // SAFETY: a valid pointer from a lookup in this program run.
+    unsafe {
+        core::ptr::write_volatile(&raw mut (*entry).closing, state);
+        (*entry).last_seen = now;
     }
 }
 
 /// Marks an entry's flow established.
 ///
 /// The state byte is written whole (volatile: never merged into a wider read-modify-write), as
-/// another CPU may set `closing` beside it at the same time (see `ConntrackValue::opening`). The opening bit an earlier version
-/// set in `flags` is cleared by a read-modify-write: this version writes `flags` nowhere else,
-/// and should a write of the previous programs (during an upgrade) undo it, the bit stays set
-/// and the flow's next packet clears it again.
+/// another CPU may set `closing` beside it at the same time (see `ConntrackValue::opening`).
+/// The opening bit an earlier version set in `flags` is cleared by a read-modify-write: this
+/// version writes `flags` nowhere else, and should a write of the previous programs (during an
+/// upgrade) undo it, the bit stays set and the flow's next packet clears it again.
 #[inline(always)]
 fn end_opening(entry: *mut ConntrackValue) {
     // SAFETY: a valid pointer from a lookup in this program run.

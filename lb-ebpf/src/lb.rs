@@ -5,7 +5,7 @@ use lb_common::{
     hash::flow_hash,
     maps::{
         AffinityKey, AffinityValue, Backend, ConntrackKey, ConntrackValue, NodeConfig, ServiceKey,
-        ServiceValue, SourceRangeKey, backend_flags, ct_flags, node_flags, proto, scope,
+        ServiceValue, SourceRangeKey, backend_flags, closing, ct_flags, node_flags, proto, scope,
         service_flags,
     },
     stats::Reason,
@@ -173,8 +173,14 @@ fn new_flow(
         return (Verdict::Drop, Reason::DropBackendMissing);
     };
 
-    // A flow opened by a SYN is opening until a packet without one passes (see `conntrack`).
-    let opening = u8::from(packet.proto == proto::TCP && packet.flags & tcp_flags::SYN != 0);
+    // A TCP flow is opening until a packet without SYN or RST passes (see `conntrack`). One
+    // first seen at a FIN or RST (no SYN: a stray segment, or a connection whose entries are
+    // gone) is closing from the start, so that it holds its entries, and any SNAT port, for
+    // the closing timeout only.
+    let tcp = packet.proto == proto::TCP;
+    let ending = tcp
+        && packet.flags & (tcp_flags::FIN | tcp_flags::RST) != 0
+        && packet.flags & tcp_flags::SYN == 0;
     let mut forward = ConntrackValue {
         last_seen: now,
         backend_id,
@@ -184,8 +190,8 @@ fn new_flow(
         translated_port_be: backend.port_be,
         nat_port_be: 0,
         flags: 0,
-        opening,
-        closing: 0,
+        opening: u8::from(tcp && !ending),
+        closing: if ending { closing::CLOSING } else { closing::OPEN },
     };
     // Replies come from the address the client spoke to: the packet's destination.
     let mut reply_entry = ConntrackValue {

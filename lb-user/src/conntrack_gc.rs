@@ -12,7 +12,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-use lb_common::conntrack::is_live;
+use lb_common::{
+    conntrack::{TcpState, is_live, tcp_state},
+    maps::proto,
+};
 use tracing::{debug, error, info};
 
 use crate::{clock, error::Result, maps::KernelMaps, metrics::Metrics, pins::PinLayout};
@@ -42,7 +45,8 @@ pub fn collect(maps: &mut KernelMaps, now: u64) -> Result<Pass> {
     let (mut removed, mut opening) = (0, 0);
     for (key, value) in entries {
         if is_live(&value, key.proto, now, rate) {
-            opening += usize::from(lb_common::conntrack::is_opening(&value));
+            let state = (key.proto == proto::TCP).then(|| tcp_state(&value));
+            opening += usize::from(state == Some(TcpState::Opening));
             continue;
         }
         let still_dead = maps

@@ -29,7 +29,7 @@ pub struct Flow {
     pub backend: String,
     /// The node address and port the client's source became; `None` if not masqueraded.
     pub snat: Option<String>,
-    /// TCP: `opening`, `established` or `closing`; other protocols: `-`.
+    /// TCP: `opening`, `established`, `half-closed` or `closing`; other protocols: `-`.
     pub state: &'static str,
     /// Seconds since a packet last refreshed the entry (refreshes are at most once a second).
     pub idle_s: u64,
@@ -100,14 +100,10 @@ fn flow(
     idle_s: u64,
     reply_only: bool,
 ) -> Flow {
-    let state = if forward.proto != proto::TCP {
-        "-"
-    } else if lb_common::conntrack::is_closing(entry) {
-        "closing"
-    } else if lb_common::conntrack::is_opening(entry) {
-        "opening"
+    let state = if forward.proto == proto::TCP {
+        lb_common::conntrack::tcp_state(entry).name()
     } else {
-        "established"
+        "-"
     };
     Flow {
         protocol: protocol_name(forward.proto),
@@ -217,6 +213,10 @@ mod tests {
                 key(pod, 40_002, vip, 80, proto::TCP),
                 ConntrackValue { closing: 1, ..value(0, backend, 8080, now) },
             ),
+            (
+                key(pod, 40_003, vip, 80, proto::TCP),
+                ConntrackValue { closing: 2, ..value(0, backend, 8080, now) },
+            ),
             // Marked by a version before the state bytes, with flag bits.
             (key(pod, 40_004, vip, 80, proto::TCP), value(ct_flags::CLOSING, backend, 8080, now)),
             (key(pod, 40_005, vip, 80, proto::TCP), value(ct_flags::OPENING, backend, 8080, now)),
@@ -235,6 +235,7 @@ mod tests {
                 ("10.244.1.5:40000", "opening", None, 0),
                 ("10.244.1.5:40001", "established", Some("192.168.1.63:61000"), 3),
                 ("10.244.1.5:40002", "closing", None, 0),
+                ("10.244.1.5:40003", "half-closed", None, 0),
                 ("10.244.1.5:40004", "closing", None, 0),
                 ("10.244.1.5:40005", "opening", None, 0),
                 ("10.244.1.5:53000", "-", None, 1),

@@ -2,11 +2,14 @@
 //! apply the same timeouts. An entry past its timeout is a new flow to the programs, and the
 //! collector deletes exactly such entries; live ones, refreshed or closing, stay. TCP flows are
 //! opening (short timeout) until the first packet without SYN or RST, in either direction,
-//! ends that state in both their entries. When the daemon unprograms a backend of a frontend,
+//! ends that state in both their entries; a FIN half-closes a direction, and both FINs or a RST
+//! close both entries. The two entries of a flow are refreshed together. When the daemon unprograms a backend of a frontend,
 //! the purge takes its UDP flows and its sticky clients with it.
 
 use lb_common::{
-    conntrack::{OTHER_TIMEOUT_S, TCP_CLOSING_TIMEOUT_S, TCP_OPENING_TIMEOUT_S},
+    conntrack::{
+        OTHER_TIMEOUT_S, TCP_CLOSING_TIMEOUT_S, TCP_OPENING_TIMEOUT_S, TcpState, tcp_state,
+    },
     maps::{ConntrackKey, ConntrackValue, ct_flags},
     stats::Reason,
 };
@@ -90,13 +93,14 @@ fn a_udp_flow_quiet_past_its_timeout_is_new_to_the_programs() {
 #[test]
 fn the_collector_removes_dead_entries_and_keeps_live_ones() {
     let mut datapath = seeded();
-    // A quiet UDP flow past its timeout, a TCP flow closing for longer than the closing
-    // timeout, one that closed a moment ago, an established one idle for an hour, and two that
-    // never got past their SYN: one for longer than the opening timeout, one for less.
+    // A quiet UDP flow past its timeout, a TCP flow closed (both FINs) for longer than the
+    // closing timeout, one reset a moment ago, an established one idle for an hour, one
+    // half-closed (the client's FIN only) for an hour, and two that never got past their SYN:
+    // one for longer than the opening timeout, one for less.
     let udp = Spec::udp(POD, 40_200, "10.96.0.10", 53);
     let syn = |port| Spec::tcp(POD, port, "10.96.45.10", 80);
-    let fin = |port| {
-        syn(port).with_tcp(TcpFields {
+    let fin = |packet: &Spec| {
+        packet.clone().with_tcp(TcpFields {
             syn: false,
             fin: true,
             ack: Some(1),
@@ -104,12 +108,19 @@ fn the_collector_removes_dead_entries_and_keeps_live_ones() {
         })
     };
     assert_eq!(send(&mut datapath, &udp), Reason::ForwardNew);
-    for port in [40_201, 40_202, 40_203, 40_204, 40_205] {
-        assert_eq!(send(&mut datapath, &syn(port)), Reason::ForwardNew);
+    let mut requests = Vec::new();
+    for port in [40_201, 40_202, 40_203, 40_204, 40_205, 40_206] {
+        let (reason, request) = send_through(&mut datapath, Hook::Tc, &syn(port));
+        assert_eq!(reason, Reason::ForwardNew);
+        requests.push(request);
     }
-    for port in [40_201, 40_202] {
-        assert_eq!(send(&mut datapath, &fin(port)), Reason::ForwardEstablished);
+    for port in [40_201, 40_206] {
+        assert_eq!(send(&mut datapath, &fin(&syn(port))), Reason::ForwardEstablished);
     }
+    let backend_fin = fin(&reply_to(&syn(40_201), &requests[0], false, false));
+    assert_eq!(send(&mut datapath, &backend_fin), Reason::ReplyTranslated);
+    let reset = with_flags(&syn(40_202), false, true);
+    assert_eq!(send(&mut datapath, &reset), Reason::ForwardEstablished);
     let ack = with_flags(&syn(40_203), false, false);
     assert_eq!(send(&mut datapath, &ack), Reason::ForwardEstablished);
     age(&mut datapath, 40_200, OTHER_TIMEOUT_S + 1);
@@ -118,23 +129,23 @@ fn the_collector_removes_dead_entries_and_keeps_live_ones() {
     age(&mut datapath, 40_203, 3600);
     age(&mut datapath, 40_204, TCP_OPENING_TIMEOUT_S + 1);
     age(&mut datapath, 40_205, TCP_OPENING_TIMEOUT_S - 10);
+    age(&mut datapath, 40_206, 3600);
 
     let maps = datapath.maps();
     let before = maps.conntrack().expect("conntrack").len();
-    assert_eq!(before, 12, "two entries per flow");
+    assert_eq!(before, 14, "two entries per flow");
     let now = clock::jiffies_now().expect("jiffies");
     let pass = conntrack_gc::collect(maps, now).expect("collecting");
-    // The UDP flow and the stale opening one go whole; of the closing flow only the forward
-    // entry had seen the FIN. The recent opening flow's two entries are counted as opening.
-    assert_eq!(pass, conntrack_gc::Pass { scanned: 12, removed: 5, opening: 2 });
+    // The UDP flow, the stale opening one and the closed one go whole. The recent opening
+    // flow's two entries are counted as opening.
+    assert_eq!(pass, conntrack_gc::Pass { scanned: 14, removed: 6, opening: 2 });
     assert!(entries_of(maps, 40_204).is_empty(), "a SYN nobody followed up is gone");
     assert_eq!(opening(maps, 40_205), [true, true], "a SYN of a moment ago is kept");
     assert!(entries_of(maps, 40_200).is_empty(), "the dead UDP flow is gone");
-    let closing: Vec<_> = entries_of(maps, 40_201);
-    assert_eq!(closing.len(), 1, "{closing:?}");
-    assert!(closing[0].1.flags & ct_flags::REPLY != 0, "the reply entry, not closing, stays");
-    assert_eq!(entries_of(maps, 40_202).len(), 2, "closed a moment ago: kept");
+    assert!(entries_of(maps, 40_201).is_empty(), "both FINs: both entries closing, gone");
+    assert_eq!(entries_of(maps, 40_202).len(), 2, "reset a moment ago: kept");
     assert_eq!(entries_of(maps, 40_203).len(), 2, "idle an hour: well within six");
+    assert_eq!(entries_of(maps, 40_206).len(), 2, "half-closed an hour: well within six");
 
     let established =
         syn(40_203).with_tcp(TcpFields { syn: false, ack: Some(1), ..TcpFields::default() });
@@ -293,4 +304,89 @@ fn an_unprogrammed_backend_loses_its_udp_flows_and_its_sticky_clients_keeps_its_
     assert!(entries_of(maps, 40_700).is_empty(), "the UDP flow moves to a live backend");
     assert_eq!(entries_of(maps, 40_701).len(), 2, "the TCP connection may still finish");
     assert!(sticky(maps).is_empty(), "no client sticks to a backend its service no longer has");
+}
+
+/// The TCP state of each entry of the flows on `port`, forward entry first.
+fn states(maps: &KernelMaps, port: u16) -> Vec<TcpState> {
+    let mut entries = entries_of(maps, port);
+    entries.sort_by_key(|(_, value)| value.flags & ct_flags::REPLY);
+    entries.iter().map(|(_, value)| tcp_state(value)).collect()
+}
+
+#[test]
+fn a_fin_half_closes_and_both_fins_or_a_reset_close_both_entries() {
+    use TcpState::{Closing, Established, HalfClosed};
+    let mut datapath = seeded();
+    let fin = |packet: &Spec| {
+        packet.clone().with_tcp(TcpFields {
+            syn: false,
+            fin: true,
+            ack: Some(1),
+            ..TcpFields::default()
+        })
+    };
+    let open = |datapath: &mut Datapath, port| {
+        let syn = Spec::tcp(POD, port, "10.96.45.10", 80);
+        let (_, request) = send_through(datapath, Hook::Tc, &syn);
+        assert_eq!(send(datapath, &with_flags(&syn, false, false)), Reason::ForwardEstablished);
+        (syn, request)
+    };
+    // The client shuts down its side; the backend goes on answering for as long as it likes.
+    let (syn, request) = open(&mut datapath, 40_800);
+    assert_eq!(send(&mut datapath, &fin(&syn)), Reason::ForwardEstablished);
+    assert_eq!(states(datapath.maps(), 40_800), [HalfClosed, Established]);
+    let answer = reply_to(&syn, &request, false, false);
+    assert_eq!(send(&mut datapath, &answer), Reason::ReplyTranslated);
+    assert_eq!(states(datapath.maps(), 40_800), [HalfClosed, Established], "still half-closed");
+    // Its FIN closes both entries.
+    assert_eq!(send(&mut datapath, &fin(&answer)), Reason::ReplyTranslated);
+    assert_eq!(states(datapath.maps(), 40_800), [Closing, Closing]);
+
+    // A reset from either side closes both at once.
+    let (syn, request) = open(&mut datapath, 40_801);
+    let reset = reply_to(&syn, &request, false, true);
+    assert_eq!(send(&mut datapath, &reset), Reason::ReplyTranslated);
+    assert_eq!(states(datapath.maps(), 40_801), [Closing, Closing]);
+
+    // Both FINs seen on two CPUs at once leave both entries half-closed: the next packet
+    // closes them.
+    let (syn, _) = open(&mut datapath, 40_802);
+    let maps = datapath.maps();
+    for (key, mut value) in entries_of(maps, 40_802) {
+        value.closing = lb_common::maps::closing::HALF_CLOSED;
+        maps.write_conntrack(&key, &value).expect("half-closing an entry");
+    }
+    assert_eq!(send(&mut datapath, &with_flags(&syn, false, false)), Reason::ForwardEstablished);
+    assert_eq!(states(datapath.maps(), 40_802), [Closing, Closing]);
+}
+
+#[test]
+fn a_flow_first_seen_at_a_reset_is_closing_and_at_an_ack_opening() {
+    let mut datapath = seeded();
+    let stray = Spec::tcp(POD, 40_810, "10.96.45.10", 80);
+    assert_eq!(send(&mut datapath, &with_flags(&stray, false, true)), Reason::ForwardNew);
+    assert_eq!(states(datapath.maps(), 40_810), [TcpState::Closing, TcpState::Closing]);
+    let picked_up = Spec::tcp(POD, 40_811, "10.96.45.10", 80);
+    assert_eq!(send(&mut datapath, &with_flags(&picked_up, false, false)), Reason::ForwardNew);
+    assert_eq!(states(datapath.maps(), 40_811), [TcpState::Opening, TcpState::Opening]);
+    // Its next packet shows the connection is there: established, as one a SYN opened.
+    let next = with_flags(&picked_up, false, false);
+    assert_eq!(send(&mut datapath, &next), Reason::ForwardEstablished);
+    assert_eq!(states(datapath.maps(), 40_811), [TcpState::Established, TcpState::Established]);
+}
+
+#[test]
+fn the_two_entries_of_a_flow_age_together() {
+    // A one-way UDP stream: only the forward entry sees packets, and its reply entry, which
+    // would hold a SNAT port, must live as long.
+    let mut datapath = seeded();
+    let datagram = Spec::udp(POD, 40_820, "10.96.0.10", 53);
+    assert_eq!(send(&mut datapath, &datagram), Reason::ForwardNew);
+    age(&mut datapath, 40_820, OTHER_TIMEOUT_S - 5);
+    assert_eq!(send(&mut datapath, &datagram), Reason::ForwardEstablished);
+    age(&mut datapath, 40_820, 10);
+    let maps = datapath.maps();
+    let now = clock::jiffies_now().expect("jiffies");
+    conntrack_gc::collect(maps, now).expect("collecting");
+    assert_eq!(entries_of(maps, 40_820).len(), 2, "both refreshed 10 s ago");
 }
