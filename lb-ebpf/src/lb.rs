@@ -257,20 +257,39 @@ pub fn lookup_frontend(
     Some(service)
 }
 
-/// No frontend matched: refuse on an allocated ClusterIP (its marker entry, port 0 protocol 0,
-/// exists), drop elsewhere in the service CIDR, pass anything else.
+/// No frontend matched: refuse on an allocated ClusterIP, drop elsewhere in the service CIDR,
+/// pass anything else.
 #[inline(always)]
 fn not_a_service(packet: &Packet, config: &NodeConfig) -> (Verdict, Reason) {
-    if !in_prefix(packet.dst_ip_be, config.service_cidr_be, config.service_mask_be) {
-        return (Verdict::Pass, Reason::NotService);
+    match unserved(packet.dst_ip_be, config) {
+        Unserved::NotOurs => (Verdict::Pass, Reason::NotService),
+        Unserved::Port => (Verdict::Refuse, Reason::RejectUnservedPort),
+        Unserved::UnallocatedVip => (Verdict::Drop, Reason::DropUnallocatedVip),
     }
-    let marker =
-        ServiceKey { vip_be: packet.dst_ip_be, port_be: 0, proto: 0, scope: scope::EXTERNAL };
+}
+
+/// What an address no frontend serves (on the port and protocol asked) is.
+pub enum Unserved {
+    /// Outside the service CIDR: not a service address at all.
+    NotOurs,
+    /// An allocated ClusterIP (its marker entry, port 0 protocol 0, exists), on a port or
+    /// protocol it does not serve.
+    Port,
+    /// Inside the service CIDR, held by no service.
+    UnallocatedVip,
+}
+
+#[inline(always)]
+pub fn unserved(dst_ip_be: u32, config: &NodeConfig) -> Unserved {
+    if !in_prefix(dst_ip_be, config.service_cidr_be, config.service_mask_be) {
+        return Unserved::NotOurs;
+    }
+    let marker = ServiceKey { vip_be: dst_ip_be, port_be: 0, proto: 0, scope: scope::EXTERNAL };
     // SAFETY: plain data.
     if unsafe { SERVICES.get(&marker) }.is_some() {
-        (Verdict::Refuse, Reason::RejectUnservedPort)
+        Unserved::Port
     } else {
-        (Verdict::Drop, Reason::DropUnallocatedVip)
+        Unserved::UnallocatedVip
     }
 }
 

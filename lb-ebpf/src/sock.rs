@@ -20,7 +20,12 @@ use lb_common::{
     stats::Reason,
 };
 
-use crate::{conntrack, lb, maps::SOCK_REV_NAT, stats};
+use crate::{
+    conntrack,
+    lb::{self, Unserved},
+    maps::SOCK_REV_NAT,
+    stats,
+};
 
 /// A cgroup sock_addr program's "let the call proceed".
 const ALLOW: i32 = 1;
@@ -78,16 +83,24 @@ fn point_at_backend(ctx: &SockAddrContext) -> i32 {
     let port_be = address.user_port as u16;
     // The node itself is inside the cluster: it gets the internal backend set.
     let Some(service) = lb::lookup_frontend(vip_be, port_be, protocol, true) else {
-        return ALLOW;
+        // As the packet path does: a ClusterIP's unserved port is refused, an unallocated
+        // service address fails (EPERM) rather than leave by the default route.
+        return match lb::unserved(vip_be, config) {
+            Unserved::NotOurs => ALLOW,
+            Unserved::Port => refuse(),
+            Unserved::UnallocatedVip => {
+                stats::count(Reason::DropUnallocatedVip);
+                DENY
+            }
+        };
     };
     if service.slot_count == 0 {
-        stats::count(Reason::HostRefused);
         // A policy that leaves no local endpoint drops; none at all refuses. A connect cannot
         // be dropped silently, so both fail at once, refused unless the policy emptied it.
         if service.flags & service_flags::EMPTY_DROP == 0 {
-            // SAFETY: plain helper call (Linux 5.18+ for sock_addr programs).
-            unsafe { bpf_set_retval(-ECONNREFUSED) };
+            return refuse();
         }
+        stats::count(Reason::HostRefused);
         return DENY;
     }
     // SAFETY: plain helper call.
@@ -113,6 +126,15 @@ fn point_at_backend(ctx: &SockAddrContext) -> i32 {
     lb::count_frontend(service.service_id, 0);
     stats::count(Reason::HostTranslated);
     ALLOW
+}
+
+/// Fails the call with "connection refused".
+#[inline(always)]
+fn refuse() -> i32 {
+    stats::count(Reason::HostRefused);
+    // SAFETY: plain helper call (Linux 5.18+ for sock_addr programs).
+    unsafe { bpf_set_retval(-ECONNREFUSED) };
+    DENY
 }
 
 /// Shows the service address instead of the backend a host socket was pointed at.

@@ -1,7 +1,8 @@
 //! The host path: node processes (here, processes moved into a test cgroup and the node's
 //! network namespace) reach ClusterIPs and NodePorts through the cgroup hooks of the running
 //! daemon, see the service address as their peer, and are refused at once by a service
-//! without endpoints. Only the test's own processes are in the cgroup. A process of the cgroup
+//! without endpoints or on a port the service does not serve (a service address nobody holds
+//! fails at once too). Only the test's own processes are in the cgroup. A process of the cgroup
 //! in a pod's network namespace is the pod's, not the node's: the tc path serves it.
 
 use std::{path::Path, process::Command};
@@ -71,6 +72,10 @@ fn node_processes_reach_services_through_the_cgroup_hooks() {
     );
     let answer = process_in(cgroup.path(), &netns, &["tcp", "10.96.45.12", "80"]);
     assert_eq!(answer, "error: Connection refused", "no endpoints: refused at once");
+    let answer = process_in(cgroup.path(), &netns, &["tcp", "10.96.45.10", "81"]);
+    assert_eq!(answer, "error: Connection refused", "a port the ClusterIP does not serve");
+    let answer = process_in(cgroup.path(), &netns, &["tcp", "10.96.99.99", "80"]);
+    assert_eq!(answer, "error: Operation not permitted", "a service address nobody holds");
 
     // The hooks also see the sockets of a pod whose processes are in the cgroup (as every pod's
     // are when the hooks sit at the root of the node's tree): they leave those to the pod's tc
