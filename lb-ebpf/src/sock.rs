@@ -11,11 +11,12 @@
 
 use aya_ebpf::{
     EbpfContext as _,
-    helpers::{bpf_get_netns_cookie, bpf_get_prandom_u32, bpf_get_socket_cookie, bpf_set_retval},
+    helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_set_retval},
     macros::cgroup_sock_addr,
     programs::SockAddrContext,
 };
 use lb_common::{
+    hash::flow_hash,
     maps::{RevNat, SockRevNatKey, proto, service_flags},
     stats::Reason,
 };
@@ -103,8 +104,12 @@ fn point_at_backend(ctx: &SockAddrContext) -> i32 {
         stats::count(Reason::HostRefused);
         return DENY;
     }
-    // SAFETY: plain helper call.
-    let hash = unsafe { bpf_get_prandom_u32() };
+    // SAFETY: the context is a valid sock_addr context.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    // The socket and the service pick the backend, as a flow's tuple does on the packet path:
+    // every datagram an unconnected socket sends to the service goes to the same backend, as
+    // kube-proxy's conntrack keeps them.
+    let hash = flow_hash(cookie as u32, (cookie >> 32) as u32 ^ vip_be, port_be, 0, protocol);
     let Some((_, backend)) =
         lb::choose_backend(&service, config, config.snat_ip_be, hash, conntrack::now())
     else {
@@ -112,8 +117,6 @@ fn point_at_backend(ctx: &SockAddrContext) -> i32 {
     };
     address.user_ip4 = backend.ip_be;
     address.user_port = u32::from(backend.port_be);
-    // SAFETY: the context is a valid sock_addr context.
-    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     let key = SockRevNatKey {
         cookie,
         backend_ip_be: backend.ip_be,

@@ -16,7 +16,8 @@ use lb_tests::{
 use lb_user::status;
 
 /// What the node process does: connect, print its peer and the first answer line (TCP), or
-/// exchange one datagram (UDP); errors are printed as `error: <errno name>`.
+/// exchange one datagram (UDP), or eight from one unconnected socket and print how many
+/// backends answered (`udp8`); errors are printed as `error: <errno name>`.
 const CLIENT: &str = r#"
 import socket, sys
 kind, host, port = sys.argv[1], sys.argv[2], int(sys.argv[3])
@@ -25,12 +26,20 @@ try:
         s = socket.create_connection((host, port), timeout=2)
         s.sendall(b"GET /\n")
         print("%s:%d" % s.getpeername(), s.makefile().readline().strip())
-    else:
+    elif kind == "udp":
         s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         s.settimeout(2)
         s.sendto(b"ping", (host, port))
         data, peer = s.recvfrom(512)
         print("%s:%d" % peer, data.decode())
+    else:
+        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        s.settimeout(2)
+        answers = set()
+        for _ in range(8):
+            s.sendto(b"ping", (host, port))
+            answers.add(s.recvfrom(512)[0].decode())
+        print(len(answers), "backends")
 except OSError as e:
     print("error:", e.strerror)
 "#;
@@ -70,6 +79,9 @@ fn node_processes_reach_services_through_the_cgroup_hooks() {
         answer.starts_with("10.96.0.10:53 my-nginx-"),
         "the reply comes from the service address: {answer}"
     );
+    // Two backends; an unconnected socket's datagrams all go to one, as a flow's would.
+    let answer = process_in(cgroup.path(), &netns, &["udp8", "10.96.0.10", "53"]);
+    assert_eq!(answer, "1 backends", "one socket, one backend");
     let answer = process_in(cgroup.path(), &netns, &["tcp", "10.96.45.12", "80"]);
     assert_eq!(answer, "error: Connection refused", "no endpoints: refused at once");
     let answer = process_in(cgroup.path(), &netns, &["tcp", "10.96.45.10", "81"]);
