@@ -451,6 +451,41 @@ pub fn count_frontend(service_id: u32, bytes: u64) {
     }
 }
 
+/// A packet the node sends out of an interface (tc egress): when a flow's backend is a
+/// host-network endpoint of this node, its replies come from the node's own stack, which no
+/// interface's ingress sees, so they are reverse-translated here; so are ICMP errors the node
+/// sends about translated packets. Sources in the cluster or service CIDR are pods, whose
+/// replies their own interface's ingress translated, or already translated: passed at once.
+#[inline(always)]
+pub fn process_from_node(hook: &impl Hook, packet: &Packet) -> (Verdict, Reason) {
+    let Some(config) = node_config() else {
+        return (Verdict::Pass, Reason::NoNodeConfig);
+    };
+    let from_cluster = in_prefix(packet.src_ip_be, config.cluster_cidr_be, config.cluster_mask_be)
+        || in_prefix(packet.src_ip_be, config.service_cidr_be, config.service_mask_be);
+    if from_cluster {
+        return (Verdict::Pass, Reason::NotService);
+    }
+    if packet.proto == proto::ICMP {
+        return crate::icmp::process_error(hook, packet)
+            .unwrap_or((Verdict::Pass, Reason::NotService));
+    }
+    let now = conntrack::now();
+    let entry = translatable(packet)
+        .then(|| conntrack::lookup(&conntrack::key_of(packet), packet, now, config))
+        .flatten();
+    // Only reply entries: the node's own connections to services never carry a service
+    // address on the wire (the host path points their sockets at backends).
+    // SAFETY: a live pointer from the conntrack lookup.
+    let Some(entry) = entry.filter(|entry| unsafe { (**entry).flags } & ct_flags::REPLY != 0)
+    else {
+        return (Verdict::Pass, Reason::NotService);
+    };
+    conntrack::touch(entry, packet, now, config);
+    // SAFETY: as above.
+    reply(hook, packet, &unsafe { *entry })
+}
+
 /// ICMP and the rest: nothing to translate yet. Echo requests to a service address are dropped
 /// (a ClusterIP is not a host); anything else passes.
 #[inline(always)]

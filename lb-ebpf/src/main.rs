@@ -1,7 +1,8 @@
 //! The load balancer's in-kernel programs.
 //!
 //! `lb_xdp` runs on external interfaces (north-south), `lb_tc` on tc ingress of pod-facing
-//! interfaces (east-west). Both share the same stages, one concern per module (Katran's split):
+//! interfaces (east-west), `lb_tc_reply` on tc egress of both (replies of host-network
+//! backends). They share the same stages, one concern per module (Katran's split):
 //! `frame` gives bounds-checked access to packet bytes, `parse` decodes the headers, `lb` finds
 //! the service and backend, `conntrack` keeps flows on their backend, `nat` and `csum` rewrite
 //! addresses with valid checksums, `refuse` builds RSTs and ICMP errors, `icmp` translates ICMP errors about translated flows, `forward` sends

@@ -66,6 +66,19 @@ pub fn lb_tc_external(ctx: TcContext) -> i32 {
     }
 }
 
+/// Replies from the node's own stack, on tc egress of pod-facing and external interfaces: the
+/// flows whose backend is a host-network endpoint of this node (see `lb::process_from_node`).
+#[classifier]
+pub fn lb_tc_reply(ctx: TcContext) -> i32 {
+    pull_headers(&ctx);
+    let (verdict, reason) = match parse::parse(&ctx) {
+        Ok(packet) => lb::process_from_node(&ctx, &packet),
+        Err(reason) => (Verdict::Pass, reason),
+    };
+    stats::count(reason);
+    tc_verdict(&ctx, verdict)
+}
+
 /// Makes the headers directly readable when the skb keeps them in paged fragments (GRO'd or
 /// driver-built skbs may hold only part of them linearly).
 #[inline(always)]

@@ -12,8 +12,8 @@ use std::{ffi::CString, fmt, mem::ManuallyDrop, path::Path, process::Command};
 use aya::{
     Ebpf,
     programs::{
-        CgroupAttachMode, CgroupSockAddr, LinkOrder, Program, ProgramError, SchedClassifier,
-        TcAttachType, Xdp, XdpMode,
+        CgroupAttachMode, CgroupSockAddr, LinkOrder, Program, ProgramError, SchedClassifier, Xdp,
+        XdpMode,
         links::{FdLink, Link as _, LinkError, PinnedLink},
         tc::{self, NlOptions, SchedClassifierLink, TcAttach},
     },
@@ -40,6 +40,10 @@ pub enum AttachMode {
     Tcx,
     /// clsact qdisc + cls_bpf direct-action filter (kernels without tcx).
     ClsBpf,
+    /// tcx egress.
+    TcxEgress,
+    /// clsact qdisc + cls_bpf direct-action filter on egress.
+    ClsBpfEgress,
     /// A cgroup `sock_addr` hook (the host path), as a bpf_link.
     CgroupSockAddr,
 }
@@ -51,6 +55,8 @@ impl fmt::Display for AttachMode {
             Self::XdpGeneric => "xdp generic (skb) mode",
             Self::Tcx => "tcx ingress",
             Self::ClsBpf => "clsact ingress, cls_bpf direct-action",
+            Self::TcxEgress => "tcx egress",
+            Self::ClsBpfEgress => "clsact egress, cls_bpf direct-action",
             Self::CgroupSockAddr => "cgroup sock_addr hook",
         })
     }
@@ -129,13 +135,20 @@ fn attach_all(ebpf: &mut Ebpf, pins: &PinLayout, targets: &Targets) -> Result<Ve
     pin_programs(ebpf, pins)?;
     let mut attachments = Vec::new();
     let present = crate::interfaces::present()?;
-    for iface in crate::interfaces::Selector::new(&targets.xdp_ifaces).expand(&present) {
+    let external = crate::interfaces::Selector::new(&targets.xdp_ifaces).expand(&present);
+    let pods = crate::interfaces::Selector::new(&targets.tc_ifaces).expand(&present);
+    for iface in &external {
         // From the programs just pinned, as interfaces that appear later are attached.
-        attachments.push(crate::interfaces::attach_north_south(pins, &iface)?);
+        attachments.push(crate::interfaces::attach_north_south(pins, iface)?);
     }
-    for iface in crate::interfaces::Selector::new(&targets.tc_ifaces).expand(&present) {
+    for iface in &pods {
         let program = program_mut(ebpf, program_names::TC)?;
-        attachments.push(attach_tc(program, pins, &iface, TcRole::Pods)?);
+        attachments.push(attach_tc(program, pins, iface, TcRole::Pods)?);
+    }
+    let every_iface: std::collections::BTreeSet<_> = external.iter().chain(&pods).collect();
+    for iface in every_iface {
+        let program = program_mut(ebpf, program_names::TC_REPLY)?;
+        attachments.push(attach_tc(program, pins, iface, TcRole::Replies)?);
     }
     if let Some(cgroup) = &targets.host_cgroup {
         for name in program_names::HOST {
@@ -232,21 +245,25 @@ pub(crate) fn attach_tc(
     role: TcRole,
 ) -> Result<Attachment> {
     let c_iface = interface_name(iface)?;
-    let attach_error = || Error::attach(role.program(), "tc ingress", iface);
+    let attach_error = || Error::attach(role.program(), role.hook_name(), iface);
     let program_id = program.info().map_err(attach_error())?.id();
-    let tcx = TcAttach::Tcx { attach_type: TcAttachType::Ingress, order: LinkOrder::default() };
+    let tcx = TcAttach::Tcx { attach_type: role.attach_type(), order: LinkOrder::default() };
     let (mode, link_id) = match program.attach(c_iface.as_c_str(), tcx) {
         Ok(link_id) => {
             let link = program.take_link(link_id).map_err(attach_error())?;
             let link = into_fd_link(link, "tcx attachment")?;
-            (AttachMode::Tcx, Some(pin_link(link, &pins.link(role.tcx_hook(), iface))?))
+            let mode =
+                if role == TcRole::Replies { AttachMode::TcxEgress } else { AttachMode::Tcx };
+            (mode, Some(pin_link(link, &pins.link(role.tcx_hook(), iface))?))
         }
         Err(source @ ProgramError::UnknownInterface { .. }) => return Err(attach_error()(source)),
         Err(tcx_error) => {
             // Kernels before 6.6 answer EINVAL: no tcx. Fall back to clsact + cls_bpf.
             let record = attach_cls_bpf(program, pins, (iface, &c_iface), role, &tcx_error)?;
             info!(%iface, priority = record.priority, handle = record.handle, "attached through clsact/cls_bpf");
-            (AttachMode::ClsBpf, None)
+            let mode =
+                if role == TcRole::Replies { AttachMode::ClsBpfEgress } else { AttachMode::ClsBpf };
+            (mode, None)
         }
     };
     if role == TcRole::Pods {
@@ -275,7 +292,7 @@ fn attach_cls_bpf(
     // An existing clsact qdisc (another tool's) is fine and stays; one we add goes on unload.
     let created_clsact = tc::qdisc_add_clsact(c_iface.as_c_str()).is_ok();
     let netlink =
-        TcAttach::Netlink { parent: TcAttachType::Ingress.into(), options: NlOptions::default() };
+        TcAttach::Netlink { parent: role.attach_type().into(), options: NlOptions::default() };
     let attached =
         program.attach(c_iface.as_c_str(), netlink).and_then(|link_id| program.take_link(link_id));
     let link = match attached {
@@ -397,7 +414,7 @@ pub(crate) fn detach_pinned(pins: &PinLayout, file_name: &str) -> Result<Option<
 /// The netlink filter `record` describes, as a link aya can replace or detach.
 pub(crate) fn recorded_filter(record: &NetlinkTcRecord) -> Result<SchedClassifierLink> {
     let iface = interface_name(&record.iface)?;
-    let parent = TcAttachType::Ingress.into();
+    let parent = record.role.attach_type().into();
     SchedClassifierLink::attached(
         iface.as_c_str(),
         parent,

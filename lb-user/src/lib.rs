@@ -70,6 +70,8 @@ pub mod program_names {
     pub const TC: &str = "lb_tc";
     /// tc ingress of an external interface whose XDP hook another program holds.
     pub const TC_EXTERNAL: &str = "lb_tc_external";
+    /// tc egress of pod-facing and external interfaces: replies of host-network backends.
+    pub const TC_REPLY: &str = "lb_tc_reply";
     /// The host path: cgroup hooks for node processes.
     pub const CONNECT4: &str = "lb_connect4";
     pub const SENDMSG4: &str = "lb_sendmsg4";
@@ -78,5 +80,6 @@ pub mod program_names {
     /// The host-path programs, attached together to one cgroup.
     pub const HOST: [&str; 4] = [CONNECT4, SENDMSG4, RECVMSG4, GETPEERNAME4];
     /// Every program.
-    pub const ALL: [&str; 7] = [XDP, TC, TC_EXTERNAL, CONNECT4, SENDMSG4, RECVMSG4, GETPEERNAME4];
+    pub const ALL: [&str; 8] =
+        [XDP, TC, TC_EXTERNAL, TC_REPLY, CONNECT4, SENDMSG4, RECVMSG4, GETPEERNAME4];
 }

@@ -4,13 +4,15 @@
 //! <pin-dir>/maps/<MAP>                        maps, pinned by name (adopted by the next load)
 //! <pin-dir>/programs/<program>                the loaded programs
 //! <pin-dir>/links/<hook>@<iface>              bpf_links (XDP, tcx): unpinning one detaches it
-//! <pin-dir>/links/cls_bpf[-external]@<iface>@<prio>@<handle>[@if<index>][@clsact]
+//! <pin-dir>/links/cls_bpf[-external|-egress]@<iface>@<prio>@<handle>[@if<index>][@clsact]
 //!                                             a directory that records a netlink tc filter
 //!                                             (kernels without tcx), which has no link to pin
 //! ```
 //! bpffs holds no regular files, so the netlink record is encoded in a directory name.
 
 use std::path::{Path, PathBuf};
+
+use aya::programs::TcAttachType;
 
 use crate::{
     error::{Error, Result},
@@ -22,20 +24,26 @@ pub const XDP_HOOK: &str = "xdp";
 pub const TCX_HOOK: &str = "tcx-ingress";
 /// tcx ingress of an external interface whose XDP hook another program holds.
 pub const TCX_EXTERNAL_HOOK: &str = "tcx-ingress-external";
+/// tcx egress of every pod-facing and external interface.
+pub const TCX_REPLY_HOOK: &str = "tcx-egress";
 
-/// Which tc program an interface runs: the pods' (east-west), or the external one where XDP
-/// cannot be attached (north-south).
+/// Which tc program an interface runs: the pods' (east-west), the external one where XDP
+/// cannot be attached (north-south), or on egress the one for host-network backends' replies.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum TcRole {
     Pods,
     External,
+    Replies,
 }
 
 impl TcRole {
+    pub const ALL: [Self; 3] = [Self::Pods, Self::External, Self::Replies];
+
     pub fn program(self) -> &'static str {
         match self {
             Self::Pods => program_names::TC,
             Self::External => program_names::TC_EXTERNAL,
+            Self::Replies => program_names::TC_REPLY,
         }
     }
 
@@ -44,6 +52,23 @@ impl TcRole {
         match self {
             Self::Pods => TCX_HOOK,
             Self::External => TCX_EXTERNAL_HOOK,
+            Self::Replies => TCX_REPLY_HOOK,
+        }
+    }
+
+    /// Ingress or egress.
+    pub fn attach_type(self) -> TcAttachType {
+        match self {
+            Self::Pods | Self::External => TcAttachType::Ingress,
+            Self::Replies => TcAttachType::Egress,
+        }
+    }
+
+    /// The hook, as errors and logs name it.
+    pub fn hook_name(self) -> &'static str {
+        match self {
+            Self::Pods | Self::External => "tc ingress",
+            Self::Replies => "tc egress",
         }
     }
 
@@ -52,6 +77,7 @@ impl TcRole {
         match self {
             Self::Pods => "cls_bpf",
             Self::External => "cls_bpf-external",
+            Self::Replies => "cls_bpf-egress",
         }
     }
 }
@@ -137,6 +163,7 @@ pub fn program_of_link(link_name: &str) -> Option<&'static str> {
         XDP_HOOK => Some(program_names::XDP),
         TCX_HOOK => Some(program_names::TC),
         TCX_EXTERNAL_HOOK => Some(program_names::TC_EXTERNAL),
+        TCX_REPLY_HOOK => Some(program_names::TC_REPLY),
         _ if iface == HOST_IFACE => program_names::HOST.into_iter().find(|name| *name == hook),
         _ => None,
     }
@@ -179,9 +206,7 @@ impl NetlinkTcRecord {
     pub fn parse(name: &str) -> Option<Self> {
         let mut parts = name.split('@');
         let prefix = parts.next()?;
-        let role = [TcRole::Pods, TcRole::External]
-            .into_iter()
-            .find(|role| role.record_prefix() == prefix)?;
+        let role = TcRole::ALL.into_iter().find(|role| role.record_prefix() == prefix)?;
         let iface = parts.next()?.to_owned();
         let priority = parts.next()?.parse().ok()?;
         let handle = parts.next()?.parse().ok()?;
@@ -208,6 +233,7 @@ mod tests {
             (TcRole::Pods, None, false),
             (TcRole::Pods, Some(7), false),
             (TcRole::External, Some(7), true),
+            (TcRole::Replies, Some(7), true),
         ];
         for (role, ifindex, created_clsact) in cases {
             let record = NetlinkTcRecord {
@@ -233,7 +259,7 @@ mod tests {
         let name_of = |path: PathBuf| path.file_name().unwrap().to_string_lossy().into_owned();
         let xdp = name_of(pins.link(XDP_HOOK, "eth0"));
         assert_eq!(program_of_link(&xdp), Some(program_names::XDP));
-        for role in [TcRole::Pods, TcRole::External] {
+        for role in TcRole::ALL {
             let tcx = name_of(pins.link(role.tcx_hook(), "veth1"));
             assert_eq!(program_of_link(&tcx), Some(role.program()));
         }

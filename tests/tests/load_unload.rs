@@ -16,7 +16,7 @@ use lb_user::{
     attach::{self, AttachMode, Attachment, Targets},
     error::Error,
     loader::{self, Capacities},
-    stats,
+    program_names, stats,
 };
 
 /// A node namespace holding `lb0` (XDP and tc attach here) and a peer namespace holding its
@@ -97,13 +97,20 @@ fn load_attaches_pins_and_counts_then_unload_removes_everything() {
     let pins = TestPins::new();
     let attachments = load(&topology, &pins).expect("load");
 
-    let [xdp, tc] = attachments.as_slice() else { panic!("two attachments: {attachments:?}") };
+    let [xdp, tc, replies] = attachments.as_slice() else {
+        panic!("three attachments: {attachments:?}")
+    };
     assert_eq!(
         (xdp.iface.as_str(), xdp.mode),
         ("lb0", AttachMode::XdpDriver),
         "veth supports driver-mode XDP"
     );
     assert!(matches!(tc.mode, AttachMode::Tcx | AttachMode::ClsBpf), "{tc:?}");
+    assert_eq!((replies.iface.as_str(), replies.program), ("lb0", program_names::TC_REPLY));
+    assert!(
+        matches!(replies.mode, AttachMode::TcxEgress | AttachMode::ClsBpfEgress),
+        "{replies:?}"
+    );
 
     let link = topology.node.ip(&["-d", "link", "show", "dev", "lb0"]);
     assert!(link.contains(&format!("prog/xdp id {}", xdp.program_id)), "XDP on the link: {link}");
@@ -141,6 +148,7 @@ fn load_attaches_pins_and_counts_then_unload_removes_everything() {
     }
     assert!(!program_exists(xdp.program_id), "XDP program unloaded from the kernel");
     assert!(!program_exists(tc.program_id), "tc program unloaded from the kernel");
+    assert!(!program_exists(replies.program_id), "tc egress program unloaded from the kernel");
 }
 
 impl Topology {

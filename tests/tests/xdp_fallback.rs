@@ -19,7 +19,7 @@ use lb_tests::{
 };
 use lb_user::{
     program_names,
-    status::{self, Status},
+    status::{self, AttachmentStatus, Status},
 };
 
 #[test]
@@ -109,10 +109,13 @@ impl TakenHook {
         status::read(self.pins.layout()).expect("status")
     }
 
-    /// The programs attached to the external interface.
+    /// The north-south programs attached to the external interface.
     fn on_external(&self) -> Vec<&'static str> {
         let attachments = self.status().attachments;
-        attachments.iter().filter(|a| a.target == EXTERNAL_IFACE).map(|a| a.program).collect()
+        // Its egress runs lb_tc_reply whichever program serves its ingress.
+        let north_south = |a: &&AttachmentStatus| a.program != program_names::TC_REPLY;
+        let on_it = attachments.iter().filter(|a| a.target == EXTERNAL_IFACE);
+        on_it.filter(north_south).map(|a| a.program).collect()
     }
 }
 

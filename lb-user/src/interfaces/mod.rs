@@ -25,7 +25,9 @@ use crate::{
     attach::{self, Attachment, Targets},
     error::{Error, Result},
     metrics::Metrics,
-    pins::{NetlinkTcRecord, PinLayout, TCX_EXTERNAL_HOOK, TCX_HOOK, TcRole, XDP_HOOK},
+    pins::{
+        NetlinkTcRecord, PinLayout, TCX_EXTERNAL_HOOK, TCX_HOOK, TCX_REPLY_HOOK, TcRole, XDP_HOOK,
+    },
     program_names,
 };
 
@@ -136,12 +138,14 @@ pub struct Changes {
     pub failed: Vec<(String, String)>,
 }
 
-/// The interface hooks this module keeps: north-south (XDP, or its tc fallback) and the pods'
-/// tc ingress.
+/// The interface hooks this module keeps: north-south (XDP, or its tc fallback), the pods' tc
+/// ingress, and on every interface of either kind tc egress (replies of host-network
+/// backends).
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Hook {
     Xdp,
     Tc,
+    Replies,
 }
 
 impl Hook {
@@ -150,6 +154,7 @@ impl Hook {
         match role {
             TcRole::Pods => Self::Tc,
             TcRole::External => Self::Xdp,
+            TcRole::Replies => Self::Replies,
         }
     }
 }
@@ -181,6 +186,7 @@ pub fn follow(pins: &PinLayout, targets: &Targets) -> Result<Changes> {
     let selects = |hook: Hook, iface: &str| match hook {
         Hook::Xdp => xdp.matches(iface),
         Hook::Tc => tc.matches(iface),
+        Hook::Replies => xdp.matches(iface) || tc.matches(iface),
     };
     let mut attached = Vec::new();
     for pinned in pinned_attachments(pins)? {
@@ -200,7 +206,7 @@ pub fn follow(pins: &PinLayout, targets: &Targets) -> Result<Changes> {
         attached.push((pinned.hook, pinned.iface));
     }
     for iface in present.keys() {
-        for hook in [Hook::Xdp, Hook::Tc] {
+        for hook in [Hook::Xdp, Hook::Tc, Hook::Replies] {
             if selects(hook, iface) && !attached.contains(&(hook, iface.clone())) {
                 match attach_one(pins, hook, iface) {
                     Ok(attachment) => changes.attached.push(attachment),
@@ -218,6 +224,7 @@ fn attach_one(pins: &PinLayout, hook: Hook, iface: &str) -> Result<Attachment> {
     match hook {
         Hook::Xdp => attach_north_south(pins, iface),
         Hook::Tc => attach_tc_from_pin(pins, iface, TcRole::Pods),
+        Hook::Replies => attach_tc_from_pin(pins, iface, TcRole::Replies),
     }
 }
 
@@ -296,6 +303,7 @@ fn pinned_attachments(pins: &PinLayout) -> Result<Vec<Pinned>> {
         let (hook, iface, tc_fallback) = match file_name.split_once('@') {
             Some((XDP_HOOK, iface)) => (Hook::Xdp, iface.to_owned(), false),
             Some((TCX_HOOK, iface)) => (Hook::Tc, iface.to_owned(), false),
+            Some((TCX_REPLY_HOOK, iface)) => (Hook::Replies, iface.to_owned(), false),
             Some((TCX_EXTERNAL_HOOK, iface)) => {
                 (Hook::of(TcRole::External), iface.to_owned(), true)
             }
