@@ -27,6 +27,8 @@ pub enum Hook {
     /// `lb_tc_external`, the tc fallback of an external interface where XDP could not be
     /// attached: `lb_xdp`'s semantics with tc's return codes.
     TcExternal,
+    /// `lb_tc_reply`, on tc egress of both kinds: replies the node's own stack sends.
+    TcReply,
 }
 
 impl Hook {
@@ -42,7 +44,7 @@ impl Hook {
     pub fn pass_code(self) -> u32 {
         match self {
             Self::Xdp => XDP_PASS,
-            Self::Tc | Self::TcExternal => TC_ACT_UNSPEC,
+            Self::Tc | Self::TcExternal | Self::TcReply => TC_ACT_UNSPEC,
         }
     }
 
@@ -50,7 +52,7 @@ impl Hook {
     pub fn forward_code(self) -> u32 {
         match self {
             Self::Xdp => XDP_PASS,
-            Self::Tc | Self::TcExternal => TC_ACT_OK,
+            Self::Tc | Self::TcExternal | Self::TcReply => TC_ACT_OK,
         }
     }
 
@@ -58,7 +60,7 @@ impl Hook {
     pub fn drop_code(self) -> u32 {
         match self {
             Self::Xdp => XDP_DROP,
-            Self::Tc | Self::TcExternal => TC_ACT_SHOT,
+            Self::Tc | Self::TcExternal | Self::TcReply => TC_ACT_SHOT,
         }
     }
 
@@ -66,7 +68,7 @@ impl Hook {
     pub fn bounce_code(self) -> u32 {
         match self {
             Self::Xdp => XDP_TX,
-            Self::Tc | Self::TcExternal => TC_ACT_REDIRECT,
+            Self::Tc | Self::TcExternal | Self::TcReply => TC_ACT_REDIRECT,
         }
     }
 }
@@ -151,6 +153,9 @@ impl Datapath {
             Hook::Tc => self.program::<SchedClassifier>(program_names::TC).test_run(options),
             Hook::TcExternal => {
                 self.program::<SchedClassifier>(program_names::TC_EXTERNAL).test_run(options)
+            }
+            Hook::TcReply => {
+                self.program::<SchedClassifier>(program_names::TC_REPLY).test_run(options)
             }
         }
         .unwrap_or_else(|e| panic!("BPF_PROG_TEST_RUN of {hook:?} on {packet:02x?}: {e:?}"));

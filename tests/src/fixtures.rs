@@ -21,8 +21,18 @@ pub const LB_IP: &str = "198.51.100.10";
 
 /// Allocated `ClusterIPs`: each gets a marker entry, so a port it does not serve is refused
 /// rather than dropped.
-pub const CLUSTER_IPS: [&str; 6] =
-    ["10.96.45.10", "10.96.0.10", "10.96.45.14", "10.96.45.12", "10.96.45.22", "10.96.45.11"];
+pub const CLUSTER_IPS: [&str; 7] = [
+    "10.96.45.10",
+    "10.96.0.10",
+    "10.96.45.14",
+    "10.96.45.12",
+    "10.96.45.22",
+    "10.96.45.11",
+    HOST_NETWORK_VIP,
+];
+
+/// The ClusterIP of frontend 13, whose backend is a host-network endpoint of this node.
+pub const HOST_NETWORK_VIP: &str = "10.96.45.30";
 
 /// The frontends every test starts from (ids are the frontends' `service_id`s).
 pub fn frontends() -> Vec<Frontend> {
@@ -62,6 +72,7 @@ pub fn frontends() -> Vec<Frontend> {
             .backend("10.244.1.12", 80, true)
             .backend("10.244.2.12", 80, false)
             .backend("10.244.2.13", 80, false),
+        Frontend::new(13, HOST_NETWORK_VIP, 443, tcp).backend(NODE_IP, 6443, true),
     ]
 }
 

@@ -46,6 +46,8 @@ use lb_user::stats::ReasonCounts;
 
 const DEFAULT_SEED: u64 = 0x1b5e_ed00_2026_0001;
 const RUNS_PER_PROGRAM: u64 = 1_000_000;
+/// Runs through `lb_tc` that make the flows `lb_tc_reply`'s run replies to.
+const FLOW_RUNS_BEFORE_REPLIES: u64 = 50_000;
 /// Runs between two reads of the per-reason counters.
 const BATCH: u64 = 25_000;
 
@@ -62,6 +64,14 @@ fn tc_survives_a_million_random_and_mutated_packets() {
 #[test]
 fn the_tc_fallback_survives_a_million_random_and_mutated_packets() {
     survive(Hook::TcExternal);
+}
+
+/// `lb_tc_reply` makes no flow: the pod-facing program makes them first (some to frontend 13,
+/// whose backend is a host-network endpoint of the node), and the million runs then go through
+/// `lb_tc_reply`, which may only pass packets or reverse-translate those flows' replies.
+#[test]
+fn the_reply_program_survives_a_million_random_and_mutated_packets() {
+    survive(Hook::TcReply);
 }
 
 /// The oracle itself, on hand-made outputs: it accepts a correct DNAT, reverse NAT and refusal
@@ -188,16 +198,26 @@ fn survive(hook: Hook) {
     eprintln!("{hook:?}: seed {seed:#x}, {target} runs");
     let started = Instant::now();
     let tables = Tables::from_seed();
+    // The replies' program needs flows to reply to: the pod-facing program makes them.
+    let first = if hook == Hook::TcReply { Hook::Tc } else { hook };
     let mut fuzz = Fuzz {
-        hook,
+        hook: first,
         seed,
         programs: fixtures::seeded(),
-        oracle: Oracle::new(hook, &tables),
+        oracle: Oracle::new(first, &tables),
         // One stream per hook, so the two tests can run in parallel and each replays alone.
         generator: Generator::new(seed ^ hook_salt(hook), &tables),
         sweep: truncation_sweep(&tables).into_iter(),
         totals: Totals::default(),
     };
+    if first != hook {
+        fuzz.batch(FLOW_RUNS_BEFORE_REPLIES);
+        eprintln!("{hook:?}: {} flows made through {first:?}", fuzz.oracle.model.dnat.len());
+        fuzz.hook = hook;
+        fuzz.oracle.hook = hook;
+        fuzz.sweep = truncation_sweep(&tables).into_iter();
+        fuzz.totals = Totals::default();
+    }
     while fuzz.totals.tally.runs < target {
         fuzz.batch(BATCH.min(target - fuzz.totals.tally.runs));
     }
@@ -289,6 +309,7 @@ fn hook_salt(hook: Hook) -> u64 {
         Hook::Xdp => 0,
         Hook::Tc => 0x7c7c_7c7c_7c7c_7c7c,
         Hook::TcExternal => 0x7e7e_7e7e_7e7e_7e7e,
+        Hook::TcReply => 0x7f7f_7f7f_7f7f_7f7f,
     }
 }
 
@@ -493,6 +514,9 @@ impl Totals {
     /// A fuzzer that never reached the translating paths would pass while testing nothing:
     /// every verdict, every mutation and every reason this seed can produce must have occurred.
     fn assert_coverage(&self, hook: Hook) {
+        if hook == Hook::TcReply {
+            return self.assert_reply_coverage();
+        }
         let t = &self.tally;
         let verdicts = [
             ("passed", t.passed),
@@ -516,6 +540,21 @@ impl Totals {
         for reason in [Reason::NoNodeConfig, Reason::DropBackendMissing] {
             let count = self.counted.get(reason.name()).copied().unwrap_or(0);
             assert_eq!(count, 0, "{hook:?}: {} with a complete seed", reason.name());
+        }
+    }
+
+    /// `lb_tc_reply` passes most packets and reverse-translates some; it never makes a flow,
+    /// refuses or drops one it could parse.
+    fn assert_reply_coverage(&self) {
+        let t = &self.tally;
+        assert!(t.passed > t.runs / 2, "TcReply: only {} of {} runs passed", t.passed, t.runs);
+        assert!(t.translated > t.runs / 1000, "TcReply: only {} translated", t.translated);
+        assert_eq!(t.bounced + t.resets_dropped, 0, "TcReply refused packets");
+        let count = |reason: Reason| self.counted.get(reason.name()).copied().unwrap_or(0);
+        assert!(count(Reason::ReplyTranslated) > 0, "TcReply: {:?}", self.counted);
+        let never = [Reason::ForwardNew, Reason::ForwardEstablished, Reason::RejectNoEndpoints];
+        for reason in never.into_iter().chain([Reason::RejectUnservedPort, Reason::NoNodeConfig]) {
+            assert_eq!(count(reason), 0, "TcReply: {} counted", reason.name());
         }
     }
 }
@@ -1062,7 +1101,9 @@ impl<'t> Oracle<'t> {
         let after = parse_translatable(output).ok_or("the translation does not parse")?;
         checksums_preserved(before, input, output)?;
         let (from, to) = (before.tuple, after.tuple);
-        if self.check_dnat(from, to)? || self.is_known_reply(from, to) {
+        // The replies' program only ever reverse-translates.
+        let dnat = self.hook != Hook::TcReply && self.check_dnat(from, to)?;
+        if dnat || self.is_known_reply(from, to) {
             return Ok(());
         }
         Err(format!(
@@ -1207,6 +1248,9 @@ impl<'t> Oracle<'t> {
     }
 
     fn check_refusal(&self, input: &[u8], output: &[u8]) -> Result<(), String> {
+        if self.hook == Hook::TcReply {
+            return Err("the replies' program refused a packet".into());
+        }
         let p = parse_translatable(input).ok_or("refused a packet that is not TCP or UDP")?;
         if p.flags & TCP_RST != 0 {
             return Err("answered a reset with a refusal (RFC 793: never)".into());
