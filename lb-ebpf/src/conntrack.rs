@@ -119,7 +119,9 @@ fn follow_tcp_state(
     }
     let twin = CONNTRACK.get_ptr_mut(twin_key);
     // SAFETY: a valid pointer from the lookup.
-    let twin_finished = twin.is_some_and(|twin| unsafe { (*twin).closing } != closing::OPEN);
+    let twin_finished = twin.is_some_and(|twin| unsafe {
+        (*twin).closing != closing::OPEN || lb_common::conntrack::is_closing(&*twin)
+    });
     // Both FINs (the second one, or a packet after both on two CPUs at once), or a reset.
     if reset || ((fin || half_closed) && twin_finished) {
         set_closing(entry, closing::CLOSING, now);
@@ -128,7 +130,10 @@ fn follow_tcp_state(
         }
         return true;
     }
-    if fin && !half_closed {
+    // Read again just before: a reset on another CPU may have closed the flow since, and a
+    // half-close written over it would keep this entry for the established timeout.
+    // SAFETY: as above.
+    if fin && unsafe { core::ptr::read_volatile(&raw const (*entry).closing) } == closing::OPEN {
         set_closing(entry, closing::HALF_CLOSED, now);
     }
     false

@@ -34,9 +34,16 @@ struct Quote {
     proto: u8,
 }
 
-/// Translates an ICMP error about a known flow; `None` if the packet is not one.
+/// Translates an ICMP error about a known flow; `None` if the packet is not one. With
+/// `about_forward_only`, only errors about packets sent to a backend (the node's own errors on
+/// their way out, already routed to the client, which a translation towards a backend would
+/// not reroute).
 #[inline(always)]
-pub fn process_error(hook: &impl Hook, packet: &Packet) -> Option<(Verdict, Reason)> {
+pub fn process_error(
+    hook: &impl Hook,
+    packet: &Packet,
+    about_forward_only: bool,
+) -> Option<(Verdict, Reason)> {
     if packet.flags != DEST_UNREACHABLE && packet.flags != TIME_EXCEEDED {
         return None;
     }
@@ -58,6 +65,8 @@ pub fn process_error(hook: &impl Hook, packet: &Packet) -> Option<(Verdict, Reas
     }
     let translated = if flow.flags & ct_flags::REPLY != 0 {
         about_forward_packet(hook, packet, &quote, &flow)
+    } else if about_forward_only {
+        return None;
     } else {
         about_reply_packet(hook, packet, &quote, &flow)
     };

@@ -467,7 +467,7 @@ pub fn process_from_node(hook: &impl Hook, packet: &Packet) -> (Verdict, Reason)
         return (Verdict::Pass, Reason::NotService);
     }
     if packet.proto == proto::ICMP {
-        return crate::icmp::process_error(hook, packet)
+        return crate::icmp::process_error(hook, packet, true)
             .unwrap_or((Verdict::Pass, Reason::NotService));
     }
     let now = conntrack::now();

@@ -114,7 +114,7 @@ fn classify(hook: &impl Hook, origin: Origin) -> (Verdict, Reason, Option<Packet
 fn service_stage(hook: &impl Hook, packet: &Packet, origin: Origin) -> (Verdict, Reason) {
     if !lb::translatable(packet) {
         if packet.proto == proto::ICMP
-            && let Some(outcome) = icmp::process_error(hook, packet)
+            && let Some(outcome) = icmp::process_error(hook, packet, false)
         {
             return outcome;
         }

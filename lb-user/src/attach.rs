@@ -12,8 +12,8 @@ use std::{ffi::CString, fmt, mem::ManuallyDrop, path::Path, process::Command};
 use aya::{
     Ebpf,
     programs::{
-        CgroupAttachMode, CgroupSockAddr, LinkOrder, Program, ProgramError, SchedClassifier, Xdp,
-        XdpMode,
+        CgroupAttachMode, CgroupSockAddr, LinkOrder, Program, ProgramError, SchedClassifier,
+        TcAttachType, Xdp, XdpMode,
         links::{FdLink, Link as _, LinkError, PinnedLink},
         tc::{self, NlOptions, SchedClassifierLink, TcAttach},
     },
@@ -59,6 +59,18 @@ impl fmt::Display for AttachMode {
             Self::ClsBpfEgress => "clsact egress, cls_bpf direct-action",
             Self::CgroupSockAddr => "cgroup sock_addr hook",
         })
+    }
+}
+
+impl TcRole {
+    /// How an attachment of this role is made: by tcx, or by a cls_bpf filter.
+    fn mode(self, tcx: bool) -> AttachMode {
+        match (self.attach_type(), tcx) {
+            (TcAttachType::Egress, true) => AttachMode::TcxEgress,
+            (TcAttachType::Egress, false) => AttachMode::ClsBpfEgress,
+            (_, true) => AttachMode::Tcx,
+            (_, false) => AttachMode::ClsBpf,
+        }
     }
 }
 
@@ -252,18 +264,14 @@ pub(crate) fn attach_tc(
         Ok(link_id) => {
             let link = program.take_link(link_id).map_err(attach_error())?;
             let link = into_fd_link(link, "tcx attachment")?;
-            let mode =
-                if role == TcRole::Replies { AttachMode::TcxEgress } else { AttachMode::Tcx };
-            (mode, Some(pin_link(link, &pins.link(role.tcx_hook(), iface))?))
+            (role.mode(true), Some(pin_link(link, &pins.link(role.tcx_hook(), iface))?))
         }
         Err(source @ ProgramError::UnknownInterface { .. }) => return Err(attach_error()(source)),
         Err(tcx_error) => {
             // Kernels before 6.6 answer EINVAL: no tcx. Fall back to clsact + cls_bpf.
             let record = attach_cls_bpf(program, pins, (iface, &c_iface), role, &tcx_error)?;
             info!(%iface, priority = record.priority, handle = record.handle, "attached through clsact/cls_bpf");
-            let mode =
-                if role == TcRole::Replies { AttachMode::ClsBpfEgress } else { AttachMode::ClsBpf };
-            (mode, None)
+            (role.mode(false), None)
         }
     };
     if role == TcRole::Pods {
@@ -289,8 +297,12 @@ fn attach_cls_bpf(
     role: TcRole,
     tcx_error: &ProgramError,
 ) -> Result<NetlinkTcRecord> {
-    // An existing clsact qdisc (another tool's) is fine and stays; one we add goes on unload.
-    let created_clsact = tc::qdisc_add_clsact(c_iface.as_c_str()).is_ok();
+    // An existing clsact qdisc (another tool's) is fine and stays; one we add goes with the
+    // last of our filters on the interface. Our records on it share that duty: the ingress and
+    // egress filters sit on the same qdisc, and either may go first.
+    let added_clsact = tc::qdisc_add_clsact(c_iface.as_c_str()).is_ok();
+    let created_clsact =
+        added_clsact || records_on(pins, iface)?.iter().any(|record| record.created_clsact);
     let netlink =
         TcAttach::Netlink { parent: role.attach_type().into(), options: NlOptions::default() };
     let attached =
@@ -298,7 +310,7 @@ fn attach_cls_bpf(
     let link = match attached {
         Ok(link) => ManuallyDrop::new(link),
         Err(source) => {
-            if created_clsact {
+            if added_clsact {
                 delete_clsact(iface);
             }
             return Err(Error::AttachTc {
@@ -394,6 +406,9 @@ pub(crate) fn detach_pinned(pins: &PinLayout, file_name: &str) -> Result<Option<
     if let Some(record) = NetlinkTcRecord::parse(file_name) {
         detach_cls_bpf(&record);
         std::fs::remove_dir(&path).map_err(Error::io(&path))?;
+        if record.created_clsact && records_on(pins, &record.iface)?.is_empty() {
+            delete_clsact(&record.iface);
+        }
         return Ok(Some(format!(
             "detached cls_bpf filter from {} (priority {})",
             record.iface, record.priority
@@ -433,9 +448,24 @@ fn detach_cls_bpf(record: &NetlinkTcRecord) {
         // The interface or the filter is already gone: nothing is left attached.
         warn!(iface = %record.iface, %error, "cls_bpf filter was already gone");
     }
-    if record.created_clsact {
-        delete_clsact(&record.iface);
+}
+
+/// The cls_bpf records pinned for filters on `iface`.
+fn records_on(pins: &PinLayout, iface: &str) -> Result<Vec<NetlinkTcRecord>> {
+    let links_dir = pins.links_dir();
+    let entries = match std::fs::read_dir(&links_dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(Error::Io { path: links_dir, source: e }),
+    };
+    let mut records = Vec::new();
+    for entry in entries {
+        let name = entry.map_err(Error::io(&links_dir))?.file_name();
+        records.extend(
+            NetlinkTcRecord::parse(&name.to_string_lossy()).filter(|record| record.iface == iface),
+        );
     }
+    Ok(records)
 }
 
 /// aya can add a clsact qdisc but not delete one; iproute2's `tc` does.

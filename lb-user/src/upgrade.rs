@@ -55,8 +55,9 @@ pub fn replace_outdated_programs(pins: &PinLayout, capacities: &loader::Capaciti
         if let Some(old_id) = old_id {
             info!(program = name, old_id, new_id, attachments, "replaced a pinned program");
         } else {
-            // A program the older version did not have: pinned for the next daemon, attached
-            // nowhere until the datapath is loaded afresh.
+            // A program the older version did not have: pinned. One for interfaces is attached
+            // when the daemon follows them (lb_tc_reply on tc egress); a host-path one only
+            // when the datapath is loaded afresh.
             info!(program = name, new_id, attachments, "pinned a program the pins lacked");
         }
     }

@@ -101,6 +101,16 @@ impl Spec {
         self
     }
 
+    /// The same segment as a FIN of an established connection (FIN and ACK, no SYN).
+    pub fn fin(&self) -> Self {
+        self.clone().with_tcp(TcpFields {
+            syn: false,
+            fin: true,
+            ack: Some(1),
+            ..TcpFields::default()
+        })
+    }
+
     pub fn with_vlan(mut self, id: u16) -> Self {
         self.vlan = Some(id);
         self

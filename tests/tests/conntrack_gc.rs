@@ -72,11 +72,16 @@ fn reply_to(request: &Spec, output: &[u8], syn: bool, rst: bool) -> Spec {
     with_flags(&reply, syn, rst)
 }
 
-/// Whether each entry of the flows on `port` is opening, forward entry first.
-fn opening(maps: &KernelMaps, port: u16) -> Vec<bool> {
+/// The entries of the flows on `port`, forward entry first.
+fn forward_first(maps: &KernelMaps, port: u16) -> Vec<ConntrackValue> {
     let mut entries = entries_of(maps, port);
     entries.sort_by_key(|(_, value)| value.flags & ct_flags::REPLY);
-    entries.iter().map(|(_, value)| value.opening != 0).collect()
+    entries.into_iter().map(|(_, value)| value).collect()
+}
+
+/// Whether each entry of the flows on `port` is opening, forward entry first.
+fn opening(maps: &KernelMaps, port: u16) -> Vec<bool> {
+    forward_first(maps, port).iter().map(|value| value.opening != 0).collect()
 }
 
 #[test]
@@ -99,14 +104,6 @@ fn the_collector_removes_dead_entries_and_keeps_live_ones() {
     // one for longer than the opening timeout, one for less.
     let udp = Spec::udp(POD, 40_200, "10.96.0.10", 53);
     let syn = |port| Spec::tcp(POD, port, "10.96.45.10", 80);
-    let fin = |packet: &Spec| {
-        packet.clone().with_tcp(TcpFields {
-            syn: false,
-            fin: true,
-            ack: Some(1),
-            ..TcpFields::default()
-        })
-    };
     assert_eq!(send(&mut datapath, &udp), Reason::ForwardNew);
     let mut requests = Vec::new();
     for port in [40_201, 40_202, 40_203, 40_204, 40_205, 40_206] {
@@ -115,9 +112,9 @@ fn the_collector_removes_dead_entries_and_keeps_live_ones() {
         requests.push(request);
     }
     for port in [40_201, 40_206] {
-        assert_eq!(send(&mut datapath, &fin(&syn(port))), Reason::ForwardEstablished);
+        assert_eq!(send(&mut datapath, &syn(port).fin()), Reason::ForwardEstablished);
     }
-    let backend_fin = fin(&reply_to(&syn(40_201), &requests[0], false, false));
+    let backend_fin = reply_to(&syn(40_201), &requests[0], false, false).fin();
     assert_eq!(send(&mut datapath, &backend_fin), Reason::ReplyTranslated);
     let reset = with_flags(&syn(40_202), false, true);
     assert_eq!(send(&mut datapath, &reset), Reason::ForwardEstablished);
@@ -308,23 +305,13 @@ fn an_unprogrammed_backend_loses_its_udp_flows_and_its_sticky_clients_keeps_its_
 
 /// The TCP state of each entry of the flows on `port`, forward entry first.
 fn states(maps: &KernelMaps, port: u16) -> Vec<TcpState> {
-    let mut entries = entries_of(maps, port);
-    entries.sort_by_key(|(_, value)| value.flags & ct_flags::REPLY);
-    entries.iter().map(|(_, value)| tcp_state(value)).collect()
+    forward_first(maps, port).iter().map(tcp_state).collect()
 }
 
 #[test]
 fn a_fin_half_closes_and_both_fins_or_a_reset_close_both_entries() {
     use TcpState::{Closing, Established, HalfClosed};
     let mut datapath = seeded();
-    let fin = |packet: &Spec| {
-        packet.clone().with_tcp(TcpFields {
-            syn: false,
-            fin: true,
-            ack: Some(1),
-            ..TcpFields::default()
-        })
-    };
     let open = |datapath: &mut Datapath, port| {
         let syn = Spec::tcp(POD, port, "10.96.45.10", 80);
         let (_, request) = send_through(datapath, Hook::Tc, &syn);
@@ -333,13 +320,13 @@ fn a_fin_half_closes_and_both_fins_or_a_reset_close_both_entries() {
     };
     // The client shuts down its side; the backend goes on answering for as long as it likes.
     let (syn, request) = open(&mut datapath, 40_800);
-    assert_eq!(send(&mut datapath, &fin(&syn)), Reason::ForwardEstablished);
+    assert_eq!(send(&mut datapath, &syn.fin()), Reason::ForwardEstablished);
     assert_eq!(states(datapath.maps(), 40_800), [HalfClosed, Established]);
     let answer = reply_to(&syn, &request, false, false);
     assert_eq!(send(&mut datapath, &answer), Reason::ReplyTranslated);
     assert_eq!(states(datapath.maps(), 40_800), [HalfClosed, Established], "still half-closed");
     // Its FIN closes both entries.
-    assert_eq!(send(&mut datapath, &fin(&answer)), Reason::ReplyTranslated);
+    assert_eq!(send(&mut datapath, &answer.fin()), Reason::ReplyTranslated);
     assert_eq!(states(datapath.maps(), 40_800), [Closing, Closing]);
 
     // A reset from either side closes both at once.

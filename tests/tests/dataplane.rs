@@ -418,15 +418,7 @@ fn a_new_syn_after_a_closed_flow_starts_a_new_flow() {
     let request = Spec::tcp(POD, 40_700, "10.96.45.10", 80);
     let run = datapath.run(Hook::Tc, &request.build());
     let ((client, client_port), (backend, backend_port)) = endpoints(&run.output);
-    let fin = |packet: &Spec| {
-        packet.clone().with_tcp(TcpFields {
-            syn: false,
-            fin: true,
-            ack: Some(1),
-            ..TcpFields::default()
-        })
-    };
-    let run = datapath.run(Hook::Tc, &fin(&request).build());
+    let run = datapath.run(Hook::Tc, &request.fin().build());
     assert_outcome(&run, Hook::Tc.forward_code(), Reason::ForwardEstablished, "FIN");
     let answer = request.clone().with_addresses(
         &backend.to_string(),
@@ -434,7 +426,7 @@ fn a_new_syn_after_a_closed_flow_starts_a_new_flow() {
         &client.to_string(),
         client_port,
     );
-    let run = datapath.run(Hook::Tc, &fin(&answer).build());
+    let run = datapath.run(Hook::Tc, &answer.fin().build());
     assert_outcome(&run, Hook::Tc.forward_code(), Reason::ReplyTranslated, "the backend's FIN");
     let run = datapath.run(Hook::Tc, &request.build());
     assert_outcome(&run, Hook::Tc.forward_code(), Reason::ForwardNew, "SYN on a closing tuple");

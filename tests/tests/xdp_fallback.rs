@@ -39,6 +39,9 @@ fn an_external_interface_whose_xdp_hook_is_taken_is_served_through_tc_until_it_i
     let after = node.status();
     assert_eq!(after.tc_fallback_translated, before.tc_fallback_translated, "no fallback left");
     assert!(after.reasons["forward_new"] > before.reasons["forward_new"], "XDP translated it");
+    // The fallback took nothing else with it: lb_tc_reply still runs on the interface's egress
+    // (with cls_bpf both filters share one clsact qdisc, which stays while one of them does).
+    assert!(node.reply_program_on_external(), "lb_tc_reply left the external interface");
 }
 
 #[test]
@@ -116,6 +119,24 @@ impl TakenHook {
         let north_south = |a: &&AttachmentStatus| a.program != program_names::TC_REPLY;
         let on_it = attachments.iter().filter(|a| a.target == EXTERNAL_IFACE);
         on_it.filter(north_south).map(|a| a.program).collect()
+    }
+}
+
+impl TakenHook {
+    /// True if the kernel runs `lb_tc_reply` on the external interface's egress: a pinned tcx
+    /// link, or (kernels without tcx) a cls_bpf filter the kernel lists.
+    fn reply_program_on_external(&self) -> bool {
+        let layout = self.pins.layout();
+        if layout.link(lb_user::pins::TCX_REPLY_HOOK, EXTERNAL_IFACE).exists() {
+            return true;
+        }
+        // Without the qdisc, `tc` fails: no filter either.
+        let net = format!("--net={}", self.topology.node.path());
+        let listed = std::process::Command::new("nsenter")
+            .args([net.as_str(), "tc", "filter", "show", "dev", EXTERNAL_IFACE, "egress"])
+            .output()
+            .expect("tc");
+        String::from_utf8_lossy(&listed.stdout).contains(program_names::TC_REPLY)
     }
 }
 

@@ -271,7 +271,7 @@ fn pinned_xdp(pins: &PinLayout, iface: &str) -> Result<Xdp> {
 
 fn attach_tc_from_pin(pins: &PinLayout, iface: &str, role: TcRole) -> Result<Attachment> {
     let mut program = SchedClassifier::from_pin(pins.program(role.program()))
-        .map_err(Error::attach(role.program(), "tc ingress", iface))?;
+        .map_err(Error::attach(role.program(), role.hook_name(), iface))?;
     attach::attach_tc(&mut program, pins, iface, role)
 }
 
