@@ -401,7 +401,7 @@ fn detach_links(pins: &PinLayout) -> Result<Vec<String>> {
 }
 
 /// Detaches and unpins the attachment pinned as `links/<file_name>`; says what it did.
-pub(crate) fn detach_pinned(pins: &PinLayout, file_name: &str) -> Result<Option<String>> {
+pub fn detach_pinned(pins: &PinLayout, file_name: &str) -> Result<Option<String>> {
     let path = pins.links_dir().join(file_name);
     if let Some(record) = NetlinkTcRecord::parse(file_name) {
         detach_cls_bpf(&record);

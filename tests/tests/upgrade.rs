@@ -17,9 +17,14 @@ use lb_tests::{
     },
     pins::TestPins,
     stand_in,
-    topology::{NODE_IP, Topology, exchange, long_lived, tcp_request},
+    topology::{EXTERNAL_IFACE, NODE_IP, Topology, exchange, long_lived, tcp_request},
 };
-use lb_user::{loader, maps::copy::move_pin, pins::PinLayout, program_names, status};
+use lb_user::{
+    attach, loader,
+    maps::copy::move_pin,
+    pins::{NetlinkTcRecord, PinLayout, TcRole, program_of_link},
+    program_names, status,
+};
 
 fn addr(text: &str) -> SocketAddr {
     text.parse().expect("socket address")
@@ -68,16 +73,21 @@ fn an_upgrade_replaces_outdated_programs_in_place_and_established_flows_keep_the
         assert_ne!(older[name].1, own[name], "{name}: the stand-in's code differs");
     }
 
-    // A program the older version did not have (the host path is not attached here).
-    let missing = program_names::GETPEERNAME4;
-    std::fs::remove_file(pins.layout().program(missing)).expect("unpin a host program");
+    // Programs the older version did not have: a host-path one (the host path is not attached
+    // here), and the replies' program, with its egress attachments.
+    let missing = [program_names::GETPEERNAME4, program_names::TC_REPLY];
+    let layout = pins.layout().clone();
+    topology.node.enter(move || without_reply_attachments(&layout));
+    for name in missing {
+        std::fs::remove_file(pins.layout().program(name)).expect("unpin a program");
+    }
 
     let daemon = RunningDaemon::start(&topology, &pins, &manifests, None);
     let upgraded = pinned(pins.layout());
     for name in program_names::ALL {
         assert_eq!(upgraded[name].1, own[name], "{name} runs this binary's code");
         let replaced = upgraded[name].0 != older[name].0;
-        let outdated = older[name].1 != own[name] || name == missing;
+        let outdated = older[name].1 != own[name] || missing.contains(&name);
         assert_eq!(
             replaced, outdated,
             "{name}: new exactly when its code differed or it was missing"
@@ -90,6 +100,17 @@ fn an_upgrade_replaces_outdated_programs_in_place_and_established_flows_keep_the
     );
     let answer = tcp_request(client_pod, addr("10.96.45.10:80")).expect("a new connection");
     assert!(answer.starts_with("hello from my-nginx-"), "{answer}");
+    // The daemon attached the replies' program where it belongs: every interface's egress.
+    let attachments = status::read(pins.layout()).expect("status").attachments;
+    let on_egress: Vec<_> = attachments
+        .iter()
+        .filter(|a| a.program == program_names::TC_REPLY)
+        .map(|a| a.target.clone())
+        .collect();
+    let mut every_iface = topology.pod_ifaces();
+    every_iface.push(EXTERNAL_IFACE.to_owned());
+    every_iface.sort();
+    assert_eq!(on_egress, every_iface, "lb_tc_reply on every interface: {attachments:?}");
     daemon.stop();
 
     // The same version again replaces nothing.
@@ -97,6 +118,22 @@ fn an_upgrade_replaces_outdated_programs_in_place_and_established_flows_keep_the
     assert_eq!(pinned(pins.layout()), upgraded, "a restart of the same version keeps its programs");
     assert_eq!(exchange(&mut east_west), backends.0, "after a restart of the same version");
     drop(daemon);
+}
+
+/// Detaches and unpins the replies' program's attachments, as a datapath pinned by a version
+/// without it has none.
+fn without_reply_attachments(layout: &PinLayout) {
+    let names: Vec<String> = std::fs::read_dir(layout.links_dir())
+        .expect("links dir")
+        .map(|entry| entry.expect("entry").file_name().to_string_lossy().into_owned())
+        .collect();
+    for name in names {
+        let replies = program_of_link(&name) == Some(program_names::TC_REPLY)
+            || NetlinkTcRecord::parse(&name).is_some_and(|record| record.role == TcRole::Replies);
+        if replies {
+            attach::detach_pinned(layout, &name).expect("detach an egress attachment");
+        }
+    }
 }
 
 /// The maps whose size the node configuration chooses.
