@@ -386,18 +386,24 @@ fn remove_attachments(pins: &PinLayout) -> Result<Vec<String>> {
 }
 
 fn detach_links(pins: &PinLayout) -> Result<Vec<String>> {
+    let mut removed = Vec::new();
+    for name in link_names(pins)? {
+        removed.extend(detach_pinned(pins, &name)?);
+    }
+    Ok(removed)
+}
+
+/// The names under `links/`; none if there is no such directory.
+fn link_names(pins: &PinLayout) -> Result<Vec<String>> {
     let links_dir = pins.links_dir();
     let entries = match std::fs::read_dir(&links_dir) {
         Ok(entries) => entries,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
         Err(e) => return Err(Error::Io { path: links_dir, source: e }),
     };
-    let mut removed = Vec::new();
-    for entry in entries {
-        let entry = entry.map_err(Error::io(&links_dir))?;
-        removed.extend(detach_pinned(pins, &entry.file_name().to_string_lossy())?);
-    }
-    Ok(removed)
+    entries
+        .map(|entry| Ok(entry.map_err(Error::io(&links_dir))?.file_name().to_string_lossy().into()))
+        .collect()
 }
 
 /// Detaches and unpins the attachment pinned as `links/<file_name>`; says what it did.
@@ -452,20 +458,9 @@ fn detach_cls_bpf(record: &NetlinkTcRecord) {
 
 /// The cls_bpf records pinned for filters on `iface`.
 fn records_on(pins: &PinLayout, iface: &str) -> Result<Vec<NetlinkTcRecord>> {
-    let links_dir = pins.links_dir();
-    let entries = match std::fs::read_dir(&links_dir) {
-        Ok(entries) => entries,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-        Err(e) => return Err(Error::Io { path: links_dir, source: e }),
-    };
-    let mut records = Vec::new();
-    for entry in entries {
-        let name = entry.map_err(Error::io(&links_dir))?.file_name();
-        records.extend(
-            NetlinkTcRecord::parse(&name.to_string_lossy()).filter(|record| record.iface == iface),
-        );
-    }
-    Ok(records)
+    let names = link_names(pins)?;
+    let records = names.iter().filter_map(|name| NetlinkTcRecord::parse(name));
+    Ok(records.filter(|record| record.iface == iface).collect())
 }
 
 /// aya can add a clsact qdisc but not delete one; iproute2's `tc` does.
