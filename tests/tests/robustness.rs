@@ -698,6 +698,11 @@ fn internal_source(hook: Hook, source: Ipv4Addr) -> bool {
     hook == Hook::Tc || in_cluster(source)
 }
 
+/// An address and port the programs masquerade to.
+fn is_snat_address(endpoint: Endpoint) -> bool {
+    endpoint.ip == node_ip() && (SNAT_PORT_MIN..=SNAT_PORT_MAX).contains(&endpoint.port)
+}
+
 fn node_ip() -> Ipv4Addr {
     static NODE: LazyLock<Ipv4Addr> = LazyLock::new(|| NODE_IP.parse().expect("node address"));
     *NODE
@@ -1158,16 +1163,21 @@ impl<'t> Oracle<'t> {
         }
         if let Some(forward) = self.model.dnat.get(&key) {
             for &source in &forward.sources {
-                let masqueraded = forward.masqueraded;
-                legal.push(IcmpAddresses {
-                    outer_src: if masqueraded { source.ip } else { outer_src },
-                    outer_dst: forward.backend.ip,
-                    quoted: Tuple {
-                        src: forward.backend,
-                        dst: if masqueraded { source } else { quoted.dst },
-                        proto: quoted.proto,
-                    },
-                });
+                // A client at the node's address, on a port of the SNAT range, may have been
+                // masqueraded to that very port: the translation the oracle saw cannot tell,
+                // so both readings are legal.
+                let ambiguous = source == key.src && is_snat_address(source);
+                for masqueraded in [forward.masqueraded, forward.masqueraded || ambiguous] {
+                    legal.push(IcmpAddresses {
+                        outer_src: if masqueraded { source.ip } else { outer_src },
+                        outer_dst: forward.backend.ip,
+                        quoted: Tuple {
+                            src: forward.backend,
+                            dst: if masqueraded { source } else { quoted.dst },
+                            proto: quoted.proto,
+                        },
+                    });
+                }
             }
         }
         legal
@@ -1183,8 +1193,7 @@ impl<'t> Oracle<'t> {
         if !frontend.backends.contains(&to.dst) {
             return Ok(false);
         }
-        let snat_ports = SNAT_PORT_MIN..=SNAT_PORT_MAX;
-        let masqueraded = to.src.ip == node_ip() && snat_ports.contains(&to.src.port);
+        let masqueraded = is_snat_address(to.src);
         if to.src != from.src && !masqueraded {
             return Err(format!("DNAT {from} -> {to}: source neither kept nor masqueraded"));
         }
