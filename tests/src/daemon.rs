@@ -5,7 +5,6 @@ use std::{
     io::{Read as _, Write as _},
     net::TcpStream,
     path::{Path, PathBuf},
-    sync::mpsc,
     thread::JoinHandle,
     time::{Duration, Instant},
 };
@@ -33,8 +32,12 @@ pub const METRICS_ADDRESS: &str = "127.0.0.1:10249";
 /// Where a test daemon answers `/healthz`, on every address of the node's namespace.
 pub const HEALTHZ_ADDRESS: &str = "0.0.0.0:10256";
 
+/// How long a stopped daemon may take to finish its thread: its last sync under emulation.
+const STOP_PATIENCE: Duration = Duration::from_mins(2);
+
 pub struct RunningDaemon {
-    stop: Option<mpsc::Sender<()>>,
+    /// Dropping it is the SIGTERM.
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
     thread: Option<JoinHandle<()>>,
 }
 
@@ -93,15 +96,17 @@ impl RunningDaemon {
         };
         log_to_stderr();
         let node = topology.node.path();
-        let (stop, stopped) = mpsc::channel::<()>();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let thread = std::thread::spawn(move || {
             enter_path(&node);
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
                 .expect("runtime");
+            // Not a blocking task waiting on a channel: the runtime's drop would wait for it,
+            // so a daemon that failed would never finish its thread.
             let shutdown = async move {
-                let _ = tokio::task::spawn_blocking(move || stopped.recv()).await;
+                let _ = stopped.await;
             };
             runtime.block_on(daemon::run_until(options, shutdown)).expect("daemon");
         });
@@ -130,12 +135,20 @@ impl RunningDaemon {
 
     fn shutdown(&mut self) {
         drop(self.stop.take());
-        if let Some(thread) = self.thread.take() {
-            // A second panic while a failed test unwinds would abort it before its namespaces
-            // and pins are removed.
-            let joined = thread.join();
-            assert!(joined.is_ok() || std::thread::panicking(), "the daemon thread panicked");
+        let Some(thread) = self.thread.take() else { return };
+        let deadline = Instant::now() + STOP_PATIENCE;
+        while !thread.is_finished() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
         }
+        // A second panic while a failed test unwinds would abort it before its namespaces
+        // and pins are removed; a daemon stuck past its patience is left behind, named.
+        if !thread.is_finished() {
+            eprintln!("the daemon thread did not stop within {STOP_PATIENCE:?}; leaving it");
+            assert!(std::thread::panicking(), "the daemon did not stop");
+            return;
+        }
+        let joined = thread.join();
+        assert!(joined.is_ok() || std::thread::panicking(), "the daemon thread panicked");
     }
 }
 
