@@ -119,7 +119,13 @@ pub async fn run_until(
     let programmed = DatapathState::read(&maps)?;
     let capacities = Capacities::pinned(&options.pins)?;
     metrics.observe_capacities(&options.pins);
-    let reconciler = reconciler_for(programmed, &options.node_config, &capacities);
+    let mut reconciler = reconciler_for(programmed, &options.node_config, &capacities);
+    // UDP flows an earlier daemon kept on endpoints that were draining: the first sync
+    // forgets those whose endpoint has stopped serving since.
+    reconciler.adopt_flows(&maps.conntrack()?);
+    if !reconciler.drains().is_empty() {
+        info!(flows = reconciler.drains().len(), "adopted UDP flows draining outside the slots");
+    }
     let (nudge, mut nudges) = mpsc::channel(16);
     tokio::pin!(shutdown);
     let objects = match &options.source {
@@ -155,12 +161,13 @@ pub async fn run_until(
         if let Err(error) = synced {
             metrics.observe_failed_sync(started.elapsed());
             error!(error = %crate::error::chain(&error), "reconcile failed; re-reading the maps and retrying at the next change");
-            // A new control plane knows nothing yet: its next sync is a full one.
-            plane = ControlPlane::new(reconciler_for(
-                DatapathState::read(&maps)?,
-                &options.node_config,
-                &capacities,
-            ));
+            // A new control plane knows nothing yet: its next sync is a full one. The flows
+            // kept draining are not in the maps' state: they carry over.
+            let drains = plane.reconciler().drains().clone();
+            plane = ControlPlane::new(
+                reconciler_for(DatapathState::read(&maps)?, &options.node_config, &capacities)
+                    .with_drains(drains),
+            );
         }
         let resync = tokio::time::sleep(options.resync);
         tokio::pin!(resync);
@@ -420,7 +427,7 @@ fn sync(
         .chain(report.problems.iter().map(|problem| format!("not programmed: {problem}")))
         .collect();
     reported.update(lines);
-    let purged = maps.purge(&report.removed_pairs)?;
+    let purged = maps.purge(&report.forget)?;
     let frontends = plane.reconciler().programmed().services.len();
     metrics.observe_sync(started.elapsed(), report.writes, purged.flows, frontends);
     if report.writes > 0 || purged != Purged::default() {

@@ -4,7 +4,10 @@
 //! opening (short timeout) until the first packet without SYN or RST, in either direction,
 //! ends that state in both their entries; a FIN half-closes a direction, and both FINs or a RST
 //! close both entries. The two entries of a flow are refreshed together. When the daemon unprograms a backend of a frontend,
-//! the purge takes its UDP flows and its sticky clients with it.
+//! the purge takes its sticky clients with it, and its UDP flows once the endpoint no longer
+//! serves (found by address after a drain).
+
+use std::collections::BTreeSet;
 
 use lb_common::{
     conntrack::{
@@ -22,6 +25,7 @@ use lb_tests::{
 use lb_user::{
     clock, conntrack_gc,
     maps::{KernelMaps, Purged},
+    reconcile::Forget,
 };
 
 /// Every conntrack entry of the flows from `POD:port`, forward and reply.
@@ -270,6 +274,12 @@ fn an_entry_an_earlier_version_marked_opening_stays_opening_until_its_handshake_
     assert_eq!(states, [(0, 0), (0, 0)], "established");
 }
 
+/// Pairs removed from their frontends' slots, whose endpoints no longer serve.
+fn removed(pairs: &[(u32, u32)]) -> Forget {
+    let pairs: BTreeSet<_> = pairs.iter().copied().collect();
+    Forget { affinities: pairs.clone(), flows: pairs, drained: BTreeSet::new() }
+}
+
 #[test]
 fn an_unprogrammed_backend_loses_its_udp_flows_and_its_sticky_clients_keeps_its_tcp_flows() {
     let mut datapath = seeded();
@@ -293,10 +303,10 @@ fn an_unprogrammed_backend_loses_its_udp_flows_and_its_sticky_clients_keeps_its_
 
     // Another frontend's pair touches nothing.
     let unrelated = [(udp_pair.0, udp_pair.1 + 1000), (tcp_pair.0 + 1000, tcp_pair.1)];
-    let purged = maps.purge(&unrelated.into_iter().collect()).expect("purging");
+    let purged = maps.purge(&removed(&unrelated)).expect("purging");
     assert_eq!(purged, Purged::default());
 
-    let purged = maps.purge(&[udp_pair, tcp_pair].into_iter().collect()).expect("purging");
+    let purged = maps.purge(&removed(&[udp_pair, tcp_pair])).expect("purging");
     assert_eq!(purged, Purged { flows: 2, affinities: 1 });
     assert!(entries_of(maps, 40_700).is_empty(), "the UDP flow moves to a live backend");
     assert_eq!(entries_of(maps, 40_701).len(), 2, "the TCP connection may still finish");
@@ -376,4 +386,28 @@ fn the_two_entries_of_a_flow_age_together() {
     let now = clock::jiffies_now().expect("jiffies");
     conntrack_gc::collect(maps, now).expect("collecting");
     assert_eq!(entries_of(maps, 40_820).len(), 2, "both refreshed 10 s ago");
+}
+
+#[test]
+fn a_drained_endpoint_loses_both_entries_of_its_udp_flows_found_by_address() {
+    let mut datapath = seeded();
+    assert_eq!(send(&mut datapath, &Spec::udp(POD, 40_710, "10.96.0.10", 53)), Reason::ForwardNew);
+    let maps = datapath.maps();
+    let entries = entries_of(maps, 40_710);
+    let Some((_, forward)) = entries.iter().find(|(_, value)| value.flags & ct_flags::REPLY == 0)
+    else {
+        panic!("the query is tracked: {entries:?}");
+    };
+    assert_eq!(entries.len(), 2);
+    let endpoint = (forward.translated_ip_be, forward.translated_port_be);
+    // Its backend id may name another endpoint by now: only the address counts.
+    let drained = |frontend| Forget {
+        drained: [(frontend, endpoint)].into_iter().collect(),
+        ..Forget::default()
+    };
+    let purged = maps.purge(&drained(forward.service_id + 1000)).expect("purging");
+    assert_eq!(purged, Purged::default(), "another frontend's endpoint");
+    let purged = maps.purge(&drained(forward.service_id)).expect("purging");
+    assert_eq!(purged, Purged { flows: 2, affinities: 0 });
+    assert!(entries_of(maps, 40_710).is_empty(), "both entries are gone");
 }

@@ -1,11 +1,11 @@
 //! First real traffic: the daemon on a manifest directory, attached to a node namespace with
 //! pods behind veths and an external client; real TCP and UDP sockets through ClusterIPs and a
 //! NodePort, refusal of a service without endpoints, a live manifest edit, and a daemon restart
-//! that an established connection survives (listed by `lb-user flows` first), and the
-//! daemon's metrics endpoint. Everything is torn down on success and failure.
+//! that an established connection survives (listed by `lb-user flows` first), the daemon's
+//! metrics endpoint, and a UDP stream draining from a terminating endpoint. Everything is torn down on success and failure.
 
 use std::{
-    net::SocketAddr,
+    net::{SocketAddr, UdpSocket},
     time::{Duration, Instant},
 };
 
@@ -98,5 +98,77 @@ fn real_connections_through_the_running_daemon() {
         let answer = tcp_request(client_pod, addr("10.96.45.10:80")).expect("after the edit");
         assert_eq!(answer, "hello from my-nginx-1");
     }
+    let daemon =
+        a_udp_stream_drains_from_a_terminating_endpoint(daemon, &topology, &pins, &manifests);
     drop(daemon);
 }
+
+/// As with kube-proxy, a UDP flow stays on its endpoint while the endpoint is terminating but
+/// serving, and moves when it stops serving; new flows avoid it at once. A restarted daemon
+/// takes the draining flow up.
+fn a_udp_stream_drains_from_a_terminating_endpoint(
+    daemon: RunningDaemon,
+    topology: &Topology,
+    pins: &TestPins,
+    manifests: &ManifestDir,
+) -> RunningDaemon {
+    let client_pod = &topology.pod("client").netns;
+    let stream = client_pod.enter(|| UdpSocket::bind(("0.0.0.0", 0))).expect("UDP socket");
+    stream.set_read_timeout(Some(Duration::from_secs(2))).expect("timeout");
+    let ask = || {
+        stream.send_to(b"ping", addr("10.96.0.10:53")).expect("send");
+        let mut buffer = [0u8; 64];
+        let (len, _) = stream.recv_from(&mut buffer).expect("an answer through the ClusterIP");
+        String::from_utf8_lossy(&buffer[..len]).into_owned()
+    };
+    let first = ask();
+    let (draining, staying) = match first.as_str() {
+        "my-nginx-1" => ("my-nginx-1", "my-nginx-2"),
+        _ => ("my-nginx-2", "my-nginx-1"),
+    };
+    let echo_slice = |conditions: &[(&str, &str); 2]| {
+        let lines = conditions.map(|(pod, conditions)| {
+            let ip = topology.pod(pod).ip;
+            format!("- {{addresses: [{ip}], nodeName: node-a, conditions: {{{conditions}}}}}\n")
+        });
+        format!("name: echo-udp-u1{}{}{}", ECHO_SLICE_MIDDLE, lines[0], lines[1])
+    };
+    let ready = "ready: true";
+    let terminating = "ready: false, serving: true, terminating: true";
+    let gone = "ready: false, serving: false, terminating: true";
+    manifests.edit(
+        &echo_slice(&[("my-nginx-1", ready), ("my-nginx-2", ready)]),
+        &echo_slice(&[(draining, terminating), (staying, ready)]),
+    );
+    wait_for_backends(pins, "10.96.0.10:53", 1, "the terminating endpoint to leave the slots");
+    let fresh = udp_request(client_pod, addr("10.96.0.10:53")).expect("a new UDP flow");
+    assert_eq!(fresh, staying, "new flows avoid the terminating endpoint");
+    std::thread::sleep(Duration::from_millis(300));
+    for _ in 0..4 {
+        assert_eq!(ask(), draining, "the stream stays on its terminating endpoint");
+    }
+    daemon.stop();
+    let daemon = RunningDaemon::start(topology, pins, manifests.path(), None);
+    assert_eq!(ask(), draining, "the stream still drains after a restart");
+    manifests.edit(
+        &echo_slice(&[(draining, terminating), (staying, ready)]),
+        &echo_slice(&[(draining, gone), (staying, ready)]),
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while ask() != staying {
+        assert!(
+            Instant::now() < deadline,
+            "the stream never left its endpoint that stopped serving"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    daemon
+}
+
+/// What comes between the name of echo-udp's EndpointSlice and its endpoints in the seed.
+const ECHO_SLICE_MIDDLE: &str = "
+  namespace: default
+  labels: {kubernetes.io/service-name: echo-udp}
+addressType: IPv4
+endpoints:
+";

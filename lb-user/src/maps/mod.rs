@@ -26,6 +26,7 @@ use crate::{
     error::{Error, Result},
     map_batch,
     pins::PinLayout,
+    reconcile::Forget,
 };
 
 pub mod copy;
@@ -238,29 +239,30 @@ impl KernelMaps {
         Ok(ranges)
     }
 
-    /// Forgets what pointed at (frontend id, backend id) pairs that were removed:
-    /// - their non-TCP flows, so that UDP clients move to a live backend. TCP flows stay, as
-    ///   with kube-proxy: a terminating backend may still finish them;
-    /// - every client's session affinity to them, as kube-proxy's ends with the endpoint. The
-    ///   programs only check that a remembered backend id exists, and an id freed now may name
-    ///   another service's backend at the next sync: this runs before that sync.
-    pub fn purge(&mut self, pairs: &std::collections::BTreeSet<(u32, u32)>) -> Result<Purged> {
-        if pairs.is_empty() {
+    /// Forgets what a reconcile says to ([`Forget`]):
+    /// - non-TCP flows to endpoints that no longer serve, so that UDP clients move to a live
+    ///   backend. TCP flows stay, as with kube-proxy: a terminating backend may still finish
+    ///   them;
+    /// - every client's session affinity to removed (frontend, backend) pairs, as kube-proxy's
+    ///   ends with the endpoint. The programs only check that a remembered backend id exists,
+    ///   and an id freed now may name another service's backend at the next sync: this runs
+    ///   before that sync.
+    pub fn purge(&mut self, forget: &Forget) -> Result<Purged> {
+        if forget.is_empty() {
             return Ok(Purged::default());
         }
-        let doomed_flows: Vec<ConntrackKey> = self
-            .conntrack()?
-            .into_iter()
-            .filter(|(key, value)| {
-                key.proto != lb_common::maps::proto::TCP
-                    && pairs.contains(&(value.service_id, value.backend_id))
-            })
-            .map(|(key, _)| key)
-            .collect();
+        let doomed_flows: Vec<ConntrackKey> = if forget.flows.is_empty()
+            && forget.drained.is_empty()
+        {
+            Vec::new()
+        } else {
+            let flows = self.conntrack()?.into_iter();
+            flows.filter(|(key, value)| forget.takes_flow(key, value)).map(|(key, _)| key).collect()
+        };
         let doomed_affinities: Vec<AffinityKey> = self
             .affinities()?
             .into_iter()
-            .filter(|(key, value)| pairs.contains(&(key.service_id, value.backend_id)))
+            .filter(|(key, value)| forget.affinities.contains(&(key.service_id, value.backend_id)))
             .map(|(key, _)| key)
             .collect();
         let flows = self.remove_conntrack(&doomed_flows)?;

@@ -279,7 +279,9 @@ fn slice_endpoint(
         ip,
         node_name: endpoint.node_name.as_deref().map(|name| nodes.intern(name)),
         ready,
-        serving: conditions.and_then(|c| c.serving).unwrap_or(ready),
+        // The API says to defer to `ready` when it is absent; kube-proxy reads it as true, so
+        // a terminating endpoint without it still drains as kube-proxy's would.
+        serving: conditions.and_then(|c| c.serving).unwrap_or(true),
         terminating: conditions.and_then(|c| c.terminating).unwrap_or(false),
         hints: topology_hints(endpoint, nodes),
     })
@@ -404,7 +406,7 @@ ports: [{name: web, port: 80}]";
     }
 
     #[test]
-    fn conditions_default_as_the_api_documents() {
+    fn conditions_default_as_kube_proxy_reads_them() {
         let yaml = slice_yaml(
             "web-1",
             "[{addresses: [10.244.1.1]},
@@ -417,12 +419,7 @@ ports: [{name: web, port: 80}]";
             endpoints(&[&yaml]).iter().map(|e| (e.ready, e.serving, e.terminating)).collect();
         assert_eq!(
             conditions,
-            [
-                (true, true, false),
-                (false, false, false),
-                (false, false, true),
-                (true, false, false)
-            ]
+            [(true, true, false), (false, true, false), (false, true, true), (true, false, false)]
         );
     }
 

@@ -244,6 +244,13 @@ impl PortTables<'_> {
             pad: [0; 2],
         };
         after.services.insert(key, value);
+        if self.protocol != proto::TCP {
+            // Every serving endpoint, whatever the policies left in the slots: their UDP flows
+            // drain (see `drains`).
+            let serving = self.port.endpoints.iter().filter(|e| e.ready || e.serving);
+            let endpoints = serving.map(|e| (ip_be(e.ip), e.port.to_be())).collect();
+            self.batch.serving.insert(service_id, endpoints);
+        }
     }
 
     /// The first index of frontend `key`'s run of slots for `table`: the run it has if the maps

@@ -79,9 +79,8 @@ fn stale<'a, K: Ord + Copy, V>(
     programmed.keys().filter(|key| !desired.contains_key(key)).copied()
 }
 
-/// (frontend, backend) pairs that were programmed and are no longer: their non-TCP conntrack
-/// entries must go, so UDP clients move to a live backend instead of sending into the void.
-/// TCP flows are left alone, as kube-proxy does: a terminating backend may still finish them.
+/// (frontend, backend) pairs that were programmed and are no longer: their sticky clients go,
+/// and their UDP flows once the endpoint no longer serves (see `drains`).
 pub fn removed_pairs(programmed: &DatapathState, desired: &DatapathState) -> BTreeSet<(u32, u32)> {
     let desired_by_id: BTreeMap<u32, &ServiceValue> =
         desired.services.values().map(|value| (value.service_id, value)).collect();

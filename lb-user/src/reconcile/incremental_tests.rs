@@ -328,8 +328,10 @@ fn a_change_writes_only_its_services_entries_and_purges_its_removed_backends() {
         .expect("the removed endpoint was a backend")
         .0;
     assert!(ops.contains(&MapOp::RemoveBackend { id: gone }));
-    assert!(report.removed_pairs.iter().all(|(_, backend)| *backend == gone));
-    assert!(!report.removed_pairs.is_empty());
+    let forget = &report.forget;
+    assert!(forget.affinities.iter().all(|(_, backend)| *backend == gone));
+    assert!(!forget.affinities.is_empty());
+    assert_eq!(forget.flows, forget.affinities, "the endpoint is gone: its flows go too");
 
     let again = reconciler
         .reconcile_services([changed], |s| services[s].clone(), &mut maps)
@@ -371,4 +373,45 @@ fn a_frontend_given_up_goes_to_the_next_claimant_and_back() {
     assert_eq!(serving(&reconciler), Ipv4Addr::new(10, 244, 0, 1));
     assert_safely_ordered(&before, &maps.ops[written..]);
     assert_eq!(&maps.state, reconciler.programmed());
+}
+
+#[test]
+fn a_udp_endpoint_keeps_its_flows_while_it_serves_outside_the_slots() {
+    let node = node();
+    let (mut services, mut reconciler, mut maps) = two_services(&node);
+    let udp = name(1);
+    services.get_mut(&udp).expect("svc-1")[0].id.protocol = Protocol::Udp;
+    reconciler.reconcile_services([udp.clone()], |s| services[s].clone(), &mut maps).expect("UDP");
+    let leaving = services[&udp][0].endpoints[1].clone();
+    let address = (crate::maps::ip_be(leaving.ip), leaving.port.to_be());
+    let frontends: BTreeSet<u32> = reconciler
+        .programmed()
+        .services
+        .iter()
+        .filter(|(key, _)| key.proto == lb_common::maps::proto::UDP)
+        .map(|(_, value)| value.service_id)
+        .collect();
+    assert!(!frontends.is_empty());
+
+    // Terminating while the other endpoint is ready: out of the slots, still serving.
+    let endpoint = &mut services.get_mut(&udp).expect("svc-1")[0].endpoints[1];
+    (endpoint.ready, endpoint.terminating) = (false, true);
+    let report = reconciler
+        .reconcile_services([udp.clone()], |s| services[s].clone(), &mut maps)
+        .expect("terminating");
+    let forget = report.forget;
+    assert_eq!(forget.affinities.len(), frontends.len(), "sticky clients go: {forget:?}");
+    assert!(forget.flows.is_empty() && forget.drained.is_empty(), "flows drain: {forget:?}");
+    assert_eq!(reconciler.drains().len(), frontends.len());
+
+    // A full resync keeps them while it serves.
+    let report = reconciler.reconcile(&model_of(&services, &node), &node, &mut maps).expect("full");
+    assert!(report.forget.is_empty(), "{:?}", report.forget);
+
+    // No longer serving: its flows go, by address, on every frontend of the service.
+    services.get_mut(&udp).expect("svc-1")[0].endpoints[1].serving = false;
+    let report = reconciler.reconcile(&model_of(&services, &node), &node, &mut maps).expect("full");
+    let drained: BTreeSet<_> = frontends.iter().map(|id| (*id, address)).collect();
+    assert_eq!(report.forget.drained, drained);
+    assert!(reconciler.drains().is_empty());
 }

@@ -14,6 +14,7 @@ use lb_common::maps::ServiceKey;
 use super::{
     claims::Claims,
     desired::{PortTables, SlotMode, protocol_number},
+    drains::Serving,
     ids::Ids,
     state::DatapathState,
 };
@@ -64,6 +65,8 @@ pub(super) struct Batch {
     pub(super) backends: BTreeSet<u32>,
     /// Services to rebuild because a rebuilt one took or freed a frontend they claim.
     pub(super) wake: Vec<ServiceName>,
+    /// The serving endpoints of the non-TCP frontends built, by id.
+    pub(super) serving: Serving,
 }
 
 impl Batch {

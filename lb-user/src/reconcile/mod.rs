@@ -10,6 +10,7 @@
 mod claims;
 mod desired;
 mod diff;
+mod drains;
 mod ids;
 mod ledger;
 mod slot_runs;
@@ -25,6 +26,7 @@ use std::{
     net::Ipv4Addr,
 };
 
+use lb_common::maps::{ConntrackKey, ConntrackValue};
 use tracing::{debug, info_span};
 
 use self::{
@@ -34,6 +36,7 @@ use self::{
 pub use self::{
     desired::{Desired, SlotMode, desired, node_config},
     diff::{for_each_op, removed_pairs},
+    drains::{Drains, Forget},
     ids::Ids,
     state::DatapathState,
 };
@@ -53,8 +56,8 @@ pub struct Report {
     /// Every part of the model that could not be programmed (all services, not only the
     /// rebuilt ones).
     pub problems: Vec<String>,
-    /// (frontend id, backend id) pairs removed: their non-TCP flows must be forgotten.
-    pub removed_pairs: BTreeSet<(u32, u32)>,
+    /// The sticky clients and UDP flows the maps must forget.
+    pub forget: Forget,
 }
 
 /// Keeps the programmed state, the id allocation and who owns which entries between
@@ -67,6 +70,7 @@ pub struct Reconciler {
     ledger: Ledger,
     /// From the last full reconcile: a change of node addresses calls for a full one.
     node_port_addresses: Vec<Ipv4Addr>,
+    drains: Drains,
 }
 
 impl Reconciler {
@@ -83,7 +87,32 @@ impl Reconciler {
         capacities: &Capacities,
     ) -> Self {
         let ids = Ids::from_programmed(&programmed, capacities);
-        Self { programmed, ids, mode, ledger: Ledger::default(), node_port_addresses: Vec::new() }
+        Self {
+            programmed,
+            ids,
+            mode,
+            ledger: Ledger::default(),
+            node_port_addresses: Vec::new(),
+            drains: Drains::default(),
+        }
+    }
+
+    /// The UDP flows kept on endpoints that still serve outside their frontend's slots.
+    pub fn drains(&self) -> &Drains {
+        &self.drains
+    }
+
+    /// Continues with `drains`, as kept by a reconciler this one replaces.
+    #[must_use]
+    pub fn with_drains(mut self, drains: Drains) -> Self {
+        self.drains = drains;
+        self
+    }
+
+    /// Takes up the UDP flows in `conntrack` that an earlier daemon left outside their
+    /// frontend's slots (see [`Drains::adopt`]); before the first reconcile.
+    pub fn adopt_flows(&mut self, conntrack: &[(ConntrackKey, ConntrackValue)]) {
+        self.drains.adopt(conntrack, &self.programmed);
     }
 
     pub fn programmed(&self) -> &DatapathState {
@@ -121,12 +150,13 @@ impl Reconciler {
         let mut chunk = Chunk::default();
         for_each_op(&self.programmed, &desired, |op| chunk.push(op, writer, |_| {}))?;
         let written = chunk.finish(writer, |_| {})?;
-        let removed_pairs = removed_pairs(&self.programmed, &desired);
+        let removed = removed_pairs(&self.programmed, &desired);
+        let forget = self.drains.settle(removed, &self.programmed, &desired, &batch.serving);
         self.programmed = desired;
         self.ids.retain_used(&self.programmed);
         self.ids.commit();
-        debug!(written, removed_pairs = removed_pairs.len(), "reconciled");
-        Ok(Report { writes: written, problems: self.ledger.problems(), removed_pairs })
+        debug!(written, forget_pairs = forget.affinities.len(), "reconciled");
+        Ok(Report { writes: written, problems: self.ledger.problems(), forget })
     }
 
     /// Rebuilds the services in `changed` from `ports_of` (a service's ports sorted by id, none
@@ -171,9 +201,10 @@ impl Reconciler {
         for_each_op(&before, &batch.after, |op| chunk.push(op, writer, |op| programmed.apply(op)))?;
         let written = chunk.finish(writer, |op| programmed.apply(op))?;
         self.ids.commit();
-        let removed_pairs = removed_pairs(&before, &batch.after);
-        debug!(written, removed_pairs = removed_pairs.len(), "reconciled");
-        Ok(Report { writes: written, problems: self.ledger.problems(), removed_pairs })
+        let removed = removed_pairs(&before, &batch.after);
+        let forget = self.drains.settle(removed, &before, &batch.after, &batch.serving);
+        debug!(written, forget_pairs = forget.affinities.len(), "reconciled");
+        Ok(Report { writes: written, problems: self.ledger.problems(), forget })
     }
 }
 

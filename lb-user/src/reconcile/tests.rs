@@ -202,7 +202,8 @@ fn a_removed_endpoint_shrinks_its_frontends_and_forgets_their_flows() {
         .map(|(id, _)| *id)
         .collect();
     assert_eq!(gone.len(), 1);
-    assert!(report.removed_pairs.contains(&(my_nginx.service_id, gone[0])));
+    let pair = (my_nginx.service_id, gone[0]);
+    assert!(report.forget.affinities.contains(&pair) && report.forget.flows.contains(&pair));
     assert!(maps.ops.contains(&MapOp::RemoveBackend { id: gone[0] }));
     // Everything else is untouched: only my-nginx's frontend, slot and backend changed.
     let unrelated: BTreeMap<_, _> =

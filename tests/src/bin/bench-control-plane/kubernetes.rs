@@ -150,7 +150,7 @@ async fn run(size: usize) -> String {
                 &mut maps,
             )
             .expect("reconcile");
-        maps.purge(&report.removed_pairs).expect("purge flows");
+        maps.purge(&report.forget).expect("purge flows");
         latencies.push(started.elapsed());
         assert!(report.writes > 0, "a change writes something");
     }

@@ -205,7 +205,7 @@ fn apply_change(
     let report = plane
         .sync_services(changed, |service| cache.objects(service).model(service), maps)
         .expect("reconcile");
-    maps.purge(&report.removed_pairs).expect("purge flows");
+    maps.purge(&report.forget).expect("purge flows");
     report.writes
 }
 
