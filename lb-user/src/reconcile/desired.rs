@@ -147,12 +147,12 @@ impl PortTables<'_> {
                 // Sources inside the cluster are not limited by externalTrafficPolicy: they get
                 // a second entry with every endpoint, as kube-proxy short-circuits them to its
                 // cluster chain (internalTrafficPolicy is for the ClusterIP only).
-                flags |= service_flags::EXT_LOCAL | service_flags::TWO_SCOPES;
+                flags |= service_flags::EXT_LOCAL;
                 let internal_flags = service_flags::EXTERNAL
                     | affinity
                     | empty_drop(&inside_to_external)
                     | if ranges { service_flags::SOURCE_RANGES } else { 0 };
-                self.add_frontend(
+                let twin = self.add_frontend(
                     frontend.ip,
                     frontend.port,
                     scope::INTERNAL,
@@ -160,6 +160,11 @@ impl PortTables<'_> {
                     &inside_to_external,
                     ranges,
                 );
+                // Only with the twin in the tables: the programs follow the flag to it, and
+                // would pass a packet untranslated if it were missing.
+                if twin {
+                    flags |= service_flags::TWO_SCOPES;
+                }
             }
             self.add_frontend(
                 frontend.ip,
@@ -179,6 +184,7 @@ impl PortTables<'_> {
         self.owned.markers.push(key);
     }
 
+    /// Adds frontend `key` with its slots and backends; whether it is in the tables now.
     fn add_frontend(
         &mut self,
         vip: Ipv4Addr,
@@ -187,7 +193,7 @@ impl PortTables<'_> {
         flags: u16,
         backends: &[&Endpoint],
         with_ranges: bool,
-    ) {
+    ) -> bool {
         let key =
             ServiceKey { vip_be: ip_be(vip), port_be: vport.to_be(), proto: self.protocol, scope };
         let port_id = &self.port.id;
@@ -198,31 +204,30 @@ impl PortTables<'_> {
             ));
             self.claims.wait(key, port_id);
             self.owned.waiting.push(key);
-            return;
+            return false;
         }
         let Some(service_id) = self.ids.service(key) else {
             self.problems.push(format!("{port_id}: no frontend id left for {vip}:{vport}"));
-            return;
+            return false;
         };
         self.batch.allocated.insert(key);
         let Some(backend_slots) = self.backend_slots(backends) else {
             self.problems.push(format!("{port_id}: no backend id left"));
-            return;
+            return false;
         };
         let Some(table) = self.slot_table(&backend_slots, backends) else {
-            return;
+            return false;
         };
         let Some(slot_base) = self.place_slots(key, &table) else {
+            let kept = self.keep_as_programmed(key);
             self.problems.push(format!(
-                "{port_id}: no room left in the slot array for {vip}:{vport}'s {} slots",
-                table.len()
+                "{port_id}: no room left in the slot array for {vip}:{vport}'s {} slots{}",
+                table.len(),
+                if kept { "; it is kept as it was" } else { "" }
             ));
-            return;
+            return kept;
         };
-        if let Some(displaced) = self.claims.take(key, port_id) {
-            self.batch.wake.push(displaced.service());
-        }
-        self.owned.frontends.push(key);
+        self.own(key);
         self.owned.backends.extend(backend_slots.iter().map(|slot| slot.backend_id));
         // Whatever an earlier build of this frontend left (the displaced owner's, or this
         // service's own before a rebuild in the same batch) must not mix in.
@@ -244,9 +249,46 @@ impl PortTables<'_> {
             pad: [0; 2],
         };
         after.services.insert(key, value);
+        self.record_serving(service_id);
+        true
+    }
+
+    /// Takes frontend `key` for this service port.
+    fn own(&mut self, key: ServiceKey) {
+        if let Some(displaced) = self.claims.take(key, &self.port.id) {
+            self.batch.wake.push(displaced.service());
+        }
+        self.owned.frontends.push(key);
+    }
+
+    /// Keeps frontend `key` as the maps hold it (entry, slots, backends and source ranges) when
+    /// its new table finds no room in the slot array: a full array must not take down a
+    /// service that works. False if the maps do not hold it in the run it owns.
+    fn keep_as_programmed(&mut self, key: ServiceKey) -> bool {
+        let programmed = self.programmed;
+        let Some(value) = programmed.services.get(&key) else { return false };
+        let run = self.ids.slot_run(&key).map(|run| (run.base, run.len));
+        if value.slot_count > 0 && run != Some((value.slot_base, value.slot_count)) {
+            return false;
+        }
+        self.own(key);
+        let after = &mut self.batch.after;
+        after.remove_frontend(&key);
+        after.copy_frontend(programmed, &key);
+        for (_, slot) in slots_of(&programmed.slots, value) {
+            let backend = programmed.backends.get(&slot.backend_id).unwrap_or(&slot.backend);
+            after.backends.insert(slot.backend_id, *backend);
+            self.batch.backends.insert(slot.backend_id);
+            self.owned.backends.push(slot.backend_id);
+        }
+        self.record_serving(value.service_id);
+        true
+    }
+
+    /// Every serving endpoint of a non-TCP frontend, whatever the policies left in its slots:
+    /// their UDP flows drain (see `drains`).
+    fn record_serving(&mut self, service_id: u32) {
         if self.protocol != proto::TCP {
-            // Every serving endpoint, whatever the policies left in the slots: their UDP flows
-            // drain (see `drains`).
             let serving = self.port.endpoints.iter().filter(|e| e.ready || e.serving);
             let endpoints = serving.map(|e| (ip_be(e.ip), e.port.to_be())).collect();
             self.batch.serving.insert(service_id, endpoints);

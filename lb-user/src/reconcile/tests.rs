@@ -225,6 +225,69 @@ fn maglev_mode_fills_a_prime_sized_table_with_every_backend() {
 }
 
 #[test]
+fn a_service_whose_new_table_finds_no_room_is_kept_as_it_was() {
+    let (mut model, node) = seed();
+    let room = u32::try_from(seed_state().slots.len()).expect("few slots");
+    let capacities = Capacities { backend_slots: Some(room), ..Capacities::default() };
+    let mut reconciler =
+        Reconciler::with_capacities(DatapathState::default(), SlotMode::PerBackend, &capacities);
+    let mut maps = FakeMaps::default();
+    let report = reconciler.reconcile(&model, &node, &mut maps).expect("first sync");
+    assert_eq!(report.problems, Vec::<String>::new(), "the array is just big enough");
+    let before = reconciler.programmed().clone();
+
+    // A third my-nginx pod needs a fresh run of three slots, and the array is full.
+    let port = model
+        .ports
+        .iter_mut()
+        .find(|p| p.cluster_ip == Ipv4Addr::new(10, 96, 45, 10) && p.port == 80)
+        .expect("my-nginx");
+    let mut third = port.endpoints[0].clone();
+    third.ip = Ipv4Addr::new(10, 244, 1, 99);
+    port.endpoints.push(third);
+    let my_nginx = port.id.service();
+    let ports_of = |service: &ServiceName| -> Vec<ServicePort> {
+        model.ports.iter().filter(|p| p.id.service() == *service).cloned().collect()
+    };
+    let incremental = reconciler.reconcile_services([my_nginx], ports_of, &mut maps);
+    let full = reconciler.reconcile(&model, &node, &mut maps);
+    for report in [incremental.expect("service sync"), full.expect("full sync")] {
+        assert!(
+            report.problems.iter().any(|p| p.contains("no room") && p.contains("kept as it was")),
+            "{:?}",
+            report.problems
+        );
+        assert!(report.forget.is_empty(), "{:?}", report.forget);
+    }
+    assert_eq!(reconciler.programmed(), &before, "every service as it was, my-nginx included");
+}
+
+#[test]
+fn a_frontend_names_its_internal_twin_only_when_the_twin_fits() {
+    let (model, node) = seed();
+    let all = u32::try_from(seed_state().slots.len()).expect("few slots");
+    let mut twins_left_out = 0;
+    for room in 1..=all {
+        let capacities = Capacities { backend_slots: Some(room), ..Capacities::default() };
+        let mut reconciler = Reconciler::with_capacities(
+            DatapathState::default(),
+            SlotMode::PerBackend,
+            &capacities,
+        );
+        reconciler.reconcile(&model, &node, &mut FakeMaps::default()).expect("reconcile");
+        let services = &reconciler.programmed().services;
+        for (key, value) in services {
+            let twin = ServiceKey { scope: scope::INTERNAL, ..*key };
+            let local = value.flags & flag::EXT_LOCAL != 0 && key.scope == scope::EXTERNAL;
+            let named = value.flags & flag::TWO_SCOPES != 0;
+            assert_eq!(named, local && services.contains_key(&twin), "room {room}: {key:?}");
+            twins_left_out += usize::from(local && !named);
+        }
+    }
+    assert!(twins_left_out > 0, "some room leaves a twin out");
+}
+
+#[test]
 fn a_full_slot_array_leaves_out_what_does_not_fit_says_so_and_keeps_the_rest() {
     let (model, node) = seed();
     let all = seed_state();
