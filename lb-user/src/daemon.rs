@@ -119,13 +119,7 @@ pub async fn run_until(
     let programmed = DatapathState::read(&maps)?;
     let capacities = Capacities::pinned(&options.pins)?;
     metrics.observe_capacities(&options.pins);
-    let mut reconciler = reconciler_for(programmed, &options.node_config, &capacities);
-    // UDP flows an earlier daemon kept on endpoints that were draining: the first sync
-    // forgets those whose endpoint has stopped serving since.
-    reconciler.adopt_flows(&maps.conntrack()?);
-    if !reconciler.drains().is_empty() {
-        info!(flows = reconciler.drains().len(), "adopted UDP flows draining outside the slots");
-    }
+    let reconciler = reconciler_for(programmed, &maps, &options.node_config, &capacities)?;
     let (nudge, mut nudges) = mpsc::channel(16);
     tokio::pin!(shutdown);
     let objects = match &options.source {
@@ -161,13 +155,14 @@ pub async fn run_until(
         if let Err(error) = synced {
             metrics.observe_failed_sync(started.elapsed());
             error!(error = %crate::error::chain(&error), "reconcile failed; re-reading the maps and retrying at the next change");
-            // A new control plane knows nothing yet: its next sync is a full one. The flows
-            // kept draining are not in the maps' state: they carry over.
-            let drains = plane.reconciler().drains().clone();
-            plane = ControlPlane::new(
-                reconciler_for(DatapathState::read(&maps)?, &options.node_config, &capacities)
-                    .with_drains(drains),
-            );
+            // A new control plane knows nothing yet: its next sync is a full one.
+            let programmed = DatapathState::read(&maps)?;
+            plane = ControlPlane::new(reconciler_for(
+                programmed,
+                &maps,
+                &options.node_config,
+                &capacities,
+            )?);
         }
         let resync = tokio::time::sleep(options.resync);
         tokio::pin!(resync);
@@ -243,13 +238,23 @@ async fn kubernetes_objects(
     Ok(Some(Objects::Kubernetes(Box::new(source))))
 }
 
-/// A reconciler for maps of the pinned `capacities`.
+/// A reconciler for maps of the pinned `capacities`, holding `programmed`. It takes up the UDP
+/// flows outside their frontend's slots: an earlier daemon's drains, or flows a failed sync
+/// did not get to forget. Its first sync, a full one, forgets those whose endpoint no longer
+/// serves.
 fn reconciler_for(
     programmed: DatapathState,
+    maps: &KernelMaps,
     node: &NodeConfig,
     capacities: &Capacities,
-) -> Reconciler {
-    Reconciler::with_capacities(programmed, SlotMode::of(node), capacities)
+) -> Result<Reconciler> {
+    let mut reconciler = Reconciler::with_capacities(programmed, SlotMode::of(node), capacities);
+    reconciler.adopt_flows(&maps.conntrack()?);
+    let drains = reconciler.drains().len();
+    if drains > 0 {
+        info!(drains, "took up UDP flows running outside their frontend's slots");
+    }
+    Ok(reconciler)
 }
 
 /// Attaches a fresh datapath, or adopts the one pinned by an earlier daemon, with this

@@ -5,9 +5,7 @@
 //! ends that state in both their entries; a FIN half-closes a direction, and both FINs or a RST
 //! close both entries. The two entries of a flow are refreshed together. When the daemon unprograms a backend of a frontend,
 //! the purge takes its sticky clients with it, and its UDP flows once the endpoint no longer
-//! serves (found by address after a drain).
-
-use std::collections::BTreeSet;
+//! serves (found by address, since its backend id may be reused).
 
 use lb_common::{
     conntrack::{
@@ -274,10 +272,16 @@ fn an_entry_an_earlier_version_marked_opening_stays_opening_until_its_handshake_
     assert_eq!(states, [(0, 0), (0, 0)], "established");
 }
 
-/// Pairs removed from their frontends' slots, whose endpoints no longer serve.
-fn removed(pairs: &[(u32, u32)]) -> Forget {
-    let pairs: BTreeSet<_> = pairs.iter().copied().collect();
-    Forget { affinities: pairs.clone(), flows: pairs, drained: BTreeSet::new() }
+/// What a reconcile hands the purge when the backends of these flows (forward entries) left
+/// their frontends and no longer serve: the pairs' sticky clients, and the flows by address.
+fn removed(flows: &[ConntrackValue]) -> Forget {
+    Forget {
+        affinities: flows.iter().map(|value| (value.service_id, value.backend_id)).collect(),
+        flows: flows
+            .iter()
+            .map(|value| (value.service_id, (value.translated_ip_be, value.translated_port_be)))
+            .collect(),
+    }
 }
 
 #[test]
@@ -287,27 +291,34 @@ fn an_unprogrammed_backend_loses_its_udp_flows_and_its_sticky_clients_keeps_its_
     assert_eq!(send(&mut datapath, &Spec::udp(POD, 40_700, "10.96.0.10", 53)), Reason::ForwardNew);
     let syn = Spec::tcp(POD, 40_701, "10.96.45.11", 80);
     assert_eq!(send(&mut datapath, &syn), Reason::ForwardNew);
-    let backend_of = |maps: &KernelMaps, port| {
-        entries_of(maps, port).first().map(|(_, value)| (value.service_id, value.backend_id))
+    let forward_of = |maps: &KernelMaps, port| {
+        let entries = entries_of(maps, port);
+        entries.into_iter().map(|(_, value)| value).find(|value| value.flags & ct_flags::REPLY == 0)
     };
     let maps = datapath.maps();
-    let (udp_pair, tcp_pair) = (backend_of(maps, 40_700), backend_of(maps, 40_701));
-    let (Some(udp_pair), Some(tcp_pair)) = (udp_pair, tcp_pair) else {
-        panic!("both flows are tracked: {udp_pair:?} {tcp_pair:?}");
+    let (udp, tcp) = (forward_of(maps, 40_700), forward_of(maps, 40_701));
+    let (Some(udp), Some(tcp)) = (udp, tcp) else {
+        panic!("both flows are tracked: {udp:?} {tcp:?}");
     };
     let sticky = |maps: &KernelMaps| -> Vec<(u32, u32)> {
         let affinities = maps.affinities().expect("affinity entries");
         affinities.iter().map(|(key, value)| (key.service_id, value.backend_id)).collect()
     };
-    assert_eq!(sticky(maps), [tcp_pair], "the client sticks to its backend");
+    assert_eq!(sticky(maps), [(tcp.service_id, tcp.backend_id)], "the client sticks to it");
 
-    // Another frontend's pair touches nothing.
-    let unrelated = [(udp_pair.0, udp_pair.1 + 1000), (tcp_pair.0 + 1000, tcp_pair.1)];
-    let purged = maps.purge(&removed(&unrelated)).expect("purging");
+    // Other frontends' pairs touch nothing, the flows' own backend ids included: an id may
+    // name another endpoint by now, and only the address counts for flows.
+    let elsewhere =
+        |value: ConntrackValue| ConntrackValue { service_id: value.service_id + 1000, ..value };
+    let purged = maps.purge(&removed(&[elsewhere(udp), elsewhere(tcp)])).expect("purging");
     assert_eq!(purged, Purged::default());
+    let other_endpoint = ConntrackValue { translated_port_be: 9u16.to_be(), ..udp };
+    let mut by_id_only = removed(&[other_endpoint]);
+    by_id_only.affinities.clear();
+    assert_eq!(maps.purge(&by_id_only).expect("purging"), Purged::default());
 
-    let purged = maps.purge(&removed(&[udp_pair, tcp_pair])).expect("purging");
-    assert_eq!(purged, Purged { flows: 2, affinities: 1 });
+    let purged = maps.purge(&removed(&[udp, tcp])).expect("purging");
+    assert_eq!(purged, Purged { flows: 2, affinities: 1 }, "both entries of the UDP flow");
     assert!(entries_of(maps, 40_700).is_empty(), "the UDP flow moves to a live backend");
     assert_eq!(entries_of(maps, 40_701).len(), 2, "the TCP connection may still finish");
     assert!(sticky(maps).is_empty(), "no client sticks to a backend its service no longer has");
@@ -386,28 +397,4 @@ fn the_two_entries_of_a_flow_age_together() {
     let now = clock::jiffies_now().expect("jiffies");
     conntrack_gc::collect(maps, now).expect("collecting");
     assert_eq!(entries_of(maps, 40_820).len(), 2, "both refreshed 10 s ago");
-}
-
-#[test]
-fn a_drained_endpoint_loses_both_entries_of_its_udp_flows_found_by_address() {
-    let mut datapath = seeded();
-    assert_eq!(send(&mut datapath, &Spec::udp(POD, 40_710, "10.96.0.10", 53)), Reason::ForwardNew);
-    let maps = datapath.maps();
-    let entries = entries_of(maps, 40_710);
-    let Some((_, forward)) = entries.iter().find(|(_, value)| value.flags & ct_flags::REPLY == 0)
-    else {
-        panic!("the query is tracked: {entries:?}");
-    };
-    assert_eq!(entries.len(), 2);
-    let endpoint = (forward.translated_ip_be, forward.translated_port_be);
-    // Its backend id may name another endpoint by now: only the address counts.
-    let drained = |frontend| Forget {
-        drained: [(frontend, endpoint)].into_iter().collect(),
-        ..Forget::default()
-    };
-    let purged = maps.purge(&drained(forward.service_id + 1000)).expect("purging");
-    assert_eq!(purged, Purged::default(), "another frontend's endpoint");
-    let purged = maps.purge(&drained(forward.service_id)).expect("purging");
-    assert_eq!(purged, Purged { flows: 2, affinities: 0 });
-    assert!(entries_of(maps, 40_710).is_empty(), "both entries are gone");
 }

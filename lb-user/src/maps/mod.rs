@@ -251,9 +251,7 @@ impl KernelMaps {
         if forget.is_empty() {
             return Ok(Purged::default());
         }
-        let doomed_flows: Vec<ConntrackKey> = if forget.flows.is_empty()
-            && forget.drained.is_empty()
-        {
+        let doomed_flows: Vec<ConntrackKey> = if forget.flows.is_empty() {
             Vec::new()
         } else {
             let flows = self.conntrack()?.into_iter();

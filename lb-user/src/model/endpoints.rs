@@ -255,9 +255,8 @@ fn slice_port(
     Ok(Some(SlicePort { name: port.name.clone().unwrap_or_default(), protocol, port: number }))
 }
 
-/// One endpoint, without its port, with its conditions defaulted as the API documents them:
-/// ready unknown means ready, serving unknown means as ready, terminating unknown means not
-/// terminating.
+/// One endpoint, without its port, with its conditions defaulted as kube-proxy reads them:
+/// ready and serving unknown mean true, terminating unknown means not terminating.
 fn slice_endpoint(
     index: usize,
     endpoint: &ApiEndpoint,

@@ -27,22 +27,19 @@ pub type Serving = BTreeMap<u32, BTreeSet<Address>>;
 pub struct Forget {
     /// (frontend id, backend id) pairs no longer programmed: their session-affinity entries go.
     pub affinities: BTreeSet<(u32, u32)>,
-    /// (frontend id, backend id) pairs whose endpoint no longer serves: their non-TCP flows go.
-    pub flows: BTreeSet<(u32, u32)>,
-    /// (frontend id, endpoint) whose draining ended: the non-TCP flows on it go.
-    pub drained: BTreeSet<(u32, Address)>,
+    /// (frontend id, endpoint) pairs whose endpoint no longer serves: the non-TCP flows on it
+    /// go. By address: a backend id freed since may name another endpoint, whose flows stay.
+    pub flows: BTreeSet<(u32, Address)>,
 }
 
 impl Forget {
     pub fn is_empty(&self) -> bool {
-        self.affinities.is_empty() && self.flows.is_empty() && self.drained.is_empty()
+        self.affinities.is_empty() && self.flows.is_empty()
     }
 
-    /// Whether the non-TCP conntrack entry `(key, value)` belongs to a flow to forget.
+    /// Whether the conntrack entry `(key, value)` belongs to a flow to forget.
     pub fn takes_flow(&self, key: &ConntrackKey, value: &ConntrackValue) -> bool {
-        key.proto != proto::TCP
-            && (self.flows.contains(&(value.service_id, value.backend_id))
-                || self.drained.contains(&(value.service_id, endpoint_of(key, value))))
+        key.proto != proto::TCP && self.flows.contains(&(value.service_id, endpoint_of(key, value)))
     }
 }
 
@@ -62,6 +59,18 @@ pub struct Drains {
     kept: BTreeSet<(u32, Address)>,
 }
 
+/// One reconcile's view of the frontends it rebuilt, for [`Drains::settle`].
+pub struct Rebuilt<'a> {
+    /// Their entries before; on a full reconcile, every programmed entry.
+    pub before: &'a DatapathState,
+    /// Their entries after; on a full reconcile, every entry.
+    pub after: &'a DatapathState,
+    /// The serving endpoints of the non-TCP frontends built.
+    pub serving: &'a Serving,
+    /// A full reconcile: a frontend absent from `after` is gone, whatever kept pairs name it.
+    pub every_frontend: bool,
+}
+
 impl Drains {
     pub fn len(&self) -> usize {
         self.kept.len()
@@ -71,23 +80,16 @@ impl Drains {
         self.kept.is_empty()
     }
 
-    /// Takes up the flows an earlier daemon left on endpoints outside their frontend's slots
-    /// in `programmed`: the next reconcile of their frontend keeps them if the endpoint still
-    /// serves, and forgets them if not. Without this, a restart would keep them until they
-    /// expire, however long their clients go on sending into a pod that is gone.
+    /// Takes up the UDP flows in `flows` that run outside their frontend's slots in
+    /// `programmed`: an earlier daemon's drains, or flows whose purge a failed sync lost. The
+    /// next full reconcile keeps those whose endpoint still serves there and forgets the
+    /// others; without this they would live as long as their clients go on sending.
     pub fn adopt<'a>(
         &mut self,
         flows: impl IntoIterator<Item = &'a (ConntrackKey, ConntrackValue)>,
         programmed: &DatapathState,
     ) {
-        let slotted: BTreeSet<(u32, Address)> = programmed
-            .services
-            .values()
-            .flat_map(|value| {
-                slots_of(&programmed.slots, value)
-                    .map(|(_, slot)| (value.service_id, (slot.backend.ip_be, slot.backend.port_be)))
-            })
-            .collect();
+        let slotted = slotted_endpoints(programmed, |_| true);
         for (key, value) in flows {
             let pair = (value.service_id, endpoint_of(key, value));
             if key.proto != proto::TCP
@@ -99,44 +101,66 @@ impl Drains {
         }
     }
 
-    /// What a reconcile from `before` to `after` leaves to forget, given the pairs it removed
-    /// and the serving endpoints of the non-TCP frontends it rebuilt. Kept pairs of rebuilt
-    /// frontends end when their endpoint no longer serves there; removed pairs whose endpoint
-    /// still serves are kept.
-    pub fn settle(
-        &mut self,
-        removed: BTreeSet<(u32, u32)>,
-        before: &DatapathState,
-        after: &DatapathState,
-        serving: &Serving,
-    ) -> Forget {
-        let rebuilt: BTreeSet<u32> =
-            before.services.values().chain(after.services.values()).map(|v| v.service_id).collect();
+    /// What a reconcile leaves to forget, given the (frontend, backend id) pairs it removed.
+    /// Kept pairs of rebuilt frontends end when their endpoint no longer serves there, and
+    /// are let go when it is back in the slots; removed pairs whose endpoint still serves are
+    /// kept, the others' flows forgotten.
+    pub fn settle(&mut self, removed: BTreeSet<(u32, u32)>, rebuilt: &Rebuilt) -> Forget {
+        let Rebuilt { before, after, serving, every_frontend } = *rebuilt;
+        let built: BTreeSet<u32> = after.services.values().map(|v| v.service_id).collect();
+        let touched: BTreeSet<u32> =
+            before.services.values().map(|v| v.service_id).chain(built.iter().copied()).collect();
+        // Only frontends that made it into the tables: a build that failed after recording
+        // its endpoints left its id free.
         let serves = |frontend: u32, endpoint: &Address| {
-            serving.get(&frontend).is_some_and(|endpoints| endpoints.contains(endpoint))
+            built.contains(&frontend)
+                && serving.get(&frontend).is_some_and(|endpoints| endpoints.contains(endpoint))
         };
         let mut forget = Forget::default();
-        self.kept.retain(|(frontend, endpoint)| {
-            let keep = !rebuilt.contains(frontend) || serves(*frontend, endpoint);
-            if !keep {
-                forget.drained.insert((*frontend, *endpoint));
-            }
-            keep
-        });
+        if !self.kept.is_empty() {
+            let slotted = slotted_endpoints(after, |frontend| touched.contains(&frontend));
+            self.kept.retain(|pair @ (frontend, endpoint)| {
+                if !every_frontend && !touched.contains(frontend) {
+                    return true;
+                }
+                if !serves(*frontend, endpoint) {
+                    forget.flows.insert(*pair);
+                    return false;
+                }
+                // Back in the slots: a later removal names it again.
+                !slotted.contains(pair)
+            });
+        }
         for &(frontend, backend_id) in &removed {
-            let endpoint = before.backends.get(&backend_id).map(|b| (b.ip_be, b.port_be));
-            match endpoint {
-                Some(endpoint) if serves(frontend, &endpoint) => {
-                    self.kept.insert((frontend, endpoint));
-                }
-                _ => {
-                    forget.flows.insert((frontend, backend_id));
-                }
+            let Some(backend) = before.backends.get(&backend_id) else { continue };
+            if backend.proto == proto::TCP {
+                continue;
+            }
+            let pair = (frontend, (backend.ip_be, backend.port_be));
+            if serves(frontend, &pair.1) {
+                self.kept.insert(pair);
+            } else {
+                forget.flows.insert(pair);
             }
         }
         forget.affinities = removed;
         forget
     }
+}
+
+/// The (frontend id, endpoint) pairs in the slots of the frontends of `state` that `include`
+/// names.
+fn slotted_endpoints(
+    state: &DatapathState,
+    include: impl Fn(u32) -> bool,
+) -> BTreeSet<(u32, Address)> {
+    let values = state.services.values().filter(|value| include(value.service_id));
+    values
+        .flat_map(|value| {
+            slots_of(&state.slots, value)
+                .map(|(_, slot)| (value.service_id, (slot.backend.ip_be, slot.backend.port_be)))
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -186,6 +210,14 @@ mod tests {
         (key, value)
     }
 
+    fn rebuilt<'a>(
+        before: &'a DatapathState,
+        after: &'a DatapathState,
+        serving: &'a Serving,
+    ) -> Rebuilt<'a> {
+        Rebuilt { before, after, serving, every_frontend: false }
+    }
+
     #[test]
     fn a_removed_endpoint_that_still_serves_keeps_its_flows_until_it_stops() {
         let mut drains = Drains::default();
@@ -194,45 +226,62 @@ mod tests {
         let removed: BTreeSet<_> = [(FRONTEND, LEAVING.0)].into_iter().collect();
 
         // Terminating but serving: its sticky clients go, its flows stay.
-        let forget =
-            drains.settle(removed.clone(), &before, &after, &serving(&[STAYING.1, LEAVING.1]));
+        let both = serving(&[STAYING.1, LEAVING.1]);
+        let forget = drains.settle(removed.clone(), &rebuilt(&before, &after, &both));
         assert_eq!(forget.affinities, removed);
-        assert!(forget.flows.is_empty() && forget.drained.is_empty(), "{forget:?}");
+        assert!(forget.flows.is_empty(), "{forget:?}");
         assert_eq!(drains.len(), 1);
 
         // A reconcile of another frontend changes nothing.
         let other = DatapathState::default();
-        let forget = drains.settle(BTreeSet::new(), &other, &other, &Serving::new());
+        let forget = drains.settle(BTreeSet::new(), &rebuilt(&other, &other, &Serving::new()));
         assert!(forget.is_empty());
 
         // It stops serving: its flows go, found by its address, and it is no longer kept.
-        let forget = drains.settle(BTreeSet::new(), &after, &after, &serving(&[STAYING.1]));
-        assert_eq!(forget.drained, [(FRONTEND, LEAVING.1)].into_iter().collect());
+        let one = serving(&[STAYING.1]);
+        let forget = drains.settle(BTreeSet::new(), &rebuilt(&after, &after, &one));
+        assert_eq!(forget.flows, [(FRONTEND, LEAVING.1)].into_iter().collect());
         assert!(drains.is_empty());
         for reply in [false, true] {
             let (key, value) = flow(LEAVING.1, 99, reply);
             assert!(forget.takes_flow(&key, &value), "reply {reply}: found by address");
-            let (key, value) = flow(STAYING.1, STAYING.0, reply);
-            assert!(!forget.takes_flow(&key, &value), "reply {reply}: a live endpoint's flow");
+            let (key, value) = flow(STAYING.1, LEAVING.0, reply);
+            assert!(!forget.takes_flow(&key, &value), "reply {reply}: another endpoint's flow");
         }
     }
 
     #[test]
-    fn a_removed_endpoint_that_no_longer_serves_loses_its_flows_at_once() {
+    fn a_removed_endpoint_that_no_longer_serves_loses_its_flows_at_once_by_address() {
         let mut drains = Drains::default();
         let removed: BTreeSet<_> = [(FRONTEND, LEAVING.0)].into_iter().collect();
-        let forget =
-            drains.settle(removed, &state(&[STAYING, LEAVING]), &state(&[STAYING]), &serving(&[]));
-        assert_eq!(forget.flows, [(FRONTEND, LEAVING.0)].into_iter().collect());
+        let (before, after, none) = (state(&[STAYING, LEAVING]), state(&[STAYING]), serving(&[]));
+        let forget = drains.settle(removed, &rebuilt(&before, &after, &none));
+        assert_eq!(forget.flows, [(FRONTEND, LEAVING.1)].into_iter().collect());
         assert!(drains.is_empty());
-        let (key, mut value) = flow(LEAVING.1, LEAVING.0, false);
-        assert!(forget.takes_flow(&key, &value));
-        value.backend_id = STAYING.0;
+        // The same backend id on another endpoint's flow: not taken.
+        let (key, value) = flow(STAYING.1, LEAVING.0, false);
         assert!(!forget.takes_flow(&key, &value));
     }
 
     #[test]
-    fn flows_an_earlier_daemon_left_outside_the_slots_are_kept_until_their_frontend_is_rebuilt() {
+    fn an_endpoint_back_in_the_slots_is_let_go_and_a_frontend_built_in_vain_serves_nothing() {
+        let mut drains = Drains::default();
+        let (before, after) = (state(&[STAYING, LEAVING]), state(&[STAYING]));
+        let removed: BTreeSet<_> = [(FRONTEND, LEAVING.0)].into_iter().collect();
+        let both = serving(&[STAYING.1, LEAVING.1]);
+        drains.settle(removed.clone(), &rebuilt(&before, &after, &both));
+        assert_eq!(drains.len(), 1);
+        let forget = drains.settle(BTreeSet::new(), &rebuilt(&after, &before, &both));
+        assert!(forget.is_empty() && drains.is_empty(), "ready again: {forget:?} {drains:?}");
+
+        // Endpoints recorded for a frontend that then found no place in the tables.
+        let empty = DatapathState::default();
+        let forget = drains.settle(removed, &rebuilt(&before, &empty, &both));
+        assert_eq!(forget.flows, [(FRONTEND, LEAVING.1)].into_iter().collect());
+    }
+
+    #[test]
+    fn flows_left_outside_the_slots_are_kept_until_a_full_reconcile_says_otherwise() {
         let programmed = state(&[STAYING]);
         let flows = [
             flow(STAYING.1, STAYING.0, false),
@@ -242,8 +291,20 @@ mod tests {
         let mut drains = Drains::default();
         drains.adopt(&flows, &programmed);
         assert_eq!(drains.len(), 1, "one flow outside the slots, counted by its forward entry");
-        let forget =
-            drains.settle(BTreeSet::new(), &programmed, &programmed, &serving(&[STAYING.1]));
-        assert_eq!(forget.drained, [(FRONTEND, LEAVING.1)].into_iter().collect());
+        let one = serving(&[STAYING.1]);
+        let forget = drains.settle(BTreeSet::new(), &rebuilt(&programmed, &programmed, &one));
+        assert_eq!(forget.flows, [(FRONTEND, LEAVING.1)].into_iter().collect());
+
+        // A frontend no longer in the tables: only a full reconcile knows it is gone.
+        let mut drains = Drains::default();
+        drains.adopt(&flows, &programmed);
+        let empty = DatapathState::default();
+        let partial = drains.settle(BTreeSet::new(), &rebuilt(&empty, &empty, &Serving::new()));
+        assert!(partial.is_empty());
+        let nothing = Serving::new();
+        let full = Rebuilt { every_frontend: true, ..rebuilt(&empty, &empty, &nothing) };
+        let forget = drains.settle(BTreeSet::new(), &full);
+        assert_eq!(forget.flows, [(FRONTEND, LEAVING.1)].into_iter().collect());
+        assert!(drains.is_empty());
     }
 }

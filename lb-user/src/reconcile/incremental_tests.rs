@@ -331,7 +331,15 @@ fn a_change_writes_only_its_services_entries_and_purges_its_removed_backends() {
     let forget = &report.forget;
     assert!(forget.affinities.iter().all(|(_, backend)| *backend == gone));
     assert!(!forget.affinities.is_empty());
-    assert_eq!(forget.flows, forget.affinities, "the endpoint is gone: its flows go too");
+    // The endpoint is gone: its UDP flows go too, by address; TCP flows may still finish.
+    let gone_address = (before.backends[&gone].ip_be, before.backends[&gone].port_be);
+    let udp = services[&changed][0].id.protocol == Protocol::Udp;
+    let expected: BTreeSet<_> = if udp {
+        forget.affinities.iter().map(|(frontend, _)| (*frontend, gone_address)).collect()
+    } else {
+        BTreeSet::new()
+    };
+    assert_eq!(forget.flows, expected);
 
     let again = reconciler
         .reconcile_services([changed], |s| services[s].clone(), &mut maps)
@@ -375,8 +383,18 @@ fn a_frontend_given_up_goes_to_the_next_claimant_and_back() {
     assert_eq!(&maps.state, reconciler.programmed());
 }
 
-#[test]
-fn a_udp_endpoint_keeps_its_flows_while_it_serves_outside_the_slots() {
+/// svc-1 turned UDP, with its second endpoint terminating but serving; that endpoint's
+/// address and the ids of svc-1's frontends.
+struct Draining {
+    node: NodeConfig,
+    services: BTreeMap<ServiceName, Vec<ServicePort>>,
+    reconciler: Reconciler,
+    maps: StateMaps,
+    address: (u32, u16),
+    frontends: BTreeSet<u32>,
+}
+
+fn draining() -> Draining {
     let node = node();
     let (mut services, mut reconciler, mut maps) = two_services(&node);
     let udp = name(1);
@@ -397,21 +415,36 @@ fn a_udp_endpoint_keeps_its_flows_while_it_serves_outside_the_slots() {
     let endpoint = &mut services.get_mut(&udp).expect("svc-1")[0].endpoints[1];
     (endpoint.ready, endpoint.terminating) = (false, true);
     let report = reconciler
-        .reconcile_services([udp.clone()], |s| services[s].clone(), &mut maps)
+        .reconcile_services([udp], |s| services[s].clone(), &mut maps)
         .expect("terminating");
     let forget = report.forget;
     assert_eq!(forget.affinities.len(), frontends.len(), "sticky clients go: {forget:?}");
-    assert!(forget.flows.is_empty() && forget.drained.is_empty(), "flows drain: {forget:?}");
+    assert!(forget.flows.is_empty(), "flows drain: {forget:?}");
     assert_eq!(reconciler.drains().len(), frontends.len());
+    Draining { node, services, reconciler, maps, address, frontends }
+}
 
+#[test]
+fn a_udp_endpoint_keeps_its_flows_while_it_serves_outside_the_slots() {
+    let Draining { node, mut services, mut reconciler, mut maps, address, frontends } = draining();
     // A full resync keeps them while it serves.
     let report = reconciler.reconcile(&model_of(&services, &node), &node, &mut maps).expect("full");
     assert!(report.forget.is_empty(), "{:?}", report.forget);
 
     // No longer serving: its flows go, by address, on every frontend of the service.
-    services.get_mut(&udp).expect("svc-1")[0].endpoints[1].serving = false;
+    services.get_mut(&name(1)).expect("svc-1")[0].endpoints[1].serving = false;
     let report = reconciler.reconcile(&model_of(&services, &node), &node, &mut maps).expect("full");
     let drained: BTreeSet<_> = frontends.iter().map(|id| (*id, address)).collect();
-    assert_eq!(report.forget.drained, drained);
+    assert_eq!(report.forget.flows, drained);
+    assert!(reconciler.drains().is_empty());
+}
+
+#[test]
+fn a_deleted_service_forgets_the_udp_flows_it_kept_draining() {
+    let Draining { mut reconciler, mut maps, address, frontends, .. } = draining();
+    let report =
+        reconciler.reconcile_services([name(1)], |_| Vec::new(), &mut maps).expect("deleted");
+    let drained: BTreeSet<_> = frontends.iter().map(|id| (*id, address)).collect();
+    assert!(report.forget.flows.is_superset(&drained), "{:?}", report.forget);
     assert!(reconciler.drains().is_empty());
 }

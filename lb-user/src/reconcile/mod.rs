@@ -36,7 +36,7 @@ use self::{
 pub use self::{
     desired::{Desired, SlotMode, desired, node_config},
     diff::{for_each_op, removed_pairs},
-    drains::{Drains, Forget},
+    drains::{Drains, Forget, Rebuilt},
     ids::Ids,
     state::DatapathState,
 };
@@ -102,15 +102,8 @@ impl Reconciler {
         &self.drains
     }
 
-    /// Continues with `drains`, as kept by a reconciler this one replaces.
-    #[must_use]
-    pub fn with_drains(mut self, drains: Drains) -> Self {
-        self.drains = drains;
-        self
-    }
-
-    /// Takes up the UDP flows in `conntrack` that an earlier daemon left outside their
-    /// frontend's slots (see [`Drains::adopt`]); before the first reconcile.
+    /// Takes up the UDP flows in `conntrack` that run outside their frontend's slots (see
+    /// [`Drains::adopt`]); before the first reconcile.
     pub fn adopt_flows(&mut self, conntrack: &[(ConntrackKey, ConntrackValue)]) {
         self.drains.adopt(conntrack, &self.programmed);
     }
@@ -151,7 +144,13 @@ impl Reconciler {
         for_each_op(&self.programmed, &desired, |op| chunk.push(op, writer, |_| {}))?;
         let written = chunk.finish(writer, |_| {})?;
         let removed = removed_pairs(&self.programmed, &desired);
-        let forget = self.drains.settle(removed, &self.programmed, &desired, &batch.serving);
+        let rebuilt = Rebuilt {
+            before: &self.programmed,
+            after: &desired,
+            serving: &batch.serving,
+            every_frontend: true,
+        };
+        let forget = self.drains.settle(removed, &rebuilt);
         self.programmed = desired;
         self.ids.retain_used(&self.programmed);
         self.ids.commit();
@@ -202,7 +201,13 @@ impl Reconciler {
         let written = chunk.finish(writer, |op| programmed.apply(op))?;
         self.ids.commit();
         let removed = removed_pairs(&before, &batch.after);
-        let forget = self.drains.settle(removed, &before, &batch.after, &batch.serving);
+        let rebuilt = Rebuilt {
+            before: &before,
+            after: &batch.after,
+            serving: &batch.serving,
+            every_frontend: false,
+        };
+        let forget = self.drains.settle(removed, &rebuilt);
         debug!(written, forget_pairs = forget.affinities.len(), "reconciled");
         Ok(Report { writes: written, problems: self.ledger.problems(), forget })
     }

@@ -203,7 +203,8 @@ fn a_removed_endpoint_shrinks_its_frontends_and_forgets_their_flows() {
         .collect();
     assert_eq!(gone.len(), 1);
     let pair = (my_nginx.service_id, gone[0]);
-    assert!(report.forget.affinities.contains(&pair) && report.forget.flows.contains(&pair));
+    assert!(report.forget.affinities.contains(&pair));
+    assert!(report.forget.flows.is_empty(), "TCP flows may still finish: {:?}", report.forget);
     assert!(maps.ops.contains(&MapOp::RemoveBackend { id: gone[0] }));
     // Everything else is untouched: only my-nginx's frontend, slot and backend changed.
     let unrelated: BTreeMap<_, _> =
