@@ -22,8 +22,13 @@ pub fn for_each_op<E>(
     desired: &DatapathState,
     mut emit: impl FnMut(MapOp) -> Result<(), E>,
 ) -> Result<(), E> {
-    if let Some(node) = desired.node
-        && programmed.node != desired.node
+    // Into a datapath without one, the node configuration goes last: until it is there the
+    // programs pass every packet, so none meets a first sync half written (refused, or
+    // dropped as addressed to an unallocated service address, for want of its service).
+    let node = desired.node.filter(|_| programmed.node != desired.node);
+    let first_sync = programmed.node.is_none();
+    if let Some(node) = node
+        && !first_sync
     {
         emit(MapOp::SetNodeConfig(node))?;
     }
@@ -56,6 +61,11 @@ pub fn for_each_op<E>(
     }
     for id in stale(&programmed.backends, &desired.backends) {
         emit(MapOp::RemoveBackend { id })?;
+    }
+    if let Some(node) = node
+        && first_sync
+    {
+        emit(MapOp::SetNodeConfig(node))?;
     }
     Ok(())
 }

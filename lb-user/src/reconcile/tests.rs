@@ -183,6 +183,26 @@ pub(super) fn assert_safely_ordered(before: &DatapathState, ops: &[MapOp]) {
 }
 
 #[test]
+fn the_node_configuration_comes_last_into_a_fresh_datapath_and_first_into_a_running_one() {
+    let (model, node) = seed();
+    let mut reconciler = Reconciler::new(DatapathState::default(), SlotMode::PerBackend);
+    let mut maps = FakeMaps::default();
+    reconciler.reconcile(&model, &node, &mut maps).expect("first");
+    assert!(maps.ops.len() > 1);
+    assert!(matches!(maps.ops.last(), Some(MapOp::SetNodeConfig(_))), "{:?}", maps.ops.last());
+    assert_eq!(maps.ops.iter().filter(|op| matches!(op, MapOp::SetNodeConfig(_))).count(), 1);
+
+    let mut moved = node.clone();
+    moved.snat_port_range.min += 1;
+    let mut maps = FakeMaps::default();
+    reconciler
+        .reconcile(&without_endpoint(&model, "10.244.2.10"), &moved, &mut maps)
+        .expect("second");
+    assert!(maps.ops.len() > 1);
+    assert!(matches!(maps.ops.first(), Some(MapOp::SetNodeConfig(_))), "{:?}", maps.ops.first());
+}
+
+#[test]
 fn a_removed_endpoint_shrinks_its_frontends_and_forgets_their_flows() {
     let (model, node) = seed();
     let mut reconciler = Reconciler::new(DatapathState::default(), SlotMode::PerBackend);
