@@ -1154,20 +1154,25 @@ impl<'t> Oracle<'t> {
         let key = Tuple { src: quoted.dst, dst: quoted.src, proto: quoted.proto };
         let mut legal = Vec::new();
         for &(frontend, client) in self.model.replies.get(&key).into_iter().flatten() {
+            // Masqueraded to the client's own port (see below): both readings.
             let masqueraded = client != quoted.src;
-            legal.push(IcmpAddresses {
-                outer_src: if outer_src == quoted.dst.ip { frontend.ip } else { outer_src },
-                outer_dst: if masqueraded { client.ip } else { outer_dst },
-                quoted: Tuple { src: client, dst: frontend, proto: quoted.proto },
-            });
+            let ambiguous = !masqueraded && is_snat_address(client);
+            for masqueraded in [masqueraded, masqueraded || ambiguous] {
+                legal.push(IcmpAddresses {
+                    outer_src: if outer_src == quoted.dst.ip { frontend.ip } else { outer_src },
+                    outer_dst: if masqueraded { client.ip } else { outer_dst },
+                    quoted: Tuple { src: client, dst: frontend, proto: quoted.proto },
+                });
+            }
         }
         if let Some(forward) = self.model.dnat.get(&key) {
             for &source in &forward.sources {
                 // A client at the node's address, on a port of the SNAT range, may have been
                 // masqueraded to that very port: the translation the oracle saw cannot tell,
                 // so both readings are legal.
-                let ambiguous = source == key.src && is_snat_address(source);
-                for masqueraded in [forward.masqueraded, forward.masqueraded || ambiguous] {
+                let masqueraded = source != key.src;
+                let ambiguous = !masqueraded && is_snat_address(source);
+                for masqueraded in [masqueraded, masqueraded || ambiguous] {
                     legal.push(IcmpAddresses {
                         outer_src: if masqueraded { source.ip } else { outer_src },
                         outer_dst: forward.backend.ip,
@@ -1201,8 +1206,12 @@ impl<'t> Oracle<'t> {
             return Err(format!("{from} translated, but outside loadBalancerSourceRanges"));
         }
         let now = (to.dst, to.src != from.src);
+        // A client at the SNAT address may have been masqueraded to its own port, which reads
+        // as not masqueraded; the same flow made again while that port's entry still lives
+        // is masqueraded to another. Only there may the two differ.
         if let Some(earlier) = self.model.dnat.get(&from)
-            && (earlier.backend, earlier.masqueraded) != now
+            && (earlier.backend != now.0
+                || (earlier.masqueraded != now.1 && !is_snat_address(from.src)))
         {
             return Err(format!("{from}: now (backend, SNAT) {now:?}, earlier {earlier:?}"));
         }
@@ -1222,9 +1231,11 @@ impl<'t> Oracle<'t> {
     fn record(&mut self, from: Tuple, to: Tuple, frontend: Endpoint) {
         let forward = self.model.dnat.entry(from).or_insert_with(|| Forward {
             backend: to.dst,
-            masqueraded: to.src != from.src,
+            masqueraded: false,
             sources: Vec::new(),
         });
+        // Whether a tuple needs SNAT never changes: once seen masqueraded, it is.
+        forward.masqueraded |= to.src != from.src;
         if !forward.sources.contains(&to.src) {
             forward.sources.push(to.src);
             if self.model.flows.len() < RECENT_FLOWS {
