@@ -28,7 +28,7 @@ use crate::{
     loader::Capacities,
     manifest,
     maps::{KernelMaps, Purged},
-    metrics::{self, Metrics},
+    metrics::{self, Metrics, SyncDone},
     model::{ServiceModel, ServiceName},
     pins::PinLayout,
     reconcile::{DatapathState, Reconciler, Report, SlotMode},
@@ -434,7 +434,13 @@ fn sync(
     reported.update(lines);
     let purged = maps.purge(&report.forget)?;
     let frontends = plane.reconciler().programmed().services.len();
-    metrics.observe_sync(started.elapsed(), report.writes, purged.flows, frontends);
+    metrics.observe_sync(&SyncDone {
+        elapsed: started.elapsed(),
+        writes: report.writes,
+        purged_flows: purged.flows,
+        frontends,
+        draining: plane.reconciler().drains().len(),
+    });
     if report.writes > 0 || purged != Purged::default() {
         let services = rebuilt.map_or_else(|| "all".to_owned(), |count| count.to_string());
         info!(

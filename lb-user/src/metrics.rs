@@ -63,6 +63,19 @@ struct MapLabels {
     map: &'static str,
 }
 
+/// What one successful sync did and left, for [`Metrics::observe_sync`].
+pub struct SyncDone {
+    pub elapsed: Duration,
+    /// Map entries written or removed.
+    pub writes: usize,
+    /// Conntrack entries forgotten.
+    pub purged_flows: usize,
+    /// Frontends programmed after it.
+    pub frontends: usize,
+    /// (Frontend, endpoint) pairs kept draining after it.
+    pub draining: usize,
+}
+
 /// The daemon's metrics; shared with the conntrack collector's thread.
 #[derive(Debug)]
 pub struct Metrics {
@@ -72,6 +85,7 @@ pub struct Metrics {
     map_writes: Counter,
     purged_flows: Counter,
     frontends: Gauge,
+    draining: Gauge,
     conntrack_entries: Gauge,
     conntrack_opening: Gauge,
     conntrack_collected: Counter,
@@ -105,6 +119,13 @@ impl Metrics {
             "frontends",
             "Frontends (VIP, port, protocol, scope) programmed",
             frontends.clone(),
+        );
+        let draining = Gauge::default();
+        registry.register(
+            "draining_udp_endpoints",
+            "(Frontend, endpoint) pairs out of the slots whose UDP flows are kept while the \
+             endpoint still serves",
+            draining.clone(),
         );
         let conntrack_entries = Gauge::default();
         registry.register(
@@ -145,6 +166,7 @@ impl Metrics {
             map_writes,
             purged_flows,
             frontends,
+            draining,
             conntrack_entries,
             conntrack_opening,
             conntrack_collected,
@@ -153,12 +175,13 @@ impl Metrics {
         })
     }
 
-    /// Records a sync that left `frontends` programmed after `writes` map writes.
-    pub fn observe_sync(&self, elapsed: Duration, writes: usize, purged: usize, frontends: usize) {
-        self.count_sync(SyncResult::Ok, elapsed);
-        self.map_writes.inc_by(as_u64(writes));
-        self.purged_flows.inc_by(as_u64(purged));
-        self.frontends.set(i64::try_from(frontends).unwrap_or(i64::MAX));
+    /// Records a sync that succeeded.
+    pub fn observe_sync(&self, sync: &SyncDone) {
+        self.count_sync(SyncResult::Ok, sync.elapsed);
+        self.map_writes.inc_by(as_u64(sync.writes));
+        self.purged_flows.inc_by(as_u64(sync.purged_flows));
+        self.frontends.set(i64::try_from(sync.frontends).unwrap_or(i64::MAX));
+        self.draining.set(i64::try_from(sync.draining).unwrap_or(i64::MAX));
     }
 
     /// Records a sync that failed; what it wrote before failing is not known.
@@ -303,8 +326,15 @@ mod tests {
     #[test]
     fn syncs_and_collections_are_counted() {
         let metrics = unpinned();
-        metrics.observe_sync(Duration::from_millis(3), 120, 2, 40);
-        metrics.observe_sync(Duration::from_millis(1), 5, 0, 41);
+        let sync = |elapsed_ms, writes, purged_flows, frontends, draining| SyncDone {
+            elapsed: Duration::from_millis(elapsed_ms),
+            writes,
+            purged_flows,
+            frontends,
+            draining,
+        };
+        metrics.observe_sync(&sync(3, 120, 2, 40, 0));
+        metrics.observe_sync(&sync(1, 5, 0, 41, 3));
         metrics.observe_failed_sync(Duration::from_millis(1));
         metrics.observe_collection(&crate::conntrack_gc::Pass {
             scanned: 1000,
@@ -318,6 +348,7 @@ mod tests {
             "lb_map_writes_total 125",
             "lb_purged_flows_total 2",
             "lb_frontends 41",
+            "lb_draining_udp_endpoints 3",
             "lb_sync_duration_seconds_count 3",
             "lb_conntrack_entries 700",
             "lb_conntrack_opening_entries 20",
