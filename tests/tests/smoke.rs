@@ -10,7 +10,7 @@ use std::{
 };
 
 use lb_tests::{
-    daemon::{RunningDaemon, SYNCS_OK, counter, scrape_metrics, wait_for_backends},
+    daemon::{RunningDaemon, SYNCS_OK, counter, scrape_metrics, wait_for, wait_for_backends},
     manifests::ManifestDir,
     pins::TestPins,
     topology::{NODE_IP, Topology, exchange, long_lived, tcp_request, udp_request},
@@ -141,6 +141,13 @@ fn a_udp_stream_drains_from_a_terminating_endpoint(
         &echo_slice(&[(draining, terminating), (staying, ready)]),
     );
     wait_for_backends(pins, "10.96.0.10:53", 1, "the terminating endpoint to leave the slots");
+    wait_for(
+        || {
+            let metrics = scrape_metrics(&topology.node).unwrap_or_default();
+            counter(&metrics, "lb_draining_udp_endpoints") == Some(1)
+        },
+        "the drain in the daemon's metrics",
+    );
     let fresh = udp_request(client_pod, addr("10.96.0.10:53")).expect("a new UDP flow");
     assert_eq!(fresh, staying, "new flows avoid the terminating endpoint");
     std::thread::sleep(Duration::from_millis(300));
