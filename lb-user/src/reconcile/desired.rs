@@ -73,6 +73,7 @@ pub fn desired(model: &Model, node: &config::NodeConfig, mode: SlotMode, ids: &m
         mode,
         node_port_addresses: &model.node_port_addresses,
         programmed: &nothing_programmed,
+        earlier: None,
     };
     let mut batch =
         Batch::new(DatapathState { node: Some(node_config(node)), ..DatapathState::default() });
@@ -96,6 +97,14 @@ pub(super) fn protocol_number(protocol: Protocol) -> Option<u8> {
     }
 }
 
+/// A frontend's slots as the maps hold them, kept while its new table finds no room.
+struct KeptSlots {
+    base: u32,
+    slots: Vec<(u32, Slot)>,
+    /// The entry's flags as programmed.
+    flags: u16,
+}
+
 /// Adds one service port's frontends to a batch's tables, recording what its service owns.
 pub(super) struct PortTables<'a> {
     pub(super) port: &'a ServicePort,
@@ -106,6 +115,8 @@ pub(super) struct PortTables<'a> {
     pub(super) claims: &'a mut Claims,
     pub(super) batch: &'a mut Batch,
     pub(super) owned: &'a mut Owned,
+    /// The frontends the port's service owned before this build.
+    pub(super) previously_owned: &'a [ServiceKey],
     pub(super) problems: &'a mut Vec<String>,
 }
 
@@ -218,23 +229,31 @@ impl PortTables<'_> {
         let Some(table) = self.slot_table(&backend_slots, backends) else {
             return false;
         };
-        let Some(slot_base) = self.place_slots(key, &table) else {
-            let kept = self.keep_as_programmed(key);
+        let (slot_base, slots, flags) = if let Some(base) = self.place_slots(key, &table) {
+            self.owned.backends.extend(backend_slots.iter().map(|slot| slot.backend_id));
+            (base, (base..).zip(table).collect(), flags)
+        } else {
+            let kept = self.programmed_slots(key);
             self.problems.push(format!(
                 "{port_id}: no room left in the slot array for {vip}:{vport}'s {} slots{}",
                 table.len(),
-                if kept { "; it is kept as it was" } else { "" }
+                if kept.is_some() { "; its slots are kept as they were" } else { "" }
             ));
-            return kept;
+            let Some(kept) = kept else { return false };
+            self.keep_backends(&kept.slots);
+            // EXT_LOCAL says which endpoints the kept slots hold, and so whether flows to them
+            // are masqueraded; every other setting takes its new value.
+            let flags =
+                (flags & !service_flags::EXT_LOCAL) | (kept.flags & service_flags::EXT_LOCAL);
+            (kept.base, kept.slots, flags)
         };
         self.own(key);
-        self.owned.backends.extend(backend_slots.iter().map(|slot| slot.backend_id));
         // Whatever an earlier build of this frontend left (the displaced owner's, or this
         // service's own before a rebuild in the same batch) must not mix in.
-        let slot_count = u32::try_from(table.len()).unwrap_or(u32::MAX);
+        let slot_count = u32::try_from(slots.len()).unwrap_or(u32::MAX);
         let after = &mut self.batch.after;
         after.remove_frontend(&key);
-        after.slots.extend((slot_base..).zip(table));
+        after.slots.extend(slots);
         if with_ranges {
             for range in &self.port.source_ranges {
                 after.source_ranges.insert((service_id, *range));
@@ -261,28 +280,34 @@ impl PortTables<'_> {
         self.owned.frontends.push(key);
     }
 
-    /// Keeps frontend `key` as the maps hold it (entry, slots, backends and source ranges) when
-    /// its new table finds no room in the slot array: a full array must not take down a
-    /// service that works. False if the maps do not hold it in the run it owns.
-    fn keep_as_programmed(&mut self, key: ServiceKey) -> bool {
-        let programmed = self.programmed;
-        let Some(value) = programmed.services.get(&key) else { return false };
+    /// The slots the maps hold for frontend `key`, when its new table finds no room in the
+    /// slot array: a full array must not take down a service that works. Only for a frontend
+    /// this service owned before (not one it takes from another service port now), in the
+    /// run it still owns.
+    fn programmed_slots(&self, key: ServiceKey) -> Option<KeptSlots> {
+        if !self.previously_owned.contains(&key) {
+            return None;
+        }
+        let value = self.programmed.services.get(&key)?;
         let run = self.ids.slot_run(&key).map(|run| (run.base, run.len));
-        if value.slot_count > 0 && run != Some((value.slot_base, value.slot_count)) {
-            return false;
+        let owned_run =
+            if value.slot_count == 0 { None } else { Some((value.slot_base, value.slot_count)) };
+        (run == owned_run).then(|| KeptSlots {
+            base: value.slot_base,
+            slots: slots_of(&self.programmed.slots, value).collect(),
+            flags: value.flags,
+        })
+    }
+
+    /// Keeps the backends kept slots name in the tables, and their ids taken.
+    fn keep_backends(&mut self, slots: &[(u32, Slot)]) {
+        for (_, slot) in slots {
+            let id = slot.backend_id;
+            let backend = self.programmed.backends.get(&id).copied().unwrap_or(slot.backend);
+            self.batch.after.backends.insert(id, backend);
+            self.batch.backends.insert(id);
+            self.owned.backends.push(id);
         }
-        self.own(key);
-        let after = &mut self.batch.after;
-        after.remove_frontend(&key);
-        after.copy_frontend(programmed, &key);
-        for (_, slot) in slots_of(&programmed.slots, value) {
-            let backend = programmed.backends.get(&slot.backend_id).unwrap_or(&slot.backend);
-            after.backends.insert(slot.backend_id, *backend);
-            self.batch.backends.insert(slot.backend_id);
-            self.owned.backends.push(slot.backend_id);
-        }
-        self.record_serving(value.service_id);
-        true
     }
 
     /// Every serving endpoint of a non-TCP frontend, whatever the policies left in its slots:

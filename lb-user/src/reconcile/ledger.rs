@@ -100,6 +100,8 @@ pub(super) struct Layout<'a> {
     pub(super) node_port_addresses: &'a [Ipv4Addr],
     /// What the maps hold: a frontend whose slot table is unchanged keeps its run.
     pub(super) programmed: &'a DatapathState,
+    /// On a full rebuild, the ledger before it: who owned which frontend.
+    pub(super) earlier: Option<&'a Ledger>,
 }
 
 impl Ledger {
@@ -114,6 +116,10 @@ impl Ledger {
         batch: &mut Batch,
     ) {
         let old = self.services.remove(service).unwrap_or_default();
+        let previously_owned = match layout.earlier {
+            Some(earlier) => earlier.services.get(service).map(|o| o.frontends.clone()),
+            None => Some(old.frontends.clone()),
+        };
         for key in &old.frontends {
             batch.frontends.insert(*key);
             if self.claims.release(*key, service) {
@@ -149,6 +155,7 @@ impl Ledger {
                 claims: &mut self.claims,
                 batch: &mut *batch,
                 owned: &mut owned,
+                previously_owned: previously_owned.as_deref().unwrap_or_default(),
                 problems: &mut problems,
             };
             tables.add_all(layout.node_port_addresses);

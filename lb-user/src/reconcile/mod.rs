@@ -124,12 +124,13 @@ impl Reconciler {
     ) -> Result<Report> {
         let span = info_span!("reconcile", service_ports = model.ports.len());
         let _entered = span.enter();
-        self.ledger = Ledger::default();
+        let earlier = std::mem::take(&mut self.ledger);
         self.node_port_addresses.clone_from(&model.node_port_addresses);
         let layout = Layout {
             mode: self.mode,
             node_port_addresses: &self.node_port_addresses,
             programmed: &self.programmed,
+            earlier: Some(&earlier),
         };
         let mut batch =
             Batch::new(DatapathState { node: Some(node_config(node)), ..DatapathState::default() });
@@ -181,6 +182,7 @@ impl Reconciler {
             mode: self.mode,
             node_port_addresses: &self.node_port_addresses,
             programmed: &self.programmed,
+            earlier: None,
         };
         let mut batch = Batch::default();
         while let Some(service) = queue.pop_front() {

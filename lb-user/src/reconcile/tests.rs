@@ -14,7 +14,7 @@ use crate::{
     loader::Capacities,
     manifest,
     maps::{MapOp, ip_be},
-    model::{self, Model},
+    model::{self, Model, Protocol},
 };
 
 /// Records operations and keeps the resulting tables, like the kernel maps would.
@@ -274,13 +274,86 @@ fn a_service_whose_new_table_finds_no_room_is_kept_as_it_was() {
     let full = reconciler.reconcile(&model, &node, &mut maps);
     for report in [incremental.expect("service sync"), full.expect("full sync")] {
         assert!(
-            report.problems.iter().any(|p| p.contains("no room") && p.contains("kept as it was")),
+            report
+                .problems
+                .iter()
+                .any(|p| p.contains("no room") && p.contains("kept as they were")),
             "{:?}",
             report.problems
         );
         assert!(report.forget.is_empty(), "{:?}", report.forget);
     }
     assert_eq!(reconciler.programmed(), &before, "every service as it was, my-nginx included");
+}
+
+#[test]
+fn in_a_full_array_kept_slots_take_the_new_settings_but_never_name_a_twin_that_is_gone() {
+    let (mut model, node) = seed();
+    let room = u32::try_from(seed_state().slots.len()).expect("few slots");
+    let capacities = Capacities { backend_slots: Some(room), ..Capacities::default() };
+    let mut reconciler =
+        Reconciler::with_capacities(DatapathState::default(), SlotMode::PerBackend, &capacities);
+    reconciler.reconcile(&model, &node, &mut FakeMaps::default()).expect("first sync");
+    let before = reconciler.programmed().clone();
+
+    // Local to Cluster: the external frontends need every endpoint, and there is no room.
+    let local: Vec<ServiceName> = model
+        .ports
+        .iter_mut()
+        .filter(|p| p.external_policy_local)
+        .map(|p| {
+            p.external_policy_local = false;
+            p.id.service()
+        })
+        .collect();
+    assert!(!local.is_empty(), "the seed has externalTrafficPolicy Local");
+    let mut maps = FakeMaps::default();
+    let report = reconciler.reconcile(&model, &node, &mut maps).expect("second sync");
+    assert!(
+        report.problems.iter().any(|p| p.contains("kept as they were")),
+        "{:?}",
+        report.problems
+    );
+    assert_safely_ordered(&before, &maps.ops);
+    let after = reconciler.programmed();
+    for (key, value) in &after.services {
+        assert_eq!(value.flags & flag::TWO_SCOPES, 0, "{key:?}: no twin is built any longer");
+        if let Some(old) = before.services.get(key).filter(|old| old.flags & flag::EXT_LOCAL != 0) {
+            // Still only the local endpoints in its slots: still not masqueraded.
+            assert_eq!(value.flags & flag::EXT_LOCAL, flag::EXT_LOCAL, "{key:?}");
+            assert_eq!((value.slot_base, value.slot_count), (old.slot_base, old.slot_count));
+        }
+    }
+}
+
+#[test]
+fn a_full_array_keeps_no_frontend_for_a_service_port_that_takes_it_from_another() {
+    let (mut model, node) = seed();
+    let room = u32::try_from(seed_state().slots.len()).expect("few slots");
+    let capacities = Capacities { backend_slots: Some(room), ..Capacities::default() };
+    let mut reconciler =
+        Reconciler::with_capacities(DatapathState::default(), SlotMode::PerBackend, &capacities);
+    reconciler.reconcile(&model, &node, &mut FakeMaps::default()).expect("first sync");
+    let before = reconciler.programmed().clone();
+    // The first service port in id order claims ext-web's external IP and port, which it
+    // would take over, with tables there is no room for.
+    let ext_web = model.ports.iter().find(|p| !p.external_ips.is_empty()).expect("ext-web");
+    let (taken, taken_port, owner) = (ext_web.external_ips[0], ext_web.port, ext_web.id.clone());
+    let first = &mut model.ports[0];
+    assert!(first.id < owner, "{} sorts first", first.id);
+    first.id.protocol = Protocol::Tcp;
+    first.port = taken_port;
+    first.external_ips.push(taken);
+    let report = reconciler.reconcile(&model, &node, &mut FakeMaps::default()).expect("sync");
+    let frontend = key(&taken.to_string(), taken_port, proto::TCP, scope::EXTERNAL);
+    assert_eq!(
+        reconciler.programmed().services.get(&frontend),
+        before.services.get(&frontend),
+        "still ext-web's: {:?}",
+        report.problems
+    );
+    let lost = report.problems.iter().any(|p| p.starts_with(&owner.to_string()));
+    assert!(!lost, "ext-web keeps its frontend: {:?}", report.problems);
 }
 
 #[test]
