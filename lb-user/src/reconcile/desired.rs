@@ -222,30 +222,23 @@ impl PortTables<'_> {
             return false;
         };
         self.batch.allocated.insert(key);
-        let Some(backend_slots) = self.backend_slots(backends) else {
-            self.problems.push(format!("{port_id}: no backend id left"));
-            return false;
-        };
-        let Some(table) = self.slot_table(&backend_slots, backends) else {
-            return false;
-        };
-        let (slot_base, slots, flags) = if let Some(base) = self.place_slots(key, &table) {
-            self.owned.backends.extend(backend_slots.iter().map(|slot| slot.backend_id));
-            (base, (base..).zip(table).collect(), flags)
-        } else {
-            let kept = self.programmed_slots(key);
-            self.problems.push(format!(
-                "{port_id}: no room left in the slot array for {vip}:{vport}'s {} slots{}",
-                table.len(),
-                if kept.is_some() { "; its slots are kept as they were" } else { "" }
-            ));
-            let Some(kept) = kept else { return false };
-            self.keep_backends(&kept.slots);
-            // EXT_LOCAL says which endpoints the kept slots hold, and so whether flows to them
-            // are masqueraded; every other setting takes its new value.
-            let flags =
-                (flags & !service_flags::EXT_LOCAL) | (kept.flags & service_flags::EXT_LOCAL);
-            (kept.base, kept.slots, flags)
+        let (slot_base, slots, flags) = match self.fresh_slots(key, backends) {
+            Ok((base, table, backend_slots)) => {
+                self.owned.backends.extend(backend_slots.iter().map(|slot| slot.backend_id));
+                (base, (base..).zip(table).collect(), flags)
+            }
+            Err(problem) => {
+                let kept = self.programmed_slots(key);
+                let note = if kept.is_some() { "; its slots are kept as they were" } else { "" };
+                self.problems.push(format!("{port_id}: {vip}:{vport}: {problem}{note}"));
+                let Some(kept) = kept else { return false };
+                self.keep_backends(&kept.slots);
+                // EXT_LOCAL says which endpoints the kept slots hold, and so whether flows to
+                // them are masqueraded; every other setting takes its new value.
+                let flags =
+                    (flags & !service_flags::EXT_LOCAL) | (kept.flags & service_flags::EXT_LOCAL);
+                (kept.base, kept.slots, flags)
+            }
         };
         self.own(key);
         // Whatever an earlier build of this frontend left (the displaced owner's, or this
@@ -337,6 +330,22 @@ impl PortTables<'_> {
         self.ids.place_slots(key, len, unchanged)
     }
 
+    /// Frontend `key`'s new slot table for `backends`, placed in the slot array: its first
+    /// index, the table, and the slot of each backend; or why it cannot be had.
+    fn fresh_slots(
+        &mut self,
+        key: ServiceKey,
+        backends: &[&Endpoint],
+    ) -> Result<(u32, Vec<Slot>, Vec<Slot>), String> {
+        let backend_slots = self.backend_slots(backends).ok_or("no backend id left")?;
+        let table = self.slot_table(&backend_slots, backends)?;
+        let len = table.len();
+        let base = self
+            .place_slots(key, &table)
+            .ok_or_else(|| format!("no room left in the slot array for its {len} slots"))?;
+        Ok((base, table, backend_slots))
+    }
+
     /// The slot of each of `backends` (its id and entry), in the same order, with their
     /// `BACKENDS` entries added.
     fn backend_slots(&mut self, backends: &[&Endpoint]) -> Option<Vec<Slot>> {
@@ -357,22 +366,18 @@ impl PortTables<'_> {
             .collect()
     }
 
-    /// The frontend's slot table; `None` (with a problem recorded) when no Maglev table can be
-    /// built for its backends.
-    fn slot_table(&mut self, backend_slots: &[Slot], backends: &[&Endpoint]) -> Option<Vec<Slot>> {
+    /// The frontend's slot table; why not when no Maglev table can be built for its backends.
+    fn slot_table(
+        &self,
+        backend_slots: &[Slot],
+        backends: &[&Endpoint],
+    ) -> Result<Vec<Slot>, String> {
         match self.mode {
-            SlotMode::PerBackend => Some(backend_slots.to_vec()),
+            SlotMode::PerBackend => Ok(backend_slots.to_vec()),
             SlotMode::Maglev(size) => {
                 let names: Vec<String> = backends.iter().map(ToString::to_string).collect();
-                match crate::maglev::table(&names, size) {
-                    Ok(table) => {
-                        Some(table.into_iter().map(|index| backend_slots[index as usize]).collect())
-                    }
-                    Err(error) => {
-                        self.problems.push(format!("{}: {error}", self.port.id));
-                        None
-                    }
-                }
+                let table = crate::maglev::table(&names, size).map_err(|e| e.to_string())?;
+                Ok(table.into_iter().map(|index| backend_slots[index as usize]).collect())
             }
         }
     }

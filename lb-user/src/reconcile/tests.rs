@@ -287,6 +287,35 @@ fn a_service_whose_new_table_finds_no_room_is_kept_as_it_was() {
 }
 
 #[test]
+fn a_service_whose_new_endpoint_finds_no_backend_id_keeps_its_slots() {
+    let (mut model, node) = seed();
+    let ids = u32::try_from(seed_state().backends.len()).expect("few backends");
+    // Id 0 is no backend: room for exactly the seed's backends.
+    let capacities = Capacities { backends: Some(ids + 1), ..Capacities::default() };
+    let mut reconciler =
+        Reconciler::with_capacities(DatapathState::default(), SlotMode::PerBackend, &capacities);
+    let mut maps = FakeMaps::default();
+    let report = reconciler.reconcile(&model, &node, &mut maps).expect("first sync");
+    assert_eq!(report.problems, Vec::<String>::new(), "the backend ids just suffice");
+    let before = reconciler.programmed().clone();
+    let port = model
+        .ports
+        .iter_mut()
+        .find(|p| p.cluster_ip == Ipv4Addr::new(10, 96, 45, 10) && p.port == 80)
+        .expect("my-nginx");
+    let mut third = port.endpoints[0].clone();
+    third.ip = Ipv4Addr::new(10, 244, 1, 99);
+    port.endpoints.push(third);
+    let report = reconciler.reconcile(&model, &node, &mut maps).expect("second sync");
+    assert!(
+        report.problems.iter().any(|p| p.contains("no backend id") && p.contains("kept")),
+        "{:?}",
+        report.problems
+    );
+    assert_eq!(reconciler.programmed(), &before, "my-nginx as it was");
+}
+
+#[test]
 fn in_a_full_array_kept_slots_take_the_new_settings_but_never_name_a_twin_that_is_gone() {
     let (mut model, node) = seed();
     let room = u32::try_from(seed_state().slots.len()).expect("few slots");
