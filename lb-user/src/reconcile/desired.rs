@@ -97,7 +97,7 @@ pub(super) fn protocol_number(protocol: Protocol) -> Option<u8> {
     }
 }
 
-/// A frontend's slots as the maps hold them, kept while its new table finds no room.
+/// A frontend's slots as the maps hold them, kept while it cannot have a new table.
 struct KeptSlots {
     base: u32,
     slots: Vec<(u32, Slot)>,
@@ -273,10 +273,10 @@ impl PortTables<'_> {
         self.owned.frontends.push(key);
     }
 
-    /// The slots the maps hold for frontend `key`, when its new table finds no room in the
-    /// slot array: a full array must not take down a service that works. Only for a frontend
-    /// this service owned before (not one it takes from another service port now), in the
-    /// run it still owns.
+    /// The slots the maps hold for frontend `key`, when it cannot have a new table (no room in
+    /// the slot array, no backend id, no Maglev table): a full map must not take down a
+    /// service that works. Only for a frontend this service owned before (not one it takes
+    /// from another service port now), in the run it still owns.
     fn programmed_slots(&self, key: ServiceKey) -> Option<KeptSlots> {
         if !self.previously_owned.contains(&key) {
             return None;

@@ -31,12 +31,13 @@ use tracing::{debug, info_span};
 
 use self::{
     desired::by_service,
+    drains::Rebuilt,
     ledger::{Batch, Layout, Ledger},
 };
 pub use self::{
     desired::{Desired, SlotMode, desired, node_config},
     diff::{for_each_op, removed_pairs},
-    drains::{Drains, Forget, Rebuilt},
+    drains::{Drains, Forget},
     ids::Ids,
     state::DatapathState,
 };
