@@ -245,19 +245,26 @@ fn maglev_mode_fills_a_prime_sized_table_with_every_backend() {
     assert_eq!(used.len(), 3, "all three sticky backends own slots");
 }
 
-#[test]
-fn a_service_whose_new_table_finds_no_room_is_kept_as_it_was() {
-    let (mut model, node) = seed();
-    let room = u32::try_from(seed_state().slots.len()).expect("few slots");
-    let capacities = Capacities { backend_slots: Some(room), ..Capacities::default() };
+/// The seed programmed into maps of `capacities`, which it must just fit: the model, the node,
+/// the reconciler and what it programmed.
+fn seed_just_fitting(capacities: &Capacities) -> (Model, NodeConfig, Reconciler, DatapathState) {
+    let (model, node) = seed();
     let mut reconciler =
-        Reconciler::with_capacities(DatapathState::default(), SlotMode::PerBackend, &capacities);
-    let mut maps = FakeMaps::default();
-    let report = reconciler.reconcile(&model, &node, &mut maps).expect("first sync");
-    assert_eq!(report.problems, Vec::<String>::new(), "the array is just big enough");
+        Reconciler::with_capacities(DatapathState::default(), SlotMode::PerBackend, capacities);
+    let report = reconciler.reconcile(&model, &node, &mut FakeMaps::default()).expect("first");
+    assert_eq!(report.problems, Vec::<String>::new(), "the seed just fits {capacities:?}");
     let before = reconciler.programmed().clone();
+    (model, node, reconciler, before)
+}
 
-    // A third my-nginx pod needs a fresh run of three slots, and the array is full.
+/// Maps with exactly the slots the seed needs.
+fn seed_slots() -> Capacities {
+    let room = u32::try_from(seed_state().slots.len()).expect("few slots");
+    Capacities { backend_slots: Some(room), ..Capacities::default() }
+}
+
+/// Adds a third pod to my-nginx (10.96.45.10:80); its service.
+fn add_third_my_nginx_pod(model: &mut Model) -> ServiceName {
     let port = model
         .ports
         .iter_mut()
@@ -266,7 +273,15 @@ fn a_service_whose_new_table_finds_no_room_is_kept_as_it_was() {
     let mut third = port.endpoints[0].clone();
     third.ip = Ipv4Addr::new(10, 244, 1, 99);
     port.endpoints.push(third);
-    let my_nginx = port.id.service();
+    port.id.service()
+}
+
+#[test]
+fn a_service_whose_new_table_finds_no_room_is_kept_as_it_was() {
+    let (mut model, node, mut reconciler, before) = seed_just_fitting(&seed_slots());
+    // A third my-nginx pod needs a fresh run of three slots, and the array is full.
+    let my_nginx = add_third_my_nginx_pod(&mut model);
+    let mut maps = FakeMaps::default();
     let ports_of = |service: &ServiceName| -> Vec<ServicePort> {
         model.ports.iter().filter(|p| p.id.service() == *service).cloned().collect()
     };
@@ -288,25 +303,13 @@ fn a_service_whose_new_table_finds_no_room_is_kept_as_it_was() {
 
 #[test]
 fn a_service_whose_new_endpoint_finds_no_backend_id_keeps_its_slots() {
-    let (mut model, node) = seed();
     let ids = u32::try_from(seed_state().backends.len()).expect("few backends");
     // Id 0 is no backend: room for exactly the seed's backends.
     let capacities = Capacities { backends: Some(ids + 1), ..Capacities::default() };
-    let mut reconciler =
-        Reconciler::with_capacities(DatapathState::default(), SlotMode::PerBackend, &capacities);
-    let mut maps = FakeMaps::default();
-    let report = reconciler.reconcile(&model, &node, &mut maps).expect("first sync");
-    assert_eq!(report.problems, Vec::<String>::new(), "the backend ids just suffice");
-    let before = reconciler.programmed().clone();
-    let port = model
-        .ports
-        .iter_mut()
-        .find(|p| p.cluster_ip == Ipv4Addr::new(10, 96, 45, 10) && p.port == 80)
-        .expect("my-nginx");
-    let mut third = port.endpoints[0].clone();
-    third.ip = Ipv4Addr::new(10, 244, 1, 99);
-    port.endpoints.push(third);
-    let report = reconciler.reconcile(&model, &node, &mut maps).expect("second sync");
+    let (mut model, node, mut reconciler, before) = seed_just_fitting(&capacities);
+    add_third_my_nginx_pod(&mut model);
+    let report =
+        reconciler.reconcile(&model, &node, &mut FakeMaps::default()).expect("second sync");
     assert!(
         report.problems.iter().any(|p| p.contains("no backend id") && p.contains("kept")),
         "{:?}",
@@ -317,13 +320,7 @@ fn a_service_whose_new_endpoint_finds_no_backend_id_keeps_its_slots() {
 
 #[test]
 fn in_a_full_array_kept_slots_take_the_new_settings_but_never_name_a_twin_that_is_gone() {
-    let (mut model, node) = seed();
-    let room = u32::try_from(seed_state().slots.len()).expect("few slots");
-    let capacities = Capacities { backend_slots: Some(room), ..Capacities::default() };
-    let mut reconciler =
-        Reconciler::with_capacities(DatapathState::default(), SlotMode::PerBackend, &capacities);
-    reconciler.reconcile(&model, &node, &mut FakeMaps::default()).expect("first sync");
-    let before = reconciler.programmed().clone();
+    let (mut model, node, mut reconciler, before) = seed_just_fitting(&seed_slots());
 
     // Local to Cluster: the external frontends need every endpoint, and there is no room.
     let local: Vec<ServiceName> = model
@@ -357,13 +354,7 @@ fn in_a_full_array_kept_slots_take_the_new_settings_but_never_name_a_twin_that_i
 
 #[test]
 fn a_full_array_keeps_no_frontend_for_a_service_port_that_takes_it_from_another() {
-    let (mut model, node) = seed();
-    let room = u32::try_from(seed_state().slots.len()).expect("few slots");
-    let capacities = Capacities { backend_slots: Some(room), ..Capacities::default() };
-    let mut reconciler =
-        Reconciler::with_capacities(DatapathState::default(), SlotMode::PerBackend, &capacities);
-    reconciler.reconcile(&model, &node, &mut FakeMaps::default()).expect("first sync");
-    let before = reconciler.programmed().clone();
+    let (mut model, node, mut reconciler, before) = seed_just_fitting(&seed_slots());
     // The first service port in id order claims ext-web's external IP and port, which it
     // would take over, with tables there is no room for.
     let ext_web = model.ports.iter().find(|p| !p.external_ips.is_empty()).expect("ext-web");
