@@ -51,9 +51,9 @@ pub fn run() -> anyhow::Result<()> {
     let tests = build_tests()?;
     let outcomes = guest.run(&tests, &vm.join("out"))?;
     let mut failed = report(&outcomes);
-    // Under emulation a binary has hung without any test of it failing (the guest's kernel
-    // stalled, for all the logs show): those get one fresh guest, and fail only if they do
-    // not pass there. Both runs are printed.
+    // A CI run once hung in this tier with nothing to say why. A binary that does not finish
+    // (stopped by timeout(1), or cut off with its guest) gets one fresh guest, and fails only
+    // if it does not pass there; both runs are printed.
     let hung: Vec<_> =
         tests.iter().zip(&outcomes).filter(|(_, o)| o.hung()).map(|(t, _)| t.clone()).collect();
     if !hung.is_empty() {
