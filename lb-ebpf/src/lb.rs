@@ -348,7 +348,10 @@ fn remember_affinity(key: &AffinityKey, backend_id: u32, now: u64) {
 /// Masquerade when the reply would otherwise not come back through this node, or not to the
 /// client: hairpin (the backend is the client itself), a NodePort/externalIP/LoadBalancer
 /// frontend with Cluster policy whose backend is remote, and a ClusterIP reached from outside
-/// the cluster (kube-proxy's masquerade of non-cluster sources).
+/// the cluster (kube-proxy's masquerade of non-cluster sources), unless the backend is this
+/// node's own stack (a host-network endpoint): its reply to the masquerading address would
+/// stay on loopback, where nothing translates it, while to the client it leaves by an
+/// interface whose egress `lb_tc_reply` translates.
 #[inline(always)]
 fn needs_snat(
     service: &ServiceValue,
@@ -365,8 +368,11 @@ fn needs_snat(
         return service.flags & service_flags::EXT_LOCAL == 0
             && backend.flags & backend_flags::LOCAL == 0;
     }
+    let host_network_here = backend.flags & backend_flags::LOCAL != 0
+        && !in_prefix(backend.ip_be, config.cluster_cidr_be, config.cluster_mask_be);
     origin == Origin::External
         && !in_prefix(packet.src_ip_be, config.cluster_cidr_be, config.cluster_mask_be)
+        && !host_network_here
 }
 
 /// Finds a source port in the SNAT range whose reply tuple (backend -> SNAT address:port) is

@@ -12,7 +12,7 @@ use lb_common::{
 use lb_tests::{
     checksum,
     datapath::{Hook, Run},
-    fixtures::{EXTERNAL_CLIENT, POD, seeded},
+    fixtures::{EXTERNAL_CLIENT, HOST_NETWORK_VIP, POD, seeded},
     node::{NODE_IP, SNAT_PORT_MAX, SNAT_PORT_MIN},
     packets::{CLIENT_MAC, L3, NODE_MAC, Spec, TcpFields, endpoints},
     services::Frontend,
@@ -185,6 +185,32 @@ fn node_port_to_a_local_backend_keeps_the_client_address() {
         "reply from the local pod",
     );
     assert_eq!(run.output, reply.with_addresses(NODE_IP, 30381, EXTERNAL_CLIENT, 50_001).build());
+}
+
+#[test]
+fn a_cluster_ip_from_outside_is_masqueraded_unless_its_backend_is_the_node_itself() {
+    let mut datapath = seeded();
+    // kube-proxy's masquerade of sources outside the cluster, to a pod backend.
+    let request = Spec::tcp(EXTERNAL_CLIENT, 50_010, "10.96.45.10", 80);
+    let run = datapath.run(Hook::Xdp, &request.build());
+    assert_outcome(&run, Hook::Xdp.forward_code(), Reason::ForwardNew, "to pods");
+    let ((snat_ip, _), _) = endpoints(&run.output);
+    assert_eq!(snat_ip, addr(NODE_IP), "masqueraded");
+
+    // To the node's own stack: the client's address is kept, and the reply, which leaves by
+    // the external interface's egress, is translated there.
+    let request = Spec::tcp(EXTERNAL_CLIENT, 50_011, HOST_NETWORK_VIP, 443);
+    let run = datapath.run(Hook::Xdp, &request.build());
+    assert_outcome(&run, Hook::Xdp.forward_code(), Reason::ForwardNew, "to the node");
+    let expected = request.clone().with_addresses(EXTERNAL_CLIENT, 50_011, NODE_IP, 6443);
+    assert_eq!(run.output, expected.build());
+    checksum::assert_valid(&run.output);
+    let reply = reply_of(&request, (addr(NODE_IP), 6443), (addr(EXTERNAL_CLIENT), 50_011));
+    let run = datapath.run(Hook::TcReply, &reply.build());
+    assert_outcome(&run, Hook::TcReply.forward_code(), Reason::ReplyTranslated, "reply");
+    let expected = reply.with_addresses(HOST_NETWORK_VIP, 443, EXTERNAL_CLIENT, 50_011);
+    assert_eq!(run.output, expected.build());
+    checksum::assert_valid(&run.output);
 }
 
 #[test]

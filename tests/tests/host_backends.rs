@@ -2,7 +2,8 @@
 //! `kubernetes` Service on a control-plane node, a host-network ingress controller): the
 //! node's own stack answers, and its replies leave through the egress of the pod's or the
 //! external interface, where `lb_tc_reply` restores the service address. Without it a pod
-//! would get its SYN-ACK from the node's address and reset the connection.
+//! would get its SYN-ACK from the node's address and reset the connection. A client outside
+//! the cluster reaching the ClusterIP is not masqueraded here, unlike to a pod backend.
 
 use std::{
     io::{BufRead as _, BufReader, Write as _},
@@ -110,6 +111,11 @@ fn pods_and_external_clients_reach_a_host_network_backend_through_its_service() 
 
     let node_port: SocketAddr = format!("{NODE_IP}:30443").parse().expect("address");
     let answer = tcp_request(&topology.client, node_port).expect("a client reaches the NodePort");
+    assert_eq!(answer, "hello from the node");
+
+    // From outside the cluster to the ClusterIP: not masqueraded (the node's answer to its own
+    // address would stay on loopback), translated back on the external interface's egress.
+    let answer = tcp_request(&topology.client, cluster_ip).expect("a client reaches the ClusterIP");
     assert_eq!(answer, "hello from the node");
 
     daemon.stop();
