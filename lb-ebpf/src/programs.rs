@@ -68,6 +68,8 @@ pub fn lb_tc_external(ctx: TcContext) -> i32 {
 
 /// Replies from the node's own stack, on tc egress of pod-facing and external interfaces: the
 /// flows whose backend is a host-network endpoint of this node (see `lb::process_from_node`).
+/// It counts only what it translates or drops: every packet this node sends or forwards to a
+/// pod passes here, and counting those it passes would count most traffic twice.
 #[classifier]
 pub fn lb_tc_reply(ctx: TcContext) -> i32 {
     pull_headers(&ctx);
@@ -75,7 +77,9 @@ pub fn lb_tc_reply(ctx: TcContext) -> i32 {
         Ok(packet) => lb::process_from_node(&ctx, &packet),
         Err(reason) => (Verdict::Pass, reason),
     };
-    stats::count(reason);
+    if verdict != Verdict::Pass {
+        stats::count(reason);
+    }
     tc_verdict(&ctx, verdict)
 }
 

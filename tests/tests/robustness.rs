@@ -466,9 +466,15 @@ fn check_batch(hook: Hook, seed: u64, tally: &Tally, counted: &ReasonCounts) {
     let context = format!("{hook:?}, seed {seed:#x}, batch of {} runs", tally.runs);
     let counts: Vec<_> = counted.non_zero().collect();
     let total: u64 = counted.0.iter().sum();
-    assert_eq!(total, tally.runs, "{context}: every run counts exactly one reason: {counts:?}");
+    // lb_tc_reply counts only what it translates or drops (see the program).
+    let uncounted = if hook == Hook::TcReply { tally.passed } else { 0 };
     assert_eq!(
-        tally.passed,
+        total,
+        tally.runs - uncounted,
+        "{context}: every counted run counts exactly one reason: {counts:?}"
+    );
+    assert_eq!(
+        tally.passed - uncounted,
         sum_of(counted, PASSED),
         "{context}: untouched packets vs pass reasons: {counts:?}"
     );
