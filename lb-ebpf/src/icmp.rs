@@ -15,7 +15,7 @@ use crate::{
     lb::{self, Verdict},
     maps::CONNTRACK,
     nat::End,
-    parse::{Packet, ipv4_field},
+    parse::{IPV4_OFFSET_MASK, Packet, ipv4_field},
 };
 
 const DEST_UNREACHABLE: u8 = 3;
@@ -87,6 +87,11 @@ fn read_quote(hook: &impl Hook, packet: &Packet) -> Option<Quote> {
     let l4 = l3 + header_len;
     // The ports must lie inside the ICMP message, not in padding after it.
     if l4 + 4 > packet.l3_offset + usize::from(packet.total_len) {
+        return None;
+    }
+    // A quoted later fragment has no ports where they would be: its bytes there are payload.
+    let quoted_frags: u16 = hook.load(l3 + ipv4_field::FRAGS).ok()?;
+    if u16::from_be(quoted_frags) & IPV4_OFFSET_MASK != 0 {
         return None;
     }
     let quoted_proto: u8 = hook.load(l3 + ipv4_field::PROTOCOL).ok()?;
