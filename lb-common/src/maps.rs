@@ -20,6 +20,7 @@ pub mod names {
     pub const SERVICE_STATS: &str = "SERVICE_STATS";
     pub const SOCK_REV_NAT: &str = "SOCK_REV_NAT";
     pub const FORWARDING: &str = "FORWARDING";
+    pub const FRAGMENTS: &str = "FRAGMENTS";
 }
 
 /// Default capacities; the daemon may override each at load time.
@@ -32,6 +33,8 @@ pub mod capacity {
     pub const AFFINITY: u32 = 262_144;
     pub const SOURCE_RANGES: u32 = 16_384;
     pub const SOCK_REV_NAT: u32 = 262_144;
+    /// Fragmented datagrams in flight (Cilium's default is 8192).
+    pub const FRAGMENTS: u32 = 16_384;
 }
 
 /// IANA protocol numbers as they appear in the IPv4 header.
@@ -329,6 +332,50 @@ pub struct SockRevNatKey {
     pub pad: [u8; 2],
 }
 
+/// Key of the `FRAGMENTS` LRU map: one fragmented datagram as it arrived (RFC 791 identifies
+/// a datagram's fragments by source, destination, protocol and identification).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct FragmentKey {
+    /// Network order.
+    pub src_ip_be: u32,
+    /// Network order.
+    pub dst_ip_be: u32,
+    /// The IPv4 identification field, network order.
+    pub id_be: u16,
+    /// [`proto`] number.
+    pub proto: u8,
+    pub pad: u8,
+}
+
+/// How the first fragment of a datagram was translated, so that its later fragments, which
+/// carry no ports, get the same addresses. Ports and the L4 checksum are in the first
+/// fragment only, so later fragments change in their IPv4 header alone.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct FragmentValue {
+    /// `bpf_jiffies64()` when the first fragment passed: older entries are stale (see
+    /// [`FragmentValue::TIMEOUT_S`]).
+    pub created: u64,
+    /// The translated source address; network order.
+    pub src_ip_be: u32,
+    /// The translated destination address; network order.
+    pub dst_ip_be: u32,
+    /// The frontend whose counters the fragments add to; [`FragmentValue::NO_FRONTEND`] for a
+    /// reply.
+    pub service_id: u32,
+    pub pad: [u8; 4],
+}
+
+impl FragmentValue {
+    /// `service_id` of a reply's fragments, which no frontend counts.
+    pub const NO_FRONTEND: u32 = u32::MAX;
+    /// How long a first fragment's translation is used for its datagram's other fragments:
+    /// Linux's default reassembly timeout (`ipfrag_time`), after which the receiver has given
+    /// up on the datagram anyway and its identification may be reused.
+    pub const TIMEOUT_S: u32 = 30;
+}
+
 /// Indexes of the `FORWARDING` per-CPU counters: how the north-south programs sent on the
 /// packets they translated.
 pub mod forwarding {
@@ -405,6 +452,8 @@ user_pod!(
     NodeConfig,
     ServiceCounters,
     SockRevNatKey,
+    FragmentKey,
+    FragmentValue,
 );
 
 // The layouts are the contract with the compiled programs: any change must be deliberate.
@@ -423,6 +472,8 @@ const _: () = {
     assert!(size_of::<NodeConfig>() == 32);
     assert!(size_of::<ServiceCounters>() == 16);
     assert!(size_of::<SockRevNatKey>() == 16);
+    assert!(size_of::<FragmentKey>() == 12);
+    assert!(size_of::<FragmentValue>() == 24);
 };
 
 #[cfg(test)]

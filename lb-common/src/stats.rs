@@ -38,7 +38,10 @@ reasons! {
     BadIpv4Header = "bad_ipv4_header",
     /// Total length smaller than the header, or larger than the frame: passed untouched.
     BadIpv4Length = "bad_ipv4_length",
-    /// A fragment (MF set or non-zero offset): ports are not in every fragment, passed.
+    /// A fragment this program does not translate: a later fragment (non-zero offset, no
+    /// ports) of a datagram whose first fragment was not translated here, outside the service
+    /// CIDR, or any fragment of a protocol other than TCP and UDP: passed. (A first fragment
+    /// carries the ports and is handled like a whole datagram.)
     Fragment = "fragment",
     /// An L4 protocol the load balancer does not translate (not TCP, UDP or ICMP).
     OtherL4 = "other_l4",
@@ -81,11 +84,18 @@ reasons! {
     HostRefused = "host_refused",
     /// The node configuration entry is missing: passed, nothing can be translated.
     NoNodeConfig = "no_node_config",
+    /// A later fragment of a datagram whose first fragment was translated: given the same
+    /// addresses. (Appended: an index is a counter's slot in a pinned map.)
+    FragmentTranslated = "fragment_translated",
+    /// A later fragment to the service CIDR whose first fragment was not translated here (it
+    /// came after this one, was refused, or is too old): dropped, as the receiver could not
+    /// reassemble it.
+    DropFragmentUntracked = "drop_fragment_untracked",
 }
 
 impl Reason {
     /// Number of reasons: the size of the `STATS` map.
-    pub const COUNT: u32 = Self::NoNodeConfig as u32 + 1;
+    pub const COUNT: u32 = Self::DropFragmentUntracked as u32 + 1;
 
     #[must_use]
     pub const fn index(self) -> u32 {

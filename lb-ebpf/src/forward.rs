@@ -16,7 +16,7 @@ use crate::{
     hook::Hook,
     lb,
     maps::FORWARDING,
-    parse::{Packet, ipv4_field},
+    parse::{Packet, fragment, ipv4_field},
 };
 
 /// `struct bpf_fib_lookup` for IPv4 (include/uapi/linux/bpf.h), 64 bytes.
@@ -91,12 +91,18 @@ pub fn count(index: u32) {
 #[inline(always)]
 fn redirect(ctx: &impl Hook, packet: &Packet) -> Option<i64> {
     let l3 = packet.l3_offset;
-    // The translated addresses and ports, as they are now in the packet.
+    // The translated addresses and ports, as they are now in the packet; a later fragment has
+    // no ports (policy routing by port cannot apply to it).
+    let (sport_be, dport_be) = if packet.fragment == fragment::LATER {
+        (0, 0)
+    } else {
+        (ctx.load(packet.l4_offset).ok()?, ctx.load(packet.l4_offset + 2).ok()?)
+    };
     let mut lookup = FibLookup {
         family: AF_INET,
         l4_protocol: packet.proto,
-        sport_be: ctx.load(packet.l4_offset).ok()?,
-        dport_be: ctx.load(packet.l4_offset + 2).ok()?,
+        sport_be,
+        dport_be,
         tot_len: packet.total_len,
         ifindex: ctx.ingress_ifindex(),
         ..FibLookup::default()

@@ -14,14 +14,14 @@ use lb_common::{
 use aya_ebpf::maps::lpm_trie::Key as LpmKey;
 
 use crate::{
-    conntrack,
+    conntrack, fragments,
     hook::Hook,
     local_sockets,
     maps::{
         AFFINITY, BACKEND_SLOTS, BACKENDS, NODE_CONFIG, SERVICE_STATS, SERVICES, SOURCE_RANGES,
     },
     nat::{self, End},
-    parse::{Packet, tcp_flags},
+    parse::{Packet, fragment, tcp_flags},
 };
 
 /// Where the packet entered this node.
@@ -99,6 +99,7 @@ fn forward_established(
     if translate_forward(hook, packet, flow).is_err() {
         return (Verdict::Drop, Reason::TruncatedL4);
     }
+    fragments::remember_forward(packet, flow);
     count_service(flow.service_id, packet);
     (Verdict::Forward, Reason::ForwardEstablished)
 }
@@ -125,7 +126,10 @@ fn reply(hook: &impl Hook, packet: &Packet, flow: &ConntrackValue) -> (Verdict, 
         }
     });
     match translated {
-        Ok(()) => (Verdict::Forward, Reason::ReplyTranslated),
+        Ok(()) => {
+            fragments::remember_reply(packet, flow);
+            (Verdict::Forward, Reason::ReplyTranslated)
+        }
         Err(()) => (Verdict::Drop, Reason::TruncatedL4),
     }
 }
@@ -225,6 +229,7 @@ fn new_flow(
     if translate_forward(hook, packet, &forward).is_err() {
         return (Verdict::Drop, Reason::TruncatedL4);
     }
+    fragments::remember_forward(packet, &forward);
     count_service(service_id, packet);
     (Verdict::Forward, Reason::ForwardNew)
 }
@@ -472,6 +477,10 @@ pub fn process_from_node(hook: &impl Hook, packet: &Packet) -> (Verdict, Reason)
     if from_cluster {
         return (Verdict::Pass, Reason::NotService);
     }
+    if packet.fragment == fragment::LATER {
+        return fragments::translate_later(hook, packet, config)
+            .unwrap_or((Verdict::Pass, Reason::Fragment));
+    }
     if packet.proto == proto::ICMP {
         return crate::icmp::process_error(hook, packet, true)
             .unwrap_or((Verdict::Pass, Reason::NotService));
@@ -490,6 +499,23 @@ pub fn process_from_node(hook: &impl Hook, packet: &Packet) -> (Verdict, Reason)
     conntrack::touch(entry, packet, now, config);
     // SAFETY: as above.
     reply(hook, packet, &unsafe { *entry })
+}
+
+/// A later fragment (no ports): translated as its first fragment was, if that one was
+/// translated here; else dropped to a service address, passed elsewhere (see `fragments`).
+#[inline(always)]
+pub fn process_later_fragment(hook: &impl Hook, packet: &Packet) -> (Verdict, Reason) {
+    let Some(config) = node_config() else {
+        return (Verdict::Pass, Reason::NoNodeConfig);
+    };
+    if let Some(outcome) = fragments::translate_later(hook, packet, config) {
+        return outcome;
+    }
+    if in_prefix(packet.dst_ip_be, config.service_cidr_be, config.service_mask_be) {
+        (Verdict::Drop, Reason::DropFragmentUntracked)
+    } else {
+        (Verdict::Pass, Reason::Fragment)
+    }
 }
 
 /// ICMP and the rest: nothing to translate yet. Echo requests to a service address are dropped

@@ -1,4 +1,6 @@
 //! Header parsing: Ethernet with at most one VLAN tag, IPv4 honouring IHL, then TCP, UDP or ICMP.
+//! Fragments of TCP and UDP datagrams parse too: the first one with its L4 header, a later one
+//! (no L4 header) with its ports left to [`crate::fragments`].
 //!
 //! Every read is bounds-checked against the frame; anything the parser cannot trust ends in a
 //! named [`Reason`] and the packet is left untouched. Later stages only ever see a [`Packet`] whose
@@ -18,7 +20,7 @@ const ETH_P_8021AD_BE: u16 = 0x88a8_u16.to_be();
 
 /// "More fragments" flag and fragment offset mask of the IPv4 `frags` field (RFC 791).
 const IPV4_MF: u16 = 0x2000;
-const IPV4_OFFSET_MASK: u16 = 0x1fff;
+pub const IPV4_OFFSET_MASK: u16 = 0x1fff;
 
 /// A packet whose headers were all present and consistent.
 #[derive(Clone, Copy)]
@@ -41,6 +43,20 @@ pub struct Packet {
     pub flags: u8,
     /// IPv4 total length: the datagram without Ethernet padding.
     pub total_len: u16,
+    /// [`fragment`] kind.
+    pub fragment: u8,
+    /// The IPv4 identification field, network order: names a fragmented datagram.
+    pub ip_id_be: u16,
+}
+
+/// Which part of a datagram a packet is.
+pub mod fragment {
+    /// Not fragmented.
+    pub const WHOLE: u8 = 0;
+    /// The first fragment (MF set, offset 0): it carries the L4 header.
+    pub const FIRST: u8 = 1;
+    /// A later fragment (non-zero offset): payload only, no ports; `Packet`'s ports are 0.
+    pub const LATER: u8 = 2;
 }
 
 impl Packet {
@@ -53,6 +69,7 @@ impl Packet {
 
 /// Field offsets inside the IPv4 header (RFC 791), shared by everything that rewrites it.
 pub mod ipv4_field {
+    pub const FRAGS: usize = 6;
     pub const TTL: usize = 8;
     pub const PROTOCOL: usize = 9;
     pub const CHECK: usize = 10;
@@ -104,7 +121,15 @@ pub fn parse(frame: &impl Frame) -> Result<Packet, Reason> {
         return Err(Reason::BadIpv4Length);
     }
     let frags = u16::from_be_bytes(ip.frags);
-    if frags & (IPV4_MF | IPV4_OFFSET_MASK) != 0 {
+    let fragment = if frags & IPV4_OFFSET_MASK != 0 {
+        fragment::LATER
+    } else if frags & IPV4_MF != 0 {
+        fragment::FIRST
+    } else {
+        fragment::WHOLE
+    };
+    // Only TCP and UDP fragments can be told apart by their first fragment's ports.
+    if fragment != fragment::WHOLE && ip.proto != proto::TCP && ip.proto != proto::UDP {
         return Err(Reason::Fragment);
     }
 
@@ -121,7 +146,12 @@ pub fn parse(frame: &impl Frame) -> Result<Packet, Reason> {
         flags: 0,
         // Fits: it came from a u16.
         total_len: total_len as u16,
+        fragment,
+        ip_id_be: u16::from_ne_bytes(ip.id),
     };
+    if fragment == fragment::LATER {
+        return Ok(packet);
+    }
 
     match ip.proto {
         proto::TCP => {

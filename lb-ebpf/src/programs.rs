@@ -14,7 +14,7 @@ use crate::{
     hook::Hook,
     icmp,
     lb::{self, Origin, Verdict},
-    parse::{self, Packet, tcp_flags},
+    parse::{self, Packet, fragment, tcp_flags},
     refuse, stats,
 };
 
@@ -116,6 +116,9 @@ fn classify(hook: &impl Hook, origin: Origin) -> (Verdict, Reason, Option<Packet
 
 #[inline(always)]
 fn service_stage(hook: &impl Hook, packet: &Packet, origin: Origin) -> (Verdict, Reason) {
+    if packet.fragment == fragment::LATER {
+        return lb::process_later_fragment(hook, packet);
+    }
     if !lb::translatable(packet) {
         if packet.proto == proto::ICMP
             && let Some(outcome) = icmp::process_error(hook, packet, false)

@@ -181,3 +181,32 @@ pub fn endpoints(frame: &[u8]) -> ((Ipv4Addr, u16), (Ipv4Addr, u16)) {
     };
     ((src, sport), (dst, dport))
 }
+
+/// Splits the untagged IPv4 datagram in `frame` into two fragments as a sender would (RFC
+/// 791): the first with the IPv4 header and `first_len` bytes of the datagram's data (a
+/// multiple of 8, so the L4 header and its checksum over the whole datagram go in it), "more
+/// fragments" set; the second with the rest at that offset. Both get identification `id` and a
+/// recomputed header checksum.
+pub fn fragmented(frame: &[u8], id: u16, first_len: usize) -> [Vec<u8>; 2] {
+    const MORE_FRAGMENTS: u16 = 0x2000;
+    let header_len = usize::from(frame[L3] & 0x0f) * 4;
+    let total_len = usize::from(u16::from_be_bytes([frame[L3 + 2], frame[L3 + 3]]));
+    let data = &frame[L3 + header_len..L3 + total_len];
+    assert!(
+        first_len.is_multiple_of(8) && first_len < data.len(),
+        "a fragment boundary inside the data"
+    );
+    let fragment = |part: &[u8], frags: u16| {
+        let mut bytes = frame[..L3 + header_len].to_vec();
+        bytes.extend_from_slice(part);
+        let len = u16::try_from(header_len + part.len()).expect("fits an IPv4 total length");
+        bytes[L3 + 2..L3 + 4].copy_from_slice(&len.to_be_bytes());
+        bytes[L3 + 4..L3 + 6].copy_from_slice(&id.to_be_bytes());
+        bytes[L3 + 6..L3 + 8].copy_from_slice(&frags.to_be_bytes());
+        let header = Ipv4Header::from_slice(&bytes[L3..]).expect("IPv4 header").0;
+        bytes[L3 + 10..L3 + 12].copy_from_slice(&header.calc_header_checksum().to_be_bytes());
+        bytes
+    };
+    let offset_words = u16::try_from(first_len / 8).expect("fits the offset field");
+    [fragment(&data[..first_len], MORE_FRAGMENTS), fragment(&data[first_len..], offset_words)]
+}

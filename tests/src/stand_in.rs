@@ -1,6 +1,6 @@
 //! Two-instruction programs (`r0 = verdict; exit`) loaded with bpf(2), since aya loads only
 //! object files: the benchmark's floor (an empty XDP program), and the upgrade test's stand-ins
-//! for programs an older version left attached.
+//! for programs (and maps) an older version left behind.
 
 use std::{
     ffi::CString,
@@ -10,6 +10,7 @@ use std::{
 
 use aya::programs::{Program, SchedClassifier, Xdp};
 use aya_obj::programs::XdpAttachType;
+use lb_common::maps::names;
 use lb_user::{pins::PinLayout, program_names, upgrade};
 
 /// The program types a stand-in can be.
@@ -67,6 +68,18 @@ struct ObjPinAttr {
     file_flags: u32,
 }
 
+/// The `BPF_MAP_CREATE` part of `union bpf_attr`.
+#[repr(C)]
+struct MapCreateAttr {
+    map_type: u32,
+    key_size: u32,
+    value_size: u32,
+    max_entries: u32,
+    map_flags: u32,
+}
+
+const BPF_MAP_CREATE: libc::c_long = 0;
+const BPF_MAP_TYPE_PERCPU_ARRAY: u32 = 6;
 const BPF_PROG_LOAD: libc::c_long = 5;
 const BPF_OBJ_PIN: libc::c_long = 6;
 
@@ -100,12 +113,33 @@ pub fn load(kind: Kind) -> OwnedFd {
     unsafe { OwnedFd::from_raw_fd(fd) }
 }
 
-/// Pins a program at `path` on bpffs.
-pub fn pin(program: &OwnedFd, path: &Path) {
+/// Leaves the maps as a version that counted `reasons` verdict reasons and had no
+/// `FRAGMENTS` map would have: the verdict counters replaced by a map of that size, and no
+/// fragment map.
+pub fn put_older_maps(pins: &PinLayout, reasons: u32) {
+    std::fs::remove_file(pins.map(names::FRAGMENTS)).expect("unpin FRAGMENTS");
+    let mut attr = MapCreateAttr {
+        map_type: BPF_MAP_TYPE_PERCPU_ARRAY,
+        key_size: 4,
+        value_size: 8,
+        max_entries: reasons,
+        map_flags: 0,
+    };
+    let fd = bpf(BPF_MAP_CREATE, &mut attr);
+    assert!(fd >= 0, "BPF_MAP_CREATE: {}", std::io::Error::last_os_error());
+    // SAFETY: the kernel just returned this descriptor, and nothing else owns it.
+    let map = unsafe { OwnedFd::from_raw_fd(i32::try_from(fd).expect("a file descriptor")) };
+    let stats = pins.map(names::STATS);
+    std::fs::remove_file(&stats).expect("unpin STATS");
+    pin(&map, &stats);
+}
+
+/// Pins a program or map at `path` on bpffs.
+pub fn pin(object: &OwnedFd, path: &Path) {
     let c_path = CString::new(path.as_os_str().as_encoded_bytes()).expect("a path without NUL");
     let mut attr = ObjPinAttr {
         pathname: address_of(c_path.as_bytes_with_nul()),
-        bpf_fd: u32::try_from(program.as_raw_fd()).expect("fd"),
+        bpf_fd: u32::try_from(object.as_raw_fd()).expect("fd"),
         file_flags: 0,
     };
     let rc = bpf(BPF_OBJ_PIN, &mut attr);

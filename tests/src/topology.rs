@@ -238,17 +238,26 @@ fn answer_lines(stream: TcpStream, name: &str, stop: &AtomicBool) {
     }
 }
 
-/// A UDP server on port 53: answers every datagram with the pod's name.
+/// Datagrams longer than this are echoed after the pod's name: large answers, for tests of
+/// fragmented datagrams.
+pub const UDP_ECHO_ABOVE: usize = 1000;
+
+/// A UDP server on port 53: answers every datagram with the pod's name, followed by the
+/// datagram itself if it is longer than [`UDP_ECHO_ABOVE`] bytes.
 fn serve_udp(pod: &Pod, stop: Arc<AtomicBool>) -> JoinHandle<()> {
     let (name, path) = (pod.name, pod.netns.path());
     std::thread::spawn(move || {
         crate::netns::enter_path(&path);
         let socket = UdpSocket::bind(("0.0.0.0", 53)).expect("bind UDP 53 in the pod");
         socket.set_read_timeout(Some(POLL)).expect("read timeout");
-        let mut buffer = [0u8; 512];
+        let mut buffer = vec![0u8; 65_536];
         while !stop.load(Ordering::Relaxed) {
-            if let Ok((_, from)) = socket.recv_from(&mut buffer) {
-                let _ = socket.send_to(name.as_bytes(), from);
+            if let Ok((len, from)) = socket.recv_from(&mut buffer) {
+                let mut answer = name.as_bytes().to_vec();
+                if len > UDP_ECHO_ABOVE {
+                    answer.extend_from_slice(&buffer[..len]);
+                }
+                let _ = socket.send_to(&answer, from);
             }
         }
     })

@@ -71,6 +71,28 @@ fn well_formed_cases() -> Vec<Case> {
     ]
 }
 
+/// Fragments not addressed to a service (see `fragments.rs` for those that are).
+fn fragment_cases() -> Vec<Case> {
+    let tcp_frame = tcp().build();
+    vec![
+        case(
+            "first fragment (MF set): parsed as a whole datagram, ports and all",
+            patched(tcp_frame.clone(), L3 + 6, &[0x20, 0x00]),
+            Reason::NotService,
+        ),
+        case(
+            "later fragment (offset 185) whose first was not translated",
+            patched(tcp_frame.clone(), L3 + 6, &[0x00, 0xb9]),
+            Reason::Fragment,
+        ),
+        case(
+            "fragment of a protocol without ports (GRE)",
+            patched(patched(tcp_frame, L3 + 6, &[0x20, 0x00]), L3 + 9, &[47]),
+            Reason::Fragment,
+        ),
+    ]
+}
+
 /// IHL above 5: the L4 header starts after the options.
 fn ip_option_cases() -> Vec<Case> {
     // NOP padding and an End-of-options list, as RFC 791 allows, in 4 to 40 bytes.
@@ -150,16 +172,6 @@ fn malformed_cases() -> Vec<Case> {
             Reason::BadIpv4Length,
         ),
         case(
-            "first fragment (MF set)",
-            patched(tcp_frame.clone(), L3 + 6, &[0x20, 0x00]),
-            Reason::Fragment,
-        ),
-        case(
-            "later fragment (offset 185)",
-            patched(tcp_frame.clone(), L3 + 6, &[0x00, 0xb9]),
-            Reason::Fragment,
-        ),
-        case(
             "DF set is not a fragment",
             patched(tcp_frame.clone(), L3 + 6, &[0x40, 0x00]),
             Reason::NotService,
@@ -224,6 +236,14 @@ fn well_formed_packets_pass_untouched_and_are_counted_by_protocol() {
 fn ipv4_options_are_skipped_using_ihl() {
     let mut datapath = loaded();
     for case in ip_option_cases() {
+        assert_passed_untouched(&mut datapath, &case);
+    }
+}
+
+#[test]
+fn fragments_not_for_a_service_pass_untouched() {
+    let mut datapath = loaded();
+    for case in fragment_cases() {
         assert_passed_untouched(&mut datapath, &case);
     }
 }

@@ -1,7 +1,8 @@
 //! At least a million random and mutated packets through each program, against the seed the
 //! packet tables use (`lb_tests::fixtures`). Every packet must be passed untouched, dropped (with
 //! a counted reason), refused with an exact RST or ICMP port unreachable, or translated
-//! correctly (TCP and UDP, and ICMP errors about them); none may be mistranslated.
+//! correctly (TCP and UDP, fragments of them, and ICMP errors about them); none may be
+//! mistranslated.
 //!
 //! The oracle knows nothing of the programs' code. It reads the seeded tables, restates the
 //! README's parse contract (which packets are well-formed enough to translate), recomputes every
@@ -114,16 +115,7 @@ fn the_oracle_rejects_what_a_buggy_datapath_would_do() {
         "accepted a reply from a frontend the client never used"
     );
 
-    let mut fragment = input.clone();
-    fragment[14 + 6] = 0x20;
-    refresh_checksums(&mut fragment);
-    let mut translated_fragment = good.clone();
-    translated_fragment[14 + 6] = 0x20;
-    refresh_checksums(&mut translated_fragment);
-    assert!(
-        oracle.judge(forward, &fragment, &translated_fragment).is_err(),
-        "accepted a translated fragment"
-    );
+    assert_fragments_are_judged(&mut oracle, &request, backend);
     assert_refusals_are_judged(&mut oracle);
 
     // An error from the backend about the translated SYN reaches the pod from the service.
@@ -146,6 +138,46 @@ fn icmp_about(from: Endpoint, to: Endpoint, quoted: &Draft) -> Vec<u8> {
     Draft { l4, payload: quote, ..syn(from, to) }.build()
 }
 
+/// A later fragment is legal only with the addresses its first fragment was given, and only
+/// its IPv4 header may change.
+fn assert_fragments_are_judged(oracle: &mut Oracle<'_>, request: &Draft, backend: Endpoint) {
+    let forward = Hook::Tc.forward_code();
+    let first = Draft { frags: IPV4_MF, id: 0x0f0f, ..request.clone() };
+    let later = Draft { l4: L4::Other(proto::TCP), frags: 3, ..first.clone() };
+    let translated = |draft: &Draft, dst: Endpoint| Draft { dst, ..draft.clone() }.build();
+    assert!(
+        oracle.judge(forward, &later.build(), &translated(&later, backend)).is_err(),
+        "accepted a later fragment translated before its first"
+    );
+    let (first_frame, later_frame) = (first.build(), later.build());
+    assert!(
+        oracle.judge(forward, &first_frame, &translated(&first, backend)).is_ok(),
+        "rejected a translated first fragment"
+    );
+    assert!(
+        oracle.judge(forward, &later_frame, &translated(&later, backend)).is_ok(),
+        "rejected a later fragment given its first one's addresses"
+    );
+    let elsewhere = translated(&later, endpoint("10.244.2.10", 80));
+    assert!(
+        oracle.judge(forward, &later_frame, &elsewhere).is_err(),
+        "accepted a later fragment sent elsewhere than its first"
+    );
+    let payload_at = translated(&later, backend).len() - 1;
+    let damaged = changed_byte(&translated(&later, backend), payload_at, true);
+    assert!(
+        oracle.judge(forward, &later_frame, &damaged).is_err(),
+        "accepted a later fragment with its payload changed"
+    );
+    let other_datagram = Draft { id: 0x0f10, ..later };
+    assert!(
+        oracle
+            .judge(forward, &other_datagram.build(), &translated(&other_datagram, backend))
+            .is_err(),
+        "accepted a later fragment of another datagram"
+    );
+}
+
 fn syn(src: Endpoint, dst: Endpoint) -> Draft {
     Draft {
         src,
@@ -155,6 +187,7 @@ fn syn(src: Endpoint, dst: Endpoint) -> Draft {
         tags: Vec::new(),
         ip_options: Vec::new(),
         frags: 0x4000,
+        id: 0x1234,
         padding: Vec::new(),
         seq: 1000,
         ack: 0,
@@ -407,6 +440,7 @@ const TRANSLATED: &[Reason] = &[
     Reason::ForwardEstablished,
     Reason::ReplyTranslated,
     Reason::IcmpErrorTranslated,
+    Reason::FragmentTranslated,
 ];
 /// Refused with an RST or ICMP error, or dropped when the input was itself a reset (the
 /// oracle tells which: `Outcome::ResetDropped`).
@@ -420,6 +454,7 @@ const DROPPED: &[Reason] = &[
     Reason::DropBackendMissing,
     Reason::DropConntrackFull,
     Reason::DropRefusalFailed,
+    Reason::DropFragmentUntracked,
 ];
 
 /// Counted by the node's socket hooks (cgroup programs), never by `lb_xdp` or `lb_tc`.
@@ -739,9 +774,12 @@ fn ip_at(frame: &[u8], at: usize) -> Ipv4Addr {
 }
 
 /// The IPv4 datagram of a frame that the README's parse contract calls well-formed: Ethernet
-/// with at most one 802.1Q/802.1ad tag, IPv4 with a valid IHL, a total length that fits the
-/// frame (the rest is Ethernet padding), and not a fragment.
+/// with at most one 802.1Q/802.1ad tag, IPv4 with a valid IHL, and a total length that fits
+/// the frame (the rest is Ethernet padding). It may be a fragment.
 struct Datagram {
+    part: Part,
+    /// The identification field: names a fragmented datagram.
+    id: u16,
     l3: usize,
     /// IPv4 header length, options included.
     header_len: usize,
@@ -775,20 +813,62 @@ fn parse_ipv4(frame: &[u8]) -> Option<Datagram> {
     let ip = frame.get(l3..l3 + 20)?;
     let header_len = usize::from(ip[0] & 0x0f) * 4;
     let total_len = usize::from(be16(ip, 2));
-    let fragment = be16(ip, 6) & 0x3fff != 0;
-    if ether_type != ETH_P_IPV4 || ip[0] >> 4 != 4 || header_len < 20 || fragment {
+    if ether_type != ETH_P_IPV4 || ip[0] >> 4 != 4 || header_len < 20 {
         return None;
     }
     if total_len < header_len || l3 + total_len > frame.len() {
         return None;
     }
     let (src, dst) = (ip_at(ip, 12), ip_at(ip, 16));
-    Some(Datagram { l3, header_len, total_len, proto: ip[9], src, dst })
+    let (part, id) = (Part::of(be16(ip, 6)), be16(ip, 4));
+    Some(Datagram { part, id, l3, header_len, total_len, proto: ip[9], src, dst })
+}
+
+/// Which part of its datagram a packet is (RFC 791).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Part {
+    Whole,
+    /// "More fragments" set, offset 0: the L4 header is here.
+    First,
+    /// A non-zero offset: payload only.
+    Later,
+}
+
+const IPV4_MF: u16 = 0x2000;
+const IPV4_OFFSET: u16 = 0x1fff;
+
+impl Part {
+    fn of(frags: u16) -> Self {
+        if frags & IPV4_OFFSET != 0 {
+            Self::Later
+        } else if frags & IPV4_MF != 0 {
+            Self::First
+        } else {
+            Self::Whole
+        }
+    }
+}
+
+/// A fragmented datagram, as its fragments name it: source, destination, identification,
+/// protocol.
+type FragmentKey = (Ipv4Addr, Ipv4Addr, u16, u8);
+
+/// A later fragment of a TCP or UDP datagram, which the programs translate as its first
+/// fragment was.
+fn parse_later_fragment(frame: &[u8]) -> Option<(Datagram, FragmentKey)> {
+    let ip = parse_ipv4(frame)?;
+    if ip.part != Part::Later || (ip.proto != proto::TCP && ip.proto != proto::UDP) {
+        return None;
+    }
+    let key = (ip.src, ip.dst, ip.id, ip.proto);
+    Some((ip, key))
 }
 
 /// A well-formed TCP or UDP packet: a complete L4 header inside the datagram (TCP: a data
-/// offset of 5 words or more, within the datagram).
+/// offset of 5 words or more, within the datagram); a whole datagram or a first fragment.
 struct Parsed {
+    /// The datagram's key if this is its first fragment.
+    first_fragment: Option<FragmentKey>,
     l3: usize,
     l4: usize,
     /// IPv4 header length, options included.
@@ -804,6 +884,9 @@ struct Parsed {
 
 fn parse_translatable(frame: &[u8]) -> Option<Parsed> {
     let ip = parse_ipv4(frame)?;
+    if ip.part == Part::Later {
+        return None;
+    }
     let (l4, end) = (ip.l4(), ip.end());
     let l4_header_len = match ip.proto {
         proto::TCP if l4 + 20 <= end => usize::from(frame[l4 + 12] >> 4) * 4,
@@ -821,7 +904,8 @@ fn parse_translatable(frame: &[u8]) -> Option<Parsed> {
     };
     let flags = if tcp { frame[l4 + 13] } else { 0 };
     let (l3, header_len, total_len) = (ip.l3, ip.header_len, ip.total_len);
-    Some(Parsed { l3, l4, header_len, total_len, tuple, flags, l4_header_len })
+    let first_fragment = (ip.part == Part::First).then_some((ip.src, ip.dst, ip.id, ip.proto));
+    Some(Parsed { first_fragment, l3, l4, header_len, total_len, tuple, flags, l4_header_len })
 }
 
 const ICMP_DEST_UNREACHABLE: u8 = 3;
@@ -841,6 +925,10 @@ struct IcmpError {
 
 fn parse_icmp_error(frame: &[u8]) -> Option<IcmpError> {
     let outer = parse_ipv4(frame)?;
+    // The programs leave fragments of anything but TCP and UDP alone.
+    if outer.part != Part::Whole {
+        return None;
+    }
     let icmp = outer.l4();
     let kind = *frame.get(icmp)?;
     if outer.proto != proto::ICMP || icmp + 8 > outer.end() {
@@ -857,6 +945,10 @@ fn parse_icmp_error(frame: &[u8]) -> Option<IcmpError> {
     }
     let quoted_proto = frame[quote_l3 + 9];
     if quoted_proto != proto::TCP && quoted_proto != proto::UDP {
+        return None;
+    }
+    // A quoted later fragment has payload where the ports would be.
+    if Part::of(be16(frame, quote_l3 + 6)) == Part::Later {
         return None;
     }
     let quoted = Tuple {
@@ -940,6 +1032,9 @@ fn refresh_checksums(frame: &mut [u8]) {
     set_checksum(frame, l3 + 10, |f| ones_sum(&f[l3..l3 + header_len]));
     let total_len = usize::from(be16(frame, l3 + 2));
     if total_len < header_len {
+        return;
+    }
+    if Part::of(be16(frame, l3 + 6)) == Part::Later {
         return;
     }
     let (l4, end) = (l3 + header_len, (l3 + total_len).min(frame.len()));
@@ -1031,6 +1126,28 @@ struct Model {
     replies: HashMap<Tuple, Vec<(Endpoint, Endpoint)>>,
     /// Recent (client tuple, translated tuple) pairs, for the generator to continue or answer.
     flows: Vec<(Tuple, Tuple)>,
+    /// A translated first fragment's datagram -> the (source, destination) it was given: what
+    /// its later fragments may be given. The latest first fragment of a key counts, as in
+    /// the programs' map.
+    fragments: HashMap<FragmentKey, (Ipv4Addr, Ipv4Addr)>,
+    /// Recent keys of `fragments`, for the generator's later fragments, and how many were
+    /// recorded (the next slot to replace once full).
+    fragment_keys: Vec<FragmentKey>,
+    fragments_recorded: usize,
+}
+
+impl Model {
+    fn record_first_fragment(&mut self, key: FragmentKey, translated: Tuple) {
+        let addresses = (translated.src.ip, translated.dst.ip);
+        if self.fragments.insert(key, addresses).is_none() {
+            if self.fragment_keys.len() < RECENT_FLOWS {
+                self.fragment_keys.push(key);
+            } else {
+                self.fragment_keys[self.fragments_recorded % RECENT_FLOWS] = key;
+            }
+            self.fragments_recorded += 1;
+        }
+    }
 }
 
 const RECENT_FLOWS: usize = 4096;
@@ -1099,9 +1216,37 @@ impl<'t> Oracle<'t> {
         if let Some(error) = parse_icmp_error(input) {
             return self.check_icmp_error(&error, input, output);
         }
-        Err("translated a packet that is neither well-formed TCP or UDP over IPv4 nor an ICMP \
-             error quoting TCP or UDP"
+        if let Some((ip, key)) = parse_later_fragment(input) {
+            return self.check_later_fragment(&ip, key, input, output);
+        }
+        Err("translated a packet that is neither well-formed TCP or UDP over IPv4 (or a fragment \
+             of it) nor an ICMP error quoting TCP or UDP"
             .into())
+    }
+
+    /// A later fragment may only get the addresses its datagram's first fragment was given
+    /// (and a checksum as right or wrong as before); nothing else in it may change.
+    fn check_later_fragment(
+        &self,
+        ip: &Datagram,
+        key: FragmentKey,
+        input: &[u8],
+        output: &[u8],
+    ) -> Result<(), String> {
+        unchanged_outside(&[(0, ip.l3 + 10), (ip.l3 + 20, input.len())], input, output)?;
+        let header = ip.l3..ip.l3 + ip.header_len;
+        let residual = |frame: &[u8]| fold(ones_sum(&frame[header.clone()]));
+        if !same_in_ones_complement(residual(input), residual(output)) {
+            return Err("IPv4 header checksum not updated for the new addresses".into());
+        }
+        let given = (ip_at(output, ip.l3 + 12), ip_at(output, ip.l3 + 16));
+        match self.model.fragments.get(&key) {
+            Some(&first) if first == given => Ok(()),
+            Some(first) => Err(format!(
+                "later fragment of {key:?} given {given:?}, its first fragment {first:?}"
+            )),
+            None => Err(format!("translated a later fragment of {key:?}, whose first was not")),
+        }
     }
 
     /// Only addresses, ports and checksums changed, the checksums are as right (or as wrong) as
@@ -1114,13 +1259,16 @@ impl<'t> Oracle<'t> {
         let (from, to) = (before.tuple, after.tuple);
         // The replies' program only ever reverse-translates.
         let dnat = self.hook != Hook::TcReply && self.check_dnat(from, to)?;
-        if dnat || self.is_known_reply(from, to) {
-            return Ok(());
+        if !dnat && !self.is_known_reply(from, to) {
+            return Err(format!(
+                "mistranslated: {from} became {to}, neither a DNAT to a backend of the frontend \
+                 addressed nor the reverse NAT of a flow this run created"
+            ));
         }
-        Err(format!(
-            "mistranslated: {from} became {to}, neither a DNAT to a backend of the frontend \
-             addressed nor the reverse NAT of a flow this run created"
-        ))
+        if let Some(key) = before.first_fragment {
+            self.model.record_first_fragment(key, to);
+        }
+        Ok(())
     }
 
     /// An ICMP error quotes the datagram as it was on the wire, after translation, so a legal
@@ -1480,6 +1628,8 @@ struct Draft {
     ip_options: Vec<u8>,
     /// IPv4 flags and fragment offset.
     frags: u16,
+    /// IPv4 identification.
+    id: u16,
     /// Bytes after the datagram, as Ethernet padding.
     padding: Vec<u8>,
     seq: u32,
@@ -1502,7 +1652,7 @@ impl Draft {
         let ihl = u8::try_from(header_len / 4).expect("IHL");
         frame.extend_from_slice(&[0x40 | ihl, 0]);
         frame.extend_from_slice(&total_len.to_be_bytes());
-        frame.extend_from_slice(&[0x12, 0x34]);
+        frame.extend_from_slice(&self.id.to_be_bytes());
         frame.extend_from_slice(&self.frags.to_be_bytes());
         frame.extend_from_slice(&[64, self.protocol(), 0, 0]);
         frame.extend_from_slice(&self.src.ip.octets());
@@ -1572,8 +1722,15 @@ const TCP_FLAG_SETS: [u8; 12] = [
 ];
 
 /// How packets are made, besides the mutations; each must be used (see `assert_coverage`).
-const GENERATED_KINDS: [&str; 5] =
-    ["new flow", "established flow", "reply", "ICMP error", "random frame"];
+const GENERATED_KINDS: [&str; 7] = [
+    "new flow",
+    "established flow",
+    "reply",
+    "ICMP error",
+    "random frame",
+    "first fragment",
+    "later fragment",
+];
 
 struct Generator<'t> {
     rng: Rng,
@@ -1594,6 +1751,8 @@ impl<'t> Generator<'t> {
             20..=34 => self.reply(model).map(|draft| (draft, GENERATED_KINDS[2])),
             35..=42 => self.icmp_error(model).map(|draft| (draft, GENERATED_KINDS[3])),
             43..=47 => return (self.random_frame(), vec![GENERATED_KINDS[4]]),
+            48..=53 => Some((self.first_fragment(model), GENERATED_KINDS[5])),
+            54..=59 => self.later_fragment(model).map(|draft| (draft, GENERATED_KINDS[6])),
             _ => None,
         };
         let (draft, kind) = known.unwrap_or_else(|| (self.new_flow(), GENERATED_KINDS[0]));
@@ -1622,6 +1781,33 @@ impl<'t> Generator<'t> {
         let &(client, _) = self.pick_flow(model)?;
         let flags = *self.rng.pick(&TCP_FLAG_SETS);
         Some(self.draft(client.src, client.dst, client.proto, flags))
+    }
+
+    /// The first fragment of a datagram of a new flow, of one this run saw, or of an answer.
+    fn first_fragment(&mut self, model: &Model) -> Draft {
+        let known = match self.rng.below(3) {
+            0 => self.continuation(model),
+            1 => self.reply(model),
+            _ => None,
+        };
+        let draft = known.unwrap_or_else(|| self.new_flow());
+        Draft { frags: IPV4_MF, ..draft }
+    }
+
+    /// A later fragment: mostly of a datagram whose first fragment this run saw translated,
+    /// else of a flow's datagram whose first fragment never came; now and then the last one.
+    fn later_fragment(&mut self, model: &Model) -> Option<Draft> {
+        let key = if !model.fragment_keys.is_empty() && self.rng.percent(80) {
+            *self.rng.pick(&model.fragment_keys)
+        } else {
+            let &(client, _) = self.pick_flow(model)?;
+            (client.src.ip, client.dst.ip, self.rng.u16() & 0x00ff, client.proto)
+        };
+        let (src, dst) = (Endpoint { ip: key.0, port: 0 }, Endpoint { ip: key.1, port: 0 });
+        let draft = self.draft(src, dst, key.3, 0);
+        let more = if self.rng.percent(50) { IPV4_MF } else { 0 };
+        let offset = 1 + u16::try_from(self.rng.below(usize::from(IPV4_OFFSET))).expect("offset");
+        Some(Draft { l4: L4::Other(key.3), frags: more | offset, id: key.2, ..draft })
     }
 
     /// A backend's answer to a flow this run saw translated; now and then to a neighbouring
@@ -1706,6 +1892,8 @@ impl<'t> Generator<'t> {
             tags,
             ip_options: if rng.percent(10) { options(rng) } else { Vec::new() },
             frags: if rng.percent(85) { 0x4000 } else { 0 },
+            // Few values, so that the generator's fragments sometimes share a datagram's key.
+            id: rng.u16() & 0x00ff,
             padding: if rng.percent(5) { rng.some_bytes(30) } else { Vec::new() },
             seq: rng.u32(),
             ack: rng.u32(),

@@ -3,6 +3,7 @@
 //! code are left alone, the maps stay, and connections established before the upgrade keep
 //! their backends. The older version is played by stand-in programs (pass everything) put on
 //! the pinned XDP and tc attachments while no daemon runs; a program it did not have is pinned.
+//! Its maps: no `FRAGMENTS` map, and verdict counters for fewer reasons, which start afresh.
 //!
 //! A restart with other map capacities resizes the pinned maps the same way: every program moves
 //! to new maps filled from the old ones, and the flows carry on.
@@ -10,7 +11,7 @@
 use std::{collections::BTreeMap, net::SocketAddr};
 
 use aya::{maps::MapInfo, programs::ProgramInfo};
-use lb_common::maps::names;
+use lb_common::{maps::names, stats::Reason};
 use lb_tests::{
     daemon::{
         RunningDaemon, counter, default_targets, example_node_config, examples, scrape_metrics,
@@ -81,9 +82,13 @@ fn an_upgrade_replaces_outdated_programs_in_place_and_established_flows_keep_the
     for name in missing {
         std::fs::remove_file(pins.layout().program(name)).expect("unpin a program");
     }
+    stand_in::put_older_maps(pins.layout(), Reason::COUNT - 2);
 
     let daemon = RunningDaemon::start(&topology, &pins, &manifests, None);
     let upgraded = pinned(pins.layout());
+    let entries = |name| MapInfo::from_pin(pins.layout().map(name)).expect(name).max_entries();
+    assert_eq!(entries(names::STATS), Reason::COUNT, "verdict counters for every reason");
+    assert_eq!(entries(names::FRAGMENTS), lb_common::maps::capacity::FRAGMENTS);
     for name in program_names::ALL {
         assert_eq!(upgraded[name].1, own[name], "{name} runs this binary's code");
         let replaced = upgraded[name].0 != older[name].0;
@@ -100,6 +105,8 @@ fn an_upgrade_replaces_outdated_programs_in_place_and_established_flows_keep_the
     );
     let answer = tcp_request(client_pod, addr("10.96.45.10:80")).expect("a new connection");
     assert!(answer.starts_with("hello from my-nginx-"), "{answer}");
+    let counted = lb_user::stats::read_pinned(pins.layout()).expect("the verdict counters");
+    assert!(counted.get(Reason::ForwardNew) >= 1, "counting afresh: {counted:?}");
     // The daemon attached the replies' program where it belongs: every interface's egress.
     let attachments = status::read(pins.layout()).expect("status").attachments;
     let on_egress: Vec<_> = attachments
