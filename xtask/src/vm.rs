@@ -210,6 +210,11 @@ fn fetch_kernel(vm: &Path) -> anyhow::Result<Kernel> {
     let modules = Path::new("/lib/modules").join(&release);
     if !modules.join("modules.dep").exists() {
         eprintln!("vm: installing the modules of {release} to {}", modules.display());
+        // A machine without a kernel package of its own (a container's, a VM's booted from
+        // outside) may have no /lib/modules at all.
+        let parent = modules.parent().expect("/lib/modules");
+        std::fs::create_dir_all(parent)
+            .with_context(|| format!("creating {}", parent.display()))?;
         run_in(
             Command::new("cp").args(["-a", "--no-target-directory"]),
             &[
