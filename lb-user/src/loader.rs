@@ -2,11 +2,8 @@
 //! second load adopts the first one's maps instead of creating new ones) and both programs.
 
 use aya::{Ebpf, EbpfLoader, programs::Program};
-use lb_common::{
-    maps::{capacity, names},
-    stats::Reason,
-};
-use tracing::{debug, info};
+use lb_common::maps::{capacity, names};
+use tracing::debug;
 
 use crate::{
     EBPF_OBJECT,
@@ -129,11 +126,7 @@ fn load(pins: Option<&PinLayout>, capacities: &Capacities) -> Result<Ebpf> {
             // aya adopts a pinned map only if its definition matches the object's, size
             // included: an adopted map keeps the size it was created with.
             if let Ok(entries) = pinned_entries(name, &path) {
-                if name == names::STATS && entries != Reason::COUNT {
-                    unpin_other_reasons(&path, entries)?;
-                } else {
-                    loader.map_max_entries(name, entries);
-                }
+                loader.map_max_entries(name, entries);
             }
             loader.map_pin_path(name, path);
         }
@@ -143,18 +136,6 @@ fn load(pins: Option<&PinLayout>, capacities: &Capacities) -> Result<Ebpf> {
         load_program(&mut ebpf, name)?;
     }
     Ok(ebpf)
-}
-
-/// The verdict counters of a version with another set of reasons start afresh: adopted, the
-/// new reasons would have no slot, and reading them would fail. Programs still attached keep
-/// counting in the old map until they are replaced.
-fn unpin_other_reasons(pin: &std::path::Path, entries: u32) -> Result<()> {
-    info!(
-        pinned = entries,
-        now = Reason::COUNT,
-        "verdict counters start afresh: this version counts other reasons"
-    );
-    std::fs::remove_file(pin).map_err(Error::io(pin))
 }
 
 /// Hands one program to the verifier.

@@ -1,5 +1,6 @@
 //! Map capacities changed in the node configuration take effect on a pinned datapath, without
-//! losing what its maps hold.
+//! losing what its maps hold; so does the size of the verdict counters, when an older version
+//! pinned them for fewer reasons.
 //!
 //! A map adopted from its pin keeps the size it was created with, and the kernel cannot resize a
 //! map. So a map whose configured size differs is moved aside (pinned under another name), the
@@ -18,7 +19,7 @@
 
 use std::fs;
 
-use lb_common::maps::names;
+use lb_common::{maps::names, stats::Reason};
 use tracing::{info, warn};
 
 use crate::{
@@ -42,6 +43,13 @@ pub fn restore_unstarted(pins: &PinLayout) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// The size map `name` is to have: the configured capacity, or for the verdict counters one
+/// slot per reason this version counts (an older version, counting fewer, pinned fewer; new
+/// reasons are appended, so an index keeps its reason and the counts carry over).
+fn wanted_entries(capacities: &Capacities, name: &str) -> Option<u32> {
+    if name == names::STATS { Some(Reason::COUNT) } else { capacities.of(name) }
 }
 
 /// The maps being resized in one load.
@@ -77,7 +85,7 @@ impl Resizing {
         restore_unstarted(pins)?;
         let mut resizing = Self { pins: pins.clone(), moves: Vec::new() };
         for name in MAP_NAMES {
-            let Some(configured) = capacities.of(name) else { continue };
+            let Some(configured) = wanted_entries(capacities, name) else { continue };
             match resizing.judge(name, configured) {
                 Ok(Some(moved)) => resizing.moves.push(moved),
                 Ok(None) => {}
@@ -116,6 +124,10 @@ impl Resizing {
         }
         let (from_entries, to_entries) = (entries(name, &pinned)?, configured);
         if from_entries == to_entries {
+            return Ok(None);
+        }
+        // A later version's verdict counters: this one reads the reasons it knows, the first.
+        if to_entries < from_entries && name == names::STATS {
             return Ok(None);
         }
         // The maps the programs insert into are LRU maps, which make room by evicting; the

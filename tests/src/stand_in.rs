@@ -8,9 +8,12 @@ use std::{
     path::Path,
 };
 
-use aya::programs::{Program, SchedClassifier, Xdp};
+use aya::{
+    maps::{Map, MapData, PerCpuArray, PerCpuValues},
+    programs::{Program, SchedClassifier, Xdp},
+};
 use aya_obj::programs::XdpAttachType;
-use lb_common::maps::names;
+use lb_common::{maps::names, stats::Reason};
 use lb_user::{pins::PinLayout, program_names, upgrade};
 
 /// The program types a stand-in can be.
@@ -114,9 +117,9 @@ pub fn load(kind: Kind) -> OwnedFd {
 }
 
 /// Leaves the maps as a version that counted `reasons` verdict reasons and had no
-/// `FRAGMENTS` map would have: the verdict counters replaced by a map of that size, and no
-/// fragment map.
-pub fn put_older_maps(pins: &PinLayout, reasons: u32) {
+/// `FRAGMENTS` map would have: no fragment map, and verdict counters of that size, which
+/// counted `counted` (one reason's count) on one CPU.
+pub fn put_older_maps(pins: &PinLayout, reasons: u32, counted: (Reason, u64)) {
     std::fs::remove_file(pins.map(names::FRAGMENTS)).expect("unpin FRAGMENTS");
     let mut attr = MapCreateAttr {
         map_type: BPF_MAP_TYPE_PERCPU_ARRAY,
@@ -132,6 +135,14 @@ pub fn put_older_maps(pins: &PinLayout, reasons: u32) {
     let stats = pins.map(names::STATS);
     std::fs::remove_file(&stats).expect("unpin STATS");
     pin(&map, &stats);
+    let data = MapData::from_pin(&stats).expect("the older counters");
+    let mut array: PerCpuArray<_, u64> =
+        PerCpuArray::try_from(Map::PerCpuArray(data)).expect("a per-CPU array");
+    let cpus = aya::util::nr_cpus().expect("the number of CPUs").get();
+    let mut values = vec![0; usize::try_from(cpus).expect("fits")];
+    values[0] = counted.1;
+    let values = PerCpuValues::try_from(values).expect("one value per CPU");
+    array.set(counted.0.index(), values, 0).expect("an older count");
 }
 
 /// Pins a program or map at `path` on bpffs.

@@ -3,7 +3,8 @@
 //! code are left alone, the maps stay, and connections established before the upgrade keep
 //! their backends. The older version is played by stand-in programs (pass everything) put on
 //! the pinned XDP and tc attachments while no daemon runs; a program it did not have is pinned.
-//! Its maps: no `FRAGMENTS` map, and verdict counters for fewer reasons, which start afresh.
+//! Its maps, played too: no `FRAGMENTS` map, and verdict counters for fewer reasons, which move
+//! to a map with a slot per reason, their counts kept.
 //!
 //! A restart with other map capacities resizes the pinned maps the same way: every program moves
 //! to new maps filled from the old ones, and the flows carry on.
@@ -82,13 +83,9 @@ fn an_upgrade_replaces_outdated_programs_in_place_and_established_flows_keep_the
     for name in missing {
         std::fs::remove_file(pins.layout().program(name)).expect("unpin a program");
     }
-    stand_in::put_older_maps(pins.layout(), Reason::COUNT - 2);
 
     let daemon = RunningDaemon::start(&topology, &pins, &manifests, None);
     let upgraded = pinned(pins.layout());
-    let entries = |name| MapInfo::from_pin(pins.layout().map(name)).expect(name).max_entries();
-    assert_eq!(entries(names::STATS), Reason::COUNT, "verdict counters for every reason");
-    assert_eq!(entries(names::FRAGMENTS), lb_common::maps::capacity::FRAGMENTS);
     for name in program_names::ALL {
         assert_eq!(upgraded[name].1, own[name], "{name} runs this binary's code");
         let replaced = upgraded[name].0 != older[name].0;
@@ -105,8 +102,6 @@ fn an_upgrade_replaces_outdated_programs_in_place_and_established_flows_keep_the
     );
     let answer = tcp_request(client_pod, addr("10.96.45.10:80")).expect("a new connection");
     assert!(answer.starts_with("hello from my-nginx-"), "{answer}");
-    let counted = lb_user::stats::read_pinned(pins.layout()).expect("the verdict counters");
-    assert!(counted.get(Reason::ForwardNew) >= 1, "counting afresh: {counted:?}");
     // The daemon attached the replies' program where it belongs: every interface's egress.
     let attachments = status::read(pins.layout()).expect("status").attachments;
     let on_egress: Vec<_> = attachments
@@ -124,6 +119,24 @@ fn an_upgrade_replaces_outdated_programs_in_place_and_established_flows_keep_the
     let daemon = RunningDaemon::start(&topology, &pins, &manifests, None);
     assert_eq!(pinned(pins.layout()), upgraded, "a restart of the same version keeps its programs");
     assert_eq!(exchange(&mut east_west), backends.0, "after a restart of the same version");
+    daemon.stop();
+
+    // An older version's maps: every program moves to the new ones, as in a resize, even
+    // those whose code is the same, which would otherwise count into the old map for good.
+    let counted_before = (Reason::ForwardNew, 1_000_000);
+    stand_in::put_older_maps(pins.layout(), Reason::COUNT - 2, counted_before);
+    let daemon = RunningDaemon::start(&topology, &pins, &manifests, None);
+    let entries = |name| MapInfo::from_pin(pins.layout().map(name)).expect(name).max_entries();
+    assert_eq!(entries(names::STATS), Reason::COUNT, "verdict counters for every reason");
+    assert_eq!(entries(names::FRAGMENTS), lb_common::maps::capacity::FRAGMENTS);
+    assert!(!pins.layout().map_set_aside(names::STATS).exists(), "the old counters are gone");
+    let moved = pinned(pins.layout());
+    for name in program_names::ALL {
+        assert_ne!(moved[name].0, upgraded[name].0, "{name} moved to the new maps");
+    }
+    let counted = lb_user::stats::read_pinned(pins.layout()).expect("the verdict counters");
+    assert!(counted.get(counted_before.0) >= counted_before.1, "counts kept: {counted:?}");
+    assert_eq!(exchange(&mut east_west), backends.0, "after the verdict counters moved");
     drop(daemon);
 }
 

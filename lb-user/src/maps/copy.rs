@@ -43,6 +43,8 @@ pub enum Copied {
     Affinity(StdHashMap<AffinityKey, AffinityValue>),
     /// The frontends' counters by index, where not zero.
     Counters(BTreeMap<u32, Vec<ServiceCounters>>),
+    /// The verdict counters by reason, where not zero.
+    Verdicts(BTreeMap<u32, Vec<u64>>),
     /// Maps only the daemon writes: the first pass is the whole copy.
     Complete,
 }
@@ -61,6 +63,7 @@ pub fn check_layout(pins: &PinLayout, name: &str, pin: &Path) -> Result<()> {
         names::BACKENDS => (size_of::<u32>(), size_of::<Backend>()),
         names::BACKEND_SLOTS => (size_of::<u32>(), size_of::<Slot>()),
         names::SERVICE_STATS => (size_of::<u32>(), size_of::<ServiceCounters>()),
+        names::STATS => (size_of::<u32>(), size_of::<u64>()),
         names::CONNTRACK => (size_of::<ConntrackKey>(), size_of::<ConntrackValue>()),
         names::AFFINITY => (size_of::<AffinityKey>(), size_of::<AffinityValue>()),
         _ => return Err(unknown_map(name)),
@@ -91,6 +94,10 @@ pub fn copy_all(name: &str, from: &Path, to: &Path) -> Result<(usize, Copied)> {
         names::SERVICE_STATS => {
             let (written, read) = copy_counters(name, source, target, false)?;
             (written, Copied::Counters(read))
+        }
+        names::STATS => {
+            let (written, read) = copy_counters(name, source, target, false)?;
+            (written, Copied::Verdicts(read))
         }
         names::CONNTRACK => {
             let mut entries = live_conntrack(read_all(name, &source)?)?;
@@ -125,6 +132,10 @@ pub fn copy_missing(name: &str, from: &Path, to: &Path) -> Result<(usize, Copied
             let (written, read) = copy_counters(name, open(name, from)?, open(name, to)?, true)?;
             Ok((written, Copied::Counters(read)))
         }
+        names::STATS => {
+            let (written, read) = copy_counters(name, open(name, from)?, open(name, to)?, true)?;
+            Ok((written, Copied::Verdicts(read)))
+        }
         // Nothing runs the daemon's writes meanwhile: copy it all again.
         _ => copy_all(name, from, to),
     }
@@ -139,6 +150,7 @@ pub fn copy_changes(name: &str, from: &Path, to: &Path, copied: &Copied) -> Resu
         Copied::Conntrack(copied) => Ok(carry_conntrack(name, from, to, copied)?.0),
         Copied::Affinity(copied) => Ok(carry_affinity(name, from, to, copied)?.0),
         Copied::Counters(copied) => add_counts(name, open(name, from)?, open(name, to)?, copied),
+        Copied::Verdicts(copied) => add_counts(name, open(name, from)?, open(name, to)?, copied),
         Copied::Complete => Ok(0),
     }
 }
@@ -272,16 +284,38 @@ fn carry_changes<K: Pod + Eq + Hash, V: Pod>(
     Ok(written)
 }
 
-/// The frontends' counters, index by index (a per-CPU array; indexes past the smaller of the
-/// two are not copied). With `only_into_zero`, an index the new map has counted is left alone.
+/// A per-CPU counter a copy carries over: a frontend's packets and bytes, or a verdict count.
+trait Counter: Pod + Default + PartialEq {
+    /// `self` plus what was counted from `then` to `now`.
+    fn plus_since(self, now: Self, then: Self) -> Self;
+}
+
+impl Counter for ServiceCounters {
+    fn plus_since(self, now: Self, then: Self) -> Self {
+        Self {
+            packets: self.packets + now.packets.saturating_sub(then.packets),
+            bytes: self.bytes + now.bytes.saturating_sub(then.bytes),
+        }
+    }
+}
+
+impl Counter for u64 {
+    fn plus_since(self, now: Self, then: Self) -> Self {
+        self + now.saturating_sub(then)
+    }
+}
+
+/// Counters, index by index (a per-CPU array; indexes past the smaller of the two are not
+/// copied). With `only_into_zero`, an index the new map has counted is left alone.
 /// Returns how many indexes it wrote, and the old map's non-zero counters.
-fn copy_counters(
+fn copy_counters<C: Counter>(
     name: &str,
     source: MapData,
     target: MapData,
     only_into_zero: bool,
-) -> Result<(usize, BTreeMap<u32, Vec<ServiceCounters>>)> {
-    let (source, mut target) = (counters(name, source)?, counters(name, target)?);
+) -> Result<(usize, BTreeMap<u32, Vec<C>>)> {
+    let (source, mut target) = (counters::<C>(name, source)?, counters::<C>(name, target)?);
+    let is_zero = |counter: &C| *counter == C::default();
     let mut read = BTreeMap::new();
     let mut written = 0;
     for index in 0..source.len().min(target.len()) {
@@ -301,32 +335,25 @@ fn copy_counters(
 
 /// Adds to `target` what `source` counted since `copied` was read. Returns how many indexes
 /// it wrote.
-fn add_counts(
+fn add_counts<C: Counter>(
     name: &str,
     source: MapData,
     target: MapData,
-    copied: &BTreeMap<u32, Vec<ServiceCounters>>,
+    copied: &BTreeMap<u32, Vec<C>>,
 ) -> Result<usize> {
-    let (source, mut target) = (counters(name, source)?, counters(name, target)?);
+    let (source, mut target) = (counters::<C>(name, source)?, counters::<C>(name, target)?);
     let mut written = 0;
     for index in 0..source.len().min(target.len()) {
         let now = source.get(&index, 0).map_err(map_error(name))?;
         let before = copied.get(&index);
-        let since = |cpu: usize| {
-            let then = before.and_then(|values| values.get(cpu)).copied().unwrap_or_default();
-            (
-                now[cpu].packets.saturating_sub(then.packets),
-                now[cpu].bytes.saturating_sub(then.bytes),
-            )
-        };
-        if (0..now.len()).all(|cpu| since(cpu) == (0, 0)) {
+        let then =
+            |cpu: usize| before.and_then(|values| values.get(cpu)).copied().unwrap_or_default();
+        if (0..now.len()).all(|cpu| C::default().plus_since(now[cpu], then(cpu)) == C::default()) {
             continue;
         }
         let mut sums = target.get(&index, 0).map_err(map_error(name))?.to_vec();
         for (cpu, sum) in sums.iter_mut().enumerate() {
-            let (packets, bytes) = since(cpu);
-            sum.packets += packets;
-            sum.bytes += bytes;
+            *sum = sum.plus_since(now[cpu], then(cpu));
         }
         let sums = PerCpuValues::try_from(sums).map_err(syscall_error(name, "per-CPU values"))?;
         target.set(index, sums, 0).map_err(map_error(name))?;
@@ -335,10 +362,6 @@ fn add_counts(
     Ok(written)
 }
 
-fn counters(name: &str, map: MapData) -> Result<PerCpuArray<MapData, ServiceCounters>> {
+fn counters<C: Counter>(name: &str, map: MapData) -> Result<PerCpuArray<MapData, C>> {
     PerCpuArray::try_from(Map::PerCpuArray(map)).map_err(map_error(name))
-}
-
-fn is_zero(counters: &ServiceCounters) -> bool {
-    *counters == ServiceCounters::default()
 }
