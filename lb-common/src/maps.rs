@@ -345,7 +345,19 @@ pub struct FragmentKey {
     pub id_be: u16,
     /// [`proto`] number.
     pub proto: u8,
-    pub pad: u8,
+    /// [`fragment_side`]: the programs that made the record, and may use it.
+    pub side: u8,
+}
+
+/// Where a datagram's fragments were seen: records of one side never apply to the other's
+/// packets. A datagram translated on its way in (to a backend, or back to a client) leaves the
+/// node again, with other addresses, through `lb_tc_reply`; its fragments there must not take
+/// a record the node's own datagrams made, nor remove one.
+pub mod fragment_side {
+    /// Arriving at the node: `lb_xdp`, `lb_tc`, `lb_tc_external`.
+    pub const INGRESS: u8 = 0;
+    /// Sent by the node's own stack: `lb_tc_reply`.
+    pub const EGRESS: u8 = 1;
 }
 
 /// How the first fragment of a datagram was translated, so that its later fragments, which

@@ -91,9 +91,10 @@ pub fn count(index: u32) {
 #[inline(always)]
 fn redirect(ctx: &impl Hook, packet: &Packet) -> Option<i64> {
     let l3 = packet.l3_offset;
-    // The translated addresses and ports, as they are now in the packet; a later fragment has
-    // no ports (policy routing by port cannot apply to it).
-    let (sport_be, dport_be) = if packet.fragment == fragment::LATER {
+    // The translated addresses and ports, as they are now in the packet. A later fragment has
+    // no ports, so none for any fragment: the fragments of a datagram take one path (the
+    // kernel's multipath hash leaves ports out for fragments too).
+    let (sport_be, dport_be) = if packet.fragment != fragment::WHOLE {
         (0, 0)
     } else {
         (ctx.load(packet.l4_offset).ok()?, ctx.load(packet.l4_offset + 2).ok()?)

@@ -10,7 +10,7 @@
 //! reassembly times out.
 
 use lb_common::{
-    maps::{ConntrackValue, FragmentKey, FragmentValue, NodeConfig, ct_flags},
+    maps::{ConntrackValue, FragmentKey, FragmentValue, NodeConfig, ct_flags, fragment_side},
     stats::Reason,
 };
 
@@ -23,57 +23,71 @@ use crate::{
 };
 
 #[inline(always)]
-fn key_of(packet: &Packet) -> FragmentKey {
+fn key_of(packet: &Packet, side: u8) -> FragmentKey {
     FragmentKey {
         src_ip_be: packet.src_ip_be,
         dst_ip_be: packet.dst_ip_be,
         id_be: packet.ip_id_be,
         proto: packet.proto,
-        pad: 0,
+        side,
     }
 }
 
-/// After a first fragment was translated client to backend by `flow` (a forward entry):
-/// records its addresses for the datagram's later fragments.
+/// After a first fragment was translated client to backend by `flow` (a forward entry, on
+/// arrival): records its addresses for the datagram's later fragments.
 #[inline(always)]
 pub fn remember_forward(packet: &Packet, flow: &ConntrackValue) {
     if packet.fragment != fragment::FIRST {
         return;
     }
     let src = if flow.flags & ct_flags::SNAT != 0 { flow.nat_ip_be } else { packet.src_ip_be };
-    remember(packet, src, flow.translated_ip_be, flow.service_id);
+    remember(packet, fragment_side::INGRESS, src, flow.translated_ip_be, flow.service_id);
 }
 
-/// After a first fragment was reverse-translated by `flow` (a reply entry): records its
-/// addresses for the datagram's later fragments.
+/// After a first fragment seen on `side` was reverse-translated by `flow` (a reply entry):
+/// records its addresses for the datagram's later fragments.
 #[inline(always)]
-pub fn remember_reply(packet: &Packet, flow: &ConntrackValue) {
+pub fn remember_reply(packet: &Packet, side: u8, flow: &ConntrackValue) {
     if packet.fragment != fragment::FIRST {
         return;
     }
     let dst = if flow.flags & ct_flags::SNAT != 0 { flow.nat_ip_be } else { packet.dst_ip_be };
-    remember(packet, flow.translated_ip_be, dst, FragmentValue::NO_FRONTEND);
+    remember(packet, side, flow.translated_ip_be, dst, FragmentValue::NO_FRONTEND);
 }
 
 #[inline(always)]
-fn remember(packet: &Packet, src_ip_be: u32, dst_ip_be: u32, service_id: u32) {
+fn remember(packet: &Packet, side: u8, src_ip_be: u32, dst_ip_be: u32, service_id: u32) {
     let value =
         FragmentValue { created: conntrack::now(), src_ip_be, dst_ip_be, service_id, pad: [0; 4] };
-    // A failed insert leaves the later fragments untranslated, counted as such; the LRU map
-    // makes it rare.
-    let _ = FRAGMENTS.insert(&key_of(packet), &value, 0);
+    // Should the insert fail, the record of an earlier datagram with this key would stay and
+    // give this one's later fragments its addresses: removed then.
+    let key = key_of(packet, side);
+    if FRAGMENTS.insert(&key, &value, 0).is_err() {
+        let _ = FRAGMENTS.remove(&key);
+    }
 }
 
-/// A later fragment: given its first fragment's addresses if that one was translated, and
-/// counted for its frontend; `None` if it was not (or too long ago).
+/// After the service stage, for a first fragment seen on `side` that was not translated:
+/// removes the record of an earlier datagram with the same key (an identification reused
+/// within the timeout), whose addresses this datagram's later fragments would otherwise get.
+#[inline(always)]
+pub fn settle_untranslated(packet: &Packet, side: u8, verdict: Verdict) {
+    if packet.fragment == fragment::FIRST && verdict != Verdict::Forward {
+        let _ = FRAGMENTS.remove(&key_of(packet, side));
+    }
+}
+
+/// A later fragment seen on `side`: given its first fragment's addresses if that one was
+/// translated there, and counted for its frontend; `None` if it was not (or too long ago).
 #[inline(always)]
 pub fn translate_later(
     hook: &impl Hook,
     packet: &Packet,
+    side: u8,
     config: &NodeConfig,
 ) -> Option<(Verdict, Reason)> {
     // SAFETY: plain data written by this program.
-    let first = *unsafe { FRAGMENTS.get(&key_of(packet)) }?;
+    let first = *unsafe { FRAGMENTS.get(&key_of(packet, side)) }?;
     let timeout = u64::from(FragmentValue::TIMEOUT_S) * u64::from(config.jiffies_per_second);
     if conntrack::now().saturating_sub(first.created) > timeout {
         return None;

@@ -5,8 +5,8 @@ use lb_common::{
     hash::flow_hash,
     maps::{
         AffinityKey, AffinityValue, Backend, ConntrackKey, ConntrackValue, NodeConfig, ServiceKey,
-        ServiceValue, SourceRangeKey, backend_flags, closing, ct_flags, node_flags, proto, scope,
-        service_flags,
+        ServiceValue, SourceRangeKey, backend_flags, closing, ct_flags, fragment_side, node_flags,
+        proto, scope, service_flags,
     },
     stats::Reason,
 };
@@ -74,7 +74,7 @@ pub fn process(hook: &impl Hook, packet: &Packet, origin: Origin) -> (Verdict, R
         // SAFETY: a live pointer from the conntrack lookup above.
         let value = unsafe { *entry };
         return if value.flags & ct_flags::REPLY != 0 {
-            reply(hook, packet, &value)
+            reply(hook, packet, fragment_side::INGRESS, &value)
         } else {
             forward_established(hook, packet, &value)
         };
@@ -114,9 +114,10 @@ fn translate_forward(hook: &impl Hook, packet: &Packet, flow: &ConntrackValue) -
 }
 
 /// Backend to client: restore the service address as the source, and the client as the
-/// destination if the flow was masqueraded.
+/// destination if the flow was masqueraded. `side`: a [`fragment_side`], where the reply is
+/// seen.
 #[inline(always)]
-fn reply(hook: &impl Hook, packet: &Packet, flow: &ConntrackValue) -> (Verdict, Reason) {
+fn reply(hook: &impl Hook, packet: &Packet, side: u8, flow: &ConntrackValue) -> (Verdict, Reason) {
     let (vip, port) = (flow.translated_ip_be, flow.translated_port_be);
     let translated = nat::rewrite(hook, packet, End::Source, vip, port).and_then(|()| {
         if flow.flags & ct_flags::SNAT != 0 {
@@ -127,7 +128,7 @@ fn reply(hook: &impl Hook, packet: &Packet, flow: &ConntrackValue) -> (Verdict, 
     });
     match translated {
         Ok(()) => {
-            fragments::remember_reply(packet, flow);
+            fragments::remember_reply(packet, side, flow);
             (Verdict::Forward, Reason::ReplyTranslated)
         }
         Err(()) => (Verdict::Drop, Reason::TruncatedL4),
@@ -478,7 +479,7 @@ pub fn process_from_node(hook: &impl Hook, packet: &Packet) -> (Verdict, Reason)
         return (Verdict::Pass, Reason::NotService);
     }
     if packet.fragment == fragment::LATER {
-        return fragments::translate_later(hook, packet, config)
+        return fragments::translate_later(hook, packet, fragment_side::EGRESS, config)
             .unwrap_or((Verdict::Pass, Reason::Fragment));
     }
     if packet.proto == proto::ICMP {
@@ -498,7 +499,7 @@ pub fn process_from_node(hook: &impl Hook, packet: &Packet) -> (Verdict, Reason)
     };
     conntrack::touch(entry, packet, now, config);
     // SAFETY: as above.
-    reply(hook, packet, &unsafe { *entry })
+    reply(hook, packet, fragment_side::EGRESS, &unsafe { *entry })
 }
 
 /// A later fragment (no ports): translated as its first fragment was, if that one was
@@ -508,7 +509,8 @@ pub fn process_later_fragment(hook: &impl Hook, packet: &Packet) -> (Verdict, Re
     let Some(config) = node_config() else {
         return (Verdict::Pass, Reason::NoNodeConfig);
     };
-    if let Some(outcome) = fragments::translate_later(hook, packet, config) {
+    if let Some(outcome) = fragments::translate_later(hook, packet, fragment_side::INGRESS, config)
+    {
         return outcome;
     }
     if in_prefix(packet.dst_ip_be, config.service_cidr_be, config.service_mask_be) {

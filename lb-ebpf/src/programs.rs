@@ -6,10 +6,13 @@ use aya_ebpf::{
     macros::{classifier, xdp},
     programs::{TcContext, XdpContext},
 };
-use lb_common::{maps::proto, stats::Reason};
+use lb_common::{
+    maps::{fragment_side, proto},
+    stats::Reason,
+};
 
 use crate::{
-    forward,
+    forward, fragments,
     frame::Frame,
     hook::Hook,
     icmp,
@@ -74,7 +77,11 @@ pub fn lb_tc_external(ctx: TcContext) -> i32 {
 pub fn lb_tc_reply(ctx: TcContext) -> i32 {
     pull_headers(&ctx);
     let (verdict, reason) = match parse::parse(&ctx) {
-        Ok(packet) => lb::process_from_node(&ctx, &packet),
+        Ok(packet) => {
+            let outcome = lb::process_from_node(&ctx, &packet);
+            fragments::settle_untranslated(&packet, fragment_side::EGRESS, outcome.0);
+            outcome
+        }
         Err(reason) => (Verdict::Pass, reason),
     };
     if verdict != Verdict::Pass {
@@ -111,6 +118,7 @@ fn classify(hook: &impl Hook, origin: Origin) -> (Verdict, Reason, Option<Packet
         Err(reason) => return (Verdict::Pass, reason, None),
     };
     let (verdict, reason) = service_stage(hook, &packet, origin);
+    fragments::settle_untranslated(&packet, fragment_side::INGRESS, verdict);
     (verdict, reason, Some(packet))
 }
 

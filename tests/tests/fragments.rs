@@ -223,6 +223,24 @@ fn later_fragments_whose_first_was_not_translated_are_dropped_to_services_and_pa
     }
 }
 
+#[test]
+fn a_datagram_reusing_an_identification_does_not_take_the_earlier_ones_addresses() {
+    for hook in Hook::ALL {
+        let mut datapath = seeded();
+        let served = Spec::udp(POD, 5503, "10.96.0.10", 53).with_payload(&[4; 100]);
+        let unserved = Spec::udp(POD, 5503, "10.96.0.10", 54).with_payload(&[5; 100]);
+        let first = fragmented(&served.build(), 0x5008, FIRST_LEN);
+        let run = datapath.run(hook, &first[0]);
+        assert_outcome(&run, hook.forward_code(), Reason::ForwardNew, "the first datagram");
+        // The same source, destination, protocol and identification, refused.
+        let second = fragmented(&unserved.build(), 0x5008, FIRST_LEN);
+        let run = datapath.run(hook, &second[0]);
+        assert_outcome(&run, hook.bounce_code(), Reason::RejectUnservedPort, "the second");
+        let run = datapath.run(hook, &second[1]);
+        assert_outcome(&run, hook.drop_code(), Reason::DropFragmentUntracked, "its later fragment");
+    }
+}
+
 /// A UDP service reached from a pod and a NodePort reached from the external client, each with
 /// datagrams too large for one packet: the pods answer with their name followed by the whole
 /// request, so the answers are fragmented too, and are checked byte for byte.

@@ -1126,10 +1126,11 @@ struct Model {
     replies: HashMap<Tuple, Vec<(Endpoint, Endpoint)>>,
     /// Recent (client tuple, translated tuple) pairs, for the generator to continue or answer.
     flows: Vec<(Tuple, Tuple)>,
-    /// A translated first fragment's datagram -> the (source, destination) it was given: what
-    /// its later fragments may be given. The latest first fragment of a key counts, as in
-    /// the programs' map.
-    fragments: HashMap<FragmentKey, (Ipv4Addr, Ipv4Addr)>,
+    /// A translated first fragment's datagram, and whether `lb_tc_reply` (the node's egress)
+    /// translated it -> the (source, destination) it was given: what its later fragments on
+    /// the same side may be given. Only the latest first fragment of a key counts: one that
+    /// is not translated removes the record, as in the programs' map.
+    fragments: HashMap<(FragmentKey, bool), (Ipv4Addr, Ipv4Addr)>,
     /// Recent keys of `fragments`, for the generator's later fragments, and how many were
     /// recorded (the next slot to replace once full).
     fragment_keys: Vec<FragmentKey>,
@@ -1137,9 +1138,10 @@ struct Model {
 }
 
 impl Model {
-    fn record_first_fragment(&mut self, key: FragmentKey, translated: Tuple) {
+    fn record_first_fragment(&mut self, key: (FragmentKey, bool), translated: Tuple) {
         let addresses = (translated.src.ip, translated.dst.ip);
         if self.fragments.insert(key, addresses).is_none() {
+            let key = key.0;
             if self.fragment_keys.len() < RECENT_FLOWS {
                 self.fragment_keys.push(key);
             } else {
@@ -1174,11 +1176,24 @@ impl<'t> Oracle<'t> {
         Self { hook, tables, model: Model::default(), next_slot: 0 }
     }
 
+    /// Judges one run (see [`Self::verdict`]) and keeps the model of fragment records.
+    fn judge(&mut self, code: u32, input: &[u8], output: &[u8]) -> Result<Outcome, String> {
+        let outcome = self.verdict(code, input, output)?;
+        if !matches!(outcome, Outcome::Translated)
+            && let Some(key) = parse_translatable(input).and_then(|p| p.first_fragment)
+        {
+            // A first fragment not translated: its datagram's later fragments must not take an
+            // earlier datagram's record.
+            self.model.fragments.remove(&(key, self.hook == Hook::TcReply));
+        }
+        Ok(outcome)
+    }
+
     /// Pass: untouched. Drop: fine, told apart only when the input was a reset that would
     /// have been refused (the batch counters account for both). Refusal: the exact RST
     /// or ICMP error RFC 793/792 prescribe, for a destination the tables refuse. Translation:
     /// see [`Self::check_translation`].
-    fn judge(&mut self, code: u32, input: &[u8], output: &[u8]) -> Result<Outcome, String> {
+    fn verdict(&mut self, code: u32, input: &[u8], output: &[u8]) -> Result<Outcome, String> {
         let hook = self.hook;
         if code == hook.drop_code() {
             return Ok(self.classify_drop(input));
@@ -1240,7 +1255,7 @@ impl<'t> Oracle<'t> {
             return Err("IPv4 header checksum not updated for the new addresses".into());
         }
         let given = (ip_at(output, ip.l3 + 12), ip_at(output, ip.l3 + 16));
-        match self.model.fragments.get(&key) {
+        match self.model.fragments.get(&(key, self.hook == Hook::TcReply)) {
             Some(&first) if first == given => Ok(()),
             Some(first) => Err(format!(
                 "later fragment of {key:?} given {given:?}, its first fragment {first:?}"
@@ -1266,7 +1281,7 @@ impl<'t> Oracle<'t> {
             ));
         }
         if let Some(key) = before.first_fragment {
-            self.model.record_first_fragment(key, to);
+            self.model.record_first_fragment((key, self.hook == Hook::TcReply), to);
         }
         Ok(())
     }
@@ -1783,11 +1798,20 @@ impl<'t> Generator<'t> {
         Some(self.draft(client.src, client.dst, client.proto, flags))
     }
 
-    /// The first fragment of a datagram of a new flow, of one this run saw, or of an answer.
+    /// The first fragment of a datagram of a new flow, of one this run saw, or of an answer;
+    /// or of a datagram reusing the identification of one whose first fragment this run saw
+    /// translated, to any port (so that it may not be).
     fn first_fragment(&mut self, model: &Model) -> Draft {
-        let known = match self.rng.below(3) {
+        let known = match self.rng.below(4) {
             0 => self.continuation(model),
             1 => self.reply(model),
+            2 if !model.fragment_keys.is_empty() => {
+                let (src, dst, id, protocol) = *self.rng.pick(&model.fragment_keys);
+                let port = self.rng.pick_or(&[80, 53, 30380], Rng::u16);
+                let (src, dst) =
+                    (Endpoint { ip: src, port: self.source_port() }, Endpoint { ip: dst, port });
+                Some(Draft { id, ..self.draft(src, dst, protocol, TCP_SYN) })
+            }
             _ => None,
         };
         let draft = known.unwrap_or_else(|| self.new_flow());
