@@ -31,7 +31,7 @@ use crate::{
     metrics::{self, Metrics, SyncDone},
     model::{ServiceModel, ServiceName},
     pins::PinLayout,
-    reconcile::{DatapathState, Reconciler, Report, SlotMode},
+    reconcile::{Reconciler, Report, SlotMode},
     resize, upgrade,
 };
 
@@ -116,10 +116,9 @@ pub async fn run_until(
         conntrack_gc::INTERVAL,
         Arc::clone(&metrics),
     )?;
-    let programmed = DatapathState::read(&maps)?;
     let capacities = Capacities::pinned(&options.pins)?;
     metrics.observe_capacities(&options.pins);
-    let reconciler = reconciler_for(programmed, &maps, &options.node_config, &capacities)?;
+    let reconciler = reconciler_for(&maps, &options.node_config, &capacities)?;
     let (nudge, mut nudges) = mpsc::channel(16);
     tokio::pin!(shutdown);
     let objects = match &options.source {
@@ -156,13 +155,7 @@ pub async fn run_until(
             metrics.observe_failed_sync(started.elapsed());
             error!(error = %crate::error::chain(&error), "reconcile failed; re-reading the maps and retrying at the next change");
             // A new control plane knows nothing yet: its next sync is a full one.
-            let programmed = DatapathState::read(&maps)?;
-            plane = ControlPlane::new(reconciler_for(
-                programmed,
-                &maps,
-                &options.node_config,
-                &capacities,
-            )?);
+            plane = ControlPlane::new(reconciler_for(&maps, &options.node_config, &capacities)?);
         }
         let resync = tokio::time::sleep(options.resync);
         tokio::pin!(resync);
@@ -238,18 +231,16 @@ async fn kubernetes_objects(
     Ok(Some(Objects::Kubernetes(Box::new(source))))
 }
 
-/// A reconciler for maps of the pinned `capacities`, holding `programmed`. It takes up the UDP
-/// flows outside their frontend's slots: an earlier daemon's drains, or flows a failed sync
-/// did not get to forget. Its first sync, a full one, forgets those whose endpoint no longer
-/// serves.
+/// A reconciler for `maps`, of the pinned `capacities`, as they hold the datapath. It takes up
+/// the UDP flows outside their frontend's slots: an earlier daemon's drains, or flows a failed
+/// sync did not get to forget. Its first sync, a full one, forgets those whose endpoint no
+/// longer serves.
 fn reconciler_for(
-    programmed: DatapathState,
     maps: &KernelMaps,
     node: &NodeConfig,
     capacities: &Capacities,
 ) -> Result<Reconciler> {
-    let mut reconciler = Reconciler::with_capacities(programmed, SlotMode::of(node), capacities);
-    reconciler.adopt_flows(&maps.conntrack()?);
+    let reconciler = Reconciler::resume(maps, SlotMode::of(node), capacities)?;
     let drains = reconciler.drains().len();
     if drains > 0 {
         info!(drains, "took up UDP flows running outside their frontend's slots");

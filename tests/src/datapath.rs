@@ -4,7 +4,7 @@ use aya::{
     Ebpf,
     programs::{SchedClassifier, TestRun, TestRunOptions, Xdp},
 };
-use lb_common::maps::names;
+use lb_common::{maps::names, stats::Reason};
 /// The return codes the tests compare against.
 pub use lb_user::return_codes::{
     TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, TC_ACT_UNSPEC, XDP_DROP, XDP_PASS, XDP_REDIRECT,
@@ -81,6 +81,15 @@ pub struct Run {
     pub output: Vec<u8>,
     /// Counters incremented by this run.
     pub counted: ReasonCounts,
+}
+
+impl Run {
+    /// Asserts the run's return code and that exactly `reason` was counted, once.
+    pub fn assert_outcome(&self, code: u32, reason: Reason, context: &str) {
+        assert_eq!(self.return_code, code, "{context}: return code");
+        let counted: Vec<_> = self.counted.non_zero().collect();
+        assert_eq!(counted, vec![(reason.name(), 1)], "{context}: counters");
+    }
 }
 
 /// A private instance of the programs and their maps: nothing pinned, nothing attached.

@@ -11,20 +11,13 @@ use lb_common::{
 };
 use lb_tests::{
     checksum,
-    datapath::{Hook, Run},
+    datapath::Hook,
     fixtures::{EXTERNAL_CLIENT, HOST_NETWORK_VIP, POD, seeded},
     node::{NODE_IP, SNAT_PORT_MAX, SNAT_PORT_MIN},
     packets::{CLIENT_MAC, L3, NODE_MAC, Spec, TcpFields, endpoints},
     services::Frontend,
 };
 use lb_user::maps::{MapOp, ip_be};
-
-/// Asserts the run's verdict and that exactly `reason` was counted, once.
-fn assert_outcome(run: &Run, code: u32, reason: Reason, context: &str) {
-    assert_eq!(run.return_code, code, "{context}: return code");
-    let counted: Vec<_> = run.counted.non_zero().collect();
-    assert_eq!(counted, vec![(reason.name(), 1)], "{context}: counters");
-}
 
 fn addr(text: &str) -> Ipv4Addr {
     text.parse().expect("address")
@@ -46,7 +39,7 @@ fn pod_to_cluster_ip_is_translated_and_its_replies_reverse_translated() {
     let mut datapath = seeded();
     let request = Spec::tcp(POD, 40_000, "10.96.45.10", 80);
     let run = datapath.run(Hook::Tc, &request.build());
-    assert_outcome(&run, Hook::Tc.forward_code(), Reason::ForwardNew, "first packet");
+    run.assert_outcome(Hook::Tc.forward_code(), Reason::ForwardNew, "first packet");
     let (src, backend) = endpoints(&run.output);
     assert_eq!(src, (addr(POD), 40_000), "a pod's source is kept");
     assert!(
@@ -64,7 +57,7 @@ fn pod_to_cluster_ip_is_translated_and_its_replies_reverse_translated() {
         ..TcpFields::default()
     });
     let run = datapath.run(Hook::Tc, &next.build());
-    assert_outcome(&run, Hook::Tc.forward_code(), Reason::ForwardEstablished, "second packet");
+    run.assert_outcome(Hook::Tc.forward_code(), Reason::ForwardEstablished, "second packet");
     assert_eq!(endpoints(&run.output).1, backend, "conntrack keeps the flow on its backend");
 
     // The reply enters through the pod's interface when the backend is local, from the
@@ -72,7 +65,7 @@ fn pod_to_cluster_ip_is_translated_and_its_replies_reverse_translated() {
     let hook = if backend.0 == addr("10.244.1.10") { Hook::Tc } else { Hook::Xdp };
     let reply = reply_of(&request, backend, (addr(POD), 40_000));
     let run = datapath.run(hook, &reply.build());
-    assert_outcome(&run, hook.forward_code(), Reason::ReplyTranslated, "reply");
+    run.assert_outcome(hook.forward_code(), Reason::ReplyTranslated, "reply");
     let expected = reply.with_addresses("10.96.45.10", 80, POD, 40_000);
     assert_eq!(run.output, expected.build(), "exact bytes after reverse NAT");
     checksum::assert_valid(&run.output);
@@ -84,7 +77,7 @@ fn a_flow_that_outlives_its_frontend_answers_from_the_address_its_client_knows()
     let mut datapath = seeded();
     let request = Spec::tcp(POD, 40_010, "10.96.45.10", 80);
     let run = datapath.run(Hook::Tc, &request.build());
-    assert_outcome(&run, Hook::Tc.forward_code(), Reason::ForwardNew, "first packet");
+    run.assert_outcome(Hook::Tc.forward_code(), Reason::ForwardNew, "first packet");
     let backend = endpoints(&run.output).1;
 
     // The Service goes and its frontend id (1) goes to another frontend, as the daemon reuses
@@ -98,7 +91,7 @@ fn a_flow_that_outlives_its_frontend_answers_from_the_address_its_client_knows()
     let hook = if backend.0 == addr("10.244.1.10") { Hook::Tc } else { Hook::Xdp };
     let reply = reply_of(&request, backend, (addr(POD), 40_010));
     let run = datapath.run(hook, &reply.build());
-    assert_outcome(&run, hook.forward_code(), Reason::ReplyTranslated, "reply");
+    run.assert_outcome(hook.forward_code(), Reason::ReplyTranslated, "reply");
     let expected = reply.with_addresses("10.96.45.10", 80, POD, 40_010);
     assert_eq!(run.output, expected.build(), "from the address the client spoke to");
 }
@@ -109,12 +102,7 @@ fn flows_spread_over_every_backend() {
     let mut chosen = BTreeSet::new();
     for port in 40_000..40_064 {
         let run = datapath.run(Hook::Tc, &Spec::udp(POD, port, "10.96.0.10", 53).build());
-        assert_outcome(
-            &run,
-            Hook::Tc.forward_code(),
-            Reason::ForwardNew,
-            "UDP to the DNS ClusterIP",
-        );
+        run.assert_outcome(Hook::Tc.forward_code(), Reason::ForwardNew, "UDP to the DNS ClusterIP");
         checksum::assert_valid(&run.output);
         chosen.insert(endpoints(&run.output).1);
     }
@@ -135,7 +123,7 @@ fn udp_replies_are_reverse_translated() {
         .with_payload(b"answer");
     let hook = if backend.0 == addr("10.244.1.15") { Hook::Tc } else { Hook::Xdp };
     let run = datapath.run(hook, &reply.build());
-    assert_outcome(&run, hook.forward_code(), Reason::ReplyTranslated, "UDP reply");
+    run.assert_outcome(hook.forward_code(), Reason::ReplyTranslated, "UDP reply");
     assert_eq!(run.output, reply.with_addresses("10.96.0.10", 53, POD, 5353).build());
     checksum::assert_valid(&run.output);
 }
@@ -145,7 +133,7 @@ fn node_port_to_a_remote_backend_is_masqueraded_and_reversed() {
     let mut datapath = seeded();
     let request = Spec::tcp(EXTERNAL_CLIENT, 50_000, NODE_IP, 30380);
     let run = datapath.run(Hook::Xdp, &request.build());
-    assert_outcome(&run, Hook::Xdp.forward_code(), Reason::ForwardNew, "NodePort");
+    run.assert_outcome(Hook::Xdp.forward_code(), Reason::ForwardNew, "NodePort");
     let ((snat_ip, snat_port), backend) = endpoints(&run.output);
     assert_eq!(backend, (addr("10.244.2.11"), 80));
     assert_eq!(snat_ip, addr(NODE_IP), "source masqueraded to the node");
@@ -156,12 +144,7 @@ fn node_port_to_a_remote_backend_is_masqueraded_and_reversed() {
 
     let reply = reply_of(&request, backend, (addr(NODE_IP), snat_port));
     let run = datapath.run(Hook::Xdp, &reply.build());
-    assert_outcome(
-        &run,
-        Hook::Xdp.forward_code(),
-        Reason::ReplyTranslated,
-        "reply to the SNAT port",
-    );
+    run.assert_outcome(Hook::Xdp.forward_code(), Reason::ReplyTranslated, "reply to the SNAT port");
     assert_eq!(run.output, reply.with_addresses(NODE_IP, 30380, EXTERNAL_CLIENT, 50_000).build());
     checksum::assert_valid(&run.output);
 }
@@ -171,15 +154,14 @@ fn node_port_to_a_local_backend_keeps_the_client_address() {
     let mut datapath = seeded();
     let request = Spec::tcp(EXTERNAL_CLIENT, 50_001, NODE_IP, 30381);
     let run = datapath.run(Hook::Xdp, &request.build());
-    assert_outcome(&run, Hook::Xdp.forward_code(), Reason::ForwardNew, "NodePort, local backend");
+    run.assert_outcome(Hook::Xdp.forward_code(), Reason::ForwardNew, "NodePort, local backend");
     assert_eq!(
         run.output,
         request.clone().with_addresses(EXTERNAL_CLIENT, 50_001, "10.244.1.11", 80).build()
     );
     let reply = reply_of(&request, (addr("10.244.1.11"), 80), (addr(EXTERNAL_CLIENT), 50_001));
     let run = datapath.run(Hook::Tc, &reply.build());
-    assert_outcome(
-        &run,
+    run.assert_outcome(
         Hook::Tc.forward_code(),
         Reason::ReplyTranslated,
         "reply from the local pod",
@@ -193,7 +175,7 @@ fn a_cluster_ip_from_outside_is_masqueraded_unless_its_backend_is_the_node_itsel
     // kube-proxy's masquerade of sources outside the cluster, to a pod backend.
     let request = Spec::tcp(EXTERNAL_CLIENT, 50_010, "10.96.45.10", 80);
     let run = datapath.run(Hook::Xdp, &request.build());
-    assert_outcome(&run, Hook::Xdp.forward_code(), Reason::ForwardNew, "to pods");
+    run.assert_outcome(Hook::Xdp.forward_code(), Reason::ForwardNew, "to pods");
     let ((snat_ip, _), _) = endpoints(&run.output);
     assert_eq!(snat_ip, addr(NODE_IP), "masqueraded");
 
@@ -201,13 +183,13 @@ fn a_cluster_ip_from_outside_is_masqueraded_unless_its_backend_is_the_node_itsel
     // the external interface's egress, is translated there.
     let request = Spec::tcp(EXTERNAL_CLIENT, 50_011, HOST_NETWORK_VIP, 443);
     let run = datapath.run(Hook::Xdp, &request.build());
-    assert_outcome(&run, Hook::Xdp.forward_code(), Reason::ForwardNew, "to the node");
+    run.assert_outcome(Hook::Xdp.forward_code(), Reason::ForwardNew, "to the node");
     let expected = request.clone().with_addresses(EXTERNAL_CLIENT, 50_011, NODE_IP, 6443);
     assert_eq!(run.output, expected.build());
     checksum::assert_valid(&run.output);
     let reply = reply_of(&request, (addr(NODE_IP), 6443), (addr(EXTERNAL_CLIENT), 50_011));
     let run = datapath.run(Hook::TcReply, &reply.build());
-    assert_outcome(&run, Hook::TcReply.forward_code(), Reason::ReplyTranslated, "reply");
+    run.assert_outcome(Hook::TcReply.forward_code(), Reason::ReplyTranslated, "reply");
     let expected = reply.with_addresses(HOST_NETWORK_VIP, 443, EXTERNAL_CLIENT, 50_011);
     assert_eq!(run.output, expected.build());
     checksum::assert_valid(&run.output);
@@ -218,7 +200,7 @@ fn hairpin_is_masqueraded_so_the_reply_comes_back() {
     let mut datapath = seeded();
     let request = Spec::tcp("10.244.1.10", 40_100, "10.96.45.14", 80);
     let run = datapath.run(Hook::Tc, &request.build());
-    assert_outcome(&run, Hook::Tc.forward_code(), Reason::ForwardNew, "hairpin");
+    run.assert_outcome(Hook::Tc.forward_code(), Reason::ForwardNew, "hairpin");
     let ((snat_ip, snat_port), backend) = endpoints(&run.output);
     assert_eq!((snat_ip, backend), (addr(NODE_IP), (addr("10.244.1.10"), 80)));
     assert_eq!(
@@ -227,7 +209,7 @@ fn hairpin_is_masqueraded_so_the_reply_comes_back() {
     );
     let reply = reply_of(&request, backend, (addr(NODE_IP), snat_port));
     let run = datapath.run(Hook::Tc, &reply.build());
-    assert_outcome(&run, Hook::Tc.forward_code(), Reason::ReplyTranslated, "hairpin reply");
+    run.assert_outcome(Hook::Tc.forward_code(), Reason::ReplyTranslated, "hairpin reply");
     assert_eq!(run.output, reply.with_addresses("10.96.45.14", 80, "10.244.1.10", 40_100).build());
     checksum::assert_valid(&run.output);
 }
@@ -261,7 +243,7 @@ fn no_endpoints_and_unserved_ports_are_refused_at_once() {
     for hook in Hook::ALL {
         let syn = Spec::tcp(POD, 40_200, "10.96.45.12", 80).build();
         let run = datapath.run(hook, &syn);
-        assert_outcome(&run, hook.bounce_code(), Reason::RejectNoEndpoints, "TCP, no endpoints");
+        run.assert_outcome(hook.bounce_code(), Reason::RejectNoEndpoints, "TCP, no endpoints");
         assert_eq!(
             run.output,
             expected_reset(POD, 40_200, "10.96.45.12", 80),
@@ -271,7 +253,7 @@ fn no_endpoints_and_unserved_ports_are_refused_at_once() {
 
         let datagram = Spec::udp(POD, 40_201, "10.96.45.12", 53).build();
         let run = datapath.run(hook, &datagram);
-        assert_outcome(&run, hook.bounce_code(), Reason::RejectNoEndpoints, "UDP, no endpoints");
+        run.assert_outcome(hook.bounce_code(), Reason::RejectNoEndpoints, "UDP, no endpoints");
         assert_eq!(
             run.output,
             expected_port_unreachable(&datagram, POD, "10.96.45.12"),
@@ -281,12 +263,12 @@ fn no_endpoints_and_unserved_ports_are_refused_at_once() {
 
         let https = Spec::tcp(POD, 40_202, "10.96.45.10", 443).build();
         let run = datapath.run(hook, &https);
-        assert_outcome(&run, hook.bounce_code(), Reason::RejectUnservedPort, "ClusterIP, port 443");
+        run.assert_outcome(hook.bounce_code(), Reason::RejectUnservedPort, "ClusterIP, port 443");
         assert_eq!(run.output, expected_reset(POD, 40_202, "10.96.45.10", 443));
 
         let udp80 = Spec::udp(POD, 40_203, "10.96.45.10", 80).build();
         let run = datapath.run(hook, &udp80);
-        assert_outcome(&run, hook.bounce_code(), Reason::RejectUnservedPort, "ClusterIP, UDP");
+        run.assert_outcome(hook.bounce_code(), Reason::RejectUnservedPort, "ClusterIP, UDP");
         assert_eq!(run.output, expected_port_unreachable(&udp80, POD, "10.96.45.10"));
     }
 }
@@ -297,7 +279,7 @@ fn a_reset_to_a_refused_service_is_dropped_not_answered() {
     let tcp = TcpFields { syn: false, rst: true, ..TcpFields::default() };
     let rst = Spec::tcp(POD, 40_204, "10.96.45.12", 80).with_tcp(tcp).build();
     let run = datapath.run(Hook::Tc, &rst);
-    assert_outcome(&run, Hook::Tc.drop_code(), Reason::RejectNoEndpoints, "RST");
+    run.assert_outcome(Hook::Tc.drop_code(), Reason::RejectNoEndpoints, "RST");
 }
 
 #[test]
@@ -337,7 +319,7 @@ fn drops_by_policy_and_unallocated_addresses() {
     ];
     for (name, hook, spec, reason) in cases {
         let run = datapath.run(hook, &spec.build());
-        assert_outcome(&run, hook.drop_code(), reason, name);
+        run.assert_outcome(hook.drop_code(), reason, name);
     }
 }
 
@@ -367,7 +349,7 @@ fn a_frontend_whose_slots_hold_no_backend_drops_and_counts_it() {
     for (name, vip) in [("zeroed slots", "10.96.77.1"), ("slots past the array", "10.96.77.2")] {
         for hook in Hook::ALL {
             let run = datapath.run(hook, &Spec::tcp(POD, 40_500, vip, 80).build());
-            assert_outcome(&run, hook.drop_code(), Reason::DropBackendMissing, name);
+            run.assert_outcome(hook.drop_code(), Reason::DropBackendMissing, name);
         }
     }
 }
@@ -383,7 +365,7 @@ fn addresses_and_ports_that_are_not_services_pass_untouched() {
         for hook in Hook::ALL {
             let frame = spec.build();
             let run = datapath.run(hook, &frame);
-            assert_outcome(&run, hook.pass_code(), Reason::NotService, name);
+            run.assert_outcome(hook.pass_code(), Reason::NotService, name);
             assert_eq!(run.output, frame, "{name}: untouched");
         }
     }
@@ -394,12 +376,7 @@ fn pods_reaching_a_local_policy_node_port_use_every_endpoint() {
     let mut datapath = seeded();
     let request = Spec::tcp(POD, 40_500, NODE_IP, 30400);
     let run = datapath.run(Hook::Tc, &request.build());
-    assert_outcome(
-        &run,
-        Hook::Tc.forward_code(),
-        Reason::ForwardNew,
-        "pod to an ETP-Local NodePort",
-    );
+    run.assert_outcome(Hook::Tc.forward_code(), Reason::ForwardNew, "pod to an ETP-Local NodePort");
     let ((src, _), backend) = endpoints(&run.output);
     assert_eq!(backend, (addr("10.244.2.30"), 80), "the cluster-wide (internal scope) backend set");
     assert_eq!(src, addr(NODE_IP), "a remote backend behind a NodePort is masqueraded");
@@ -410,7 +387,7 @@ fn load_balancer_ip_from_an_allowed_source_is_forwarded() {
     let mut datapath = seeded();
     let request = Spec::tcp(EXTERNAL_CLIENT, 40_600, "198.51.100.10", 80);
     let run = datapath.run(Hook::Xdp, &request.build());
-    assert_outcome(&run, Hook::Xdp.forward_code(), Reason::ForwardNew, "LB IP, allowed source");
+    run.assert_outcome(Hook::Xdp.forward_code(), Reason::ForwardNew, "LB IP, allowed source");
     assert_eq!(
         run.output,
         request.with_addresses(EXTERNAL_CLIENT, 40_600, "10.244.1.50", 80).build()
@@ -423,7 +400,7 @@ fn client_ip_affinity_keeps_every_flow_of_a_client_on_one_backend() {
     let mut chosen = BTreeSet::new();
     for port in 41_000..41_032 {
         let run = datapath.run(Hook::Tc, &Spec::tcp(POD, port, "10.96.45.11", 80).build());
-        assert_outcome(&run, Hook::Tc.forward_code(), Reason::ForwardNew, "sticky service");
+        run.assert_outcome(Hook::Tc.forward_code(), Reason::ForwardNew, "sticky service");
         chosen.insert(endpoints(&run.output).1);
     }
     assert_eq!(chosen.len(), 1, "one backend for every flow of the client: {chosen:?}");
@@ -445,7 +422,7 @@ fn a_new_syn_after_a_closed_flow_starts_a_new_flow() {
     let run = datapath.run(Hook::Tc, &request.build());
     let ((client, client_port), (backend, backend_port)) = endpoints(&run.output);
     let run = datapath.run(Hook::Tc, &request.fin().build());
-    assert_outcome(&run, Hook::Tc.forward_code(), Reason::ForwardEstablished, "FIN");
+    run.assert_outcome(Hook::Tc.forward_code(), Reason::ForwardEstablished, "FIN");
     let answer = request.clone().with_addresses(
         &backend.to_string(),
         backend_port,
@@ -453,7 +430,7 @@ fn a_new_syn_after_a_closed_flow_starts_a_new_flow() {
         client_port,
     );
     let run = datapath.run(Hook::Tc, &answer.fin().build());
-    assert_outcome(&run, Hook::Tc.forward_code(), Reason::ReplyTranslated, "the backend's FIN");
+    run.assert_outcome(Hook::Tc.forward_code(), Reason::ReplyTranslated, "the backend's FIN");
     let run = datapath.run(Hook::Tc, &request.build());
-    assert_outcome(&run, Hook::Tc.forward_code(), Reason::ForwardNew, "SYN on a closing tuple");
+    run.assert_outcome(Hook::Tc.forward_code(), Reason::ForwardNew, "SYN on a closing tuple");
 }

@@ -11,7 +11,7 @@ use std::time::Duration;
 use lb_common::stats::Reason;
 use lb_tests::{
     daemon::{RunningDaemon, counter, scrape_metrics},
-    datapath::{Datapath, Hook, Run},
+    datapath::{Datapath, Hook},
     fixtures::{EXTERNAL_CLIENT, HOST_NETWORK_VIP, POD, seeded},
     manifests::ManifestDir,
     netns::Netns,
@@ -26,12 +26,6 @@ const FIRST_LEN: usize = 48;
 
 fn addr(text: &str) -> Ipv4Addr {
     text.parse().expect("address")
-}
-
-fn assert_outcome(run: &Run, code: u32, reason: Reason, context: &str) {
-    assert_eq!(run.return_code, code, "{context}: return code");
-    let counted: Vec<_> = run.counted.non_zero().collect();
-    assert_eq!(counted, vec![(reason.name(), 1)], "{context}: counters");
 }
 
 /// The (address, port) pairs of an untagged first fragment or whole datagram without IP
@@ -55,10 +49,10 @@ fn assert_fragments_translated(
 ) {
     let want = fragmented(&expected.build(), id, FIRST_LEN);
     let run = datapath.run(hook, &fragments[0]);
-    assert_outcome(&run, hook.forward_code(), first_reason, "first fragment");
+    run.assert_outcome(hook.forward_code(), first_reason, "first fragment");
     assert_eq!(run.output, want[0], "first fragment: exact bytes");
     let run = datapath.run(hook, &fragments[1]);
-    assert_outcome(&run, hook.forward_code(), Reason::FragmentTranslated, "later fragment");
+    run.assert_outcome(hook.forward_code(), Reason::FragmentTranslated, "later fragment");
     assert_eq!(run.output, want[1], "later fragment: the first one's addresses, nothing else");
 }
 
@@ -79,13 +73,13 @@ fn a_fragmented_datagram_and_its_fragmented_answer_through_a_cluster_ip() {
     let request = Spec::udp(POD, 5400, "10.96.0.10", 53).with_payload(&payload);
     let fragments = fragmented(&request.build(), 0x4242, FIRST_LEN);
     let run = datapath.run(Hook::Tc, &fragments[0]);
-    assert_outcome(&run, Hook::Tc.forward_code(), Reason::ForwardNew, "first fragment");
+    run.assert_outcome(Hook::Tc.forward_code(), Reason::ForwardNew, "first fragment");
     let (_, backend) = ends(&run.output);
     let sent = request.clone().with_addresses(POD, 5400, &backend.0.to_string(), 53);
     let sent = fragmented(&sent.build(), 0x4242, FIRST_LEN);
     assert_eq!(run.output, sent[0], "first fragment: exact bytes");
     let run = datapath.run(Hook::Tc, &fragments[1]);
-    assert_outcome(&run, Hook::Tc.forward_code(), Reason::FragmentTranslated, "later fragment");
+    run.assert_outcome(Hook::Tc.forward_code(), Reason::FragmentTranslated, "later fragment");
     assert_eq!(run.output, sent[1], "later fragment: the first one's addresses, nothing else");
     let bytes: u64 = fragments.iter().map(|f| (f.len() - L3) as u64).sum();
     assert_eq!(datapath.service_counters(2), (2, bytes), "both fragments counted for the frontend");
@@ -115,7 +109,7 @@ fn a_fragmented_datagram_and_its_fragmented_answer_through_a_cluster_ip() {
     let quote = &sent[1][L3..L3 + 28];
     let error = icmp_fragmentation_needed(&backend.0.to_string(), POD, quote);
     let run = datapath.run(hook, &error);
-    assert_outcome(&run, hook.pass_code(), Reason::NotService, "ICMP error about a later fragment");
+    run.assert_outcome(hook.pass_code(), Reason::NotService, "ICMP error about a later fragment");
     assert_eq!(run.output, error, "untouched");
 }
 
@@ -140,13 +134,13 @@ fn masqueraded_fragments_get_the_snat_address_and_their_answers_the_client() {
     let request = Spec::tcp(EXTERNAL_CLIENT, 50_100, NODE_IP, 30380).with_payload(&payload);
     let fragments = fragmented(&request.build(), 0x1001, FIRST_LEN);
     let run = datapath.run(Hook::Xdp, &fragments[0]);
-    assert_outcome(&run, Hook::Xdp.forward_code(), Reason::ForwardNew, "first fragment");
+    run.assert_outcome(Hook::Xdp.forward_code(), Reason::ForwardNew, "first fragment");
     let ((snat_ip, snat_port), backend) = ends(&run.output);
     assert_eq!((snat_ip, backend), (addr(NODE_IP), (addr("10.244.2.11"), 80)));
     let expected = request.clone().with_addresses(NODE_IP, snat_port, "10.244.2.11", 80);
     assert_eq!(run.output, fragmented(&expected.build(), 0x1001, FIRST_LEN)[0]);
     let run = datapath.run(Hook::Xdp, &fragments[1]);
-    assert_outcome(&run, Hook::Xdp.forward_code(), Reason::FragmentTranslated, "later fragment");
+    run.assert_outcome(Hook::Xdp.forward_code(), Reason::FragmentTranslated, "later fragment");
     assert_eq!(run.output, fragmented(&expected.build(), 0x1001, FIRST_LEN)[1]);
 
     let tcp =
@@ -174,7 +168,7 @@ fn the_node_stacks_fragmented_answers_are_translated_on_their_way_out() {
     let mut datapath = seeded();
     let request = Spec::tcp(EXTERNAL_CLIENT, 50_200, HOST_NETWORK_VIP, 443);
     let run = datapath.run(Hook::Xdp, &request.build());
-    assert_outcome(&run, Hook::Xdp.forward_code(), Reason::ForwardNew, "to the node");
+    run.assert_outcome(Hook::Xdp.forward_code(), Reason::ForwardNew, "to the node");
     let tcp =
         TcpFields { syn: true, ack: Some(request.tcp.seq + 1), seq: 9, ..TcpFields::default() };
     let answer = request
@@ -205,21 +199,21 @@ fn later_fragments_whose_first_was_not_translated_are_dropped_to_services_and_pa
         // Out of order: the later fragment before its first.
         let fragments = fragmented(&to_service.build(), 0x5005, FIRST_LEN);
         let run = datapath.run(hook, &fragments[1]);
-        assert_outcome(&run, hook.drop_code(), Reason::DropFragmentUntracked, "before its first");
+        run.assert_outcome(hook.drop_code(), Reason::DropFragmentUntracked, "before its first");
 
         let fragments = fragmented(&to_pod.build(), 0x5006, FIRST_LEN);
         for (fragment, reason) in fragments.iter().zip([Reason::NotService, Reason::Fragment]) {
             let run = datapath.run(hook, fragment);
-            assert_outcome(&run, hook.pass_code(), reason, "not a service's");
+            run.assert_outcome(hook.pass_code(), reason, "not a service's");
             assert_eq!(&run.output, fragment, "untouched");
         }
 
         // A first fragment refused (no endpoints) records nothing for the rest.
         let fragments = fragmented(&refused.build(), 0x5007, FIRST_LEN);
         let run = datapath.run(hook, &fragments[0]);
-        assert_outcome(&run, hook.bounce_code(), Reason::RejectNoEndpoints, "refused first");
+        run.assert_outcome(hook.bounce_code(), Reason::RejectNoEndpoints, "refused first");
         let run = datapath.run(hook, &fragments[1]);
-        assert_outcome(&run, hook.drop_code(), Reason::DropFragmentUntracked, "after a refusal");
+        run.assert_outcome(hook.drop_code(), Reason::DropFragmentUntracked, "after a refusal");
     }
 }
 
@@ -231,13 +225,13 @@ fn a_datagram_reusing_an_identification_does_not_take_the_earlier_ones_addresses
         let unserved = Spec::udp(POD, 5503, "10.96.0.10", 54).with_payload(&[5; 100]);
         let first = fragmented(&served.build(), 0x5008, FIRST_LEN);
         let run = datapath.run(hook, &first[0]);
-        assert_outcome(&run, hook.forward_code(), Reason::ForwardNew, "the first datagram");
+        run.assert_outcome(hook.forward_code(), Reason::ForwardNew, "the first datagram");
         // The same source, destination, protocol and identification, refused.
         let second = fragmented(&unserved.build(), 0x5008, FIRST_LEN);
         let run = datapath.run(hook, &second[0]);
-        assert_outcome(&run, hook.bounce_code(), Reason::RejectUnservedPort, "the second");
+        run.assert_outcome(hook.bounce_code(), Reason::RejectUnservedPort, "the second");
         let run = datapath.run(hook, &second[1]);
-        assert_outcome(&run, hook.drop_code(), Reason::DropFragmentUntracked, "its later fragment");
+        run.assert_outcome(hook.drop_code(), Reason::DropFragmentUntracked, "its later fragment");
     }
 }
 

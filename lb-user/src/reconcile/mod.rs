@@ -45,7 +45,7 @@ use crate::{
     config::NodeConfig,
     error::Result,
     loader::Capacities,
-    maps::{MapOp, MapWriter},
+    maps::{KernelMaps, MapOp, MapWriter},
     model::{Model, ServiceName, ServicePort},
 };
 
@@ -103,9 +103,18 @@ impl Reconciler {
         &self.drains
     }
 
-    /// Takes up the UDP flows in `conntrack` that run outside their frontend's slots (see
-    /// [`Drains::adopt`]); before the first reconcile.
-    pub fn adopt_flows(&mut self, conntrack: &[(ConntrackKey, ConntrackValue)]) {
+    /// A reconciler for the datapath as its maps hold it (programmed by an earlier daemon, or
+    /// left part-written by a failed sync): what is programmed, and the UDP flows in the
+    /// conntrack map that run outside their frontend's slots (see [`Drains::adopt`]).
+    pub fn resume(maps: &KernelMaps, mode: SlotMode, capacities: &Capacities) -> Result<Self> {
+        let mut reconciler = Self::with_capacities(DatapathState::read(maps)?, mode, capacities);
+        reconciler.adopt_flows(&maps.conntrack()?);
+        Ok(reconciler)
+    }
+
+    /// Takes up the UDP flows in `conntrack` that run outside their frontend's slots; before
+    /// the first reconcile.
+    fn adopt_flows(&mut self, conntrack: &[(ConntrackKey, ConntrackValue)]) {
         self.drains.adopt(conntrack, &self.programmed);
     }
 

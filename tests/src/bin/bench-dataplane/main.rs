@@ -1,7 +1,8 @@
 //! `cargo xtask bench dataplane`: nanoseconds per packet of `lb_xdp`'s paths, measured with
 //! `BPF_PROG_TEST_RUN`, with 10, 10k and 100k services and 1M conntrack entries loaded. Prints a
 //! table and writes `target/bench/dataplane.json` under the workspace root. Beside the packet
-//! paths it times the daemon's conntrack collector and a conntrack resize over those entries.
+//! paths it times the daemon's conntrack collector, a conntrack resize over those entries, and a
+//! restarted daemon's reading of the datapath before its first sync.
 //!
 //! Two facts of `BPF_PROG_TEST_RUN` (measured on 6.18) shape the method:
 //! - with `repeat = n` the program runs n times on the same buffer and its rewrites persist from
@@ -59,6 +60,7 @@ use lb_common::{
     stats::Reason,
 };
 use lb_tests::{
+    daemon::example_node_config,
     node::{self, NODE_IP},
     packets::{Spec, TcpFields},
     rng::Rng,
@@ -68,6 +70,7 @@ use lb_user::{
     conntrack_gc, loader,
     maps::{KernelMaps, MapOp, MapWriter as _, ip_be},
     program_names,
+    reconcile::{Reconciler, SlotMode},
     return_codes::XDP_PASS,
     stats::{self, ReasonCounts},
 };
@@ -129,6 +132,7 @@ fn main() {
     let mut parse_only_ns = 0.0;
     let mut ring_ns = 0.0;
     let mut collector_pass_s = 0.0;
+    let mut resume_s = 0.0;
     for services in SERVICE_COUNTS {
         let started = Instant::now();
         let mut bench = Bench::load(services, CONNTRACK_CAPACITY);
@@ -143,6 +147,7 @@ fn main() {
         by_services.insert(services, bench.paths());
         if services == SERVICE_COUNTS[2] {
             ring_ns = bench.first_packet_in_one_call();
+            resume_s = bench.resume();
         }
     }
     let full_table_ns = Bench::load(SERVICE_COUNTS[2], capacity::CONNTRACK).first_packet();
@@ -157,6 +162,7 @@ fn main() {
         ring_ns,
         miss_ns,
         collector_pass_s,
+        resume_s,
         resize_passes_s,
     };
     report.print();
@@ -374,6 +380,20 @@ impl Bench {
         let seconds = started.elapsed().as_secs_f64();
         let filled = usize::try_from(CONNTRACK_FILL).expect("fits usize");
         assert_eq!((pass.scanned, pass.removed), (filled, 0), "{pass:?}");
+        seconds
+    }
+
+    /// Seconds a restarted daemon spends on the datapath before its first sync: what its maps
+    /// hold and the conntrack map read, the UDP flows outside their slots taken up
+    /// (`lb_user::reconcile::Reconciler::resume`). The loaded flows are TCP, which is never
+    /// drained, so none is taken up: the cost is the reading and the scan.
+    fn resume(&self) -> f64 {
+        let capacities = loader::Capacities::default();
+        let mode = SlotMode::of(&example_node_config());
+        let started = Instant::now();
+        let reconciler = Reconciler::resume(&self.maps, mode, &capacities).expect("resuming");
+        let seconds = started.elapsed().as_secs_f64();
+        assert_eq!(reconciler.drains().len(), 0, "flows outside their slots");
         seconds
     }
 
@@ -680,6 +700,9 @@ struct Report {
     miss_ns: f64,
     /// One pass of the daemon's conntrack collector over the freshly filled map.
     collector_pass_s: f64,
+    /// A restarted daemon's reading of the datapath before its first sync (see
+    /// [`Bench::resume`]), at the largest service count.
+    resume_s: f64,
     /// The two passes of a conntrack resize (see `resize`).
     resize_passes_s: (f64, f64),
 }
@@ -747,6 +770,11 @@ impl Report {
              entries {:.2} s",
             self.collector_pass_s
         );
+        println!(
+            "daemon restart: reading what is programmed ({} services) and the conntrack map \
+             ({CONNTRACK_FILL} entries), taking up draining flows: {:.2} s before the first sync",
+            SERVICE_COUNTS[2], self.resume_s
+        );
         let (first, second) = self.resize_passes_s;
         println!(
             "conntrack resize (mapCapacities changed, at the daemon's start): {CONNTRACK_FILL} \
@@ -783,6 +811,7 @@ impl Report {
             ("first_packet_full_conntrack_ns", self.full_table_ns),
             ("dependent_cache_miss_ns", self.miss_ns),
             ("conntrack_collector_pass_s", self.collector_pass_s),
+            ("daemon_resume_s", self.resume_s),
             ("conntrack_resize_first_pass_s", self.resize_passes_s.0),
             ("conntrack_resize_second_pass_s", self.resize_passes_s.1),
         ];
