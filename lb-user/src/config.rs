@@ -295,13 +295,14 @@ serviceCIDR: 10.96.0.0/12
     fn map_capacities_are_read_by_their_camel_case_names() {
         let yaml = format!(
             "{MINIMAL}mapCapacities: {{services: 1000, backends: 2000, backendSlots: 3000, \
-             conntrack: 4000, affinity: 5000}}"
+             conntrack: 4000, affinity: 5000, fragments: 6000}}"
         );
         let capacities = parse(&yaml).map_capacities;
         let sizes = [names::SERVICES, names::BACKENDS, names::BACKEND_SLOTS, names::CONNTRACK]
             .map(|name| capacities.of(name));
         assert_eq!(sizes, [Some(1000), Some(2000), Some(3000), Some(4000)]);
         assert_eq!(capacities.of(names::AFFINITY), Some(5000));
+        assert_eq!(capacities.of(names::FRAGMENTS), Some(6000));
         assert_eq!(capacities.of(names::SERVICE_STATS), Some(1000), "one counter per frontend");
         assert!(rejected(&format!("{MINIMAL}mapCapacities: {{conntrak: 1}}")).contains("conntrak"));
     }

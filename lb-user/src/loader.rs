@@ -40,6 +40,8 @@ pub struct Capacities {
     pub backend_slots: Option<u32>,
     pub conntrack: Option<u32>,
     pub affinity: Option<u32>,
+    /// First fragments' records, for their datagrams' later fragments.
+    pub fragments: Option<u32>,
 }
 
 impl Capacities {
@@ -63,6 +65,7 @@ impl Capacities {
             names::BACKEND_SLOTS => Some(self.backend_slots()),
             names::CONNTRACK => Some(self.conntrack.unwrap_or(capacity::CONNTRACK)),
             names::AFFINITY => Some(self.affinity.unwrap_or(capacity::AFFINITY)),
+            names::FRAGMENTS => Some(self.fragments.unwrap_or(capacity::FRAGMENTS)),
             _ => None,
         }
     }
@@ -78,6 +81,7 @@ impl Capacities {
             backend_slots: Some(entries(names::BACKEND_SLOTS)?),
             conntrack: Some(entries(names::CONNTRACK)?),
             affinity: Some(entries(names::AFFINITY)?),
+            fragments: Some(entries(names::FRAGMENTS)?),
         })
     }
 
@@ -91,6 +95,7 @@ impl Capacities {
             .chain(self.backend_slots.map(|n| (names::BACKEND_SLOTS, n)))
             .chain(self.conntrack.map(|n| (names::CONNTRACK, n)))
             .chain(self.affinity.map(|n| (names::AFFINITY, n)))
+            .chain(self.fragments.map(|n| (names::FRAGMENTS, n)))
             .collect()
     }
 }

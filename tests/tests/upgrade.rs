@@ -157,13 +157,14 @@ fn without_reply_attachments(layout: &PinLayout) {
 }
 
 /// The maps whose size the node configuration chooses.
-const SIZED_MAPS: [&str; 6] = [
+const SIZED_MAPS: [&str; 7] = [
     names::SERVICES,
     names::SERVICE_STATS,
     names::BACKENDS,
     names::BACKEND_SLOTS,
     names::CONNTRACK,
     names::AFFINITY,
+    names::FRAGMENTS,
 ];
 
 /// (map id, entries) of every map whose size can be chosen, as pinned.
@@ -214,6 +215,7 @@ fn a_restart_with_other_map_capacities_resizes_the_maps_and_established_flows_ke
         backend_slots: Some(maps[names::BACKEND_SLOTS].1 + 65_536),
         conntrack: Some(maps[names::CONNTRACK].1 / 16),
         affinity: Some(maps[names::AFFINITY].1 + 4_096),
+        fragments: Some(maps[names::FRAGMENTS].1 / 2),
     };
     let daemon = start(example_node_config_with(capacities));
     let resized = sized_maps(pins.layout());

@@ -19,8 +19,8 @@ use aya::{
 use lb_common::{
     conntrack::{is_live, twin_key},
     maps::{
-        AffinityKey, AffinityValue, Backend, ConntrackKey, ConntrackValue, ServiceCounters,
-        ServiceKey, ServiceValue, Slot, names,
+        AffinityKey, AffinityValue, Backend, ConntrackKey, ConntrackValue, FragmentKey,
+        FragmentValue, ServiceCounters, ServiceKey, ServiceValue, Slot, names,
     },
 };
 
@@ -51,7 +51,7 @@ pub enum Copied {
 
 /// True for the maps the programs insert into: LRU maps, which make room by evicting.
 pub fn programs_insert(name: &str) -> bool {
-    matches!(name, names::CONNTRACK | names::AFFINITY)
+    matches!(name, names::CONNTRACK | names::AFFINITY | names::FRAGMENTS)
 }
 
 /// Checks that map `name` pinned at `pin` (in the datapath pinned under `pins`) has this
@@ -66,6 +66,7 @@ pub fn check_layout(pins: &PinLayout, name: &str, pin: &Path) -> Result<()> {
         names::STATS => (size_of::<u32>(), size_of::<u64>()),
         names::CONNTRACK => (size_of::<ConntrackKey>(), size_of::<ConntrackValue>()),
         names::AFFINITY => (size_of::<AffinityKey>(), size_of::<AffinityValue>()),
+        names::FRAGMENTS => (size_of::<FragmentKey>(), size_of::<FragmentValue>()),
         _ => return Err(unknown_map(name)),
     };
     let error = if info.key_size() as usize != key {
@@ -111,6 +112,12 @@ pub fn copy_all(name: &str, from: &Path, to: &Path) -> Result<(usize, Copied)> {
             write_all(name, &target, &entries)?;
             (entries.len(), Copied::Affinity(entries.into_iter().collect()))
         }
+        // Records live for seconds: one pass, no second. A datagram whose first fragment
+        // passes between the copy and the programs' move has its record in the old map, and
+        // its later fragments are not translated; its sender's retry is.
+        names::FRAGMENTS => {
+            (copy::<FragmentKey, FragmentValue>(name, &source, &target)?, Copied::Complete)
+        }
         _ => return Err(unknown_map(name)),
     })
 }
@@ -136,6 +143,8 @@ pub fn copy_missing(name: &str, from: &Path, to: &Path) -> Result<(usize, Copied
             let (written, read) = copy_counters(name, open(name, from)?, open(name, to)?, true)?;
             Ok((written, Copied::Verdicts(read)))
         }
+        // The programs may have recorded newer datagrams under the same keys already.
+        names::FRAGMENTS => Ok((0, Copied::Complete)),
         // Nothing runs the daemon's writes meanwhile: copy it all again.
         _ => copy_all(name, from, to),
     }

@@ -118,6 +118,7 @@ fn capacities(size: usize) -> Capacities {
         backend_slots: Some(u32::try_from(size * ENDPOINTS + 1024).expect("fits")),
         conntrack: Some(1024),
         affinity: Some(1024),
+        fragments: Some(1024),
     }
 }
 
