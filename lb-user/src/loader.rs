@@ -2,8 +2,11 @@
 //! second load adopts the first one's maps instead of creating new ones) and both programs.
 
 use aya::{Ebpf, EbpfLoader, programs::Program};
-use lb_common::maps::{capacity, names};
-use tracing::debug;
+use lb_common::{
+    maps::{capacity, names},
+    stats::Reason,
+};
+use tracing::{debug, info};
 
 use crate::{
     EBPF_OBJECT,
@@ -131,7 +134,18 @@ fn load(pins: Option<&PinLayout>, capacities: &Capacities) -> Result<Ebpf> {
             // aya adopts a pinned map only if its definition matches the object's, size
             // included: an adopted map keeps the size it was created with.
             if let Ok(entries) = pinned_entries(name, &path) {
-                loader.map_max_entries(name, entries);
+                if name == names::STATS && entries < Reason::COUNT {
+                    // Counters for fewer reasons, which no program runs on: an adopted datapath
+                    // has them moved first (`crate::resize`), keeping the counts.
+                    info!(
+                        pinned = entries,
+                        reasons = Reason::COUNT,
+                        "verdict counters start afresh"
+                    );
+                    std::fs::remove_file(&path).map_err(Error::io(&path))?;
+                } else {
+                    loader.map_max_entries(name, entries);
+                }
             }
             loader.map_pin_path(name, path);
         }

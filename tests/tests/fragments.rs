@@ -235,6 +235,25 @@ fn a_datagram_reusing_an_identification_does_not_take_the_earlier_ones_addresses
     }
 }
 
+#[test]
+fn records_of_arriving_datagrams_and_of_the_nodes_own_never_mix() {
+    let mut datapath = seeded();
+    let request = Spec::tcp(EXTERNAL_CLIENT, 50_300, NODE_IP, 30381).with_payload(&[6; 100]);
+    let fragments = fragmented(&request.build(), 0x6006, FIRST_LEN);
+    let run = datapath.run(Hook::Xdp, &fragments[0]);
+    run.assert_outcome(Hook::Xdp.forward_code(), Reason::ForwardNew, "arriving first fragment");
+    // The same key leaving the node: lb_tc_reply neither uses the arriving side's record nor
+    // removes it (it counts only what it translates or drops).
+    for fragment in [&fragments[1], &fragments[0]] {
+        let run = datapath.run(Hook::TcReply, fragment);
+        assert_eq!(run.return_code, Hook::TcReply.pass_code(), "leaving: passed");
+        assert_eq!(&run.output, fragment, "leaving: untouched");
+        assert_eq!(run.counted.non_zero().count(), 0, "leaving: not counted");
+    }
+    let run = datapath.run(Hook::Xdp, &fragments[1]);
+    run.assert_outcome(Hook::Xdp.forward_code(), Reason::FragmentTranslated, "arriving later");
+}
+
 /// A UDP service reached from a pod and a NodePort reached from the external client, each with
 /// datagrams too large for one packet: the pods answer with their name followed by the whole
 /// request, so the answers are fragmented too, and are checked byte for byte.

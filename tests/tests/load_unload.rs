@@ -11,6 +11,7 @@ use lb_common::{maps::names, stats::Reason};
 use lb_tests::{
     netns::{Netns, run},
     pins::TestPins,
+    stand_in,
 };
 use lb_user::{
     attach::{self, AttachMode, Attachment, Targets},
@@ -187,6 +188,18 @@ fn an_unknown_interface_is_named_and_nothing_is_left_behind() {
         !link.contains("prog/xdp"),
         "the XDP attachment made before the failure is undone: {link}"
     );
+}
+
+#[test]
+fn verdict_counters_for_fewer_reasons_on_maps_no_program_runs_on_start_afresh() {
+    let pins = TestPins::new();
+    drop(loader::load_pinned(pins.layout(), &Capacities::default()).expect("pinning the maps"));
+    stand_in::put_older_maps(pins.layout(), Reason::COUNT - 2, (Reason::ForwardNew, 7));
+    drop(loader::load_pinned(pins.layout(), &Capacities::default()).expect("a load on them"));
+    let stats = aya::maps::MapInfo::from_pin(pins.layout().map(names::STATS)).expect("STATS");
+    assert_eq!(stats.max_entries(), Reason::COUNT, "a slot per reason");
+    let counted = stats::read_pinned(pins.layout()).expect("readable counters");
+    assert_eq!(counted.get(Reason::ForwardNew), 0, "afresh");
 }
 
 #[test]
