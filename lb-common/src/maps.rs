@@ -70,6 +70,21 @@ pub struct ServiceKey {
     pub scope: u8,
 }
 
+impl ServiceKey {
+    /// The entry that marks `vip_be` as an allocated ClusterIP (port and protocol 0): its
+    /// unserved ports are refused, not dropped. It is not a frontend.
+    #[must_use]
+    pub const fn marker(vip_be: u32) -> Self {
+        Self { vip_be, port_be: 0, proto: 0, scope: scope::EXTERNAL }
+    }
+
+    /// True for a ClusterIP's marker entry (see [`Self::marker`]).
+    #[must_use]
+    pub const fn is_marker(&self) -> bool {
+        self.proto == 0
+    }
+}
+
 /// Service flags (`ServiceValue::flags`).
 pub mod service_flags {
     /// NodePort, externalIP or LoadBalancer frontend, as opposed to a ClusterIP.

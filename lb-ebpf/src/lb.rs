@@ -290,7 +290,7 @@ pub fn unserved(dst_ip_be: u32, config: &NodeConfig) -> Unserved {
     if !in_prefix(dst_ip_be, config.service_cidr_be, config.service_mask_be) {
         return Unserved::NotOurs;
     }
-    let marker = ServiceKey { vip_be: dst_ip_be, port_be: 0, proto: 0, scope: scope::EXTERNAL };
+    let marker = ServiceKey::marker(dst_ip_be);
     // SAFETY: plain data.
     if unsafe { SERVICES.get(&marker) }.is_some() {
         Unserved::Port

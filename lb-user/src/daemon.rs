@@ -28,7 +28,7 @@ use crate::{
     loader::Capacities,
     manifest,
     maps::{KernelMaps, Purged},
-    metrics::{self, Metrics, SyncDone},
+    metrics::{self, Metrics, ProgrammedEntries, SyncDone},
     model::{ServiceModel, ServiceName},
     pins::PinLayout,
     reconcile::{Reconciler, Report, SlotMode},
@@ -118,6 +118,7 @@ pub async fn run_until(
     )?;
     let capacities = Capacities::pinned(&options.pins)?;
     metrics.observe_capacities(&options.pins);
+    report_maglev_room(&options.node_config, &capacities);
     let reconciler = reconciler_for(&maps, &options.node_config, &capacities)?;
     let (nudge, mut nudges) = mpsc::channel(16);
     tokio::pin!(shutdown);
@@ -229,6 +230,22 @@ async fn kubernetes_objects(
     }
     info!("running on the Kubernetes API");
     Ok(Some(Objects::Kubernetes(Box::new(source))))
+}
+
+/// With Maglev, every frontend with endpoints takes a whole table of slots, so the slot array
+/// may hold far fewer frontends than the services map: says how many tables fit.
+fn report_maglev_room(node: &NodeConfig, capacities: &Capacities) {
+    if let SlotMode::Maglev(size) = SlotMode::of(node) {
+        let tables = capacities.backend_slots() / size;
+        if tables == 0 {
+            warn!(
+                table_size = size,
+                "Maglev tables do not fit in backendSlots: none is programmed"
+            );
+        } else {
+            info!(table_size = size, tables, "Maglev tables: room in backendSlots for this many");
+        }
+    }
 }
 
 /// A reconciler for `maps`, of the pinned `capacities`, as they hold the datapath. It takes up
@@ -424,13 +441,14 @@ fn sync(
         .collect();
     reported.update(lines);
     let purged = maps.purge(&report.forget)?;
-    let frontends = plane.reconciler().programmed().services.len();
+    let programmed = plane.reconciler().programmed();
     metrics.observe_sync(&SyncDone {
         elapsed: started.elapsed(),
         writes: report.writes,
         purged_flows: purged.flows,
-        frontends,
+        frontends: programmed.services.keys().filter(|key| !key.is_marker()).count(),
         draining: plane.reconciler().drains().len(),
+        entries: ProgrammedEntries::of(programmed),
     });
     if report.writes > 0 || purged != Purged::default() {
         let services = rebuilt.map_or_else(|| "all".to_owned(), |count| count.to_string());

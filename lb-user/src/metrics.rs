@@ -6,7 +6,7 @@
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use hyper::{Request, StatusCode};
-use lb_common::stats::Reason;
+use lb_common::{maps::names, stats::Reason};
 use prometheus_client::{
     collector::Collector,
     encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric, text::encode},
@@ -70,10 +70,37 @@ pub struct SyncDone {
     pub writes: usize,
     /// Conntrack entries forgotten.
     pub purged_flows: usize,
-    /// Frontends programmed after it.
+    /// Frontends programmed after it (ClusterIP markers not counted).
     pub frontends: usize,
     /// (Frontend, endpoint) pairs kept draining after it.
     pub draining: usize,
+    /// Entries of the maps the daemon programs after it.
+    pub entries: ProgrammedEntries,
+}
+
+/// Entries of the maps the daemon programs, as it programmed them: beside their capacities
+/// they show how close each is to full (a frontend whose table finds no room keeps the one it
+/// had, or is not programmed).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ProgrammedEntries {
+    /// `SERVICES`: frontends and the ClusterIP markers.
+    pub services: usize,
+    pub backends: usize,
+    /// `BACKEND_SLOTS` in frontends' runs. A changed table needs a new contiguous run while
+    /// its old one is still held, so tables find no room before this reaches the capacity.
+    pub backend_slots: usize,
+}
+
+impl ProgrammedEntries {
+    /// What `state` holds.
+    #[must_use]
+    pub fn of(state: &crate::reconcile::DatapathState) -> Self {
+        Self {
+            services: state.services.len(),
+            backends: state.backends.len(),
+            backend_slots: state.slots.len(),
+        }
+    }
 }
 
 /// The daemon's metrics; shared with the conntrack collector's thread.
@@ -90,6 +117,7 @@ pub struct Metrics {
     conntrack_opening: Gauge,
     conntrack_collected: Counter,
     map_capacities: Family<MapLabels, Gauge>,
+    map_entries: Family<MapLabels, Gauge>,
     interface_changes: Family<InterfaceLabels, Counter>,
 }
 
@@ -152,6 +180,13 @@ impl Metrics {
             "Entries each map whose size is configured has room for, as pinned",
             map_capacities.clone(),
         );
+        let map_entries = Family::<MapLabels, Gauge>::default();
+        registry.register(
+            "map_entries",
+            "Entries of the maps the daemon programs (SERVICES, BACKENDS, BACKEND_SLOTS), as \
+             programmed by the last sync",
+            map_entries.clone(),
+        );
         let interface_changes = Family::<InterfaceLabels, Counter>::default();
         registry.register(
             "interface_attachments",
@@ -171,6 +206,7 @@ impl Metrics {
             conntrack_opening,
             conntrack_collected,
             map_capacities,
+            map_entries,
             interface_changes,
         })
     }
@@ -182,6 +218,15 @@ impl Metrics {
         self.purged_flows.inc_by(as_u64(sync.purged_flows));
         self.frontends.set(i64::try_from(sync.frontends).unwrap_or(i64::MAX));
         self.draining.set(i64::try_from(sync.draining).unwrap_or(i64::MAX));
+        let ProgrammedEntries { services, backends, backend_slots } = sync.entries;
+        for (map, entries) in [
+            (names::SERVICES, services),
+            (names::BACKENDS, backends),
+            (names::BACKEND_SLOTS, backend_slots),
+        ] {
+            let gauge = self.map_entries.get_or_create(&MapLabels { map });
+            gauge.set(i64::try_from(entries).unwrap_or(i64::MAX));
+        }
     }
 
     /// Records a sync that failed; what it wrote before failing is not known.
@@ -326,12 +371,14 @@ mod tests {
     #[test]
     fn syncs_and_collections_are_counted() {
         let metrics = unpinned();
+        let entries = ProgrammedEntries { services: 45, backends: 12, backend_slots: 30 };
         let sync = |elapsed_ms, writes, purged_flows, frontends, draining| SyncDone {
             elapsed: Duration::from_millis(elapsed_ms),
             writes,
             purged_flows,
             frontends,
             draining,
+            entries,
         };
         metrics.observe_sync(&sync(3, 120, 2, 40, 0));
         metrics.observe_sync(&sync(1, 5, 0, 41, 3));
@@ -353,6 +400,9 @@ mod tests {
             "lb_conntrack_entries 700",
             "lb_conntrack_opening_entries 20",
             "lb_conntrack_collected_total 300",
+            "lb_map_entries{map=\"SERVICES\"} 45",
+            "lb_map_entries{map=\"BACKENDS\"} 12",
+            "lb_map_entries{map=\"BACKEND_SLOTS\"} 30",
         ] {
             assert!(text.lines().any(|l| l == line), "{line} in\n{text}");
         }

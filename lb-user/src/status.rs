@@ -89,8 +89,7 @@ pub fn read(pins: &PinLayout) -> Result<Status> {
     services.sort_by_key(|(key, _)| {
         (u32::from_be(key.vip_be), u16::from_be(key.port_be), key.proto, key.scope)
     });
-    // Port-0 entries only mark allocated ClusterIPs.
-    for (key, value) in services.into_iter().filter(|(key, _)| key.proto != 0) {
+    for (key, value) in services.into_iter().filter(|(key, _)| !key.is_marker()) {
         let slots = maps.slots(value.slot_base, value.slot_count)?;
         let mut ids: Vec<u32> = slots.iter().map(|slot| slot.backend_id).collect();
         ids.sort_unstable();

@@ -1,6 +1,6 @@
-//! Two-instruction programs (`r0 = verdict; exit`) loaded with bpf(2), since aya loads only
-//! object files: the benchmark's floor (an empty XDP program), and the upgrade test's stand-ins
-//! for programs (and maps) an older version left behind.
+//! Programs of a few instructions loaded with bpf(2), since aya loads only object files: the
+//! benchmark's floor (an empty XDP program, `r0 = verdict; exit`) and its yardsticks, and the
+//! upgrade test's stand-ins for programs (and maps) an older version left behind.
 
 use std::{
     ffi::CString,
@@ -38,12 +38,13 @@ impl Kind {
 
 /// `struct bpf_insn`.
 #[repr(C)]
-struct Insn {
-    code: u8,
+#[derive(Clone, Copy, Debug)]
+pub struct Insn {
+    pub code: u8,
     /// `dst_reg` in the low nibble, `src_reg` in the high nibble.
-    regs: u8,
-    off: i16,
-    imm: i32,
+    pub regs: u8,
+    pub off: i16,
+    pub imm: i32,
 }
 
 /// The `BPF_PROG_LOAD` part of `union bpf_attr` (linux/bpf.h), as far as this load needs it.
@@ -83,21 +84,32 @@ struct MapCreateAttr {
 
 const BPF_MAP_CREATE: libc::c_long = 0;
 const BPF_MAP_TYPE_PERCPU_ARRAY: u32 = 6;
+/// `BPF_MAP_TYPE_LRU_HASH`.
+pub const BPF_MAP_TYPE_LRU_HASH: u32 = 9;
 const BPF_PROG_LOAD: libc::c_long = 5;
 const BPF_OBJ_PIN: libc::c_long = 6;
 
 /// Loads `r0 = <kind's pass verdict>; exit`.
 pub fn load(kind: Kind) -> OwnedFd {
+    load_ending_in_pass(kind, &[])
+}
+
+/// Loads `body` followed by `r0 = <kind's pass verdict>; exit`.
+pub fn load_ending_in_pass(kind: Kind, body: &[Insn]) -> OwnedFd {
     let (prog_type, expected_attach_type, verdict) = kind.type_attach_and_verdict();
     // BPF_ALU64 | BPF_MOV | BPF_K; BPF_JMP | BPF_EXIT.
-    let insns = [
-        Insn { code: 0xb7, regs: 0, off: 0, imm: verdict },
-        Insn { code: 0x95, regs: 0, off: 0, imm: 0 },
-    ];
+    let insns: Vec<Insn> = body
+        .iter()
+        .copied()
+        .chain([
+            Insn { code: 0xb7, regs: 0, off: 0, imm: verdict },
+            Insn { code: 0x95, regs: 0, off: 0, imm: 0 },
+        ])
+        .collect();
     let license = c"GPL";
     let mut attr = ProgLoadAttr {
         prog_type,
-        insn_cnt: 2,
+        insn_cnt: u32::try_from(insns.len()).expect("a short program"),
         insns: address_of(&insns),
         license: address_of(license.to_bytes_with_nul()),
         log_level: 0,
@@ -116,22 +128,21 @@ pub fn load(kind: Kind) -> OwnedFd {
     unsafe { OwnedFd::from_raw_fd(fd) }
 }
 
+/// Creates a map of `map_type` (`BPF_MAP_TYPE_*`) with no flags.
+pub fn create_map(map_type: u32, key_size: u32, value_size: u32, max_entries: u32) -> OwnedFd {
+    let mut attr = MapCreateAttr { map_type, key_size, value_size, max_entries, map_flags: 0 };
+    let fd = bpf(BPF_MAP_CREATE, &mut attr);
+    assert!(fd >= 0, "BPF_MAP_CREATE: {}", std::io::Error::last_os_error());
+    // SAFETY: the kernel just returned this descriptor, and nothing else owns it.
+    unsafe { OwnedFd::from_raw_fd(i32::try_from(fd).expect("a file descriptor")) }
+}
+
 /// Leaves the maps as a version that counted `reasons` verdict reasons and had no
 /// `FRAGMENTS` map would have: no fragment map, and verdict counters of that size, which
 /// counted `counted` (one reason's count) on one CPU.
 pub fn put_older_maps(pins: &PinLayout, reasons: u32, counted: (Reason, u64)) {
     std::fs::remove_file(pins.map(names::FRAGMENTS)).expect("unpin FRAGMENTS");
-    let mut attr = MapCreateAttr {
-        map_type: BPF_MAP_TYPE_PERCPU_ARRAY,
-        key_size: 4,
-        value_size: 8,
-        max_entries: reasons,
-        map_flags: 0,
-    };
-    let fd = bpf(BPF_MAP_CREATE, &mut attr);
-    assert!(fd >= 0, "BPF_MAP_CREATE: {}", std::io::Error::last_os_error());
-    // SAFETY: the kernel just returned this descriptor, and nothing else owns it.
-    let map = unsafe { OwnedFd::from_raw_fd(i32::try_from(fd).expect("a file descriptor")) };
+    let map = create_map(BPF_MAP_TYPE_PERCPU_ARRAY, 4, 8, reasons);
     let stats = pins.map(names::STATS);
     std::fs::remove_file(&stats).expect("unpin STATS");
     pin(&map, &stats);

@@ -2,7 +2,8 @@
 //! pods behind veths and an external client; real TCP and UDP sockets through ClusterIPs and a
 //! NodePort, refusal of a service without endpoints, a live manifest edit, and a daemon restart
 //! that an established connection survives (listed by `lb-user flows` first), the daemon's
-//! metrics endpoint, and a UDP stream draining from a terminating endpoint. Everything is torn down on success and failure.
+//! metrics endpoint (its map entries checked against the pinned maps), and a UDP stream draining
+//! from a terminating endpoint. Everything is torn down on success and failure.
 
 use std::{
     net::{SocketAddr, UdpSocket},
@@ -15,7 +16,7 @@ use lb_tests::{
     pins::TestPins,
     topology::{NODE_IP, Topology, exchange, long_lived, tcp_request, udp_request},
 };
-use lb_user::flows;
+use lb_user::{flows, maps::KernelMaps, reconcile::DatapathState};
 
 fn addr(text: &str) -> SocketAddr {
     text.parse().expect("socket address")
@@ -70,6 +71,7 @@ fn real_connections_through_the_running_daemon() {
         counter(&metrics, "lb_datapath_packets_total{reason=\"reject_no_endpoints\"}") >= Some(1)
     );
     assert!(counter(&metrics, SYNCS_OK) >= Some(1), "{metrics}");
+    the_map_entries_shown_are_the_pinned_maps(&metrics, &pins);
 
     // An established connection survives a daemon restart: the datapath stays attached and
     // the new daemon adopts the pinned maps without a flush.
@@ -179,3 +181,21 @@ const ECHO_SLICE_MIDDLE: &str = "
 addressType: IPv4
 endpoints:
 ";
+
+/// `lb_map_entries` and `lb_frontends` count what the pinned maps hold (nothing changes the
+/// manifests meanwhile).
+fn the_map_entries_shown_are_the_pinned_maps(metrics: &str, pins: &TestPins) {
+    let maps = KernelMaps::from_pins(pins.layout()).expect("the pinned maps");
+    let programmed = DatapathState::read(&maps).expect("what is programmed");
+    let frontends = programmed.services.keys().filter(|key| !key.is_marker()).count();
+    assert!(frontends > 0 && frontends < programmed.services.len(), "markers and frontends");
+    for (series, entries) in [
+        ("lb_map_entries{map=\"SERVICES\"}", programmed.services.len()),
+        ("lb_map_entries{map=\"BACKENDS\"}", programmed.backends.len()),
+        ("lb_map_entries{map=\"BACKEND_SLOTS\"}", programmed.slots.len()),
+        ("lb_frontends", frontends),
+    ] {
+        let expected = u64::try_from(entries).expect("a count");
+        assert_eq!(counter(metrics, series), Some(expected), "{series} in\n{metrics}");
+    }
+}

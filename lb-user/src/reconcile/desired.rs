@@ -190,7 +190,7 @@ impl PortTables<'_> {
 
     /// Marks `vip` as an allocated ClusterIP: its other ports are refused, not dropped.
     fn add_marker(&mut self, vip: Ipv4Addr) {
-        let key = ServiceKey { vip_be: ip_be(vip), port_be: 0, proto: 0, scope: scope::EXTERNAL };
+        let key = ServiceKey::marker(ip_be(vip));
         self.batch.after.services.entry(key).or_default();
         self.owned.markers.push(key);
     }

@@ -2,7 +2,8 @@
 //! `BPF_PROG_TEST_RUN`, with 10, 10k and 100k services and 1M conntrack entries loaded. Prints a
 //! table and writes `target/bench/dataplane.json` under the workspace root. Beside the packet
 //! paths it times the daemon's conntrack collector, a conntrack resize over those entries, and a
-//! restarted daemon's reading of the datapath before its first sync.
+//! restarted daemon's reading of the datapath before its first sync; and two yardsticks for the
+//! first packet: a dependent cache miss, and one insert into a conntrack-shaped LRU map.
 //!
 //! Two facts of `BPF_PROG_TEST_RUN` (measured on 6.18) shape the method:
 //! - with `repeat = n` the program runs n times on the same buffer and its rewrites persist from
@@ -118,16 +119,19 @@ const TARGET_CT_HIT: f64 = 4.0;
 const TARGET_FIRST_PACKET: f64 = 30.0;
 const TARGET_SCALING: f64 = 1.25;
 
+mod lru_insert;
 mod memory;
 mod resize;
 
 fn main() {
     let miss_ns = memory::dependent_miss_ns();
     eprintln!("one dependent cache miss over 256 MiB: {miss_ns:.1} ns");
-    let floor = Floor::load();
+    let floor = RawXdp::empty();
     let floor_ns = two_point(FLOOR_RUNS, |runs| floor.run(runs).1);
     let floor_single_ns = floor.kernel_average_of_single_runs(FLOOR_SINGLE_RUNS);
     eprintln!("floor {floor_ns:.2} ns, at repeat 1 {floor_single_ns:.1} ns");
+    let lru_insert_ns = lru_insert::insert_ns();
+    eprintln!("one insert into a conntrack-shaped LRU map: {lru_insert_ns:.1} ns");
     let mut by_services = BTreeMap::new();
     let mut parse_only_ns = 0.0;
     let mut ring_ns = 0.0;
@@ -161,6 +165,7 @@ fn main() {
         full_table_ns,
         ring_ns,
         miss_ns,
+        lru_insert_ns,
         collector_pass_s,
         resume_s,
         resize_passes_s,
@@ -202,8 +207,9 @@ struct Paths {
     snat_reply: f64,
 }
 
-/// The empty XDP program: the cost of `BPF_PROG_TEST_RUN`'s loop and an XDP program call.
-struct Floor {
+/// An XDP program loaded with bpf(2) that returns `XDP_PASS`: the empty one is the floor, the
+/// cost of `BPF_PROG_TEST_RUN`'s loop and an XDP program call.
+struct RawXdp {
     fd: OwnedFd,
 }
 
@@ -232,8 +238,8 @@ struct TestRunAttr {
 
 const BPF_PROG_TEST_RUN: libc::c_long = 10;
 
-impl Floor {
-    fn load() -> Self {
+impl RawXdp {
+    fn empty() -> Self {
         Self { fd: stand_in::load(stand_in::Kind::Xdp) }
     }
 
@@ -252,7 +258,7 @@ impl Floor {
         let rc = bpf(BPF_PROG_TEST_RUN, &mut attr);
         let cpu = as_f64(thread_cpu_ns() - before);
         assert!(rc == 0, "BPF_PROG_TEST_RUN: {}", std::io::Error::last_os_error());
-        assert_eq!(attr.retval, XDP_PASS, "the empty program returns XDP_PASS");
+        assert_eq!(attr.retval, XDP_PASS, "the program returns XDP_PASS");
         (attr.duration, cpu)
     }
 
@@ -698,6 +704,8 @@ struct Report {
     ring_ns: f64,
     /// One dependent cache miss in userspace (see `memory`).
     miss_ns: f64,
+    /// One insert into a conntrack-shaped LRU map (see `lru_insert`).
+    lru_insert_ns: f64,
     /// One pass of the daemon's conntrack collector over the freshly filled map.
     collector_pass_s: f64,
     /// A restarted daemon's reading of the datapath before its first sync (see
@@ -765,6 +773,13 @@ impl Report {
             first / miss,
             budget / miss
         );
+        let insert = self.lru_insert_ns;
+        println!(
+            "yardstick: one insert into a kernel LRU map shaped like conntrack ({CONNTRACK_FILL}+ \
+             live entries in {CONNTRACK_CAPACITY}) {insert:.0} ns = {:.1}x floor; a new flow \
+             makes two",
+            insert / self.floor_ns
+        );
         println!(
             "conntrack collector (the daemon's, every 30 s): one pass over {CONNTRACK_FILL} \
              entries {:.2} s",
@@ -810,6 +825,7 @@ impl Report {
             ("first_packet_in_one_call_ns", self.ring_ns),
             ("first_packet_full_conntrack_ns", self.full_table_ns),
             ("dependent_cache_miss_ns", self.miss_ns),
+            ("lru_insert_ns", self.lru_insert_ns),
             ("conntrack_collector_pass_s", self.collector_pass_s),
             ("daemon_resume_s", self.resume_s),
             ("conntrack_resize_first_pass_s", self.resize_passes_s.0),
