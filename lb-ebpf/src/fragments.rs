@@ -67,9 +67,10 @@ fn remember(packet: &Packet, side: u8, src_ip_be: u32, dst_ip_be: u32, service_i
     }
 }
 
-/// After the service stage, for a first fragment seen on `side` that was not translated:
-/// removes the record of an earlier datagram with the same key (an identification reused
-/// within the timeout), whose addresses this datagram's later fragments would otherwise get.
+/// For a first fragment seen on `side` that was not translated (the service stage's
+/// `verdict`, or `Pass` when its L4 header did not parse): removes the record of an earlier
+/// datagram with the same key (an identification reused within the timeout), whose addresses
+/// this datagram's later fragments would otherwise get.
 #[inline(always)]
 pub fn settle_untranslated(packet: &Packet, side: u8, verdict: Verdict) {
     if packet.fragment == fragment::FIRST && verdict != Verdict::Forward {

@@ -85,9 +85,11 @@ pub mod tcp_flags {
     pub const ACK: u8 = 0x10;
 }
 
-/// Parses the frame's headers or says why it cannot be trusted.
+/// Parses the frame's headers up to IPv4's, or says why it cannot be trusted: a [`Packet`]
+/// whose ports and flags are not read yet (final for a later fragment), to be completed by
+/// [`parse_l4`].
 #[inline(always)]
-pub fn parse(frame: &impl Frame) -> Result<Packet, Reason> {
+pub fn parse_ipv4(frame: &impl Frame) -> Result<Packet, Reason> {
     let eth: *const EthHdr = ptr_at(frame, 0).ok_or(Reason::TruncatedEthernet)?;
     // SAFETY: `ptr_at` checked that the whole header is inside the frame.
     let mut ether_type = unsafe { (*eth).ether_type };
@@ -133,11 +135,9 @@ pub fn parse(frame: &impl Frame) -> Result<Packet, Reason> {
         return Err(Reason::Fragment);
     }
 
-    let l4_offset = l3_offset + header_len;
-    let l3_end = l3_offset + total_len;
-    let mut packet = Packet {
+    Ok(Packet {
         l3_offset,
-        l4_offset,
+        l4_offset: l3_offset + header_len,
         src_ip_be: u32::from_ne_bytes(ip.src_addr),
         dst_ip_be: u32::from_ne_bytes(ip.dst_addr),
         src_port_be: 0,
@@ -148,12 +148,20 @@ pub fn parse(frame: &impl Frame) -> Result<Packet, Reason> {
         total_len: total_len as u16,
         fragment,
         ip_id_be: u16::from_ne_bytes(ip.id),
-    };
-    if fragment == fragment::LATER {
+    })
+}
+
+/// Reads the ports and flags of a packet [`parse_ipv4`] parsed, from its L4 header; a later
+/// fragment has none. An error leaves `packet` as [`parse_ipv4`] gave it: a first fragment too
+/// short for its L4 header (RFC 1858's tiny fragment) still names its datagram.
+#[inline(always)]
+pub fn parse_l4(frame: &impl Frame, mut packet: Packet) -> Result<Packet, Reason> {
+    if packet.fragment == fragment::LATER {
         return Ok(packet);
     }
-
-    match ip.proto {
+    let l4_offset = packet.l4_offset;
+    let l3_end = packet.l3_offset + usize::from(packet.total_len);
+    match packet.proto {
         proto::TCP => {
             let tcp: *const TcpHdr = l4_header(frame, l4_offset, l3_end)?;
             // SAFETY: bounds checked by `l4_header`.

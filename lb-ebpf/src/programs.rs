@@ -76,7 +76,7 @@ pub fn lb_tc_external(ctx: TcContext) -> i32 {
 #[classifier]
 pub fn lb_tc_reply(ctx: TcContext) -> i32 {
     pull_headers(&ctx);
-    let (verdict, reason) = match parse::parse(&ctx) {
+    let (verdict, reason) = match parse_headers(&ctx, fragment_side::EGRESS) {
         Ok(packet) => {
             let outcome = lb::process_from_node(&ctx, &packet);
             fragments::settle_untranslated(&packet, fragment_side::EGRESS, outcome.0);
@@ -88,6 +88,17 @@ pub fn lb_tc_reply(ctx: TcContext) -> i32 {
         stats::count(reason);
     }
     tc_verdict(&ctx, verdict)
+}
+
+/// Parses the headers. A first fragment whose L4 header is incomplete is passed untranslated,
+/// like any packet that does not parse, and, as for any first fragment not translated, the
+/// record of an earlier datagram with its key on `side` (a [`fragment_side`]) goes.
+#[inline(always)]
+fn parse_headers(frame: &impl Frame, side: u8) -> Result<Packet, Reason> {
+    let packet = parse::parse_ipv4(frame)?;
+    parse::parse_l4(frame, packet).inspect_err(|_| {
+        fragments::settle_untranslated(&packet, side, Verdict::Pass);
+    })
 }
 
 /// Makes the headers directly readable when the skb keeps them in paged fragments (GRO'd or
@@ -113,7 +124,7 @@ fn run(hook: &impl Hook, origin: Origin) -> (Verdict, Option<Packet>) {
 /// Parses, runs the service stage, and builds the refusal if one is due.
 #[inline(always)]
 fn classify(hook: &impl Hook, origin: Origin) -> (Verdict, Reason, Option<Packet>) {
-    let packet = match parse::parse(hook) {
+    let packet = match parse_headers(hook, fragment_side::INGRESS) {
         Ok(packet) => packet,
         Err(reason) => return (Verdict::Pass, reason, None),
     };

@@ -235,6 +235,28 @@ fn a_datagram_reusing_an_identification_does_not_take_the_earlier_ones_addresses
     }
 }
 
+/// RFC 1858's tiny fragment: a first fragment too short for its TCP header does not parse and
+/// is passed, and like a refused one it removes the record of an earlier datagram with its
+/// source, destination, protocol and identification, which its later fragments would
+/// otherwise follow.
+#[test]
+fn a_tiny_first_fragment_reusing_an_identification_leaves_no_record_behind() {
+    for hook in Hook::ALL {
+        let mut datapath = seeded();
+        let served = Spec::tcp(POD, 5504, "10.96.45.10", 80).with_payload(&[7; 100]);
+        let first = fragmented(&served.build(), 0x5009, FIRST_LEN);
+        let run = datapath.run(hook, &first[0]);
+        run.assert_outcome(hook.forward_code(), Reason::ForwardNew, "the first datagram");
+        let tiny = Spec::tcp(POD, 5505, "10.96.45.10", 80).with_payload(&[8; 100]);
+        let second = fragmented(&tiny.build(), 0x5009, 8);
+        let run = datapath.run(hook, &second[0]);
+        run.assert_outcome(hook.pass_code(), Reason::TruncatedL4, "8 bytes of TCP header");
+        assert_eq!(run.output, second[0], "untouched");
+        let run = datapath.run(hook, &second[1]);
+        run.assert_outcome(hook.drop_code(), Reason::DropFragmentUntracked, "its later fragment");
+    }
+}
+
 #[test]
 fn records_of_arriving_datagrams_and_of_the_nodes_own_never_mix() {
     let mut datapath = seeded();

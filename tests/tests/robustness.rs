@@ -853,6 +853,13 @@ impl Part {
 /// protocol.
 type FragmentKey = (Ipv4Addr, Ipv4Addr, u16, u8);
 
+/// The key of a first fragment of a TCP or UDP datagram, whatever follows its IPv4 header.
+fn parse_first_fragment(frame: &[u8]) -> Option<FragmentKey> {
+    let ip = parse_ipv4(frame)?;
+    let tcp_or_udp = ip.proto == proto::TCP || ip.proto == proto::UDP;
+    (ip.part == Part::First && tcp_or_udp).then_some((ip.src, ip.dst, ip.id, ip.proto))
+}
+
 /// A later fragment of a TCP or UDP datagram, which the programs translate as its first
 /// fragment was.
 fn parse_later_fragment(frame: &[u8]) -> Option<(Datagram, FragmentKey)> {
@@ -1180,10 +1187,11 @@ impl<'t> Oracle<'t> {
     fn judge(&mut self, code: u32, input: &[u8], output: &[u8]) -> Result<Outcome, String> {
         let outcome = self.verdict(code, input, output)?;
         if !matches!(outcome, Outcome::Translated)
-            && let Some(key) = parse_translatable(input).and_then(|p| p.first_fragment)
+            && let Some(key) = parse_first_fragment(input)
         {
-            // A first fragment not translated: its datagram's later fragments must not take an
-            // earlier datagram's record.
+            // A first fragment not translated, its L4 header complete or not (RFC 1858's tiny
+            // fragment): its datagram's later fragments must not take an earlier datagram's
+            // record.
             self.model.fragments.remove(&(key, self.hook == Hook::TcReply));
         }
         Ok(outcome)
@@ -1800,7 +1808,8 @@ impl<'t> Generator<'t> {
 
     /// The first fragment of a datagram of a new flow, of one this run saw, or of an answer;
     /// or of a datagram reusing the identification of one whose first fragment this run saw
-    /// translated, to any port (so that it may not be).
+    /// translated, to any port (so that it may not be), now and then too short for its L4
+    /// header.
     fn first_fragment(&mut self, model: &Model) -> Draft {
         let known = match self.rng.below(4) {
             0 => self.continuation(model),
@@ -1810,7 +1819,15 @@ impl<'t> Generator<'t> {
                 let port = self.rng.pick_or(&[80, 53, 30380], Rng::u16);
                 let (src, dst) =
                     (Endpoint { ip: src, port: self.source_port() }, Endpoint { ip: dst, port });
-                Some(Draft { id, ..self.draft(src, dst, protocol, TCP_SYN) })
+                let draft = Draft { id, ..self.draft(src, dst, protocol, TCP_SYN) };
+                // Now and then RFC 1858's tiny fragment: too short for its L4 header.
+                Some(if self.rng.percent(25) {
+                    let header_len = if protocol == proto::TCP { 20 } else { 8 };
+                    let payload = vec![0x5a; self.rng.below(header_len)];
+                    Draft { l4: L4::Other(protocol), payload, ..draft }
+                } else {
+                    draft
+                })
             }
             _ => None,
         };
