@@ -3,8 +3,10 @@
 //! (no L4 header) with its ports left to [`crate::fragments`].
 //!
 //! Every read is bounds-checked against the frame; anything the parser cannot trust ends in a
-//! named [`Reason`] and the packet is left untouched. Later stages only ever see a [`Packet`] whose
-//! headers are complete and whose lengths agree with each other.
+//! named [`Reason`] and the packet is left untouched. The service stage only ever sees a
+//! [`Packet`] whose headers are complete and whose lengths agree with each other; a first
+//! fragment whose L4 header is not is named by its IPv4 header alone, for
+//! [`crate::fragments`].
 
 use lb_common::{maps::proto, stats::Reason};
 use network_types::{
@@ -22,7 +24,8 @@ const ETH_P_8021AD_BE: u16 = 0x88a8_u16.to_be();
 const IPV4_MF: u16 = 0x2000;
 pub const IPV4_OFFSET_MASK: u16 = 0x1fff;
 
-/// A packet whose headers were all present and consistent.
+/// A packet's headers, present and consistent: all of them once [`parse_l4`] has read them,
+/// up to IPv4's after [`parse_ipv4`] (ports and flags 0).
 #[derive(Clone, Copy)]
 pub struct Packet {
     /// Offset of the IPv4 header from the start of the frame.
@@ -152,8 +155,8 @@ pub fn parse_ipv4(frame: &impl Frame) -> Result<Packet, Reason> {
 }
 
 /// Reads the ports and flags of a packet [`parse_ipv4`] parsed, from its L4 header; a later
-/// fragment has none. An error leaves `packet` as [`parse_ipv4`] gave it: a first fragment too
-/// short for its L4 header (RFC 1858's tiny fragment) still names its datagram.
+/// fragment has none. On an error the caller's `packet` still names the datagram: a first
+/// fragment too short for its L4 header (RFC 1858's tiny fragment) is one.
 #[inline(always)]
 pub fn parse_l4(frame: &impl Frame, mut packet: Packet) -> Result<Packet, Reason> {
     if packet.fragment == fragment::LATER {
