@@ -28,7 +28,7 @@ use crate::{
     loader::Capacities,
     manifest,
     maps::{KernelMaps, Purged},
-    metrics::{self, Metrics, ProgrammedEntries, SyncDone},
+    metrics::{self, Metrics, Programmed, SyncDone},
     model::{ServiceModel, ServiceName},
     pins::PinLayout,
     reconcile::{Reconciler, Report, SlotMode},
@@ -441,14 +441,12 @@ fn sync(
         .collect();
     reported.update(lines);
     let purged = maps.purge(&report.forget)?;
-    let programmed = plane.reconciler().programmed();
     metrics.observe_sync(&SyncDone {
         elapsed: started.elapsed(),
         writes: report.writes,
         purged_flows: purged.flows,
-        frontends: programmed.services.keys().filter(|key| !key.is_marker()).count(),
         draining: plane.reconciler().drains().len(),
-        entries: ProgrammedEntries::of(programmed),
+        programmed: Programmed::of(plane.reconciler().programmed()),
     });
     if report.writes > 0 || purged != Purged::default() {
         let services = rebuilt.map_or_else(|| "all".to_owned(), |count| count.to_string());

@@ -70,19 +70,19 @@ pub struct SyncDone {
     pub writes: usize,
     /// Conntrack entries forgotten.
     pub purged_flows: usize,
-    /// Frontends programmed after it (ClusterIP markers not counted).
-    pub frontends: usize,
     /// (Frontend, endpoint) pairs kept draining after it.
     pub draining: usize,
-    /// Entries of the maps the daemon programs after it.
-    pub entries: ProgrammedEntries,
+    /// What is programmed after it.
+    pub programmed: Programmed,
 }
 
-/// Entries of the maps the daemon programs, as it programmed them: beside their capacities
-/// they show how close each is to full (a frontend whose table finds no room keeps the one it
-/// had, or is not programmed).
+/// Frontends programmed, and entries of the maps the daemon programs: beside their capacities
+/// the entries show how close each map is to full (a frontend whose table finds no room keeps
+/// the one it had, or is not programmed).
 #[derive(Clone, Copy, Debug, Default)]
-pub struct ProgrammedEntries {
+pub struct Programmed {
+    /// ClusterIP markers not counted.
+    pub frontends: usize,
     /// `SERVICES`: frontends and the ClusterIP markers.
     pub services: usize,
     pub backends: usize,
@@ -91,11 +91,12 @@ pub struct ProgrammedEntries {
     pub backend_slots: usize,
 }
 
-impl ProgrammedEntries {
+impl Programmed {
     /// What `state` holds.
     #[must_use]
     pub fn of(state: &crate::reconcile::DatapathState) -> Self {
         Self {
+            frontends: state.services.keys().filter(|key| !key.is_marker()).count(),
             services: state.services.len(),
             backends: state.backends.len(),
             backend_slots: state.slots.len(),
@@ -216,9 +217,9 @@ impl Metrics {
         self.count_sync(SyncResult::Ok, sync.elapsed);
         self.map_writes.inc_by(as_u64(sync.writes));
         self.purged_flows.inc_by(as_u64(sync.purged_flows));
-        self.frontends.set(i64::try_from(sync.frontends).unwrap_or(i64::MAX));
+        let Programmed { frontends, services, backends, backend_slots } = sync.programmed;
+        self.frontends.set(i64::try_from(frontends).unwrap_or(i64::MAX));
         self.draining.set(i64::try_from(sync.draining).unwrap_or(i64::MAX));
-        let ProgrammedEntries { services, backends, backend_slots } = sync.entries;
         for (map, entries) in [
             (names::SERVICES, services),
             (names::BACKENDS, backends),
@@ -371,14 +372,12 @@ mod tests {
     #[test]
     fn syncs_and_collections_are_counted() {
         let metrics = unpinned();
-        let entries = ProgrammedEntries { services: 45, backends: 12, backend_slots: 30 };
         let sync = |elapsed_ms, writes, purged_flows, frontends, draining| SyncDone {
             elapsed: Duration::from_millis(elapsed_ms),
             writes,
             purged_flows,
-            frontends,
             draining,
-            entries,
+            programmed: Programmed { frontends, services: 45, backends: 12, backend_slots: 30 },
         };
         metrics.observe_sync(&sync(3, 120, 2, 40, 0));
         metrics.observe_sync(&sync(1, 5, 0, 41, 3));
