@@ -233,17 +233,22 @@ async fn kubernetes_objects(
 }
 
 /// With Maglev, every frontend with endpoints takes a whole table of slots, so the slot array
-/// may hold far fewer frontends than the services map: says how many tables fit.
+/// may hold far fewer tables than there are frontends: says how many fit.
 fn report_maglev_room(node: &NodeConfig, capacities: &Capacities) {
     if let SlotMode::Maglev(size) = SlotMode::of(node) {
         let tables = capacities.backend_slots() / size;
         if tables == 0 {
             warn!(
                 table_size = size,
-                "Maglev tables do not fit in backendSlots: none is programmed"
+                "Maglev tables do not fit in backendSlots: every frontend gets one slot per backend"
             );
         } else {
-            info!(table_size = size, tables, "Maglev tables: room in backendSlots for this many");
+            info!(
+                table_size = size,
+                tables,
+                "Maglev tables: room in backendSlots for this many; past them, a frontend gets \
+                 one slot per backend"
+            );
         }
     }
 }

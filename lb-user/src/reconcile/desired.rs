@@ -315,9 +315,11 @@ impl PortTables<'_> {
 
     /// The first index of frontend `key`'s run of slots for `table`: the run it has if the maps
     /// hold `table` there already, else a fresh one (so that a packet never sees a run half
-    /// rewritten); `None` when the slot array has no room.
-    fn place_slots(&mut self, key: ServiceKey, table: &[Slot]) -> Option<u32> {
-        let len = u32::try_from(table.len()).ok()?;
+    /// rewritten); why not when the slot array has no room.
+    fn place_slots(&mut self, key: ServiceKey, table: &[Slot]) -> Result<u32, String> {
+        let len = table.len();
+        let no_room = || format!("no room left in the slot array for its {len} slots");
+        let len = u32::try_from(len).map_err(|_| no_room())?;
         let programmed = self.programmed;
         let unchanged = self.ids.slot_run(&key).is_some_and(|run| {
             programmed.services.get(&key).is_some_and(|value| {
@@ -327,23 +329,42 @@ impl PortTables<'_> {
                         .eq(table.iter().copied())
             })
         });
-        self.ids.place_slots(key, len, unchanged)
+        self.ids.place_slots(key, len, unchanged).ok_or_else(no_room)
     }
 
     /// Frontend `key`'s new slot table for `backends`, placed in the slot array: its first
     /// index, the table, and the slot of each backend; or why it cannot be had.
+    ///
+    /// A Maglev table that cannot be had (no room for its slots, or too many backends for its
+    /// size) gives way to one slot per backend, with a problem saying so: the frontend then
+    /// loses only the other nodes' agreement on its flows' backends, where it would otherwise
+    /// go unserved, or keep slots naming pods that are gone.
     fn fresh_slots(
         &mut self,
         key: ServiceKey,
         backends: &[&Endpoint],
     ) -> Result<(u32, Vec<Slot>, Vec<Slot>), String> {
         let backend_slots = self.backend_slots(backends).ok_or("no backend id left")?;
-        let table = self.slot_table(&backend_slots, backends)?;
-        let len = table.len();
-        let base = self
-            .place_slots(key, &table)
-            .ok_or_else(|| format!("no room left in the slot array for its {len} slots"))?;
-        Ok((base, table, backend_slots))
+        let mut gave_way = None;
+        if let SlotMode::Maglev(size) = self.mode {
+            let maglev = maglev_table(&backend_slots, backends, size)
+                .and_then(|table| Ok((self.place_slots(key, &table)?, table)));
+            match maglev {
+                Ok((base, table)) => return Ok((base, table, backend_slots)),
+                Err(why) => gave_way = Some(why),
+            }
+        }
+        let base = self.place_slots(key, &backend_slots)?;
+        if let Some(why) = gave_way {
+            self.problems.push(format!(
+                "{}: {}: its Maglev table: {why}: served by a flow hash over its {} backends \
+                 instead, which other nodes do not share",
+                self.port.id,
+                frontend_address(key),
+                backend_slots.len()
+            ));
+        }
+        Ok((base, backend_slots.clone(), backend_slots))
     }
 
     /// The slot of each of `backends` (its id and entry), in the same order, with their
@@ -365,20 +386,21 @@ impl PortTables<'_> {
             })
             .collect()
     }
+}
 
-    /// The frontend's slot table; why not when no Maglev table can be built for its backends.
-    fn slot_table(
-        &self,
-        backend_slots: &[Slot],
-        backends: &[&Endpoint],
-    ) -> Result<Vec<Slot>, String> {
-        match self.mode {
-            SlotMode::PerBackend => Ok(backend_slots.to_vec()),
-            SlotMode::Maglev(size) => {
-                let names: Vec<String> = backends.iter().map(ToString::to_string).collect();
-                let table = crate::maglev::table(&names, size).map_err(|e| e.to_string())?;
-                Ok(table.into_iter().map(|index| backend_slots[index as usize]).collect())
-            }
-        }
-    }
+/// A frontend's Maglev table of `size` slots over `backends` (with their slots,
+/// `backend_slots`); why not when none can be built for them.
+fn maglev_table(
+    backend_slots: &[Slot],
+    backends: &[&Endpoint],
+    size: u32,
+) -> Result<Vec<Slot>, String> {
+    let names: Vec<String> = backends.iter().map(ToString::to_string).collect();
+    let table = crate::maglev::table(&names, size).map_err(|e| e.to_string())?;
+    Ok(table.into_iter().map(|index| backend_slots[index as usize]).collect())
+}
+
+/// `vip:port` of frontend `key`, for problems.
+fn frontend_address(key: ServiceKey) -> String {
+    format!("{}:{}", Ipv4Addr::from(u32::from_be(key.vip_be)), u16::from_be(key.port_be))
 }

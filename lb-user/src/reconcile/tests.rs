@@ -422,3 +422,87 @@ fn a_full_slot_array_leaves_out_what_does_not_fit_says_so_and_keeps_the_rest() {
         assert!(run_of(value).end <= room, "{value:?} within the array");
     }
 }
+
+/// The Maglev table size of the tests below: small, so that tables are quick to build.
+const MAGLEV_SIZE: u32 = 251;
+
+/// The frontends that have slots, with their entries.
+fn frontends_with_slots(state: &DatapathState) -> BTreeMap<ServiceKey, ServiceValue> {
+    state.services.iter().filter(|(_, v)| v.slot_count > 0).map(|(k, v)| (*k, *v)).collect()
+}
+
+/// The backends (address, port) a frontend's slots name, once each.
+fn backends_in_slots(
+    state: &DatapathState,
+    value: &ServiceValue,
+) -> std::collections::BTreeSet<(u32, u16)> {
+    slots_of(&state.slots, value)
+        .map(|(_, slot)| (slot.backend.ip_be, slot.backend.port_be))
+        .collect()
+}
+
+#[test]
+fn maglev_tables_that_find_no_room_give_way_to_one_slot_per_backend() {
+    let (model, node) = seed();
+    let per_backend = frontends_with_slots(&seed_state());
+    // Room for two tables, and for everything else at one slot per backend.
+    let room = 2 * MAGLEV_SIZE + u32::try_from(seed_state().slots.len()).expect("few slots");
+    let capacities = Capacities { backend_slots: Some(room), ..Capacities::default() };
+    let mut reconciler = Reconciler::with_capacities(
+        DatapathState::default(),
+        SlotMode::Maglev(MAGLEV_SIZE),
+        &capacities,
+    );
+    let report = reconciler.reconcile(&model, &node, &mut FakeMaps::default()).expect("reconcile");
+    let programmed = reconciler.programmed();
+    let with_slots = frontends_with_slots(programmed);
+    assert_eq!(
+        with_slots.keys().collect::<Vec<_>>(),
+        per_backend.keys().collect::<Vec<_>>(),
+        "every frontend with endpoints is served: {:?}",
+        report.problems
+    );
+    let maglev = with_slots.values().filter(|v| v.slot_count == MAGLEV_SIZE).count();
+    assert_eq!(maglev, 2, "two tables fit");
+    for (key, value) in with_slots.iter().filter(|(_, v)| v.slot_count != MAGLEV_SIZE) {
+        let plain = per_backend[key];
+        assert_eq!(value.slot_count, plain.slot_count, "{key:?}: one slot per backend");
+        assert_eq!(backends_in_slots(programmed, value), backends_in_slots(&seed_state(), &plain));
+    }
+    let gave_way: Vec<&String> =
+        report.problems.iter().filter(|p| p.contains("served by a flow hash")).collect();
+    assert_eq!(gave_way.len(), with_slots.len() - 2, "{:?}", report.problems);
+    assert!(gave_way.iter().all(|p| p.contains("no room left in the slot array")), "{gave_way:?}");
+}
+
+#[test]
+fn a_changed_maglev_table_without_room_for_its_new_run_serves_the_new_endpoints() {
+    let (mut model, node) = seed();
+    let tables = u32::try_from(frontends_with_slots(&seed_state()).len()).expect("few");
+    // Every table fits, and the slots of one frontend of three backends beside them.
+    let capacities =
+        Capacities { backend_slots: Some(tables * MAGLEV_SIZE + 3), ..Capacities::default() };
+    let mut reconciler = Reconciler::with_capacities(
+        DatapathState::default(),
+        SlotMode::Maglev(MAGLEV_SIZE),
+        &capacities,
+    );
+    let first = reconciler.reconcile(&model, &node, &mut FakeMaps::default()).expect("first");
+    assert_eq!(first.problems, Vec::<String>::new(), "every table fits");
+    let my_nginx = key("10.96.45.10", 80, proto::TCP, scope::EXTERNAL);
+    assert_eq!(reconciler.programmed().services[&my_nginx].slot_count, MAGLEV_SIZE);
+
+    add_third_my_nginx_pod(&mut model);
+    let report = reconciler.reconcile(&model, &node, &mut FakeMaps::default()).expect("second");
+    let programmed = reconciler.programmed();
+    let value = programmed.services[&my_nginx];
+    assert_eq!(value.slot_count, 3, "one slot per backend: {:?}", report.problems);
+    let third = (ip_be(Ipv4Addr::new(10, 244, 1, 99)), 80u16.to_be());
+    let named = backends_in_slots(programmed, &value);
+    assert!(named.contains(&third) && named.len() == 3, "the three pods of now: {named:?}");
+    assert!(
+        report.problems.iter().any(|p| p.contains("10.96.45.10:80") && p.contains("flow hash")),
+        "{:?}",
+        report.problems
+    );
+}
