@@ -280,13 +280,15 @@ pub(crate) fn attach_tc(
     Ok(Attachment { iface: iface.into(), program: role.program(), program_id, mode, link_id })
 }
 
-/// Hairpin traffic (a pod reaching its own service) is masqueraded to the node's address, so
-/// it enters the pod's interface with a local source, which Linux drops as martian unless
-/// `accept_local` is set on that interface.
-fn accept_local_sources(iface: &str) {
+/// A masqueraded packet reaches the kernel on the interface it arrived on, its source now the
+/// node's own address, which Linux drops as martian unless `accept_local` is set there:
+/// hairpin traffic (a pod reaching its own service) on the pod's interface, and on an external
+/// interface the packets XDP (or its tc fallback) hands up the stack, masqueraded towards a
+/// remote backend or a pod, and translated back towards the client.
+pub(crate) fn accept_local_sources(iface: &str) {
     let path = format!("/proc/sys/net/ipv4/conf/{iface}/accept_local");
     if let Err(error) = std::fs::write(&path, "1") {
-        warn!(%iface, %error, "could not set accept_local: hairpin connections will fail");
+        warn!(%iface, %error, "could not set accept_local: masqueraded connections will fail");
     }
 }
 

@@ -53,6 +53,8 @@ pub struct Topology {
     pub node: Netns,
     pub client: Netns,
     pub pods: Vec<Pod>,
+    /// Pods of another node (see [`Topology::add_remote_pod`]).
+    pub remote_pods: Vec<Pod>,
 }
 
 impl Topology {
@@ -86,7 +88,14 @@ impl Topology {
             .enumerate()
             .map(|(index, &(name, ip))| add_pod(&node, prefix, index, name, ip))
             .collect();
-        Self { prefix: prefix.into(), next_pod: PODS.len(), node, client, pods }
+        Self {
+            prefix: prefix.into(),
+            next_pod: PODS.len(),
+            node,
+            client,
+            pods,
+            remote_pods: Vec::new(),
+        }
     }
 
     /// Adds a pod (no servers) behind a new veth `vpod<n>`, as a CNI does when a pod starts.
@@ -95,6 +104,36 @@ impl Topology {
         self.next_pod += 1;
         self.pods.push(pod);
         self.pods.last().expect("just added")
+    }
+
+    /// Adds a pod of another node (no servers until [`Topology::start_servers`]), reached as
+    /// pods of other nodes are over a routed node network: the node routes its address to the
+    /// client's namespace, which forwards it on to the pod, behind a veth of its own.
+    pub fn add_remote_pod(&mut self, name: &'static str, ip: &str) -> &Pod {
+        let index = self.next_pod;
+        self.next_pod += 1;
+        let pod = Pod {
+            name,
+            ip: ip.parse().expect("pod address"),
+            netns: Netns::new(&format!("{}-pod{index}", self.prefix)),
+            host_iface: format!("vpod{index}"),
+        };
+        connect(&self.client, &pod);
+        sysctl(&self.client, "net.ipv4.ip_forward", "1");
+        self.client.ip(&["addr", "add", &format!("{POD_GATEWAY}/32"), "dev", "lo"]);
+        // Complete checksums, as for the client: the packets reach the node's XDP program.
+        run("ip", &["netns", "exec", pod.netns.name(), "ethtool", "-K", "eth0", "tx", "off"]);
+        self.node.ip(&[
+            "route",
+            "add",
+            &format!("{ip}/32"),
+            "via",
+            CLIENT_IP,
+            "dev",
+            EXTERNAL_IFACE,
+        ]);
+        self.remote_pods.push(pod);
+        self.remote_pods.last().expect("just added")
     }
 
     /// Removes a pod and its veth, as a CNI does when a pod goes.
@@ -126,7 +165,7 @@ impl Topology {
     pub fn start_servers(&self) -> Servers {
         let stop = Arc::new(AtomicBool::new(false));
         let mut threads = Vec::new();
-        for pod in self.pods.iter().filter(|p| p.name != "client") {
+        for pod in self.pods.iter().chain(&self.remote_pods).filter(|p| p.name != "client") {
             threads.push(serve_tcp(pod, Arc::clone(&stop)));
             threads.push(serve_udp(pod, Arc::clone(&stop)));
         }
@@ -150,6 +189,7 @@ fn add_pod(node: &Netns, prefix: &str, index: usize, name: &'static str, ip: &st
 }
 
 /// The pod's veth: its node end routes the pod's address, its pod end is the pod's `eth0`.
+/// (`node` is the client's namespace for a remote pod.)
 fn connect(node: &Netns, pod: &Pod) {
     let (host_iface, ip) = (pod.host_iface.as_str(), pod.ip.to_string());
     node.ip(&[

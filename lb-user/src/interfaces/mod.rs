@@ -233,7 +233,7 @@ fn attach_one(pins: &PinLayout, hook: Hook, iface: &str) -> Result<Attachment> {
 /// same service stage on tc ingress, logged.
 pub(crate) fn attach_north_south(pins: &PinLayout, iface: &str) -> Result<Attachment> {
     let mut program = pinned_xdp(pins, iface)?;
-    match attach::attach_xdp(&mut program, pins, iface) {
+    let attached = match attach::attach_xdp(&mut program, pins, iface) {
         Err(Error::Attach { source, .. })
             if !matches!(*source, ProgramError::UnknownInterface { .. }) =>
         {
@@ -242,7 +242,11 @@ pub(crate) fn attach_north_south(pins: &PinLayout, iface: &str) -> Result<Attach
             attach_tc_from_pin(pins, iface, TcRole::External)
         }
         attached => attached,
+    };
+    if attached.is_ok() {
+        attach::accept_local_sources(iface);
     }
+    attached
 }
 
 /// XDP on an interface the tc fallback serves, if its XDP hook is free again (the program that
