@@ -45,7 +45,8 @@ reasons! {
     Fragment = "fragment",
     /// An L4 protocol the load balancer does not translate (not TCP, UDP or ICMP).
     OtherL4 = "other_l4",
-    /// The TCP, UDP or ICMP header is cut short, or TCP's data offset is impossible.
+    /// The TCP, UDP or ICMP header is cut short, or TCP's data offset or UDP's length is
+    /// impossible (UDP's: below its header, or beyond a whole datagram).
     TruncatedL4 = "truncated_l4",
     /// Well-formed, but not addressed to a service: passed.
     NotService = "not_service",

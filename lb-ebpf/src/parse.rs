@@ -182,6 +182,15 @@ pub fn parse_l4(frame: &impl Frame, mut packet: Packet) -> Result<Packet, Reason
             let udp: *const UdpHdr = l4_header(frame, l4_offset, l3_end)?;
             // SAFETY: bounds checked by `l4_header`.
             let udp = unsafe { &*udp };
+            // Linux's rule (udp_rcv, and conntrack's udp_error, which kube-proxy's rules then
+            // leave untranslated): a length below the header, or beyond the datagram, makes
+            // it invalid. A first fragment carries the whole datagram's length: only the
+            // first half of the rule applies to it.
+            let udp_len = usize::from(u16::from_be_bytes(udp.len));
+            let beyond = packet.fragment == fragment::WHOLE && l4_offset + udp_len > l3_end;
+            if udp_len < UdpHdr::LEN || beyond {
+                return Err(Reason::TruncatedL4);
+            }
             packet.src_port_be = u16::from_ne_bytes(udp.src);
             packet.dst_port_be = u16::from_ne_bytes(udp.dst);
         }

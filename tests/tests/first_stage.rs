@@ -195,7 +195,17 @@ fn malformed_cases() -> Vec<Case> {
         ),
         case(
             "UDP header cut short",
-            with_total_length(cut(udp_frame, L4 + 7), 20 + 7),
+            with_total_length(cut(udp_frame.clone(), L4 + 7), 20 + 7),
+            Reason::TruncatedL4,
+        ),
+        case(
+            "UDP length below its header",
+            patched(udp_frame.clone(), L4 + 4, &[0, 7]),
+            Reason::TruncatedL4,
+        ),
+        case(
+            "UDP length beyond the datagram",
+            patched(udp_frame, L4 + 4, &[0x05, 0xdc]),
             Reason::TruncatedL4,
         ),
         case(

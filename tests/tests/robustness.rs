@@ -872,7 +872,8 @@ fn parse_later_fragment(frame: &[u8]) -> Option<(Datagram, FragmentKey)> {
 }
 
 /// A well-formed TCP or UDP packet: a complete L4 header inside the datagram (TCP: a data
-/// offset of 5 words or more, within the datagram); a whole datagram or a first fragment.
+/// offset of 5 words or more, within the datagram; UDP: a length of 8 or more, within a whole
+/// datagram); a whole datagram or a first fragment.
 struct Parsed {
     /// The datagram's key if this is its first fragment.
     first_fragment: Option<FragmentKey>,
@@ -902,6 +903,12 @@ fn parse_translatable(frame: &[u8]) -> Option<Parsed> {
     };
     let tcp = ip.proto == proto::TCP;
     if l4_header_len < 8 || l4 + l4_header_len > end || (tcp && l4_header_len < 20) {
+        return None;
+    }
+    // UDP's length: at least its header, and within a whole datagram (a first fragment's
+    // covers the datagram, not the fragment).
+    let udp_len = usize::from(be16(frame, l4 + 4));
+    if !tcp && (udp_len < 8 || (ip.part == Part::Whole && l4 + udp_len > end)) {
         return None;
     }
     let tuple = Tuple {
