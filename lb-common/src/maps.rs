@@ -178,8 +178,10 @@ pub struct RevNat {
 
 /// A five-tuple as it appears in a packet: the key of the LRU conntrack map. The forward entry
 /// of a flow is keyed by the client's packet (client -> VIP), the reply entry by the backend's
-/// (backend -> client, or backend -> SNAT address); the two never collide because a forward
-/// destination is a VIP and a reply source is a backend.
+/// (backend -> client, or backend -> SNAT address). A reply tuple another flow holds (the same
+/// client socket through another frontend to the same backend, or a backend that is itself a
+/// client of a frontend at the client's address and port) gives the new flow another source
+/// port instead (`lb::insert_reply` in the programs).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
 pub struct ConntrackKey {

@@ -213,16 +213,28 @@ fn new_flow(
         packet.proto,
     );
 
-    if needs_snat(&service, &backend, packet, origin, config) {
-        let claimed = claim_snat_port(hook, &mut reply_key, &mut reply_entry, packet, config, hash);
+    // The address to masquerade to: the node's, where the reply would otherwise not come back
+    // through this node; the client's own (a new port only, as netfilter resolves a clash)
+    // where another flow holds the reply tuple.
+    let masquerade_to = if needs_snat(&service, &backend, packet, origin, config) {
+        Some(config.snat_ip_be)
+    } else {
+        match insert_reply(&reply_key, &reply_entry, packet.proto, config) {
+            Ok(()) => None,
+            Err(ReplyTuple::HeldByAnotherFlow) => Some(packet.src_ip_be),
+            Err(ReplyTuple::Refused) => return (Verdict::Drop, Reason::DropConntrackFull),
+        }
+    };
+    if let Some(nat_ip_be) = masquerade_to {
+        let claim = SnatClaim { nat_ip_be, hash: port_hash(hash) };
+        let claimed =
+            claim_snat_port(hook, &mut reply_key, &mut reply_entry, packet, config, claim);
         let Some(port_be) = claimed else {
             return (Verdict::Drop, Reason::DropSnatExhausted);
         };
         forward.flags |= ct_flags::SNAT;
-        forward.nat_ip_be = config.snat_ip_be;
+        forward.nat_ip_be = nat_ip_be;
         forward.nat_port_be = port_be;
-    } else if conntrack::insert(&reply_key, &reply_entry, BPF_ANY).is_err() {
-        return (Verdict::Drop, Reason::DropConntrackFull);
     }
     if conntrack::insert(&conntrack::key_of(packet), &forward, BPF_ANY).is_err() {
         return (Verdict::Drop, Reason::DropConntrackFull);
@@ -381,9 +393,64 @@ fn needs_snat(
         && !host_network_here
 }
 
-/// Finds a source port in the SNAT range whose reply tuple (backend -> SNAT address:port) is
-/// free, of flows and of the node's own sockets, and claims it by inserting the reply entry.
-/// Returns the port in network order.
+/// Why a flow's reply entry could not be inserted under its own reply tuple.
+enum ReplyTuple {
+    /// A live flow from the same client socket to the same backend through another frontend
+    /// (a DNS client asking two services of the same pods from one port) holds it: its
+    /// replies would come back from this flow's frontend.
+    HeldByAnotherFlow,
+    /// The map refused the entry.
+    Refused,
+}
+
+/// Inserts a flow's reply entry under its reply tuple (backend -> client), unless another
+/// live flow holds it. An entry there that is dead, or that translates to the same frontend
+/// without SNAT (this very flow, seen again after its forward entry went), is replaced.
+#[inline(always)]
+fn insert_reply(
+    key: &ConntrackKey,
+    entry: &ConntrackValue,
+    proto_number: u8,
+    config: &NodeConfig,
+) -> Result<(), ReplyTuple> {
+    if conntrack::insert(key, entry, BPF_NOEXIST).is_ok() {
+        return Ok(());
+    }
+    if let Some(existing) = crate::maps::CONNTRACK.get_ptr(key) {
+        // SAFETY: a valid pointer from the lookup.
+        let existing = unsafe { &*existing };
+        let same_flow = existing.flags & (ct_flags::REPLY | ct_flags::SNAT) == ct_flags::REPLY
+            && (existing.translated_ip_be, existing.translated_port_be)
+                == (entry.translated_ip_be, entry.translated_port_be);
+        if !same_flow && conntrack::is_live(existing, proto_number, entry.last_seen, config) {
+            return Err(ReplyTuple::HeldByAnotherFlow);
+        }
+    }
+    conntrack::insert(key, entry, BPF_ANY).map_err(|()| ReplyTuple::Refused)
+}
+
+/// Where a masqueraded flow's source goes: the address, and the hash its port candidates
+/// start from.
+struct SnatClaim {
+    nat_ip_be: u32,
+    hash: u32,
+}
+
+/// The hash SNAT port candidates start from: the flow hash, mixed (murmur3's finaliser), as
+/// the flow hash modulo the slot count also chose the backend: a range and a slot count with
+/// a common factor would otherwise give each backend's flows only part of the range.
+#[inline(always)]
+fn port_hash(flow_hash: u32) -> u32 {
+    let mut h = flow_hash ^ (flow_hash >> 16);
+    h = h.wrapping_mul(0x85eb_ca6b);
+    h ^= h >> 13;
+    h = h.wrapping_mul(0xc2b2_ae35);
+    h ^ (h >> 16)
+}
+
+/// Finds a source port in the SNAT range whose reply tuple (backend -> masquerading
+/// address:port) is free, of flows and of the node's own sockets, and claims it by inserting
+/// the reply entry. Returns the port in network order.
 ///
 /// A local socket that takes the port later is not seen: the range sits above the kernel's
 /// ephemeral ports, so only an explicit bind (or a widened `ip_local_port_range`) does that.
@@ -394,7 +461,7 @@ fn claim_snat_port(
     reply_entry: &mut ConntrackValue,
     packet: &Packet,
     config: &NodeConfig,
-    hash: u32,
+    SnatClaim { nat_ip_be, hash }: SnatClaim,
 ) -> Option<u16> {
     let min = u32::from(config.snat_port_min);
     let max = u32::from(config.snat_port_max);
@@ -402,7 +469,7 @@ fn claim_snat_port(
         return None;
     }
     let range = max - min + 1;
-    reply_key.dst_ip_be = config.snat_ip_be;
+    reply_key.dst_ip_be = nat_ip_be;
     reply_entry.flags |= ct_flags::SNAT;
     reply_entry.nat_ip_be = packet.src_ip_be;
     reply_entry.nat_port_be = packet.src_port_be;
@@ -413,8 +480,7 @@ fn claim_snat_port(
         let port = (min + offset) as u16;
         reply_key.dst_port_be = port.to_be();
         let reply_from = (reply_key.src_ip_be, reply_key.src_port_be);
-        if local_sockets::receive(hook, packet.proto, reply_from, (config.snat_ip_be, port.to_be()))
-        {
+        if local_sockets::receive(hook, packet.proto, reply_from, (nat_ip_be, port.to_be())) {
             continue;
         }
         if let Some(existing) = crate::maps::CONNTRACK.get_ptr(reply_key) {

@@ -27,7 +27,8 @@ pub struct Flow {
     pub client: String,
     pub frontend: String,
     pub backend: String,
-    /// The node address and port the client's source became; `None` if not masqueraded.
+    /// The address and port the client's source became (the node's, or the client's own with
+    /// another port where another flow held its reply tuple); `None` if not masqueraded.
     pub snat: Option<String>,
     /// TCP: `opening`, `established`, `half-closed` or `closing`; other protocols: `-`.
     pub state: &'static str,

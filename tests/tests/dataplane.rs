@@ -128,6 +128,50 @@ fn udp_replies_are_reverse_translated() {
     checksum::assert_valid(&run.output);
 }
 
+/// One client socket asks two frontends that share their one backend (a resolver asking two
+/// services of the same DNS pods from one port): the two flows' replies share a tuple
+/// (backend -> client). As netfilter does, the second flow gets another source port (its
+/// address kept), so each flow's replies come back from the frontend it spoke to.
+#[test]
+fn two_flows_of_one_client_socket_to_one_backend_keep_their_replies_apart() {
+    let mut datapath = seeded();
+    let backend = (addr("10.244.1.15"), 53);
+    for (id, vip) in [(901, "10.96.9.1"), (902, "10.96.9.2")] {
+        datapath
+            .apply(&Frontend::new(id, vip, 53, proto::UDP).backend("10.244.1.15", 53, true).ops());
+    }
+    let first = Spec::udp(POD, 5353, "10.96.9.1", 53);
+    let run = datapath.run(Hook::Tc, &first.build());
+    run.assert_outcome(Hook::Tc.forward_code(), Reason::ForwardNew, "first frontend");
+    assert_eq!(endpoints(&run.output), ((addr(POD), 5353), backend), "source kept");
+
+    let second = Spec::udp(POD, 5353, "10.96.9.2", 53);
+    let run = datapath.run(Hook::Tc, &second.build());
+    run.assert_outcome(Hook::Tc.forward_code(), Reason::ForwardNew, "second frontend");
+    let ((source_ip, source_port), to) = endpoints(&run.output);
+    assert_eq!((source_ip, to), (addr(POD), backend), "the client's address kept");
+    assert!((SNAT_PORT_MIN..=SNAT_PORT_MAX).contains(&source_port), "new port {source_port}");
+    assert_eq!(
+        run.output,
+        second.clone().with_addresses(POD, source_port, "10.244.1.15", 53).build()
+    );
+    checksum::assert_valid(&run.output);
+
+    for (request, client_port, vip) in
+        [(&first, 5353, "10.96.9.1"), (&second, source_port, "10.96.9.2")]
+    {
+        let reply = reply_of(request, backend, (addr(POD), client_port)).with_payload(b"answer");
+        let run = datapath.run(Hook::Tc, &reply.build());
+        run.assert_outcome(Hook::Tc.forward_code(), Reason::ReplyTranslated, vip);
+        assert_eq!(run.output, reply.with_addresses(vip, 53, POD, 5353).build(), "from {vip}");
+        checksum::assert_valid(&run.output);
+    }
+    // Each flow's next packet keeps its translation.
+    let run = datapath.run(Hook::Tc, &second.build());
+    run.assert_outcome(Hook::Tc.forward_code(), Reason::ForwardEstablished, "second again");
+    assert_eq!(endpoints(&run.output), ((addr(POD), source_port), backend));
+}
+
 #[test]
 fn node_port_to_a_remote_backend_is_masqueraded_and_reversed() {
     let mut datapath = seeded();

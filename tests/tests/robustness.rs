@@ -1173,6 +1173,8 @@ const RECENT_FLOWS: usize = 4096;
 struct Forward {
     backend: Endpoint,
     masqueraded: bool,
+    /// Given a new source port once, because another flow held its reply tuple.
+    clashed: bool,
     /// Every source it was given: the client itself, or the SNAT addresses it had.
     sources: Vec<Endpoint>,
 }
@@ -1383,7 +1385,13 @@ impl<'t> Oracle<'t> {
             return Ok(false);
         }
         let masqueraded = is_snat_address(to.src);
-        if to.src != from.src && !masqueraded {
+        // A new source port alone, in the SNAT range: legal only where a flow of another
+        // frontend holds the reply tuple the client's own port would give.
+        let new_port = to.src.ip == from.src.ip
+            && to.src.port != from.src.port
+            && (SNAT_PORT_MIN..=SNAT_PORT_MAX).contains(&to.src.port)
+            && self.reply_tuple_held_elsewhere(from, to.dst, frontend.vip);
+        if to.src != from.src && !masqueraded && !new_port {
             return Err(format!("DNAT {from} -> {to}: source neither kept nor masqueraded"));
         }
         if !frontend.admits(from.src.ip) {
@@ -1393,9 +1401,14 @@ impl<'t> Oracle<'t> {
         // A client at the SNAT address may have been masqueraded to its own port, which reads
         // as not masqueraded; the same flow made again while that port's entry still lives
         // is masqueraded to another. Only there may the two differ.
+        // Nor where a clash gave the flow a new port, now or before: whether a reply tuple is
+        // held by another flow changes.
         if let Some(earlier) = self.model.dnat.get(&from)
             && (earlier.backend != now.0
-                || (earlier.masqueraded != now.1 && !is_snat_address(from.src)))
+                || (earlier.masqueraded != now.1
+                    && !is_snat_address(from.src)
+                    && !new_port
+                    && !earlier.clashed))
         {
             return Err(format!("{from}: now (backend, SNAT) {now:?}, earlier {earlier:?}"));
         }
@@ -1409,13 +1422,36 @@ impl<'t> Oracle<'t> {
             }
         }
         self.record(from, to, frontend.vip);
+        if new_port && let Some(forward) = self.model.dnat.get_mut(&from) {
+            forward.clashed = true;
+        }
         Ok(true)
+    }
+
+    /// Whether another flow holds the reply tuple (`backend` -> `from`'s client) that a flow
+    /// from `from` to `backend` keeping its source would have: as its own reply tuple, through
+    /// a frontend other than `frontend`, or as its client tuple (the backend a client of a
+    /// frontend at that address and port: a NodePort on the node's address, say).
+    fn reply_tuple_held_elsewhere(
+        &self,
+        from: Tuple,
+        backend: Endpoint,
+        frontend: Endpoint,
+    ) -> bool {
+        let reply = Tuple { src: backend, dst: from.src, proto: from.proto };
+        self.model.dnat.contains_key(&reply)
+            || self
+                .model
+                .replies
+                .get(&reply)
+                .is_some_and(|pairs| pairs.iter().any(|(f, _)| *f != frontend))
     }
 
     fn record(&mut self, from: Tuple, to: Tuple, frontend: Endpoint) {
         let forward = self.model.dnat.entry(from).or_insert_with(|| Forward {
             backend: to.dst,
             masqueraded: false,
+            clashed: false,
             sources: Vec::new(),
         });
         // Whether a tuple needs SNAT never changes: once seen masqueraded, it is.
