@@ -6,7 +6,7 @@ use std::{collections::BTreeSet, net::Ipv4Addr};
 
 use etherparse::{Icmpv4Type, PacketBuilder, icmpv4::DestUnreachableHeader};
 use lb_common::{
-    maps::{ServiceKey, ServiceValue, proto, scope},
+    maps::{ServiceKey, ServiceValue, proto, scope, service_flags as flag},
     stats::Reason,
 };
 use lb_tests::{
@@ -191,6 +191,34 @@ fn node_port_to_a_remote_backend_is_masqueraded_and_reversed() {
     run.assert_outcome(Hook::Xdp.forward_code(), Reason::ReplyTranslated, "reply to the SNAT port");
     assert_eq!(run.output, reply.with_addresses(NODE_IP, 30380, EXTERNAL_CLIENT, 50_000).build());
     checksum::assert_valid(&run.output);
+}
+
+/// The flow hash picks the backend (modulo the slot count) and the first SNAT port candidate:
+/// taken from the same bits, a slot count and a port range with a common factor (3 here, and
+/// in the default range of 4536 ports) would give each backend's flows only part of the range.
+#[test]
+fn the_masqueraded_flows_of_every_backend_spread_over_the_whole_snat_range() {
+    let mut datapath = seeded();
+    let backends = ["10.244.2.21", "10.244.2.22", "10.244.2.23"];
+    let mut node_port = Frontend::new(903, NODE_IP, 30999, proto::TCP).flags(flag::EXTERNAL);
+    for ip in backends {
+        node_port = node_port.backend(ip, 80, false);
+    }
+    datapath.apply(&node_port.ops());
+    let range = u32::from(SNAT_PORT_MAX - SNAT_PORT_MIN) + 1;
+    assert_eq!(range % 3, 0, "the test's range shares the factor 3 with the slot count");
+    let mut residues: std::collections::BTreeMap<Ipv4Addr, BTreeSet<u16>> = Default::default();
+    for client_port in 0..120 {
+        let request = Spec::tcp(EXTERNAL_CLIENT, 20_000 + client_port, NODE_IP, 30999);
+        let run = datapath.run(Hook::Xdp, &request.build());
+        run.assert_outcome(Hook::Xdp.forward_code(), Reason::ForwardNew, "NodePort");
+        let ((_, snat_port), (backend, _)) = endpoints(&run.output);
+        residues.entry(backend).or_default().insert((snat_port - SNAT_PORT_MIN) % 3);
+    }
+    assert_eq!(residues.len(), 3, "every backend has flows: {residues:?}");
+    for (backend, seen) in &residues {
+        assert_eq!(seen.len(), 3, "{backend}: SNAT ports in every third of the range: {seen:?}");
+    }
 }
 
 #[test]
