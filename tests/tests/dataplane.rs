@@ -2,7 +2,10 @@
 //! conntrack, reverse NAT, SNAT, refusals, drops and policies, with exact output bytes built
 //! independently by etherparse and checksums recomputed from scratch.
 
-use std::{collections::BTreeSet, net::Ipv4Addr};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::Ipv4Addr,
+};
 
 use etherparse::{Icmpv4Type, PacketBuilder, icmpv4::DestUnreachableHeader};
 use lb_common::{
@@ -207,7 +210,7 @@ fn the_masqueraded_flows_of_every_backend_spread_over_the_whole_snat_range() {
     datapath.apply(&node_port.ops());
     let range = u32::from(SNAT_PORT_MAX - SNAT_PORT_MIN) + 1;
     assert_eq!(range % 3, 0, "the test's range shares the factor 3 with the slot count");
-    let mut residues: std::collections::BTreeMap<Ipv4Addr, BTreeSet<u16>> = Default::default();
+    let mut residues: BTreeMap<Ipv4Addr, BTreeSet<u16>> = BTreeMap::new();
     for client_port in 0..120 {
         let request = Spec::tcp(EXTERNAL_CLIENT, 20_000 + client_port, NODE_IP, 30999);
         let run = datapath.run(Hook::Xdp, &request.build());
