@@ -532,13 +532,20 @@ pub fn count_frontend(service_id: u32, bytes: u64) {
 /// A packet the node sends out of an interface (tc egress): when a flow's backend is a
 /// host-network endpoint of this node, its replies come from the node's own stack, which no
 /// interface's ingress sees, so they are reverse-translated here; so are ICMP errors the node
-/// sends about translated packets. Sources in the cluster or service CIDR are pods, whose
+/// sends about translated packets, whatever their source: with a bridge CNI, the node's
+/// address towards its pods lies in the cluster CIDR. (An error that a pod or a backend sent
+/// was translated where it entered: its quote names the service address, which no entry's key
+/// holds as a source.) Other packets from the cluster or service CIDR are pods', whose
 /// replies their own interface's ingress translated, or already translated: passed at once.
 #[inline(always)]
 pub fn process_from_node(hook: &impl Hook, packet: &Packet) -> (Verdict, Reason) {
     let Some(config) = node_config() else {
         return (Verdict::Pass, Reason::NoNodeConfig);
     };
+    if packet.proto == proto::ICMP && packet.fragment != fragment::LATER {
+        return crate::icmp::process_error(hook, packet, true)
+            .unwrap_or((Verdict::Pass, Reason::NotService));
+    }
     let from_cluster = in_prefix(packet.src_ip_be, config.cluster_cidr_be, config.cluster_mask_be)
         || in_prefix(packet.src_ip_be, config.service_cidr_be, config.service_mask_be);
     if from_cluster {
@@ -547,10 +554,6 @@ pub fn process_from_node(hook: &impl Hook, packet: &Packet) -> (Verdict, Reason)
     if packet.fragment == fragment::LATER {
         return fragments::translate_later(hook, packet, fragment_side::EGRESS, config)
             .unwrap_or((Verdict::Pass, Reason::Fragment));
-    }
-    if packet.proto == proto::ICMP {
-        return crate::icmp::process_error(hook, packet, true)
-            .unwrap_or((Verdict::Pass, Reason::NotService));
     }
     let now = conntrack::now();
     let entry = translatable(packet)

@@ -1,7 +1,8 @@
 //! ICMP errors about translated flows are translated back (BPF_PROG_TEST_RUN on the seeded
 //! tables): fragmentation needed from a router towards a masqueraded NodePort backend reaches
 //! the external client quoting the packet it sent; port unreachable from a backend reaches the
-//! pod from the service address; an error about a reply reaches the backend. Expected bytes
+//! pod from the service address; an error about a reply reaches the backend; the node's own
+//! error, from its address in the pod network, reaches the pod. Expected bytes
 //! are built independently by etherparse from the packets the client and backend really sent.
 
 use etherparse::{Icmpv4Type, PacketBuilder, icmpv4::DestUnreachableHeader};
@@ -104,6 +105,23 @@ fn an_error_about_a_reply_reaches_the_backend() {
     expected_quote[26..28].copy_from_slice(&sent[26..28]);
     let expected = icmp_frame(POD, &backend.to_string(), port_unreachable(), &expected_quote);
     assert_translated(&mut datapath, Hook::Tc, &error, &expected, "error about a reply");
+}
+
+/// With a bridge CNI the node's address towards its pods lies in the pod network (flannel's
+/// `cni0`, 10.244.1.1 here), and it is the source of the errors the node's stack sends pods:
+/// one about a translated packet, on its way out to the pod, still reaches the pod's socket.
+#[test]
+fn the_nodes_own_error_from_a_pod_network_address_reaches_the_pod() {
+    let mut datapath = seeded();
+    let request = Spec::udp(POD, 5355, "10.96.0.10", 53).build();
+    let run = datapath.run(Hook::Tc, &request);
+    let sent = quote(&run.output);
+    let host_unreachable = || Icmpv4Type::DestinationUnreachable(DestUnreachableHeader::Host);
+    let error = icmp_frame("10.244.1.1", POD, host_unreachable(), &sent);
+    let mut expected_quote = quote(&request);
+    expected_quote[26..28].copy_from_slice(&sent[26..28]);
+    let expected = icmp_frame("10.244.1.1", POD, host_unreachable(), &expected_quote);
+    assert_translated(&mut datapath, Hook::TcReply, &error, &expected, "the node's own error");
 }
 
 #[test]
