@@ -9,13 +9,15 @@ use std::{
 
 use etherparse::{Icmpv4Type, PacketBuilder, icmpv4::DestUnreachableHeader};
 use lb_common::{
-    maps::{ServiceKey, ServiceValue, proto, scope, service_flags as flag},
+    maps::{
+        AffinityKey, AffinityValue, ServiceKey, ServiceValue, proto, scope, service_flags as flag,
+    },
     stats::Reason,
 };
 use lb_tests::{
     checksum,
     datapath::Hook,
-    fixtures::{EXTERNAL_CLIENT, HOST_NETWORK_VIP, POD, seeded},
+    fixtures::{self, EXTERNAL_CLIENT, HOST_NETWORK_VIP, LB_IP, POD, seeded},
     node::{NODE_IP, SNAT_PORT_MAX, SNAT_PORT_MIN},
     packets::{CLIENT_MAC, L3, NODE_MAC, Spec, TcpFields, endpoints},
     services::Frontend,
@@ -488,6 +490,44 @@ fn client_ip_affinity_keeps_every_flow_of_a_client_on_one_backend() {
         others.insert(endpoints(&run.output).1);
     }
     assert_eq!(others.len(), 3, "other clients still spread over every backend: {others:?}");
+}
+
+/// ClientIP affinity holds for `timeoutSeconds` after the client's last new flow: an entry
+/// that old is not followed, and the new flow's choice replaces it.
+#[test]
+fn a_client_affinity_older_than_its_timeout_is_not_followed() {
+    let mut datapath = seeded();
+    let sticky =
+        fixtures::frontends().into_iter().find(|f| f.vip == "10.96.45.11").expect("sticky");
+    let own: BTreeSet<(Ipv4Addr, u16)> =
+        sticky.backends.iter().map(|&(ip, port, _)| (addr(ip), port)).collect();
+    // A backend of another frontend: a flow that goes there followed the entry.
+    let elsewhere = fixtures::frontends().into_iter().find(|f| f.vip == LB_IP).expect("LB");
+    let (elsewhere_ip, elsewhere_port, _) = elsewhere.backends[0];
+    let key = AffinityKey { client_ip_be: ip_be(addr(POD)), service_id: sticky.service_id };
+    let hz = u64::from(lb_user::clock::jiffies_per_second());
+    let now = lb_user::clock::jiffies_now().expect("jiffies");
+    let timeout = u64::from(sticky.affinity_timeout_s) * hz;
+    for (age, followed) in [(timeout - 5 * hz, true), (timeout + 5 * hz, false)] {
+        let entry = AffinityValue {
+            last_used: now - age,
+            backend_id: elsewhere.backend_id(0),
+            pad: [0; 4],
+        };
+        datapath.maps().write_affinity(&key, &entry).expect("affinity entry");
+        let port = if followed { 41_100 } else { 41_101 };
+        let run = datapath.run(Hook::Tc, &Spec::tcp(POD, port, sticky.vip, 80).build());
+        run.assert_outcome(Hook::Tc.forward_code(), Reason::ForwardNew, "sticky service");
+        let backend = endpoints(&run.output).1;
+        if followed {
+            assert_eq!(backend, (addr(elsewhere_ip), elsewhere_port), "a fresh entry is followed");
+        } else {
+            assert!(own.contains(&backend), "{backend:?}: chosen afresh among {own:?}");
+            let renewed = datapath.maps().affinities().expect("affinities");
+            let (_, value) = renewed.iter().find(|(k, _)| *k == key).expect("the client's entry");
+            assert!(value.last_used >= now && value.backend_id != elsewhere.backend_id(0));
+        }
+    }
 }
 
 #[test]

@@ -274,6 +274,11 @@ impl KernelMaps {
         lookup_all(names::AFFINITY, self.batch_fds.affinity.as_fd())
     }
 
+    /// Writes one session-affinity entry (tests age entries with it).
+    pub fn write_affinity(&mut self, key: &AffinityKey, value: &AffinityValue) -> Result<()> {
+        update_all(names::AFFINITY, self.batch_fds.affinity.as_fd(), &[*key], &[*value])
+    }
+
     /// Packets and bytes translated for frontend `service_id`, summed over CPUs.
     pub fn service_counters(&self, service_id: u32) -> Result<ServiceCounters> {
         let per_cpu =
