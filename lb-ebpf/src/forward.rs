@@ -1,7 +1,8 @@
 //! North-south forwarding of translated packets: a FIB lookup finds the egress interface and
 //! next hop, and the packet leaves by `bpf_redirect` without going up the stack. When the lookup
 //! cannot finish the job (no route, no neighbour entry yet, forwarding disabled) the packet goes
-//! up the stack, which resolves the neighbour; both outcomes are counted. XDP and the tc
+//! up the stack, which resolves the neighbour, as does a frame with a VLAN tag in it; both
+//! outcomes are counted. XDP and the tc
 //! fallback of an external interface forward the same way.
 
 use aya_ebpf::{
@@ -10,6 +11,7 @@ use aya_ebpf::{
     programs::{TcContext, XdpContext},
 };
 use lb_common::maps::{forwarding, node_flags};
+use network_types::eth::EthHdr;
 
 use crate::{
     csum,
@@ -91,6 +93,12 @@ pub fn count(index: u32) {
 #[inline(always)]
 fn redirect(ctx: &impl Hook, packet: &Packet) -> Option<i64> {
     let l3 = packet.l3_offset;
+    // A frame with an 802.1Q tag in it would leave with that tag, whatever the egress (the FIB
+    // lookup says nothing of VLANs, and a VLAN device takes no redirected frames): the stack
+    // takes it.
+    if l3 != EthHdr::LEN {
+        return None;
+    }
     // The translated addresses and ports, as they are now in the packet. A later fragment has
     // no ports, so none for any fragment: the fragments of a datagram take one path (the
     // kernel's multipath hash leaves ports out for fragments too).

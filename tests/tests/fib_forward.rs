@@ -1,7 +1,8 @@
 //! North-south forwarding by FIB lookup (node config `xdpRedirect: true`), by XDP and by the tc
 //! fallback of an external interface alike: a translated packet leaves by redirect to the egress
 //! interface the kernel's FIB names, with the next hop's MAC, the egress interface's MAC and a
-//! decremented TTL; without a route it goes up the stack. Both outcomes are counted.
+//! decremented TTL; without a route, or with a VLAN tag in the frame, it goes up the stack.
+//! Both outcomes are counted.
 //! BPF_PROG_TEST_RUN looks routes up in the calling thread's namespace, so the runs happen in
 //! a throwaway namespace with a known route and neighbour.
 
@@ -118,6 +119,24 @@ fn without_a_route_the_packet_goes_up_the_stack() {
             ("10.244.1.11".parse().expect("address"), 80),
             "{hook:?}: still translated"
         );
+        checksum::assert_valid(&run.output);
+    }
+}
+
+#[test]
+fn a_frame_with_a_vlan_tag_goes_up_the_stack_whatever_the_route() {
+    let (netns, _) = routed_namespace();
+    for (port, hook) in (50_520..).zip(NORTH_SOUTH) {
+        let mut datapath = seeded();
+        with_fib_forwarding(&mut datapath);
+        // The route and neighbour of the redirect above, but a tag a redirect would keep.
+        let request = Spec::tcp(EXTERNAL_CLIENT, port, "192.168.1.63", 30380).with_vlan(7).build();
+        let run = netns.enter(|| datapath.run(hook, &request));
+        assert_eq!(run.return_code, to_stack_code(hook), "{hook:?}: up the stack");
+        assert_eq!(datapath.forwarding(), counted_as(hook, false), "{hook:?}");
+        assert_eq!(run.output[L3 + 4 + 8], 64, "{hook:?}: TTL untouched");
+        let backend = ("10.244.2.11".parse().expect("address"), 80);
+        assert_eq!(endpoints(&run.output).1, backend, "{hook:?}: still translated");
         checksum::assert_valid(&run.output);
     }
 }
