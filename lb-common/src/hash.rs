@@ -38,7 +38,8 @@ fn mix(value: u32) -> u32 {
 
 /// `MurmurHash3`'s finaliser: every input bit affects every output bit.
 #[inline(always)]
-fn finalize(mut hash: u32) -> u32 {
+#[must_use]
+pub fn finalize(mut hash: u32) -> u32 {
     hash ^= hash >> 16;
     hash = hash.wrapping_mul(0x85eb_ca6b);
     hash ^= hash >> 13;

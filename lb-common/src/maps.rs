@@ -89,7 +89,8 @@ impl ServiceKey {
 pub mod service_flags {
     /// NodePort, externalIP or LoadBalancer frontend, as opposed to a ClusterIP.
     pub const EXTERNAL: u16 = 1 << 0;
-    /// externalTrafficPolicy Local: client address kept, never SNAT.
+    /// externalTrafficPolicy Local: client address kept, never masqueraded to the node (only
+    /// a new source port, where another flow holds a flow's reply tuple).
     pub const EXT_LOCAL: u16 = 1 << 1;
     /// An [`super::scope::INTERNAL`] entry exists for sources inside the cluster.
     pub const TWO_SCOPES: u16 = 1 << 2;

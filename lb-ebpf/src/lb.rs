@@ -2,7 +2,7 @@
 //! find the frontend, apply its policies, choose a backend, decide on SNAT and record the flow.
 
 use lb_common::{
-    hash::flow_hash,
+    hash::{finalize, flow_hash},
     maps::{
         AffinityKey, AffinityValue, Backend, ConntrackKey, ConntrackValue, NodeConfig, ServiceKey,
         ServiceValue, SourceRangeKey, backend_flags, closing, ct_flags, fragment_side, node_flags,
@@ -48,6 +48,8 @@ pub enum Verdict {
 
 /// Upper bound on SNAT port candidates tried for one new flow.
 const SNAT_PROBES: u32 = 8;
+/// The step between a flow's SNAT port candidates: a prime above any port range.
+const SNAT_PORT_STRIDE: u32 = 65_537;
 /// `BPF_NOEXIST`: insert only if the key is free.
 const BPF_NOEXIST: u64 = 1;
 /// `BPF_ANY`.
@@ -226,7 +228,10 @@ fn new_flow(
         }
     };
     if let Some(nat_ip_be) = masquerade_to {
-        let claim = SnatClaim { nat_ip_be, hash: port_hash(hash) };
+        // Mixed once more: the flow hash modulo the slot count chose the backend, and a slot
+        // count and a port range with a common factor would otherwise give each backend's
+        // flows only part of the range.
+        let claim = SnatClaim { nat_ip_be, hash: finalize(hash) };
         let claimed =
             claim_snat_port(hook, &mut reply_key, &mut reply_entry, packet, config, claim);
         let Some(port_be) = claimed else {
@@ -311,8 +316,9 @@ pub fn unserved(dst_ip_be: u32, config: &NodeConfig) -> Unserved {
     }
 }
 
+/// Whether `src_ip_be` lies in a loadBalancerSourceRanges CIDR of frontend `service_id`.
 #[inline(always)]
-fn source_allowed(service_id: u32, src_ip_be: u32) -> bool {
+pub fn source_allowed(service_id: u32, src_ip_be: u32) -> bool {
     let key =
         LpmKey::new(SourceRangeKey::SERVICE_ID_BITS + 32, SourceRangeKey { service_id, src_ip_be });
     SOURCE_RANGES.get(&key).is_some()
@@ -405,7 +411,10 @@ enum ReplyTuple {
 
 /// Inserts a flow's reply entry under its reply tuple (backend -> client), unless another
 /// live flow holds it. An entry there that is dead, or that translates to the same frontend
-/// without SNAT (this very flow, seen again after its forward entry went), is replaced.
+/// without SNAT (this very flow, seen again after its forward entry went), is replaced: that
+/// look and the replacing write are not one step, so two CPUs opening two such flows at once
+/// over a dead entry can still both write (as `claim_snat_port` reusing an expired port can),
+/// a window of the two first packets' own lengths.
 #[inline(always)]
 fn insert_reply(
     key: &ConntrackKey,
@@ -436,18 +445,6 @@ struct SnatClaim {
     hash: u32,
 }
 
-/// The hash SNAT port candidates start from: the flow hash, mixed (murmur3's finaliser), as
-/// the flow hash modulo the slot count also chose the backend: a range and a slot count with
-/// a common factor would otherwise give each backend's flows only part of the range.
-#[inline(always)]
-fn port_hash(flow_hash: u32) -> u32 {
-    let mut h = flow_hash ^ (flow_hash >> 16);
-    h = h.wrapping_mul(0x85eb_ca6b);
-    h ^= h >> 13;
-    h = h.wrapping_mul(0xc2b2_ae35);
-    h ^ (h >> 16)
-}
-
 /// Finds a source port in the SNAT range whose reply tuple (backend -> masquerading
 /// address:port) is free, of flows and of the node's own sockets, and claims it by inserting
 /// the reply entry. Returns the port in network order.
@@ -475,8 +472,9 @@ fn claim_snat_port(
     reply_entry.nat_port_be = packet.src_port_be;
     let now = reply_entry.last_seen;
     for probe in 0..SNAT_PROBES {
-        // A large odd stride spreads the candidates over the whole range.
-        let offset = hash.wrapping_add(probe.wrapping_mul(40_503)).checked_rem(range)?;
+        // A large prime stride spreads the candidates over the whole range: it shares no
+        // factor with a range of up to 65536 ports, so no candidate repeats.
+        let offset = hash.wrapping_add(probe.wrapping_mul(SNAT_PORT_STRIDE)).checked_rem(range)?;
         let port = (min + offset) as u16;
         reply_key.dst_port_be = port.to_be();
         let reply_from = (reply_key.src_ip_be, reply_key.src_port_be);

@@ -95,6 +95,15 @@ fn point_at_backend(ctx: &SockAddrContext) -> i32 {
             }
         };
     };
+    // kube-proxy lets the node reach a LoadBalancer IP with loadBalancerSourceRanges only when
+    // a range holds the node's address (its "allow from node" rule), and drops it otherwise.
+    // A connect cannot be dropped silently: it fails at once (EPERM).
+    if service.flags & service_flags::SOURCE_RANGES != 0
+        && !lb::source_allowed(service.service_id, config.snat_ip_be)
+    {
+        stats::count(Reason::DropSourceRange);
+        return DENY;
+    }
     if service.slot_count == 0 {
         // A policy that leaves no local endpoint drops; none at all refuses. A connect cannot
         // be dropped silently, so both fail at once, refused unless the policy emptied it.

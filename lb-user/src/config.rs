@@ -16,7 +16,8 @@ use std::{
 use ipnet::{IpNet, Ipv4Net};
 use serde::Deserialize;
 
-/// The source ports used when the source is rewritten to the node IP (SNAT). The datapath skips
+/// The source ports used when the source is rewritten to the node IP (SNAT), or only its port
+/// (the client's address kept) where another flow holds a flow's reply tuple. The datapath skips
 /// a port a local socket already holds towards the backend, but a socket that takes the port
 /// after the flow did is not stopped by anything: so the range sits above Linux's default
 /// `ip_local_port_range` (32768-60999), which local sockets do not pick from unless an operator

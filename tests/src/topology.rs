@@ -119,8 +119,10 @@ impl Topology {
             host_iface: format!("vpod{index}"),
         };
         connect(&self.client, &pod);
-        sysctl(&self.client, "net.ipv4.ip_forward", "1");
-        self.client.ip(&["addr", "add", &format!("{POD_GATEWAY}/32"), "dev", "lo"]);
+        if self.remote_pods.is_empty() {
+            sysctl(&self.client, "net.ipv4.ip_forward", "1");
+            self.client.ip(&["addr", "add", &format!("{POD_GATEWAY}/32"), "dev", "lo"]);
+        }
         // Complete checksums, as for the client: the packets reach the node's XDP program.
         run("ip", &["netns", "exec", pod.netns.name(), "ethtool", "-K", "eth0", "tx", "off"]);
         self.node.ip(&[

@@ -10,7 +10,8 @@ use std::{
 use etherparse::{Icmpv4Type, PacketBuilder, icmpv4::DestUnreachableHeader};
 use lb_common::{
     maps::{
-        AffinityKey, AffinityValue, ServiceKey, ServiceValue, proto, scope, service_flags as flag,
+        AffinityKey, AffinityValue, ConntrackKey, ServiceKey, ServiceValue, proto, scope,
+        service_flags as flag,
     },
     stats::Reason,
 };
@@ -175,6 +176,20 @@ fn two_flows_of_one_client_socket_to_one_backend_keep_their_replies_apart() {
     let run = datapath.run(Hook::Tc, &second.build());
     run.assert_outcome(Hook::Tc.forward_code(), Reason::ForwardEstablished, "second again");
     assert_eq!(endpoints(&run.output), ((addr(POD), source_port), backend));
+
+    // The first flow's forward entry gone, its reply entry left: made again, the flow takes
+    // its own reply tuple back, its source kept.
+    let forward_key = ConntrackKey::new(
+        ip_be(addr(POD)),
+        ip_be(addr("10.96.9.1")),
+        5353u16.to_be(),
+        53u16.to_be(),
+        proto::UDP,
+    );
+    assert_eq!(datapath.maps().remove_conntrack(&[forward_key]).expect("remove"), 1);
+    let run = datapath.run(Hook::Tc, &first.build());
+    run.assert_outcome(Hook::Tc.forward_code(), Reason::ForwardNew, "first again");
+    assert_eq!(endpoints(&run.output), ((addr(POD), 5353), backend), "source kept");
 }
 
 #[test]
@@ -508,7 +523,8 @@ fn a_client_affinity_older_than_its_timeout_is_not_followed() {
     let hz = u64::from(lb_user::clock::jiffies_per_second());
     let now = lb_user::clock::jiffies_now().expect("jiffies");
     let timeout = u64::from(sticky.affinity_timeout_s) * hz;
-    for (age, followed) in [(timeout - 5 * hz, true), (timeout + 5 * hz, false)] {
+    // Half a timeout either side of it: no wait between here and the program's run matters.
+    for (age, followed) in [(timeout / 2, true), (timeout + timeout / 2, false)] {
         let entry = AffinityValue {
             last_used: now - age,
             backend_id: elsewhere.backend_id(0),

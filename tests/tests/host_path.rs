@@ -2,17 +2,77 @@
 //! network namespace) reach ClusterIPs and NodePorts through the cgroup hooks of the running
 //! daemon, see the service address as their peer, and are refused at once by a service
 //! without endpoints or on a port the service does not serve (a service address nobody holds
-//! fails at once too). Only the test's own processes are in the cgroup. A process of the cgroup
+//! fails at once too), and reach a LoadBalancer IP only if its loadBalancerSourceRanges hold
+//! the node's address. Only the test's own processes are in the cgroup. A process of the cgroup
 //! in a pod's network namespace is the pod's, not the node's: the tc path serves it.
 
 use std::{path::Path, process::Command};
 
 use lb_tests::{
     cgroup::TestCgroup,
-    daemon::{RunningDaemon, examples},
+    daemon::RunningDaemon,
+    manifests::ManifestDir,
     pins::TestPins,
-    topology::Topology,
+    topology::{NODE_IP, Topology},
 };
+
+/// Two LoadBalancer services of my-nginx's pods with loadBalancerSourceRanges: one range holds
+/// the node's address, the other does not.
+const RANGED: &str = "\
+apiVersion: v1
+kind: Service
+metadata: {name: lb-node-allowed, namespace: default}
+spec:
+  type: LoadBalancer
+  clusterIP: 10.96.45.41
+  selector: {run: my-nginx}
+  loadBalancerSourceRanges: [192.168.1.0/24]
+  ports:
+  - {port: 80, protocol: TCP, targetPort: 80, nodePort: 30501}
+status:
+  loadBalancer:
+    ingress:
+    - {ip: 198.51.100.41}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: lb-node-outside, namespace: default}
+spec:
+  type: LoadBalancer
+  clusterIP: 10.96.45.42
+  selector: {run: my-nginx}
+  loadBalancerSourceRanges: [203.0.113.0/25]
+  ports:
+  - {port: 80, protocol: TCP, targetPort: 80, nodePort: 30502}
+status:
+  loadBalancer:
+    ingress:
+    - {ip: 198.51.100.42}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: lb-node-allowed-1
+  namespace: default
+  labels: {kubernetes.io/service-name: lb-node-allowed}
+addressType: IPv4
+endpoints:
+- {addresses: [10.244.1.10], nodeName: node-a, conditions: {ready: true}}
+ports:
+- {name: '', port: 80, protocol: TCP}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: lb-node-outside-1
+  namespace: default
+  labels: {kubernetes.io/service-name: lb-node-outside}
+addressType: IPv4
+endpoints:
+- {addresses: [10.244.1.10], nodeName: node-a, conditions: {ready: true}}
+ports:
+- {name: '', port: 80, protocol: TCP}
+";
 use lb_user::status;
 
 /// What the node process does: connect, print its peer and the first answer line (TCP), or
@@ -63,8 +123,9 @@ fn node_processes_reach_services_through_the_cgroup_hooks() {
     let _servers = topology.start_servers();
     let pins = TestPins::new();
     let cgroup = TestCgroup::new();
-    let daemon =
-        RunningDaemon::start(&topology, &pins, &examples().join("manifests"), Some(cgroup.path()));
+    let manifests = ManifestDir::new();
+    manifests.add_file("ranged.yaml", RANGED);
+    let daemon = RunningDaemon::start(&topology, &pins, manifests.path(), Some(cgroup.path()));
     let netns = topology.node.path();
 
     let answer = process_in(cgroup.path(), &netns, &["tcp", "10.96.45.10", "80"]);
@@ -88,6 +149,13 @@ fn node_processes_reach_services_through_the_cgroup_hooks() {
     assert_eq!(answer, "error: Connection refused", "a port the ClusterIP does not serve");
     let answer = process_in(cgroup.path(), &netns, &["tcp", "10.96.99.99", "80"]);
     assert_eq!(answer, "error: Operation not permitted", "a service address nobody holds");
+    // loadBalancerSourceRanges, as kube-proxy applies them to the node's own traffic: allowed
+    // when a range holds the node's address, else it fails at once.
+    assert!(NODE_IP.starts_with("192.168.1."), "the first range holds {NODE_IP}");
+    let answer = process_in(cgroup.path(), &netns, &["tcp", "198.51.100.41", "80"]);
+    assert_eq!(answer, "198.51.100.41:80 hello from my-nginx-1", "a range holds the node");
+    let answer = process_in(cgroup.path(), &netns, &["tcp", "198.51.100.42", "80"]);
+    assert_eq!(answer, "error: Operation not permitted", "no range holds the node");
 
     // The hooks also see the sockets of a pod whose processes are in the cgroup (as every pod's
     // are when the hooks sit at the root of the node's tree): they leave those to the pod's tc

@@ -203,6 +203,9 @@ pub fn follow(pins: &PinLayout, targets: &Targets) -> Result<Changes> {
             changes.attached.push(xdp);
             changes.removed.extend(attach::detach_pinned(pins, &pinned.file_name)?);
         }
+        if pinned.hook != Hook::Replies {
+            attach::accept_local_sources(&pinned.iface);
+        }
         attached.push((pinned.hook, pinned.iface));
     }
     for iface in present.keys() {
