@@ -1,8 +1,9 @@
 //! North-south forwarding of translated packets: a FIB lookup finds the egress interface and
-//! next hop, and the packet leaves by `bpf_redirect` without going up the stack. When the lookup
-//! cannot finish the job (no route, no neighbour entry yet, forwarding disabled) the packet goes
-//! up the stack, which resolves the neighbour, as does a frame with a VLAN tag in it; both
-//! outcomes are counted. XDP and the tc
+//! next hop, and a packet that leaves by the interface it came in on does so by `bpf_redirect`
+//! without going up the stack. When the lookup cannot finish the job (no route, no neighbour
+//! entry yet, forwarding disabled) the packet goes up the stack, which resolves the neighbour,
+//! as does one for another interface, and a frame with a VLAN tag in it; both outcomes are
+//! counted. XDP and the tc
 //! fallback of an external interface forward the same way.
 
 use aya_ebpf::{
@@ -107,13 +108,14 @@ fn redirect(ctx: &impl Hook, packet: &Packet) -> Option<i64> {
     } else {
         (ctx.load(packet.l4_offset).ok()?, ctx.load(packet.l4_offset + 2).ok()?)
     };
+    let ingress = ctx.ingress_ifindex();
     let mut lookup = FibLookup {
         family: AF_INET,
         l4_protocol: packet.proto,
         sport_be,
         dport_be,
         tot_len: packet.total_len,
-        ifindex: ctx.ingress_ifindex(),
+        ifindex: ingress,
         ..FibLookup::default()
     };
     lookup.ipv4_src[0] = ctx.load(l3 + ipv4_field::SRC).ok()?;
@@ -127,7 +129,11 @@ fn redirect(ctx: &impl Hook, packet: &Packet) -> Option<i64> {
             0,
         )
     };
-    if rc != FIB_LOOKUP_SUCCESS {
+    // Only back out of the interface the packet came in on (a NodePort's remote backend or
+    // an answer to a client behind the same network): a frame redirected into another
+    // device is lost where that device cannot take it (a pod's veth, whose peer runs no XDP
+    // program and no GRO, drops it), which no lookup here can tell.
+    if rc != FIB_LOOKUP_SUCCESS || lookup.ifindex != ingress {
         return None;
     }
     // A router decrements the TTL; an expiring packet goes up the stack, which sends the

@@ -147,14 +147,40 @@ impl Datapath {
         Run { return_code, output, counted: self.counters().since(&before) }
     }
 
+    /// [`Datapath::run`] of a packet that arrived on interface `ifindex` (of the calling
+    /// thread's network namespace) instead of the loopback.
+    pub fn run_arriving_on(&mut self, hook: Hook, packet: &[u8], ifindex: u32) -> Run {
+        let before = self.counters();
+        let (return_code, output) = self.run_with_context(hook, packet, Some(ifindex));
+        Run { return_code, output, counted: self.counters().since(&before) }
+    }
+
     /// [`Datapath::run`] without reading the counters around it, for tests that run packets by
     /// the million and check the counters per batch.
     pub fn run_uncounted(&self, hook: Hook, packet: &[u8]) -> (u32, Vec<u8>) {
+        self.run_with_context(hook, packet, None)
+    }
+
+    /// Runs `packet`, arrived on interface `ingress` if given: a context (`struct xdp_md`, or
+    /// `struct __sk_buff` up to its `ifindex`) naming it.
+    fn run_with_context(&self, hook: Hook, packet: &[u8], ingress: Option<u32>) -> (u32, Vec<u8>) {
         // Room for programs that grow the packet (a short datagram refused with an ICMP error).
         let mut output = vec![0u8; packet.len() + 512];
+        let context = ingress.map(|ifindex| {
+            let fields: Vec<u32> = if hook.is_tc() {
+                // len .. priority, ingress_ifindex (0: the kernel wants it so), ifindex.
+                [vec![0; 10], vec![ifindex]].concat()
+            } else {
+                // data, data_end, data_meta, ingress_ifindex.
+                let len = u32::try_from(packet.len()).expect("a packet");
+                vec![0, len, 0, ifindex]
+            };
+            fields.iter().flat_map(|field| field.to_ne_bytes()).collect::<Vec<u8>>()
+        });
         let options = TestRunOptions {
             data_in: Some(packet),
             data_out: Some(&mut output),
+            ctx_in: context.as_deref(),
             ..TestRunOptions::default()
         };
         let result = match hook {

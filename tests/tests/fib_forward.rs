@@ -1,8 +1,8 @@
 //! North-south forwarding by FIB lookup (node config `xdpRedirect: true`), by XDP and by the tc
 //! fallback of an external interface alike: a translated packet leaves by redirect to the egress
 //! interface the kernel's FIB names, with the next hop's MAC, the egress interface's MAC and a
-//! decremented TTL; without a route, or with a VLAN tag in the frame, it goes up the stack.
-//! Both outcomes are counted.
+//! decremented TTL, when it leaves by the interface it came in on; without a route, for another
+//! interface, or with a VLAN tag in the frame, it goes up the stack. Both outcomes are counted.
 //! BPF_PROG_TEST_RUN looks routes up in the calling thread's namespace, so the runs happen in
 //! a throwaway namespace with a known route and neighbour.
 
@@ -81,14 +81,23 @@ fn counted_as(hook: Hook, redirected: bool) -> Forwarding {
     }
 }
 
+/// The index of `out0` in `netns`: where the tests' packets arrive, as a NodePort's packets
+/// arrive on the interface that also leads to its remote backends.
+fn out0_index(netns: &Netns) -> u32 {
+    // `ip -o link show out0`: "<index>: out0@out1: <...> ...".
+    let line = netns.ip(&["-o", "link", "show", "out0"]);
+    line.split(':').next().and_then(|index| index.trim().parse().ok()).expect("out0's index")
+}
+
 #[test]
 fn a_translated_packet_is_redirected_to_the_next_hop() {
     let (netns, out0_mac) = routed_namespace();
+    let out0 = out0_index(&netns);
     for (port, hook) in (50_500..).zip(NORTH_SOUTH) {
         let mut datapath = seeded();
         with_fib_forwarding(&mut datapath);
         let request = Spec::tcp(EXTERNAL_CLIENT, port, "192.168.1.63", 30380).build();
-        let run = netns.enter(|| datapath.run(hook, &request));
+        let run = netns.enter(|| datapath.run_arriving_on(hook, &request, out0));
         assert_eq!(run.return_code, redirect_code(hook), "{hook:?}: redirected by FIB lookup");
         let counted: Vec<_> = run.counted.non_zero().collect();
         assert_eq!(counted, vec![(Reason::ForwardNew.name(), 1)], "{hook:?}");
@@ -126,17 +135,35 @@ fn without_a_route_the_packet_goes_up_the_stack() {
 #[test]
 fn a_frame_with_a_vlan_tag_goes_up_the_stack_whatever_the_route() {
     let (netns, _) = routed_namespace();
+    let out0 = out0_index(&netns);
     for (port, hook) in (50_520..).zip(NORTH_SOUTH) {
         let mut datapath = seeded();
         with_fib_forwarding(&mut datapath);
         // The route and neighbour of the redirect above, but a tag a redirect would keep.
         let request = Spec::tcp(EXTERNAL_CLIENT, port, "192.168.1.63", 30380).with_vlan(7).build();
-        let run = netns.enter(|| datapath.run(hook, &request));
+        let run = netns.enter(|| datapath.run_arriving_on(hook, &request, out0));
         assert_eq!(run.return_code, to_stack_code(hook), "{hook:?}: up the stack");
         assert_eq!(datapath.forwarding(), counted_as(hook, false), "{hook:?}");
         assert_eq!(run.output[L3 + 4 + 8], 64, "{hook:?}: TTL untouched");
         let backend = ("10.244.2.11".parse().expect("address"), 80);
         assert_eq!(endpoints(&run.output).1, backend, "{hook:?}: still translated");
+        checksum::assert_valid(&run.output);
+    }
+}
+
+/// A route out of another interface than the packet came in on (here, in on the loopback): the
+/// stack takes it, as a redirect into a device that cannot take it (a pod's veth) would lose it.
+#[test]
+fn a_packet_for_another_interface_goes_up_the_stack() {
+    let (netns, _) = routed_namespace();
+    for (port, hook) in (50_530..).zip(NORTH_SOUTH) {
+        let mut datapath = seeded();
+        with_fib_forwarding(&mut datapath);
+        let request = Spec::tcp(EXTERNAL_CLIENT, port, "192.168.1.63", 30380).build();
+        let run = netns.enter(|| datapath.run(hook, &request));
+        assert_eq!(run.return_code, to_stack_code(hook), "{hook:?}: up the stack");
+        assert_eq!(datapath.forwarding(), counted_as(hook, false), "{hook:?}");
+        assert_eq!(run.output[L3 + 8], 64, "{hook:?}: TTL untouched");
         checksum::assert_valid(&run.output);
     }
 }
