@@ -2,10 +2,8 @@
 //! next hop, and a packet that leaves by the interface it came in on does so by `bpf_redirect`
 //! without going up the stack. When the lookup cannot finish the job (no route, no neighbour
 //! entry yet, forwarding disabled) the packet goes up the stack, which resolves the neighbour,
-//! as does one for another interface, and a frame with a VLAN tag in it; both outcomes are
-//! counted. XDP and the tc
-//! fallback of an external interface forward the same way.
-
+//! as does one for another interface, and one with a VLAN tag; both outcomes are counted. XDP
+//! and the tc fallback of an external interface forward the same way.
 use aya_ebpf::{
     bindings::{TC_ACT_OK, xdp_action},
     helpers::{bpf_fib_lookup, bpf_redirect},
@@ -94,10 +92,10 @@ pub fn count(index: u32) {
 #[inline(always)]
 fn redirect(ctx: &impl Hook, packet: &Packet) -> Option<i64> {
     let l3 = packet.l3_offset;
-    // A frame with an 802.1Q tag in it would leave with that tag, whatever the egress (the FIB
-    // lookup says nothing of VLANs, and a VLAN device takes no redirected frames): the stack
-    // takes it.
-    if l3 != EthHdr::LEN {
+    // A frame with an 802.1Q tag, in it or (tc) taken out into the skb by the kernel, would
+    // leave with that tag whatever the egress (the FIB lookup says nothing of VLANs): the
+    // stack takes it.
+    if l3 != EthHdr::LEN || ctx.vlan_tag_outside_frame() {
         return None;
     }
     // The translated addresses and ports, as they are now in the packet. A later fragment has

@@ -70,6 +70,9 @@ pub trait Hook: Frame + EbpfContext {
     fn bounce(&self) -> i32;
     /// The interface the packet arrived on.
     fn ingress_ifindex(&self) -> u32;
+    /// Whether the packet carries a VLAN tag outside its bytes (tc: the kernel moves a received
+    /// frame's outer tag into the skb before tc ingress runs).
+    fn vlan_tag_outside_frame(&self) -> bool;
 }
 
 impl Hook for XdpContext {
@@ -167,6 +170,12 @@ impl Hook for XdpContext {
     fn ingress_ifindex(&self) -> u32 {
         XdpContext::ingress_ifindex(self) as u32
     }
+
+    fn vlan_tag_outside_frame(&self) -> bool {
+        // A tag the NIC stripped is not known here (no metadata kfunc is used): such a frame
+        // looks untagged, and the FIB lookup routes it as the untagged interface's.
+        false
+    }
 }
 
 impl Hook for TcContext {
@@ -217,5 +226,11 @@ impl Hook for TcContext {
         // SAFETY: reads the ifindex field of the skb the kernel handed us; on ingress that is
         // the interface it arrived on.
         unsafe { (*skb).ifindex }
+    }
+
+    fn vlan_tag_outside_frame(&self) -> bool {
+        let skb = self.as_ptr().cast::<__sk_buff>();
+        // SAFETY: reads a field of the skb the kernel handed us.
+        unsafe { (*skb).vlan_present != 0 }
     }
 }

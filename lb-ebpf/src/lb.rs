@@ -472,9 +472,10 @@ fn claim_snat_port(
     reply_entry.nat_port_be = packet.src_port_be;
     let now = reply_entry.last_seen;
     for probe in 0..SNAT_PROBES {
-        // A large prime stride spreads the candidates over the whole range: it shares no
-        // factor with a range of up to 65536 ports, so no candidate repeats.
-        let offset = hash.wrapping_add(probe.wrapping_mul(SNAT_PORT_STRIDE)).checked_rem(range)?;
+        // A prime stride above any range shares no factor with it: no candidate repeats (in
+        // 64 bits, which nothing here wraps).
+        let step = u64::from(probe) * u64::from(SNAT_PORT_STRIDE);
+        let offset = (u64::from(hash) + step).checked_rem(u64::from(range))? as u32;
         let port = (min + offset) as u16;
         reply_key.dst_port_be = port.to_be();
         let reply_from = (reply_key.src_ip_be, reply_key.src_port_be);

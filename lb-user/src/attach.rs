@@ -285,17 +285,21 @@ pub(crate) fn attach_tc(
 /// hairpin traffic (a pod reaching its own service) on the pod's interface, and on an external
 /// interface the packets XDP (or its tc fallback) hands up the stack, masqueraded towards a
 /// remote backend or a pod, and translated back towards the client.
-///
-/// Also for interfaces whose pinned attachments a daemon adopts (an earlier build may not have
-/// set it): a value already set is left alone, so following interfaces writes nothing.
 pub(crate) fn accept_local_sources(iface: &str) {
-    let path = format!("/proc/sys/net/ipv4/conf/{iface}/accept_local");
-    if std::fs::read_to_string(&path).is_ok_and(|value| value.trim() == "1") {
-        return;
-    }
-    if let Err(error) = std::fs::write(&path, "1") {
+    if let Err(error) = set_accept_local(iface) {
         warn!(%iface, %error, "could not set accept_local: masqueraded connections will fail");
     }
+}
+
+/// Sets `accept_local` on `iface` unless it is set already (see [`accept_local_sources`]):
+/// also for the interfaces whose pinned attachments a daemon adopts, which an earlier build
+/// may have attached without it.
+pub(crate) fn set_accept_local(iface: &str) -> std::io::Result<()> {
+    let path = format!("/proc/sys/net/ipv4/conf/{iface}/accept_local");
+    if std::fs::read_to_string(&path).is_ok_and(|value| value.trim() == "1") {
+        return Ok(());
+    }
+    std::fs::write(&path, "1")
 }
 
 fn attach_cls_bpf(

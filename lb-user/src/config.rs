@@ -50,8 +50,9 @@ pub struct NodeConfig {
     /// XDP (and the tc fallback where XDP cannot be attached) sends translated packets that
     /// leave by the interface they came in on out itself (FIB lookup + redirect) instead of
     /// passing them up the stack; those for other interfaces (a local pod's veth, whose peer
-    /// may take no redirected frame) go up the stack. Off by default: a veth as the external
-    /// interface takes redirected frames only with an XDP program or GRO on its peer.
+    /// may take no redirected frame) go up the stack, as do all on a bond (XDP runs on its
+    /// members, the FIB names the bond). Off by default: a veth as the external interface
+    /// takes redirected frames only with an XDP program or GRO on its peer.
     pub xdp_redirect: bool,
     /// Map sizes for a fresh datapath.
     pub map_capacities: crate::loader::Capacities,

@@ -142,16 +142,18 @@ impl Datapath {
 
     /// Runs `packet` once through the program behind `hook`.
     pub fn run(&mut self, hook: Hook, packet: &[u8]) -> Run {
-        let before = self.counters();
-        let (return_code, output) = self.run_uncounted(hook, packet);
-        Run { return_code, output, counted: self.counters().since(&before) }
+        self.run_counted(hook, packet, None)
     }
 
     /// [`Datapath::run`] of a packet that arrived on interface `ifindex` (of the calling
     /// thread's network namespace) instead of the loopback.
     pub fn run_arriving_on(&mut self, hook: Hook, packet: &[u8], ifindex: u32) -> Run {
+        self.run_counted(hook, packet, Some(ifindex))
+    }
+
+    fn run_counted(&mut self, hook: Hook, packet: &[u8], ingress: Option<u32>) -> Run {
         let before = self.counters();
-        let (return_code, output) = self.run_with_context(hook, packet, Some(ifindex));
+        let (return_code, output) = self.run_with_context(hook, packet, ingress);
         Run { return_code, output, counted: self.counters().since(&before) }
     }
 
@@ -168,7 +170,7 @@ impl Datapath {
         let mut output = vec![0u8; packet.len() + 512];
         let context = ingress.map(|ifindex| {
             let fields: Vec<u32> = if hook.is_tc() {
-                // len .. priority, ingress_ifindex (0: the kernel wants it so), ifindex.
+                // len .. priority and ingress_ifindex left 0, then ifindex.
                 [vec![0; 10], vec![ifindex]].concat()
             } else {
                 // data, data_end, data_meta, ingress_ifindex.

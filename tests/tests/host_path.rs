@@ -15,6 +15,7 @@ use lb_tests::{
     pins::TestPins,
     topology::{NODE_IP, Topology},
 };
+use lb_user::status;
 
 /// Two LoadBalancer services of my-nginx's pods with loadBalancerSourceRanges: one range holds
 /// the node's address, the other does not.
@@ -73,7 +74,6 @@ endpoints:
 ports:
 - {name: '', port: 80, protocol: TCP}
 ";
-use lb_user::status;
 
 /// What the node process does: connect, print its peer and the first answer line (TCP), or
 /// exchange one datagram (UDP), or eight from one unconnected socket and print how many

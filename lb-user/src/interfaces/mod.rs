@@ -203,8 +203,11 @@ pub fn follow(pins: &PinLayout, targets: &Targets) -> Result<Changes> {
             changes.attached.push(xdp);
             changes.removed.extend(attach::detach_pinned(pins, &pinned.file_name)?);
         }
-        if pinned.hook != Hook::Replies {
-            attach::accept_local_sources(&pinned.iface);
+        // Quietly: this runs at every interface event, and the attach warned already.
+        if pinned.hook != Hook::Replies
+            && let Err(error) = attach::set_accept_local(&pinned.iface)
+        {
+            debug!(iface = %pinned.iface, %error, "could not set accept_local");
         }
         attached.push((pinned.hook, pinned.iface));
     }
