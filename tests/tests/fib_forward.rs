@@ -12,7 +12,7 @@ use lb_common::{
 };
 use lb_tests::{
     checksum,
-    datapath::{Datapath, Hook, TC_ACT_OK, TC_ACT_REDIRECT, XDP_PASS, XDP_REDIRECT},
+    datapath::{Datapath, Hook, Run, TC_ACT_OK, TC_ACT_REDIRECT, XDP_PASS, XDP_REDIRECT},
     fixtures::{EXTERNAL_CLIENT, seeded},
     netns::{Netns, run},
     node,
@@ -111,6 +111,17 @@ fn a_translated_packet_is_redirected_to_the_next_hop() {
     }
 }
 
+/// Checks that `run` (of `hook`, on `datapath`) went up the stack: its code and counters,
+/// TTL untouched (the stack forwards it, `ttl_at` in the frame), still translated to `backend`.
+fn assert_up_the_stack(datapath: &Datapath, hook: Hook, run: &Run, ttl_at: usize, backend: &str) {
+    assert_eq!(run.return_code, to_stack_code(hook), "{hook:?}: up the stack");
+    assert_eq!(datapath.forwarding(), counted_as(hook, false), "{hook:?}");
+    assert_eq!(run.output[ttl_at], 64, "{hook:?}: TTL untouched: the stack forwards it");
+    let backend = (backend.parse().expect("address"), 80);
+    assert_eq!(endpoints(&run.output).1, backend, "{hook:?}: still translated");
+    checksum::assert_valid(&run.output);
+}
+
 #[test]
 fn without_a_route_the_packet_goes_up_the_stack() {
     let (netns, _) = routed_namespace();
@@ -120,15 +131,7 @@ fn without_a_route_the_packet_goes_up_the_stack() {
         // Frontend 4's backend 10.244.1.11 has no route in this namespace.
         let request = Spec::tcp(EXTERNAL_CLIENT, port, "192.168.1.63", 30381).build();
         let run = netns.enter(|| datapath.run(hook, &request));
-        assert_eq!(run.return_code, to_stack_code(hook), "{hook:?}: up the stack");
-        assert_eq!(datapath.forwarding(), counted_as(hook, false), "{hook:?}");
-        assert_eq!(run.output[L3 + 8], 64, "{hook:?}: TTL untouched: the stack forwards it");
-        assert_eq!(
-            endpoints(&run.output).1,
-            ("10.244.1.11".parse().expect("address"), 80),
-            "{hook:?}: still translated"
-        );
-        checksum::assert_valid(&run.output);
+        assert_up_the_stack(&datapath, hook, &run, L3 + 8, "10.244.1.11");
     }
 }
 
@@ -142,12 +145,7 @@ fn a_frame_with_a_vlan_tag_goes_up_the_stack_whatever_the_route() {
         // The route and neighbour of the redirect above, but a tag a redirect would keep.
         let request = Spec::tcp(EXTERNAL_CLIENT, port, "192.168.1.63", 30380).with_vlan(7).build();
         let run = netns.enter(|| datapath.run_arriving_on(hook, &request, out0));
-        assert_eq!(run.return_code, to_stack_code(hook), "{hook:?}: up the stack");
-        assert_eq!(datapath.forwarding(), counted_as(hook, false), "{hook:?}");
-        assert_eq!(run.output[L3 + 4 + 8], 64, "{hook:?}: TTL untouched");
-        let backend = ("10.244.2.11".parse().expect("address"), 80);
-        assert_eq!(endpoints(&run.output).1, backend, "{hook:?}: still translated");
-        checksum::assert_valid(&run.output);
+        assert_up_the_stack(&datapath, hook, &run, L3 + 4 + 8, "10.244.2.11");
     }
 }
 
@@ -161,9 +159,6 @@ fn a_packet_for_another_interface_goes_up_the_stack() {
         with_fib_forwarding(&mut datapath);
         let request = Spec::tcp(EXTERNAL_CLIENT, port, "192.168.1.63", 30380).build();
         let run = netns.enter(|| datapath.run(hook, &request));
-        assert_eq!(run.return_code, to_stack_code(hook), "{hook:?}: up the stack");
-        assert_eq!(datapath.forwarding(), counted_as(hook, false), "{hook:?}");
-        assert_eq!(run.output[L3 + 8], 64, "{hook:?}: TTL untouched");
-        checksum::assert_valid(&run.output);
+        assert_up_the_stack(&datapath, hook, &run, L3 + 8, "10.244.2.11");
     }
 }
