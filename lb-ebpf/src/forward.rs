@@ -1,9 +1,10 @@
 //! North-south forwarding of translated packets: a FIB lookup finds the egress interface and
-//! next hop, and a packet that leaves by the interface it came in on does so by `bpf_redirect`
-//! without going up the stack. When the lookup cannot finish the job (no route, no neighbour
-//! entry yet, forwarding disabled) the packet goes up the stack, which resolves the neighbour,
-//! as does one for another interface, and one with a VLAN tag; both outcomes are counted. XDP
-//! and the tc fallback of an external interface forward the same way.
+//! next hop, and the packet leaves by `bpf_redirect` without going up the stack (from XDP only
+//! by the interface it came in on, see [`Egress`]). When the lookup cannot finish the job (no
+//! route, no neighbour entry yet, forwarding disabled) the packet goes up the stack, which
+//! resolves the neighbour, as does one with a VLAN tag, and one XDP may not send where the
+//! FIB says; both outcomes are counted. XDP and the tc fallback of an external interface
+//! forward the same way otherwise.
 use aya_ebpf::{
     bindings::{TC_ACT_OK, xdp_action},
     helpers::{bpf_fib_lookup, bpf_redirect},
@@ -48,7 +49,7 @@ pub fn forward(ctx: &XdpContext, packet: &Packet) -> u32 {
     if !fib_forwarding() {
         return xdp_action::XDP_PASS;
     }
-    let (index, verdict) = match redirect(ctx, packet) {
+    let (index, verdict) = match redirect(ctx, packet, Egress::IngressOnly) {
         Some(verdict) => (forwarding::REDIRECTED, verdict as u32),
         None => (forwarding::TO_STACK, xdp_action::XDP_PASS),
     };
@@ -64,7 +65,7 @@ pub fn forward_from_tc(ctx: &TcContext, packet: &Packet) -> i32 {
     if !fib_forwarding() {
         return TC_ACT_OK;
     }
-    match redirect(ctx, packet) {
+    match redirect(ctx, packet, Egress::Any) {
         Some(verdict) => {
             count(forwarding::TC_FALLBACK_REDIRECTED);
             verdict as i32
@@ -87,10 +88,22 @@ pub fn count(index: u32) {
     }
 }
 
+/// Where a redirect may send a packet.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Egress {
+    /// XDP: only back out of the interface the packet came in on (a NodePort's remote backend,
+    /// or an answer to a client behind the same network). A frame XDP redirects into another
+    /// device is lost where that device cannot take it (a pod's veth, whose peer runs no XDP
+    /// program and no GRO, drops it), which no lookup here can tell.
+    IngressOnly,
+    /// tc: anywhere; an skb redirected into a veth needs nothing of its peer.
+    Any,
+}
+
 /// Rewrites the packet for the next hop the FIB names and returns `bpf_redirect`'s verdict;
 /// `None` (the packet unchanged) where the stack has to take it.
 #[inline(always)]
-fn redirect(ctx: &impl Hook, packet: &Packet) -> Option<i64> {
+fn redirect(ctx: &impl Hook, packet: &Packet, egress: Egress) -> Option<i64> {
     let l3 = packet.l3_offset;
     // A frame with an 802.1Q tag, in it or (tc) taken out into the skb by the kernel, would
     // leave with that tag whatever the egress (the FIB lookup says nothing of VLANs): the
@@ -127,11 +140,7 @@ fn redirect(ctx: &impl Hook, packet: &Packet) -> Option<i64> {
             0,
         )
     };
-    // Only back out of the interface the packet came in on (a NodePort's remote backend or
-    // an answer to a client behind the same network): a frame redirected into another
-    // device is lost where that device cannot take it (a pod's veth, whose peer runs no XDP
-    // program and no GRO, drops it), which no lookup here can tell.
-    if rc != FIB_LOOKUP_SUCCESS || lookup.ifindex != ingress {
+    if rc != FIB_LOOKUP_SUCCESS || (egress == Egress::IngressOnly && lookup.ifindex != ingress) {
         return None;
     }
     // A router decrements the TTL; an expiring packet goes up the stack, which sends the

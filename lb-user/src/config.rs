@@ -47,12 +47,12 @@ pub struct NodeConfig {
     /// Fill backend slots with a Maglev table of this prime size (every node then picks the
     /// same backend for a flow); `None`: one slot per backend.
     pub maglev_table_size: Option<u32>,
-    /// XDP (and the tc fallback where XDP cannot be attached) sends translated packets that
-    /// leave by the interface they came in on out itself (FIB lookup + redirect) instead of
-    /// passing them up the stack; those for other interfaces (a local pod's veth, whose peer
-    /// may take no redirected frame) go up the stack, as do all on a bond (XDP runs on its
-    /// members, the FIB names the bond). Off by default: a veth as the external interface
-    /// takes redirected frames only with an XDP program or GRO on its peer.
+    /// XDP (and the tc fallback where XDP cannot be attached) sends translated packets out
+    /// itself (FIB lookup + redirect) instead of passing them up the stack. XDP only those
+    /// that leave by the interface they came in on: those for other interfaces (a local pod's
+    /// veth, whose peer may take no redirected frame) go up the stack, as do all on a bond (XDP
+    /// runs on its members, the FIB names the bond). Off by default: a veth as the external
+    /// interface takes frames XDP redirects only with an XDP program or GRO on its peer.
     pub xdp_redirect: bool,
     /// Map sizes for a fresh datapath.
     pub map_capacities: crate::loader::Capacities,
