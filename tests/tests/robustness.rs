@@ -1430,8 +1430,9 @@ impl<'t> Oracle<'t> {
 
     /// Whether another flow holds the reply tuple (`backend` -> `from`'s client) that a flow
     /// from `from` to `backend` keeping its source would have: as its own reply tuple, through
-    /// a frontend other than `frontend`, or as its client tuple (the backend a client of a
-    /// frontend at that address and port: a NodePort on the node's address, say).
+    /// a frontend other than `frontend` or for another client (one given that port by an
+    /// earlier clash), or as its client tuple (the backend a client of a frontend at that
+    /// address and port: a NodePort on the node's address, say).
     fn reply_tuple_held_elsewhere(
         &self,
         from: Tuple,
@@ -1444,7 +1445,7 @@ impl<'t> Oracle<'t> {
                 .model
                 .replies
                 .get(&reply)
-                .is_some_and(|pairs| pairs.iter().any(|(f, _)| *f != frontend))
+                .is_some_and(|pairs| pairs.iter().any(|pair| *pair != (frontend, from.src)))
     }
 
     fn record(&mut self, from: Tuple, to: Tuple, frontend: Endpoint) {
