@@ -21,6 +21,7 @@ pub mod names {
     pub const SOCK_REV_NAT: &str = "SOCK_REV_NAT";
     pub const FORWARDING: &str = "FORWARDING";
     pub const FRAGMENTS: &str = "FRAGMENTS";
+    pub const REFUSAL_BUDGET: &str = "REFUSAL_BUDGET";
 }
 
 /// Default capacities; the daemon may override each at load time.
@@ -458,6 +459,54 @@ pub struct NodeConfig {
     pub jiffies_per_second: u32,
 }
 
+/// How many refusals (RSTs and ICMP errors the programs build) a CPU may still send: the single
+/// entry of the per-CPU `REFUSAL_BUDGET` array. A token bucket kept as one time (the generic
+/// cell rate algorithm): the instant the bucket would be full again, which each refusal moves
+/// one interval later, and which may run at most `burst` intervals ahead of now. Without it,
+/// every packet to a service without endpoints, at any rate and from any (spoofed) source, is
+/// answered; kube-proxy's REJECT is held to the kernel's ICMP rate limit.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct RefusalBudget {
+    /// Nanoseconds per refusal at the sustained rate; 0: no limit (the entry as created,
+    /// before the daemon writes it).
+    pub interval_ns: u64,
+    /// How far ahead of now `full_at_ns` may run: the burst, in intervals.
+    pub burst_ns: u64,
+    /// When the bucket is full again, on the kernel's monotonic clock (`bpf_ktime_get_ns`);
+    /// 0 (long past) when written.
+    pub full_at_ns: u64,
+}
+
+impl RefusalBudget {
+    /// `per_second` refusals at most, after a burst of `burst` (at least 1); `per_second` 0
+    /// sets no limit.
+    #[must_use]
+    pub const fn new(per_second: u32, burst: u32) -> Self {
+        if per_second == 0 {
+            return Self { interval_ns: 0, burst_ns: 0, full_at_ns: 0 };
+        }
+        let interval_ns = 1_000_000_000 / per_second as u64;
+        Self { interval_ns, burst_ns: interval_ns * burst as u64, full_at_ns: 0 }
+    }
+
+    /// Spends one refusal at `now_ns`; `false` when the budget is spent.
+    #[expect(clippy::inline_always, reason = "called by the datapath, which wants it inlined")]
+    #[inline(always)]
+    pub fn take(&mut self, now_ns: u64) -> bool {
+        if self.interval_ns == 0 {
+            return true;
+        }
+        let start = if self.full_at_ns > now_ns { self.full_at_ns } else { now_ns };
+        let full_at_ns = start.saturating_add(self.interval_ns);
+        if full_at_ns - now_ns > self.burst_ns {
+            return false;
+        }
+        self.full_at_ns = full_at_ns;
+        true
+    }
+}
+
 /// Per-frontend traffic, a per-CPU array indexed by `service_id`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -484,6 +533,7 @@ user_pod!(
     SockRevNatKey,
     FragmentKey,
     FragmentValue,
+    RefusalBudget,
 );
 
 // The layouts are the contract with the compiled programs: any change must be deliberate.
@@ -504,11 +554,34 @@ const _: () = {
     assert!(size_of::<SockRevNatKey>() == 16);
     assert!(size_of::<FragmentKey>() == 12);
     assert!(size_of::<FragmentValue>() == 24);
+    assert!(size_of::<RefusalBudget>() == 24);
 };
 
 #[cfg(test)]
 mod tests {
-    use super::{ConntrackKey, proto};
+    use super::{ConntrackKey, RefusalBudget, proto};
+
+    const SECOND: u64 = 1_000_000_000;
+
+    #[test]
+    fn a_refusal_budget_allows_its_burst_then_its_rate() {
+        let mut budget = RefusalBudget::new(10, 3);
+        let now = 50 * SECOND;
+        let taken = (0..5).filter(|_| budget.take(now)).count();
+        assert_eq!(taken, 3, "the burst, at once");
+        assert!(!budget.take(now + SECOND / 10 - 1), "not before an interval has passed");
+        assert!(budget.take(now + SECOND / 10), "one more an interval later");
+        assert!(!budget.take(now + SECOND / 10));
+        let idle = now + 10 * SECOND;
+        assert_eq!((0..5).filter(|_| budget.take(idle)).count(), 3, "idle: a full burst again");
+    }
+
+    #[test]
+    fn a_refusal_budget_of_zero_per_second_never_runs_out() {
+        let mut budget = RefusalBudget::new(0, 0);
+        assert!((0..1000).all(|i| budget.take(i)));
+        assert_eq!(RefusalBudget::default(), RefusalBudget::new(0, 50), "as the map creates it");
+    }
 
     #[test]
     fn a_conntrack_key_built_from_words_equals_the_one_built_from_fields() {

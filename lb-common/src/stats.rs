@@ -92,11 +92,13 @@ reasons! {
     /// came after this one, was refused, or is too old): dropped, as the receiver could not
     /// reassemble it.
     DropFragmentUntracked = "drop_fragment_untracked",
+    /// A refusal was due but this CPU's refusal budget (`refusalLimit`) is spent: dropped.
+    DropRefusalRateLimited = "drop_refusal_rate_limited",
 }
 
 impl Reason {
     /// Number of reasons: the size of the `STATS` map.
-    pub const COUNT: u32 = Self::DropFragmentUntracked as u32 + 1;
+    pub const COUNT: u32 = Self::DropRefusalRateLimited as u32 + 1;
 
     #[must_use]
     pub const fn index(self) -> u32 {

@@ -7,8 +7,8 @@ use aya_ebpf::{
 };
 use lb_common::maps::{
     AffinityKey, AffinityValue, Backend, ConntrackKey, ConntrackValue, FragmentKey, FragmentValue,
-    NodeConfig, RevNat, ServiceCounters, ServiceKey, ServiceValue, Slot, SockRevNatKey,
-    SourceRangeKey, capacity, forwarding,
+    NodeConfig, RefusalBudget, RevNat, ServiceCounters, ServiceKey, ServiceValue, Slot,
+    SockRevNatKey, SourceRangeKey, capacity, forwarding,
 };
 
 #[map(name = "SERVICES")]
@@ -54,6 +54,10 @@ pub static FORWARDING: PerCpuArray<u64> = PerCpuArray::with_max_entries(forwardi
 #[map(name = "SERVICE_STATS")]
 pub static SERVICE_STATS: PerCpuArray<ServiceCounters> =
     PerCpuArray::with_max_entries(capacity::SERVICES, 0);
+
+/// This CPU's budget of refusals (see `RefusalBudget`), written by the daemon.
+#[map(name = "REFUSAL_BUDGET")]
+pub static REFUSAL_BUDGET: PerCpuArray<RefusalBudget> = PerCpuArray::with_max_entries(1, 0);
 
 /// First fragments' translations, for the rest of their datagrams (see `fragments`).
 ///

@@ -4,9 +4,12 @@
 
 use lb_common::maps::proto;
 
+use aya_ebpf::helpers::bpf_ktime_get_ns;
+
 use crate::{
     csum,
     hook::Hook,
+    maps::REFUSAL_BUDGET,
     parse::{Packet, tcp_flags},
 };
 
@@ -58,6 +61,18 @@ const ICMP_PORT_UNREACHABLE: u8 = 3;
 const DEFAULT_TTL: u8 = 64;
 /// Don't Fragment: refusals are small, and Linux sets DF on the RSTs it sends itself.
 const IPV4_DF_BE: u16 = 0x4000_u16.to_be();
+
+/// Spends one of this CPU's refusals; `false` when its budget is spent (the packet is then
+/// dropped). Per CPU: no atomics, so a node refuses up to its CPU count times the limit.
+#[inline(always)]
+pub fn within_budget() -> bool {
+    let Some(budget) = REFUSAL_BUDGET.get_ptr_mut(0) else {
+        return true;
+    };
+    // SAFETY: this CPU's slot of a live array entry (programs are not preempted on a CPU),
+    // and a helper without arguments.
+    unsafe { (*budget).take(bpf_ktime_get_ns()) }
+}
 
 /// Rewrites the packet into its refusal. `Err` if it cannot (a failed resize or write leaves
 /// nothing worth sending).

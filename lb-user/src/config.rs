@@ -24,6 +24,11 @@ use serde::Deserialize;
 /// widens the ephemeral range over it (or a program binds such a port itself).
 pub const DEFAULT_SNAT_PORT_RANGE: PortRange = PortRange { min: 61000, max: 65535 };
 
+/// Refusals each CPU may send (see [`RefusalLimit`]): the kernel's own budget for the ICMP
+/// errors it sends (`net.ipv4.icmp_msgs_per_sec`, `icmp_msgs_burst`), which holds kube-proxy's
+/// REJECT; per CPU here.
+pub const DEFAULT_REFUSAL_LIMIT: RefusalLimit = RefusalLimit { per_second: 1000, burst: 50 };
+
 /// The validated node configuration.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NodeConfig {
@@ -54,8 +59,39 @@ pub struct NodeConfig {
     /// runs on its members, the FIB names the bond). Off by default: a veth as the external
     /// interface takes frames XDP redirects only with an XDP program or GRO on its peer.
     pub xdp_redirect: bool,
+    /// How many refusals (RSTs, ICMP port unreachables) each CPU sends.
+    pub refusal_limit: RefusalLimit,
     /// Map sizes for a fresh datapath.
     pub map_capacities: crate::loader::Capacities,
+}
+
+/// At most `per_second` refusals per second on each CPU after a burst of `burst`; the packets
+/// beyond are dropped (counted `drop_refusal_rate_limited`), so a flood to a service without
+/// endpoints, from spoofed sources or not, is not answered packet for packet. `per_second` 0:
+/// no limit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RefusalLimit {
+    pub per_second: u32,
+    pub burst: u32,
+}
+
+impl RefusalLimit {
+    /// The budget each CPU starts with.
+    pub fn budget(self) -> lb_common::maps::RefusalBudget {
+        lb_common::maps::RefusalBudget::new(self.per_second, self.burst)
+    }
+
+    fn check(self) -> Result<Self, InvalidConfig> {
+        let invalid = |reason| InvalidConfig::RefusalLimit { limit: self, reason };
+        if self.per_second > 1_000_000_000 {
+            return Err(invalid("perSecond is at most 1000000000 (one per nanosecond)"));
+        }
+        if self.per_second > 0 && self.burst == 0 {
+            return Err(invalid("burst must be at least 1 (perSecond 0 sets no limit)"));
+        }
+        Ok(self)
+    }
 }
 
 /// An inclusive port range, written `min-max` in the file.
@@ -102,6 +138,9 @@ pub enum InvalidConfig {
     #[error("snatPortRange {value:?}: {reason}")]
     SnatPortRange { value: String, reason: &'static str },
 
+    #[error("refusalLimit {limit:?}: {reason}")]
+    RefusalLimit { limit: RefusalLimit, reason: &'static str },
+
     #[error("maglevTableSize: {0}")]
     MaglevTableSize(#[source] crate::maglev::Error),
 }
@@ -123,6 +162,7 @@ struct RawNodeConfig {
     maglev_table_size: Option<u32>,
     #[serde(default)]
     xdp_redirect: bool,
+    refusal_limit: Option<RefusalLimit>,
     #[serde(default)]
     map_capacities: crate::loader::Capacities,
 }
@@ -232,6 +272,7 @@ impl RawNodeConfig {
                 .transpose()
                 .map_err(InvalidConfig::MaglevTableSize)?,
             xdp_redirect: self.xdp_redirect,
+            refusal_limit: self.refusal_limit.unwrap_or(DEFAULT_REFUSAL_LIMIT).check()?,
             map_capacities: self.map_capacities,
         })
     }
@@ -339,6 +380,22 @@ serviceCIDR: 10.96.0.0/12
             [Ipv4Addr::new(192, 168, 1, 63), Ipv4Addr::new(10, 0, 0, 5)]
         );
         assert_eq!(config.health_check_addresses(), [Ipv4Addr::UNSPECIFIED], "all addresses");
+    }
+
+    #[test]
+    fn refusal_limit_defaults_to_the_kernels_icmp_budget_and_is_checked() {
+        assert_eq!(parse(MINIMAL).refusal_limit, DEFAULT_REFUSAL_LIMIT);
+        let set = parse(&format!("{MINIMAL}refusalLimit: {{perSecond: 20, burst: 5}}\n"));
+        assert_eq!(set.refusal_limit, RefusalLimit { per_second: 20, burst: 5 });
+        assert_eq!(set.refusal_limit.budget().interval_ns, 50_000_000);
+        let off = parse(&format!("{MINIMAL}refusalLimit: {{perSecond: 0, burst: 0}}\n"));
+        assert_eq!(off.refusal_limit.budget().interval_ns, 0, "no limit");
+        let no_burst = rejected(&format!("{MINIMAL}refusalLimit: {{perSecond: 20, burst: 0}}\n"));
+        assert!(no_burst.contains("burst must be at least 1"), "{no_burst}");
+        let too_fast =
+            rejected(&format!("{MINIMAL}refusalLimit: {{perSecond: 2000000000, burst: 1}}\n"));
+        assert!(too_fast.contains("at most 1000000000"), "{too_fast}");
+        assert!(rejected(&format!("{MINIMAL}refusalLimit: {{rate: 1}}\n")).contains("rate"));
     }
 
     #[test]

@@ -99,6 +99,7 @@ pub async fn run_until(
     // Subscribed before the first look at the interfaces, so that no change falls between.
     let mut interfaces = Follower::subscribe()?;
     let mut maps = attach_or_adopt(&options)?;
+    crate::maps::set_refusal_budget(&options.pins, options.node_config.refusal_limit.budget())?;
     let metrics = Metrics::new(&options.pins);
     interfaces.follow(&options.pins, &options.targets, &metrics);
     if let Some(address) = options.metrics_address {

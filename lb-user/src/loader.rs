@@ -17,7 +17,7 @@ use crate::{
 };
 
 /// Every map the object declares, pinned by name under `maps/`.
-pub const MAP_NAMES: [&str; 12] = [
+pub const MAP_NAMES: [&str; 13] = [
     names::STATS,
     names::SERVICES,
     names::BACKEND_SLOTS,
@@ -30,6 +30,7 @@ pub const MAP_NAMES: [&str; 12] = [
     names::SOCK_REV_NAT,
     names::FORWARDING,
     names::FRAGMENTS,
+    names::REFUSAL_BUDGET,
 ];
 
 /// Map sizes chosen at load time, in entries; `None` keeps the default of

@@ -4,7 +4,10 @@ use aya::{
     Ebpf,
     programs::{SchedClassifier, TestRun, TestRunOptions, Xdp},
 };
-use lb_common::{maps::names, stats::Reason};
+use lb_common::{
+    maps::{RefusalBudget, names},
+    stats::Reason,
+};
 /// The return codes the tests compare against.
 pub use lb_user::return_codes::{
     TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, TC_ACT_UNSPEC, XDP_DROP, XDP_PASS, XDP_REDIRECT,
@@ -92,6 +95,19 @@ impl Run {
     }
 }
 
+/// Keeps the calling thread on the CPU it runs on now, so that the programs it runs see one
+/// CPU's per-CPU state (a refusal budget) from one run to the next.
+pub fn stay_on_this_cpu() {
+    // SAFETY: plain system calls on a set this function owns.
+    let rc = unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        let cpu = usize::try_from(libc::sched_getcpu()).expect("sched_getcpu");
+        libc::CPU_SET(cpu, &mut set);
+        libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &raw const set)
+    };
+    assert_eq!(rc, 0, "sched_setaffinity: {}", std::io::Error::last_os_error());
+}
+
 /// A private instance of the programs and their maps: nothing pinned, nothing attached.
 pub struct Datapath {
     ebpf: Ebpf,
@@ -132,6 +148,13 @@ impl Datapath {
     pub fn counters(&self) -> ReasonCounts {
         let map = self.ebpf.map(names::STATS).expect("STATS map in the object");
         stats::read(map).expect("reading STATS")
+    }
+
+    /// Gives every CPU `budget` for refusals, as the daemon does at its start (until then
+    /// they are unlimited).
+    pub fn set_refusal_budget(&mut self, budget: RefusalBudget) {
+        let map = self.ebpf.map_mut(names::REFUSAL_BUDGET).expect("REFUSAL_BUDGET in the object");
+        lb_user::maps::write_refusal_budget(map, budget).expect("writing REFUSAL_BUDGET");
     }
 
     /// How translated north-south packets were sent on, so far.

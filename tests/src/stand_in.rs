@@ -138,10 +138,12 @@ pub fn create_map(map_type: u32, key_size: u32, value_size: u32, max_entries: u3
 }
 
 /// Leaves the maps as a version that counted `reasons` verdict reasons and had no
-/// `FRAGMENTS` map would have: no fragment map, and verdict counters of that size, which
-/// counted `counted` (one reason's count) on one CPU.
+/// `FRAGMENTS` and `REFUSAL_BUDGET` maps would have: neither map, and verdict counters of that
+/// size, which counted `counted` (one reason's count) on one CPU.
 pub fn put_older_maps(pins: &PinLayout, reasons: u32, counted: (Reason, u64)) {
-    std::fs::remove_file(pins.map(names::FRAGMENTS)).expect("unpin FRAGMENTS");
+    for name in [names::FRAGMENTS, names::REFUSAL_BUDGET] {
+        std::fs::remove_file(pins.map(name)).unwrap_or_else(|e| panic!("unpin {name}: {e}"));
+    }
     let map = create_map(BPF_MAP_TYPE_PERCPU_ARRAY, 4, 8, reasons);
     let stats = pins.map(names::STATS);
     std::fs::remove_file(&stats).expect("unpin STATS");

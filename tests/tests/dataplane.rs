@@ -10,14 +10,14 @@ use std::{
 use etherparse::{Icmpv4Type, PacketBuilder, icmpv4::DestUnreachableHeader};
 use lb_common::{
     maps::{
-        AffinityKey, AffinityValue, ConntrackKey, ServiceKey, ServiceValue, proto, scope,
-        service_flags as flag,
+        AffinityKey, AffinityValue, ConntrackKey, RefusalBudget, ServiceKey, ServiceValue, proto,
+        scope, service_flags as flag,
     },
     stats::Reason,
 };
 use lb_tests::{
     checksum,
-    datapath::Hook,
+    datapath::{self, Hook},
     fixtures::{self, EXTERNAL_CLIENT, HOST_NETWORK_VIP, LB_IP, POD, seeded},
     node::{NODE_IP, SNAT_PORT_MAX, SNAT_PORT_MIN},
     packets::{CLIENT_MAC, L3, NODE_MAC, Spec, TcpFields, endpoints},
@@ -362,6 +362,49 @@ fn no_endpoints_and_unserved_ports_are_refused_at_once() {
         let run = datapath.run(hook, &udp80);
         run.assert_outcome(hook.bounce_code(), Reason::RejectUnservedPort, "ClusterIP, UDP");
         assert_eq!(run.output, expected_port_unreachable(&udp80, POD, "10.96.45.10"));
+    }
+}
+
+#[test]
+fn refusals_beyond_a_cpus_budget_are_dropped_and_counted() {
+    let mut datapath = seeded();
+    datapath::stay_on_this_cpu();
+    // Two a second after a burst of three.
+    datapath.set_refusal_budget(RefusalBudget::new(2, 3));
+    let syn = |port| Spec::tcp(POD, port, "10.96.45.12", 80).build();
+    let datagram = Spec::udp(POD, 40_211, "10.96.45.12", 53).build();
+    for (hook, port) in [(Hook::Tc, 40_210), (Hook::Xdp, 40_212), (Hook::TcExternal, 40_213)] {
+        let run = datapath.run(hook, &syn(port));
+        run.assert_outcome(hook.bounce_code(), Reason::RejectNoEndpoints, "within the burst");
+        assert_eq!(run.output, expected_reset(POD, port, "10.96.45.12", 80), "{hook:?}");
+    }
+    for (hook, packet) in [(Hook::Xdp, syn(40_214)), (Hook::Tc, datagram.clone())] {
+        let run = datapath.run(hook, &packet);
+        run.assert_outcome(hook.drop_code(), Reason::DropRefusalRateLimited, "burst spent");
+        assert_eq!(run.output, packet, "{hook:?}: dropped as it came");
+    }
+    // A reset is never answered: dropped as before, whatever the budget.
+    let tcp = TcpFields { syn: false, rst: true, ..TcpFields::default() };
+    let rst = Spec::tcp(POD, 40_215, "10.96.45.12", 80).with_tcp(tcp).build();
+    datapath.run(Hook::Tc, &rst).assert_outcome(
+        Hook::Tc.drop_code(),
+        Reason::RejectNoEndpoints,
+        "a reset",
+    );
+
+    // Half a second refills one refusal, and only one.
+    std::thread::sleep(std::time::Duration::from_millis(600));
+    let run = datapath.run(Hook::Tc, &datagram);
+    run.assert_outcome(Hook::Tc.bounce_code(), Reason::RejectNoEndpoints, "refilled");
+    assert_eq!(run.output, expected_port_unreachable(&datagram, POD, "10.96.45.12"));
+    let run = datapath.run(Hook::Tc, &syn(40_216));
+    run.assert_outcome(Hook::Tc.drop_code(), Reason::DropRefusalRateLimited, "one refilled");
+
+    // Written again (a daemon's start): a full burst.
+    datapath.set_refusal_budget(RefusalBudget::new(2, 3));
+    for port in 40_217..40_220 {
+        let run = datapath.run(Hook::Tc, &syn(port));
+        run.assert_outcome(Hook::Tc.bounce_code(), Reason::RejectNoEndpoints, "rewritten");
     }
 }
 

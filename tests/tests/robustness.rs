@@ -455,6 +455,7 @@ const DROPPED: &[Reason] = &[
     Reason::DropConntrackFull,
     Reason::DropRefusalFailed,
     Reason::DropFragmentUntracked,
+    Reason::DropRefusalRateLimited,
 ];
 
 /// Counted by the node's socket hooks (cgroup programs), never by `lb_xdp` or `lb_tc`.
@@ -603,7 +604,8 @@ impl Totals {
 /// Reasons this run need not produce. Never: the socket hooks' reasons (asserted zero per
 /// batch), `truncated_ethernet` (frames under 14 bytes never reach a program), and the
 /// missing-configuration and missing-slot drops (the seed is complete;
-/// asserted zero above). Not necessarily: a full conntrack map, a refusal with no room to grow,
+/// asserted zero above), and refusals beyond the budget (the seed sets none: the oracle's
+/// refusals are all answered). Not necessarily: a full conntrack map, a refusal with no room to grow,
 /// and SNAT exhaustion (which does happen here: every masqueraded flow to one backend competes
 /// for the same 4536 ports, probed 8 at a time, and fuzzed TCP flows seldom close).
 const NOT_REQUIRED: &[Reason] = &[
@@ -615,6 +617,7 @@ const NOT_REQUIRED: &[Reason] = &[
     Reason::DropBackendMissing,
     Reason::DropConntrackFull,
     Reason::DropRefusalFailed,
+    Reason::DropRefusalRateLimited,
 ];
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]

@@ -3,16 +3,22 @@
 //! code are left alone, the maps stay, and connections established before the upgrade keep
 //! their backends. The older version is played by stand-in programs (pass everything) put on
 //! the pinned XDP and tc attachments while no daemon runs; a program it did not have is pinned.
-//! Its maps, played too: no `FRAGMENTS` map, and verdict counters for fewer reasons, which move
-//! to a map with a slot per reason, their counts kept.
+//! Its maps, played too: no `FRAGMENTS` and `REFUSAL_BUDGET` maps, and verdict counters for
+//! fewer reasons, which move to a map with a slot per reason, their counts kept.
 //!
 //! A restart with other map capacities resizes the pinned maps the same way: every program moves
 //! to new maps filled from the old ones, and the flows carry on.
 
 use std::{collections::BTreeMap, net::SocketAddr};
 
-use aya::{maps::MapInfo, programs::ProgramInfo};
-use lb_common::{maps::names, stats::Reason};
+use aya::{
+    maps::{Map, MapData, MapInfo, PerCpuArray},
+    programs::ProgramInfo,
+};
+use lb_common::{
+    maps::{RefusalBudget, names},
+    stats::Reason,
+};
 use lb_tests::{
     daemon::{
         RunningDaemon, counter, default_targets, example_node_config, examples, scrape_metrics,
@@ -22,7 +28,9 @@ use lb_tests::{
     topology::{EXTERNAL_IFACE, NODE_IP, Topology, exchange, long_lived, tcp_request},
 };
 use lb_user::{
-    attach, loader,
+    attach,
+    config::DEFAULT_REFUSAL_LIMIT,
+    loader,
     maps::copy::move_pin,
     pins::{NetlinkTcRecord, PinLayout, TcRole, program_of_link},
     program_names, status,
@@ -129,6 +137,7 @@ fn an_upgrade_replaces_outdated_programs_in_place_and_established_flows_keep_the
     let entries = |name| MapInfo::from_pin(pins.layout().map(name)).expect(name).max_entries();
     assert_eq!(entries(names::STATS), Reason::COUNT, "verdict counters for every reason");
     assert_eq!(entries(names::FRAGMENTS), lb_common::maps::capacity::FRAGMENTS);
+    assert_eq!(refusal_budgets(pins.layout()), [DEFAULT_REFUSAL_LIMIT.budget()], "every CPU's");
     assert!(!pins.layout().map_set_aside(names::STATS).exists(), "the old counters are gone");
     let moved = pinned(pins.layout());
     for name in program_names::ALL {
@@ -138,6 +147,16 @@ fn an_upgrade_replaces_outdated_programs_in_place_and_established_flows_keep_the
     assert!(counted.get(counted_before.0) >= counted_before.1, "counts kept: {counted:?}");
     assert_eq!(exchange(&mut east_west), backends.0, "after the verdict counters moved");
     drop(daemon);
+}
+
+/// The distinct budgets of the CPUs in the pinned `REFUSAL_BUDGET`.
+fn refusal_budgets(pins: &PinLayout) -> Vec<RefusalBudget> {
+    let data = MapData::from_pin(pins.map(names::REFUSAL_BUDGET)).expect("REFUSAL_BUDGET");
+    let array: PerCpuArray<_, RefusalBudget> =
+        PerCpuArray::try_from(Map::PerCpuArray(data)).expect("a per-CPU array");
+    let mut budgets = array.get(&0, 0).expect("its entry").to_vec();
+    budgets.dedup();
+    budgets
 }
 
 /// Detaches and unpins the replies' program's attachments, as a datapath pinned by a version

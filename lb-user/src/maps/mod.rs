@@ -14,12 +14,15 @@ use std::{
 
 use aya::{
     Ebpf,
-    maps::{Array, HashMap, LpmTrie, Map, MapData, MapError, PerCpuArray, lpm_trie::Key as LpmKey},
+    maps::{
+        Array, HashMap, LpmTrie, Map, MapData, MapError, PerCpuArray, PerCpuValues,
+        lpm_trie::Key as LpmKey,
+    },
 };
 use ipnet::Ipv4Net;
 use lb_common::maps::{
-    AffinityKey, AffinityValue, Backend, ConntrackKey, ConntrackValue, NodeConfig, ServiceCounters,
-    ServiceKey, ServiceValue, Slot, SourceRangeKey, names, node_flags,
+    AffinityKey, AffinityValue, Backend, ConntrackKey, ConntrackValue, NodeConfig, RefusalBudget,
+    ServiceCounters, ServiceKey, ServiceValue, Slot, SourceRangeKey, names, node_flags,
 };
 
 use crate::{
@@ -138,6 +141,27 @@ fn update_all<K: aya::Pod, V: aya::Pod>(
     values: &[V],
 ) -> Result<()> {
     map_batch::update(fd, keys, values).map_err(syscall_error(name, "bpf_map_update_batch"))
+}
+
+/// Gives every CPU `budget` (a full bucket) in `REFUSAL_BUDGET`, pinned under `pins`. Not a
+/// [`MapOp`]: the limit is the node's setting, written once at the start, not a Kubernetes
+/// object's.
+pub fn set_refusal_budget(pins: &PinLayout, budget: RefusalBudget) -> Result<()> {
+    let name = names::REFUSAL_BUDGET;
+    let data = MapData::from_pin(pins.map(name)).map_err(map_error(name))?;
+    write_refusal_budget(&mut Map::PerCpuArray(data), budget)
+}
+
+/// [`set_refusal_budget`] in the map of a loaded object.
+pub fn write_refusal_budget(map: &mut Map, budget: RefusalBudget) -> Result<()> {
+    let name = names::REFUSAL_BUDGET;
+    let mut array: PerCpuArray<_, RefusalBudget> =
+        PerCpuArray::try_from(map).map_err(map_error(name))?;
+    // One value per possible CPU, as many as the entry read back holds.
+    let cpus = array.get(&0, 0).map_err(map_error(name))?.len();
+    let values = PerCpuValues::try_from(vec![budget; cpus])
+        .map_err(syscall_error(name, "per-CPU values"))?;
+    array.set(0, values, 0).map_err(map_error(name))
 }
 
 /// The size of map `name` pinned at `pin`, in entries.
