@@ -589,10 +589,10 @@ ports: [{name: http, port: 8080}, {name: https, port: 8443}]",
                 by_service(std::slice::from_ref(service), std::slice::from_ref(&slice), &node());
             objects[&name].model(&name).health_check
         };
-        // One ready local pod behind two ports: two endpoints, as kube-proxy counts them.
+        // One ready local pod behind two ports: one endpoint, as kube-proxy counts them.
         assert_eq!(
             health_check(&load_balancer("externalTrafficPolicy: Local")),
-            Some(HealthCheck { node_port: 32100, local_endpoints: 2 })
+            Some(HealthCheck { node_port: 32100, local_endpoints: 1 })
         );
         // Cluster policy: every node may take the traffic, and the API allocates no port.
         assert_eq!(health_check(&load_balancer("externalTrafficPolicy: Cluster")), None);

@@ -146,13 +146,14 @@ impl ServiceObjects {
     }
 }
 
-/// Distinct ready endpoints on this node among `ports`' endpoints.
+/// Distinct addresses of ready endpoints on this node among `ports`' endpoints: one pod behind
+/// two ports is one endpoint, as kube-proxy counts them (`LocalReadyEndpoints`).
 fn local_ready(ports: &[ServicePort]) -> usize {
     let local: std::collections::BTreeSet<_> = ports
         .iter()
         .flat_map(|port| &port.endpoints)
         .filter(|endpoint| endpoint.node_local && endpoint.ready)
-        .map(|endpoint| (endpoint.ip, endpoint.port))
+        .map(|endpoint| endpoint.ip)
         .collect();
     local.len()
 }
