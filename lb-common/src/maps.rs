@@ -459,8 +459,19 @@ pub struct NodeConfig {
     pub jiffies_per_second: u32,
 }
 
-/// How many refusals (RSTs and ICMP errors the programs build) a CPU may still send: the single
-/// entry of the per-CPU `REFUSAL_BUDGET` array. A token bucket kept as one time (the generic
+/// Entries of the per-CPU `REFUSAL_BUDGET` array: refusals to pods and to the outside world
+/// are budgeted apart, so that a flood from outside to a LoadBalancer IP without endpoints does
+/// not leave this node's pods waiting on a timeout instead of refused.
+pub mod refusal_budget {
+    /// Packets from pod-facing interfaces.
+    pub const PODS: u32 = 0;
+    /// Packets from external interfaces.
+    pub const EXTERNAL: u32 = 1;
+    pub const COUNT: u32 = 2;
+}
+
+/// How many refusals (RSTs and ICMP errors the programs build) a CPU may still send to one
+/// side ([`refusal_budget`]). A token bucket kept as one time (the generic
 /// cell rate algorithm): the instant the bucket would be full again, which each refusal moves
 /// one interval later, and which may run at most `burst` intervals ahead of now. Without it,
 /// every packet to a service without endpoints, at any rate and from any (spoofed) source, is
@@ -504,6 +515,13 @@ impl RefusalBudget {
         }
         self.full_at_ns = full_at_ns;
         true
+    }
+
+    /// Returns the refusal [`RefusalBudget::take`] spent last, which was not sent after all.
+    #[expect(clippy::inline_always, reason = "called by the datapath, which wants it inlined")]
+    #[inline(always)]
+    pub fn give_back(&mut self) {
+        self.full_at_ns = self.full_at_ns.saturating_sub(self.interval_ns);
     }
 }
 
@@ -574,6 +592,9 @@ mod tests {
         assert!(!budget.take(now + SECOND / 10));
         let idle = now + 10 * SECOND;
         assert_eq!((0..5).filter(|_| budget.take(idle)).count(), 3, "idle: a full burst again");
+        budget.give_back();
+        assert!(budget.take(idle), "a refusal given back is there to take again");
+        assert!(!budget.take(idle));
     }
 
     #[test]

@@ -59,9 +59,10 @@ reasons! {
     /// An ICMP error about a translated flow (port unreachable, fragmentation needed, time
     /// exceeded), translated so it reaches the flow's other end through the service address.
     IcmpErrorTranslated = "icmp_error_translated",
-    /// The service has no usable endpoint: refused (TCP RST or ICMP port unreachable).
+    /// The service has no usable endpoint: refused (TCP RST or ICMP port unreachable). A TCP
+    /// RST is not answered (RFC 793) but dropped, and counted here too.
     RejectNoEndpoints = "reject_no_endpoints",
-    /// A ClusterIP on a port or protocol it does not serve: refused.
+    /// A ClusterIP on a port or protocol it does not serve: refused (a RST: dropped, as above).
     RejectUnservedPort = "reject_unserved_port",
     /// A traffic policy (Local) left no endpoint on this node: dropped, as kube-proxy does.
     DropNoLocalEndpoint = "drop_no_local_endpoint",
@@ -92,7 +93,8 @@ reasons! {
     /// came after this one, was refused, or is too old): dropped, as the receiver could not
     /// reassemble it.
     DropFragmentUntracked = "drop_fragment_untracked",
-    /// A refusal was due but this CPU's refusal budget (`refusalLimit`) is spent: dropped.
+    /// A refusal was due but this CPU's refusal budget for the packet's side (pods, or the
+    /// outside world; `refusalLimit` each) is spent: dropped.
     DropRefusalRateLimited = "drop_refusal_rate_limited",
 }
 

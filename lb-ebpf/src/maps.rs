@@ -8,7 +8,7 @@ use aya_ebpf::{
 use lb_common::maps::{
     AffinityKey, AffinityValue, Backend, ConntrackKey, ConntrackValue, FragmentKey, FragmentValue,
     NodeConfig, RefusalBudget, RevNat, ServiceCounters, ServiceKey, ServiceValue, Slot,
-    SockRevNatKey, SourceRangeKey, capacity, forwarding,
+    SockRevNatKey, SourceRangeKey, capacity, forwarding, refusal_budget,
 };
 
 #[map(name = "SERVICES")]
@@ -55,9 +55,11 @@ pub static FORWARDING: PerCpuArray<u64> = PerCpuArray::with_max_entries(forwardi
 pub static SERVICE_STATS: PerCpuArray<ServiceCounters> =
     PerCpuArray::with_max_entries(capacity::SERVICES, 0);
 
-/// This CPU's budget of refusals (see `RefusalBudget`), written by the daemon.
+/// This CPU's budgets of refusals (see `RefusalBudget`), by `refusal_budget` index; written by
+/// the daemon.
 #[map(name = "REFUSAL_BUDGET")]
-pub static REFUSAL_BUDGET: PerCpuArray<RefusalBudget> = PerCpuArray::with_max_entries(1, 0);
+pub static REFUSAL_BUDGET: PerCpuArray<RefusalBudget> =
+    PerCpuArray::with_max_entries(refusal_budget::COUNT, 0);
 
 /// First fragments' translations, for the rest of their datagrams (see `fragments`).
 ///

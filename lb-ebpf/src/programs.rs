@@ -154,11 +154,14 @@ fn service_stage(hook: &impl Hook, packet: &Packet, origin: Origin) -> (Verdict,
         // Never answer a reset with a reset (RFC 793).
         return (Verdict::Drop, reason);
     }
-    if !refuse::within_budget() {
+    if !refuse::within_budget(origin) {
         return (Verdict::Drop, Reason::DropRefusalRateLimited);
     }
     match refuse::refuse(hook, packet) {
         Ok(()) => (verdict, reason),
-        Err(()) => (Verdict::Drop, Reason::DropRefusalFailed),
+        Err(()) => {
+            refuse::give_back(origin);
+            (Verdict::Drop, Reason::DropRefusalFailed)
+        }
     }
 }

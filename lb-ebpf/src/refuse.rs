@@ -1,14 +1,14 @@
 //! Refusals built in place: a TCP RST for TCP, an ICMP port unreachable (RFC 792) for the rest,
 //! sent back from the address the client spoke to, so a connect() fails at once instead of
-//! timing out.
-
-use lb_common::maps::proto;
+//! timing out. Each CPU sends them within a budget (`RefusalBudget`), per side.
 
 use aya_ebpf::helpers::bpf_ktime_get_ns;
+use lb_common::maps::{proto, refusal_budget};
 
 use crate::{
     csum,
     hook::Hook,
+    lb::Origin,
     maps::REFUSAL_BUDGET,
     parse::{Packet, tcp_flags},
 };
@@ -62,16 +62,34 @@ const DEFAULT_TTL: u8 = 64;
 /// Don't Fragment: refusals are small, and Linux sets DF on the RSTs it sends itself.
 const IPV4_DF_BE: u16 = 0x4000_u16.to_be();
 
-/// Spends one of this CPU's refusals; `false` when its budget is spent (the packet is then
-/// dropped). Per CPU: no atomics, so a node refuses up to its CPU count times the limit.
+/// Spends one of this CPU's refusals to the side `origin` stands for; `false` when its budget
+/// is spent (the packet is then dropped). Per CPU: no atomics, so a node refuses up to its CPU
+/// count times the limit.
 #[inline(always)]
-pub fn within_budget() -> bool {
-    let Some(budget) = REFUSAL_BUDGET.get_ptr_mut(0) else {
+pub fn within_budget(origin: Origin) -> bool {
+    let Some(budget) = REFUSAL_BUDGET.get_ptr_mut(budget_index(origin)) else {
         return true;
     };
     // SAFETY: this CPU's slot of a live array entry (programs are not preempted on a CPU),
     // and a helper without arguments.
     unsafe { (*budget).take(bpf_ktime_get_ns()) }
+}
+
+/// Returns the refusal [`within_budget`] spent, when it could not be built after all.
+#[inline(always)]
+pub fn give_back(origin: Origin) {
+    if let Some(budget) = REFUSAL_BUDGET.get_ptr_mut(budget_index(origin)) {
+        // SAFETY: as in `within_budget`.
+        unsafe { (*budget).give_back() };
+    }
+}
+
+#[inline(always)]
+fn budget_index(origin: Origin) -> u32 {
+    match origin {
+        Origin::Pod => refusal_budget::PODS,
+        Origin::External => refusal_budget::EXTERNAL,
+    }
 }
 
 /// Rewrites the packet into its refusal. `Err` if it cannot (a failed resize or write leaves

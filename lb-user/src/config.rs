@@ -65,7 +65,8 @@ pub struct NodeConfig {
     pub map_capacities: crate::loader::Capacities,
 }
 
-/// At most `per_second` refusals per second on each CPU after a burst of `burst`; the packets
+/// At most `per_second` refusals per second on each CPU after a burst of `burst`, to pods and to
+/// the outside world each; the packets
 /// beyond are dropped (counted `drop_refusal_rate_limited`), so a flood to a service without
 /// endpoints, from spoofed sources or not, is not answered packet for packet. `per_second` 0:
 /// no limit.

@@ -369,19 +369,23 @@ fn no_endpoints_and_unserved_ports_are_refused_at_once() {
 fn refusals_beyond_a_cpus_budget_are_dropped_and_counted() {
     let mut datapath = seeded();
     datapath::stay_on_this_cpu();
-    // Two a second after a burst of three.
-    datapath.set_refusal_budget(RefusalBudget::new(2, 3));
+    // One a second after a burst of three, for pods and for the outside world each.
+    datapath.set_refusal_budget(RefusalBudget::new(1, 3));
     let syn = |port| Spec::tcp(POD, port, "10.96.45.12", 80).build();
     let datagram = Spec::udp(POD, 40_211, "10.96.45.12", 53).build();
-    for (hook, port) in [(Hook::Tc, 40_210), (Hook::Xdp, 40_212), (Hook::TcExternal, 40_213)] {
-        let run = datapath.run(hook, &syn(port));
-        run.assert_outcome(hook.bounce_code(), Reason::RejectNoEndpoints, "within the burst");
-        assert_eq!(run.output, expected_reset(POD, port, "10.96.45.12", 80), "{hook:?}");
-    }
-    for (hook, packet) in [(Hook::Xdp, syn(40_214)), (Hook::Tc, datagram.clone())] {
-        let run = datapath.run(hook, &packet);
-        run.assert_outcome(hook.drop_code(), Reason::DropRefusalRateLimited, "burst spent");
-        assert_eq!(run.output, packet, "{hook:?}: dropped as it came");
+    let sides = [
+        ("pods", [Hook::Tc, Hook::Tc, Hook::Tc, Hook::Tc]),
+        ("outside", [Hook::Xdp, Hook::TcExternal, Hook::Xdp, Hook::TcExternal]),
+    ];
+    for (side, hooks) in sides {
+        for (port, hook) in (40_220..).zip(&hooks[..3]) {
+            let run = datapath.run(*hook, &syn(port));
+            run.assert_outcome(hook.bounce_code(), Reason::RejectNoEndpoints, side);
+            assert_eq!(run.output, expected_reset(POD, port, "10.96.45.12", 80), "{side}");
+        }
+        let run = datapath.run(hooks[3], &datagram);
+        run.assert_outcome(hooks[3].drop_code(), Reason::DropRefusalRateLimited, side);
+        assert_eq!(run.output, datagram, "{side}: dropped as it came");
     }
     // A reset is never answered: dropped as before, whatever the budget.
     let tcp = TcpFields { syn: false, rst: true, ..TcpFields::default() };
@@ -392,8 +396,8 @@ fn refusals_beyond_a_cpus_budget_are_dropped_and_counted() {
         "a reset",
     );
 
-    // Half a second refills one refusal, and only one.
-    std::thread::sleep(std::time::Duration::from_millis(600));
+    // A second refills one refusal, and only one (the next is due a second after it).
+    std::thread::sleep(std::time::Duration::from_millis(1100));
     let run = datapath.run(Hook::Tc, &datagram);
     run.assert_outcome(Hook::Tc.bounce_code(), Reason::RejectNoEndpoints, "refilled");
     assert_eq!(run.output, expected_port_unreachable(&datagram, POD, "10.96.45.12"));
@@ -401,7 +405,7 @@ fn refusals_beyond_a_cpus_budget_are_dropped_and_counted() {
     run.assert_outcome(Hook::Tc.drop_code(), Reason::DropRefusalRateLimited, "one refilled");
 
     // Written again (a daemon's start): a full burst.
-    datapath.set_refusal_budget(RefusalBudget::new(2, 3));
+    datapath.set_refusal_budget(RefusalBudget::new(1, 3));
     for port in 40_217..40_220 {
         let run = datapath.run(Hook::Tc, &syn(port));
         run.assert_outcome(Hook::Tc.bounce_code(), Reason::RejectNoEndpoints, "rewritten");

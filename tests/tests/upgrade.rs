@@ -16,7 +16,7 @@ use aya::{
     programs::ProgramInfo,
 };
 use lb_common::{
-    maps::{RefusalBudget, names},
+    maps::{RefusalBudget, names, refusal_budget},
     stats::Reason,
 };
 use lb_tests::{
@@ -137,7 +137,11 @@ fn an_upgrade_replaces_outdated_programs_in_place_and_established_flows_keep_the
     let entries = |name| MapInfo::from_pin(pins.layout().map(name)).expect(name).max_entries();
     assert_eq!(entries(names::STATS), Reason::COUNT, "verdict counters for every reason");
     assert_eq!(entries(names::FRAGMENTS), lb_common::maps::capacity::FRAGMENTS);
-    assert_eq!(refusal_budgets(pins.layout()), [DEFAULT_REFUSAL_LIMIT.budget()], "every CPU's");
+    assert_eq!(
+        refusal_budgets(pins.layout()),
+        [DEFAULT_REFUSAL_LIMIT.budget()],
+        "every CPU's, each side's"
+    );
     assert!(!pins.layout().map_set_aside(names::STATS).exists(), "the old counters are gone");
     let moved = pinned(pins.layout());
     for name in program_names::ALL {
@@ -149,12 +153,14 @@ fn an_upgrade_replaces_outdated_programs_in_place_and_established_flows_keep_the
     drop(daemon);
 }
 
-/// The distinct budgets of the CPUs in the pinned `REFUSAL_BUDGET`.
+/// The distinct budgets of the CPUs and sides in the pinned `REFUSAL_BUDGET`.
 fn refusal_budgets(pins: &PinLayout) -> Vec<RefusalBudget> {
     let data = MapData::from_pin(pins.map(names::REFUSAL_BUDGET)).expect("REFUSAL_BUDGET");
     let array: PerCpuArray<_, RefusalBudget> =
         PerCpuArray::try_from(Map::PerCpuArray(data)).expect("a per-CPU array");
-    let mut budgets = array.get(&0, 0).expect("its entry").to_vec();
+    assert_eq!(array.len(), refusal_budget::COUNT, "a budget per side");
+    let mut budgets: Vec<_> =
+        (0..array.len()).flat_map(|side| array.get(&side, 0).expect("an entry").to_vec()).collect();
     budgets.dedup();
     budgets
 }

@@ -143,9 +143,9 @@ fn update_all<K: aya::Pod, V: aya::Pod>(
     map_batch::update(fd, keys, values).map_err(syscall_error(name, "bpf_map_update_batch"))
 }
 
-/// Gives every CPU `budget` (a full bucket) in `REFUSAL_BUDGET`, pinned under `pins`. Not a
-/// [`MapOp`]: the limit is the node's setting, written once at the start, not a Kubernetes
-/// object's.
+/// Gives every CPU `budget` (a full bucket) for each side in `REFUSAL_BUDGET`, pinned under
+/// `pins`. Not a [`MapOp`]: the limit is the node's setting, written once at the start, not a
+/// Kubernetes object's.
 pub fn set_refusal_budget(pins: &PinLayout, budget: RefusalBudget) -> Result<()> {
     let name = names::REFUSAL_BUDGET;
     let data = MapData::from_pin(pins.map(name)).map_err(map_error(name))?;
@@ -157,11 +157,14 @@ pub fn write_refusal_budget(map: &mut Map, budget: RefusalBudget) -> Result<()> 
     let name = names::REFUSAL_BUDGET;
     let mut array: PerCpuArray<_, RefusalBudget> =
         PerCpuArray::try_from(map).map_err(map_error(name))?;
-    // One value per possible CPU, as many as the entry read back holds.
-    let cpus = array.get(&0, 0).map_err(map_error(name))?.len();
-    let values = PerCpuValues::try_from(vec![budget; cpus])
-        .map_err(syscall_error(name, "per-CPU values"))?;
-    array.set(0, values, 0).map_err(map_error(name))
+    for side in 0..array.len() {
+        // One value per possible CPU, as many as the entry read back holds.
+        let cpus = array.get(&side, 0).map_err(map_error(name))?.len();
+        let values = PerCpuValues::try_from(vec![budget; cpus])
+            .map_err(syscall_error(name, "per-CPU values"))?;
+        array.set(side, values, 0).map_err(map_error(name))?;
+    }
+    Ok(())
 }
 
 /// The size of map `name` pinned at `pin`, in entries.
