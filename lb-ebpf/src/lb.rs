@@ -410,11 +410,10 @@ enum ReplyTuple {
 }
 
 /// Inserts a flow's reply entry under its reply tuple (backend -> client), unless another
-/// live flow holds it. An entry there that is dead, or that translates to the same frontend
-/// without SNAT (this very flow, seen again after its forward entry went), is replaced: that
-/// look and the replacing write are not one step, so two CPUs opening two such flows at once
-/// over a dead entry can still both write (as `claim_snat_port` reusing an expired port can),
-/// a window of the two first packets' own lengths.
+/// live flow holds it. An entry there that is dead, or this very flow's own ([`same_flow`]),
+/// is replaced: that look and the replacing write are not one step, so two CPUs opening two
+/// such flows at once over a dead entry can still both write (as `claim_snat_port` reusing an
+/// expired port can), a window of the two first packets' own lengths.
 #[inline(always)]
 fn insert_reply(
     key: &ConntrackKey,
@@ -428,14 +427,26 @@ fn insert_reply(
     if let Some(existing) = crate::maps::CONNTRACK.get_ptr(key) {
         // SAFETY: a valid pointer from the lookup.
         let existing = unsafe { &*existing };
-        let same_flow = existing.flags & (ct_flags::REPLY | ct_flags::SNAT) == ct_flags::REPLY
-            && (existing.translated_ip_be, existing.translated_port_be)
-                == (entry.translated_ip_be, entry.translated_port_be);
-        if !same_flow && conntrack::is_live(existing, proto_number, entry.last_seen, config) {
+        if !same_flow(existing, entry)
+            && conntrack::is_live(existing, proto_number, entry.last_seen, config)
+        {
             return Err(ReplyTuple::HeldByAnotherFlow);
         }
     }
     conntrack::insert(key, entry, BPF_ANY).map_err(|()| ReplyTuple::Refused)
+}
+
+/// Whether the reply entry `existing` is the one `entry` would write: this very flow's (same
+/// reply tuple, frontend and masquerade), seen again after its forward entry went (evicted
+/// under pressure while its reply entry stayed). It takes its own entry back: another reply
+/// tuple (another SNAT port) would break the connection the backend knows.
+#[inline(always)]
+fn same_flow(existing: &ConntrackValue, entry: &ConntrackValue) -> bool {
+    let kind = ct_flags::REPLY | ct_flags::SNAT;
+    existing.flags & kind == entry.flags & kind
+        && (existing.translated_ip_be, existing.translated_port_be)
+            == (entry.translated_ip_be, entry.translated_port_be)
+        && (existing.nat_ip_be, existing.nat_port_be) == (entry.nat_ip_be, entry.nat_port_be)
 }
 
 /// Where a masqueraded flow's source goes: the address, and the hash its port candidates
@@ -446,8 +457,9 @@ struct SnatClaim {
 }
 
 /// Finds a source port in the SNAT range whose reply tuple (backend -> masquerading
-/// address:port) is free, of flows and of the node's own sockets, and claims it by inserting
-/// the reply entry. Returns the port in network order.
+/// address:port) is free, of flows and of the node's own sockets, or holds this flow's own
+/// entry ([`same_flow`]), and claims it by inserting the reply entry. Returns the port in
+/// network order.
 ///
 /// A local socket that takes the port later is not seen: the range sits above the kernel's
 /// ephemeral ports, so only an explicit bind (or a widened `ip_local_port_range`) does that.
@@ -484,10 +496,13 @@ fn claim_snat_port(
         }
         if let Some(existing) = crate::maps::CONNTRACK.get_ptr(reply_key) {
             // SAFETY: a valid pointer from the lookup.
-            if conntrack::is_live(unsafe { &*existing }, packet.proto, now, config) {
+            let existing = unsafe { &*existing };
+            if conntrack::is_live(existing, packet.proto, now, config)
+                && !same_flow(existing, reply_entry)
+            {
                 continue;
             }
-            // An expired entry: reuse its port.
+            // An expired entry, or this flow's own: reuse its port.
             if conntrack::insert(reply_key, reply_entry, BPF_ANY).is_ok() {
                 return Some(port.to_be());
             }

@@ -190,6 +190,12 @@ fn two_flows_of_one_client_socket_to_one_backend_keep_their_replies_apart() {
     let run = datapath.run(Hook::Tc, &first.build());
     run.assert_outcome(Hook::Tc.forward_code(), Reason::ForwardNew, "first again");
     assert_eq!(endpoints(&run.output), ((addr(POD), 5353), backend), "source kept");
+    // So does the second, on the port it was given.
+    let forward_key = ConntrackKey { dst_ip_be: ip_be(addr("10.96.9.2")), ..forward_key };
+    assert_eq!(datapath.maps().remove_conntrack(&[forward_key]).expect("remove"), 1);
+    let run = datapath.run(Hook::Tc, &second.build());
+    run.assert_outcome(Hook::Tc.forward_code(), Reason::ForwardNew, "second again, made again");
+    assert_eq!(endpoints(&run.output), ((addr(POD), source_port), backend), "its port kept");
 }
 
 #[test]
@@ -211,6 +217,22 @@ fn node_port_to_a_remote_backend_is_masqueraded_and_reversed() {
     run.assert_outcome(Hook::Xdp.forward_code(), Reason::ReplyTranslated, "reply to the SNAT port");
     assert_eq!(run.output, reply.with_addresses(NODE_IP, 30380, EXTERNAL_CLIENT, 50_000).build());
     checksum::assert_valid(&run.output);
+
+    // The forward entry gone (evicted under pressure), the reply entry left: the client's next
+    // segment makes the flow again, on its own SNAT port, which the backend's connection knows.
+    let forward_key = ConntrackKey::new(
+        ip_be(addr(EXTERNAL_CLIENT)),
+        ip_be(addr(NODE_IP)),
+        50_000u16.to_be(),
+        30380u16.to_be(),
+        proto::TCP,
+    );
+    assert_eq!(datapath.maps().remove_conntrack(&[forward_key]).expect("remove"), 1);
+    let ack = TcpFields { syn: false, ack: Some(5001), seq: 1001, ..TcpFields::default() };
+    let next = request.with_tcp(ack);
+    let run = datapath.run(Hook::Xdp, &next.build());
+    run.assert_outcome(Hook::Xdp.forward_code(), Reason::ForwardNew, "made again");
+    assert_eq!(run.output, next.with_addresses(NODE_IP, snat_port, "10.244.2.11", 80).build());
 }
 
 /// The flow hash picks the backend (modulo the slot count) and the first SNAT port candidate:
