@@ -32,7 +32,8 @@ pub mod capacity {
     pub const BACKENDS: u32 = 262_144;
     pub const CONNTRACK: u32 = 1_048_576;
     pub const AFFINITY: u32 = 262_144;
-    pub const SOURCE_RANGES: u32 = 16_384;
+    /// (frontend, range) entries. An LPM trie takes memory per entry, not for its size.
+    pub const SOURCE_RANGES: u32 = 262_144;
     pub const SOCK_REV_NAT: u32 = 262_144;
     /// Fragmented datagrams in flight (Cilium's default is 8192).
     pub const FRAGMENTS: u32 = 16_384;

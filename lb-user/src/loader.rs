@@ -46,6 +46,11 @@ pub struct Capacities {
     pub affinity: Option<u32>,
     /// First fragments' records, for their datagrams' later fragments.
     pub fragments: Option<u32>,
+    /// loadBalancerSourceRanges entries, (frontend, range) each: not chosen in the file (an
+    /// LPM trie allocates per entry, so its size costs nothing until used), but read from the
+    /// pins, where an earlier version may have left a smaller map.
+    #[serde(skip)]
+    pub source_ranges: Option<u32>,
 }
 
 impl Capacities {
@@ -59,6 +64,10 @@ impl Capacities {
 
     pub fn backend_slots(&self) -> u32 {
         self.backend_slots.unwrap_or(capacity::BACKEND_SLOTS)
+    }
+
+    pub fn source_ranges(&self) -> u32 {
+        self.source_ranges.unwrap_or(capacity::SOURCE_RANGES)
     }
 
     /// The size map `name` is to have, for the maps whose size can be chosen.
@@ -86,6 +95,7 @@ impl Capacities {
             conntrack: Some(entries(names::CONNTRACK)?),
             affinity: Some(entries(names::AFFINITY)?),
             fragments: Some(entries(names::FRAGMENTS)?),
+            source_ranges: Some(entries(names::SOURCE_RANGES)?),
         })
     }
 

@@ -241,6 +241,7 @@ fn a_restart_with_other_map_capacities_resizes_the_maps_and_established_flows_ke
         conntrack: Some(maps[names::CONNTRACK].1 / 16),
         affinity: Some(maps[names::AFFINITY].1 + 4_096),
         fragments: Some(maps[names::FRAGMENTS].1 / 2),
+        source_ranges: None,
     };
     let daemon = start(example_node_config_with(capacities));
     let resized = sized_maps(pins.layout());

@@ -222,6 +222,16 @@ impl PortTables<'_> {
             return false;
         };
         self.batch.allocated.insert(key);
+        let ranges = if with_ranges { self.port.source_ranges.len() } else { 0 };
+        let ranges = u32::try_from(ranges).unwrap_or(u32::MAX);
+        if let Err(capacity) = self.ids.claim_source_ranges(service_id, ranges) {
+            // Served without its ranges it would be open to every source: left out instead.
+            self.problems.push(format!(
+                "{port_id}: {vip}:{vport}: no room for its {ranges} loadBalancerSourceRanges \
+                 entries (SOURCE_RANGES holds {capacity} in all); not programmed"
+            ));
+            return false;
+        }
         let (slot_base, slots, flags) = match self.fresh_slots(key, backends) {
             Ok((base, table, backend_slots)) => {
                 self.owned.backends.extend(backend_slots.iter().map(|slot| slot.backend_id));

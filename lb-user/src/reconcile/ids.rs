@@ -74,6 +74,42 @@ impl IdSpace {
     }
 }
 
+/// Room in the `SOURCE_RANGES` map: its entries by frontend id. A write beyond its size would
+/// fail the whole sync, again at every retry, and hold up every other service's changes.
+#[derive(Clone, Debug, Default)]
+struct RangeRoom {
+    capacity: u32,
+    by_frontend: BTreeMap<u32, u32>,
+    total: u32,
+}
+
+impl RangeRoom {
+    /// Sets frontend `id`'s entries to `count` (in place of those it has) if they fit.
+    fn claim(&mut self, id: u32, count: u32) -> bool {
+        let others = self.total - self.by_frontend.get(&id).copied().unwrap_or(0);
+        if others.saturating_add(count) > self.capacity {
+            return false;
+        }
+        self.set(id, count);
+        true
+    }
+
+    fn set(&mut self, id: u32, count: u32) {
+        let before = self.by_frontend.insert(id, count).unwrap_or(0);
+        self.total = self.total - before + count;
+    }
+
+    /// Counts the entries `state` holds, forgetting any earlier claim.
+    fn count(&mut self, state: &DatapathState) {
+        self.by_frontend.clear();
+        self.total = 0;
+        for (id, _) in &state.source_ranges {
+            let count = self.by_frontend.get(id).copied().unwrap_or(0) + 1;
+            self.set(*id, count);
+        }
+    }
+}
+
 /// The ids in use, by what they name, and where the frontends' slots are.
 #[derive(Clone, Debug)]
 pub struct Ids {
@@ -82,6 +118,7 @@ pub struct Ids {
     service_space: IdSpace,
     backend_space: IdSpace,
     slot_runs: SlotRuns,
+    source_ranges: RangeRoom,
 }
 
 impl Default for Ids {
@@ -100,6 +137,10 @@ impl Ids {
             service_space: IdSpace::new(capacities.services()),
             backend_space: IdSpace::new(capacities.backends()),
             slot_runs: SlotRuns::new(capacities.backend_slots()),
+            source_ranges: RangeRoom {
+                capacity: capacities.source_ranges(),
+                ..RangeRoom::default()
+            },
         }
     }
 
@@ -127,6 +168,7 @@ impl Ids {
             ids.backends.insert((backend.ip_be, backend.port_be, backend.proto), *id);
             ids.backend_space.adopt(*id);
         }
+        ids.source_ranges.count(state);
         ids
     }
 
@@ -150,12 +192,21 @@ impl Ids {
         Some(id)
     }
 
-    /// Frees the id and slot run of frontend `key`, which nothing uses any longer.
+    /// Frees the id, slot run and source range entries of frontend `key`, which nothing uses
+    /// any longer.
     pub fn release_service(&mut self, key: &ServiceKey) {
         if let Some(id) = self.services.remove(key) {
             self.service_space.release(id);
+            self.source_ranges.set(id, 0);
         }
         self.slot_runs.release(*key);
+    }
+
+    /// Takes room for frontend `id`'s `count` source ranges in place of those it has; `Err`
+    /// with the map's size when they do not fit.
+    pub fn claim_source_ranges(&mut self, id: u32, count: u32) -> Result<(), u32> {
+        let room = &mut self.source_ranges;
+        if room.claim(id, count) { Ok(()) } else { Err(room.capacity) }
     }
 
     /// The run frontend `key`'s slots are in now, if it has slots.
@@ -189,6 +240,7 @@ impl Ids {
         self.slot_runs.retain(|key| desired.services.contains_key(key));
         self.backends.retain(|_, id| desired.backends.contains_key(id));
         self.backend_space.retain(|id| desired.backends.contains_key(&id));
+        self.source_ranges.count(desired);
     }
 }
 

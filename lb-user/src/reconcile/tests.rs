@@ -302,6 +302,53 @@ fn a_service_whose_new_table_finds_no_room_is_kept_as_it_was() {
 }
 
 #[test]
+fn source_ranges_beyond_their_map_leave_their_frontend_out_and_every_other_service_in() {
+    let seed_ranges = u32::try_from(seed_state().source_ranges.len()).expect("few ranges");
+    assert!(seed_ranges > 0, "the seed has a LoadBalancer with ranges");
+    let capacities = Capacities { source_ranges: Some(seed_ranges), ..Capacities::default() };
+    let (mut model, node, mut reconciler, before) = seed_just_fitting(&capacities);
+
+    // One range more for lb-web: its LoadBalancer frontend no longer fits.
+    let lb_web = model.ports.iter_mut().find(|p| !p.source_ranges.is_empty()).expect("lb-web");
+    lb_web.source_ranges.push("198.18.0.0/15".parse().expect("CIDR"));
+    let service = lb_web.id.service();
+    let ports_of = |name: &ServiceName| -> Vec<ServicePort> {
+        model.ports.iter().filter(|p| p.id.service() == *name).cloned().collect()
+    };
+    let mut maps = FakeMaps::default();
+    let incremental = reconciler.reconcile_services([service], ports_of, &mut maps);
+    let full = reconciler.reconcile(&model, &node, &mut maps);
+    let lb_ip = key("198.51.100.10", 80, proto::TCP, scope::EXTERNAL);
+    for report in [incremental.expect("service sync"), full.expect("full sync")] {
+        assert!(
+            report.problems.iter().any(|p| p.contains("198.51.100.10:80: no room for its 2")),
+            "{:?}",
+            report.problems
+        );
+        let programmed = reconciler.programmed();
+        assert!(!programmed.services.contains_key(&lb_ip), "left out, not served unfiltered");
+        assert!(programmed.source_ranges.len() <= seed_ranges as usize);
+        for (key, value) in before.services.iter().filter(|(key, _)| **key != lb_ip) {
+            if before.source_ranges.iter().all(|(id, _)| *id != value.service_id) {
+                assert_eq!(programmed.services.get(key), Some(value), "{key:?} as it was");
+            }
+        }
+    }
+
+    // Room again (the map of a fresh datapath): the frontend comes back with both ranges.
+    let mut roomy = Reconciler::with_capacities(
+        reconciler.programmed().clone(),
+        SlotMode::PerBackend,
+        &Capacities::default(),
+    );
+    let report = roomy.reconcile(&model, &node, &mut FakeMaps::default()).expect("sync");
+    assert_eq!(report.problems, Vec::<String>::new());
+    let value = roomy.programmed().services[&lb_ip];
+    let ranges = roomy.programmed().source_ranges.iter().filter(|(id, _)| *id == value.service_id);
+    assert_eq!(ranges.count(), 2);
+}
+
+#[test]
 fn a_service_whose_new_endpoint_finds_no_backend_id_keeps_its_slots() {
     let ids = u32::try_from(seed_state().backends.len()).expect("few backends");
     // Id 0 is no backend: room for exactly the seed's backends.

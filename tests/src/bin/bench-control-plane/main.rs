@@ -119,6 +119,7 @@ fn capacities(size: usize) -> Capacities {
         conntrack: Some(1024),
         affinity: Some(1024),
         fragments: Some(1024),
+        source_ranges: None,
     }
 }
 
