@@ -115,8 +115,9 @@ pub(super) struct PortTables<'a> {
     pub(super) claims: &'a mut Claims,
     pub(super) batch: &'a mut Batch,
     pub(super) owned: &'a mut Owned,
-    /// The frontends the port's service owned before this build.
-    pub(super) previously_owned: &'a [ServiceKey],
+    /// The frontends the port's service owned before this build; `None` when that is not
+    /// known (the maps were adopted and not reconciled since): any programmed one counts.
+    pub(super) previously_owned: Option<&'a [ServiceKey]>,
     pub(super) problems: &'a mut Vec<String>,
 }
 
@@ -288,18 +289,29 @@ impl PortTables<'_> {
     /// service that works. Only for a frontend this service owned before (not one it takes
     /// from another service port now), in the run it still owns.
     fn programmed_slots(&self, key: ServiceKey) -> Option<KeptSlots> {
-        if !self.previously_owned.contains(&key) {
+        if self.previously_owned.is_some_and(|owned| !owned.contains(&key)) {
             return None;
         }
         let value = self.programmed.services.get(&key)?;
         let run = self.ids.slot_run(&key).map(|run| (run.base, run.len));
         let owned_run =
             if value.slot_count == 0 { None } else { Some((value.slot_base, value.slot_count)) };
-        (run == owned_run).then(|| KeptSlots {
+        let kept = (run == owned_run).then(|| KeptSlots {
             base: value.slot_base,
             slots: slots_of(&self.programmed.slots, value).collect(),
             flags: value.flags,
-        })
+        })?;
+        // Whose they were is not known: only slots that name one of this port's endpoints are
+        // this service's (not those of a service deleted meanwhile whose address it took).
+        let endpoint_of_this_port = |slot: &Slot| {
+            self.port.endpoints.iter().any(|endpoint| {
+                (ip_be(endpoint.ip), endpoint.port.to_be())
+                    == (slot.backend.ip_be, slot.backend.port_be)
+            })
+        };
+        let ours = self.previously_owned.is_some()
+            || kept.slots.iter().any(|(_, slot)| endpoint_of_this_port(slot));
+        ours.then_some(kept)
     }
 
     /// Keeps the backends kept slots name in the tables, and their ids taken.

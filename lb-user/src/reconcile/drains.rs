@@ -12,7 +12,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use lb_common::maps::{ConntrackKey, ConntrackValue, ct_flags, proto};
+use lb_common::maps::{AffinityKey, AffinityValue, ConntrackKey, ConntrackValue, ct_flags, proto};
 
 use super::state::{DatapathState, slots_of};
 
@@ -57,6 +57,9 @@ fn endpoint_of(key: &ConntrackKey, value: &ConntrackValue) -> Address {
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Drains {
     kept: BTreeSet<(u32, Address)>,
+    /// (frontend id, backend id) pairs of session-affinity entries found with no slot behind
+    /// them, for the next reconcile to forget (see [`Drains::adopt_affinities`]).
+    stale_affinities: BTreeSet<(u32, u32)>,
 }
 
 /// One reconcile's view of the frontends it rebuilt, for [`Drains::settle`].
@@ -99,6 +102,31 @@ impl Drains {
                 self.kept.insert(pair);
             }
         }
+    }
+
+    /// Takes up the session-affinity entries whose (frontend, backend id) pair no slot of
+    /// `programmed` holds: their purge was lost (a failed sync, or a daemon stopped between
+    /// its writes and its purge). The datapath follows such an entry while the backend id
+    /// exists, and a freed id may name another service's pod by then: the next reconcile
+    /// forgets them.
+    pub fn adopt_affinities<'a>(
+        &mut self,
+        entries: impl IntoIterator<Item = &'a (AffinityKey, AffinityValue)>,
+        programmed: &DatapathState,
+    ) {
+        let slotted: BTreeSet<(u32, u32)> = programmed
+            .services
+            .values()
+            .flat_map(|value| {
+                slots_of(&programmed.slots, value)
+                    .map(|(_, slot)| (value.service_id, slot.backend_id))
+            })
+            .collect();
+        let stale = entries
+            .into_iter()
+            .map(|(key, value)| (key.service_id, value.backend_id))
+            .filter(|pair| !slotted.contains(pair));
+        self.stale_affinities.extend(stale);
     }
 
     /// What a reconcile leaves to forget, given the (frontend, backend id) pairs it removed.
@@ -144,6 +172,7 @@ impl Drains {
             }
         }
         forget.affinities = removed;
+        forget.affinities.append(&mut self.stale_affinities);
         forget
     }
 }
@@ -216,6 +245,24 @@ mod tests {
         serving: &'a Serving,
     ) -> Rebuilt<'a> {
         Rebuilt { before, after, serving, every_frontend: false }
+    }
+
+    #[test]
+    fn affinities_without_a_slot_behind_them_are_forgotten_at_the_next_reconcile() {
+        let programmed = state(&[STAYING]);
+        let sticky = |service_id, backend_id| {
+            let key = AffinityKey { client_ip_be: 9, service_id };
+            (key, AffinityValue { backend_id, ..AffinityValue::default() })
+        };
+        let entries = [sticky(FRONTEND, STAYING.0), sticky(FRONTEND, LEAVING.0), sticky(8, 1)];
+        let mut drains = Drains::default();
+        drains.adopt_affinities(&entries, &programmed);
+        let nothing = DatapathState::default();
+        let forget = drains.settle(BTreeSet::new(), &rebuilt(&nothing, &nothing, &Serving::new()));
+        let stale: BTreeSet<_> = [(FRONTEND, LEAVING.0), (8, 1)].into_iter().collect();
+        assert_eq!(forget.affinities, stale, "the pairs no slot holds, and only those");
+        let again = drains.settle(BTreeSet::new(), &rebuilt(&nothing, &nothing, &Serving::new()));
+        assert!(again.is_empty(), "once");
     }
 
     #[test]

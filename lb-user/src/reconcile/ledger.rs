@@ -22,6 +22,9 @@ use crate::model::{ServiceName, ServicePort};
 
 #[derive(Debug, Default)]
 pub(super) struct Ledger {
+    /// Made for maps an earlier daemon (or a failed sync) left, before any reconcile: who
+    /// owned which programmed frontend is not known.
+    pub(super) adopted: bool,
     services: HashMap<ServiceName, Owned>,
     pub(super) claims: Claims,
     /// Services using each backend id.
@@ -105,6 +108,11 @@ pub(super) struct Layout<'a> {
 }
 
 impl Ledger {
+    /// The ledger of maps adopted as they are (see [`Ledger::adopted`]).
+    pub(super) fn adopted() -> Self {
+        Self { adopted: true, ..Self::default() }
+    }
+
     /// Replaces what `service` contributes with the entries `ports` (sorted by id; empty for a
     /// service that is gone) ask for, written into `batch.after`.
     pub(super) fn rebuild_service(
@@ -117,7 +125,12 @@ impl Ledger {
     ) {
         let old = self.services.remove(service).unwrap_or_default();
         let previously_owned = match layout.earlier {
-            Some(earlier) => earlier.services.get(service).map(|o| o.frontends.clone()),
+            // Any programmed frontend may have been this service's: one whose new table finds
+            // no room keeps its slots, as it would had this daemon programmed it.
+            Some(earlier) if earlier.adopted => None,
+            Some(earlier) => {
+                Some(earlier.services.get(service).map(|o| o.frontends.clone()).unwrap_or_default())
+            }
             None => Some(old.frontends.clone()),
         };
         for key in &old.frontends {
@@ -155,7 +168,7 @@ impl Ledger {
                 claims: &mut self.claims,
                 batch: &mut *batch,
                 owned: &mut owned,
-                previously_owned: previously_owned.as_deref().unwrap_or_default(),
+                previously_owned: previously_owned.as_deref(),
                 problems: &mut problems,
             };
             tables.add_all(layout.node_port_addresses);

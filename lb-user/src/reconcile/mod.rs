@@ -92,7 +92,7 @@ impl Reconciler {
             programmed,
             ids,
             mode,
-            ledger: Ledger::default(),
+            ledger: Ledger::adopted(),
             node_port_addresses: Vec::new(),
             drains: Drains::default(),
         }
@@ -104,11 +104,13 @@ impl Reconciler {
     }
 
     /// A reconciler for the datapath as its maps hold it (programmed by an earlier daemon, or
-    /// left part-written by a failed sync): what is programmed, and the UDP flows in the
-    /// conntrack map that run outside their frontend's slots (see [`Drains::adopt`]).
+    /// left part-written by a failed sync): what is programmed, the UDP flows in the
+    /// conntrack map that run outside their frontend's slots (see [`Drains::adopt`]), and the
+    /// sticky clients of backends no slot holds (see [`Drains::adopt_affinities`]).
     pub fn resume(maps: &KernelMaps, mode: SlotMode, capacities: &Capacities) -> Result<Self> {
         let mut reconciler = Self::with_capacities(DatapathState::read(maps)?, mode, capacities);
         reconciler.adopt_flows(&maps.conntrack()?);
+        reconciler.drains.adopt_affinities(&maps.affinities()?, &reconciler.programmed);
         Ok(reconciler)
     }
 

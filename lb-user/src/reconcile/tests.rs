@@ -349,6 +349,37 @@ fn source_ranges_beyond_their_map_leave_their_frontend_out_and_every_other_servi
 }
 
 #[test]
+fn after_a_restart_a_service_whose_new_table_finds_no_room_is_kept_as_it_was() {
+    let capacities = seed_slots();
+    let (mut model, node, _, before) = seed_just_fitting(&capacities);
+    add_third_my_nginx_pod(&mut model);
+    // A restarted daemon (or one whose sync failed) knows only what the maps hold.
+    let mut adopted =
+        Reconciler::with_capacities(before.clone(), SlotMode::PerBackend, &capacities);
+    let report = adopted.reconcile(&model, &node, &mut FakeMaps::default()).expect("sync");
+    assert!(
+        report.problems.iter().any(|p| p.contains("no room") && p.contains("kept as they were")),
+        "{:?}",
+        report.problems
+    );
+    assert!(report.forget.is_empty(), "{:?}", report.forget);
+    assert_eq!(adopted.programmed(), &before, "every service as it was, my-nginx included");
+
+    // Slots that name none of the port's endpoints are not its own: another service's, whose
+    // address it took while no daemon ran.
+    let port = model.ports.iter_mut().find(|p| p.endpoints.len() == 3).expect("my-nginx");
+    for (endpoint, host) in port.endpoints.iter_mut().zip(200..) {
+        endpoint.ip = Ipv4Addr::new(10, 244, 9, host);
+    }
+    let mut adopted =
+        Reconciler::with_capacities(before.clone(), SlotMode::PerBackend, &capacities);
+    let report = adopted.reconcile(&model, &node, &mut FakeMaps::default()).expect("sync");
+    assert!(report.problems.iter().any(|p| p.contains("no room")), "{:?}", report.problems);
+    let my_nginx = key("10.96.45.10", 80, proto::TCP, scope::EXTERNAL);
+    assert!(!adopted.programmed().services.contains_key(&my_nginx), "not kept");
+}
+
+#[test]
 fn a_service_whose_new_endpoint_finds_no_backend_id_keeps_its_slots() {
     let ids = u32::try_from(seed_state().backends.len()).expect("few backends");
     // Id 0 is no backend: room for exactly the seed's backends.
