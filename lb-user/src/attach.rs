@@ -12,8 +12,8 @@ use std::{ffi::CString, fmt, mem::ManuallyDrop, path::Path, process::Command};
 use aya::{
     Ebpf,
     programs::{
-        CgroupAttachMode, CgroupSockAddr, LinkOrder, Program, ProgramError, SchedClassifier,
-        TcAttachType, Xdp, XdpMode,
+        CgroupAttachMode, CgroupSockAddr, CgroupSockAddrAttachType, LinkOrder, Program,
+        ProgramError, SchedClassifier, TcAttachType, Xdp, XdpMode,
         links::{FdLink, Link as _, LinkError, PinnedLink},
         tc::{self, NlOptions, SchedClassifierLink, TcAttach},
     },
@@ -168,6 +168,34 @@ fn attach_all(ebpf: &mut Ebpf, pins: &PinLayout, targets: &Targets) -> Result<Ve
         }
     }
     Ok(attachments)
+}
+
+/// Attaches the host-path programs pinned under `pins` whose link to `cgroup` is not pinned:
+/// a first load stopped between pinning its programs and attaching them last, or a datapath
+/// loaded without `--host-cgroup` (or by a version without the host path) that a daemon with
+/// it adopts.
+pub fn attach_missing_host_links(pins: &PinLayout, cgroup: &Path) -> Result<Vec<Attachment>> {
+    let mut attached = Vec::new();
+    for name in program_names::HOST {
+        if pins.link(name, HOST_IFACE).exists() {
+            continue;
+        }
+        let path = pins.program(name);
+        let mut program = CgroupSockAddr::from_pin(&path, host_attach_type(name))
+            .map_err(Error::attach(name, "cgroup sock_addr", &path.display().to_string()))?;
+        attached.push(attach_host(&mut program, name, pins, cgroup)?);
+    }
+    Ok(attached)
+}
+
+/// The hook each host-path program is for.
+fn host_attach_type(name: &str) -> CgroupSockAddrAttachType {
+    match name {
+        program_names::SENDMSG4 => CgroupSockAddrAttachType::UDPSendMsg4,
+        program_names::RECVMSG4 => CgroupSockAddrAttachType::UDPRecvMsg4,
+        program_names::GETPEERNAME4 => CgroupSockAddrAttachType::GetPeerName4,
+        _ => CgroupSockAddrAttachType::Connect4,
+    }
 }
 
 /// Attaches one host-path program to `cgroup`. As a bpf_link it runs alongside whatever else

@@ -285,6 +285,11 @@ fn attach_or_adopt(options: &Options) -> Result<KernelMaps> {
             info!("{removed}");
         }
         upgrade::replace_outdated_programs(&options.pins, &options.node_config.map_capacities)?;
+        if let Some(cgroup) = &options.targets.host_cgroup {
+            for attachment in attach::attach_missing_host_links(&options.pins, cgroup)? {
+                info!(%attachment, "attached a host-path hook the pins lacked");
+            }
+        }
         // Reopened: a resized map is a new map.
         return KernelMaps::from_pins(&options.pins);
     }

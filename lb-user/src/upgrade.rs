@@ -56,8 +56,8 @@ pub fn replace_outdated_programs(pins: &PinLayout, capacities: &loader::Capaciti
             info!(program = name, old_id, new_id, attachments, "replaced a pinned program");
         } else {
             // A program the older version did not have: pinned. One for interfaces is attached
-            // when the daemon follows them (lb_tc_reply on tc egress); a host-path one only
-            // when the datapath is loaded afresh.
+            // when the daemon follows them (lb_tc_reply on tc egress); a host-path one by a
+            // daemon given the host cgroup (`attach::attach_missing_host_links`).
             info!(program = name, new_id, attachments, "pinned a program the pins lacked");
         }
     }

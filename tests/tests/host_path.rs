@@ -15,7 +15,7 @@ use lb_tests::{
     pins::TestPins,
     topology::{NODE_IP, Topology},
 };
-use lb_user::status;
+use lb_user::{attach, pins::HOST_IFACE, program_names, status};
 
 /// Two LoadBalancer services of my-nginx's pods with loadBalancerSourceRanges: one range holds
 /// the node's address, the other does not.
@@ -172,5 +172,30 @@ fn node_processes_reach_services_through_the_cgroup_hooks() {
     assert_eq!(host_after, host_before, "the host path translated a pod's connection");
     assert_eq!(tc_after, tc_before + 1, "the pod's SYN went through the tc path");
 
+    daemon.stop();
+}
+
+#[test]
+fn a_daemon_adopting_a_datapath_without_its_host_hooks_attaches_them() {
+    let topology = Topology::new("lbi");
+    let _servers = topology.start_servers();
+    let pins = TestPins::new();
+    let cgroup = TestCgroup::new();
+    let manifests = ManifestDir::new();
+    let daemon = RunningDaemon::start(&topology, &pins, manifests.path(), Some(cgroup.path()));
+    daemon.stop();
+    // As a first load stopped before its last step (the host hooks) leaves the pins.
+    for name in program_names::HOST {
+        let link = pins.layout().link(name, HOST_IFACE);
+        let file = link.file_name().expect("a link file").to_string_lossy().into_owned();
+        attach::detach_pinned(pins.layout(), &file).expect("detach").expect("a link");
+    }
+
+    let daemon = RunningDaemon::start(&topology, &pins, manifests.path(), Some(cgroup.path()));
+    for name in program_names::HOST {
+        assert!(pins.layout().link(name, HOST_IFACE).exists(), "{name} attached again");
+    }
+    let answer = process_in(cgroup.path(), &topology.node.path(), &["tcp", "10.96.45.10", "80"]);
+    assert!(answer.starts_with("10.96.45.10:80 hello from my-nginx-"), "{answer}");
     daemon.stop();
 }
