@@ -92,15 +92,15 @@ fn plan(ebpf: &mut Ebpf, pins: &PinLayout, maps_replaced: bool) -> Result<Vec<Re
     Ok(steps)
 }
 
-/// True if a program pinned under `pins` uses map `map_id` (or the kernel cannot say).
-pub fn pinned_programs_use(pins: &PinLayout, map_id: u32) -> Result<bool> {
-    for name in program_names::ALL {
-        let pin = pins.program(name);
-        if !pin.exists() {
-            continue;
-        }
-        let info = ProgramInfo::from_pin(&pin).map_err(program_error(name, "opening the pin"))?;
-        let ids = info.map_ids().map_err(program_error(name, "reading its maps"))?;
+/// True if a program in the kernel uses map `map_id` (or the kernel cannot say). A map
+/// pinned by a daemon that stopped part way through a resize is used by a program only if
+/// that daemon pinned one, or attached one: `relink` moves the links before the pin, and a
+/// program that is neither pinned nor attached went with the daemon's process.
+pub fn programs_use(map_id: u32) -> Result<bool> {
+    for info in aya::programs::loaded_programs() {
+        // One unloaded since the kernel listed it uses nothing any more.
+        let Ok(info) = info else { continue };
+        let ids = info.map_ids().map_err(program_error("a loaded program", "reading its maps"))?;
         if ids.is_none_or(|ids| ids.contains(&map_id)) {
             return Ok(true);
         }

@@ -33,7 +33,7 @@ use lb_user::{
     loader,
     maps::copy::move_pin,
     pins::{NetlinkTcRecord, PinLayout, TcRole, program_of_link},
-    program_names, status,
+    program_names, status, upgrade,
 };
 
 fn addr(text: &str) -> SocketAddr {
@@ -319,6 +319,29 @@ fn a_restart_with_other_map_capacities_resizes_the_maps_and_established_flows_ke
         (exchange(&mut east_west), exchange(&mut north_south)),
         backends,
         "connections keep their backends through the finished move"
+    );
+    daemon.stop();
+
+    // Stopped while relinking: a program on the new map runs on the links, its pin not yet
+    // written. The move is finished too, not undone under the links that use the new map.
+    let mut fresh = interrupted_move(&pins);
+    let new_conntrack = conntrack_id(&pins);
+    let saved = tc_pin.with_file_name("lb_tc-saved");
+    std::fs::rename(&tc_pin, &saved).expect("keep the pinned program aside");
+    let program = fresh.program_mut(program_names::TC).expect("the tc program");
+    let relinked_links =
+        upgrade::relink(program, program_names::TC, pins.layout()).expect("relink");
+    assert!(relinked_links > 0, "the tc program has links");
+    std::fs::remove_file(&tc_pin).expect("unpin the new program");
+    std::fs::rename(&saved, &tc_pin).expect("the old program's pin back");
+    drop(fresh);
+    let daemon = start(example_node_config_with(capacities));
+    assert!(!aside.exists(), "the interrupted move is finished");
+    assert_eq!(conntrack_id(&pins), new_conntrack, "the new conntrack map stays");
+    assert_eq!(
+        (exchange(&mut east_west), exchange(&mut north_south)),
+        backends,
+        "connections keep their backends through the move finished after a relink"
     );
     drop(daemon);
 }
