@@ -299,33 +299,56 @@ fn a_restart_with_other_map_capacities_resizes_the_maps_and_established_flows_ke
     assert_eq!(exchange(&mut east_west), backends.0, "after the undone move");
     daemon.stop();
 
-    // Stopped once a program used the new map: the next one fills it, from what the old one
-    // holds, and moves every program onto it.
-    let mut fresh = interrupted_move(&pins);
-    let new_conntrack = conntrack_id(&pins);
+    let connections = Connections { east_west, north_south, backends };
+    moves_in_use_are_finished(&pins, &|| start(example_node_config_with(capacities)), connections);
+}
+
+/// The long-lived connections of a test, and the backends they reached.
+struct Connections {
+    east_west: std::net::TcpStream,
+    north_south: std::net::TcpStream,
+    backends: (String, String),
+}
+
+/// A daemon stopped part way through a resize, once a program used the new map (pinned, or
+/// on the links only): the next one (`start`) fills it from what the old one holds and moves
+/// every program onto it.
+fn moves_in_use_are_finished(
+    pins: &TestPins,
+    start: &dyn Fn() -> RunningDaemon,
+    mut connections: Connections,
+) {
+    let Connections { east_west, north_south, backends } = &mut connections;
+    let conntrack_id = |pins: &TestPins| sized_maps(pins.layout())[names::CONNTRACK].0;
+    let aside = pins.layout().map_set_aside(names::CONNTRACK);
+    let relinked = pinned(pins.layout());
+
+    // Pinned: a program that uses the new map.
+    let mut fresh = interrupted_move(pins);
+    let new_conntrack = conntrack_id(pins);
     let tc_pin = pins.layout().program(program_names::TC);
     std::fs::remove_file(&tc_pin).expect("unpin a program");
     let program = fresh.program_mut(program_names::TC).expect("the tc program");
     program.pin(&tc_pin).expect("pin one that uses the new map");
     drop(fresh);
-    let daemon = start(example_node_config_with(capacities));
+    let daemon = start();
     assert!(!aside.exists(), "the interrupted move is finished");
-    assert_eq!(conntrack_id(&pins), new_conntrack, "the new conntrack map stays");
+    assert_eq!(conntrack_id(pins), new_conntrack, "the new conntrack map stays");
     let finished = pinned(pins.layout());
     for name in program_names::ALL {
         assert_ne!(finished[name].0, relinked[name].0, "{name} moved to the new map");
     }
     assert_eq!(
-        (exchange(&mut east_west), exchange(&mut north_south)),
-        backends,
+        (exchange(east_west), exchange(north_south)),
+        *backends,
         "connections keep their backends through the finished move"
     );
     daemon.stop();
 
     // Stopped while relinking: a program on the new map runs on the links, its pin not yet
     // written. The move is finished too, not undone under the links that use the new map.
-    let mut fresh = interrupted_move(&pins);
-    let new_conntrack = conntrack_id(&pins);
+    let mut fresh = interrupted_move(pins);
+    let new_conntrack = conntrack_id(pins);
     let saved = tc_pin.with_file_name("lb_tc-saved");
     std::fs::rename(&tc_pin, &saved).expect("keep the pinned program aside");
     let program = fresh.program_mut(program_names::TC).expect("the tc program");
@@ -335,12 +358,12 @@ fn a_restart_with_other_map_capacities_resizes_the_maps_and_established_flows_ke
     std::fs::remove_file(&tc_pin).expect("unpin the new program");
     std::fs::rename(&saved, &tc_pin).expect("the old program's pin back");
     drop(fresh);
-    let daemon = start(example_node_config_with(capacities));
+    let daemon = start();
     assert!(!aside.exists(), "the interrupted move is finished");
-    assert_eq!(conntrack_id(&pins), new_conntrack, "the new conntrack map stays");
+    assert_eq!(conntrack_id(pins), new_conntrack, "the new conntrack map stays");
     assert_eq!(
-        (exchange(&mut east_west), exchange(&mut north_south)),
-        backends,
+        (exchange(east_west), exchange(north_south)),
+        *backends,
         "connections keep their backends through the move finished after a relink"
     );
     drop(daemon);
