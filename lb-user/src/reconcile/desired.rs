@@ -192,6 +192,14 @@ impl PortTables<'_> {
     /// Marks `vip` as an allocated ClusterIP: its other ports are refused, not dropped.
     fn add_marker(&mut self, vip: Ipv4Addr) {
         let key = ServiceKey::marker(ip_be(vip));
+        if !self.ids.claim_marker(key) {
+            self.problems.push(format!(
+                "{}: no room in SERVICES for {vip}'s marker: its other ports are dropped, not \
+                 refused",
+                self.port.id
+            ));
+            return;
+        }
         self.batch.after.services.entry(key).or_default();
         self.owned.markers.push(key);
     }

@@ -119,6 +119,11 @@ pub struct Ids {
     backend_space: IdSpace,
     slot_runs: SlotRuns,
     source_ranges: RangeRoom,
+    /// The ClusterIP markers in the `SERVICES` map: entries without an id, which take room
+    /// beside the frontends (a write beyond the map's size would fail every sync).
+    markers: BTreeSet<ServiceKey>,
+    /// Entries the `SERVICES` map holds.
+    services_capacity: u32,
 }
 
 impl Default for Ids {
@@ -141,6 +146,8 @@ impl Ids {
                 capacity: capacities.source_ranges(),
                 ..RangeRoom::default()
             },
+            markers: BTreeSet::new(),
+            services_capacity: capacities.services(),
         }
     }
 
@@ -159,6 +166,7 @@ impl Ids {
                 service_ids.push(value.service_id);
             }
         }
+        ids.count_markers(state);
         service_ids.sort_unstable();
         for id in service_ids {
             ids.service_space.adopt(id);
@@ -172,10 +180,14 @@ impl Ids {
         ids
     }
 
-    /// The id of frontend `key`, allocating one if it is new; `None` when the id space is full.
+    /// The id of frontend `key`, allocating one if it is new; `None` when the id space, or the
+    /// `SERVICES` map, is full.
     pub fn service(&mut self, key: ServiceKey) -> Option<u32> {
         if let Some(id) = self.services.get(&key) {
             return Some(*id);
+        }
+        if !self.services_map_has_room() {
+            return None;
         }
         let id = self.service_space.take()?;
         self.services.insert(key, id);
@@ -224,6 +236,30 @@ impl Ids {
         self.slot_runs.commit();
     }
 
+    /// Takes room for ClusterIP marker `key`; `false` when the `SERVICES` map is full.
+    pub fn claim_marker(&mut self, key: ServiceKey) -> bool {
+        if self.markers.contains(&key) {
+            return true;
+        }
+        self.services_map_has_room() && self.markers.insert(key)
+    }
+
+    /// Frees the room of marker `key`, which no service uses any longer.
+    pub fn release_marker(&mut self, key: &ServiceKey) {
+        self.markers.remove(key);
+    }
+
+    /// Whether the `SERVICES` map has room for one more entry, frontend or marker.
+    fn services_map_has_room(&self) -> bool {
+        let entries = self.service_space.used.len() + self.markers.len();
+        entries < usize::try_from(self.services_capacity).unwrap_or(usize::MAX)
+    }
+
+    fn count_markers(&mut self, state: &DatapathState) {
+        let markers = state.services.iter().filter(|(_, value)| value.service_id == 0);
+        self.markers = markers.map(|(key, _)| *key).collect();
+    }
+
     /// Frees the id of backend `identity`, which no frontend uses any longer.
     pub fn release_backend(&mut self, identity: &BackendIdentity) {
         if let Some(id) = self.backends.remove(identity) {
@@ -241,6 +277,7 @@ impl Ids {
         self.backends.retain(|_, id| desired.backends.contains_key(id));
         self.backend_space.retain(|id| desired.backends.contains_key(&id));
         self.source_ranges.count(desired);
+        self.count_markers(desired);
     }
 }
 

@@ -206,6 +206,7 @@ impl Ledger {
                 batch.after.services.entry(*key).or_default();
             } else {
                 batch.after.services.remove(key);
+                ids.release_marker(key);
             }
         }
         for id in &batch.backends {

@@ -380,6 +380,28 @@ fn after_a_restart_a_service_whose_new_table_finds_no_room_is_kept_as_it_was() {
 }
 
 #[test]
+fn frontends_and_markers_never_outgrow_the_services_map() {
+    let entries = u32::try_from(seed_state().services.len()).expect("few entries");
+    let capacities = Capacities { services: Some(entries), ..Capacities::default() };
+    let (mut model, node, mut reconciler, before) = seed_just_fitting(&capacities);
+
+    // A new ClusterIP service: its marker and its frontend find no room.
+    let mut extra = model.ports.iter().find(|p| p.node_port.is_none()).expect("a port").clone();
+    extra.id.name = "zz-extra".to_owned();
+    extra.cluster_ip = Ipv4Addr::new(10, 96, 45, 250);
+    model.ports.push(extra);
+    let report =
+        reconciler.reconcile(&model, &node, &mut FakeMaps::default()).expect("second sync");
+    assert!(
+        report.problems.iter().any(|p| p.contains("no room in SERVICES for 10.96.45.250")),
+        "{:?}",
+        report.problems
+    );
+    assert!(report.problems.iter().any(|p| p.contains("no frontend id left")));
+    assert_eq!(reconciler.programmed(), &before, "every other service as it was");
+}
+
+#[test]
 fn a_service_whose_new_endpoint_finds_no_backend_id_keeps_its_slots() {
     let ids = u32::try_from(seed_state().backends.len()).expect("few backends");
     // Id 0 is no backend: room for exactly the seed's backends.
