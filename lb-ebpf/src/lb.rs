@@ -483,12 +483,24 @@ fn claim_snat_port(
     reply_entry.nat_ip_be = packet.src_ip_be;
     reply_entry.nat_port_be = packet.src_port_be;
     let now = reply_entry.last_seen;
+    // A TCP segment in the middle of a connection whose forward entry went: its own reply
+    // entry may hold any candidate, not only the first free one (an earlier one may have
+    // freed up since). Only then: every new flow would pay for the lookups.
+    if packet.proto == proto::TCP && packet.flags & tcp_flags::SYN == 0 {
+        for probe in 0..SNAT_PROBES {
+            let port = snat_candidate(hash, probe, min, range)?;
+            reply_key.dst_port_be = port.to_be();
+            if let Some(existing) = crate::maps::CONNTRACK.get_ptr(reply_key)
+                // SAFETY: a valid pointer from the lookup.
+                && same_flow(unsafe { &*existing }, reply_entry)
+                && conntrack::insert(reply_key, reply_entry, BPF_ANY).is_ok()
+            {
+                return Some(port.to_be());
+            }
+        }
+    }
     for probe in 0..SNAT_PROBES {
-        // A prime stride above any range shares no factor with it: no candidate repeats (in
-        // 64 bits, which nothing here wraps).
-        let step = u64::from(probe) * u64::from(SNAT_PORT_STRIDE);
-        let offset = (u64::from(hash) + step).checked_rem(u64::from(range))? as u32;
-        let port = (min + offset) as u16;
+        let port = snat_candidate(hash, probe, min, range)?;
         reply_key.dst_port_be = port.to_be();
         let reply_from = (reply_key.src_ip_be, reply_key.src_port_be);
         if local_sockets::receive(hook, packet.proto, reply_from, (nat_ip_be, port.to_be())) {
@@ -514,6 +526,17 @@ fn claim_snat_port(
         }
     }
     None
+}
+
+/// The `probe`th SNAT port candidate of a flow whose hash is `hash`, in the range of `range`
+/// ports from `min`.
+#[inline(always)]
+fn snat_candidate(hash: u32, probe: u32, min: u32, range: u32) -> Option<u16> {
+    // A prime stride above any range shares no factor with it: no candidate repeats (in 64
+    // bits, which nothing here wraps).
+    let step = u64::from(probe) * u64::from(SNAT_PORT_STRIDE);
+    let offset = (u64::from(hash) + step).checked_rem(u64::from(range))? as u32;
+    Some((min + offset) as u16)
 }
 
 #[inline(always)]

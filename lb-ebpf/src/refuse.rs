@@ -70,8 +70,9 @@ pub fn within_budget(origin: Origin) -> bool {
     let Some(budget) = REFUSAL_BUDGET.get_ptr_mut(budget_index(origin)) else {
         return true;
     };
-    // SAFETY: this CPU's slot of a live array entry (programs are not preempted on a CPU),
-    // and a helper without arguments.
+    // SAFETY: this CPU's slot of a live array entry, and a helper without arguments. (Only
+    // a PREEMPT_RT kernel can interleave two programs on a CPU: a lost update there lets one
+    // refusal more through.)
     unsafe { (*budget).take(bpf_ktime_get_ns()) }
 }
 

@@ -181,20 +181,25 @@ pub fn attach_missing_host_links(pins: &PinLayout, cgroup: &Path) -> Result<Vec<
             continue;
         }
         let path = pins.program(name);
-        let mut program = CgroupSockAddr::from_pin(&path, host_attach_type(name))
-            .map_err(Error::attach(name, "cgroup sock_addr", &path.display().to_string()))?;
+        let hook = host_attach_type(name).ok_or(Error::MissingProgram(name))?;
+        let mut program = CgroupSockAddr::from_pin(&path, hook).map_err(Error::attach(
+            name,
+            "cgroup sock_addr",
+            &path.display().to_string(),
+        ))?;
         attached.push(attach_host(&mut program, name, pins, cgroup)?);
     }
     Ok(attached)
 }
 
 /// The hook each host-path program is for.
-fn host_attach_type(name: &str) -> CgroupSockAddrAttachType {
+fn host_attach_type(name: &str) -> Option<CgroupSockAddrAttachType> {
     match name {
-        program_names::SENDMSG4 => CgroupSockAddrAttachType::UDPSendMsg4,
-        program_names::RECVMSG4 => CgroupSockAddrAttachType::UDPRecvMsg4,
-        program_names::GETPEERNAME4 => CgroupSockAddrAttachType::GetPeerName4,
-        _ => CgroupSockAddrAttachType::Connect4,
+        program_names::CONNECT4 => Some(CgroupSockAddrAttachType::Connect4),
+        program_names::SENDMSG4 => Some(CgroupSockAddrAttachType::UDPSendMsg4),
+        program_names::RECVMSG4 => Some(CgroupSockAddrAttachType::UDPRecvMsg4),
+        program_names::GETPEERNAME4 => Some(CgroupSockAddrAttachType::GetPeerName4),
+        _ => None,
     }
 }
 

@@ -112,7 +112,7 @@ impl Resizing {
             if new_map == copy::map_id(name, &aside)? {
                 // Stopped while moving the pin: nothing was loaded yet.
                 fs::remove_file(&aside).map_err(Error::io(&aside))?;
-            } else if upgrade::programs_use(new_map)? {
+            } else if upgrade::programs_use(new_map) {
                 // Stopped once programs used the new map: copy what it lacks and relink.
                 let (from_entries, to_entries) = (entries(name, &aside)?, entries(name, &pinned)?);
                 return Ok(Some(Move::new(name, from_entries, to_entries, true)));

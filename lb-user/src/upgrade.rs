@@ -92,20 +92,26 @@ fn plan(ebpf: &mut Ebpf, pins: &PinLayout, maps_replaced: bool) -> Result<Vec<Re
     Ok(steps)
 }
 
-/// True if a program in the kernel uses map `map_id` (or the kernel cannot say). A map
-/// pinned by a daemon that stopped part way through a resize is used by a program only if
-/// that daemon pinned one, or attached one: `relink` moves the links before the pin, and a
-/// program that is neither pinned nor attached went with the daemon's process.
-pub fn programs_use(map_id: u32) -> Result<bool> {
+/// True if a program in the kernel uses map `map_id`, or the kernel cannot say. A map pinned
+/// by a daemon that stopped part way through a resize is used by a program only if that
+/// daemon pinned one, or attached one: `relink` moves the links before the pin, and a program
+/// that is neither pinned nor attached went with the daemon's process.
+pub fn programs_use(map_id: u32) -> bool {
     for info in aya::programs::loaded_programs() {
-        // One unloaded since the kernel listed it uses nothing any more.
-        let Ok(info) = info else { continue };
-        let ids = info.map_ids().map_err(program_error("a loaded program", "reading its maps"))?;
-        if ids.is_none_or(|ids| ids.contains(&map_id)) {
-            return Ok(true);
+        match info.and_then(|info| info.map_ids()) {
+            Ok(Some(ids)) if !ids.contains(&map_id) => {}
+            // Unloaded since the kernel listed it: it uses nothing any more.
+            Err(error) if vanished(&error) => {}
+            Ok(_) | Err(_) => return true,
         }
     }
-    Ok(false)
+    false
+}
+
+/// Whether `error` says the program is gone.
+fn vanished(error: &ProgramError) -> bool {
+    matches!(error, ProgramError::SyscallError(aya::sys::SyscallError { io_error, .. })
+        if io_error.raw_os_error() == Some(libc::ENOENT))
 }
 
 /// Points every pinned attachment of program `name` at `program` (loaded, of the same type)

@@ -235,6 +235,51 @@ fn node_port_to_a_remote_backend_is_masqueraded_and_reversed() {
     assert_eq!(run.output, next.with_addresses(NODE_IP, snat_port, "10.244.2.11", 80).build());
 }
 
+/// A masqueraded flow that got a later SNAT port candidate (the first was taken), and then
+/// lost its forward entry: made again by its next segment, it finds its own port, though the
+/// first candidate is free by then.
+#[test]
+fn a_masqueraded_flow_made_again_finds_its_own_port_among_the_candidates() {
+    let mut datapath = seeded();
+    let request = Spec::tcp(EXTERNAL_CLIENT, 50_100, NODE_IP, 30380);
+    let backend = "10.244.2.11";
+    let forward_key = ConntrackKey::new(
+        ip_be(addr(EXTERNAL_CLIENT)),
+        ip_be(addr(NODE_IP)),
+        50_100u16.to_be(),
+        30380u16.to_be(),
+        proto::TCP,
+    );
+    let reply_key = |snat_port: u16| {
+        ConntrackKey::new(
+            ip_be(addr(backend)),
+            ip_be(addr(NODE_IP)),
+            80u16.to_be(),
+            snat_port.to_be(),
+            proto::TCP,
+        )
+    };
+    let snat_port_of = |run: &lb_tests::datapath::Run| endpoints(&run.output).0.1;
+    let first = snat_port_of(&datapath.run(Hook::Xdp, &request.build()));
+
+    // Another live flow on the first candidate, and the flow made again: the second.
+    let maps = datapath.maps();
+    let mut other = maps.conntrack_entry(&reply_key(first)).expect("read").expect("reply entry");
+    other.nat_port_be = 50_199u16.to_be();
+    maps.remove_conntrack(&[forward_key, reply_key(first)]).expect("remove the flow");
+    maps.write_conntrack(&reply_key(first), &other).expect("another flow's entry");
+    let second = snat_port_of(&datapath.run(Hook::Xdp, &request.build()));
+    assert_ne!(second, first, "the first candidate is taken");
+
+    // The other flow gone, and this one's forward entry: its next segment keeps its port.
+    let maps = datapath.maps();
+    assert_eq!(maps.remove_conntrack(&[reply_key(first), forward_key]).expect("remove"), 2);
+    let ack = TcpFields { syn: false, ack: Some(5001), seq: 1001, ..TcpFields::default() };
+    let run = datapath.run(Hook::Xdp, &request.with_tcp(ack).build());
+    run.assert_outcome(Hook::Xdp.forward_code(), Reason::ForwardNew, "made again");
+    assert_eq!(snat_port_of(&run), second, "its own port, not the free first candidate");
+}
+
 /// The flow hash picks the backend (modulo the slot count) and the first SNAT port candidate:
 /// taken from the same bits, a slot count and a port range with a common factor (3 here, and
 /// in the default range of 4536 ports) would give each backend's flows only part of the range.

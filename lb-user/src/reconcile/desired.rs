@@ -160,6 +160,14 @@ impl PortTables<'_> {
                 // a second entry with every endpoint, as kube-proxy short-circuits them to its
                 // cluster chain (internalTrafficPolicy is for the ClusterIP only).
                 flags |= service_flags::EXT_LOCAL;
+                // Both entries' ranges fit, or neither entry goes in: a twin is only reached
+                // through its EXTERNAL entry.
+                let count = if ranges { self.range_count() } else { 0 };
+                let key = |scope| self.frontend_key(frontend.ip, frontend.port, scope);
+                let both = [(key(scope::INTERNAL), count), (key(scope::EXTERNAL), count)];
+                if !self.ranges_fit(&both, frontend.ip, frontend.port) {
+                    continue;
+                }
                 let internal_flags = service_flags::EXTERNAL
                     | affinity
                     | empty_drop(&inside_to_external)
@@ -189,6 +197,25 @@ impl PortTables<'_> {
         }
     }
 
+    /// This port's loadBalancerSourceRanges: a LoadBalancer frontend's entries in the map.
+    fn range_count(&self) -> u32 {
+        u32::try_from(self.port.source_ranges.len()).unwrap_or(u32::MAX)
+    }
+
+    /// Whether the frontends of `claims` (those of `vip:vport`) fit the source ranges map with
+    /// their ranges; a problem if not. Served without its ranges a frontend would be open to
+    /// every source: it is left out instead.
+    fn ranges_fit(&mut self, claims: &[(ServiceKey, u32)], vip: Ipv4Addr, vport: u16) -> bool {
+        let Err(capacity) = self.ids.source_ranges_fit(claims) else { return true };
+        let ranges = self.range_count();
+        self.problems.push(format!(
+            "{}: {vip}:{vport}: no room for its {ranges} loadBalancerSourceRanges entries \
+             (SOURCE_RANGES holds {capacity} in all); not programmed",
+            self.port.id
+        ));
+        false
+    }
+
     /// Marks `vip` as an allocated ClusterIP: its other ports are refused, not dropped.
     fn add_marker(&mut self, vip: Ipv4Addr) {
         let key = ServiceKey::marker(ip_be(vip));
@@ -214,8 +241,7 @@ impl PortTables<'_> {
         backends: &[&Endpoint],
         with_ranges: bool,
     ) -> bool {
-        let key =
-            ServiceKey { vip_be: ip_be(vip), port_be: vport.to_be(), proto: self.protocol, scope };
+        let key = self.frontend_key(vip, vport, scope);
         let port_id = &self.port.id;
         if self.claims.held_by_earlier(key, port_id) || self.owned.frontends.contains(&key) {
             self.problems.push(format!(
@@ -226,21 +252,18 @@ impl PortTables<'_> {
             self.owned.waiting.push(key);
             return false;
         }
+        let ranges = if with_ranges { self.range_count() } else { 0 };
+        if !self.ranges_fit(&[(key, ranges)], vip, vport) {
+            return false;
+        }
         let Some(service_id) = self.ids.service(key) else {
-            self.problems.push(format!("{port_id}: no frontend id left for {vip}:{vport}"));
+            self.problems.push(format!(
+                "{port_id}: no frontend id, or no room in SERVICES, left for {vip}:{vport}"
+            ));
             return false;
         };
         self.batch.allocated.insert(key);
-        let ranges = if with_ranges { self.port.source_ranges.len() } else { 0 };
-        let ranges = u32::try_from(ranges).unwrap_or(u32::MAX);
-        if let Err(capacity) = self.ids.claim_source_ranges(service_id, ranges) {
-            // Served without its ranges it would be open to every source: left out instead.
-            self.problems.push(format!(
-                "{port_id}: {vip}:{vport}: no room for its {ranges} loadBalancerSourceRanges \
-                 entries (SOURCE_RANGES holds {capacity} in all); not programmed"
-            ));
-            return false;
-        }
+        self.ids.set_source_ranges(service_id, ranges);
         let (slot_base, slots, flags) = match self.fresh_slots(key, backends) {
             Ok((base, table, backend_slots)) => {
                 self.owned.backends.extend(backend_slots.iter().map(|slot| slot.backend_id));
@@ -284,6 +307,10 @@ impl PortTables<'_> {
         true
     }
 
+    fn frontend_key(&self, vip: Ipv4Addr, vport: u16, scope: u8) -> ServiceKey {
+        ServiceKey { vip_be: ip_be(vip), port_be: vport.to_be(), proto: self.protocol, scope }
+    }
+
     /// Takes frontend `key` for this service port.
     fn own(&mut self, key: ServiceKey) {
         if let Some(displaced) = self.claims.take(key, &self.port.id) {
@@ -295,7 +322,9 @@ impl PortTables<'_> {
     /// The slots the maps hold for frontend `key`, when it cannot have a new table (no room in
     /// the slot array, no backend id, no Maglev table): a full map must not take down a
     /// service that works. Only for a frontend this service owned before (not one it takes
-    /// from another service port now), in the run it still owns.
+    /// from another service port now; on the first reconcile of adopted maps, whose owners
+    /// are not known, one whose slots all name this port's endpoints), in the run it still
+    /// owns.
     fn programmed_slots(&self, key: ServiceKey) -> Option<KeptSlots> {
         if self.previously_owned.is_some_and(|owned| !owned.contains(&key)) {
             return None;
@@ -309,8 +338,9 @@ impl PortTables<'_> {
             slots: slots_of(&self.programmed.slots, value).collect(),
             flags: value.flags,
         })?;
-        // Whose they were is not known: only slots that name one of this port's endpoints are
-        // this service's (not those of a service deleted meanwhile whose address it took).
+        // Whose they were is not known: only slots that all name endpoints of this port are
+        // kept (not those of a service deleted meanwhile whose address it took, which may
+        // share some pods with it).
         let endpoint_of_this_port = |slot: &Slot| {
             self.port.endpoints.iter().any(|endpoint| {
                 (ip_be(endpoint.ip), endpoint.port.to_be())
@@ -318,7 +348,7 @@ impl PortTables<'_> {
             })
         };
         let ours = self.previously_owned.is_some()
-            || kept.slots.iter().any(|(_, slot)| endpoint_of_this_port(slot));
+            || kept.slots.iter().all(|(_, slot)| endpoint_of_this_port(slot));
         ours.then_some(kept)
     }
 

@@ -5,7 +5,10 @@
 //! point at (backends, slots, source ranges) is written before the frontend, and
 //! what it stops pointing at is removed after it. A frontend's new slots are a fresh run (see
 //! `slot_runs`), so they never overwrite slots a frontend points at, and its old run goes once it
-//! points at the new one.
+//! points at the new one. Source ranges are the exception: those that go are removed before
+//! those that come are added, so that the map never holds both sets (the reconciler counts a
+//! frontend's ranges in place of its old ones); meanwhile a frontend admits fewer sources,
+//! never more.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -38,6 +41,9 @@ pub fn for_each_op<E>(
     for (index, slot) in changed(&programmed.slots, &desired.slots) {
         emit(MapOp::UpsertSlot { index, slot })?;
     }
+    for &(service_id, range) in programmed.source_ranges.difference(&desired.source_ranges) {
+        emit(MapOp::RemoveSourceRange { service_id, range })?;
+    }
     for &(service_id, range) in desired.source_ranges.difference(&programmed.source_ranges) {
         emit(MapOp::AddSourceRange { service_id, range })?;
     }
@@ -55,9 +61,6 @@ pub fn for_each_op<E>(
     }
     for index in stale(&programmed.slots, &desired.slots) {
         emit(MapOp::RemoveSlot { index })?;
-    }
-    for &(service_id, range) in programmed.source_ranges.difference(&desired.source_ranges) {
-        emit(MapOp::RemoveSourceRange { service_id, range })?;
     }
     for id in stale(&programmed.backends, &desired.backends) {
         emit(MapOp::RemoveBackend { id })?;

@@ -84,14 +84,8 @@ struct RangeRoom {
 }
 
 impl RangeRoom {
-    /// Sets frontend `id`'s entries to `count` (in place of those it has) if they fit.
-    fn claim(&mut self, id: u32, count: u32) -> bool {
-        let others = self.total - self.by_frontend.get(&id).copied().unwrap_or(0);
-        if others.saturating_add(count) > self.capacity {
-            return false;
-        }
-        self.set(id, count);
-        true
+    fn of(&self, id: u32) -> u32 {
+        self.by_frontend.get(&id).copied().unwrap_or(0)
     }
 
     fn set(&mut self, id: u32, count: u32) {
@@ -214,11 +208,27 @@ impl Ids {
         self.slot_runs.release(*key);
     }
 
-    /// Takes room for frontend `id`'s `count` source ranges in place of those it has; `Err`
-    /// with the map's size when they do not fit.
-    pub fn claim_source_ranges(&mut self, id: u32, count: u32) -> Result<(), u32> {
-        let room = &mut self.source_ranges;
-        if room.claim(id, count) { Ok(()) } else { Err(room.capacity) }
+    /// Whether the frontends of `claims` fit with these many source ranges each, in place of
+    /// those they have; `Err` with the map's size when they do not. Asked before a frontend
+    /// takes an id, so that one left out holds no room.
+    pub fn source_ranges_fit(&self, claims: &[(ServiceKey, u32)]) -> Result<(), u32> {
+        let room = &self.source_ranges;
+        let held: u32 = claims
+            .iter()
+            .filter_map(|(key, _)| self.services.get(key))
+            .map(|id| room.of(*id))
+            .sum();
+        let wanted = claims.iter().fold(0u32, |sum, (_, count)| sum.saturating_add(*count));
+        if (room.total - held).saturating_add(wanted) <= room.capacity {
+            Ok(())
+        } else {
+            Err(room.capacity)
+        }
+    }
+
+    /// Records frontend `id`'s `count` source ranges, which [`Ids::source_ranges_fit`] let in.
+    pub fn set_source_ranges(&mut self, id: u32, count: u32) {
+        self.source_ranges.set(id, count);
     }
 
     /// The run frontend `key`'s slots are in now, if it has slots.
