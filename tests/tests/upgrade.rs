@@ -23,6 +23,7 @@ use lb_tests::{
     daemon::{
         RunningDaemon, counter, default_targets, example_node_config, examples, scrape_metrics,
     },
+    netns::Netns,
     pins::TestPins,
     stand_in,
     topology::{EXTERNAL_IFACE, NODE_IP, Topology, exchange, long_lived, tcp_request},
@@ -300,7 +301,8 @@ fn a_restart_with_other_map_capacities_resizes_the_maps_and_established_flows_ke
     daemon.stop();
 
     let connections = Connections { east_west, north_south, backends };
-    moves_in_use_are_finished(&pins, &|| start(example_node_config_with(capacities)), connections);
+    let start_resized = || start(example_node_config_with(capacities));
+    moves_in_use_are_finished((&topology.node, &pins), &start_resized, connections);
 }
 
 /// The long-lived connections of a test, and the backends they reached.
@@ -314,7 +316,7 @@ struct Connections {
 /// on the links only): the next one (`start`) fills it from what the old one holds and moves
 /// every program onto it.
 fn moves_in_use_are_finished(
-    pins: &TestPins,
+    (node, pins): (&Netns, &TestPins),
     start: &dyn Fn() -> RunningDaemon,
     mut connections: Connections,
 ) {
@@ -352,8 +354,10 @@ fn moves_in_use_are_finished(
     let saved = tc_pin.with_file_name("lb_tc-saved");
     std::fs::rename(&tc_pin, &saved).expect("keep the pinned program aside");
     let program = fresh.program_mut(program_names::TC).expect("the tc program");
+    // In the node's namespace, where the daemon runs: a cls_bpf filter (kernels before tcx)
+    // is replaced by netlink on its interface there.
     let relinked_links =
-        upgrade::relink(program, program_names::TC, pins.layout()).expect("relink");
+        node.enter(|| upgrade::relink(program, program_names::TC, pins.layout())).expect("relink");
     assert!(relinked_links > 0, "the tc program has links");
     std::fs::remove_file(&tc_pin).expect("unpin the new program");
     std::fs::rename(&saved, &tc_pin).expect("the old program's pin back");

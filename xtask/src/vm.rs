@@ -316,6 +316,14 @@ fn build_tests() -> anyhow::Result<Vec<(String, PathBuf)>> {
     if tests.is_empty() {
         bail!("cargo built no integration tests of lb-tests");
     }
+    // For a developer chasing one failure: `LB_VM_TESTS=upgrade,smoke cargo xtask vm`.
+    if let Ok(wanted) = std::env::var("LB_VM_TESTS") {
+        let wanted: Vec<&str> = wanted.split(',').map(str::trim).collect();
+        tests.retain(|(name, _)| wanted.contains(&name.as_str()));
+        if tests.is_empty() {
+            bail!("LB_VM_TESTS names no integration test of lb-tests: {wanted:?}");
+        }
+    }
     Ok(tests)
 }
 
