@@ -220,19 +220,24 @@ fn node_port_to_a_remote_backend_is_masqueraded_and_reversed() {
 
     // The forward entry gone (evicted under pressure), the reply entry left: the client's next
     // segment makes the flow again, on its own SNAT port, which the backend's connection knows.
-    let forward_key = ConntrackKey::new(
-        ip_be(addr(EXTERNAL_CLIENT)),
-        ip_be(addr(NODE_IP)),
-        50_000u16.to_be(),
-        30380u16.to_be(),
-        proto::TCP,
-    );
+    let forward_key = node_port_flow(50_000);
     assert_eq!(datapath.maps().remove_conntrack(&[forward_key]).expect("remove"), 1);
-    let ack = TcpFields { syn: false, ack: Some(5001), seq: 1001, ..TcpFields::default() };
-    let next = request.with_tcp(ack);
+    let next = request.with_tcp(mid_flow());
     let run = datapath.run(Hook::Xdp, &next.build());
     run.assert_outcome(Hook::Xdp.forward_code(), Reason::ForwardNew, "made again");
     assert_eq!(run.output, next.with_addresses(NODE_IP, snat_port, "10.244.2.11", 80).build());
+}
+
+/// The forward conntrack key of a TCP flow from the external client's `port` to NodePort
+/// 30380.
+fn node_port_flow(port: u16) -> ConntrackKey {
+    let (client, node) = (ip_be(addr(EXTERNAL_CLIENT)), ip_be(addr(NODE_IP)));
+    ConntrackKey::new(client, node, port.to_be(), 30380u16.to_be(), proto::TCP)
+}
+
+/// The client's next segment after a handshake (the backend's SYN-ACK at seq 5000).
+fn mid_flow() -> TcpFields {
+    TcpFields { syn: false, ack: Some(5001), seq: 1001, ..TcpFields::default() }
 }
 
 /// A masqueraded flow that got a later SNAT port candidate (the first was taken), and then
@@ -243,13 +248,7 @@ fn a_masqueraded_flow_made_again_finds_its_own_port_among_the_candidates() {
     let mut datapath = seeded();
     let request = Spec::tcp(EXTERNAL_CLIENT, 50_100, NODE_IP, 30380);
     let backend = "10.244.2.11";
-    let forward_key = ConntrackKey::new(
-        ip_be(addr(EXTERNAL_CLIENT)),
-        ip_be(addr(NODE_IP)),
-        50_100u16.to_be(),
-        30380u16.to_be(),
-        proto::TCP,
-    );
+    let forward_key = node_port_flow(50_100);
     let reply_key = |snat_port: u16| {
         ConntrackKey::new(
             ip_be(addr(backend)),
@@ -274,8 +273,7 @@ fn a_masqueraded_flow_made_again_finds_its_own_port_among_the_candidates() {
     // The other flow gone, and this one's forward entry: its next segment keeps its port.
     let maps = datapath.maps();
     assert_eq!(maps.remove_conntrack(&[reply_key(first), forward_key]).expect("remove"), 2);
-    let ack = TcpFields { syn: false, ack: Some(5001), seq: 1001, ..TcpFields::default() };
-    let run = datapath.run(Hook::Xdp, &request.with_tcp(ack).build());
+    let run = datapath.run(Hook::Xdp, &request.with_tcp(mid_flow()).build());
     run.assert_outcome(Hook::Xdp.forward_code(), Reason::ForwardNew, "made again");
     assert_eq!(snat_port_of(&run), second, "its own port, not the free first candidate");
 }
