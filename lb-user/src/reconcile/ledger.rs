@@ -108,7 +108,7 @@ pub(super) struct Layout<'a> {
 }
 
 impl Ledger {
-    /// The ledger of maps adopted as they are (see [`Ledger::adopted`]).
+    /// The ledger of maps adopted as they are (its `adopted` field says why that matters).
     pub(super) fn adopted() -> Self {
         Self { adopted: true, ..Self::default() }
     }
