@@ -96,11 +96,17 @@ reasons! {
     /// A refusal was due but this CPU's refusal budget for the packet's side (pods, or the
     /// outside world; `refusalLimit` each) is spent: dropped.
     DropRefusalRateLimited = "drop_refusal_rate_limited",
+    /// North-south, a translated TCP or UDP packet with DF set longer than its path's MTU (the
+    /// FIB's, learned path MTUs included): rewritten into the ICMP fragmentation needed its
+    /// sender expects, from the address it sent to and quoting the packet as it was sent, and
+    /// sent back. The stack's own error would quote the translated packet, which the sender
+    /// cannot match, and for a masqueraded flow would go to this node's own address.
+    FragmentationNeeded = "fragmentation_needed",
 }
 
 impl Reason {
     /// Number of reasons: the size of the `STATS` map.
-    pub const COUNT: u32 = Self::DropRefusalRateLimited as u32 + 1;
+    pub const COUNT: u32 = Self::FragmentationNeeded as u32 + 1;
 
     #[must_use]
     pub const fn index(self) -> u32 {

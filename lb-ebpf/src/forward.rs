@@ -5,20 +5,29 @@
 //! resolves the neighbour, as does one with a VLAN tag, and one XDP may not send where the
 //! FIB says; both outcomes are counted. XDP and the tc fallback of an external interface
 //! forward the same way otherwise.
+//!
+//! With or without FIB forwarding, a packet with DF set too big for its path is answered here
+//! with the ICMP fragmentation needed (see [`refuse::fragmentation_needed`]): the stack's own
+//! would quote the translated packet.
 use aya_ebpf::{
-    bindings::{TC_ACT_OK, xdp_action},
-    helpers::{bpf_fib_lookup, bpf_redirect},
+    EbpfContext as _,
+    bindings::{__sk_buff, TC_ACT_OK, xdp_action},
+    helpers::{bpf_check_mtu, bpf_fib_lookup, bpf_redirect},
     programs::{TcContext, XdpContext},
 };
-use lb_common::maps::{forwarding, node_flags};
+use lb_common::{
+    maps::{forwarding, node_flags, proto},
+    stats::Reason,
+};
 use network_types::eth::EthHdr;
 
 use crate::{
     csum,
     hook::Hook,
-    lb,
+    lb::{self, Verdict},
     maps::FORWARDING,
     parse::{Packet, fragment, ipv4_field},
+    refuse,
 };
 
 /// `struct bpf_fib_lookup` for IPv4 (include/uapi/linux/bpf.h), 64 bytes.
@@ -41,36 +50,79 @@ struct FibLookup {
 
 const AF_INET: u8 = 2;
 const FIB_LOOKUP_SUCCESS: i64 = 0;
+/// `BPF_FIB_LKUP_RET_FRAG_NEEDED`: `tot_len` is above the route's MTU, now in `tot_len`.
+const FIB_LOOKUP_FRAG_NEEDED: i64 = 8;
+/// Don't Fragment, in the IPv4 `frags` field read in network order.
+const IPV4_DF_BE: u16 = 0x4000_u16.to_be();
+/// Packets up to this IPv4 length are not checked against their path's MTU: Linux never takes
+/// a path MTU below `net.ipv4.route.min_pmtu` (552 by default), it sends without DF instead.
+/// Below it the lookup would cost every small packet (ACKs) for nothing.
+const PATH_MTU_FLOOR: u16 = 552;
 
-/// The XDP verdict for a translated packet. Only with FIB forwarding on are the outcomes
-/// counted: off, every packet goes up the stack by configuration.
+/// What becomes of a translated packet.
+pub enum Onward<C> {
+    /// Sent on (redirected, or up the stack): the hook's return code.
+    Sent(C),
+    /// Not sent on (too big for its path, DF set): the verdict and reason instead.
+    Instead(Verdict, Reason),
+}
+
+/// Where the FIB sends a packet.
+enum Route {
+    /// On to `ifindex`, with the next hop's and the egress interface's MACs filled in.
+    Found(FibLookup),
+    /// Longer than the path's MTU (given).
+    TooBig(u16),
+    /// Nowhere the lookup can tell: no route, no neighbour, forwarding off, ...
+    Unknown,
+}
+
+/// What XDP does with a translated packet: answers it if too big for its path, else sends it
+/// on. Only with FIB forwarding on are the packets sent on counted: off, every one goes up the
+/// stack by configuration.
 #[inline(always)]
-pub fn forward(ctx: &XdpContext, packet: &Packet) -> u32 {
-    if !fib_forwarding() {
-        return xdp_action::XDP_PASS;
+pub fn forward(ctx: &XdpContext, packet: &Packet) -> Onward<u32> {
+    let fib = fib_forwarding();
+    let checked = may_be_too_big(ctx, packet);
+    if !fib && !checked {
+        return Onward::Sent(xdp_action::XDP_PASS);
     }
-    let (index, verdict) = match redirect(ctx, packet, Egress::IngressOnly) {
+    let redirected = match lookup(ctx, packet) {
+        Route::TooBig(mtu) if checked && arrived_whole(ctx) => return too_big(ctx, packet, mtu),
+        Route::Found(next_hop) if fib => redirect(ctx, packet, &next_hop, Egress::IngressOnly),
+        _ => None,
+    };
+    if !fib {
+        return Onward::Sent(xdp_action::XDP_PASS);
+    }
+    let (index, verdict) = match redirected {
         Some(verdict) => (forwarding::REDIRECTED, verdict as u32),
         None => (forwarding::TO_STACK, xdp_action::XDP_PASS),
     };
     count(index);
-    verdict
+    Onward::Sent(verdict)
 }
 
-/// The tc fallback's verdict for a translated packet: every one is counted as the fallback's,
-/// and with FIB forwarding on the redirected ones also on their own.
+/// The tc fallback's [`forward`]: every translated packet is counted as the fallback's, and
+/// with FIB forwarding on the redirected ones also on their own.
 #[inline(always)]
-pub fn forward_from_tc(ctx: &TcContext, packet: &Packet) -> i32 {
+pub fn forward_from_tc(ctx: &TcContext, packet: &Packet) -> Onward<i32> {
     count(forwarding::TC_FALLBACK);
-    if !fib_forwarding() {
-        return TC_ACT_OK;
+    let fib = fib_forwarding();
+    let checked = may_be_too_big(ctx, packet);
+    if !fib && !checked {
+        return Onward::Sent(TC_ACT_OK);
     }
-    match redirect(ctx, packet, Egress::Any) {
-        Some(verdict) => {
-            count(forwarding::TC_FALLBACK_REDIRECTED);
-            verdict as i32
-        }
-        None => TC_ACT_OK,
+    match lookup(ctx, packet) {
+        Route::TooBig(mtu) if checked && !merged_by_gro(ctx) => too_big(ctx, packet, mtu),
+        Route::Found(next_hop) if fib => match redirect(ctx, packet, &next_hop, Egress::Any) {
+            Some(verdict) => {
+                count(forwarding::TC_FALLBACK_REDIRECTED);
+                Onward::Sent(verdict as i32)
+            }
+            None => Onward::Sent(TC_ACT_OK),
+        },
+        _ => Onward::Sent(TC_ACT_OK),
     }
 }
 
@@ -100,37 +152,77 @@ enum Egress {
     Any,
 }
 
-/// Rewrites the packet for the next hop the FIB names and returns `bpf_redirect`'s verdict;
-/// `None` (the packet unchanged) where the stack has to take it.
+/// Whether `packet` is one to check against its path's MTU: a TCP or UDP packet (whose
+/// translation [`refuse::fragmentation_needed`] can undo) with DF set, longer than
+/// [`PATH_MTU_FLOOR`]. Without DF the stack fragments it, as the sender allows.
 #[inline(always)]
-fn redirect(ctx: &impl Hook, packet: &Packet, egress: Egress) -> Option<i64> {
-    let l3 = packet.l3_offset;
-    // A frame with an 802.1Q tag, in it or (tc) taken out into the skb by the kernel, would
-    // leave with that tag whatever the egress (the FIB lookup says nothing of VLANs): the
-    // stack takes it.
-    if l3 != EthHdr::LEN || ctx.vlan_tag_outside_frame() {
-        return None;
+fn may_be_too_big(hook: &impl Hook, packet: &Packet) -> bool {
+    packet.total_len > PATH_MTU_FLOOR
+        && (packet.proto == proto::TCP || packet.proto == proto::UDP)
+        && packet.fragment != fragment::LATER
+        && hook
+            .load::<u16>(packet.l3_offset + ipv4_field::FRAGS)
+            .is_ok_and(|frags_be| frags_be & IPV4_DF_BE != 0)
+}
+
+/// Whether an XDP frame is one the wire carried, not within its interface's MTU: generic
+/// (skb) XDP runs after GRO, on segments merged into one frame longer than any MTU, which the
+/// stack splits again on the way out.
+#[inline(always)]
+fn arrived_whole(ctx: &XdpContext) -> bool {
+    let mut mtu_len = 0u32;
+    // SAFETY: plain helper call; ifindex 0 means the interface the frame arrived on, and
+    // `mtu_len` 0 the frame's own length.
+    unsafe { bpf_check_mtu(ctx.as_ptr(), 0, &raw mut mtu_len, 0, 0) == 0 }
+}
+
+/// Whether the skb holds several segments merged by GRO (or built for GSO): longer than the
+/// path's MTU as a whole, but sent on segment by segment.
+#[inline(always)]
+fn merged_by_gro(ctx: &TcContext) -> bool {
+    let skb = ctx.as_ptr().cast::<__sk_buff>();
+    // SAFETY: reads a field of the skb the kernel handed us.
+    unsafe { (*skb).gso_size != 0 }
+}
+
+/// A packet too big for a path of `mtu` bytes becomes its ICMP error, to send back.
+#[inline(always)]
+fn too_big<C>(hook: &impl Hook, packet: &Packet, mtu: u16) -> Onward<C> {
+    match refuse::fragmentation_needed(hook, packet, mtu) {
+        Ok(()) => Onward::Instead(Verdict::Refuse, Reason::FragmentationNeeded),
+        Err(()) => Onward::Instead(Verdict::Drop, Reason::DropRefusalFailed),
     }
+}
+
+/// Looks the translated packet up in the FIB, from the interface it came in on.
+#[inline(always)]
+fn lookup(ctx: &impl Hook, packet: &Packet) -> Route {
+    let l3 = packet.l3_offset;
     // The translated addresses and ports, as they are now in the packet. A later fragment has
     // no ports, so none for any fragment: the fragments of a datagram take one path (the
     // kernel's multipath hash leaves ports out for fragments too).
-    let (sport_be, dport_be) = if packet.fragment != fragment::WHOLE {
-        (0, 0)
+    let ports = if packet.fragment != fragment::WHOLE {
+        Ok((0, 0))
     } else {
-        (ctx.load(packet.l4_offset).ok()?, ctx.load(packet.l4_offset + 2).ok()?)
+        ctx.load(packet.l4_offset).and_then(|sport| Ok((sport, ctx.load(packet.l4_offset + 2)?)))
     };
-    let ingress = ctx.ingress_ifindex();
+    let (Ok((sport_be, dport_be)), Ok(src), Ok(dst)) =
+        (ports, ctx.load(l3 + ipv4_field::SRC), ctx.load(l3 + ipv4_field::DST))
+    else {
+        return Route::Unknown;
+    };
     let mut lookup = FibLookup {
         family: AF_INET,
         l4_protocol: packet.proto,
         sport_be,
         dport_be,
+        // Asks for the MTU check: a longer packet gets FRAG_NEEDED, and the route's MTU here.
         tot_len: packet.total_len,
-        ifindex: ingress,
+        ifindex: ctx.ingress_ifindex(),
         ..FibLookup::default()
     };
-    lookup.ipv4_src[0] = ctx.load(l3 + ipv4_field::SRC).ok()?;
-    lookup.ipv4_dst[0] = ctx.load(l3 + ipv4_field::DST).ok()?;
+    lookup.ipv4_src[0] = src;
+    lookup.ipv4_dst[0] = dst;
     // SAFETY: `lookup` is a valid, writable bpf_fib_lookup of the size passed.
     let rc = unsafe {
         bpf_fib_lookup(
@@ -140,7 +232,25 @@ fn redirect(ctx: &impl Hook, packet: &Packet, egress: Egress) -> Option<i64> {
             0,
         )
     };
-    if rc != FIB_LOOKUP_SUCCESS || (egress == Egress::IngressOnly && lookup.ifindex != ingress) {
+    match rc {
+        FIB_LOOKUP_SUCCESS => Route::Found(lookup),
+        FIB_LOOKUP_FRAG_NEEDED => Route::TooBig(lookup.tot_len),
+        _ => Route::Unknown,
+    }
+}
+
+/// Rewrites the packet for `next_hop` and returns `bpf_redirect`'s verdict; `None` (the packet
+/// unchanged) where the stack has to take it.
+#[inline(always)]
+fn redirect(ctx: &impl Hook, packet: &Packet, next_hop: &FibLookup, egress: Egress) -> Option<i64> {
+    let l3 = packet.l3_offset;
+    // A frame with an 802.1Q tag, in it or (tc) taken out into the skb by the kernel, would
+    // leave with that tag whatever the egress (the FIB lookup says nothing of VLANs): the
+    // stack takes it.
+    if l3 != EthHdr::LEN || ctx.vlan_tag_outside_frame() {
+        return None;
+    }
+    if egress == Egress::IngressOnly && next_hop.ifindex != ctx.ingress_ifindex() {
         return None;
     }
     // A router decrements the TTL; an expiring packet goes up the stack, which sends the
@@ -155,9 +265,9 @@ fn redirect(ctx: &impl Hook, packet: &Packet, egress: Egress) -> Option<i64> {
     ctx.store(l3 + ipv4_field::TTL, &decremented).ok()?;
     ctx.store(l3 + ipv4_field::CHECK, &csum::replace16(check, ttl_proto, decremented)).ok()?;
     let mut macs = [0u8; 12];
-    macs[..6].copy_from_slice(&lookup.dmac);
-    macs[6..].copy_from_slice(&lookup.smac);
+    macs[..6].copy_from_slice(&next_hop.dmac);
+    macs[6..].copy_from_slice(&next_hop.smac);
     ctx.store(0, &macs).ok()?;
     // SAFETY: plain helper call.
-    Some(unsafe { bpf_redirect(lookup.ifindex, 0) })
+    Some(unsafe { bpf_redirect(next_hop.ifindex, 0) })
 }

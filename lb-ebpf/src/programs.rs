@@ -12,7 +12,8 @@ use lb_common::{
 };
 
 use crate::{
-    forward, fragments,
+    forward::{self, Onward},
+    fragments,
     frame::Frame,
     hook::Hook,
     icmp,
@@ -28,12 +29,11 @@ const TC_PULL_LEN: usize = 14 + 4 + 60 + 60;
 /// North-south entry point, on external interfaces.
 #[xdp]
 pub fn lb_xdp(ctx: XdpContext) -> u32 {
-    match run(&ctx, Origin::External) {
-        (Verdict::Pass, _) => xdp_action::XDP_PASS,
-        (Verdict::Forward, Some(packet)) => forward::forward(&ctx, &packet),
-        (Verdict::Forward, None) => xdp_action::XDP_PASS,
-        (Verdict::Drop, _) => xdp_action::XDP_DROP,
-        (Verdict::Refuse, _) => ctx.bounce() as u32,
+    match north_south(&ctx, forward::forward) {
+        Ok(code) => code,
+        Err(Verdict::Pass | Verdict::Forward) => xdp_action::XDP_PASS,
+        Err(Verdict::Drop) => xdp_action::XDP_DROP,
+        Err(Verdict::Refuse) => ctx.bounce() as u32,
     }
 }
 
@@ -63,10 +63,30 @@ fn tc_verdict(ctx: &TcContext, verdict: Verdict) -> i32 {
 #[classifier]
 pub fn lb_tc_external(ctx: TcContext) -> i32 {
     pull_headers(&ctx);
-    match run(&ctx, Origin::External) {
-        (Verdict::Forward, Some(packet)) => forward::forward_from_tc(&ctx, &packet),
-        (verdict, _) => tc_verdict(&ctx, verdict),
-    }
+    north_south(&ctx, forward::forward_from_tc).unwrap_or_else(|verdict| tc_verdict(&ctx, verdict))
+}
+
+/// The service stage for a packet from outside, and `send_on` for one it translated; counts
+/// the reason. `Ok`: the packet was sent on, with that return code; `Err`: the verdict to
+/// carry out.
+#[inline(always)]
+fn north_south<H: Hook, C>(
+    hook: &H,
+    send_on: impl FnOnce(&H, &Packet) -> Onward<C>,
+) -> Result<C, Verdict> {
+    let (verdict, reason, packet) = classify(hook, Origin::External);
+    let (verdict, reason) = match (verdict, packet) {
+        (Verdict::Forward, Some(packet)) => match send_on(hook, &packet) {
+            Onward::Sent(code) => {
+                stats::count(reason);
+                return Ok(code);
+            }
+            Onward::Instead(verdict, reason) => (verdict, reason),
+        },
+        (verdict, _) => (verdict, reason),
+    };
+    stats::count(reason);
+    Err(verdict)
 }
 
 /// Replies from the node's own stack, on tc egress of pod-facing and external interfaces: the

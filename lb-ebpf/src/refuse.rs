@@ -1,6 +1,7 @@
 //! Refusals built in place: a TCP RST for TCP, an ICMP port unreachable (RFC 792) for the rest,
 //! sent back from the address the client spoke to, so a connect() fails at once instead of
-//! timing out. Each CPU sends them within a budget (`RefusalBudget`), per side.
+//! timing out. Each CPU sends them within a budget (`RefusalBudget`), per side. Built the same
+//! way: the ICMP fragmentation needed for a translated packet too big for its path.
 
 use aya_ebpf::helpers::bpf_ktime_get_ns;
 use lb_common::maps::{proto, refusal_budget};
@@ -10,7 +11,8 @@ use crate::{
     hook::Hook,
     lb::Origin,
     maps::REFUSAL_BUDGET,
-    parse::{Packet, tcp_flags},
+    nat::{self, End},
+    parse::{Packet, ipv4_field, tcp_flags},
 };
 
 /// A 20-byte IPv4 header without options, as built here.
@@ -51,13 +53,16 @@ struct IcmpError {
     kind: u8,
     code: u8,
     check: u16,
-    unused: u32,
+    /// The header's second word, network order: unused, but for fragmentation needed's
+    /// next-hop MTU in its low 16 bits (RFC 1191).
+    rest_be: u32,
     quote: [u8; MAX_QUOTE],
 }
 
 const MAX_QUOTE: usize = 60 + 8;
 const ICMP_DEST_UNREACHABLE: u8 = 3;
 const ICMP_PORT_UNREACHABLE: u8 = 3;
+const ICMP_FRAGMENTATION_NEEDED: u8 = 4;
 const DEFAULT_TTL: u8 = 64;
 /// Don't Fragment: refusals are small, and Linux sets DF on the RSTs it sends itself.
 const IPV4_DF_BE: u16 = 0x4000_u16.to_be();
@@ -100,8 +105,37 @@ pub fn refuse(hook: &impl Hook, packet: &Packet) -> Result<(), ()> {
     if packet.proto == proto::TCP {
         tcp_reset(hook, packet)
     } else {
-        port_unreachable(hook, packet)
+        destination_unreachable(hook, packet, ICMP_PORT_UNREACHABLE, 0)
     }
+}
+
+/// Rewrites a translated packet that is too big for its path, DF set, into the ICMP
+/// fragmentation needed (RFC 1191) its sender can act on: from the address it sent to, quoting
+/// the packet as it was sent, with the path's MTU. Not held to a budget: Linux does not limit
+/// these either (`icmpv4_mask_allow`, "don't limit PMTU discovery"), and each answers a larger
+/// packet.
+#[inline(always)]
+pub fn fragmentation_needed(hook: &impl Hook, packet: &Packet, mtu: u16) -> Result<(), ()> {
+    untranslate(hook, packet)?;
+    destination_unreachable(hook, packet, ICMP_FRAGMENTATION_NEEDED, mtu)
+}
+
+/// Puts back the addresses and ports `packet` arrived with (it still names them), checksums
+/// included.
+#[inline(always)]
+fn untranslate(hook: &impl Hook, packet: &Packet) -> Result<(), ()> {
+    let (l3, l4) = (packet.l3_offset, packet.l4_offset);
+    let translated = Packet {
+        src_ip_be: hook.load(l3 + ipv4_field::SRC)?,
+        dst_ip_be: hook.load(l3 + ipv4_field::DST)?,
+        src_port_be: hook.load(l4)?,
+        dst_port_be: hook.load(l4 + 2)?,
+        ..*packet
+    };
+    nat::rewrite(hook, &translated, End::Source, packet.src_ip_be, packet.src_port_be)?;
+    let source_restored =
+        Packet { src_ip_be: packet.src_ip_be, src_port_be: packet.src_port_be, ..translated };
+    nat::rewrite(hook, &source_restored, End::Destination, packet.dst_ip_be, packet.dst_port_be)
 }
 
 /// The IPv4 header of a refusal: from the address the client spoke to, back to the client.
@@ -172,8 +206,15 @@ fn tcp_reset(hook: &impl Hook, packet: &Packet) -> Result<(), ()> {
     hook.store(l3 + 20, &tcp)
 }
 
+/// An ICMP destination unreachable of `code` about `packet`, with `mtu` (fragmentation needed's
+/// next-hop MTU, else 0) in the header's second word.
 #[inline(always)]
-fn port_unreachable(hook: &impl Hook, packet: &Packet) -> Result<(), ()> {
+fn destination_unreachable(
+    hook: &impl Hook,
+    packet: &Packet,
+    code: u8,
+    mtu: u16,
+) -> Result<(), ()> {
     let l3 = packet.l3_offset;
     // The offending datagram's header and 8 bytes of its payload; the parser guarantees both
     // are inside the frame for TCP and UDP.
@@ -183,9 +224,9 @@ fn port_unreachable(hook: &impl Hook, packet: &Packet) -> Result<(), ()> {
     }
     let mut icmp = IcmpError {
         kind: ICMP_DEST_UNREACHABLE,
-        code: ICMP_PORT_UNREACHABLE,
+        code,
         check: 0,
-        unused: 0,
+        rest_be: u32::from(mtu).to_be(),
         quote: [0; MAX_QUOTE],
     };
     // In 4-byte words with a constant bound: a variable-length copy the verifier accepts. The

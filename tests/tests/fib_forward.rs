@@ -3,7 +3,8 @@
 //! interface the kernel's FIB names, with the next hop's MAC, the egress interface's MAC and a
 //! decremented TTL (from XDP only when it leaves by the interface it came in on); without a
 //! route, with a VLAN tag in the frame, or from XDP for another interface, it goes up the
-//! stack. Both outcomes are counted.
+//! stack. Both outcomes are counted. With FIB forwarding on or off, a packet with DF set that
+//! is too big for its path is answered with the ICMP fragmentation needed.
 //! BPF_PROG_TEST_RUN looks routes up in the calling thread's namespace, so the runs happen in
 //! a throwaway namespace with a known route and neighbour.
 
@@ -17,7 +18,7 @@ use lb_tests::{
     fixtures::{EXTERNAL_CLIENT, seeded},
     netns::{Netns, run},
     node,
-    packets::{L3, Spec, endpoints},
+    packets::{L3, Spec, TcpFields, endpoints},
 };
 use lb_user::{maps::MapOp, stats::Forwarding};
 
@@ -33,7 +34,11 @@ fn with_fib_forwarding(datapath: &mut Datapath) {
 
 /// A namespace where 10.244.2.0/24 (the remote backends) is reachable through `out0`.
 fn routed_namespace() -> (Netns, [u8; 6]) {
-    let netns = Netns::new("lbt-fib");
+    routed_namespace_named("lbt-fib")
+}
+
+fn routed_namespace_named(prefix: &str) -> (Netns, [u8; 6]) {
+    let netns = Netns::new(prefix);
     // A veth pair: this kernel has no dummy devices; the peer only has to be up.
     netns.ip(&["link", "add", "out0", "type", "veth", "peer", "name", "out1"]);
     netns.ip(&["link", "set", "out1", "up"]);
@@ -166,6 +171,120 @@ fn xdp_leaves_a_packet_for_another_interface_to_the_stack() {
         } else {
             assert_eq!(run.return_code, redirect_code(hook), "{hook:?}: redirected");
             assert_eq!(datapath.forwarding(), counted_as(hook, true), "{hook:?}");
+        }
+    }
+}
+
+/// The MTU of the path to 10.244.2.0/24 in [`narrow_namespace`].
+const NARROW_MTU: u16 = 1000;
+
+/// [`routed_namespace`] where the remote backends are reached through `tun0`, an interface of
+/// [`NARROW_MTU`] bytes (a tunnel, say), narrower than `out0`, where the packets arrive.
+fn narrow_namespace() -> Netns {
+    let (netns, _) = routed_namespace_named("lbt-mtu");
+    netns.ip(&["link", "add", "tun0", "type", "veth", "peer", "name", "tun1"]);
+    netns.ip(&["link", "set", "tun0", "mtu", &NARROW_MTU.to_string()]);
+    netns.ip(&["link", "set", "tun1", "up"]);
+    netns.ip(&["link", "set", "tun0", "up"]);
+    netns.ip(&["route", "replace", "10.244.2.0/24", "dev", "tun0"]);
+    netns
+}
+
+/// A segment of an established connection to frontend 3 (NodePort 30380, whose backend is
+/// 10.244.2.11:80 behind the narrow path), carrying `payload` bytes, DF set.
+fn segment(port: u16, payload: usize) -> Vec<u8> {
+    let tcp = TcpFields { syn: false, ack: Some(1), ..TcpFields::default() };
+    Spec::tcp(EXTERNAL_CLIENT, port, "192.168.1.63", 30380)
+        .with_tcp(tcp)
+        .with_payload(&vec![0x5a; payload])
+        .build()
+}
+
+/// Clears DF in `frame`'s IPv4 header, and recomputes its checksum.
+fn without_df(mut frame: Vec<u8>) -> Vec<u8> {
+    let (mut header, _) = etherparse::Ipv4Header::from_slice(&frame[L3..]).expect("IPv4 header");
+    header.dont_fragment = false;
+    header.header_checksum = header.calc_header_checksum();
+    frame[L3..L3 + 20].copy_from_slice(&header.to_bytes());
+    frame
+}
+
+/// The ICMP fragmentation needed `request` gets from the node (exact bytes): from the address
+/// it was sent to, back to its sender, quoting its IPv4 header and first 8 payload bytes as
+/// sent, with the path's MTU.
+fn fragmentation_needed_for(request: &[u8], mtu: u16) -> Vec<u8> {
+    let mut icmp = vec![3, 4, 0, 0, 0, 0];
+    icmp.extend_from_slice(&mtu.to_be_bytes());
+    icmp.extend_from_slice(&request[L3..L3 + 28]);
+    let header = etherparse::Ipv4Header::new(
+        u16::try_from(icmp.len()).expect("short"),
+        64,
+        etherparse::IpNumber::ICMP,
+        request[L3 + 16..L3 + 20].try_into().expect("destination"),
+        request[L3 + 12..L3 + 16].try_into().expect("source"),
+    )
+    .expect("IPv4 header");
+    let mut frame = Vec::new();
+    frame.extend_from_slice(&request[6..12]);
+    frame.extend_from_slice(&request[0..6]);
+    frame.extend_from_slice(&request[12..L3]);
+    header.write(&mut frame).expect("IPv4 header bytes");
+    frame.extend_from_slice(&icmp);
+    frame
+}
+
+#[test]
+fn a_packet_too_big_for_its_path_is_answered_with_fragmentation_needed() {
+    let netns = narrow_namespace();
+    let out0 = out0_index(&netns);
+    for (port, (hook, fib)) in
+        (50_540..).zip(NORTH_SOUTH.into_iter().flat_map(|hook| [(hook, false), (hook, true)]))
+    {
+        let context = format!("{hook:?}, FIB forwarding {fib}");
+        let mut datapath = seeded();
+        if fib {
+            with_fib_forwarding(&mut datapath);
+        }
+        let request = segment(port, 1200);
+        let run = netns.enter(|| datapath.run_arriving_on(hook, &request, out0));
+        run.assert_outcome(hook.bounce_code(), Reason::FragmentationNeeded, &context);
+        let mut expected = fragmentation_needed_for(&request, NARROW_MTU);
+        // The checksums are compared by recomputing them, not by copying them in here.
+        expected[L3 + 10..L3 + 12].copy_from_slice(&run.output[L3 + 10..L3 + 12]);
+        expected[L3 + 22..L3 + 24].copy_from_slice(&run.output[L3 + 22..L3 + 24]);
+        assert_eq!(run.output, expected, "{context}: the ICMP error, exactly");
+        checksum::assert_icmp_valid(&run.output);
+        let counted = if hook == Hook::Xdp {
+            Forwarding::default()
+        } else {
+            Forwarding { tc_fallback: 1, ..Forwarding::default() }
+        };
+        assert_eq!(datapath.forwarding(), counted, "{context}: not forwarded");
+    }
+}
+
+/// What fits the path, what the sender lets the stack fragment (no DF), and what is not worth
+/// a lookup (at most 552 bytes, below any path MTU Linux takes) go on as before, translated.
+#[test]
+fn packets_that_fit_or_may_be_fragmented_go_on_translated() {
+    let netns = narrow_namespace();
+    let out0 = out0_index(&netns);
+    let fits = usize::from(NARROW_MTU) - 40;
+    for (port, hook) in (50_550..).step_by(3).zip(NORTH_SOUTH) {
+        let cases = [
+            ("fits the path", segment(port, fits)),
+            ("no DF", without_df(segment(port + 1, 1200))),
+            ("not looked up", segment(port + 2, 512)),
+        ];
+        for (case, request) in cases {
+            let context = format!("{hook:?}, {case}");
+            let mut datapath = seeded();
+            let run = netns.enter(|| datapath.run_arriving_on(hook, &request, out0));
+            run.assert_outcome(to_stack_code(hook), Reason::ForwardNew, &context);
+            let backend = ("10.244.2.11".parse().expect("address"), 80);
+            assert_eq!(endpoints(&run.output).1, backend, "{context}: translated");
+            assert_eq!(run.output.len(), request.len(), "{context}");
+            checksum::assert_valid(&run.output);
         }
     }
 }

@@ -5,16 +5,25 @@
 //! straight from that node to the client). In both, XDP hands the kernel a packet whose source
 //! is now the node's own address, arriving on the external interface; the answer to the
 //! NodePort, translated back, arrives there with the node's address as source too. Then the
-//! same with `xdpRedirect`, where XDP sends them all out itself.
+//! same with `xdpRedirect`, where XDP sends them all out itself. And a path to that pod
+//! narrower than the client's, which the client learns through the NodePort.
 
-use std::net::SocketAddr;
+use std::{
+    net::{SocketAddr, UdpSocket},
+    os::fd::AsRawFd as _,
+    time::{Duration, Instant},
+};
 
+use aya::programs::{Xdp, XdpMode};
+use aya_obj::programs::XdpAttachType;
+use lb_common::stats::Reason;
 use lb_tests::{
     daemon::{RunningDaemon, default_targets, example_node_config},
     manifests::ManifestDir,
     netns::run,
     pins::TestPins,
-    topology::{NODE_IP, Topology, tcp_request, udp_request},
+    stand_in::{self, Kind},
+    topology::{CLIENT_IP, EXTERNAL_IFACE, NODE_IP, Topology, tcp_request, udp_request},
 };
 use lb_user::{
     config::NodeConfig,
@@ -110,4 +119,123 @@ fn masqueraded_flows(prefix: &str, xdp_redirect: bool) -> Forwarding {
     let forwarding = stats::read_forwarding_pinned(pins.layout()).expect("forwarding counters");
     daemon.stop();
     forwarding
+}
+
+/// The MTU of the node's path to node-b's pod in [`a_narrower_path_to_the_pod_becomes_the_clients_path_mtu`].
+const NARROW_MTU: i32 = 1000;
+
+/// The node reaches node-b's pod by a path narrower than the client's. A datagram the client
+/// sends to the NodePort with DF set, too big for that path, must come back to it as an ICMP
+/// fragmentation needed it can match: XDP answers it itself, quoting the datagram as sent (the
+/// stack, forwarding it masqueraded, would send its error to the node's own address). The
+/// client's kernel then lowers its path MTU to the NodePort, as a socket's `IP_MTU` shows.
+#[test]
+fn a_narrower_path_to_the_pod_becomes_the_clients_path_mtu() {
+    let mut topology = Topology::new("lbm");
+    topology.add_remote_pod("remote-web-1", "10.244.2.11");
+    let _servers = topology.start_servers();
+    let pins = TestPins::new();
+    let manifests = ManifestDir::new();
+    manifests.add_file("remote.yaml", REMOTE_SERVICE);
+    let targets = default_targets(&topology, None);
+    let daemon = RunningDaemon::start_with(
+        &topology,
+        &pins,
+        manifests.path(),
+        targets,
+        example_node_config(),
+    );
+    // XDP sends the error back (XDP_TX) into the client's veth. A veth hands such frames to its
+    // peer's stack at once only when the peer runs an XDP program too (`veth_xdp_flush`
+    // schedules the peer's NAPI only then; a NIC has no such condition): a pass-all one.
+    let _pass_all = attach_pass_all(&topology, &pins);
+    // A route's own MTU counts for the FIB lookup of a BPF program only when locked (with
+    // `net.ipv4.fwd_use_pmtu` off); an interface's MTU always does.
+    topology.node.ip(&[
+        "route",
+        "change",
+        "10.244.2.11/32",
+        "via",
+        CLIENT_IP,
+        "dev",
+        EXTERNAL_IFACE,
+        "mtu",
+        "lock",
+        &NARROW_MTU.to_string(),
+    ]);
+    // The refusals XDP sends back take the same way: a ClusterIP without endpoints.
+    let started = Instant::now();
+    let refused = tcp_request(&topology.client, addr("10.96.45.12:80")).expect_err("refused");
+    assert_eq!(refused.kind(), std::io::ErrorKind::ConnectionRefused, "{refused}");
+    assert!(started.elapsed() < Duration::from_secs(1), "refused at once, not timed out");
+
+    let node_port = addr(&format!("{NODE_IP}:30390"));
+    let answer = udp_request(&topology.client, node_port).expect("a small datagram gets through");
+    assert_eq!(answer, "remote-web-1");
+
+    let path_mtu = topology.client.enter(|| {
+        let socket = UdpSocket::bind(("0.0.0.0", 0)).expect("bind");
+        set_ip_option(&socket, libc::IP_MTU_DISCOVER, libc::IP_PMTUDISC_DO);
+        socket.connect(node_port).expect("connect");
+        socket.send(&[0x5a; 1200]).expect("1200 bytes fit the client's own path");
+        let deadline = Instant::now() + Duration::from_secs(2);
+        loop {
+            let mtu = ip_option(&socket, libc::IP_MTU);
+            if mtu < 1500 || Instant::now() > deadline {
+                break mtu;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    });
+    let counted = stats::read_pinned(pins.layout()).expect("counters");
+    assert_eq!(path_mtu, NARROW_MTU, "the client's path MTU to the NodePort");
+    assert!(counted.get(Reason::FragmentationNeeded) >= 1, "{counted:?}");
+    daemon.stop();
+}
+
+/// The length of a `c_int` socket option.
+#[expect(clippy::cast_possible_truncation, reason = "four bytes")]
+const C_INT_LEN: libc::socklen_t = size_of::<libc::c_int>() as libc::socklen_t;
+
+fn set_ip_option(socket: &UdpSocket, option: libc::c_int, value: libc::c_int) {
+    // SAFETY: a valid socket and a c_int option of the right size.
+    let rc = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::IPPROTO_IP,
+            option,
+            (&raw const value).cast(),
+            C_INT_LEN,
+        )
+    };
+    assert_eq!(rc, 0, "setsockopt {option}: {}", std::io::Error::last_os_error());
+}
+
+fn ip_option(socket: &UdpSocket, option: libc::c_int) -> libc::c_int {
+    let mut value: libc::c_int = 0;
+    let mut len = C_INT_LEN;
+    // SAFETY: a valid socket, and a c_int buffer with its length.
+    let rc = unsafe {
+        libc::getsockopt(
+            socket.as_raw_fd(),
+            libc::IPPROTO_IP,
+            option,
+            (&raw mut value).cast(),
+            &raw mut len,
+        )
+    };
+    assert_eq!(rc, 0, "getsockopt {option}: {}", std::io::Error::last_os_error());
+    value
+}
+
+/// A pass-all XDP program on the client's interface, attached while the returned program lives.
+fn attach_pass_all(topology: &Topology, pins: &TestPins) -> Xdp {
+    let staged = pins.layout().root().join("client-pass-all");
+    stand_in::pin(&stand_in::load(Kind::Xdp), &staged);
+    let mut program = Xdp::from_pin(&staged, XdpAttachType::Interface).expect("pass-all program");
+    std::fs::remove_file(&staged).expect("unpin the staging pin");
+    topology.client.enter(|| {
+        program.attach(c"client0", XdpMode::Driver).expect("pass-all on client0");
+        program
+    })
 }

@@ -39,6 +39,7 @@ use lb_tests::{
     checksum,
     datapath::{Datapath, Hook},
     fixtures::{self, CLUSTER_IPS, LB_IP},
+    netns::Netns,
     node::{NODE_IP, SNAT_PORT_MAX, SNAT_PORT_MIN},
     packets::{CLIENT_MAC, NODE_MAC, Spec, TcpFields},
     rng::Rng,
@@ -224,7 +225,15 @@ fn assert_refusals_are_judged(oracle: &mut Oracle<'_>) {
     );
 }
 
+/// Runs [`survive_here`] in a namespace of its own: north-south packets are looked up in the
+/// FIB (to check them against their path's MTU), and the runs must not depend on the host's
+/// routes and forwarding settings. (A new namespace forwards nothing, so no lookup finds a
+/// path; `fib_forward` tests what they find.)
 fn survive(hook: Hook) {
+    Netns::new("lbt-fuzz").enter(|| survive_here(hook));
+}
+
+fn survive_here(hook: Hook) {
     assert_partition_covers_every_reason();
     let seed = env_number("LB_ROBUSTNESS_SEED").unwrap_or(DEFAULT_SEED);
     let target = env_number("LB_ROBUSTNESS_PACKETS").unwrap_or(RUNS_PER_PROGRAM);
@@ -444,7 +453,8 @@ const TRANSLATED: &[Reason] = &[
 ];
 /// Refused with an RST or ICMP error, or dropped when the input was itself a reset (the
 /// oracle tells which: `Outcome::ResetDropped`).
-const REFUSED: &[Reason] = &[Reason::RejectNoEndpoints, Reason::RejectUnservedPort];
+const REFUSED: &[Reason] =
+    &[Reason::RejectNoEndpoints, Reason::RejectUnservedPort, Reason::FragmentationNeeded];
 const DROPPED: &[Reason] = &[
     Reason::DropNoLocalEndpoint,
     Reason::DropUnallocatedVip,
@@ -605,7 +615,8 @@ impl Totals {
 /// batch), `truncated_ethernet` (frames under 14 bytes never reach a program), and the
 /// missing-configuration and missing-slot drops (the seed is complete;
 /// asserted zero above), and refusals beyond the budget (the seed sets none: the oracle's
-/// refusals are all answered). Not necessarily: a full conntrack map, a refusal with no room to grow,
+/// refusals are all answered), and fragmentation needed (the run's namespace forwards
+/// nothing, so no lookup finds a path to be too big for). Not necessarily: a full conntrack map, a refusal with no room to grow,
 /// and SNAT exhaustion (which does happen here: every masqueraded flow to one backend competes
 /// for the same 4536 ports, probed 8 at a time, and fuzzed TCP flows seldom close).
 const NOT_REQUIRED: &[Reason] = &[
@@ -618,6 +629,7 @@ const NOT_REQUIRED: &[Reason] = &[
     Reason::DropConntrackFull,
     Reason::DropRefusalFailed,
     Reason::DropRefusalRateLimited,
+    Reason::FragmentationNeeded,
 ];
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
