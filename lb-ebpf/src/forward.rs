@@ -69,8 +69,8 @@ pub enum Onward<C> {
 
 /// Where the FIB sends a packet.
 enum Route {
-    /// On to `ifindex`, with the next hop's and the egress interface's MACs filled in.
-    Found(FibLookup),
+    /// On: the lookup holds the egress interface and the next hop's and its own MACs.
+    Found,
     /// Longer than the path's MTU (given).
     TooBig(u16),
     /// Nowhere the lookup can tell: no route, no neighbour, forwarding off, ...
@@ -87,9 +87,12 @@ pub fn forward(ctx: &XdpContext, packet: &Packet) -> Onward<u32> {
     if !fib && !checked {
         return Onward::Sent(xdp_action::XDP_PASS);
     }
-    let redirected = match lookup(ctx, packet) {
+    // Filled in place: a copy would cost stack, of which 6.1's verifier allows 512 bytes for
+    // all of a program's frames together.
+    let mut next_hop = FibLookup::default();
+    let redirected = match lookup(ctx, packet, &mut next_hop) {
         Route::TooBig(mtu) if checked && arrived_whole(ctx) => return too_big(ctx, packet, mtu),
-        Route::Found(next_hop) if fib => redirect(ctx, packet, &next_hop, Egress::IngressOnly),
+        Route::Found if fib => redirect(ctx, packet, &next_hop, Egress::IngressOnly),
         _ => None,
     };
     if !fib {
@@ -113,9 +116,10 @@ pub fn forward_from_tc(ctx: &TcContext, packet: &Packet) -> Onward<i32> {
     if !fib && !checked {
         return Onward::Sent(TC_ACT_OK);
     }
-    match lookup(ctx, packet) {
+    let mut next_hop = FibLookup::default();
+    match lookup(ctx, packet, &mut next_hop) {
         Route::TooBig(mtu) if checked && !merged_by_gro(ctx) => too_big(ctx, packet, mtu),
-        Route::Found(next_hop) if fib => match redirect(ctx, packet, &next_hop, Egress::Any) {
+        Route::Found if fib => match redirect(ctx, packet, &next_hop, Egress::Any) {
             Some(verdict) => {
                 count(forwarding::TC_FALLBACK_REDIRECTED);
                 Onward::Sent(verdict as i32)
@@ -194,9 +198,9 @@ fn too_big<C>(hook: &impl Hook, packet: &Packet, mtu: u16) -> Onward<C> {
     }
 }
 
-/// Looks the translated packet up in the FIB, from the interface it came in on.
+/// Looks the translated packet up in the FIB, from the interface it came in on, into `lookup`.
 #[inline(always)]
-fn lookup(ctx: &impl Hook, packet: &Packet) -> Route {
+fn lookup(ctx: &impl Hook, packet: &Packet, lookup: &mut FibLookup) -> Route {
     let l3 = packet.l3_offset;
     // The translated addresses and ports, as they are now in the packet. A later fragment has
     // no ports, so none for any fragment: the fragments of a datagram take one path (the
@@ -211,29 +215,26 @@ fn lookup(ctx: &impl Hook, packet: &Packet) -> Route {
     else {
         return Route::Unknown;
     };
-    let mut lookup = FibLookup {
-        family: AF_INET,
-        l4_protocol: packet.proto,
-        sport_be,
-        dport_be,
-        // Asks for the MTU check: a longer packet gets FRAG_NEEDED, and the route's MTU here.
-        tot_len: packet.total_len,
-        ifindex: ctx.ingress_ifindex(),
-        ..FibLookup::default()
-    };
+    lookup.family = AF_INET;
+    lookup.l4_protocol = packet.proto;
+    lookup.sport_be = sport_be;
+    lookup.dport_be = dport_be;
+    // Asks for the MTU check: a longer packet gets FRAG_NEEDED, and the route's MTU here.
+    lookup.tot_len = packet.total_len;
+    lookup.ifindex = ctx.ingress_ifindex();
     lookup.ipv4_src[0] = src;
     lookup.ipv4_dst[0] = dst;
     // SAFETY: `lookup` is a valid, writable bpf_fib_lookup of the size passed.
     let rc = unsafe {
         bpf_fib_lookup(
             ctx.as_ptr(),
-            core::ptr::from_mut(&mut lookup).cast(),
+            core::ptr::from_mut(lookup).cast(),
             size_of::<FibLookup>() as i32,
             0,
         )
     };
     match rc {
-        FIB_LOOKUP_SUCCESS => Route::Found(lookup),
+        FIB_LOOKUP_SUCCESS => Route::Found,
         FIB_LOOKUP_FRAG_NEEDED => Route::TooBig(lookup.tot_len),
         _ => Route::Unknown,
     }

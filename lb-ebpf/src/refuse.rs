@@ -56,7 +56,8 @@ struct IcmpError {
     /// The header's second word, network order: unused, but for fragmentation needed's
     /// next-hop MTU in its low 16 bits (RFC 1191).
     rest_be: u32,
-    quote: [u8; MAX_QUOTE],
+    /// In 4-byte words, as they are copied in: no second buffer on the stack.
+    quote: [u32; MAX_QUOTE / 4],
 }
 
 const MAX_QUOTE: usize = 60 + 8;
@@ -125,17 +126,16 @@ pub fn fragmentation_needed(hook: &impl Hook, packet: &Packet, mtu: u16) -> Resu
 #[inline(always)]
 fn untranslate(hook: &impl Hook, packet: &Packet) -> Result<(), ()> {
     let (l3, l4) = (packet.l3_offset, packet.l4_offset);
-    let translated = Packet {
-        src_ip_be: hook.load(l3 + ipv4_field::SRC)?,
-        dst_ip_be: hook.load(l3 + ipv4_field::DST)?,
-        src_port_be: hook.load(l4)?,
-        dst_port_be: hook.load(l4 + 2)?,
-        ..*packet
-    };
-    nat::rewrite(hook, &translated, End::Source, packet.src_ip_be, packet.src_port_be)?;
-    let source_restored =
-        Packet { src_ip_be: packet.src_ip_be, src_port_be: packet.src_port_be, ..translated };
-    nat::rewrite(hook, &source_restored, End::Destination, packet.dst_ip_be, packet.dst_port_be)
+    // One copy, brought up to date between the two rewrites (stack is scarce here).
+    let mut current = *packet;
+    current.src_ip_be = hook.load(l3 + ipv4_field::SRC)?;
+    current.dst_ip_be = hook.load(l3 + ipv4_field::DST)?;
+    current.src_port_be = hook.load(l4)?;
+    current.dst_port_be = hook.load(l4 + 2)?;
+    nat::rewrite(hook, &current, End::Source, packet.src_ip_be, packet.src_port_be)?;
+    current.src_ip_be = packet.src_ip_be;
+    current.src_port_be = packet.src_port_be;
+    nat::rewrite(hook, &current, End::Destination, packet.dst_ip_be, packet.dst_port_be)
 }
 
 /// The IPv4 header of a refusal: from the address the client spoke to, back to the client.
@@ -227,19 +227,16 @@ fn destination_unreachable(
         code,
         check: 0,
         rest_be: u32::from(mtu).to_be(),
-        quote: [0; MAX_QUOTE],
+        quote: [0; MAX_QUOTE / 4],
     };
     // In 4-byte words with a constant bound: a variable-length copy the verifier accepts. The
     // quote length is a multiple of 4 (IHL words + 8).
-    let mut quote = [0u32; MAX_QUOTE / 4];
-    for (i, word) in quote.iter_mut().enumerate() {
+    for (i, word) in icmp.quote.iter_mut().enumerate() {
         if i * 4 >= quote_len {
             break;
         }
         *word = hook.load(l3 + i * 4)?;
     }
-    // SAFETY: same size, plain bytes.
-    icmp.quote = unsafe { core::mem::transmute::<[u32; MAX_QUOTE / 4], [u8; MAX_QUOTE]>(quote) };
     let icmp_len = 8 + quote_len;
     // SAFETY: the struct is 4-byte aligned and 76 bytes long: 38 words; unused quote bytes are 0
     // and do not change the sum.
