@@ -99,8 +99,8 @@ reasons! {
     /// North-south, a translated TCP or UDP packet with DF set longer than its path's MTU (the
     /// FIB's, learned path MTUs included): rewritten into the ICMP fragmentation needed its
     /// sender expects, from the address it sent to and quoting the packet as it was sent, and
-    /// sent back. The stack's own error would quote the translated packet, which the sender
-    /// cannot match, and for a masqueraded flow would go to this node's own address.
+    /// sent back. For a masqueraded flow the stack's own error would go to this node's own
+    /// address, where nothing translates it.
     FragmentationNeeded = "fragmentation_needed",
 }
 

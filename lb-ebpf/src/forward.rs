@@ -7,8 +7,9 @@
 //! forward the same way otherwise.
 //!
 //! With or without FIB forwarding, a packet with DF set too big for its path is answered here
-//! with the ICMP fragmentation needed (see [`refuse::fragmentation_needed`]): the stack's own
-//! would quote the translated packet.
+//! with the ICMP fragmentation needed (see [`refuse::fragmentation_needed`]): for a
+//! masqueraded flow the stack's own would go to this node's address, where nothing
+//! translates it.
 use aya_ebpf::{
     EbpfContext as _,
     bindings::{__sk_buff, TC_ACT_OK, xdp_action},
@@ -26,7 +27,7 @@ use crate::{
     hook::Hook,
     lb::{self, Verdict},
     maps::FORWARDING,
-    parse::{Packet, fragment, ipv4_field},
+    parse::{IPV4_DF_BE, Packet, fragment, ipv4_field},
     refuse,
 };
 
@@ -52,8 +53,6 @@ const AF_INET: u8 = 2;
 const FIB_LOOKUP_SUCCESS: i64 = 0;
 /// `BPF_FIB_LKUP_RET_FRAG_NEEDED`: `tot_len` is above the route's MTU, now in `tot_len`.
 const FIB_LOOKUP_FRAG_NEEDED: i64 = 8;
-/// Don't Fragment, in the IPv4 `frags` field read in network order.
-const IPV4_DF_BE: u16 = 0x4000_u16.to_be();
 /// Packets up to this IPv4 length are not checked against their path's MTU: Linux never takes
 /// a path MTU below `net.ipv4.route.min_pmtu` (552 by default), it sends without DF instead.
 /// Below it the lookup would cost every small packet (ACKs) for nothing.
@@ -91,7 +90,11 @@ pub fn forward(ctx: &XdpContext, packet: &Packet) -> Onward<u32> {
     // all of a program's frames together.
     let mut next_hop = FibLookup::default();
     let redirected = match lookup(ctx, packet, &mut next_hop) {
-        Route::TooBig(mtu) if checked && arrived_whole(ctx) => return too_big(ctx, packet, mtu),
+        Route::TooBig(mtu)
+            if checked && !expires_here(ctx, packet) && arrived_whole(ctx, packet) =>
+        {
+            return too_big(ctx, packet, mtu);
+        }
         Route::Found if fib => redirect(ctx, packet, &next_hop, Egress::IngressOnly),
         _ => None,
     };
@@ -118,7 +121,9 @@ pub fn forward_from_tc(ctx: &TcContext, packet: &Packet) -> Onward<i32> {
     }
     let mut next_hop = FibLookup::default();
     match lookup(ctx, packet, &mut next_hop) {
-        Route::TooBig(mtu) if checked && !merged_by_gro(ctx) => too_big(ctx, packet, mtu),
+        Route::TooBig(mtu) if checked && !expires_here(ctx, packet) && !merged_by_gro(ctx) => {
+            too_big(ctx, packet, mtu)
+        }
         Route::Found if fib => match redirect(ctx, packet, &next_hop, Egress::Any) {
             Some(verdict) => {
                 count(forwarding::TC_FALLBACK_REDIRECTED);
@@ -169,14 +174,14 @@ fn may_be_too_big(hook: &impl Hook, packet: &Packet) -> bool {
             .is_ok_and(|frags_be| frags_be & IPV4_DF_BE != 0)
 }
 
-/// Whether an XDP frame is one the wire carried, not within its interface's MTU: generic
-/// (skb) XDP runs after GRO, on segments merged into one frame longer than any MTU, which the
-/// stack splits again on the way out.
+/// Whether an XDP frame is one the wire carried: within its interface's MTU. Generic (skb) XDP
+/// runs after GRO, on segments merged into one frame longer than any MTU, which the stack
+/// splits again on the way out. Measured by the IPv4 length, as the FIB lookup measures it (a
+/// frame's own length would count a VLAN tag against the MTU).
 #[inline(always)]
-fn arrived_whole(ctx: &XdpContext) -> bool {
-    let mut mtu_len = 0u32;
-    // SAFETY: plain helper call; ifindex 0 means the interface the frame arrived on, and
-    // `mtu_len` 0 the frame's own length.
+fn arrived_whole(ctx: &XdpContext, packet: &Packet) -> bool {
+    let mut mtu_len = u32::from(packet.total_len);
+    // SAFETY: plain helper call; ifindex 0 means the interface the frame arrived on.
     unsafe { bpf_check_mtu(ctx.as_ptr(), 0, &raw mut mtu_len, 0, 0) == 0 }
 }
 
@@ -198,6 +203,13 @@ fn too_big<C>(hook: &impl Hook, packet: &Packet, mtu: u16) -> Onward<C> {
     }
 }
 
+/// Whether the packet's TTL runs out at this hop: the stack's time exceeded then comes before
+/// any fragmentation needed, as in `ip_forward`.
+#[inline(always)]
+fn expires_here(hook: &impl Hook, packet: &Packet) -> bool {
+    hook.load::<u8>(packet.l3_offset + ipv4_field::TTL).is_ok_and(|ttl| ttl <= 1)
+}
+
 /// Looks the translated packet up in the FIB, from the interface it came in on, into `lookup`.
 #[inline(always)]
 fn lookup(ctx: &impl Hook, packet: &Packet, lookup: &mut FibLookup) -> Route {
@@ -210,9 +222,12 @@ fn lookup(ctx: &impl Hook, packet: &Packet, lookup: &mut FibLookup) -> Route {
     } else {
         ctx.load(packet.l4_offset).and_then(|sport| Ok((sport, ctx.load(packet.l4_offset + 2)?)))
     };
-    let (Ok((sport_be, dport_be)), Ok(src), Ok(dst)) =
-        (ports, ctx.load(l3 + ipv4_field::SRC), ctx.load(l3 + ipv4_field::DST))
-    else {
+    let (Ok((sport_be, dport_be)), Ok(src), Ok(dst), Ok(tos)) = (
+        ports,
+        ctx.load(l3 + ipv4_field::SRC),
+        ctx.load(l3 + ipv4_field::DST),
+        ctx.load::<u8>(l3 + ipv4_field::TOS),
+    ) else {
         return Route::Unknown;
     };
     lookup.family = AF_INET;
@@ -222,6 +237,8 @@ fn lookup(ctx: &impl Hook, packet: &Packet, lookup: &mut FibLookup) -> Route {
     // Asks for the MTU check: a longer packet gets FRAG_NEEDED, and the route's MTU here.
     lookup.tot_len = packet.total_len;
     lookup.ifindex = ctx.ingress_ifindex();
+    // Routing by TOS (`ip rule ... tos`) sees what the stack's forwarding would.
+    lookup.tos = u32::from(tos);
     lookup.ipv4_src[0] = src;
     lookup.ipv4_dst[0] = dst;
     // SAFETY: `lookup` is a valid, writable bpf_fib_lookup of the size passed.

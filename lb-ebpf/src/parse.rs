@@ -22,6 +22,8 @@ const ETH_P_8021AD_BE: u16 = 0x88a8_u16.to_be();
 
 /// "More fragments" flag and fragment offset mask of the IPv4 `frags` field (RFC 791).
 const IPV4_MF: u16 = 0x2000;
+/// "Don't fragment", in the `frags` field as read from the packet (network order).
+pub const IPV4_DF_BE: u16 = 0x4000_u16.to_be();
 pub const IPV4_OFFSET_MASK: u16 = 0x1fff;
 
 /// A packet's headers, present and consistent: all of them once [`parse_l4`] has read them,
@@ -72,6 +74,7 @@ impl Packet {
 
 /// Field offsets inside the IPv4 header (RFC 791), shared by everything that rewrites it.
 pub mod ipv4_field {
+    pub const TOS: usize = 1;
     pub const FRAGS: usize = 6;
     pub const TTL: usize = 8;
     pub const PROTOCOL: usize = 9;

@@ -12,7 +12,7 @@ use crate::{
     lb::Origin,
     maps::REFUSAL_BUDGET,
     nat::{self, End},
-    parse::{Packet, ipv4_field, tcp_flags},
+    parse::{IPV4_DF_BE, Packet, ipv4_field, tcp_flags},
 };
 
 /// A 20-byte IPv4 header without options, as built here.
@@ -65,8 +65,6 @@ const ICMP_DEST_UNREACHABLE: u8 = 3;
 const ICMP_PORT_UNREACHABLE: u8 = 3;
 const ICMP_FRAGMENTATION_NEEDED: u8 = 4;
 const DEFAULT_TTL: u8 = 64;
-/// Don't Fragment: refusals are small, and Linux sets DF on the RSTs it sends itself.
-const IPV4_DF_BE: u16 = 0x4000_u16.to_be();
 
 /// Spends one of this CPU's refusals to the side `origin` stands for; `false` when its budget
 /// is spent (the packet is then dropped). Per CPU: no atomics, so a node refuses up to its CPU
@@ -144,6 +142,7 @@ fn reply_ip_header(packet: &Packet, payload_len: usize, protocol: u8) -> Ipv4Hea
     let mut ip = Ipv4Header {
         version_ihl: 0x45,
         total_len_be: ((20 + payload_len) as u16).to_be(),
+        // Refusals are small, and Linux sets DF on the RSTs it sends itself.
         frags_be: IPV4_DF_BE,
         ttl: DEFAULT_TTL,
         proto: protocol,

@@ -210,3 +210,19 @@ pub fn fragmented(frame: &[u8], id: u16, first_len: usize) -> [Vec<u8>; 2] {
     let offset_words = u16::try_from(first_len / 8).expect("fits the offset field");
     [fragment(&data[..first_len], MORE_FRAGMENTS), fragment(&data[first_len..], offset_words)]
 }
+
+/// An ICMP "fragmentation needed" (RFC 1191) from `from` to `to`, node to client on Ethernet,
+/// with `next_hop_mtu`, quoting `quote`.
+pub fn icmp_fragmentation_needed(from: &str, to: &str, next_hop_mtu: u16, quote: &[u8]) -> Vec<u8> {
+    use etherparse::{Icmpv4Type, icmpv4::DestUnreachableHeader};
+    let address = |text: &str| text.parse::<Ipv4Addr>().expect("address").octets();
+    let mut frame = Vec::new();
+    PacketBuilder::ethernet2(NODE_MAC, CLIENT_MAC)
+        .ipv4(address(from), address(to), 64)
+        .icmpv4(Icmpv4Type::DestinationUnreachable(DestUnreachableHeader::FragmentationNeeded {
+            next_hop_mtu,
+        }))
+        .write(&mut frame, quote)
+        .expect("ICMP frame");
+    frame
+}

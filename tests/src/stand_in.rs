@@ -189,18 +189,25 @@ pub fn address_of<T>(data: &[T]) -> u64 {
 /// filters (kernels without tcx) are found by interface name.
 pub fn put_on_attachments(pins: &PinLayout) {
     for (name, kind) in [(program_names::XDP, Kind::Xdp), (program_names::TC, Kind::SchedCls)] {
-        let staged = pins.root().join(format!("stand-in-{name}"));
-        pin(&load(kind), &staged);
-        let mut program = match kind {
-            Kind::Xdp => {
-                Program::Xdp(Xdp::from_pin(&staged, XdpAttachType::Interface).expect("stand-in"))
-            }
-            Kind::SchedCls => {
-                Program::SchedClassifier(SchedClassifier::from_pin(&staged).expect("stand-in"))
-            }
-        };
+        let mut program = pass_all(kind, pins, &format!("stand-in-{name}"));
         let attachments = upgrade::relink(&mut program, name, pins).expect("stand-in attached");
         assert!(attachments > 0, "{name} is attached somewhere");
-        std::fs::remove_file(&staged).expect("unpin the staging pin");
     }
+}
+
+/// A pass-all stand-in of `kind` as an aya program, to attach. Staged through a pin named
+/// `staging` under `pins`, removed once the program is open.
+pub fn pass_all(kind: Kind, pins: &PinLayout, staging: &str) -> Program {
+    let staged = pins.root().join(staging);
+    pin(&load(kind), &staged);
+    let program = match kind {
+        Kind::Xdp => {
+            Program::Xdp(Xdp::from_pin(&staged, XdpAttachType::Interface).expect("stand-in"))
+        }
+        Kind::SchedCls => {
+            Program::SchedClassifier(SchedClassifier::from_pin(&staged).expect("stand-in"))
+        }
+    };
+    std::fs::remove_file(&staged).expect("unpin the staging pin");
+    program
 }

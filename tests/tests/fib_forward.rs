@@ -18,7 +18,7 @@ use lb_tests::{
     fixtures::{EXTERNAL_CLIENT, seeded},
     netns::{Netns, run},
     node,
-    packets::{L3, Spec, TcpFields, endpoints},
+    packets::{L3, Spec, TcpFields, endpoints, icmp_fragmentation_needed},
 };
 use lb_user::{maps::MapOp, stats::Forwarding};
 
@@ -175,15 +175,18 @@ fn xdp_leaves_a_packet_for_another_interface_to_the_stack() {
     }
 }
 
-/// The MTU of the path to 10.244.2.0/24 in [`narrow_namespace`].
+/// The MTU of `out0`, where the packets arrive (a veth's default).
+const OUT0_MTU: usize = 1500;
+
+/// The MTU of the path to 10.244.2.0/24 in [`narrow_namespace`], the tests' tunnel.
 const NARROW_MTU: u16 = 1000;
 
 /// [`routed_namespace`] where the remote backends are reached through `tun0`, an interface of
-/// [`NARROW_MTU`] bytes (a tunnel, say), narrower than `out0`, where the packets arrive.
-fn narrow_namespace() -> Netns {
+/// `mtu` bytes (a tunnel, say), narrower than `out0`, where the packets arrive.
+fn narrow_namespace(mtu: u16) -> Netns {
     let (netns, _) = routed_namespace_named("lbt-mtu");
     netns.ip(&["link", "add", "tun0", "type", "veth", "peer", "name", "tun1"]);
-    netns.ip(&["link", "set", "tun0", "mtu", &NARROW_MTU.to_string()]);
+    netns.ip(&["link", "set", "tun0", "mtu", &mtu.to_string()]);
     netns.ip(&["link", "set", "tun1", "up"]);
     netns.ip(&["link", "set", "tun0", "up"]);
     netns.ip(&["route", "replace", "10.244.2.0/24", "dev", "tun0"]);
@@ -200,10 +203,10 @@ fn segment(port: u16, payload: usize) -> Vec<u8> {
         .build()
 }
 
-/// Clears DF in `frame`'s IPv4 header, and recomputes its checksum.
-fn without_df(mut frame: Vec<u8>) -> Vec<u8> {
+/// `frame` with its IPv4 header changed by `change`, and its checksum recomputed.
+fn with_ipv4(mut frame: Vec<u8>, change: impl FnOnce(&mut etherparse::Ipv4Header)) -> Vec<u8> {
     let (mut header, _) = etherparse::Ipv4Header::from_slice(&frame[L3..]).expect("IPv4 header");
-    header.dont_fragment = false;
+    change(&mut header);
     header.header_checksum = header.calc_header_checksum();
     frame[L3..L3 + 20].copy_from_slice(&header.to_bytes());
     frame
@@ -213,29 +216,12 @@ fn without_df(mut frame: Vec<u8>) -> Vec<u8> {
 /// it was sent to, back to its sender, quoting its IPv4 header and first 8 payload bytes as
 /// sent, with the path's MTU.
 fn fragmentation_needed_for(request: &[u8], mtu: u16) -> Vec<u8> {
-    let mut icmp = vec![3, 4, 0, 0, 0, 0];
-    icmp.extend_from_slice(&mtu.to_be_bytes());
-    icmp.extend_from_slice(&request[L3..L3 + 28]);
-    let header = etherparse::Ipv4Header::new(
-        u16::try_from(icmp.len()).expect("short"),
-        64,
-        etherparse::IpNumber::ICMP,
-        request[L3 + 16..L3 + 20].try_into().expect("destination"),
-        request[L3 + 12..L3 + 16].try_into().expect("source"),
-    )
-    .expect("IPv4 header");
-    let mut frame = Vec::new();
-    frame.extend_from_slice(&request[6..12]);
-    frame.extend_from_slice(&request[0..6]);
-    frame.extend_from_slice(&request[12..L3]);
-    header.write(&mut frame).expect("IPv4 header bytes");
-    frame.extend_from_slice(&icmp);
-    frame
+    icmp_fragmentation_needed("192.168.1.63", EXTERNAL_CLIENT, mtu, &request[L3..L3 + 28])
 }
 
 #[test]
 fn a_packet_too_big_for_its_path_is_answered_with_fragmentation_needed() {
-    let netns = narrow_namespace();
+    let netns = narrow_namespace(NARROW_MTU);
     let out0 = out0_index(&netns);
     for (port, (hook, fib)) in
         (50_540..).zip(NORTH_SOUTH.into_iter().flat_map(|hook| [(hook, false), (hook, true)]))
@@ -248,10 +234,7 @@ fn a_packet_too_big_for_its_path_is_answered_with_fragmentation_needed() {
         let request = segment(port, 1200);
         let run = netns.enter(|| datapath.run_arriving_on(hook, &request, out0));
         run.assert_outcome(hook.bounce_code(), Reason::FragmentationNeeded, &context);
-        let mut expected = fragmentation_needed_for(&request, NARROW_MTU);
-        // The checksums are compared by recomputing them, not by copying them in here.
-        expected[L3 + 10..L3 + 12].copy_from_slice(&run.output[L3 + 10..L3 + 12]);
-        expected[L3 + 22..L3 + 24].copy_from_slice(&run.output[L3 + 22..L3 + 24]);
+        let expected = fragmentation_needed_for(&request, NARROW_MTU);
         assert_eq!(run.output, expected, "{context}: the ICMP error, exactly");
         checksum::assert_icmp_valid(&run.output);
         let counted = if hook == Hook::Xdp {
@@ -263,28 +246,85 @@ fn a_packet_too_big_for_its_path_is_answered_with_fragmentation_needed() {
     }
 }
 
-/// What fits the path, what the sender lets the stack fragment (no DF), and what is not worth
-/// a lookup (at most 552 bytes, below any path MTU Linux takes) go on as before, translated.
+/// A frame with an 802.1Q tag is measured by its IPv4 length like any other: a packet as long
+/// as the MTU where it arrived is a packet the wire carried, not segments GRO merged (the tag
+/// does not count against the MTU). Its answer leaves with the tag.
+#[test]
+fn a_tagged_packet_too_big_for_its_path_is_answered_with_its_tag() {
+    let netns = narrow_namespace(NARROW_MTU);
+    let out0 = out0_index(&netns);
+    for (port, hook) in (50_570..).zip(NORTH_SOUTH) {
+        let mut datapath = seeded();
+        let tcp = TcpFields { syn: false, ack: Some(1), ..TcpFields::default() };
+        let tagged = Spec::tcp(EXTERNAL_CLIENT, port, "192.168.1.63", 30380)
+            .with_tcp(tcp)
+            .with_payload(&vec![0x5a; OUT0_MTU - 40])
+            .with_vlan(7);
+        let request = tagged.build();
+        let run = netns.enter(|| datapath.run_arriving_on(hook, &request, out0));
+        run.assert_outcome(hook.bounce_code(), Reason::FragmentationNeeded, &format!("{hook:?}"));
+        // The answer to the same packet untagged, with the tag put back after the MACs.
+        let untagged = fragmentation_needed_for(&segment(port, OUT0_MTU - 40), NARROW_MTU);
+        let expected = [&untagged[..12], &request[12..16], &untagged[12..]].concat();
+        assert_eq!(run.output, expected, "{hook:?}: the ICMP error, tagged");
+    }
+}
+
+/// What fits the path, what the sender lets the stack fragment (no DF), and what expires here
+/// (the stack's time exceeded comes first) go on as before, translated.
 #[test]
 fn packets_that_fit_or_may_be_fragmented_go_on_translated() {
-    let netns = narrow_namespace();
+    let netns = narrow_namespace(NARROW_MTU);
     let out0 = out0_index(&netns);
     let fits = usize::from(NARROW_MTU) - 40;
     for (port, hook) in (50_550..).step_by(3).zip(NORTH_SOUTH) {
         let cases = [
             ("fits the path", segment(port, fits)),
-            ("no DF", without_df(segment(port + 1, 1200))),
-            ("not looked up", segment(port + 2, 512)),
+            ("no DF", with_ipv4(segment(port + 1, 1200), |ip| ip.dont_fragment = false)),
+            ("TTL 1", with_ipv4(segment(port + 2, 1200), |ip| ip.time_to_live = 1)),
         ];
         for (case, request) in cases {
-            let context = format!("{hook:?}, {case}");
-            let mut datapath = seeded();
-            let run = netns.enter(|| datapath.run_arriving_on(hook, &request, out0));
-            run.assert_outcome(to_stack_code(hook), Reason::ForwardNew, &context);
-            let backend = ("10.244.2.11".parse().expect("address"), 80);
-            assert_eq!(endpoints(&run.output).1, backend, "{context}: translated");
-            assert_eq!(run.output.len(), request.len(), "{context}");
-            checksum::assert_valid(&run.output);
+            assert_goes_on_translated(&netns, out0, hook, &request, case);
         }
     }
+}
+
+/// Generic (skb) XDP runs after GRO: a frame longer than the MTU of the interface it arrived
+/// on is segments merged, which the stack splits again on the way out, not a packet to answer.
+#[test]
+fn xdp_leaves_segments_merged_by_gro_to_the_stack() {
+    let netns = narrow_namespace(NARROW_MTU);
+    let out0 = out0_index(&netns);
+    let merged = segment(50_580, 2 * (OUT0_MTU - 40));
+    assert_goes_on_translated(&netns, out0, Hook::Xdp, &merged, "two segments merged");
+}
+
+/// A path narrower than 552 bytes (below any path MTU Linux takes): packets up to 552 bytes are
+/// not looked up, and go on; longer ones are answered.
+#[test]
+fn packets_up_to_552_bytes_are_not_checked() {
+    const TINY_MTU: u16 = 500;
+    let netns = narrow_namespace(TINY_MTU);
+    let out0 = out0_index(&netns);
+    for (port, hook) in (50_560..).step_by(2).zip(NORTH_SOUTH) {
+        assert_goes_on_translated(&netns, out0, hook, &segment(port, 552 - 40), "552 bytes");
+        let mut datapath = seeded();
+        let request = segment(port + 1, 553 - 40);
+        let run = netns.enter(|| datapath.run_arriving_on(hook, &request, out0));
+        run.assert_outcome(hook.bounce_code(), Reason::FragmentationNeeded, "553 bytes");
+        assert_eq!(run.output, fragmentation_needed_for(&request, TINY_MTU), "{hook:?}");
+    }
+}
+
+/// Runs `request` through `hook` as arriving on `out0` of `netns`, and checks it went up the
+/// stack translated to frontend 3's backend, whole.
+fn assert_goes_on_translated(netns: &Netns, out0: u32, hook: Hook, request: &[u8], case: &str) {
+    let context = format!("{hook:?}, {case}");
+    let mut datapath = seeded();
+    let run = netns.enter(|| datapath.run_arriving_on(hook, request, out0));
+    run.assert_outcome(to_stack_code(hook), Reason::ForwardNew, &context);
+    let backend = ("10.244.2.11".parse().expect("address"), 80);
+    assert_eq!(endpoints(&run.output).1, backend, "{context}: translated");
+    assert_eq!(run.output.len(), request.len(), "{context}");
+    checksum::assert_valid(&run.output);
 }

@@ -16,7 +16,9 @@ use lb_tests::{
     manifests::ManifestDir,
     netns::Netns,
     node::NODE_IP,
-    packets::{CLIENT_MAC, L3, L4, NODE_MAC, Spec, TcpFields, fragmented},
+    packets::{
+        CLIENT_MAC, L3, L4, NODE_MAC, Spec, TcpFields, fragmented, icmp_fragmentation_needed,
+    },
     pins::TestPins,
     topology::{NODE_IP as DEMO_NODE_IP, Topology},
 };
@@ -107,24 +109,10 @@ fn a_fragmented_datagram_and_its_fragmented_answer_through_a_cluster_ip() {
     // one about the flow: the bytes where its ports would be are payload, even when they
     // happen to equal the flow's ports.
     let quote = &sent[1][L3..L3 + 28];
-    let error = icmp_fragmentation_needed(&backend.0.to_string(), POD, quote);
+    let error = icmp_fragmentation_needed(&backend.0.to_string(), POD, 1400, quote);
     let run = datapath.run(hook, &error);
     run.assert_outcome(hook.pass_code(), Reason::NotService, "ICMP error about a later fragment");
     assert_eq!(run.output, error, "untouched");
-}
-
-/// An ICMP "fragmentation needed" from `from` to `to` quoting `quote`.
-fn icmp_fragmentation_needed(from: &str, to: &str, quote: &[u8]) -> Vec<u8> {
-    use etherparse::{Icmpv4Type, PacketBuilder, icmpv4::DestUnreachableHeader};
-    let mut frame = Vec::new();
-    PacketBuilder::ethernet2(NODE_MAC, CLIENT_MAC)
-        .ipv4(addr(from).octets(), addr(to).octets(), 64)
-        .icmpv4(Icmpv4Type::DestinationUnreachable(DestUnreachableHeader::FragmentationNeeded {
-            next_hop_mtu: 1400,
-        }))
-        .write(&mut frame, quote)
-        .expect("ICMP frame");
-    frame
 }
 
 #[test]

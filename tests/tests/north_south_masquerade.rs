@@ -14,8 +14,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use aya::programs::{Xdp, XdpMode};
-use aya_obj::programs::XdpAttachType;
+use aya::programs::{Program, XdpMode};
 use lb_common::stats::Reason;
 use lb_tests::{
     daemon::{RunningDaemon, default_targets, example_node_config},
@@ -229,13 +228,9 @@ fn ip_option(socket: &UdpSocket, option: libc::c_int) -> libc::c_int {
 }
 
 /// A pass-all XDP program on the client's interface, attached while the returned program lives.
-fn attach_pass_all(topology: &Topology, pins: &TestPins) -> Xdp {
-    let staged = pins.layout().root().join("client-pass-all");
-    stand_in::pin(&stand_in::load(Kind::Xdp), &staged);
-    let mut program = Xdp::from_pin(&staged, XdpAttachType::Interface).expect("pass-all program");
-    std::fs::remove_file(&staged).expect("unpin the staging pin");
-    topology.client.enter(|| {
-        program.attach(c"client0", XdpMode::Driver).expect("pass-all on client0");
-        program
-    })
+fn attach_pass_all(topology: &Topology, pins: &TestPins) -> Program {
+    let mut program = stand_in::pass_all(Kind::Xdp, pins.layout(), "client-pass-all");
+    let Program::Xdp(xdp) = &mut program else { unreachable!("an XDP stand-in") };
+    topology.client.enter(|| xdp.attach(c"client0", XdpMode::Driver).expect("pass-all on client0"));
+    program
 }

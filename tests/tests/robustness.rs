@@ -227,8 +227,8 @@ fn assert_refusals_are_judged(oracle: &mut Oracle<'_>) {
 
 /// Runs [`survive_here`] in a namespace of its own: north-south packets are looked up in the
 /// FIB (to check them against their path's MTU), and the runs must not depend on the host's
-/// routes and forwarding settings. (A new namespace forwards nothing, so no lookup finds a
-/// path; `fib_forward` tests what they find.)
+/// routes and forwarding settings. (A new namespace has no route but its loopback's, so no
+/// lookup finds a path; `fib_forward` tests what they find.)
 fn survive(hook: Hook) {
     Netns::new("lbt-fuzz").enter(|| survive_here(hook));
 }
@@ -615,8 +615,9 @@ impl Totals {
 /// batch), `truncated_ethernet` (frames under 14 bytes never reach a program), and the
 /// missing-configuration and missing-slot drops (the seed is complete;
 /// asserted zero above), and refusals beyond the budget (the seed sets none: the oracle's
-/// refusals are all answered), and fragmentation needed (the run's namespace forwards
-/// nothing, so no lookup finds a path to be too big for). Not necessarily: a full conntrack map, a refusal with no room to grow,
+/// refusals are all answered), and fragmentation needed (the run's namespace has no route
+/// but its loopback's, so no lookup finds a path to be too big for). Not necessarily: a full
+/// conntrack map, a refusal with no room to grow,
 /// and SNAT exhaustion (which does happen here: every masqueraded flow to one backend competes
 /// for the same 4536 ports, probed 8 at a time, and fuzzed TCP flows seldom close).
 const NOT_REQUIRED: &[Reason] = &[
