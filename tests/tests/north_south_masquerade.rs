@@ -120,7 +120,7 @@ fn masqueraded_flows(prefix: &str, xdp_redirect: bool) -> Forwarding {
     forwarding
 }
 
-/// The MTU of the node's path to node-b's pod in [`a_narrower_path_to_the_pod_becomes_the_clients_path_mtu`].
+/// The MTU of the node's path to node-b's pod in the test below.
 const NARROW_MTU: i32 = 1000;
 
 /// The node reaches node-b's pod by a path narrower than the client's. A datagram the client
