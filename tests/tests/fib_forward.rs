@@ -196,11 +196,15 @@ fn narrow_namespace(mtu: u16) -> Netns {
 /// A segment of an established connection to frontend 3 (NodePort 30380, whose backend is
 /// 10.244.2.11:80 behind the narrow path), carrying `payload` bytes, DF set.
 fn segment(port: u16, payload: usize) -> Vec<u8> {
+    segment_spec(port, payload).build()
+}
+
+/// [`segment`], before it is built.
+fn segment_spec(port: u16, payload: usize) -> Spec {
     let tcp = TcpFields { syn: false, ack: Some(1), ..TcpFields::default() };
     Spec::tcp(EXTERNAL_CLIENT, port, "192.168.1.63", 30380)
         .with_tcp(tcp)
         .with_payload(&vec![0x5a; payload])
-        .build()
 }
 
 /// `frame` with its IPv4 header changed by `change`, and its checksum recomputed.
@@ -255,12 +259,7 @@ fn a_tagged_packet_too_big_for_its_path_is_answered_with_its_tag() {
     let out0 = out0_index(&netns);
     for (port, hook) in (50_570..).zip(NORTH_SOUTH) {
         let mut datapath = seeded();
-        let tcp = TcpFields { syn: false, ack: Some(1), ..TcpFields::default() };
-        let tagged = Spec::tcp(EXTERNAL_CLIENT, port, "192.168.1.63", 30380)
-            .with_tcp(tcp)
-            .with_payload(&vec![0x5a; OUT0_MTU - 40])
-            .with_vlan(7);
-        let request = tagged.build();
+        let request = segment_spec(port, OUT0_MTU - 40).with_vlan(7).build();
         let run = netns.enter(|| datapath.run_arriving_on(hook, &request, out0));
         run.assert_outcome(hook.bounce_code(), Reason::FragmentationNeeded, &format!("{hook:?}"));
         // The answer to the same packet untagged, with the tag put back after the MACs.
