@@ -4,6 +4,8 @@
 //! packet without SYN or RST in either direction, then established, half-closed in a direction
 //! after its FIN, closing after both FINs or a RST.
 
+use core::intrinsics::{AtomicOrdering, atomic_cxchg};
+
 use aya_ebpf::helpers::bpf_jiffies64;
 use lb_common::{
     conntrack::twin_key,
@@ -165,6 +167,29 @@ fn end_opening(entry: *mut ConntrackValue) {
             (*entry).flags &= !ct_flags::OPENING;
         }
     }
+}
+
+/// Takes the expired entry `entry` over for a new flow, unless another CPU has since: moves its
+/// timestamp from `seen` (read when it was judged expired) to `now` in one compare-and-swap, so
+/// that of two CPUs that judged it at once exactly one wins, and the other (as any later look)
+/// finds it live. The winner then replaces it whole. An entry replaced meanwhile fails too: its
+/// slot's next tenant carries a fresh timestamp. One deleted meanwhile (by the daemon's
+/// collector) can still be claimed, and a flow that another CPU inserted under its key in
+/// those few instructions replaced: a window left open.
+#[inline(always)]
+pub fn claim_expired(entry: *mut ConntrackValue, seen: u64, now: u64) -> bool {
+    // `AtomicU64::compare_exchange` is not built for the BPF target (no CAS in its spec), though
+    // the instruction set has one (`BPF_CMPXCHG`, 5.12+): the intrinsic behind it emits that.
+    // SAFETY: a valid pointer from a map lookup in this program run; map values are 8-byte
+    // aligned, and `last_seen` is the first field of the `repr(C)` value.
+    unsafe {
+        atomic_cxchg::<u64, { AtomicOrdering::SeqCst }, { AtomicOrdering::Relaxed }>(
+            &raw mut (*entry).last_seen,
+            seen,
+            now,
+        )
+    }
+    .1
 }
 
 /// Inserts an entry; `Err` if the map refused it.

@@ -410,10 +410,7 @@ enum ReplyTuple {
 }
 
 /// Inserts a flow's reply entry under its reply tuple (backend -> client), unless another
-/// live flow holds it. An entry there that is dead, or this very flow's own ([`same_flow`]),
-/// is replaced: that look and the replacing write are not one step, so two CPUs opening two
-/// such flows at once over a dead entry can still both write (as `claim_snat_port` reusing an
-/// expired port can), a window of the two first packets' own lengths.
+/// live flow holds it ([`may_replace`]).
 #[inline(always)]
 fn insert_reply(
     key: &ConntrackKey,
@@ -424,16 +421,39 @@ fn insert_reply(
     if conntrack::insert(key, entry, BPF_NOEXIST).is_ok() {
         return Ok(());
     }
-    if let Some(existing) = crate::maps::CONNTRACK.get_ptr(key) {
-        // SAFETY: a valid pointer from the lookup.
-        let existing = unsafe { &*existing };
-        if !same_flow(existing, entry)
-            && conntrack::is_live(existing, proto_number, entry.last_seen, config)
-        {
-            return Err(ReplyTuple::HeldByAnotherFlow);
-        }
+    let Some(existing) = crate::maps::CONNTRACK.get_ptr_mut(key) else {
+        // Deleted since (the collector): insert again, over no flow that another CPU made
+        // meanwhile.
+        return conntrack::insert(key, entry, BPF_NOEXIST)
+            .map_err(|()| ReplyTuple::HeldByAnotherFlow);
+    };
+    if !may_replace(existing, entry, proto_number, config) {
+        return Err(ReplyTuple::HeldByAnotherFlow);
     }
     conntrack::insert(key, entry, BPF_ANY).map_err(|()| ReplyTuple::Refused)
+}
+
+/// Whether a new flow may write its reply entry `entry` over `existing`, found under the same
+/// reply tuple: this flow's own ([`same_flow`]), or an expired one this CPU claimed first
+/// (`conntrack::claim_expired`). Looking and writing are not one step: without the claim, two
+/// CPUs opening two flows over one expired entry at once would both write it, and the replies
+/// of the first would go to the second's client.
+#[inline(always)]
+fn may_replace(
+    existing: *mut ConntrackValue,
+    entry: &ConntrackValue,
+    proto_number: u8,
+    config: &NodeConfig,
+) -> bool {
+    // SAFETY: a valid pointer from a lookup in this program run.
+    let seen = unsafe { &*existing };
+    if same_flow(seen, entry) {
+        return true;
+    }
+    let seen_at = seen.last_seen;
+    let now = entry.last_seen;
+    !conntrack::is_live(seen, proto_number, now, config)
+        && conntrack::claim_expired(existing, seen_at, now)
 }
 
 /// Whether the reply entry `existing` is the one `entry` would write: this very flow's (same
@@ -482,7 +502,6 @@ fn claim_snat_port(
     reply_entry.flags |= ct_flags::SNAT;
     reply_entry.nat_ip_be = packet.src_ip_be;
     reply_entry.nat_port_be = packet.src_port_be;
-    let now = reply_entry.last_seen;
     // A TCP segment in the middle of a connection whose forward entry went: its own reply
     // entry may hold any candidate, not only the first free one (an earlier one may have
     // freed up since). Only then: every new flow would pay for the lookups.
@@ -506,16 +525,11 @@ fn claim_snat_port(
         if local_sockets::receive(hook, packet.proto, reply_from, (nat_ip_be, port.to_be())) {
             continue;
         }
-        if let Some(existing) = crate::maps::CONNTRACK.get_ptr(reply_key) {
-            // SAFETY: a valid pointer from the lookup.
-            let existing = unsafe { &*existing };
-            if conntrack::is_live(existing, packet.proto, now, config)
-                && !same_flow(existing, reply_entry)
-            {
-                continue;
-            }
+        if let Some(existing) = crate::maps::CONNTRACK.get_ptr_mut(reply_key) {
             // An expired entry, or this flow's own: reuse its port.
-            if conntrack::insert(reply_key, reply_entry, BPF_ANY).is_ok() {
+            if may_replace(existing, reply_entry, packet.proto, config)
+                && conntrack::insert(reply_key, reply_entry, BPF_ANY).is_ok()
+            {
                 return Some(port.to_be());
             }
             continue;

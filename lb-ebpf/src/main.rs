@@ -13,6 +13,8 @@
 //! Everything is gated on `target_arch = "bpf"` so that a host build of the workspace (clippy,
 //! `cargo build --workspace`) compiles an empty binary instead of a second panic handler.
 #![cfg_attr(target_arch = "bpf", no_std, no_main)]
+// For `conntrack::claim_expired`'s compare-and-swap.
+#![cfg_attr(target_arch = "bpf", allow(internal_features), feature(core_intrinsics))]
 
 #[cfg(target_arch = "bpf")]
 mod conntrack;

@@ -1,5 +1,7 @@
 //! The real programs, loaded with private maps, run on one packet at a time.
 
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+
 use aya::{
     Ebpf,
     programs::{SchedClassifier, TestRun, TestRunOptions, Xdp},
@@ -186,50 +188,125 @@ impl Datapath {
         self.run_with_context(hook, packet, None)
     }
 
-    /// Runs `packet`, arrived on interface `ingress` if given: a context (`struct xdp_md`, or
-    /// `struct __sk_buff` up to its `ifindex`) naming it.
     fn run_with_context(&self, hook: Hook, packet: &[u8], ingress: Option<u32>) -> (u32, Vec<u8>) {
-        // Room for programs that grow the packet (a short datagram refused with an ICMP error).
-        let mut output = vec![0u8; packet.len() + 512];
-        let context = ingress.map(|ifindex| {
-            let fields: Vec<u32> = if hook.is_tc() {
-                // len .. priority and ingress_ifindex left 0, then ifindex.
-                [vec![0; 10], vec![ifindex]].concat()
-            } else {
-                // data, data_end, data_meta, ingress_ifindex.
-                let len = u32::try_from(packet.len()).expect("a packet");
-                vec![0, len, 0, ifindex]
-            };
-            fields.iter().flat_map(|field| field.to_ne_bytes()).collect::<Vec<u8>>()
-        });
-        let options = TestRunOptions {
-            data_in: Some(packet),
-            data_out: Some(&mut output),
-            ctx_in: context.as_deref(),
-            ..TestRunOptions::default()
-        };
-        let result = match hook {
-            Hook::Xdp => self.program::<Xdp>(program_names::XDP).test_run(options),
-            Hook::Tc => self.program::<SchedClassifier>(program_names::TC).test_run(options),
-            Hook::TcExternal => {
-                self.program::<SchedClassifier>(program_names::TC_EXTERNAL).test_run(options)
-            }
-            Hook::TcReply => {
-                self.program::<SchedClassifier>(program_names::TC_REPLY).test_run(options)
-            }
-        }
-        .unwrap_or_else(|e| panic!("BPF_PROG_TEST_RUN of {hook:?} on {packet:02x?}: {e:?}"));
-        output.truncate(result.data_size_out as usize);
-        (result.return_value, output)
+        run_program(&self.ebpf, hook, packet, ingress)
     }
 
-    fn program<'a, P>(&'a self, name: &str) -> &'a P
-    where
-        &'a P: TryFrom<&'a aya::programs::Program>,
-    {
-        self.ebpf
-            .program(name)
-            .and_then(|p| p.try_into().ok())
-            .unwrap_or_else(|| panic!("program {name} of the expected type"))
+    /// Runs two packets at the same time, one on this thread and one on another (on two CPUs
+    /// where there are two), for `rounds` rounds, each after `prepare` has set the maps up;
+    /// returns each round's two return codes and outputs. For the races of two CPUs over one
+    /// map entry: both threads spin until a round starts, so that their runs overlap.
+    pub fn race(
+        &mut self,
+        hook: Hook,
+        packets: [&[u8]; 2],
+        rounds: u32,
+        mut prepare: impl FnMut(&mut KernelMaps),
+    ) -> Vec<[(u32, Vec<u8>); 2]> {
+        let Self { ebpf, maps } = self;
+        let ebpf = &*ebpf;
+        let started = AtomicU32::new(0);
+        let finished = AtomicU32::new(0);
+        // Set when this thread stops, even by a panic, so that the other one does not wait for
+        // a round that never starts.
+        let stopped = AtomicBool::new(false);
+        std::thread::scope(|scope| {
+            let other = scope.spawn(|| {
+                let mut runs = Vec::new();
+                for round in 1..=rounds {
+                    if !wait_for(&started, round, || stopped.load(Ordering::Acquire)) {
+                        break;
+                    }
+                    runs.push(run_program(ebpf, hook, packets[1], None));
+                    finished.store(round, Ordering::Release);
+                }
+                runs
+            });
+            let _stop = SetOnDrop(&stopped);
+            let mut here = Vec::new();
+            for round in 1..=rounds {
+                prepare(maps);
+                started.store(round, Ordering::Release);
+                here.push(run_program(ebpf, hook, packets[0], None));
+                if !wait_for(&finished, round, || other.is_finished()) {
+                    break;
+                }
+            }
+            let other = other.join().expect("the other thread of the race");
+            here.into_iter().zip(other).map(|(first, second)| [first, second]).collect()
+        })
     }
+}
+
+/// Sets its flag when dropped.
+struct SetOnDrop<'a>(&'a AtomicBool);
+
+impl Drop for SetOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Release);
+    }
+}
+
+/// Spins until `counter` reaches `value` (true), or until `gave_up` (false); yields now and
+/// then, for a machine with one CPU.
+fn wait_for(counter: &AtomicU32, value: u32, gave_up: impl Fn() -> bool) -> bool {
+    let mut spins = 0u32;
+    while counter.load(Ordering::Acquire) < value {
+        spins = spins.wrapping_add(1);
+        if spins.is_multiple_of(10_000) {
+            if gave_up() {
+                return false;
+            }
+            std::thread::yield_now();
+        } else {
+            std::hint::spin_loop();
+        }
+    }
+    true
+}
+
+/// Runs `packet` through the program behind `hook`, arrived on interface `ingress` if given:
+/// a context (`struct xdp_md`, or `struct __sk_buff` up to its `ifindex`) naming it.
+fn run_program(ebpf: &Ebpf, hook: Hook, packet: &[u8], ingress: Option<u32>) -> (u32, Vec<u8>) {
+    // Room for programs that grow the packet (a short datagram refused with an ICMP error).
+    let mut output = vec![0u8; packet.len() + 512];
+    let context = ingress.map(|ifindex| {
+        let fields: Vec<u32> = if hook.is_tc() {
+            // len .. priority and ingress_ifindex left 0, then ifindex.
+            [vec![0; 10], vec![ifindex]].concat()
+        } else {
+            // data, data_end, data_meta, ingress_ifindex.
+            let len = u32::try_from(packet.len()).expect("a packet");
+            vec![0, len, 0, ifindex]
+        };
+        fields.iter().flat_map(|field| field.to_ne_bytes()).collect::<Vec<u8>>()
+    });
+    let options = TestRunOptions {
+        data_in: Some(packet),
+        data_out: Some(&mut output),
+        ctx_in: context.as_deref(),
+        ..TestRunOptions::default()
+    };
+    let result = match hook {
+        Hook::Xdp => program::<Xdp>(ebpf, program_names::XDP).test_run(options),
+        Hook::Tc => program::<SchedClassifier>(ebpf, program_names::TC).test_run(options),
+        Hook::TcExternal => {
+            program::<SchedClassifier>(ebpf, program_names::TC_EXTERNAL).test_run(options)
+        }
+        Hook::TcReply => {
+            program::<SchedClassifier>(ebpf, program_names::TC_REPLY).test_run(options)
+        }
+    }
+    .unwrap_or_else(|e| panic!("BPF_PROG_TEST_RUN of {hook:?} on {packet:02x?}: {e:?}"));
+    output.truncate(result.data_size_out as usize);
+    (result.return_value, output)
+}
+
+fn program<'a, P>(ebpf: &'a Ebpf, name: &str) -> &'a P
+where
+    &'a P: TryFrom<&'a aya::programs::Program>,
+{
+    ebpf.program(name)
+        .and_then(|p| p.try_into().ok())
+        .unwrap_or_else(|| panic!("program {name} of the expected type"))
 }

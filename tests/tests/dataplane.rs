@@ -10,8 +10,8 @@ use std::{
 use etherparse::{Icmpv4Type, PacketBuilder, icmpv4::DestUnreachableHeader};
 use lb_common::{
     maps::{
-        AffinityKey, AffinityValue, ConntrackKey, RefusalBudget, ServiceKey, ServiceValue, proto,
-        scope, service_flags as flag,
+        AffinityKey, AffinityValue, ConntrackKey, ConntrackValue, NodeConfig, RefusalBudget,
+        ServiceKey, ServiceValue, ct_flags, proto, scope, service_flags as flag,
     },
     stats::Reason,
 };
@@ -19,7 +19,7 @@ use lb_tests::{
     checksum,
     datapath::{self, Hook},
     fixtures::{self, EXTERNAL_CLIENT, HOST_NETWORK_VIP, LB_IP, POD, seeded},
-    node::{NODE_IP, SNAT_PORT_MAX, SNAT_PORT_MIN},
+    node::{NODE_IP, SNAT_PORT_MAX, SNAT_PORT_MIN, node_config},
     packets::{CLIENT_MAC, L3, NODE_MAC, Spec, TcpFields, endpoints},
     services::Frontend,
 };
@@ -276,6 +276,114 @@ fn a_masqueraded_flow_made_again_finds_its_own_port_among_the_candidates() {
     let run = datapath.run(Hook::Xdp, &request.with_tcp(mid_flow()).build());
     run.assert_outcome(Hook::Xdp.forward_code(), Reason::ForwardNew, "made again");
     assert_eq!(snat_port_of(&run), second, "its own port, not the free first candidate");
+}
+
+/// Rounds of two new flows opened at the same time over one expired reply entry. Without the
+/// claim (`claim_expired`), both flows took the entry within the first ten rounds, in each of
+/// three runs on a 2-CPU VM.
+const RACE_ROUNDS: u32 = 1_000;
+
+/// An expired reply entry: `template`'s, last refreshed a day ago (past every timeout).
+fn expired(template: ConntrackValue) -> ConntrackValue {
+    let day = 86_400 * u64::from(lb_user::clock::jiffies_per_second());
+    let now = lb_user::clock::jiffies_now().expect("jiffies");
+    ConntrackValue { last_seen: now - day, flags: ct_flags::REPLY | template.flags, ..template }
+}
+
+/// Two clients open flows to a NodePort at the same time, on two CPUs, and the one SNAT port
+/// there is held by an expired flow: one of them takes it, the other is refused it. (Both
+/// taking it would send the first one's replies to the second client.)
+#[test]
+fn of_two_flows_that_find_one_expired_snat_port_at_once_one_takes_it() {
+    let mut datapath = seeded();
+    let port = SNAT_PORT_MIN;
+    datapath.apply(&[MapOp::SetNodeConfig(NodeConfig { snat_port_max: port, ..node_config() })]);
+    let clients = ["203.0.113.20", "203.0.113.21"];
+    let syns = clients.map(|client| Spec::tcp(client, 40_000, NODE_IP, 30380).build());
+    let forward_keys = clients.map(|client| {
+        let (client, node) = (ip_be(addr(client)), ip_be(addr(NODE_IP)));
+        ConntrackKey::new(client, node, 40_000u16.to_be(), 30380u16.to_be(), proto::TCP)
+    });
+    let (backend, node) = (ip_be(addr("10.244.2.11")), ip_be(addr(NODE_IP)));
+    let reply_key = ConntrackKey::new(backend, node, 80u16.to_be(), port.to_be(), proto::TCP);
+    let stale = expired(ConntrackValue {
+        flags: ct_flags::SNAT,
+        service_id: 3,
+        translated_ip_be: node,
+        translated_port_be: 30380u16.to_be(),
+        nat_ip_be: ip_be(addr(EXTERNAL_CLIENT)),
+        nat_port_be: 39_999u16.to_be(),
+        ..ConntrackValue::default()
+    });
+    // The reply entry each round left, read before the next round writes the stale one.
+    let mut holders = Vec::new();
+    let rounds = datapath.race(Hook::Xdp, [&syns[0], &syns[1]], RACE_ROUNDS, |maps| {
+        let entry = maps.conntrack_entry(&reply_key).expect("read the reply entry");
+        holders.push(entry.map(|entry| entry.nat_ip_be));
+        maps.remove_conntrack(&forward_keys).expect("remove the last round's flows");
+        maps.write_conntrack(&reply_key, &stale).expect("the expired flow");
+    });
+    let holder = datapath.maps().conntrack_entry(&reply_key).expect("read").expect("held");
+    holders.push(Some(holder.nat_ip_be));
+    holders.remove(0); // read before the first round: none yet
+
+    for (round, (runs, holder)) in rounds.iter().zip(&holders).enumerate() {
+        let codes = runs.each_ref().map(|(code, _)| *code);
+        let taken: Vec<usize> = (0..2).filter(|&i| codes[i] == Hook::Xdp.forward_code()).collect();
+        assert_eq!(taken.len(), 1, "round {round}: one flow takes the port: {codes:?}");
+        let other = 1 - taken[0];
+        assert_eq!(codes[other], Hook::Xdp.drop_code(), "round {round}: the other is refused");
+        let ((_, snat_port), _) = endpoints(&runs[taken[0]].1);
+        assert_eq!(snat_port, port, "round {round}");
+        assert_eq!(*holder, Some(ip_be(addr(clients[taken[0]]))), "round {round}: replies to it");
+    }
+}
+
+/// One client socket opens flows to two frontends of one backend at the same time, on two
+/// CPUs, over an expired reply entry under their shared reply tuple: one flow takes the tuple,
+/// the other a new source port, as when they come one after the other. (Both taking it would
+/// send the first one's replies from the second's frontend.)
+#[test]
+fn of_two_flows_that_find_one_expired_reply_tuple_at_once_one_takes_it() {
+    let mut datapath = seeded();
+    let vips = ["10.96.9.1", "10.96.9.2"];
+    for (id, vip) in [(901, vips[0]), (902, vips[1])] {
+        datapath
+            .apply(&Frontend::new(id, vip, 53, proto::UDP).backend("10.244.1.15", 53, true).ops());
+    }
+    let queries = vips.map(|vip| Spec::udp(POD, 5353, vip, 53).build());
+    let (pod, backend) = (ip_be(addr(POD)), ip_be(addr("10.244.1.15")));
+    let forward_keys = vips.map(|vip| {
+        ConntrackKey::new(pod, ip_be(addr(vip)), 5353u16.to_be(), 53u16.to_be(), proto::UDP)
+    });
+    let reply_key = ConntrackKey::new(backend, pod, 53u16.to_be(), 5353u16.to_be(), proto::UDP);
+    let stale = expired(ConntrackValue {
+        service_id: 2,
+        translated_ip_be: ip_be(addr("10.96.0.10")),
+        translated_port_be: 53u16.to_be(),
+        ..ConntrackValue::default()
+    });
+    let mut holders = Vec::new();
+    let rounds = datapath.race(Hook::Tc, [&queries[0], &queries[1]], RACE_ROUNDS, |maps| {
+        let entry = maps.conntrack_entry(&reply_key).expect("read the reply entry");
+        holders.push(entry.map(|entry| entry.translated_ip_be));
+        maps.remove_conntrack(&forward_keys).expect("remove the last round's flows");
+        maps.write_conntrack(&reply_key, &stale).expect("the expired flow");
+    });
+    let holder = datapath.maps().conntrack_entry(&reply_key).expect("read").expect("held");
+    holders.push(Some(holder.translated_ip_be));
+    holders.remove(0); // read before the first round: none yet
+
+    for (round, (runs, holder)) in rounds.iter().zip(&holders).enumerate() {
+        let codes = runs.each_ref().map(|(code, _)| *code);
+        assert_eq!(codes, [Hook::Tc.forward_code(); 2], "round {round}: both translated");
+        let ports = runs.each_ref().map(|(_, output)| endpoints(output).0.1);
+        let kept: Vec<usize> = (0..2).filter(|&i| ports[i] == 5353).collect();
+        assert_eq!(kept.len(), 1, "round {round}: one flow keeps its port: {ports:?}");
+        let moved = ports[1 - kept[0]];
+        assert!((SNAT_PORT_MIN..=SNAT_PORT_MAX).contains(&moved), "round {round}: {moved}");
+        assert_eq!(*holder, Some(ip_be(addr(vips[kept[0]]))), "round {round}: its replies from it");
+    }
 }
 
 /// The flow hash picks the backend (modulo the slot count) and the first SNAT port candidate:
