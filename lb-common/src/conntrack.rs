@@ -98,6 +98,12 @@ pub fn is_opening(value: &ConntrackValue) -> bool {
     value.opening != 0 || value.flags & ct_flags::OPENING != 0
 }
 
+/// The timestamp of an entry a new flow is taking over (the programs' `conntrack::claim`), until
+/// it writes the entry anew: no age, so live to every reader, and never a timestamp another CPU
+/// read before, so that no second claim succeeds, not even on the slot the map frees when the
+/// entry is replaced.
+pub const CLAIMED: u64 = u64::MAX;
+
 /// True if `value` (of a flow of `proto_number`) was refreshed within its timeout at `now`.
 #[inline(always)]
 #[must_use]
@@ -107,8 +113,21 @@ pub fn is_live(
     now: u64,
     jiffies_per_second: u32,
 ) -> bool {
-    now.saturating_sub(value.last_seen)
-        <= timeout_s(value, proto_number) * u64::from(jiffies_per_second)
+    lives_at(value.last_seen, value, proto_number, now, jiffies_per_second)
+}
+
+/// [`is_live`] with the timestamp `last_seen` read on its own (once, by a CPU that may then
+/// swap it: the rest of `value` may have changed since).
+#[inline(always)]
+#[must_use]
+pub fn lives_at(
+    last_seen: u64,
+    value: &ConntrackValue,
+    proto_number: u8,
+    now: u64,
+    jiffies_per_second: u32,
+) -> bool {
+    now.saturating_sub(last_seen) <= timeout_s(value, proto_number) * u64::from(jiffies_per_second)
 }
 
 /// The key of the other direction's entry of the flow whose entry `value` is found under `key`.

@@ -8,7 +8,7 @@ use core::intrinsics::{AtomicOrdering, atomic_cxchg};
 
 use aya_ebpf::helpers::bpf_jiffies64;
 use lb_common::{
-    conntrack::twin_key,
+    conntrack::{CLAIMED, twin_key},
     maps::{ConntrackKey, ConntrackValue, NodeConfig, closing, ct_flags, proto},
 };
 
@@ -137,17 +137,26 @@ fn follow_tcp_state(
     // SAFETY: as above.
     if fin && unsafe { core::ptr::read_volatile(&raw const (*entry).closing) } == closing::OPEN {
         set_closing(entry, closing::HALF_CLOSED, now);
+        // The twin too, which `touch` then leaves for a second: after a long quiet spell it
+        // would expire first, and its replies go untranslated, or its tuple to a new flow.
+        if let Some(twin) = twin {
+            // SAFETY: a valid pointer from the lookup.
+            unsafe { (*twin).last_seen = now };
+        }
     }
     false
 }
 
-/// Sets an entry's closing state (a whole-byte store, as in `end_opening`) and refreshes it.
+/// Refreshes an entry and sets its closing state (a whole-byte store, as in `end_opening`).
+/// The timestamp first: a CPU that reads the entry between the two stores, judging whether it
+/// expired (`lb::may_replace`), sees a fresh timestamp with the old state, never a shorter
+/// timeout with the old timestamp.
 #[inline(always)]
 fn set_closing(entry: *mut ConntrackValue, state: u8, now: u64) {
     // SAFETY: a valid pointer from a lookup in this program run.
     unsafe {
+        core::ptr::write_volatile(&raw mut (*entry).last_seen, now);
         core::ptr::write_volatile(&raw mut (*entry).closing, state);
-        (*entry).last_seen = now;
     }
 }
 
@@ -169,27 +178,40 @@ fn end_opening(entry: *mut ConntrackValue) {
     }
 }
 
-/// Takes the expired entry `entry` over for a new flow, unless another CPU has since: moves its
-/// timestamp from `seen` (read when it was judged expired) to `now` in one compare-and-swap, so
-/// that of two CPUs that judged it at once exactly one wins, and the other (as any later look)
-/// finds it live. The winner then replaces it whole. An entry replaced meanwhile fails too: its
-/// slot's next tenant carries a fresh timestamp. One deleted meanwhile (by the daemon's
-/// collector) can still be claimed, and a flow that another CPU inserted under its key in
-/// those few instructions replaced: a window left open.
+/// `entry`'s timestamp, read once (see [`claim`]).
 #[inline(always)]
-pub fn claim_expired(entry: *mut ConntrackValue, seen: u64, now: u64) -> bool {
+pub fn last_seen(entry: *const ConntrackValue) -> u64 {
+    // SAFETY: a valid pointer from a map lookup in this program run.
+    unsafe { core::ptr::read_volatile(&raw const (*entry).last_seen) }
+}
+
+/// Takes `entry` over for a new flow, unless another CPU has since: swaps its timestamp `seen`
+/// (read with [`last_seen`] when the entry was judged) for `CLAIMED` in one compare-and-swap,
+/// so that of two CPUs that judged it at once exactly one wins, and the other, as any later
+/// look, finds it claimed. The winner then replaces the entry whole, or gives it back
+/// ([`release`]) if the map refuses the new one.
+#[inline(always)]
+pub fn claim(entry: *mut ConntrackValue, seen: u64) -> bool {
     // `AtomicU64::compare_exchange` is not built for the BPF target (no CAS in its spec), though
     // the instruction set has one (`BPF_CMPXCHG`, 5.12+): the intrinsic behind it emits that.
     // SAFETY: a valid pointer from a map lookup in this program run; map values are 8-byte
     // aligned, and `last_seen` is the first field of the `repr(C)` value.
-    unsafe {
-        atomic_cxchg::<u64, { AtomicOrdering::SeqCst }, { AtomicOrdering::Relaxed }>(
-            &raw mut (*entry).last_seen,
-            seen,
-            now,
-        )
-    }
-    .1
+    seen != CLAIMED
+        && unsafe {
+            atomic_cxchg::<u64, { AtomicOrdering::SeqCst }, { AtomicOrdering::Relaxed }>(
+                &raw mut (*entry).last_seen,
+                seen,
+                CLAIMED,
+            )
+        }
+        .1
+}
+
+/// Gives a claimed entry its timestamp back.
+#[inline(always)]
+pub fn release(entry: *mut ConntrackValue, seen: u64) {
+    // SAFETY: as in `claim`.
+    unsafe { core::ptr::write_volatile(&raw mut (*entry).last_seen, seen) };
 }
 
 /// Inserts an entry; `Err` if the map refused it.

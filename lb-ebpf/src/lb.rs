@@ -2,6 +2,7 @@
 //! find the frontend, apply its policies, choose a backend, decide on SNAT and record the flow.
 
 use lb_common::{
+    conntrack::{CLAIMED, lives_at},
     hash::{finalize, flow_hash},
     maps::{
         AffinityKey, AffinityValue, Backend, ConntrackKey, ConntrackValue, NodeConfig, ServiceKey,
@@ -425,35 +426,69 @@ fn insert_reply(
         // Deleted since (the collector): insert again, over no flow that another CPU made
         // meanwhile.
         return conntrack::insert(key, entry, BPF_NOEXIST)
+            .or_else(|()| made_meanwhile(key, entry))
             .map_err(|()| ReplyTuple::HeldByAnotherFlow);
     };
-    if !may_replace(existing, entry, proto_number, config) {
-        return Err(ReplyTuple::HeldByAnotherFlow);
-    }
-    conntrack::insert(key, entry, BPF_ANY).map_err(|()| ReplyTuple::Refused)
+    take_over(key, existing, entry, proto_number, config)
+}
+
+/// Writes `entry` under `key` over `existing`, the entry found there, if [`may_replace`] lets
+/// it.
+#[inline(always)]
+fn take_over(
+    key: &ConntrackKey,
+    existing: *mut ConntrackValue,
+    entry: &ConntrackValue,
+    proto_number: u8,
+    config: &NodeConfig,
+) -> Result<(), ReplyTuple> {
+    let seen =
+        may_replace(existing, entry, proto_number, config).ok_or(ReplyTuple::HeldByAnotherFlow)?;
+    conntrack::insert(key, entry, BPF_ANY).map_err(|()| {
+        conntrack::release(existing, seen);
+        ReplyTuple::Refused
+    })
 }
 
 /// Whether a new flow may write its reply entry `entry` over `existing`, found under the same
-/// reply tuple: this flow's own ([`same_flow`]), or an expired one this CPU claimed first
-/// (`conntrack::claim_expired`). Looking and writing are not one step: without the claim, two
-/// CPUs opening two flows over one expired entry at once would both write it, and the replies
-/// of the first would go to the second's client.
+/// reply tuple: this flow's own ([`same_flow`]), or an expired one. `Some(timestamp)`: it is
+/// claimed (`conntrack::claim`), and the caller writes it, or gives it back with the timestamp.
+/// Looking and writing are not one step: without the claim, two CPUs opening two flows over
+/// one expired entry at once would both write it, and the replies of the first would go to
+/// the second's client.
 #[inline(always)]
 fn may_replace(
     existing: *mut ConntrackValue,
     entry: &ConntrackValue,
     proto_number: u8,
     config: &NodeConfig,
-) -> bool {
-    // SAFETY: a valid pointer from a lookup in this program run.
-    let seen = unsafe { &*existing };
-    if same_flow(seen, entry) {
-        return true;
+) -> Option<u64> {
+    // Twice: this flow's own live entry may be refreshed (by a reply) between the look and the
+    // claim.
+    for _ in 0..2 {
+        let seen_at = conntrack::last_seen(existing);
+        // SAFETY: a valid pointer from a lookup in this program run.
+        let seen = unsafe { &*existing };
+        let rate = config.jiffies_per_second;
+        let expired = !lives_at(seen_at, seen, proto_number, entry.last_seen, rate);
+        if !expired && !same_flow(seen, entry) {
+            return None;
+        }
+        if conntrack::claim(existing, seen_at) {
+            return Some(seen_at);
+        }
     }
-    let seen_at = seen.last_seen;
-    let now = entry.last_seen;
-    !conntrack::is_live(seen, proto_number, now, config)
-        && conntrack::claim_expired(existing, seen_at, now)
+    None
+}
+
+/// Whether another CPU has just inserted `entry` itself under `key`: a packet of the same new
+/// flow, opening it at the same time. Its entry then serves this one too.
+#[inline(always)]
+fn made_meanwhile(key: &ConntrackKey, entry: &ConntrackValue) -> Result<(), ()> {
+    let existing = crate::maps::CONNTRACK.get_ptr(key).ok_or(())?;
+    // SAFETY: a valid pointer from the lookup.
+    let mine = same_flow(unsafe { &*existing }, entry) && conntrack::last_seen(existing) != CLAIMED;
+    if mine { Ok(()) } else { Err(()) }
 }
 
 /// Whether the reply entry `existing` is the one `entry` would write: this very flow's (same
@@ -509,10 +544,10 @@ fn claim_snat_port(
         for probe in 0..SNAT_PROBES {
             let port = snat_candidate(hash, probe, min, range)?;
             reply_key.dst_port_be = port.to_be();
-            if let Some(existing) = crate::maps::CONNTRACK.get_ptr(reply_key)
+            if let Some(existing) = crate::maps::CONNTRACK.get_ptr_mut(reply_key)
                 // SAFETY: a valid pointer from the lookup.
                 && same_flow(unsafe { &*existing }, reply_entry)
-                && conntrack::insert(reply_key, reply_entry, BPF_ANY).is_ok()
+                && take_over(reply_key, existing, reply_entry, packet.proto, config).is_ok()
             {
                 return Some(port.to_be());
             }
@@ -527,15 +562,17 @@ fn claim_snat_port(
         }
         if let Some(existing) = crate::maps::CONNTRACK.get_ptr_mut(reply_key) {
             // An expired entry, or this flow's own: reuse its port.
-            if may_replace(existing, reply_entry, packet.proto, config)
-                && conntrack::insert(reply_key, reply_entry, BPF_ANY).is_ok()
-            {
+            if take_over(reply_key, existing, reply_entry, packet.proto, config).is_ok() {
                 return Some(port.to_be());
             }
             continue;
         }
-        // NOEXIST: another CPU may claim the same port between the lookup and here.
-        if conntrack::insert(reply_key, reply_entry, BPF_NOEXIST).is_ok() {
+        // NOEXIST: another CPU may take the same port between the lookup and here, for
+        // another flow, or for this one.
+        if conntrack::insert(reply_key, reply_entry, BPF_NOEXIST)
+            .or_else(|()| made_meanwhile(reply_key, reply_entry))
+            .is_ok()
+        {
             return Some(port.to_be());
         }
     }

@@ -9,7 +9,8 @@
 
 use lb_common::{
     conntrack::{
-        OTHER_TIMEOUT_S, TCP_CLOSING_TIMEOUT_S, TCP_OPENING_TIMEOUT_S, TcpState, tcp_state,
+        OTHER_TIMEOUT_S, TCP_CLOSING_TIMEOUT_S, TCP_OPENING_TIMEOUT_S, TCP_TIMEOUT_S, TcpState,
+        tcp_state,
     },
     maps::{ConntrackKey, ConntrackValue, ct_flags},
     stats::Reason,
@@ -381,6 +382,22 @@ fn a_flow_first_seen_at_a_reset_is_closing_and_at_an_ack_opening() {
     let next = with_flags(&picked_up, false, false);
     assert_eq!(send(&mut datapath, &next), Reason::ForwardEstablished);
     assert_eq!(states(datapath.maps(), 40_811), [TcpState::Established, TcpState::Established]);
+}
+
+/// A FIN after a long quiet spell refreshes both entries, as any packet does. The reply entry,
+/// left behind, would expire first: the backend's answers to the half-closed connection would
+/// go untranslated, and the reply tuple to a new flow.
+#[test]
+fn a_fin_after_a_quiet_spell_refreshes_both_entries() {
+    let mut datapath = seeded();
+    let syn = Spec::tcp(POD, 40_830, "10.96.45.10", 80);
+    let (_, request) = send_through(&mut datapath, Hook::Tc, &syn);
+    assert_eq!(send(&mut datapath, &with_flags(&syn, false, false)), Reason::ForwardEstablished);
+    age(&mut datapath, 40_830, TCP_TIMEOUT_S - 5);
+    assert_eq!(send(&mut datapath, &syn.fin()), Reason::ForwardEstablished);
+    age(&mut datapath, 40_830, 10);
+    let answer = reply_to(&syn, &request, false, false);
+    assert_eq!(send(&mut datapath, &answer), Reason::ReplyTranslated, "its reply entry lives");
 }
 
 #[test]

@@ -295,6 +295,20 @@ fn expired(template: ConntrackValue) -> ConntrackValue {
 /// taking it would send the first one's replies to the second client.)
 #[test]
 fn of_two_flows_that_find_one_expired_snat_port_at_once_one_takes_it() {
+    race_for_one_expired_snat_port(None);
+}
+
+/// As above, the expired flow being the first client's own earlier one (same source port):
+/// taking its own entry back, the first client claims it too.
+#[test]
+fn a_flow_taking_its_own_expired_snat_port_back_claims_it_against_another_flow() {
+    race_for_one_expired_snat_port(Some(0));
+}
+
+/// Two clients' SYNs to a NodePort whose SNAT range is one port, held by an expired flow (of
+/// client `owner`, from the same source port, or of a third client), raced [`RACE_ROUNDS`]
+/// times: in every round exactly one takes the port, and its reply entry is the one left.
+fn race_for_one_expired_snat_port(owner: Option<usize>) {
     let mut datapath = seeded();
     let port = SNAT_PORT_MIN;
     datapath.apply(&[MapOp::SetNodeConfig(NodeConfig { snat_port_max: port, ..node_config() })]);
@@ -311,8 +325,8 @@ fn of_two_flows_that_find_one_expired_snat_port_at_once_one_takes_it() {
         service_id: 3,
         translated_ip_be: node,
         translated_port_be: 30380u16.to_be(),
-        nat_ip_be: ip_be(addr(EXTERNAL_CLIENT)),
-        nat_port_be: 39_999u16.to_be(),
+        nat_ip_be: ip_be(addr(owner.map_or(EXTERNAL_CLIENT, |owner| clients[owner]))),
+        nat_port_be: if owner.is_some() { 40_000u16 } else { 39_999 }.to_be(),
         ..ConntrackValue::default()
     });
     // The reply entry each round left, read before the next round writes the stale one.
