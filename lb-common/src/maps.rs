@@ -228,6 +228,13 @@ impl ConntrackKey {
         // laid out exactly as these four words in memory; every bit pattern is valid.
         unsafe { core::mem::transmute::<[u32; 4], Self>(words) }
     }
+
+    /// The key's bytes as the map holds them (for a program that reads a key from its input).
+    #[must_use]
+    pub fn to_bytes(self) -> [u8; 16] {
+        // SAFETY: as in `new`, the other way round: 16 bytes of plain integers.
+        unsafe { core::mem::transmute::<Self, [u8; 16]>(self) }
+    }
 }
 
 /// Conntrack flags (`ConntrackValue::flags`), fixed when the entry is made.

@@ -214,6 +214,27 @@ pub fn release(entry: *mut ConntrackValue, seen: u64) {
     unsafe { core::ptr::write_volatile(&raw mut (*entry).last_seen, seen) };
 }
 
+/// Deletes the entry under `key` if it has expired, claiming it first ([`claim`]), as a new
+/// flow that takes an expired entry over does: of the two, only one gets it. True if deleted.
+#[inline(always)]
+pub fn remove_expired(key: &ConntrackKey, now: u64, config: &NodeConfig) -> bool {
+    let Some(entry) = CONNTRACK.get_ptr_mut(key) else {
+        return false;
+    };
+    let seen = last_seen(entry);
+    // SAFETY: a valid pointer from the lookup.
+    let value = unsafe { &*entry };
+    let rate = config.jiffies_per_second;
+    if lb_common::conntrack::lives_at(seen, value, key.proto, now, rate) || !claim(entry, seen) {
+        return false;
+    }
+    if CONNTRACK.remove(key).is_ok() {
+        return true;
+    }
+    release(entry, seen);
+    false
+}
+
 /// Inserts an entry; `Err` if the map refused it.
 #[inline(always)]
 pub fn insert(key: &ConntrackKey, value: &ConntrackValue, flags: u64) -> Result<(), ()> {

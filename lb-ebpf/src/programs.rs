@@ -7,14 +7,15 @@ use aya_ebpf::{
     programs::{TcContext, XdpContext},
 };
 use lb_common::{
-    maps::{fragment_side, proto},
+    maps::{ConntrackKey, fragment_side, proto},
     stats::Reason,
 };
 
 use crate::{
+    conntrack,
     forward::{self, Onward},
     fragments,
-    frame::Frame,
+    frame::{self, Frame},
     hook::Hook,
     icmp,
     lb::{self, Origin, Verdict},
@@ -87,6 +88,29 @@ fn north_south<H: Hook, C>(
     };
     stats::count(reason);
     Err(verdict)
+}
+
+/// Not attached: the daemon's conntrack collector runs it (`BPF_PROG_TEST_RUN`) on the key of
+/// each entry it found expired, given as the packet's bytes, to delete the entry only if it is
+/// still expired, claiming it first (`conntrack::remove_expired`). A delete from user space
+/// could not claim: between the collector's look and its delete, a new flow could take the
+/// entry over, lose it, and leave its tuple to a third flow. `XDP_DROP`: deleted; `XDP_PASS`:
+/// kept (live, claimed, or gone already).
+#[xdp]
+pub fn lb_reap(ctx: XdpContext) -> u32 {
+    let Some(key) = frame::ptr_at::<ConntrackKey>(&ctx, 0) else {
+        return xdp_action::XDP_PASS;
+    };
+    let Some(config) = lb::node_config() else {
+        return xdp_action::XDP_PASS;
+    };
+    // SAFETY: inside the packet, checked by `ptr_at`; the key is plain data.
+    let key = unsafe { core::ptr::read_unaligned(key) };
+    if conntrack::remove_expired(&key, conntrack::now(), config) {
+        xdp_action::XDP_DROP
+    } else {
+        xdp_action::XDP_PASS
+    }
 }
 
 /// Replies from the node's own stack, on tc egress of pod-facing and external interfaces: the

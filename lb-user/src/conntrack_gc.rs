@@ -12,13 +12,26 @@ use std::{
     time::{Duration, Instant},
 };
 
+use aya::{
+    Ebpf,
+    programs::{TestRun as _, TestRunOptions, Xdp},
+};
+use aya_obj::programs::XdpAttachType;
 use lb_common::{
     conntrack::{TcpState, is_live, tcp_state},
-    maps::proto,
+    maps::{ConntrackKey, proto},
 };
 use tracing::{debug, error, info};
 
-use crate::{clock, error::Result, maps::KernelMaps, metrics::Metrics, pins::PinLayout};
+use crate::{
+    clock,
+    error::{Error, Result},
+    maps::KernelMaps,
+    metrics::Metrics,
+    pins::PinLayout,
+    program_names,
+    return_codes::XDP_DROP,
+};
 
 /// Time between passes: UDP entries live 60 s and closing TCP ones 10 s, so no dead entry
 /// stays much longer than its own lifetime.
@@ -35,10 +48,9 @@ pub struct Pass {
 }
 
 /// Deletes every conntrack entry that is dead at jiffies `now`. The map is read in batches;
-/// a dead entry is then read again on its own just before it goes, so that one a packet
-/// refreshed since the walk stays. Dead entries are few next to the walk, and deleting each
-/// right after its check keeps the window for a refresh to one system call.
-pub fn collect(maps: &mut KernelMaps, now: u64) -> Result<Pass> {
+/// each dead entry is then handed to the `reaper`, which deletes it if it is still dead: one a
+/// packet refreshed since the walk, or a new flow took over, stays.
+pub fn collect(maps: &KernelMaps, reaper: &Reaper, now: u64) -> Result<Pass> {
     let rate = clock::jiffies_per_second();
     let entries = maps.conntrack()?;
     let scanned = entries.len();
@@ -49,14 +61,56 @@ pub fn collect(maps: &mut KernelMaps, now: u64) -> Result<Pass> {
             opening += usize::from(state == Some(TcpState::Opening));
             continue;
         }
-        let still_dead = maps
-            .conntrack_entry(&key)?
-            .is_some_and(|current| !is_live(&current, key.proto, now, rate));
-        if still_dead {
-            removed += maps.remove_conntrack(&[key])?;
-        }
+        removed += usize::from(reaper.remove_if_expired(&key)?);
     }
     Ok(Pass { scanned, removed, opening })
+}
+
+/// The `lb_reap` program, which deletes a conntrack entry in the kernel, and only if it is still
+/// expired there, claiming it as the datapath claims an expired entry it takes over. A delete
+/// from here, after a look, could remove an entry a new flow had taken over since: that flow's
+/// forward entry would live on without it, and its tuple (an SNAT port) go to a third flow,
+/// whose replies would then reach both.
+pub enum Reaper<'a> {
+    /// Opened from its pin.
+    Pinned(Box<Xdp>),
+    /// Loaded in an object the caller holds.
+    Loaded(&'a Xdp),
+}
+
+impl Reaper<'_> {
+    /// The program pinned under `pins`, which uses the pinned maps (an upgrade or a resize pins
+    /// it anew with the others).
+    pub fn from_pins(pins: &PinLayout) -> Result<Reaper<'static>> {
+        let path = pins.program(program_names::REAP);
+        let program = Xdp::from_pin(&path, XdpAttachType::Interface).map_err(|source| {
+            Error::Link { what: format!("opening {}", path.display()), source: source.into() }
+        })?;
+        Ok(Reaper::Pinned(Box::new(program)))
+    }
+
+    /// The program loaded in `ebpf`, with that object's maps.
+    pub fn of(ebpf: &Ebpf) -> Result<Reaper<'_>> {
+        ebpf.program(program_names::REAP)
+            .and_then(|program| program.try_into().ok())
+            .map(Reaper::Loaded)
+            .ok_or(Error::MissingProgram(program_names::REAP))
+    }
+
+    /// Deletes the entry under `key` if it is still expired; true if it did.
+    pub fn remove_if_expired(&self, key: &ConntrackKey) -> Result<bool> {
+        let program: &Xdp = match self {
+            Reaper::Pinned(program) => program,
+            Reaper::Loaded(program) => program,
+        };
+        let bytes = key.to_bytes();
+        let options = TestRunOptions { data_in: Some(&bytes), ..TestRunOptions::default() };
+        let run = program.test_run(options).map_err(|source| Error::TestRun {
+            program: program_names::REAP,
+            source: Box::new(source),
+        })?;
+        Ok(run.return_value == XDP_DROP)
+    }
 }
 
 /// A collector thread on the pinned maps; it stops when the handle is dropped.
@@ -68,25 +122,26 @@ impl Collector {
     /// Runs a pass every `interval` on its own maps handle, off the reconcile loop: a pass over
     /// a million entries keeps the kernel busy for some 0.4 s.
     pub fn start(pins: &PinLayout, interval: Duration, metrics: Arc<Metrics>) -> Result<Self> {
-        let mut maps = KernelMaps::from_pins(pins)?;
+        let maps = KernelMaps::from_pins(pins)?;
+        let reaper = Reaper::from_pins(pins)?;
         let (stop, stopped) = mpsc::channel::<()>();
         thread::Builder::new()
             .name("conntrack-gc".into())
             .spawn(move || {
                 while let Err(RecvTimeoutError::Timeout) = stopped.recv_timeout(interval) {
-                    run_pass(&mut maps, &metrics);
+                    run_pass(&maps, &reaper, &metrics);
                 }
             })
-            .map_err(crate::error::Error::io("starting the conntrack collector"))?;
+            .map_err(Error::io("starting the conntrack collector"))?;
         Ok(Self { _stop: stop })
     }
 }
 
-fn run_pass(maps: &mut KernelMaps, metrics: &Metrics) {
+fn run_pass(maps: &KernelMaps, reaper: &Reaper, metrics: &Metrics) {
     let started = Instant::now();
     let outcome = clock::jiffies_now()
-        .map_err(crate::error::Error::io("reading the kernel's jiffies"))
-        .and_then(|now| collect(maps, now));
+        .map_err(Error::io("reading the kernel's jiffies"))
+        .and_then(|now| collect(maps, reaper, now));
     if let Ok(pass) = &outcome {
         metrics.observe_collection(pass);
     }

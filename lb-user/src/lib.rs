@@ -79,7 +79,10 @@ pub mod program_names {
     pub const GETPEERNAME4: &str = "lb_getpeername4";
     /// The host-path programs, attached together to one cgroup.
     pub const HOST: [&str; 4] = [CONNECT4, SENDMSG4, RECVMSG4, GETPEERNAME4];
+    /// Never attached: the conntrack collector runs it on each entry it found expired (see
+    /// `crate::conntrack_gc::Reaper`).
+    pub const REAP: &str = "lb_reap";
     /// Every program.
-    pub const ALL: [&str; 8] =
-        [XDP, TC, TC_EXTERNAL, TC_REPLY, CONNECT4, SENDMSG4, RECVMSG4, GETPEERNAME4];
+    pub const ALL: [&str; 9] =
+        [XDP, TC, TC_EXTERNAL, TC_REPLY, CONNECT4, SENDMSG4, RECVMSG4, GETPEERNAME4, REAP];
 }

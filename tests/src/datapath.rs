@@ -16,7 +16,7 @@ pub use lb_user::return_codes::{
     XDP_TX,
 };
 use lb_user::{
-    loader,
+    conntrack_gc, loader,
     maps::{KernelMaps, MapOp, MapWriter as _},
     program_names,
     stats::{self, Forwarding, ReasonCounts},
@@ -139,6 +139,16 @@ impl Datapath {
         for op in ops {
             self.maps.apply(op).unwrap_or_else(|e| panic!("applying {op:?}: {e:?}"));
         }
+    }
+
+    /// The program the conntrack collector deletes through, on these maps.
+    pub fn reaper(&self) -> conntrack_gc::Reaper<'_> {
+        conntrack_gc::Reaper::of(&self.ebpf).expect("the reaper program")
+    }
+
+    /// One pass of the daemon's conntrack collector at jiffies `now`.
+    pub fn collect_conntrack(&self, now: u64) -> conntrack_gc::Pass {
+        conntrack_gc::collect(&self.maps, &self.reaper(), now).expect("a collector pass")
     }
 
     /// Packets and bytes counted for frontend `service_id`, over all CPUs.

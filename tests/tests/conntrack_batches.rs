@@ -9,21 +9,23 @@ use std::{
     os::fd::{AsFd as _, OwnedFd},
 };
 
-use aya::maps::Map;
+use aya::{Ebpf, maps::Map};
 use lb_common::maps::{ConntrackKey, ConntrackValue, names, proto};
+use lb_tests::node;
 use lb_user::{
     clock, conntrack_gc,
     loader::{self, Capacities},
     map_batch,
-    maps::KernelMaps,
+    maps::{KernelMaps, MapWriter as _},
 };
 
 const CAPACITY: u32 = 65_536;
 const ENTRIES: u32 = 50_000;
 
-/// Private maps with a small conntrack map, and a second descriptor of that map for the
-/// wrapper-level calls. Both close when dropped, which frees the maps.
-fn small_conntrack() -> (KernelMaps, OwnedFd) {
+/// Private maps with a small conntrack map, a second descriptor of that map for the
+/// wrapper-level calls, and the programs (the collector's reaper among them). All close when
+/// dropped, which frees the maps.
+fn small_conntrack() -> (KernelMaps, OwnedFd, Ebpf) {
     let capacities = Capacities { conntrack: Some(CAPACITY), ..Capacities::default() };
     let mut ebpf = loader::load_private_with(&capacities)
         .unwrap_or_else(|e| panic!("loading the programs (root and BTF needed): {e:?}"));
@@ -31,7 +33,10 @@ fn small_conntrack() -> (KernelMaps, OwnedFd) {
         Some(Map::LruHashMap(data)) => data.fd().as_fd().try_clone_to_owned().expect("dup"),
         other => panic!("CONNTRACK is not an LRU hash map: {other:?}"),
     };
-    (KernelMaps::take_from(&mut ebpf).expect("datapath maps"), fd)
+    let mut maps = KernelMaps::take_from(&mut ebpf).expect("datapath maps");
+    // The collector's reaper judges expiry by the node's tick rate, as the programs do.
+    maps.apply(&node::set_node_config()).expect("the node configuration");
+    (maps, fd, ebpf)
 }
 
 /// Flow `n`'s forward key; keys past [`ENTRIES`] are never written.
@@ -79,7 +84,7 @@ fn as_map(entries: Vec<(ConntrackKey, ConntrackValue)>) -> HashMap<ConntrackKey,
 
 #[test]
 fn a_walk_returns_exactly_the_entries_written() {
-    let (maps, fd) = small_conntrack();
+    let (maps, fd, _programs) = small_conntrack();
     let written = fill(&fd, ENTRIES, |_| 1);
 
     let walked = as_map(maps.conntrack().expect("walking the conntrack map"));
@@ -96,7 +101,7 @@ fn a_walk_returns_exactly_the_entries_written() {
 
 #[test]
 fn a_batched_removal_removes_exactly_the_present_keys() {
-    let (mut maps, fd) = small_conntrack();
+    let (mut maps, fd, _programs) = small_conntrack();
     let present = 10_000;
     let written = fill(&fd, present, |_| 1);
 
@@ -129,13 +134,14 @@ fn a_batched_removal_removes_exactly_the_present_keys() {
 
 #[test]
 fn the_collector_removes_exactly_the_dead_among_many() {
-    let (mut maps, fd) = small_conntrack();
+    let (maps, fd, ebpf) = small_conntrack();
     let now = clock::jiffies_now().expect("jiffies");
     // Every fifth flow quiet for two hours: dead if UDP (a minute), alive if TCP (six hours).
     let quiet = now - clock::seconds_to_jiffies(7_200);
     let written = fill(&fd, ENTRIES, |n| if n.is_multiple_of(5) { quiet } else { now });
 
-    let pass = conntrack_gc::collect(&mut maps, now).expect("collecting");
+    let reaper = conntrack_gc::Reaper::of(&ebpf).expect("the reaper program");
+    let pass = conntrack_gc::collect(&maps, &reaper, now).expect("collecting");
     let dead = |k: &ConntrackKey, v: &ConntrackValue| v.last_seen == quiet && k.proto == proto::UDP;
     let expected_dead = written.iter().filter(|(k, v)| dead(k, v)).count();
     assert_eq!(

@@ -9,10 +9,10 @@
 
 use lb_common::{
     conntrack::{
-        OTHER_TIMEOUT_S, TCP_CLOSING_TIMEOUT_S, TCP_OPENING_TIMEOUT_S, TCP_TIMEOUT_S, TcpState,
-        tcp_state,
+        CLAIMED, OTHER_TIMEOUT_S, TCP_CLOSING_TIMEOUT_S, TCP_OPENING_TIMEOUT_S, TCP_TIMEOUT_S,
+        TcpState, tcp_state,
     },
-    maps::{ConntrackKey, ConntrackValue, ct_flags},
+    maps::{ConntrackKey, ConntrackValue, ct_flags, proto},
     stats::Reason,
 };
 use lb_tests::{
@@ -23,7 +23,7 @@ use lb_tests::{
 };
 use lb_user::{
     clock, conntrack_gc,
-    maps::{KernelMaps, Purged},
+    maps::{KernelMaps, Purged, ip_be},
     reconcile::Forget,
 };
 
@@ -131,11 +131,11 @@ fn the_collector_removes_dead_entries_and_keeps_live_ones() {
     age(&mut datapath, 40_205, TCP_OPENING_TIMEOUT_S - 10);
     age(&mut datapath, 40_206, 3600);
 
-    let maps = datapath.maps();
-    let before = maps.conntrack().expect("conntrack").len();
+    let before = datapath.maps().conntrack().expect("conntrack").len();
     assert_eq!(before, 14, "two entries per flow");
     let now = clock::jiffies_now().expect("jiffies");
-    let pass = conntrack_gc::collect(maps, now).expect("collecting");
+    let pass = datapath.collect_conntrack(now);
+    let maps = datapath.maps();
     // The UDP flow, the stale opening one and the closed one go whole. The recent opening
     // flow's two entries are counted as opening.
     assert_eq!(pass, conntrack_gc::Pass { scanned: 14, removed: 6, opening: 2 });
@@ -255,9 +255,9 @@ fn an_entry_an_earlier_version_marked_opening_stays_opening_until_its_handshake_
     }
     // A SYN nobody followed up goes after the opening timeout, not after six hours.
     age(&mut datapath, 40_600, TCP_OPENING_TIMEOUT_S + 1);
-    let maps = datapath.maps();
     let now = clock::jiffies_now().expect("jiffies");
-    let pass = conntrack_gc::collect(maps, now).expect("collecting");
+    let pass = datapath.collect_conntrack(now);
+    let maps = datapath.maps();
     assert_eq!(pass, conntrack_gc::Pass { scanned: 4, removed: 2, opening: 2 });
     assert!(entries_of(maps, 40_600).is_empty(), "a stale half-open flow is gone");
 
@@ -384,6 +384,34 @@ fn a_flow_first_seen_at_a_reset_is_closing_and_at_an_ack_opening() {
     assert_eq!(states(datapath.maps(), 40_811), [TcpState::Established, TcpState::Established]);
 }
 
+/// The collector deletes through the kernel's `lb_reap`, which deletes an entry only if it is
+/// still expired there: not one a packet refreshed since the collector's walk, nor one a new
+/// flow is taking over (claimed), whose delete would free its tuple for a third flow.
+#[test]
+fn the_reaper_deletes_only_what_is_still_expired() {
+    let mut datapath = seeded();
+    let key = |port: u16| {
+        let (pod, vip) = (POD.parse().expect("address"), "10.96.0.10".parse().expect("address"));
+        ConntrackKey::new(ip_be(pod), ip_be(vip), port.to_be(), 53u16.to_be(), proto::UDP)
+    };
+    let now = clock::jiffies_now().expect("jiffies");
+    let expired = now - clock::seconds_to_jiffies(OTHER_TIMEOUT_S + 5);
+    let maps = datapath.maps();
+    for (port, last_seen) in [(41_001, expired), (41_002, now), (41_003, CLAIMED)] {
+        let value = ConntrackValue { last_seen, ..ConntrackValue::default() };
+        maps.write_conntrack(&key(port), &value).expect("an entry");
+    }
+    let reaper = datapath.reaper();
+    let removed = [41_001, 41_002, 41_003, 41_004]
+        .map(|port| reaper.remove_if_expired(&key(port)).expect("running the reaper"));
+    assert_eq!(removed, [true, false, false, false], "expired, live, claimed, absent");
+    let left: Vec<bool> = [41_001, 41_002, 41_003]
+        .iter()
+        .map(|&port| datapath.maps().conntrack_entry(&key(port)).expect("read").is_some())
+        .collect();
+    assert_eq!(left, [false, true, true]);
+}
+
 /// A FIN after a long quiet spell refreshes both entries, as any packet does. The reply entry,
 /// left behind, would expire first: the backend's answers to the half-closed connection would
 /// go untranslated, and the reply tuple to a new flow.
@@ -410,8 +438,7 @@ fn the_two_entries_of_a_flow_age_together() {
     age(&mut datapath, 40_820, OTHER_TIMEOUT_S - 5);
     assert_eq!(send(&mut datapath, &datagram), Reason::ForwardEstablished);
     age(&mut datapath, 40_820, 10);
-    let maps = datapath.maps();
     let now = clock::jiffies_now().expect("jiffies");
-    conntrack_gc::collect(maps, now).expect("collecting");
-    assert_eq!(entries_of(maps, 40_820).len(), 2, "both refreshed 10 s ago");
+    datapath.collect_conntrack(now);
+    assert_eq!(entries_of(datapath.maps(), 40_820).len(), 2, "both refreshed 10 s ago");
 }

@@ -382,7 +382,8 @@ impl Bench {
     /// conntrack map as loaded: it reads every entry and deletes none, all being live.
     fn collector_pass(&mut self) -> f64 {
         let started = Instant::now();
-        let pass = conntrack_gc::collect(&mut self.maps, datapath_now()).expect("a collector pass");
+        let reaper = conntrack_gc::Reaper::of(&self.ebpf).expect("the reaper program");
+        let pass = conntrack_gc::collect(&self.maps, &reaper, datapath_now()).expect("a pass");
         let seconds = started.elapsed().as_secs_f64();
         let filled = usize::try_from(CONNTRACK_FILL).expect("fits usize");
         assert_eq!((pass.scanned, pass.removed), (filled, 0), "{pass:?}");
