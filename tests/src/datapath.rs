@@ -212,7 +212,7 @@ impl Datapath {
         packets: [&[u8]; 2],
         rounds: u32,
         mut prepare: impl FnMut(&mut KernelMaps),
-    ) -> Vec<[(u32, Vec<u8>); 2]> {
+    ) -> Vec<RaceRound> {
         let Self { ebpf, maps } = self;
         let ebpf = &*ebpf;
         let started = AtomicU32::new(0);
@@ -247,6 +247,9 @@ impl Datapath {
         })
     }
 }
+
+/// The two runs of one round of [`Datapath::race`]: return code and output packet each.
+pub type RaceRound = [(u32, Vec<u8>); 2];
 
 /// Sets its flag when dropped.
 struct SetOnDrop<'a>(&'a AtomicBool);

@@ -17,13 +17,13 @@ use lb_common::{
 };
 use lb_tests::{
     checksum,
-    datapath::{self, Hook},
+    datapath::{self, Datapath, Hook, RaceRound},
     fixtures::{self, EXTERNAL_CLIENT, HOST_NETWORK_VIP, LB_IP, POD, seeded},
     node::{NODE_IP, SNAT_PORT_MAX, SNAT_PORT_MIN, node_config},
     packets::{CLIENT_MAC, L3, NODE_MAC, Spec, TcpFields, endpoints},
     services::Frontend,
 };
-use lb_user::maps::{MapOp, ip_be};
+use lb_user::maps::{KernelMaps, MapOp, ip_be};
 
 fn addr(text: &str) -> Ipv4Addr {
     text.parse().expect("address")
@@ -279,9 +279,44 @@ fn a_masqueraded_flow_made_again_finds_its_own_port_among_the_candidates() {
 }
 
 /// Rounds of two new flows opened at the same time over one expired reply entry. Without the
-/// claim (`claim_expired`), both flows took the entry within the first ten rounds, in each of
-/// three runs on a 2-CPU VM.
-const RACE_ROUNDS: u32 = 1_000;
+/// claim (`conntrack::claim`), both flows took the entry within the first ten rounds, in each
+/// of three runs of each test on a 2-CPU VM.
+const RACE_ROUNDS: u32 = 300;
+
+/// Two new flows opened at the same time, [`RACE_ROUNDS`] times, over one expired entry under
+/// their reply tuple.
+struct Race {
+    /// The two flows' forward entries, removed before each round.
+    forward_keys: [ConntrackKey; 2],
+    /// Where `stale` is written before each round.
+    reply_key: ConntrackKey,
+    stale: ConntrackValue,
+}
+
+impl Race {
+    /// Runs the rounds, the two flows' first `packets` through `hook`; returns each round's
+    /// two runs and the entry it left under the reply tuple.
+    fn run(
+        &self,
+        datapath: &mut Datapath,
+        hook: Hook,
+        packets: &[Vec<u8>; 2],
+    ) -> Vec<(RaceRound, ConntrackValue)> {
+        let read = |maps: &KernelMaps| {
+            maps.conntrack_entry(&self.reply_key).expect("read the reply entry")
+        };
+        // Each read before the next round writes the stale entry: the first before any round.
+        let mut left = Vec::new();
+        let rounds = datapath.race(hook, [&packets[0], &packets[1]], RACE_ROUNDS, |maps| {
+            left.push(read(maps));
+            maps.remove_conntrack(&self.forward_keys).expect("remove the last round's flows");
+            maps.write_conntrack(&self.reply_key, &self.stale).expect("the expired flow");
+        });
+        left.push(read(datapath.maps()));
+        let left = left.into_iter().skip(1).map(|entry| entry.expect("an entry after a round"));
+        rounds.into_iter().zip(left).collect()
+    }
+}
 
 /// An expired reply entry: `template`'s, last refreshed a day ago (past every timeout).
 fn expired(template: ConntrackValue) -> ConntrackValue {
@@ -329,19 +364,8 @@ fn race_for_one_expired_snat_port(owner: Option<usize>) {
         nat_port_be: if owner.is_some() { 40_000u16 } else { 39_999 }.to_be(),
         ..ConntrackValue::default()
     });
-    // The reply entry each round left, read before the next round writes the stale one.
-    let mut holders = Vec::new();
-    let rounds = datapath.race(Hook::Xdp, [&syns[0], &syns[1]], RACE_ROUNDS, |maps| {
-        let entry = maps.conntrack_entry(&reply_key).expect("read the reply entry");
-        holders.push(entry.map(|entry| entry.nat_ip_be));
-        maps.remove_conntrack(&forward_keys).expect("remove the last round's flows");
-        maps.write_conntrack(&reply_key, &stale).expect("the expired flow");
-    });
-    let holder = datapath.maps().conntrack_entry(&reply_key).expect("read").expect("held");
-    holders.push(Some(holder.nat_ip_be));
-    holders.remove(0); // read before the first round: none yet
-
-    for (round, (runs, holder)) in rounds.iter().zip(&holders).enumerate() {
+    let race = Race { forward_keys, reply_key, stale };
+    for (round, (runs, holder)) in race.run(&mut datapath, Hook::Xdp, &syns).iter().enumerate() {
         let codes = runs.each_ref().map(|(code, _)| *code);
         let taken: Vec<usize> = (0..2).filter(|&i| codes[i] == Hook::Xdp.forward_code()).collect();
         assert_eq!(taken.len(), 1, "round {round}: one flow takes the port: {codes:?}");
@@ -349,7 +373,11 @@ fn race_for_one_expired_snat_port(owner: Option<usize>) {
         assert_eq!(codes[other], Hook::Xdp.drop_code(), "round {round}: the other is refused");
         let ((_, snat_port), _) = endpoints(&runs[taken[0]].1);
         assert_eq!(snat_port, port, "round {round}");
-        assert_eq!(*holder, Some(ip_be(addr(clients[taken[0]]))), "round {round}: replies to it");
+        assert_eq!(
+            holder.nat_ip_be,
+            ip_be(addr(clients[taken[0]])),
+            "round {round}: replies to it"
+        );
     }
 }
 
@@ -377,18 +405,8 @@ fn of_two_flows_that_find_one_expired_reply_tuple_at_once_one_takes_it() {
         translated_port_be: 53u16.to_be(),
         ..ConntrackValue::default()
     });
-    let mut holders = Vec::new();
-    let rounds = datapath.race(Hook::Tc, [&queries[0], &queries[1]], RACE_ROUNDS, |maps| {
-        let entry = maps.conntrack_entry(&reply_key).expect("read the reply entry");
-        holders.push(entry.map(|entry| entry.translated_ip_be));
-        maps.remove_conntrack(&forward_keys).expect("remove the last round's flows");
-        maps.write_conntrack(&reply_key, &stale).expect("the expired flow");
-    });
-    let holder = datapath.maps().conntrack_entry(&reply_key).expect("read").expect("held");
-    holders.push(Some(holder.translated_ip_be));
-    holders.remove(0); // read before the first round: none yet
-
-    for (round, (runs, holder)) in rounds.iter().zip(&holders).enumerate() {
+    let race = Race { forward_keys, reply_key, stale };
+    for (round, (runs, holder)) in race.run(&mut datapath, Hook::Tc, &queries).iter().enumerate() {
         let codes = runs.each_ref().map(|(code, _)| *code);
         assert_eq!(codes, [Hook::Tc.forward_code(); 2], "round {round}: both translated");
         let ports = runs.each_ref().map(|(_, output)| endpoints(output).0.1);
@@ -396,7 +414,8 @@ fn of_two_flows_that_find_one_expired_reply_tuple_at_once_one_takes_it() {
         assert_eq!(kept.len(), 1, "round {round}: one flow keeps its port: {ports:?}");
         let moved = ports[1 - kept[0]];
         assert!((SNAT_PORT_MIN..=SNAT_PORT_MAX).contains(&moved), "round {round}: {moved}");
-        assert_eq!(*holder, Some(ip_be(addr(vips[kept[0]]))), "round {round}: its replies from it");
+        let frontend = ip_be(addr(vips[kept[0]]));
+        assert_eq!(holder.translated_ip_be, frontend, "round {round}: its replies from it");
     }
 }
 
