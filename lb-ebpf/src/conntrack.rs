@@ -148,9 +148,9 @@ fn follow_tcp_state(
 }
 
 /// Refreshes an entry and sets its closing state (a whole-byte store, as in `end_opening`).
-/// The timestamp first: a CPU that reads the entry between the two stores, judging whether it
-/// expired (`lb::may_replace`), sees a fresh timestamp with the old state, never a shorter
-/// timeout with the old timestamp.
+/// The timestamp first: a CPU that judges the entry expired from the old timestamp and the new
+/// state (its shorter timeout) to take it over (`lb::may_replace`) then fails its claim, the
+/// timestamp having moved.
 #[inline(always)]
 fn set_closing(entry: *mut ConntrackValue, state: u8, now: u64) {
     // SAFETY: a valid pointer from a lookup in this program run.
@@ -207,11 +207,18 @@ pub fn claim(entry: *mut ConntrackValue, seen: u64) -> bool {
         .1
 }
 
-/// Gives a claimed entry its timestamp back.
+/// Gives a claimed entry its timestamp back, if it is still claimed: a slot the map freed and
+/// gave to another entry since keeps that one's.
 #[inline(always)]
 pub fn release(entry: *mut ConntrackValue, seen: u64) {
     // SAFETY: as in `claim`.
-    unsafe { core::ptr::write_volatile(&raw mut (*entry).last_seen, seen) };
+    unsafe {
+        atomic_cxchg::<u64, { AtomicOrdering::SeqCst }, { AtomicOrdering::Relaxed }>(
+            &raw mut (*entry).last_seen,
+            CLAIMED,
+            seen,
+        )
+    };
 }
 
 /// Deletes the entry under `key` if it has expired, claiming it first ([`claim`]), as a new

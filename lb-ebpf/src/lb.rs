@@ -442,8 +442,10 @@ fn take_over(
     proto_number: u8,
     config: &NodeConfig,
 ) -> Result<(), ReplyTuple> {
-    let seen =
-        may_replace(existing, entry, proto_number, config).ok_or(ReplyTuple::HeldByAnotherFlow)?;
+    let Some(seen) = may_replace(key, existing, entry, proto_number, config) else {
+        // Another CPU may have claimed it for a packet of this same flow, and written it.
+        return made_meanwhile(key, entry).map_err(|()| ReplyTuple::HeldByAnotherFlow);
+    };
     conntrack::insert(key, entry, BPF_ANY).map_err(|()| {
         conntrack::release(existing, seen);
         ReplyTuple::Refused
@@ -458,6 +460,7 @@ fn take_over(
 /// the second's client.
 #[inline(always)]
 fn may_replace(
+    key: &ConntrackKey,
     existing: *mut ConntrackValue,
     entry: &ConntrackValue,
     proto_number: u8,
@@ -475,7 +478,13 @@ fn may_replace(
             return None;
         }
         if conntrack::claim(existing, seen_at) {
-            return Some(seen_at);
+            // The entry may have been replaced since the look, and its slot given to another
+            // key's entry with the same timestamp: claimed, that one is given back.
+            if crate::maps::CONNTRACK.get_ptr(key) == Some(existing.cast_const()) {
+                return Some(seen_at);
+            }
+            conntrack::release(existing, seen_at);
+            return None;
         }
     }
     None

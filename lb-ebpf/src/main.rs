@@ -13,7 +13,7 @@
 //! Everything is gated on `target_arch = "bpf"` so that a host build of the workspace (clippy,
 //! `cargo build --workspace`) compiles an empty binary instead of a second panic handler.
 #![cfg_attr(target_arch = "bpf", no_std, no_main)]
-// For `conntrack::claim_expired`'s compare-and-swap.
+// For the compare-and-swap of `conntrack::claim`.
 #![cfg_attr(target_arch = "bpf", allow(internal_features), feature(core_intrinsics))]
 
 #[cfg(target_arch = "bpf")]

@@ -11,6 +11,7 @@ use std::{fs, mem::ManuallyDrop, path::Path};
 
 use aya::{
     Ebpf,
+    maps::MapInfo,
     programs::{
         CgroupSockAddr, Program, ProgramError, ProgramInfo, SchedClassifier, Xdp,
         cgroup_sock_addr::CgroupSockAddrLink,
@@ -84,12 +85,29 @@ fn plan(ebpf: &mut Ebpf, pins: &PinLayout, maps_replaced: bool) -> Result<Vec<Re
         } else {
             None
         };
-        if old.as_ref().is_none_or(|old| old.tag() != new.tag()) || maps_replaced {
+        // Or on other pinned maps: a program this version has and an older one does not
+        // (`lb_reap`) is left pinned on the old maps if that older version resized them.
+        let stale = |old: &ProgramInfo| old.tag() != new.tag() || uses_unpinned_maps(old, &new);
+        if old.as_ref().is_none_or(stale) || maps_replaced {
             let old_id = old.map(|old| old.id());
             steps.push(Replacement { name, old_id, new_id: new.id() });
         }
     }
     Ok(steps)
+}
+
+/// Whether the pinned program `old` uses a map of a pinned name (`loader::MAP_NAMES`) that
+/// `new`, loaded on what is pinned now, does not: one a resize replaced. (Each load has its own
+/// global-data maps, which do not count.) False when the kernel cannot say.
+fn uses_unpinned_maps(old: &ProgramInfo, new: &ProgramInfo) -> bool {
+    let (Ok(Some(old_ids)), Ok(Some(new_ids))) = (old.map_ids(), new.map_ids()) else {
+        return false;
+    };
+    old_ids.iter().filter(|id| !new_ids.contains(id)).any(|&id| {
+        MapInfo::from_id(id).is_ok_and(|map| {
+            map.name_as_str().is_some_and(|name| loader::MAP_NAMES.contains(&name))
+        })
+    })
 }
 
 /// True if a program in the kernel uses map `map_id`, or the kernel cannot say. A map pinned

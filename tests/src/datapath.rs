@@ -1,6 +1,9 @@
 //! The real programs, loaded with private maps, run on one packet at a time.
 
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::{
+    sync::atomic::{AtomicBool, AtomicU32, Ordering},
+    time::Instant,
+};
 
 use aya::{
     Ebpf,
@@ -204,30 +207,37 @@ impl Datapath {
 
     /// Runs two packets at the same time, one on this thread and one on another (on two CPUs
     /// where there are two), for `rounds` rounds, each after `prepare` has set the maps up;
-    /// returns each round's two return codes and outputs. For the races of two CPUs over one
-    /// map entry: both threads spin until a round starts, so that their runs overlap.
+    /// returns each round's two return codes and outputs, and in how many rounds the two runs
+    /// (their system calls) overlapped. For the races of two CPUs over one map entry: both
+    /// threads spin until a round starts, so that their runs overlap, if nothing else keeps a
+    /// CPU busy meanwhile.
     pub fn race(
         &mut self,
         hook: Hook,
         packets: [&[u8]; 2],
         rounds: u32,
         mut prepare: impl FnMut(&mut KernelMaps),
-    ) -> Vec<RaceRound> {
+    ) -> Race {
         let Self { ebpf, maps } = self;
         let ebpf = &*ebpf;
+        let timed = |packet| {
+            let start = Instant::now();
+            let run = run_program(ebpf, hook, packet, None);
+            (run, start..Instant::now())
+        };
         let started = AtomicU32::new(0);
         let finished = AtomicU32::new(0);
         // Set when this thread stops, even by a panic, so that the other one does not wait for
         // a round that never starts.
         let stopped = AtomicBool::new(false);
-        std::thread::scope(|scope| {
+        let (here, other) = std::thread::scope(|scope| {
             let other = scope.spawn(|| {
                 let mut runs = Vec::new();
                 for round in 1..=rounds {
                     if !wait_for(&started, round, || stopped.load(Ordering::Acquire)) {
                         break;
                     }
-                    runs.push(run_program(ebpf, hook, packets[1], None));
+                    runs.push(timed(packets[1]));
                     finished.store(round, Ordering::Release);
                 }
                 runs
@@ -237,18 +247,32 @@ impl Datapath {
             for round in 1..=rounds {
                 prepare(maps);
                 started.store(round, Ordering::Release);
-                here.push(run_program(ebpf, hook, packets[0], None));
+                here.push(timed(packets[0]));
                 if !wait_for(&finished, round, || other.is_finished()) {
                     break;
                 }
             }
-            let other = other.join().expect("the other thread of the race");
-            here.into_iter().zip(other).map(|(first, second)| [first, second]).collect()
-        })
+            (here, other.join().expect("the other thread of the race"))
+        });
+        let overlapped = here
+            .iter()
+            .zip(&other)
+            .filter(|((_, a), (_, b))| a.start < b.end && b.start < a.end)
+            .count();
+        let rounds = here.into_iter().zip(other).map(|((a, _), (b, _))| [a, b]).collect();
+        Race { rounds, overlapped }
     }
 }
 
-/// The two runs of one round of [`Datapath::race`]: return code and output packet each.
+/// What [`Datapath::race`] saw.
+pub struct Race {
+    /// Each round's two runs: return code and output packet each.
+    pub rounds: Vec<RaceRound>,
+    /// Rounds whose two runs overlapped in time.
+    pub overlapped: usize,
+}
+
+/// The two runs of one round of [`Datapath::race`].
 pub type RaceRound = [(u32, Vec<u8>); 2];
 
 /// Sets its flag when dropped.

@@ -85,8 +85,8 @@ fn an_upgrade_replaces_outdated_programs_in_place_and_established_flows_keep_the
     }
 
     // Programs the older version did not have: a host-path one (the host path is not attached
-    // here), and the replies' program, with its egress attachments.
-    let missing = [program_names::GETPEERNAME4, program_names::TC_REPLY];
+    // here), the replies' program, with its egress attachments, and the collector's reaper.
+    let missing = [program_names::GETPEERNAME4, program_names::TC_REPLY, program_names::REAP];
     let layout = pins.layout().clone();
     topology.node.enter(move || without_reply_attachments(&layout));
     for name in missing {

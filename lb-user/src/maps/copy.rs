@@ -17,7 +17,7 @@ use aya::{
     maps::{HashMap, Map, MapData, MapError, MapInfo, PerCpuArray, PerCpuValues},
 };
 use lb_common::{
-    conntrack::{is_live, twin_key},
+    conntrack::{CLAIMED, is_live, twin_key},
     maps::{
         AffinityKey, AffinityValue, Backend, ConntrackKey, ConntrackValue, FragmentKey,
         FragmentValue, ServiceCounters, ServiceKey, ServiceValue, Slot, names,
@@ -235,7 +235,12 @@ fn live_conntrack(
 ) -> Result<Vec<(ConntrackKey, ConntrackValue)>> {
     let now = clock::jiffies_now().map_err(syscall_error(names::CONNTRACK, "clock_gettime"))?;
     let rate = clock::jiffies_per_second();
-    Ok(entries.into_iter().filter(|(key, value)| is_live(value, key.proto, now, rate)).collect())
+    // A claimed entry is being rewritten by a program (`CLAIMED`): copied as it is, it would
+    // never expire in the new map; its new content is carried by the second pass.
+    let kept = |(key, value): &(ConntrackKey, ConntrackValue)| {
+        value.last_seen != CLAIMED && is_live(value, key.proto, now, rate)
+    };
+    Ok(entries.into_iter().filter(kept).collect())
 }
 
 /// Writes into `target` each entry of `old` that changed since `copied` was read (other than
