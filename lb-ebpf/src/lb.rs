@@ -442,52 +442,51 @@ fn take_over(
     proto_number: u8,
     config: &NodeConfig,
 ) -> Result<(), ReplyTuple> {
-    let Some(seen) = may_replace(key, existing, entry, proto_number, config) else {
-        // Another CPU may have claimed it for a packet of this same flow, and written it.
-        return made_meanwhile(key, entry).map_err(|()| ReplyTuple::HeldByAnotherFlow);
-    };
-    conntrack::insert(key, entry, BPF_ANY).map_err(|()| {
-        conntrack::release(existing, seen);
-        ReplyTuple::Refused
-    })
+    let claimed =
+        may_replace(existing, entry, proto_number, config).ok_or(ReplyTuple::HeldByAnotherFlow)?;
+    write_over(key, existing, entry, claimed).map_err(|()| ReplyTuple::Refused)
+}
+
+/// Writes `entry` under `key` over `existing`, which [`may_replace`] let it take, giving the
+/// claim back (`claimed`, the timestamp it took) if the map refuses the write.
+#[inline(always)]
+fn write_over(
+    key: &ConntrackKey,
+    existing: *mut ConntrackValue,
+    entry: &ConntrackValue,
+    claimed: u64,
+) -> Result<(), ()> {
+    conntrack::insert(key, entry, BPF_ANY).inspect_err(|()| conntrack::release(existing, claimed))
 }
 
 /// Whether a new flow may write its reply entry `entry` over `existing`, found under the same
-/// reply tuple: this flow's own ([`same_flow`]), or an expired one. `Some(timestamp)`: it is
-/// claimed (`conntrack::claim`), and the caller writes it, or gives it back with the timestamp.
-/// Looking and writing are not one step: without the claim, two CPUs opening two flows over
-/// one expired entry at once would both write it, and the replies of the first would go to
-/// the second's client.
+/// reply tuple: `Some(timestamp)` to give back if the write fails (`conntrack::release`).
+/// - This flow's own live entry: written over as it is (`Some(CLAIMED)`, nothing to give
+///   back), as another CPU writes a live entry only for this same flow, with the same content.
+/// - An expired one, once this CPU claimed it (`conntrack::claim`): looking and writing are not
+///   one step, and without the claim two CPUs opening two flows over it at once would both
+///   write it, and the replies of the first would go to the second's client.
+/// - An entry being claimed is held.
 #[inline(always)]
 fn may_replace(
-    key: &ConntrackKey,
     existing: *mut ConntrackValue,
     entry: &ConntrackValue,
     proto_number: u8,
     config: &NodeConfig,
 ) -> Option<u64> {
-    // Twice: this flow's own live entry may be refreshed (by a reply) between the look and the
-    // claim.
-    for _ in 0..2 {
-        let seen_at = conntrack::last_seen(existing);
-        // SAFETY: a valid pointer from a lookup in this program run.
-        let seen = unsafe { &*existing };
-        let rate = config.jiffies_per_second;
-        let expired = !lives_at(seen_at, seen, proto_number, entry.last_seen, rate);
-        if !expired && !same_flow(seen, entry) {
-            return None;
-        }
-        if conntrack::claim(existing, seen_at) {
-            // The entry may have been replaced since the look, and its slot given to another
-            // key's entry with the same timestamp: claimed, that one is given back.
-            if crate::maps::CONNTRACK.get_ptr(key) == Some(existing.cast_const()) {
-                return Some(seen_at);
-            }
-            conntrack::release(existing, seen_at);
-            return None;
-        }
+    let seen_at = conntrack::last_seen(existing);
+    if seen_at == CLAIMED {
+        return None;
     }
-    None
+    // SAFETY: a valid pointer from a lookup in this program run.
+    let seen = unsafe { &*existing };
+    let rate = config.jiffies_per_second;
+    if lives_at(seen_at, seen, proto_number, entry.last_seen, rate) {
+        return same_flow(seen, entry).then_some(CLAIMED);
+    }
+    // Expired: a slot the map freed and reused since the look holds a fresh timestamp, which
+    // the claim does not match.
+    conntrack::claim(existing, seen_at).then_some(seen_at)
 }
 
 /// Whether another CPU has just inserted `entry` itself under `key`: a packet of the same new
@@ -534,18 +533,47 @@ fn claim_snat_port(
     reply_entry: &mut ConntrackValue,
     packet: &Packet,
     config: &NodeConfig,
-    SnatClaim { nat_ip_be, hash }: SnatClaim,
+    claim: SnatClaim,
 ) -> Option<u16> {
-    let min = u32::from(config.snat_port_min);
-    let max = u32::from(config.snat_port_max);
-    if min == 0 || max < min {
+    if config.snat_port_min == 0 || config.snat_port_max < config.snat_port_min {
         return None;
     }
-    let range = max - min + 1;
-    reply_key.dst_ip_be = nat_ip_be;
+    reply_key.dst_ip_be = claim.nat_ip_be;
     reply_entry.flags |= ct_flags::SNAT;
     reply_entry.nat_ip_be = packet.src_ip_be;
     reply_entry.nat_port_be = packet.src_port_be;
+    // The search only looks (and claims); the one write follows it, so that the verifier walks
+    // the writes once rather than once per candidate.
+    let (port, found) = snat_port_candidate(hook, reply_key, reply_entry, packet, config, claim)?;
+    reply_key.dst_port_be = port.to_be();
+    let written = match found {
+        // A free port: NOEXIST, as another CPU may take it between the look and here, for
+        // another flow, or for this one.
+        None => conntrack::insert(reply_key, reply_entry, BPF_NOEXIST)
+            .or_else(|()| made_meanwhile(reply_key, reply_entry)),
+        Some((existing, claimed)) => write_over(reply_key, existing, reply_entry, claimed),
+    };
+    written.is_ok().then_some(port.to_be())
+}
+
+/// An entry found under a candidate reply tuple that a new flow may write over, and the
+/// timestamp its claim took (see [`may_replace`]).
+type Replaceable = (*mut ConntrackValue, u64);
+
+/// The first SNAT port candidate for the flow whose reply entry is `reply_entry`: its own
+/// entry's port, or one whose reply tuple is free of flows (`None`) and of the node's own
+/// sockets, or holds an entry it may take over (claimed already).
+#[inline(always)]
+fn snat_port_candidate(
+    hook: &impl Hook,
+    reply_key: &mut ConntrackKey,
+    reply_entry: &ConntrackValue,
+    packet: &Packet,
+    config: &NodeConfig,
+    SnatClaim { nat_ip_be, hash }: SnatClaim,
+) -> Option<(u16, Option<Replaceable>)> {
+    let min = u32::from(config.snat_port_min);
+    let range = u32::from(config.snat_port_max) - min + 1;
     // A TCP segment in the middle of a connection whose forward entry went: its own reply
     // entry may hold any candidate, not only the first free one (an earlier one may have
     // freed up since). Only then: every new flow would pay for the lookups.
@@ -556,9 +584,9 @@ fn claim_snat_port(
             if let Some(existing) = crate::maps::CONNTRACK.get_ptr_mut(reply_key)
                 // SAFETY: a valid pointer from the lookup.
                 && same_flow(unsafe { &*existing }, reply_entry)
-                && take_over(reply_key, existing, reply_entry, packet.proto, config).is_ok()
+                && let Some(claimed) = may_replace(existing, reply_entry, packet.proto, config)
             {
-                return Some(port.to_be());
+                return Some((port, Some((existing, claimed))));
             }
         }
     }
@@ -569,20 +597,12 @@ fn claim_snat_port(
         if local_sockets::receive(hook, packet.proto, reply_from, (nat_ip_be, port.to_be())) {
             continue;
         }
-        if let Some(existing) = crate::maps::CONNTRACK.get_ptr_mut(reply_key) {
-            // An expired entry, or this flow's own: reuse its port.
-            if take_over(reply_key, existing, reply_entry, packet.proto, config).is_ok() {
-                return Some(port.to_be());
-            }
-            continue;
-        }
-        // NOEXIST: another CPU may take the same port between the lookup and here, for
-        // another flow, or for this one.
-        if conntrack::insert(reply_key, reply_entry, BPF_NOEXIST)
-            .or_else(|()| made_meanwhile(reply_key, reply_entry))
-            .is_ok()
-        {
-            return Some(port.to_be());
+        let Some(existing) = crate::maps::CONNTRACK.get_ptr_mut(reply_key) else {
+            return Some((port, None));
+        };
+        // An expired entry, or this flow's own: reuse its port.
+        if let Some(claimed) = may_replace(existing, reply_entry, packet.proto, config) {
+            return Some((port, Some((existing, claimed))));
         }
     }
     None
