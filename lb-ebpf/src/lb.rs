@@ -520,9 +520,10 @@ struct SnatClaim {
 }
 
 /// Finds a source port in the SNAT range whose reply tuple (backend -> masquerading
-/// address:port) is free, of flows and of the node's own sockets, or holds this flow's own
-/// entry ([`same_flow`]), and claims it by inserting the reply entry. Returns the port in
-/// network order.
+/// address:port) is free, of flows and of the node's own sockets, or holds an expired entry or
+/// this flow's own ([`same_flow`]), and takes it by writing the reply entry. Returns the port
+/// in network order. Should another CPU take a free port for another flow between the look and
+/// the write, this flow gets none: its packet is dropped, and its client's retry looks again.
 ///
 /// A local socket that takes the port later is not seen: the range sits above the kernel's
 /// ephemeral ports, so only an explicit bind (or a widened `ip_local_port_range`) does that.
