@@ -191,18 +191,14 @@ impl Datapath {
 
     fn run_counted(&mut self, hook: Hook, packet: &[u8], ingress: Option<u32>) -> Run {
         let before = self.counters();
-        let (return_code, output) = self.run_with_context(hook, packet, ingress);
+        let (return_code, output) = run_program(&self.ebpf, hook, packet, ingress);
         Run { return_code, output, counted: self.counters().since(&before) }
     }
 
     /// [`Datapath::run`] without reading the counters around it, for tests that run packets by
     /// the million and check the counters per batch.
     pub fn run_uncounted(&self, hook: Hook, packet: &[u8]) -> (u32, Vec<u8>) {
-        self.run_with_context(hook, packet, None)
-    }
-
-    fn run_with_context(&self, hook: Hook, packet: &[u8], ingress: Option<u32>) -> (u32, Vec<u8>) {
-        run_program(&self.ebpf, hook, packet, ingress)
+        run_program(&self.ebpf, hook, packet, None)
     }
 
     /// Runs two packets at the same time, one on this thread and one on another (on two CPUs
