@@ -149,3 +149,80 @@ pub fn twin_key(key: &ConntrackKey, value: &ConntrackValue) -> ConntrackKey {
     };
     ConntrackKey::new(src_ip_be, dst_ip_be, src_port_be, dst_port_be, key.proto)
 }
+
+/// The reply entry that the forward entry `forward`, found under `key`, implies: the one the
+/// flow's first packet wrote beside it, refreshed at `now`. The closing state is the flow's,
+/// not a direction's: a half-close of the reply direction is not known from the forward
+/// entry, and the next FIN that way sets it again.
+#[inline(always)]
+#[must_use]
+pub fn reply_entry_of(key: &ConntrackKey, forward: &ConntrackValue, now: u64) -> ConntrackValue {
+    let masqueraded = forward.flags & ct_flags::SNAT != 0;
+    let (nat_ip_be, nat_port_be) =
+        if masqueraded { (key.src_ip_be, key.src_port_be) } else { (0, 0) };
+    let kept = ct_flags::SNAT | ct_flags::CLOSING | ct_flags::OPENING;
+    ConntrackValue {
+        last_seen: now,
+        translated_ip_be: key.dst_ip_be,
+        translated_port_be: key.dst_port_be,
+        nat_ip_be,
+        nat_port_be,
+        flags: ct_flags::REPLY | forward.flags & kept,
+        closing: if forward.closing == closing::CLOSING { closing::CLOSING } else { closing::OPEN },
+        ..*forward
+    }
+}
+
+/// Whether `twin`, found under `twin_key` (the key [`twin_key`] gives for the entry under
+/// `key`), is that entry's own other half, rather than another flow's entry under the same
+/// tuple.
+#[inline(always)]
+#[must_use]
+pub fn is_twin_of(twin_key: &ConntrackKey, twin: &ConntrackValue, key: &ConntrackKey) -> bool {
+    self::twin_key(twin_key, twin) == *key
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn forward(flags: u16, nat_port_be: u16) -> (ConntrackKey, ConntrackValue) {
+        let key = ConntrackKey::new(0x0a00_0001, 0x0a60_0001, 4000, 80, proto::TCP);
+        let value = ConntrackValue {
+            last_seen: 7,
+            backend_id: 3,
+            service_id: 9,
+            translated_ip_be: 0x0a00_0002,
+            nat_ip_be: if nat_port_be == 0 { 0 } else { 0xc0a8_0001 },
+            translated_port_be: 8080,
+            nat_port_be,
+            flags,
+            opening: 1,
+            closing: closing::HALF_CLOSED,
+        };
+        (key, value)
+    }
+
+    #[test]
+    fn the_reply_entry_of_a_forward_entry_leads_back_to_it() {
+        for (flags, nat_port_be) in [(0, 0), (ct_flags::SNAT, 61_000)] {
+            let (key, value) = forward(flags, nat_port_be);
+            let reply_key = twin_key(&key, &value);
+            let reply = reply_entry_of(&key, &value, 11);
+            assert_eq!(twin_key(&reply_key, &reply), key, "flags {flags:#x}");
+            assert!(is_twin_of(&reply_key, &reply, &key));
+            assert_eq!(reply.flags & ct_flags::REPLY, ct_flags::REPLY);
+            assert_eq!((reply.last_seen, reply.opening, reply.closing), (11, 1, closing::OPEN));
+        }
+    }
+
+    #[test]
+    fn another_flows_entry_under_the_reply_tuple_is_not_the_twin() {
+        let (key, value) = forward(0, 0);
+        let reply_key = twin_key(&key, &value);
+        // The same client socket asking another frontend of the same backend.
+        let other_frontend = ConntrackKey { dst_port_be: 443, ..key };
+        let theirs = reply_entry_of(&other_frontend, &value, 11);
+        assert!(!is_twin_of(&reply_key, &theirs, &key));
+    }
+}

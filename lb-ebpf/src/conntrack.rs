@@ -8,12 +8,12 @@ use core::intrinsics::{AtomicOrdering, atomic_cxchg};
 
 use aya_ebpf::helpers::bpf_jiffies64;
 use lb_common::{
-    conntrack::{CLAIMED, twin_key},
+    conntrack::{CLAIMED, is_twin_of, reply_entry_of, twin_key},
     maps::{ConntrackKey, ConntrackValue, NodeConfig, closing, ct_flags, proto},
 };
 
 use crate::{
-    maps::CONNTRACK,
+    maps::{BPF_NOEXIST, CONNTRACK},
     parse::{Packet, tcp_flags},
 };
 
@@ -84,10 +84,35 @@ pub fn touch(entry: *mut ConntrackValue, packet: &Packet, now: u64, config: &Nod
     let value = unsafe { &mut *entry };
     if now.saturating_sub(value.last_seen) > u64::from(config.jiffies_per_second) {
         value.last_seen = now;
-        if let Some(twin) = CONNTRACK.get_ptr_mut(&twin_key) {
-            // SAFETY: a valid pointer from the lookup.
-            unsafe { (*twin).last_seen = now };
+        refresh_twin(&key_of(packet), value, &twin_key, now);
+    }
+}
+
+/// Refreshes the other entry of the flow whose entry under `key` is `value`.
+///
+/// A full map's LRU evicts one entry at a time, and may take one half of a live flow. A forward
+/// entry whose reply entry went writes it again, or the flow's replies would pass untranslated;
+/// one whose reply tuple another flow has taken since is removed, so that the flow's next packet
+/// opens it anew (another source port) rather than reach the backend on the other flow's
+/// connection. A reply entry whose forward entry went needs nothing here: the flow's next
+/// forward packet opens it again and takes its own reply entry back (`lb::same_flow`).
+#[inline(always)]
+fn refresh_twin(key: &ConntrackKey, value: &ConntrackValue, twin_key: &ConntrackKey, now: u64) {
+    let forward = value.flags & ct_flags::REPLY == 0;
+    match CONNTRACK.get_ptr_mut(twin_key) {
+        // SAFETY: a valid pointer from the lookup.
+        Some(twin) if forward && !is_twin_of(twin_key, unsafe { &*twin }, key) => {
+            // Gone already if another CPU removed it first: nothing to do then.
+            let _ = CONNTRACK.remove(key);
         }
+        // SAFETY: as above.
+        Some(twin) => unsafe { (*twin).last_seen = now },
+        None if forward => {
+            // NOEXIST: never over an entry another CPU wrote meanwhile. A refused write (a flow
+            // on that tuple since) leaves this flow as it was before.
+            let _ = insert(twin_key, &reply_entry_of(key, value, now), BPF_NOEXIST);
+        }
+        None => {}
     }
 }
 

@@ -19,7 +19,8 @@ use crate::{
     hook::Hook,
     local_sockets,
     maps::{
-        AFFINITY, BACKEND_SLOTS, BACKENDS, NODE_CONFIG, SERVICE_STATS, SERVICES, SOURCE_RANGES,
+        AFFINITY, BACKEND_SLOTS, BACKENDS, BPF_ANY, BPF_NOEXIST, NODE_CONFIG, SERVICE_STATS,
+        SERVICES, SOURCE_RANGES,
     },
     nat::{self, End},
     parse::{Packet, fragment, tcp_flags},
@@ -51,10 +52,6 @@ pub enum Verdict {
 const SNAT_PROBES: u32 = 8;
 /// The step between a flow's SNAT port candidates: a prime above any port range.
 const SNAT_PORT_STRIDE: u32 = 65_537;
-/// `BPF_NOEXIST`: insert only if the key is free.
-const BPF_NOEXIST: u64 = 1;
-/// `BPF_ANY`.
-const BPF_ANY: u64 = 0;
 
 /// Runs the service stage on a parsed TCP or UDP packet.
 #[inline(always)]

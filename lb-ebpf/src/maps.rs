@@ -11,6 +11,11 @@ use lb_common::maps::{
     SockRevNatKey, SourceRangeKey, capacity, forwarding, refusal_budget,
 };
 
+/// `BPF_ANY`: an update that inserts or replaces.
+pub const BPF_ANY: u64 = 0;
+/// `BPF_NOEXIST`: an update that inserts only if the key is free.
+pub const BPF_NOEXIST: u64 = 1;
+
 #[map(name = "SERVICES")]
 pub static SERVICES: HashMap<ServiceKey, ServiceValue> =
     HashMap::with_max_entries(capacity::SERVICES, 0);

@@ -10,7 +10,7 @@
 use lb_common::{
     conntrack::{
         CLAIMED, OTHER_TIMEOUT_S, TCP_CLOSING_TIMEOUT_S, TCP_OPENING_TIMEOUT_S, TCP_TIMEOUT_S,
-        TcpState, tcp_state,
+        TcpState, tcp_state, twin_key,
     },
     maps::{ConntrackKey, ConntrackValue, ct_flags, proto},
     stats::Reason,
@@ -80,6 +80,23 @@ fn forward_first(maps: &KernelMaps, port: u16) -> Vec<ConntrackValue> {
     let mut entries = entries_of(maps, port);
     entries.sort_by_key(|(_, value)| value.flags & ct_flags::REPLY);
     entries.into_iter().map(|(_, value)| value).collect()
+}
+
+/// The forward entry of the flow from `port`, with its key.
+fn forward_entry(maps: &KernelMaps, port: u16) -> (ConntrackKey, ConntrackValue) {
+    let entries = maps.conntrack().expect("conntrack");
+    let forward = entries
+        .into_iter()
+        .find(|(key, value)| key.src_port_be == port.to_be() && value.flags & ct_flags::REPLY == 0);
+    forward.expect("the flow's forward entry")
+}
+
+/// Moves the forward entry of the flow from `port` `seconds` into the past.
+fn age_forward(datapath: &mut Datapath, port: u16, seconds: u64) {
+    let maps = datapath.maps();
+    let (key, mut value) = forward_entry(maps, port);
+    value.last_seen -= clock::seconds_to_jiffies(seconds);
+    maps.write_conntrack(&key, &value).expect("ageing an entry");
 }
 
 /// Whether each entry of the flows on `port` is opening, forward entry first.
@@ -441,4 +458,67 @@ fn the_two_entries_of_a_flow_age_together() {
     let now = clock::jiffies_now().expect("jiffies");
     datapath.collect_conntrack(now);
     assert_eq!(entries_of(datapath.maps(), 40_820).len(), 2, "both refreshed 10 s ago");
+}
+
+/// A full map's LRU evicts one entry at a time, and may take one half of a live flow. A flow
+/// whose reply entry went writes it again, the same as its first packet wrote it, at its next
+/// forward packet a second on: its replies are translated again.
+#[test]
+fn a_flow_whose_reply_entry_was_evicted_writes_it_again() {
+    let mut datapath = seeded();
+    // Pod to ClusterIP, and from outside to NodePort 30380 (remote backend: masqueraded).
+    let flows = [
+        (Hook::Tc, POD, 40_900, "10.96.45.10", 80),
+        (Hook::Xdp, EXTERNAL_CLIENT, 40_901, NODE_IP, 30_380),
+    ];
+    for (hook, client, port, frontend, frontend_port) in flows {
+        let syn = Spec::tcp(client, port, frontend, frontend_port);
+        let (_, request) = send_through(&mut datapath, hook, &syn);
+        let ack = with_flags(&syn, false, false);
+        assert_eq!(send_through(&mut datapath, hook, &ack).0, Reason::ForwardEstablished);
+        let (key, forward) = forward_entry(datapath.maps(), port);
+        let reply_key = twin_key(&key, &forward);
+        let reply = datapath.maps().conntrack_entry(&reply_key).expect("lookup");
+        let reply = reply.expect("the reply entry");
+        datapath.maps().remove_conntrack(&[reply_key]).expect("evicting the reply entry");
+        age_forward(&mut datapath, port, 5);
+
+        assert_eq!(send_through(&mut datapath, hook, &ack).0, Reason::ForwardEstablished);
+        let restored = datapath.maps().conntrack_entry(&reply_key).expect("lookup");
+        let restored = restored.unwrap_or_else(|| panic!("{client}: no reply entry written"));
+        let content = |value: ConntrackValue| ConntrackValue { last_seen: 0, ..value };
+        assert_eq!(content(restored), content(reply), "{client}: the entry its first packet wrote");
+        let answer = reply_to(&syn, &request, false, false);
+        let (reason, _) = send_through(&mut datapath, hook, &answer);
+        assert_eq!(reason, Reason::ReplyTranslated, "{client}: its answer");
+    }
+}
+
+/// A flow whose reply entry went, and whose reply tuple another flow took since, is forgotten
+/// at its next packet a second on: its next one opens it anew on a source port of its own,
+/// rather than reach the backend on the other flow's connection.
+#[test]
+fn a_flow_whose_reply_tuple_another_flow_took_is_opened_anew() {
+    let mut datapath = seeded();
+    let syn = Spec::tcp(POD, 40_910, "10.96.45.10", 80);
+    send_through(&mut datapath, Hook::Tc, &syn);
+    let ack = with_flags(&syn, false, false);
+    assert_eq!(send(&mut datapath, &ack), Reason::ForwardEstablished);
+    let (key, forward) = forward_entry(datapath.maps(), 40_910);
+    let reply_key = twin_key(&key, &forward);
+    let reply = datapath.maps().conntrack_entry(&reply_key).expect("lookup");
+    // The same client socket asking another frontend of the same backend.
+    let theirs = ConntrackValue { translated_port_be: 8080u16.to_be(), ..reply.expect("reply") };
+    datapath.maps().write_conntrack(&reply_key, &theirs).expect("another flow's entry");
+    age_forward(&mut datapath, 40_910, 5);
+
+    assert_eq!(send(&mut datapath, &ack), Reason::ForwardEstablished, "this one as before");
+    let maps = datapath.maps();
+    assert_eq!(maps.conntrack_entry(&key).expect("lookup"), None, "the flow is forgotten");
+    assert_eq!(maps.conntrack_entry(&reply_key).expect("lookup"), Some(theirs), "theirs as it was");
+    let (reason, request) = send_through(&mut datapath, Hook::Tc, &ack);
+    assert_eq!(reason, Reason::ForwardNew);
+    let ((client, client_port), _) = endpoints(&request);
+    assert_eq!(client.to_string(), POD, "the client's address kept");
+    assert_ne!(client_port, 40_910, "a source port of its own: the tuple is theirs");
 }

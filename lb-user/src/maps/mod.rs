@@ -22,7 +22,7 @@ use aya::{
 use ipnet::Ipv4Net;
 use lb_common::maps::{
     AffinityKey, AffinityValue, Backend, ConntrackKey, ConntrackValue, NodeConfig, RefusalBudget,
-    ServiceCounters, ServiceKey, ServiceValue, Slot, SourceRangeKey, names, node_flags,
+    ServiceCounters, ServiceKey, ServiceValue, Slot, SourceRangeKey, ct_flags, names, node_flags,
 };
 
 use crate::{
@@ -281,8 +281,13 @@ impl KernelMaps {
         let doomed_flows: Vec<ConntrackKey> = if forget.flows.is_empty() {
             Vec::new()
         } else {
-            let flows = self.conntrack()?.into_iter();
-            flows.filter(|(key, value)| forget.takes_flow(key, value)).map(|(key, _)| key).collect()
+            let mut flows = self.conntrack()?;
+            flows.retain(|(key, value)| forget.takes_flow(key, value));
+            // Forward entries first: a packet of the flow between the two deletes finds its
+            // forward entry gone and opens anew, where a forward entry left alone for a moment
+            // would write its deleted reply entry again (`conntrack::touch` in the programs).
+            flows.sort_by_key(|(_, value)| value.flags & ct_flags::REPLY != 0);
+            flows.into_iter().map(|(key, _)| key).collect()
         };
         let doomed_affinities: Vec<AffinityKey> = self
             .affinities()?
