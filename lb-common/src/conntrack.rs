@@ -151,9 +151,10 @@ pub fn twin_key(key: &ConntrackKey, value: &ConntrackValue) -> ConntrackKey {
 }
 
 /// The reply entry that the forward entry `forward`, found under `key`, implies: the one the
-/// flow's first packet wrote beside it, refreshed at `now`. The closing state is the flow's,
-/// not a direction's: a half-close of the reply direction is not known from the forward
-/// entry, and the next FIN that way sets it again.
+/// flow's first packet wrote beside it, refreshed at `now`. Its closing state is the flow's:
+/// a half-close of the reply direction is not known from the forward entry, so the entry is
+/// written open, and a flow whose backend had already sent its FIN then holds its entries
+/// for the established timeout after the client's, not the closing one.
 #[inline(always)]
 #[must_use]
 pub fn reply_entry_of(key: &ConntrackKey, forward: &ConntrackValue, now: u64) -> ConntrackValue {

@@ -3,9 +3,10 @@
 //! collector deletes exactly such entries; live ones, refreshed or closing, stay. TCP flows are
 //! opening (short timeout) until the first packet without SYN or RST, in either direction,
 //! ends that state in both their entries; a FIN half-closes a direction, and both FINs or a RST
-//! close both entries. The two entries of a flow are refreshed together. When the daemon unprograms a backend of a frontend,
-//! the purge takes its sticky clients with it, and its UDP flows once the endpoint no longer
-//! serves (found by address, since its backend id may be reused).
+//! close both entries. The two entries of a flow are refreshed together, and a forward entry
+//! whose reply entry the LRU evicted writes it again. When the daemon unprograms a backend of
+//! a frontend, the purge takes its sticky clients with it, and its UDP flows once the endpoint
+//! no longer serves (found by address, since its backend id may be reused).
 
 use lb_common::{
     conntrack::{
@@ -20,6 +21,7 @@ use lb_tests::{
     fixtures::{EXTERNAL_CLIENT, POD, seeded},
     node::NODE_IP,
     packets::{Spec, TcpFields, endpoints},
+    services::Frontend,
 };
 use lb_user::{
     clock, conntrack_gc,
@@ -65,14 +67,19 @@ fn with_flags(packet: &Spec, syn: bool, rst: bool) -> Spec {
 /// The reply to `request` from the backend it was sent to, as `output` (the translated
 /// request) shows it, with the given flags.
 fn reply_to(request: &Spec, output: &[u8], syn: bool, rst: bool) -> Spec {
+    with_flags(&answer_to(request, output), syn, rst)
+}
+
+/// `request` turned around: from the backend it was sent to, to its client as `output` (the
+/// translated request) shows them.
+fn answer_to(request: &Spec, output: &[u8]) -> Spec {
     let ((client, client_port), (backend, backend_port)) = endpoints(output);
-    let reply = request.clone().with_addresses(
+    request.clone().with_addresses(
         &backend.to_string(),
         backend_port,
         &client.to_string(),
         client_port,
-    );
-    with_flags(&reply, syn, rst)
+    )
 }
 
 /// The entries of the flows on `port`, forward entry first.
@@ -80,23 +87,6 @@ fn forward_first(maps: &KernelMaps, port: u16) -> Vec<ConntrackValue> {
     let mut entries = entries_of(maps, port);
     entries.sort_by_key(|(_, value)| value.flags & ct_flags::REPLY);
     entries.into_iter().map(|(_, value)| value).collect()
-}
-
-/// The forward entry of the flow from `port`, with its key.
-fn forward_entry(maps: &KernelMaps, port: u16) -> (ConntrackKey, ConntrackValue) {
-    let entries = maps.conntrack().expect("conntrack");
-    let forward = entries
-        .into_iter()
-        .find(|(key, value)| key.src_port_be == port.to_be() && value.flags & ct_flags::REPLY == 0);
-    forward.expect("the flow's forward entry")
-}
-
-/// Moves the forward entry of the flow from `port` `seconds` into the past.
-fn age_forward(datapath: &mut Datapath, port: u16, seconds: u64) {
-    let maps = datapath.maps();
-    let (key, mut value) = forward_entry(maps, port);
-    value.last_seen -= clock::seconds_to_jiffies(seconds);
-    maps.write_conntrack(&key, &value).expect("ageing an entry");
 }
 
 /// Whether each entry of the flows on `port` is opening, forward entry first.
@@ -460,6 +450,36 @@ fn the_two_entries_of_a_flow_age_together() {
     assert_eq!(entries_of(datapath.maps(), 40_820).len(), 2, "both refreshed 10 s ago");
 }
 
+/// The forward entry's key of `packet`'s flow, and the entry.
+fn forward_entry(
+    maps: &KernelMaps,
+    packet: &Spec,
+    proto_number: u8,
+) -> (ConntrackKey, ConntrackValue) {
+    let ((src, src_port), (dst, dst_port)) = endpoints(&packet.build());
+    let key =
+        ConntrackKey::new(ip_be(src), ip_be(dst), src_port.to_be(), dst_port.to_be(), proto_number);
+    let entry = maps.conntrack_entry(&key).expect("lookup");
+    (key, entry.expect("the flow's forward entry"))
+}
+
+/// Moves the forward entry of `packet`'s flow `seconds` into the past.
+fn age_forward(datapath: &mut Datapath, packet: &Spec, proto_number: u8, seconds: u64) {
+    let (key, mut value) = forward_entry(datapath.maps(), packet, proto_number);
+    value.last_seen -= clock::seconds_to_jiffies(seconds);
+    datapath.maps().write_conntrack(&key, &value).expect("ageing an entry");
+}
+
+/// A pod asks two frontends of one backend (UDP 53 at 10.244.1.15) from one socket.
+fn two_frontends_of_one_backend(datapath: &mut Datapath) -> [&'static str; 2] {
+    let vips = ["10.96.9.1", "10.96.9.2"];
+    for (id, vip) in [(901, vips[0]), (902, vips[1])] {
+        datapath
+            .apply(&Frontend::new(id, vip, 53, proto::UDP).backend("10.244.1.15", 53, true).ops());
+    }
+    vips
+}
+
 /// A full map's LRU evicts one entry at a time, and may take one half of a live flow. A flow
 /// whose reply entry went writes it again, the same as its first packet wrote it, at its next
 /// forward packet a second on: its replies are translated again.
@@ -467,58 +487,92 @@ fn the_two_entries_of_a_flow_age_together() {
 fn a_flow_whose_reply_entry_was_evicted_writes_it_again() {
     let mut datapath = seeded();
     // Pod to ClusterIP, and from outside to NodePort 30380 (remote backend: masqueraded).
-    let flows = [
-        (Hook::Tc, POD, 40_900, "10.96.45.10", 80),
-        (Hook::Xdp, EXTERNAL_CLIENT, 40_901, NODE_IP, 30_380),
+    let tcp_flows = [
+        (Hook::Tc, Spec::tcp(POD, 40_900, "10.96.45.10", 80)),
+        (Hook::Xdp, Spec::tcp(EXTERNAL_CLIENT, 40_901, NODE_IP, 30_380)),
     ];
-    for (hook, client, port, frontend, frontend_port) in flows {
-        let syn = Spec::tcp(client, port, frontend, frontend_port);
+    for (hook, syn) in tcp_flows {
         let (_, request) = send_through(&mut datapath, hook, &syn);
         let ack = with_flags(&syn, false, false);
         assert_eq!(send_through(&mut datapath, hook, &ack).0, Reason::ForwardEstablished);
-        let (key, forward) = forward_entry(datapath.maps(), port);
-        let reply_key = twin_key(&key, &forward);
-        let reply = datapath.maps().conntrack_entry(&reply_key).expect("lookup");
-        let reply = reply.expect("the reply entry");
-        datapath.maps().remove_conntrack(&[reply_key]).expect("evicting the reply entry");
-        age_forward(&mut datapath, port, 5);
-
-        assert_eq!(send_through(&mut datapath, hook, &ack).0, Reason::ForwardEstablished);
-        let restored = datapath.maps().conntrack_entry(&reply_key).expect("lookup");
-        let restored = restored.unwrap_or_else(|| panic!("{client}: no reply entry written"));
-        let content = |value: ConntrackValue| ConntrackValue { last_seen: 0, ..value };
-        assert_eq!(content(restored), content(reply), "{client}: the entry its first packet wrote");
         let answer = reply_to(&syn, &request, false, false);
-        let (reason, _) = send_through(&mut datapath, hook, &answer);
-        assert_eq!(reason, Reason::ReplyTranslated, "{client}: its answer");
+        evict_reply_entry_then_resend(&mut datapath, hook, &ack, proto::TCP, &answer);
+    }
+    // UDP, and the second flow of one client socket to two frontends of one backend: its
+    // reply tuple held by the first, it has a new source port, its address kept.
+    for (vip, masqueraded) in
+        two_frontends_of_one_backend(&mut datapath).into_iter().zip([false, true])
+    {
+        let query = Spec::udp(POD, 40_902, vip, 53);
+        let (reason, request) = send_through(&mut datapath, Hook::Tc, &query);
+        assert_eq!(reason, Reason::ForwardNew, "{vip}");
+        let (_, forward) = forward_entry(datapath.maps(), &query, proto::UDP);
+        assert_eq!(forward.flags & ct_flags::SNAT != 0, masqueraded, "{vip}");
+        let answer = answer_to(&query, &request);
+        evict_reply_entry_then_resend(&mut datapath, Hook::Tc, &query, proto::UDP, &answer);
     }
 }
 
-/// A flow whose reply entry went, and whose reply tuple another flow took since, is forgotten
-/// at its next packet a second on: its next one opens it anew on a source port of its own,
-/// rather than reach the backend on the other flow's connection.
+/// Removes the reply entry of `packet`'s established flow, then sends `packet` a few seconds
+/// on: the entry must be back as it was, and `answer` translated.
+fn evict_reply_entry_then_resend(
+    datapath: &mut Datapath,
+    hook: Hook,
+    packet: &Spec,
+    proto_number: u8,
+    answer: &Spec,
+) {
+    let (key, forward) = forward_entry(datapath.maps(), packet, proto_number);
+    let reply_key = twin_key(&key, &forward);
+    let reply = datapath.maps().conntrack_entry(&reply_key).expect("lookup");
+    let reply = reply.expect("the reply entry");
+    let removed = datapath.maps().remove_conntrack(&[reply_key]).expect("evicting");
+    assert_eq!(removed, 1, "{key:?}: its reply entry evicted");
+    age_forward(datapath, packet, proto_number, 5);
+
+    assert_eq!(send_through(datapath, hook, packet).0, Reason::ForwardEstablished, "{key:?}");
+    let restored = datapath.maps().conntrack_entry(&reply_key).expect("lookup");
+    let restored = restored.unwrap_or_else(|| panic!("{key:?}: no reply entry written"));
+    let content = |value: ConntrackValue| ConntrackValue { last_seen: 0, ..value };
+    assert_eq!(content(restored), content(reply), "{key:?}: the entry its first packet wrote");
+    assert_eq!(send_through(datapath, hook, answer).0, Reason::ReplyTranslated, "{key:?}: answer");
+}
+
+/// A flow whose reply entry went, and whose reply tuple another flow took since (a masqueraded
+/// flow's port handed to a new flow), is forgotten at its next packet a second on: its next one
+/// opens it anew on a source port of its own, rather than reach the backend on the other
+/// flow's connection.
 #[test]
 fn a_flow_whose_reply_tuple_another_flow_took_is_opened_anew() {
     let mut datapath = seeded();
-    let syn = Spec::tcp(POD, 40_910, "10.96.45.10", 80);
-    send_through(&mut datapath, Hook::Tc, &syn);
-    let ack = with_flags(&syn, false, false);
-    assert_eq!(send(&mut datapath, &ack), Reason::ForwardEstablished);
-    let (key, forward) = forward_entry(datapath.maps(), 40_910);
-    let reply_key = twin_key(&key, &forward);
-    let reply = datapath.maps().conntrack_entry(&reply_key).expect("lookup");
-    // The same client socket asking another frontend of the same backend.
-    let theirs = ConntrackValue { translated_port_be: 8080u16.to_be(), ..reply.expect("reply") };
-    datapath.maps().write_conntrack(&reply_key, &theirs).expect("another flow's entry");
-    age_forward(&mut datapath, 40_910, 5);
+    let flows = [
+        (Hook::Tc, Spec::tcp(POD, 40_910, "10.96.45.10", 80)),
+        (Hook::Xdp, Spec::tcp(EXTERNAL_CLIENT, 40_911, NODE_IP, 30_380)),
+    ];
+    for (hook, syn) in flows {
+        let (_, request) = send_through(&mut datapath, hook, &syn);
+        let ack = with_flags(&syn, false, false);
+        assert_eq!(send_through(&mut datapath, hook, &ack).0, Reason::ForwardEstablished);
+        let (key, forward) = forward_entry(datapath.maps(), &ack, proto::TCP);
+        let reply_key = twin_key(&key, &forward);
+        let reply = datapath.maps().conntrack_entry(&reply_key).expect("lookup");
+        // Another flow's: replies from another frontend.
+        let theirs =
+            ConntrackValue { translated_port_be: 8080u16.to_be(), ..reply.expect("reply entry") };
+        datapath.maps().write_conntrack(&reply_key, &theirs).expect("another flow's entry");
+        age_forward(&mut datapath, &ack, proto::TCP, 5);
 
-    assert_eq!(send(&mut datapath, &ack), Reason::ForwardEstablished, "this one as before");
-    let maps = datapath.maps();
-    assert_eq!(maps.conntrack_entry(&key).expect("lookup"), None, "the flow is forgotten");
-    assert_eq!(maps.conntrack_entry(&reply_key).expect("lookup"), Some(theirs), "theirs as it was");
-    let (reason, request) = send_through(&mut datapath, Hook::Tc, &ack);
-    assert_eq!(reason, Reason::ForwardNew);
-    let ((client, client_port), _) = endpoints(&request);
-    assert_eq!(client.to_string(), POD, "the client's address kept");
-    assert_ne!(client_port, 40_910, "a source port of its own: the tuple is theirs");
+        let (reason, _) = send_through(&mut datapath, hook, &ack);
+        assert_eq!(reason, Reason::ForwardEstablished, "{key:?}: this one as before");
+        let maps = datapath.maps();
+        assert_eq!(maps.conntrack_entry(&key).expect("lookup"), None, "{key:?}: forgotten");
+        let left = maps.conntrack_entry(&reply_key).expect("lookup");
+        assert_eq!(left, Some(theirs), "{key:?}: theirs as it was");
+        let (reason, anew) = send_through(&mut datapath, hook, &ack);
+        assert_eq!(reason, Reason::ForwardNew, "{key:?}");
+        let ((was_ip, was_port), _) = endpoints(&request);
+        let ((source_ip, source_port), _) = endpoints(&anew);
+        assert_eq!(source_ip, was_ip, "{key:?}: from the same address");
+        assert_ne!(source_port, was_port, "{key:?}: on a port of its own: the tuple is theirs");
+    }
 }
