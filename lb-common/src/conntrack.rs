@@ -130,6 +130,14 @@ pub fn lives_at(
     now.saturating_sub(last_seen) <= timeout_s(value, proto_number) * u64::from(jiffies_per_second)
 }
 
+/// A timestamp that leaves an entry dead at `now`, whatever its state: older than the longest
+/// timeout. (The kernel starts jiffies far above it, at `INITIAL_JIFFIES`.)
+#[inline(always)]
+#[must_use]
+pub fn expired_at(now: u64, jiffies_per_second: u32) -> u64 {
+    now.saturating_sub((TCP_TIMEOUT_S + 1) * u64::from(jiffies_per_second))
+}
+
 /// The key of the other direction's entry of the flow whose entry `value` is found under `key`.
 /// Forward: backend -> client, or -> the SNAT address and port. Reply: client (the original
 /// one under SNAT) -> the frontend address.

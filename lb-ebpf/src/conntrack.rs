@@ -8,7 +8,7 @@ use core::intrinsics::{AtomicOrdering, atomic_cxchg};
 
 use aya_ebpf::helpers::bpf_jiffies64;
 use lb_common::{
-    conntrack::{CLAIMED, is_twin_of, reply_entry_of, twin_key},
+    conntrack::{CLAIMED, expired_at, is_twin_of, reply_entry_of, twin_key},
     maps::{ConntrackKey, ConntrackValue, NodeConfig, closing, ct_flags, proto},
 };
 
@@ -82,29 +82,37 @@ pub fn touch(entry: *mut ConntrackValue, packet: &Packet, now: u64, config: &Nod
     }
     // SAFETY: as above; no other reference to the entry is alive.
     let value = unsafe { &mut *entry };
-    if now.saturating_sub(value.last_seen) > u64::from(config.jiffies_per_second) {
+    let rate = config.jiffies_per_second;
+    if now.saturating_sub(value.last_seen) > u64::from(rate) {
         value.last_seen = now;
-        refresh_twin(&key_of(packet), value, &twin_key, now);
+        if !refresh_twin(&key_of(packet), value, &twin_key, now) {
+            // Expired rather than removed: the caller reads the entry yet, and the map may
+            // give a removed entry's slot to another flow's at once.
+            value.last_seen = expired_at(now, rate);
+        }
     }
 }
 
-/// Refreshes the other entry of the flow whose entry under `key` is `value`.
+/// Refreshes the other entry of the flow whose entry under `key` is `value`; false if the flow
+/// is to be forgotten.
 ///
 /// A full map's LRU evicts one entry at a time, and may take one half of a live flow. A forward
 /// entry whose reply entry went writes it again, or the flow's replies would pass untranslated;
-/// one whose reply tuple another flow has taken since is removed, so that the flow's next packet
-/// opens it anew (another source port) rather than reach the backend on the other flow's
+/// one whose reply tuple another flow has taken since is forgotten, so that the flow's next
+/// packet opens it anew (another source port) rather than reach the backend on the other flow's
 /// connection. A reply entry whose forward entry went needs nothing here: the flow's next
 /// forward packet opens it again and takes its own reply entry back (`lb::same_flow`).
 #[inline(always)]
-fn refresh_twin(key: &ConntrackKey, value: &ConntrackValue, twin_key: &ConntrackKey, now: u64) {
+fn refresh_twin(
+    key: &ConntrackKey,
+    value: &ConntrackValue,
+    twin_key: &ConntrackKey,
+    now: u64,
+) -> bool {
     let forward = value.flags & ct_flags::REPLY == 0;
     match CONNTRACK.get_ptr_mut(twin_key) {
         // SAFETY: a valid pointer from the lookup.
-        Some(twin) if forward && !is_twin_of(twin_key, unsafe { &*twin }, key) => {
-            // Gone already if another CPU removed it first: nothing to do then.
-            let _ = CONNTRACK.remove(key);
-        }
+        Some(twin) if forward && !is_twin_of(twin_key, unsafe { &*twin }, key) => return false,
         // SAFETY: as above.
         Some(twin) => unsafe { (*twin).last_seen = now },
         None if forward => {
@@ -114,6 +122,7 @@ fn refresh_twin(key: &ConntrackKey, value: &ConntrackValue, twin_key: &Conntrack
         }
         None => {}
     }
+    true
 }
 
 /// The TCP state changes `packet` makes to its flow's entries (the other one under

@@ -70,11 +70,9 @@ pub fn process(hook: &impl Hook, packet: &Packet, origin: Origin) -> (Verdict, R
         warm_counters(service.service_id);
     }
     if let Some(entry) = conntrack::lookup(&key, packet, now, config) {
-        // Copied first: `touch` may remove the entry (see `conntrack::refresh_twin`), and the
-        // map may give its slot to another flow's entry at once.
+        conntrack::touch(entry, packet, now, config);
         // SAFETY: a live pointer from the conntrack lookup above.
         let value = unsafe { *entry };
-        conntrack::touch(entry, packet, now, config);
         return if value.flags & ct_flags::REPLY != 0 {
             reply(hook, packet, fragment_side::INGRESS, &value)
         } else {

@@ -565,7 +565,10 @@ fn a_flow_whose_reply_tuple_another_flow_took_is_opened_anew() {
         let (reason, _) = send_through(&mut datapath, hook, &ack);
         assert_eq!(reason, Reason::ForwardEstablished, "{key:?}: this one as before");
         let maps = datapath.maps();
-        assert_eq!(maps.conntrack_entry(&key).expect("lookup"), None, "{key:?}: forgotten");
+        let now = clock::jiffies_now().expect("jiffies");
+        let forgotten = maps.conntrack_entry(&key).expect("lookup").expect("left to the collector");
+        let age = now - forgotten.last_seen;
+        assert!(age > clock::seconds_to_jiffies(TCP_TIMEOUT_S), "{key:?}: expired, {age} jiffies");
         let left = maps.conntrack_entry(&reply_key).expect("lookup");
         assert_eq!(left, Some(theirs), "{key:?}: theirs as it was");
         let (reason, anew) = send_through(&mut datapath, hook, &ack);
