@@ -480,21 +480,31 @@ fn two_frontends_of_one_backend(datapath: &mut Datapath) -> [&'static str; 2] {
     vips
 }
 
+/// The SYNs of two TCP flows, from `port` and the next one: pod to ClusterIP, and from outside
+/// to NodePort 30380 (remote backend: masqueraded).
+fn two_tcp_flows(port: u16) -> [(Hook, Spec); 2] {
+    [
+        (Hook::Tc, Spec::tcp(POD, port, "10.96.45.10", 80)),
+        (Hook::Xdp, Spec::tcp(EXTERNAL_CLIENT, port + 1, NODE_IP, 30_380)),
+    ]
+}
+
+/// Opens the flow of `syn` and ends its handshake; returns the SYN as translated, and the ACK.
+fn establish(datapath: &mut Datapath, hook: Hook, syn: &Spec) -> (Vec<u8>, Spec) {
+    let (_, request) = send_through(datapath, hook, syn);
+    let ack = with_flags(syn, false, false);
+    assert_eq!(send_through(datapath, hook, &ack).0, Reason::ForwardEstablished);
+    (request, ack)
+}
+
 /// A full map's LRU evicts one entry at a time, and may take one half of a live flow. A flow
 /// whose reply entry went writes it again, the same as its first packet wrote it, at its next
 /// forward packet a second on: its replies are translated again.
 #[test]
 fn a_flow_whose_reply_entry_was_evicted_writes_it_again() {
     let mut datapath = seeded();
-    // Pod to ClusterIP, and from outside to NodePort 30380 (remote backend: masqueraded).
-    let tcp_flows = [
-        (Hook::Tc, Spec::tcp(POD, 40_900, "10.96.45.10", 80)),
-        (Hook::Xdp, Spec::tcp(EXTERNAL_CLIENT, 40_901, NODE_IP, 30_380)),
-    ];
-    for (hook, syn) in tcp_flows {
-        let (_, request) = send_through(&mut datapath, hook, &syn);
-        let ack = with_flags(&syn, false, false);
-        assert_eq!(send_through(&mut datapath, hook, &ack).0, Reason::ForwardEstablished);
+    for (hook, syn) in two_tcp_flows(40_900) {
+        let (request, ack) = establish(&mut datapath, hook, &syn);
         let answer = reply_to(&syn, &request, false, false);
         evict_reply_entry_then_resend(&mut datapath, hook, &ack, proto::TCP, &answer);
     }
@@ -545,14 +555,8 @@ fn evict_reply_entry_then_resend(
 #[test]
 fn a_flow_whose_reply_tuple_another_flow_took_is_opened_anew() {
     let mut datapath = seeded();
-    let flows = [
-        (Hook::Tc, Spec::tcp(POD, 40_910, "10.96.45.10", 80)),
-        (Hook::Xdp, Spec::tcp(EXTERNAL_CLIENT, 40_911, NODE_IP, 30_380)),
-    ];
-    for (hook, syn) in flows {
-        let (_, request) = send_through(&mut datapath, hook, &syn);
-        let ack = with_flags(&syn, false, false);
-        assert_eq!(send_through(&mut datapath, hook, &ack).0, Reason::ForwardEstablished);
+    for (hook, syn) in two_tcp_flows(40_910) {
+        let (request, ack) = establish(&mut datapath, hook, &syn);
         let (key, forward) = forward_entry(datapath.maps(), &ack, proto::TCP);
         let reply_key = twin_key(&key, &forward);
         let reply = datapath.maps().conntrack_entry(&reply_key).expect("lookup");
