@@ -295,9 +295,11 @@ impl KernelMaps {
             .filter(|(key, value)| forget.affinities.contains(&(key.service_id, value.backend_id)))
             .map(|(key, _)| key)
             .collect();
-        let flows = self.remove_conntrack(&doomed_flows)?;
+        // Sticky clients first: a packet between the two would otherwise open its flow again,
+        // through the remembered backend, just after its old one was forgotten.
         let affinities = map_batch::delete(self.batch_fds.affinity.as_fd(), &doomed_affinities)
             .map_err(syscall_error(names::AFFINITY, "bpf_map_delete_batch"))?;
+        let flows = self.remove_conntrack(&doomed_flows)?;
         Ok(Purged { flows, affinities })
     }
 
