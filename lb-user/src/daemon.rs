@@ -141,12 +141,18 @@ pub async fn run_until(
     let mut plane = ControlPlane::new(reconciler);
     let mut health_checks = HealthCheckServers::new(Arc::clone(&proxy_health));
     // The first sync rebuilds every service; so does the periodic resync, which repairs
-    // whatever a missed event or a failed write left behind.
+    // whatever a missed event or a failed write left behind. Its deadline runs from the last
+    // full sync, as kube-proxy's does: changes coming more often than the period must not put
+    // it off for ever.
     let mut full = true;
+    let mut next_full_sync = tokio::time::Instant::now();
     'running: loop {
         let started = Instant::now();
         // The Node as the source knows it now: the build and the health check ports use it.
         let (node, eligible) = objects.node(&options.node_config);
+        if full {
+            next_full_sync = tokio::time::Instant::now() + options.resync;
+        }
         let synced = sync(&node, &objects, &mut plane, &mut maps, &mut reported, full, &metrics);
         proxy_health.record_sync(synced.is_ok());
         proxy_health.set_node_eligible(eligible);
@@ -159,7 +165,7 @@ pub async fn run_until(
             // A new control plane knows nothing yet: its next sync is a full one.
             plane = ControlPlane::new(reconciler_for(&maps, &options.node_config, &capacities)?);
         }
-        let resync = tokio::time::sleep(options.resync);
+        let resync = tokio::time::sleep_until(next_full_sync);
         tokio::pin!(resync);
         // Interface events change attachments, not maps: they do not end the wait for the next
         // sync.
@@ -454,6 +460,7 @@ fn sync(
     let purged = maps.purge(&report.forget)?;
     metrics.observe_sync(&SyncDone {
         elapsed: started.elapsed(),
+        all_services: rebuilt.is_none(),
         writes: report.writes,
         purged_flows: purged.flows,
         draining: plane.reconciler().drains().len(),

@@ -66,6 +66,8 @@ struct MapLabels {
 /// What one successful sync did and left, for [`Metrics::observe_sync`].
 pub struct SyncDone {
     pub elapsed: Duration,
+    /// Whether it rebuilt every service (a full sync), not only changed ones.
+    pub all_services: bool,
     /// Map entries written or removed.
     pub writes: usize,
     /// Conntrack entries forgotten.
@@ -109,6 +111,7 @@ impl Programmed {
 pub struct Metrics {
     registry: Registry,
     syncs: Family<SyncLabels, Counter>,
+    full_syncs: Counter,
     sync_seconds: Histogram,
     map_writes: Counter,
     purged_flows: Counter,
@@ -128,6 +131,13 @@ impl Metrics {
         let mut registry = Registry::with_prefix("lb");
         let syncs = Family::<SyncLabels, Counter>::default();
         registry.register("syncs", "Reconciles of the maps with the source", syncs.clone());
+        let full_syncs = Counter::default();
+        registry.register(
+            "full_syncs",
+            "Successful syncs that rebuilt every service: the first, the periodic resync, a \
+             change of the Node",
+            full_syncs.clone(),
+        );
         // 100 us to ~100 s: one changed service up to a first sync of 100k services.
         let sync_seconds = Histogram::new(exponential_buckets(0.000_1, 4.0, 11));
         registry.register("sync_duration_seconds", "Time a sync took", sync_seconds.clone());
@@ -198,6 +208,7 @@ impl Metrics {
         Arc::new(Self {
             registry,
             syncs,
+            full_syncs,
             sync_seconds,
             map_writes,
             purged_flows,
@@ -215,6 +226,9 @@ impl Metrics {
     /// Records a sync that succeeded.
     pub fn observe_sync(&self, sync: &SyncDone) {
         self.count_sync(SyncResult::Ok, sync.elapsed);
+        if sync.all_services {
+            self.full_syncs.inc();
+        }
         self.map_writes.inc_by(as_u64(sync.writes));
         self.purged_flows.inc_by(as_u64(sync.purged_flows));
         let Programmed { frontends, services, backends, backend_slots } = sync.programmed;
@@ -374,6 +388,7 @@ mod tests {
         let metrics = unpinned();
         let sync = |elapsed_ms, writes, purged_flows, frontends, draining| SyncDone {
             elapsed: Duration::from_millis(elapsed_ms),
+            all_services: writes > 100,
             writes,
             purged_flows,
             draining,
@@ -391,6 +406,7 @@ mod tests {
         for line in [
             "lb_syncs_total{result=\"ok\"} 2",
             "lb_syncs_total{result=\"error\"} 1",
+            "lb_full_syncs_total 1",
             "lb_map_writes_total 125",
             "lb_purged_flows_total 2",
             "lb_frontends 41",

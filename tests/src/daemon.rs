@@ -84,12 +84,36 @@ impl RunningDaemon {
         targets: attach::Targets,
         node_config: NodeConfig,
     ) -> Self {
+        let resync = Duration::from_secs(60);
+        Self::launch(topology, pins, source, targets, node_config, resync)
+    }
+
+    /// [`Self::start`] with a full resync every `resync`.
+    pub fn start_resyncing(
+        topology: &Topology,
+        pins: &TestPins,
+        manifests: &Path,
+        resync: Duration,
+    ) -> Self {
+        let source = daemon::Source::Manifests(manifests.to_owned());
+        let targets = default_targets(topology, None);
+        Self::launch(topology, pins, source, targets, example_node_config(), resync)
+    }
+
+    fn launch(
+        topology: &Topology,
+        pins: &TestPins,
+        source: daemon::Source,
+        targets: attach::Targets,
+        node_config: NodeConfig,
+        resync: Duration,
+    ) -> Self {
         let options = daemon::Options {
             source,
             node_config,
             targets,
             pins: pins.layout().clone(),
-            resync: Duration::from_secs(60),
+            resync,
             // Inside the node's namespace: every test daemon has a loopback of its own.
             metrics_address: Some(METRICS_ADDRESS.parse().expect("address")),
             healthz_address: Some(HEALTHZ_ADDRESS.parse().expect("address")),

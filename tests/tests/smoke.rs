@@ -3,7 +3,8 @@
 //! NodePort, refusal of a service without endpoints, a live manifest edit, and a daemon restart
 //! that an established connection survives (listed by `lb-user flows` first), the daemon's
 //! metrics endpoint (its map entries checked against the pinned maps), and a UDP stream draining
-//! from a terminating endpoint. Everything is torn down on success and failure.
+//! from a terminating endpoint; the periodic resync under steady changes. Everything is torn down
+//! on success and failure.
 
 use std::{
     net::{SocketAddr, UdpSocket},
@@ -198,4 +199,33 @@ fn the_map_entries_shown_are_the_pinned_maps(metrics: &str, pins: &TestPins) {
         let expected = u64::try_from(entries).expect("a count");
         assert_eq!(counter(metrics, series), Some(expected), "{series} in\n{metrics}");
     }
+}
+
+/// The periodic resync rebuilds every service even while changes come more often than its
+/// period, as kube-proxy's, timed from the last full sync: a busy cluster's changes must not put
+/// off for ever the repair of what a missed event or a failed write left behind.
+#[test]
+fn the_periodic_resync_runs_while_changes_keep_coming() {
+    let topology = Topology::new("lbr");
+    let pins = TestPins::new();
+    let manifests = ManifestDir::new();
+    let resync = Duration::from_secs(1);
+    let daemon = RunningDaemon::start_resyncing(&topology, &pins, manifests.path(), resync);
+    let full_syncs = || {
+        let metrics = scrape_metrics(&topology.node).expect("the metrics endpoint answers");
+        counter(&metrics, "lb_full_syncs_total").expect("full syncs counted")
+    };
+    let before = full_syncs();
+    // A change of the manifest directory every 200 ms, for three resync periods.
+    let churn_started = Instant::now();
+    for change in 0.. {
+        if churn_started.elapsed() >= 3 * resync {
+            break;
+        }
+        manifests.add_file("churn.yaml", &format!("# change {change}\n"));
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let during = full_syncs() - before;
+    assert!(during >= 1, "{during} full syncs in three periods of steady changes");
+    daemon.stop();
 }
