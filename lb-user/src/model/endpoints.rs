@@ -42,6 +42,8 @@ pub(super) struct Slice {
     ports: Vec<SlicePort>,
     /// With port 0: each service port sets the port of the slice port it matches.
     endpoints: Vec<Endpoint>,
+    /// Malformed endpoints left out, the others used (as kube-proxy skips one endpoint).
+    pub(super) left_out: Option<Skipped>,
 }
 
 /// One EndpointSlice normalised without the node configuration: the compact form a source
@@ -52,7 +54,12 @@ pub struct KeptSlice(Kept);
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Kept {
-    Used { name: String, ports: Vec<SlicePort>, endpoints: Vec<KeptEndpoint> },
+    Used {
+        name: String,
+        ports: Vec<SlicePort>,
+        endpoints: Vec<KeptEndpoint>,
+        left_out: Option<Skipped>,
+    },
     NotIpv4,
     Malformed(Skipped),
 }
@@ -139,10 +146,11 @@ impl KeptSlice {
     /// The slice as the model uses it on `node`.
     pub(super) fn resolve(&self, node: &NodeConfig) -> SliceObject {
         match &self.0 {
-            Kept::Used { name, ports, endpoints } => SliceObject::Used(Slice {
+            Kept::Used { name, ports, endpoints, left_out } => SliceObject::Used(Slice {
                 name: name.clone(),
                 ports: ports.clone(),
                 endpoints: endpoints.iter().map(|endpoint| endpoint.resolve(node)).collect(),
+                left_out: left_out.clone(),
             }),
             Kept::NotIpv4 => SliceObject::NotIpv4,
             Kept::Malformed(skipped) => SliceObject::Malformed(skipped.clone()),
@@ -229,15 +237,29 @@ fn normalise(slice: &EndpointSlice, nodes: &mut NodeNames) -> Result<Kept, NotUs
         .enumerate()
         .filter_map(|(index, port)| slice_port(index, port).transpose())
         .collect::<Result<_, _>>()?;
-    let endpoints = slice
-        .endpoints
-        .iter()
-        .flatten()
-        .enumerate()
-        .map(|(index, endpoint)| slice_endpoint(index, endpoint, nodes))
-        .collect::<Result<_, _>>()?;
+    let mut endpoints = Vec::with_capacity(slice.endpoints.as_ref().map_or(0, Vec::len));
+    let mut malformed = Vec::new();
+    for (index, endpoint) in slice.endpoints.iter().flatten().enumerate() {
+        match slice_endpoint(index, endpoint, nodes) {
+            Ok(endpoint) => endpoints.push(endpoint),
+            Err(reason) => malformed.push(reason),
+        }
+    }
+    let left_out = left_out(slice, &malformed);
     let name = slice.metadata.name.clone().unwrap_or_default();
-    Ok(Kept::Used { name, ports, endpoints })
+    Ok(Kept::Used { name, ports, endpoints, left_out })
+}
+
+/// The problem to report for a slice whose `malformed` endpoints (why each is) were left out:
+/// the first one named, the others counted, as a slice holds up to a thousand.
+fn left_out(slice: &EndpointSlice, malformed: &[String]) -> Option<Skipped> {
+    let (first, others) = malformed.split_first()?;
+    let more =
+        if others.is_empty() { String::new() } else { format!(" (and {} more)", others.len()) };
+    Some(Skipped {
+        object: object_name("EndpointSlice", &slice.metadata),
+        reason: format!("malformed endpoint left out, the others used: {first}{more}"),
+    })
 }
 
 /// A slice port; `None` for one without a port number, which the API allows (it means "all
@@ -256,21 +278,19 @@ fn slice_port(
 }
 
 /// One endpoint, without its port, with its conditions defaulted as kube-proxy reads them:
-/// ready and serving unknown mean true, terminating unknown means not terminating.
+/// ready and serving unknown mean true, terminating unknown means not terminating. `Err`: why
+/// it is malformed.
 fn slice_endpoint(
     index: usize,
     endpoint: &ApiEndpoint,
     nodes: &mut NodeNames,
-) -> Result<KeptEndpoint, NotUsed> {
+) -> Result<KeptEndpoint, String> {
     // The API says consumers use the first address; the others are reserved. The field is
     // named only on error: a big cluster has millions of endpoints.
     let field = || format!("endpoints[{index}].addresses");
-    let text = endpoint
-        .addresses
-        .first()
-        .ok_or_else(|| NotUsed::Malformed(format!("{} is empty", field())))?;
+    let text = endpoint.addresses.first().ok_or_else(|| format!("{} is empty", field()))?;
     let Some(IpAddr::V4(ip)) = address::parse_ip(text) else {
-        return Err(NotUsed::Malformed(format!("{}: {text:?} is not an IPv4 address", field())));
+        return Err(format!("{}: {text:?} is not an IPv4 address", field()));
     };
     let conditions = endpoint.conditions.as_ref();
     let ready = conditions.and_then(|c| c.ready).unwrap_or(true);
@@ -482,17 +502,34 @@ ports: [{name: web, port: 80}]";
 
     #[test]
     fn a_malformed_slice_is_skipped_and_the_others_used() {
-        let bad = slice_yaml("web-bad", "[{addresses: [10.244.1.300]}]", "[{name: web, port: 80}]");
+        let bad =
+            slice_yaml("web-bad", "[{addresses: [10.244.1.9]}]", "[{name: web, port: 70000}]");
         let good = slice_yaml("web-good", "[{addresses: [10.244.1.1]}]", "[{name: web, port: 80}]");
         let model = model(&[&bad, &good]);
         assert_eq!(addresses(&model.ports[0].endpoints), ["10.244.1.1:80"]);
+        assert_eq!(model.skipped.len(), 1, "{:?}", model.skipped);
+        assert_eq!(model.skipped[0].object, "EndpointSlice shop/web-bad");
+        assert!(
+            model.skipped[0].reason.starts_with("malformed: ports[0].port"),
+            "{:?}",
+            model.skipped
+        );
+    }
+
+    /// As kube-proxy, a malformed endpoint is left out alone: the rest of its slice still serves.
+    #[test]
+    fn a_malformed_endpoint_is_left_out_and_the_rest_of_its_slice_used() {
+        let endpoints = "[{addresses: [10.244.1.300]}, {addresses: [10.244.1.2]}, {addresses: []}]";
+        let slice = slice_yaml("web-mixed", endpoints, "[{name: web, port: 80}]");
+        let model = model(&[&slice]);
+        assert_eq!(addresses(&model.ports[0].endpoints), ["10.244.1.2:80"]);
         assert_eq!(
             model.skipped,
             [Skipped {
-                object: "EndpointSlice shop/web-bad".into(),
-                reason:
-                    "malformed: endpoints[0].addresses: \"10.244.1.300\" is not an IPv4 address"
-                        .into(),
+                object: "EndpointSlice shop/web-mixed".into(),
+                reason: "malformed endpoint left out, the others used: endpoints[0].addresses: \
+                         \"10.244.1.300\" is not an IPv4 address (and 1 more)"
+                    .into(),
             }]
         );
     }

@@ -108,7 +108,10 @@ impl ServiceObjects {
         let mut slices: Vec<&Slice> = Vec::new();
         for slice in &self.slices {
             match slice {
-                SliceObject::Used(slice) => slices.push(slice),
+                SliceObject::Used(slice) => {
+                    model.skipped.extend(slice.left_out.clone());
+                    slices.push(slice);
+                }
                 SliceObject::NotIpv4 => model.not_ipv4_slices += 1,
                 SliceObject::Malformed(skipped) => model.skipped.push(skipped.clone()),
             }
