@@ -338,7 +338,8 @@ enum Objects {
 impl Objects {
     /// The node configuration to build with, and whether this node is to take load balancer
     /// traffic. The Node object's addresses and zone label, when the source knows them, are the
-    /// truth about this node; it is not eligible while its Node is being deleted.
+    /// truth about this node; it is not eligible while its Node is being deleted, nor after
+    /// (see `KubeSource::node_eligible`).
     fn node<'a>(&self, configured: &'a NodeConfig) -> (Cow<'a, NodeConfig>, bool) {
         let mut node = Cow::Borrowed(configured);
         let Self::Kubernetes(source) = self else { return (node, true) };
@@ -346,12 +347,12 @@ impl Objects {
         if !node_ips.is_empty() && node_ips != configured.node_ips {
             node.to_mut().node_ips = node_ips;
         }
-        let Some(object) = object else { return (node, true) };
-        let zone = kube_source::node_zone(&object);
-        if zone.is_some() && zone != configured.zone {
-            node.to_mut().zone = zone;
+        if let Some(zone) = object.as_ref().and_then(kube_source::node_zone)
+            && configured.zone.as_ref() != Some(&zone)
+        {
+            node.to_mut().zone = Some(zone);
         }
-        (node, kube_source::node_eligible(&object))
+        (node, source.node_eligible())
     }
 
     /// The services changed since the last call: `None` when any may have. A `full` sync
@@ -413,7 +414,7 @@ impl Objects {
             Self::Manifests { cache, .. } => {
                 cache.borrow().problems().map(|p| format!("skipped: {p}")).collect()
             }
-            Self::Kubernetes(_) => Vec::new(),
+            Self::Kubernetes(source) => source.node_problem().into_iter().collect(),
         }
     }
 }

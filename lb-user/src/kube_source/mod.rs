@@ -119,6 +119,8 @@ pub struct KubeSource {
     /// moment (deleted and registered again): the node's NodePorts and SNAT address stay.
     /// Updated at every Node event, not only when a sync reads them.
     node_ips: watch::Receiver<Vec<Ipv4Addr>>,
+    /// What the Node watch last showed of this node.
+    node_seen: watch::Receiver<NodeSeen>,
     /// The watcher tasks; a `JoinSet` aborts them when dropped.
     _watchers: JoinSet<()>,
 }
@@ -151,6 +153,7 @@ impl KubeSource {
             move |event| lock(&held).on_slice(event),
         );
         let (node_ips_sender, node_ips) = watch::channel(Vec::new());
+        let (node_seen_sender, node_seen) = watch::channel(NodeSeen::default());
         let this_node = ObjectRef::new(node_name);
         let node = spawn_reflector(
             &mut watchers,
@@ -158,7 +161,9 @@ impl KubeSource {
             watcher::Config::default().fields(&format!("metadata.name={node_name}")),
             nudge,
             move |store| {
-                let reported = store.get(&this_node).map(|node| node_ipv4_addresses(&node));
+                let object = store.get(&this_node);
+                node_seen_sender.send_modify(|seen| seen.update(object.as_deref()));
+                let reported = object.map(|node| node_ipv4_addresses(&node));
                 let reported = reported.unwrap_or_default();
                 if !reported.is_empty() {
                     node_ips_sender.send_if_modified(|known| {
@@ -176,6 +181,7 @@ impl KubeSource {
             node,
             node_name: node_name.to_owned(),
             node_ips,
+            node_seen,
             _watchers: watchers,
         }
     }
@@ -228,6 +234,27 @@ impl KubeSource {
         (node, self.node_ips.borrow().clone())
     }
 
+    /// Whether this node is to take load balancer traffic, as its Node last said: not while it
+    /// is being deleted or marked for deletion, and still not once it is gone (kube-proxy judges
+    /// a deleted Node by its last state too). Eligible before the Node is seen.
+    pub fn node_eligible(&self) -> bool {
+        self.node_seen.borrow().eligible
+    }
+
+    /// A problem to report while the Node list holds no Node of this node's name: every
+    /// endpoint is then remote to it (they name their node), which a wrong `nodeName` causes.
+    pub fn node_problem(&self) -> Option<String> {
+        let seen = self.node_seen.borrow();
+        (seen.listed && !seen.present).then(|| {
+            format!(
+                "no Node named {:?} in the API: no endpoint is local to this node (Local \
+                 traffic policies drop, health check node ports answer 503); check nodeName \
+                 or --node-name",
+                self.node_name
+            )
+        })
+    }
+
     /// Waits until this node's Node has reported an IPv4 address, warning every 30 s meanwhile
     /// (a wrong node name, or a Node the kubelet has not registered yet).
     pub async fn node_addressed(&self) {
@@ -242,6 +269,33 @@ impl KubeSource {
                     warn!(node = %self.node_name, "still no IPv4 address from the Node object; nothing is programmed before one");
                 }
             }
+        }
+    }
+}
+
+/// What the Node watch has shown of this node's Node.
+#[derive(Debug, Clone, Copy)]
+struct NodeSeen {
+    /// Its first list completed.
+    listed: bool,
+    present: bool,
+    /// As the Node last present said (see [`KubeSource::node_eligible`]).
+    eligible: bool,
+}
+
+impl Default for NodeSeen {
+    fn default() -> Self {
+        Self { listed: false, present: false, eligible: true }
+    }
+}
+
+impl NodeSeen {
+    /// After the watch's store changed: `node` is this node's Node in it now, if any.
+    fn update(&mut self, node: Option<&Node>) {
+        self.listed = true;
+        self.present = node.is_some();
+        if let Some(node) = node {
+            self.eligible = node_eligible(node);
         }
     }
 }

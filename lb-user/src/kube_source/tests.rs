@@ -234,6 +234,42 @@ async fn the_node_addresses_outlive_a_node_without_any() {
     assert_eq!(h.source.node(), (None, known.to_vec()), "nor does a Node gone for a moment");
 }
 
+/// A Node marked for deletion takes no load balancer traffic (health checks answer 503), and
+/// still none once it is gone: kube-proxy judges a deleted Node by its last state too.
+#[tokio::test(start_paused = true)]
+async fn a_node_marked_for_deletion_stays_ineligible_once_deleted() {
+    let mut h = Harness::start();
+    assert!(h.source.node_eligible(), "eligible before the Node is seen");
+    let mut watches = h.listed().await;
+    assert!(h.source.node_eligible());
+    assert_eq!(h.source.node_problem(), None, "the Node is listed");
+
+    let mut marked = node("301", "192.168.1.63");
+    marked["spec"] =
+        json!({ "taints": [{ "key": "ToBeDeletedByClusterAutoscaler", "effect": "NoSchedule" }] });
+    watches.node.modified(marked.clone()).await;
+    h.nudged("MODIFIED node").await;
+    assert!(!h.source.node_eligible(), "marked for deletion");
+    watches.node.deleted(marked).await;
+    h.nudged("DELETED node").await;
+    assert!(!h.source.node_eligible(), "gone after it was marked");
+    let problem = h.source.node_problem().expect("a missing Node is a problem to report");
+    assert!(problem.contains(&format!("{NODE:?}")), "{problem}");
+}
+
+/// A node name that no Node carries (a hostname where the Node is named otherwise) leaves every
+/// endpoint remote: it is reported once the Node list is complete without it.
+#[tokio::test(start_paused = true)]
+async fn a_node_name_no_node_carries_is_reported() {
+    let mut h = Harness::start();
+    assert_eq!(h.source.node_problem(), None, "not before the Node list completes");
+    h.server.list(Resource::Node, "300", &[]).await;
+    let _node = h.server.watch(Resource::Node, "300").await;
+    let problem = h.source.node_problem().expect("reported once listed without it");
+    assert!(problem.starts_with(&format!("no Node named {NODE:?}")), "{problem}");
+    assert!(h.source.node_eligible(), "never seen: nothing says otherwise");
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_bookmark_changes_nothing_and_the_next_watch_resumes_from_it() {
     let mut h = Harness::start();
