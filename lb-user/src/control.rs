@@ -29,6 +29,10 @@ struct Remembered {
     health_checks: BTreeMap<ServiceName, HealthCheck>,
 }
 
+/// How a remark about a service left to DNS or another proxy by design starts: logged at debug
+/// level, not as a problem (a cluster may have thousands of headless services).
+pub const NOT_PROXIED: &str = "not proxied: ";
+
 /// What the model said about one service.
 #[derive(Debug, Default)]
 struct Remarks {
@@ -40,8 +44,11 @@ impl Remarks {
     fn of(model: &ServiceModel) -> Self {
         let skipped =
             model.skipped.iter().map(|s| format!("not programmed: {}: {}", s.object, s.reason));
+        let not_proxied =
+            model.not_proxied.iter().map(|s| format!("{NOT_PROXIED}{}: {}", s.object, s.reason));
         let notes = model.notes.iter().map(|note| format!("note: {note}"));
-        Self { lines: skipped.chain(notes).collect(), not_ipv4_slices: model.not_ipv4_slices }
+        let lines = skipped.chain(not_proxied).chain(notes).collect();
+        Self { lines, not_ipv4_slices: model.not_ipv4_slices }
     }
 
     fn is_empty(&self) -> bool {

@@ -14,7 +14,7 @@ use std::{
 
 use notify::{RecursiveMode, Watcher as _};
 use tokio::sync::mpsc;
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::{
     attach,
@@ -317,7 +317,11 @@ impl Reported {
     /// Logs the lines not reported last time and remembers this set.
     fn update(&mut self, lines: BTreeSet<String>) {
         for line in lines.difference(&self.0) {
-            warn!("{line}");
+            if line.starts_with(crate::control::NOT_PROXIED) {
+                debug!("{line}");
+            } else {
+                warn!("{line}");
+            }
         }
         self.0 = lines;
     }

@@ -313,6 +313,7 @@ pub fn build(services: &[Service], slices: &[EndpointSlice], node: &NodeConfig) 
         let part = objects.model(&name);
         model.ports.extend(part.ports);
         model.skipped.extend(part.skipped);
+        model.skipped.extend(part.not_proxied);
         model.notes.extend(part.notes);
         not_ipv4_slices += part.not_ipv4_slices;
     }
@@ -517,6 +518,30 @@ ports: [{port: 8443}, {name: dns, port: 5353, protocol: UDP}]",
         assert_eq!(model.ports.len(), 1);
         assert_eq!(model.skipped.len(), 1);
         assert_eq!(model.skipped[0].object, "Service default/a");
+    }
+
+    /// Headless and ExternalName services are left out by design, apart from problems: the
+    /// daemon logs those at debug level, where a cluster's thousands of headless services
+    /// would otherwise fill its warnings.
+    #[test]
+    fn services_left_to_dns_are_not_problems() {
+        let services = [
+            service("metadata: {name: bad}\nspec: {clusterIP: 10.96.0.300, ports: [{port: 80}]}"),
+            service("metadata: {name: dns}\nspec: {type: ExternalName, externalName: a.example}"),
+            service("metadata: {name: pods}\nspec: {clusterIP: None, ports: [{port: 80}]}"),
+        ];
+        let parts: std::collections::BTreeMap<_, _> = by_service(&services, &[], &node())
+            .into_iter()
+            .map(|(name, objects)| (name.name.clone(), objects.model(&name)))
+            .collect();
+        assert_eq!(parts["bad"].skipped.len(), 1, "a malformed one is a problem");
+        assert_eq!(parts["bad"].not_proxied, []);
+        for name in ["dns", "pods"] {
+            assert!(parts[name].skipped.is_empty(), "{name}: {:?}", parts[name].skipped);
+            assert_eq!(parts[name].not_proxied.len(), 1, "{name}");
+        }
+        // The whole model, which `trace` explains, still lists all three.
+        assert_eq!(build(&services, &[], &node()).skipped.len(), 3);
     }
 
     #[test]

@@ -20,19 +20,30 @@ use crate::config::NodeConfig;
 pub struct ServiceObjects {
     /// More than one only in a manifest directory (the API server cannot hold two): the first
     /// counts.
-    services: Vec<Result<Normalised, String>>,
+    services: Vec<Result<Normalised, NotServed>>,
     slices: Vec<SliceObject>,
 }
 
 /// A Service normalised (it does not depend on the node), or why it is not programmed: the
 /// compact form a source keeps instead of the API object.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct KeptService(Result<Normalised, String>);
+pub struct KeptService(Result<Normalised, NotServed>);
 
 impl KeptService {
     pub fn new(service: &Service) -> Self {
-        Self(service::normalise(service).map_err(|reason| reason.to_string()))
+        Self(service::normalise(service).map_err(|reason| NotServed {
+            by_design: reason.by_design(),
+            reason: reason.to_string(),
+        }))
     }
+}
+
+/// Why a Service is not programmed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct NotServed {
+    reason: String,
+    /// Headless, ExternalName or another proxy's: not a problem.
+    by_design: bool,
 }
 
 /// One service's part of the [`super::Model`].
@@ -41,6 +52,9 @@ pub struct ServiceModel {
     /// Sorted by id.
     pub ports: Vec<ServicePort>,
     pub skipped: Vec<Skipped>,
+    /// Left to DNS or to another proxy (headless, ExternalName, another service-proxy-name):
+    /// not programmed, and not a problem either.
+    pub not_proxied: Vec<Skipped>,
     pub notes: Vec<String>,
     /// EndpointSlices with addressType IPv6 or FQDN: the model counts them in one note.
     pub not_ipv4_slices: usize,
@@ -139,8 +153,10 @@ impl ServiceObjects {
                         HealthCheck { node_port, local_endpoints: local_ready(&model.ports) }
                     });
                 }
-                Err(reason) => {
-                    model.skipped.push(Skipped { object: object.clone(), reason: reason.clone() });
+                Err(NotServed { reason, by_design }) => {
+                    let skipped = Skipped { object: object.clone(), reason: reason.clone() };
+                    if *by_design { &mut model.not_proxied } else { &mut model.skipped }
+                        .push(skipped);
                 }
             }
         }

@@ -66,6 +66,14 @@ pub(super) enum NotProgrammed {
     Malformed(String),
 }
 
+impl NotProgrammed {
+    /// Not a problem: a service that no proxy of this kind serves (kube-proxy leaves these out
+    /// without a word).
+    pub(super) fn by_design(&self) -> bool {
+        matches!(self, Self::OtherProxy(_) | Self::ExternalName | Self::Headless)
+    }
+}
+
 fn malformed(reason: impl Into<String>) -> NotProgrammed {
     NotProgrammed::Malformed(reason.into())
 }
