@@ -37,7 +37,7 @@ pub enum Command {
         targets: TargetArgs,
         #[arg(long, default_value = DEFAULT_PIN_DIR)]
         pin_dir: PathBuf,
-        /// Seconds between full resyncs when nothing changes.
+        /// Seconds between full resyncs, timed from the last one whatever changes meanwhile.
         #[arg(long, default_value_t = 60)]
         resync_seconds: u64,
         /// Where to serve Prometheus metrics (`GET /metrics`); kube-proxy's address by default.

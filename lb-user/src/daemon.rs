@@ -150,10 +150,13 @@ pub async fn run_until(
         let started = Instant::now();
         // The Node as the source knows it now: the build and the health check ports use it.
         let (node, eligible) = objects.node(&options.node_config);
-        if full {
+        let synced = sync(&node, &objects, &mut plane, &mut maps, &mut reported, full, &metrics);
+        // From the end of the sync: one slower than the period must not be followed by another
+        // at once, and so on for ever. A failed one counts too, or it would be retried at once
+        // (the next change makes a full sync anyway, the control plane being new).
+        if full || synced.as_ref().is_ok_and(|all| *all) {
             next_full_sync = tokio::time::Instant::now() + options.resync;
         }
-        let synced = sync(&node, &objects, &mut plane, &mut maps, &mut reported, full, &metrics);
         proxy_health.record_sync(synced.is_ok());
         proxy_health.set_node_eligible(eligible);
         if synced.is_ok() {
@@ -309,21 +312,36 @@ fn attach_or_adopt(options: &Options) -> Result<KernelMaps> {
     KernelMaps::from_pins(&options.pins)
 }
 
-/// What the last sync reported, so that an unchanged problem is logged once, not every sync.
+/// What the last syncs reported, so that an unchanged problem is logged once, not every sync:
+/// the source's own problems (a malformed file, a missing Node), read at every sync, apart from
+/// what the model and the reconciler said, which a sync that changes no service leaves as is.
 #[derive(Default)]
-struct Reported(BTreeSet<String>);
+struct Reported {
+    source: BTreeSet<String>,
+    model: BTreeSet<String>,
+}
 
 impl Reported {
-    /// Logs the lines not reported last time and remembers this set.
-    fn update(&mut self, lines: BTreeSet<String>) {
-        for line in lines.difference(&self.0) {
+    /// Logs the source's problems not reported last time and remembers this set.
+    fn update_source(&mut self, lines: BTreeSet<String>) {
+        Self::log_new(&self.source, &lines);
+        self.source = lines;
+    }
+
+    /// [`Self::update_source`] for the model's and the reconciler's remarks.
+    fn update_model(&mut self, lines: BTreeSet<String>) {
+        Self::log_new(&self.model, &lines);
+        self.model = lines;
+    }
+
+    fn log_new(old: &BTreeSet<String>, new: &BTreeSet<String>) {
+        for line in new.difference(old) {
             if line.starts_with(crate::control::NOT_PROXIED) {
                 debug!("{line}");
             } else {
                 warn!("{line}");
             }
         }
-        self.0 = lines;
     }
 }
 
@@ -430,7 +448,7 @@ fn source_error(error: kube_source::Error) -> Error {
 /// Reads what changed in the source and reconciles it for `node` (the configuration with what
 /// the source knows of the Node): the services a change names, or every service when `full` is
 /// asked for, the source may have changed anything, or the node configuration changed. A
-/// malformed file or object is reported and skipped.
+/// malformed file or object is reported and skipped. True if it rebuilt every service.
 fn sync(
     node: &NodeConfig,
     objects: &Objects,
@@ -439,14 +457,15 @@ fn sync(
     reported: &mut Reported,
     full: bool,
     metrics: &Metrics,
-) -> Result<()> {
+) -> Result<bool> {
     let started = Instant::now();
     let changes = objects.changes(full)?;
+    reported.update_source(objects.problems().into_iter().collect());
     // How many services were rebuilt; `None` for all of them.
     let (report, rebuilt) = match changes {
         Some(services) if !full && !plane.needs_full_sync(node) => {
             if services.is_empty() {
-                return Ok(());
+                return Ok(false);
             }
             let rebuilt = services.len();
             let report =
@@ -455,13 +474,11 @@ fn sync(
         }
         _ => (objects.sync_all(plane, node, maps)?, None),
     };
-    let lines = objects
-        .problems()
-        .into_iter()
-        .chain(plane.remarks())
+    let lines = plane
+        .remarks()
         .chain(report.problems.iter().map(|problem| format!("not programmed: {problem}")))
         .collect();
-    reported.update(lines);
+    reported.update_model(lines);
     let purged = maps.purge(&report.forget)?;
     metrics.observe_sync(&SyncDone {
         elapsed: started.elapsed(),
@@ -482,7 +499,7 @@ fn sync(
             "programmed"
         );
     }
-    Ok(())
+    Ok(rebuilt.is_none())
 }
 
 /// The files the watcher saw change since the last sync.

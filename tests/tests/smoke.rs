@@ -211,21 +211,28 @@ fn the_periodic_resync_runs_while_changes_keep_coming() {
     let manifests = ManifestDir::new();
     let resync = Duration::from_secs(1);
     let daemon = RunningDaemon::start_resyncing(&topology, &pins, manifests.path(), resync);
-    let full_syncs = || {
+    let count = |series: &str| {
         let metrics = scrape_metrics(&topology.node).expect("the metrics endpoint answers");
-        counter(&metrics, "lb_full_syncs_total").expect("full syncs counted")
+        counter(&metrics, series).unwrap_or_else(|| panic!("{series} in\n{metrics}"))
     };
-    let before = full_syncs();
-    // A change of the manifest directory every 200 ms, for three resync periods.
+    let (syncs_before, full_before) = (count(SYNCS_OK), count("lb_full_syncs_total"));
+    // A service changed every 200 ms, for three resync periods.
     let churn_started = Instant::now();
-    for change in 0.. {
+    for change in 0_u16.. {
         if churn_started.elapsed() >= 3 * resync {
             break;
         }
-        manifests.add_file("churn.yaml", &format!("# change {change}\n"));
+        let service = format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: churn, namespace: default}}\n\
+             spec: {{clusterIP: 10.96.99.1, ports: [{{port: {}}}]}}\n",
+            1000 + change
+        );
+        manifests.add_file("churn.yaml", &service);
         std::thread::sleep(Duration::from_millis(200));
     }
-    let during = full_syncs() - before;
-    assert!(during >= 1, "{during} full syncs in three periods of steady changes");
+    let (syncs, full) =
+        (count(SYNCS_OK) - syncs_before, count("lb_full_syncs_total") - full_before);
+    assert!(syncs >= 3, "{syncs} syncs: the changes reached the daemon");
+    assert!(full >= 2, "{full} full syncs in three periods of steady changes");
     daemon.stop();
 }

@@ -242,17 +242,23 @@ impl KubeSource {
     }
 
     /// A problem to report while the Node list holds no Node of this node's name: every
-    /// endpoint is then remote to it (they name their node), which a wrong `nodeName` causes.
+    /// endpoint is then remote to it (they name their node), which a wrong `nodeName` causes,
+    /// or the Node's deletion.
     pub fn node_problem(&self) -> Option<String> {
         let seen = self.node_seen.borrow();
-        (seen.listed && !seen.present).then(|| {
-            format!(
-                "no Node named {:?} in the API: no endpoint is local to this node (Local \
-                 traffic policies drop, health check node ports answer 503); check nodeName \
-                 or --node-name",
-                self.node_name
-            )
-        })
+        if !seen.listed || seen.present {
+            return None;
+        }
+        let name = &self.node_name;
+        let (what, hint) = if seen.ever_present {
+            (format!("the Node {name:?} is gone from the API"), "it was deleted")
+        } else {
+            (format!("no Node named {name:?} in the API"), "check nodeName or --node-name")
+        };
+        Some(format!(
+            "{what}: no endpoint is local to this node (Local traffic policies drop, health \
+             check node ports answer 503); {hint}"
+        ))
     }
 
     /// Waits until this node's Node has reported an IPv4 address, warning every 30 s meanwhile
@@ -275,17 +281,20 @@ impl KubeSource {
 
 /// What the Node watch has shown of this node's Node.
 #[derive(Debug, Clone, Copy)]
+#[expect(clippy::struct_excessive_bools, reason = "four independent facts, not a state")]
 struct NodeSeen {
     /// Its first list completed.
     listed: bool,
     present: bool,
+    /// Present at some time since the daemon started.
+    ever_present: bool,
     /// As the Node last present said (see [`KubeSource::node_eligible`]).
     eligible: bool,
 }
 
 impl Default for NodeSeen {
     fn default() -> Self {
-        Self { listed: false, present: false, eligible: true }
+        Self { listed: false, present: false, ever_present: false, eligible: true }
     }
 }
 
@@ -294,6 +303,7 @@ impl NodeSeen {
     fn update(&mut self, node: Option<&Node>) {
         self.listed = true;
         self.present = node.is_some();
+        self.ever_present |= self.present;
         if let Some(node) = node {
             self.eligible = node_eligible(node);
         }

@@ -254,7 +254,25 @@ async fn a_node_marked_for_deletion_stays_ineligible_once_deleted() {
     h.nudged("DELETED node").await;
     assert!(!h.source.node_eligible(), "gone after it was marked");
     let problem = h.source.node_problem().expect("a missing Node is a problem to report");
-    assert!(problem.contains(&format!("{NODE:?}")), "{problem}");
+    assert!(problem.starts_with(&format!("the Node {NODE:?} is gone")), "{problem}");
+
+    // Registered again, unmarked: eligible, and nothing to report.
+    watches.node.added(node("302", "192.168.1.63")).await;
+    h.nudged("ADDED node").await;
+    assert!(h.source.node_eligible(), "registered again");
+    assert_eq!(h.source.node_problem(), None);
+}
+
+/// A Node deleted without being marked first (`kubectl delete node`) leaves the node eligible,
+/// as kube-proxy, which judges the Node's last state.
+#[tokio::test(start_paused = true)]
+async fn a_node_deleted_unmarked_stays_eligible() {
+    let mut h = Harness::start();
+    let mut watches = h.listed().await;
+    watches.node.deleted(node("301", "192.168.1.63")).await;
+    h.nudged("DELETED node").await;
+    assert!(h.source.node_eligible());
+    assert!(h.source.node_problem().is_some(), "but reported");
 }
 
 /// A node name that no Node carries (a hostname where the Node is named otherwise) leaves every
@@ -264,10 +282,15 @@ async fn a_node_name_no_node_carries_is_reported() {
     let mut h = Harness::start();
     assert_eq!(h.source.node_problem(), None, "not before the Node list completes");
     h.server.list(Resource::Node, "300", &[]).await;
-    let _node = h.server.watch(Resource::Node, "300").await;
+    let mut node_watch = h.server.watch(Resource::Node, "300").await;
     let problem = h.source.node_problem().expect("reported once listed without it");
     assert!(problem.starts_with(&format!("no Node named {NODE:?}")), "{problem}");
     assert!(h.source.node_eligible(), "never seen: nothing says otherwise");
+
+    while h.nudges.try_recv().is_ok() {}
+    node_watch.added(node("301", "192.168.1.63")).await;
+    h.nudged("ADDED node").await;
+    assert_eq!(h.source.node_problem(), None, "cleared once the Node appears");
 }
 
 #[tokio::test(start_paused = true)]

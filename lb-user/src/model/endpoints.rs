@@ -253,12 +253,11 @@ fn normalise(slice: &EndpointSlice, nodes: &mut NodeNames) -> Result<Kept, NotUs
 /// The problem to report for a slice whose `malformed` endpoints (why each is) were left out:
 /// the first one named, the others counted, as a slice holds up to a thousand.
 fn left_out(slice: &EndpointSlice, malformed: &[String]) -> Option<Skipped> {
-    let (first, others) = malformed.split_first()?;
-    let more =
-        if others.is_empty() { String::new() } else { format!(" (and {} more)", others.len()) };
+    let first = malformed.first()?;
+    let total = slice.endpoints.as_ref().map_or(0, Vec::len);
     Some(Skipped {
         object: object_name("EndpointSlice", &slice.metadata),
-        reason: format!("malformed endpoint left out, the others used: {first}{more}"),
+        reason: format!("{} of {total} endpoints malformed, left out: {first}", malformed.len()),
     })
 }
 
@@ -527,8 +526,8 @@ ports: [{name: web, port: 80}]";
             model.skipped,
             [Skipped {
                 object: "EndpointSlice shop/web-mixed".into(),
-                reason: "malformed endpoint left out, the others used: endpoints[0].addresses: \
-                         \"10.244.1.300\" is not an IPv4 address (and 1 more)"
+                reason: "2 of 3 endpoints malformed, left out: endpoints[0].addresses: \
+                         \"10.244.1.300\" is not an IPv4 address"
                     .into(),
             }]
         );
