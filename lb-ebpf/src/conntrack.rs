@@ -74,9 +74,10 @@ pub fn is_live(value: &ConntrackValue, proto_number: u8, now: u64, config: &Node
 /// a change of state.
 #[inline(always)]
 pub fn touch(entry: *mut ConntrackValue, packet: &Packet, now: u64, config: &NodeConfig) {
+    let key = key_of(packet);
     // Where the flow's other entry is: a function of this one's fixed fields.
     // SAFETY: `entry` came from a map lookup in this program run.
-    let twin_key = twin_key(&key_of(packet), unsafe { &*entry });
+    let twin_key = twin_key(&key, unsafe { &*entry });
     if packet.proto == proto::TCP && follow_tcp_state(entry, &twin_key, packet, now) {
         return;
     }
@@ -85,7 +86,7 @@ pub fn touch(entry: *mut ConntrackValue, packet: &Packet, now: u64, config: &Nod
     let rate = config.jiffies_per_second;
     if now.saturating_sub(value.last_seen) > u64::from(rate) {
         value.last_seen = now;
-        if !refresh_twin(&key_of(packet), value, &twin_key, now) {
+        if !refresh_twin(&key, value, &twin_key, now) {
             // Expired rather than removed: the caller reads the entry yet, and the map may
             // give a removed entry's slot to another flow's at once.
             value.last_seen = expired_at(now, rate);
