@@ -245,15 +245,15 @@ impl KubeSource {
     /// endpoint is then remote to it (they name their node), which a wrong `nodeName` causes,
     /// or the Node's deletion.
     pub fn node_problem(&self) -> Option<String> {
-        let seen = self.node_seen.borrow();
-        if !seen.listed || seen.present {
-            return None;
-        }
         let name = &self.node_name;
-        let (what, hint) = if seen.ever_present {
-            (format!("the Node {name:?} is gone from the API"), "it was deleted")
-        } else {
-            (format!("no Node named {name:?} in the API"), "check nodeName or --node-name")
+        let (what, hint) = match self.node_seen.borrow().presence {
+            NodePresence::NotListed | NodePresence::Present => return None,
+            NodePresence::Gone => {
+                (format!("the Node {name:?} is gone from the API"), "it was deleted")
+            }
+            NodePresence::NeverSeen => {
+                (format!("no Node named {name:?} in the API"), "check nodeName or --node-name")
+            }
         };
         Some(format!(
             "{what}: no endpoint is local to this node (Local traffic policies drop, health \
@@ -281,32 +281,41 @@ impl KubeSource {
 
 /// What the Node watch has shown of this node's Node.
 #[derive(Debug, Clone, Copy)]
-#[expect(clippy::struct_excessive_bools, reason = "four independent facts, not a state")]
 struct NodeSeen {
-    /// Its first list completed.
-    listed: bool,
-    present: bool,
-    /// Present at some time since the daemon started.
-    ever_present: bool,
+    presence: NodePresence,
     /// As the Node last present said (see [`KubeSource::node_eligible`]).
     eligible: bool,
 }
 
+/// Whether this node's Node is in the watch's store, and has been since the daemon started.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum NodePresence {
+    /// The first list has not completed.
+    NotListed,
+    /// Not in any list or event so far.
+    NeverSeen,
+    Present,
+    /// Present before, deleted since.
+    Gone,
+}
+
 impl Default for NodeSeen {
     fn default() -> Self {
-        Self { listed: false, present: false, ever_present: false, eligible: true }
+        Self { presence: NodePresence::NotListed, eligible: true }
     }
 }
 
 impl NodeSeen {
     /// After the watch's store changed: `node` is this node's Node in it now, if any.
     fn update(&mut self, node: Option<&Node>) {
-        self.listed = true;
-        self.present = node.is_some();
-        self.ever_present |= self.present;
-        if let Some(node) = node {
-            self.eligible = node_eligible(node);
-        }
+        self.presence = match (node, self.presence) {
+            (Some(node), _) => {
+                self.eligible = node_eligible(node);
+                NodePresence::Present
+            }
+            (None, NodePresence::Present | NodePresence::Gone) => NodePresence::Gone,
+            (None, NodePresence::NotListed | NodePresence::NeverSeen) => NodePresence::NeverSeen,
+        };
     }
 }
 
