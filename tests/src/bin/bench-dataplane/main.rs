@@ -132,6 +132,8 @@ fn main() {
     eprintln!("floor {floor_ns:.2} ns, at repeat 1 {floor_single_ns:.1} ns");
     let lru_insert_ns = lru_insert::insert_ns();
     eprintln!("one insert into a conntrack-shaped LRU map: {lru_insert_ns:.1} ns");
+    let new_flow_map_ns = lru_insert::new_flow_ns();
+    eprintln!("a lookup that misses and two inserts into that map: {new_flow_map_ns:.1} ns");
     let mut by_services = BTreeMap::new();
     let mut parse_only_ns = 0.0;
     let mut ring_ns = 0.0;
@@ -166,6 +168,7 @@ fn main() {
         ring_ns,
         miss_ns,
         lru_insert_ns,
+        new_flow_map_ns,
         collector_pass_s,
         resume_s,
         resize_passes_s,
@@ -707,6 +710,9 @@ struct Report {
     miss_ns: f64,
     /// One insert into a conntrack-shaped LRU map (see `lru_insert`).
     lru_insert_ns: f64,
+    /// A lookup that misses and two inserts into that map: a new flow's least (see
+    /// `lru_insert`).
+    new_flow_map_ns: f64,
     /// One pass of the daemon's conntrack collector over the freshly filled map.
     collector_pass_s: f64,
     /// A restarted daemon's reading of the datapath before its first sync (see
@@ -781,6 +787,13 @@ impl Report {
              makes two",
             insert / self.floor_ns
         );
+        let (map_work, floor) = (self.new_flow_map_ns, self.floor_ns);
+        println!(
+            "yardstick: a new flow's least in that map (a lookup that misses, then two inserts) \
+             {map_work:.0} ns = {:.1}x floor,\n  against the {TARGET_FIRST_PACKET}x target for the \
+             whole first packet",
+            map_work / floor
+        );
         println!(
             "conntrack collector (the daemon's, every 30 s): one pass over {CONNTRACK_FILL} \
              entries {:.2} s",
@@ -827,6 +840,7 @@ impl Report {
             ("first_packet_full_conntrack_ns", self.full_table_ns),
             ("dependent_cache_miss_ns", self.miss_ns),
             ("lru_insert_ns", self.lru_insert_ns),
+            ("new_flow_map_work_ns", self.new_flow_map_ns),
             ("conntrack_collector_pass_s", self.collector_pass_s),
             ("daemon_resume_s", self.resume_s),
             ("conntrack_resize_first_pass_s", self.resize_passes_s.0),
