@@ -436,7 +436,9 @@ impl Objects {
             Self::Manifests { cache, .. } => {
                 cache.borrow().problems().map(|p| format!("skipped: {p}")).collect()
             }
-            Self::Kubernetes(source) => source.node_problem().into_iter().collect(),
+            Self::Kubernetes(source) => {
+                source.node_problem().into_iter().chain(source.decode_problems()).collect()
+            }
         }
     }
 }

@@ -1,6 +1,7 @@
 //! The daemon on the Kubernetes API, end to end: the example Services and EndpointSlices are
 //! listed and watched through kube-rs from the scripted API server (a mock connection in this
-//! process, playing the API server's side of each list and watch), and real connections from
+//! process, playing the API server's side of each list and watch), beside a Service the client
+//! cannot decode, and real connections from
 //! the topology's namespaces go through the programs it writes. Watch events reach the kernel:
 //! an EndpointSlice edit moves new connections, and the Node's cluster-autoscaler taint turns
 //! `/healthz` to 503 (kube-proxy's `nodeEligible`) while `/livez` stays 200. A daemon configured
@@ -91,7 +92,15 @@ fn the_daemon_on_the_kubernetes_api_serves_and_follows_watch_events() {
     let _servers = topology.start_servers();
     let pins = TestPins::new();
     let (runtime, client, mut server) = scripted_api();
-    let (services, slices) = example_objects();
+    let (mut services, slices) = example_objects();
+    // One the client cannot decode (a port that is a string): kube-rs alone would fail the
+    // whole list with it, and the daemon would never start.
+    services.push(json!({
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": { "name": "unreadable", "namespace": "default", "resourceVersion": "1" },
+        "spec": { "ports": [{ "port": "eighty" }] },
+    }));
 
     // The daemon starts (and waits for its first sync) while this thread answers its lists.
     let (daemon, mut watches) = std::thread::scope(|scope| {

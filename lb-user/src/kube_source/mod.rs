@@ -8,10 +8,13 @@
 //! whole when it completes (`Init`, `InitApply`..., `InitDone`), so a store never shows a
 //! half-listed or empty state once it is ready. While the API server is unreachable the stores
 //! keep the last known objects and the watchers retry with exponential backoff. The daemon
-//! therefore only ever sees complete states and converges without a flush.
+//! therefore only ever sees complete states and converges without a flush. Each Service and
+//! EndpointSlice is decoded on its own (`decoded`), so that one the client cannot read is named
+//! and left out rather than failing the list it came in.
 
 mod changes;
 mod client;
+mod decoded;
 mod node;
 mod state;
 mod store;
@@ -49,11 +52,14 @@ use tokio::{
 };
 use tracing::{debug, info, warn};
 
-use self::state::{Applied, Objects};
 pub use self::{
     changes::Changes,
     client::client,
     node::{node_eligible, node_ipv4_addresses, node_zone},
+};
+use self::{
+    decoded::Decoded,
+    state::{Applied, Objects},
 };
 use crate::{
     config::NodeConfig,
@@ -139,7 +145,7 @@ impl KubeSource {
         let held = Arc::clone(&objects);
         let services_listed = spawn_watcher(
             &mut watchers,
-            Api::<Service>::all(client.clone()),
+            Api::<Decoded<Service>>::all(client.clone()),
             watcher::Config::default().labels(SERVICE_LABEL_SELECTOR),
             nudge.clone(),
             move |event| lock(&held).on_service(event),
@@ -147,7 +153,7 @@ impl KubeSource {
         let held = Arc::clone(&objects);
         let slices_listed = spawn_watcher(
             &mut watchers,
-            Api::<EndpointSlice>::all(client.clone()),
+            Api::<Decoded<EndpointSlice>>::all(client.clone()),
             watcher::Config::default().labels(SLICE_LABEL_SELECTOR),
             nudge.clone(),
             move |event| lock(&held).on_slice(event),
@@ -239,6 +245,12 @@ impl KubeSource {
     /// a deleted Node by its last state too). Eligible before the Node is seen.
     pub fn node_eligible(&self) -> bool {
         self.node_seen.borrow().eligible
+    }
+
+    /// Services and EndpointSlices the API returned that did not decode, each named, as
+    /// problems to report.
+    pub fn decode_problems(&self) -> Vec<String> {
+        lock(&self.objects).problems()
     }
 
     /// A problem to report while the Node list holds no Node of this node's name: every

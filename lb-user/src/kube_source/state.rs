@@ -2,11 +2,15 @@
 //! the model is built from (the API objects are many times larger), and the change log, under
 //! one lock so that the daemon sees a change together with the objects it names.
 
-use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
+use k8s_openapi::{
+    Metadata as _,
+    api::{core::v1::Service, discovery::v1::EndpointSlice},
+};
 use kube::{ResourceExt as _, runtime::watcher};
 
 use super::{
     changes::{ChangeLog, Changes},
+    decoded::{Decoded, Malformed},
     store::Store,
 };
 use crate::{
@@ -21,12 +25,16 @@ use crate::{
 pub(super) struct Objects {
     services: Store<KeptService>,
     slices: Store<OwnedSlice>,
+    /// Objects the API returned that did not decode (see `decoded`), with why. The last
+    /// readable version of each, if there was one, stays in the stores above.
+    malformed_services: Store<String>,
+    malformed_slices: Store<String>,
     changes: ChangeLog,
     node_names: NodeNames,
 }
 
 /// A slice with the service it belongs to.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 struct OwnedSlice {
     service: ServiceName,
     slice: KeptSlice,
@@ -44,71 +52,93 @@ pub(super) enum Applied {
 }
 
 impl Objects {
-    pub(super) fn on_service(&mut self, event: watcher::Event<Service>) -> Applied {
+    pub(super) fn on_service(&mut self, event: watcher::Event<Decoded<Service>>) -> Applied {
         match event {
             watcher::Event::Init => {
                 self.services.start_list();
+                self.malformed_services.start_list();
                 Applied::Buffered
             }
-            watcher::Event::InitApply(service) => {
-                let name = service_name(&service);
+            watcher::Event::InitApply(Decoded::Object(service)) => {
+                let name = service_name(&service.metadata);
                 self.services.listed(&name.namespace, name.name, Some(KeptService::new(&service)));
+                Applied::Buffered
+            }
+            watcher::Event::InitApply(Decoded::Malformed(malformed)) => {
+                list_malformed(&mut self.services, &mut self.malformed_services, malformed);
                 Applied::Buffered
             }
             watcher::Event::InitDone => {
                 self.services.finish_list();
+                self.malformed_services.finish_list();
                 self.changes.relisted();
                 Applied::Listed { objects: self.services.len() }
             }
-            watcher::Event::Apply(service) => {
-                let name = service_name(&service);
+            watcher::Event::Apply(Decoded::Object(service)) => {
+                let name = service_name(&service.metadata);
                 let kept = KeptService::new(&service);
                 self.services.put(&name.namespace, name.name.clone(), Some(kept));
+                self.malformed_services.remove(&name.namespace, &name.name);
                 self.changes.service_changed(name);
                 Applied::Changed
             }
+            watcher::Event::Apply(Decoded::Malformed(malformed)) => {
+                put_malformed(&mut self.malformed_services, malformed)
+            }
             watcher::Event::Delete(service) => {
-                let name = service_name(&service);
+                let name = service_name(service.metadata());
                 self.services.remove(&name.namespace, &name.name);
+                self.malformed_services.remove(&name.namespace, &name.name);
                 self.changes.service_changed(name);
                 Applied::Changed
             }
         }
     }
 
-    pub(super) fn on_slice(&mut self, event: watcher::Event<EndpointSlice>) -> Applied {
+    pub(super) fn on_slice(&mut self, event: watcher::Event<Decoded<EndpointSlice>>) -> Applied {
         match event {
             watcher::Event::Init => {
                 self.slices.start_list();
+                self.malformed_slices.start_list();
                 Applied::Buffered
             }
-            watcher::Event::InitApply(slice) => {
+            watcher::Event::InitApply(Decoded::Object(slice)) => {
                 let owned = self.keep_slice(&slice);
                 self.slices.listed(model::namespace(&slice.metadata), slice.name_any(), owned);
                 Applied::Buffered
             }
+            watcher::Event::InitApply(Decoded::Malformed(malformed)) => {
+                list_malformed(&mut self.slices, &mut self.malformed_slices, malformed);
+                Applied::Buffered
+            }
             watcher::Event::InitDone => {
                 self.slices.finish_list();
+                self.malformed_slices.finish_list();
                 let owners = self.slices.iter().map(|(_, name, owned)| (name, &owned.service));
                 self.changes.slices_relisted(owners);
                 Applied::Listed { objects: self.slices.len() }
             }
-            watcher::Event::Apply(slice) => {
+            watcher::Event::Apply(Decoded::Object(slice)) => {
                 let owned = self.keep_slice(&slice);
                 let after = owned.as_ref().map(|owned| owned.service.clone());
-                let name = slice.name_any();
+                let (namespace, name) = (model::namespace(&slice.metadata), slice.name_any());
+                self.malformed_slices.remove(namespace, &name);
                 // A slice relabelled to another service changes both.
-                let before =
-                    self.slices.put(model::namespace(&slice.metadata), name.clone(), owned);
+                let before = self.slices.put(namespace, name.clone(), owned);
                 self.changes.slice_moved(&name, before.map(|b| b.service).as_ref(), after.as_ref());
                 Applied::Changed
             }
+            watcher::Event::Apply(Decoded::Malformed(malformed)) => {
+                put_malformed(&mut self.malformed_slices, malformed)
+            }
             watcher::Event::Delete(slice) => {
-                let name = slice.name_any();
-                let before = self.slices.remove(model::namespace(&slice.metadata), &name);
+                let metadata = slice.metadata();
+                let (namespace, name) = (model::namespace(metadata), slice.name_any());
+                self.malformed_slices.remove(namespace, &name);
+                let before = self.slices.remove(namespace, &name);
                 self.changes.slice_moved(&name, before.map(|b| b.service).as_ref(), None);
                 // The service its last version named, should the store have missed it.
-                if let Some(service) = slice_service_name(&slice) {
+                if let Some(service) = slice_service_name(metadata) {
                     self.changes.service_changed(service);
                 }
                 Applied::Changed
@@ -151,9 +181,56 @@ impl Objects {
         names
     }
 
+    /// The objects that did not decode, as problems to report: each named, with what became
+    /// of it.
+    pub(super) fn problems(&self) -> Vec<String> {
+        let services = self.malformed_services.iter().map(|(namespace, name, error)| {
+            let kept = self.services.get(namespace, name).is_some();
+            malformed_problem("Service", namespace, name, error, kept)
+        });
+        let slices = self.malformed_slices.iter().map(|(namespace, name, error)| {
+            let kept = self.slices.get(namespace, name).is_some();
+            malformed_problem("EndpointSlice", namespace, name, error, kept)
+        });
+        services.chain(slices).collect()
+    }
+
     /// `slice` in the form kept, with its service; `None` for a slice of no service.
     fn keep_slice(&mut self, slice: &EndpointSlice) -> Option<OwnedSlice> {
         keep_slice(slice, &mut self.node_names)
             .map(|(service, slice)| OwnedSlice { service, slice })
     }
+}
+
+/// A list's object that did not decode: recorded as malformed, and its last readable version,
+/// if any, listed again as if the list had returned it, so that it stays programmed.
+fn list_malformed<T: Clone>(
+    objects: &mut Store<T>,
+    malformed: &mut Store<String>,
+    bad: Box<Malformed>,
+) {
+    let Malformed { metadata, error } = *bad;
+    let name = metadata.name.clone().unwrap_or_default();
+    let namespace = model::namespace(&metadata);
+    if let Some(kept) = objects.get(namespace, &name).cloned() {
+        objects.listed(namespace, name.clone(), Some(kept));
+    }
+    malformed.listed(namespace, name, Some(error));
+}
+
+/// A watch event's object that did not decode: recorded as malformed; its last readable
+/// version, if any, stays as it is. Counted as a change so that the daemon reports it now.
+fn put_malformed(malformed: &mut Store<String>, bad: Box<Malformed>) -> Applied {
+    let Malformed { metadata, error } = *bad;
+    let name = metadata.name.clone().unwrap_or_default();
+    let namespace = model::namespace(&metadata);
+    malformed.put(namespace, name, Some(error));
+    Applied::Changed
+}
+
+fn malformed_problem(kind: &str, namespace: &str, name: &str, error: &str, kept: bool) -> String {
+    // Unnamed: even the metadata did not decode.
+    let name = if name.is_empty() { "<unnamed>" } else { name };
+    let fate = if kept { "its last readable version stays programmed" } else { "left out" };
+    format!("{kind} {namespace}/{name}: not readable as a {kind} ({error}); {fate}")
 }

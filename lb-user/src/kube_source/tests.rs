@@ -374,6 +374,87 @@ async fn an_outage_keeps_the_last_known_objects_until_a_relist_completes() {
     let _watch = h.server.watch(Resource::Services, "700").await;
 }
 
+/// A [`service`] or [`slice`] whose port is a string: JSON that no v1 Service or EndpointSlice
+/// decodes from.
+fn undecodable(mut object: Value) -> Value {
+    let ports = if object.get("spec").is_some() {
+        &mut object["spec"]["ports"]
+    } else {
+        &mut object["ports"]
+    };
+    ports[0]["port"] = json!("eighty");
+    object
+}
+
+/// kube-rs decodes a list page whole: one object it cannot read would fail every list, and a
+/// daemon started then would program nothing.
+#[tokio::test(start_paused = true)]
+async fn an_undecodable_object_in_a_list_is_named_and_left_out_alone() {
+    let mut h = Harness::start();
+    let services = [service("web", "90"), undecodable(service("bad", "91")), service("dns", "95")];
+    h.server.list(Resource::Services, "100", &services).await;
+    let slices = [slice("web-abcde", "web", "190"), undecodable(slice("dns-xyz", "dns", "191"))];
+    h.server.list(Resource::Slices, "200", &slices).await;
+    tokio::time::timeout(PATIENCE, h.source.ready())
+        .await
+        .expect("ready: the lists completed")
+        .expect("watchers running");
+
+    assert_eq!(h.services(), ["dns@95", "web@90"]);
+    assert_eq!(h.slices(), ["web@190"]);
+    let problems = h.source.decode_problems();
+    assert_eq!(problems.len(), 2, "{problems:?}");
+    assert!(
+        problems[0].starts_with("Service default/bad: not readable as a Service (")
+            && problems[0].contains("eighty")
+            && problems[0].ends_with("; left out"),
+        "{problems:?}"
+    );
+    assert!(problems[1].starts_with("EndpointSlice default/dns-xyz: "), "{problems:?}");
+}
+
+/// A known object that a watch event brings back undecodable keeps its last readable version
+/// programmed, and is named until a readable version or its deletion comes.
+#[tokio::test(start_paused = true)]
+async fn an_undecodable_version_keeps_the_last_readable_one() {
+    let mut h = Harness::start();
+    let mut watches = h.listed().await;
+
+    watches.services.modified(undecodable(service("web", "102"))).await;
+    h.nudged("MODIFIED web, undecodable").await;
+    assert_eq!(h.services(), ["dns@95", "web@90"], "the last readable version stays");
+    let problems = h.source.decode_problems();
+    assert_eq!(problems.len(), 1, "{problems:?}");
+    assert!(
+        problems[0].starts_with("Service default/web: ")
+            && problems[0].ends_with("; its last readable version stays programmed"),
+        "{problems:?}"
+    );
+    watches.slices.modified(undecodable(slice("web-abcde", "web", "202"))).await;
+    h.nudged("MODIFIED slice, undecodable").await;
+    assert_eq!(h.slices(), ["web@190"]);
+    assert_eq!(h.source.decode_problems().len(), 2);
+
+    watches.services.modified(service("web", "103")).await;
+    h.nudged("MODIFIED web").await;
+    assert_eq!(h.services(), ["dns@95", "web@103"]);
+    watches.slices.deleted(undecodable(slice("web-abcde", "web", "203"))).await;
+    h.nudged("DELETED slice").await;
+    assert_eq!(h.slices(), Vec::<String>::new(), "deleted, though unreadable");
+    assert_eq!(h.source.decode_problems(), Vec::<String>::new(), "nothing left to report");
+
+    // A relist that returns it unreadable again keeps it too.
+    watches.services.modified(undecodable(service("web", "104"))).await;
+    h.nudged("MODIFIED web, undecodable").await;
+    watches.services.gone().await;
+    let relist = h.server.next(Resource::Services).await;
+    relist.assert_list(None);
+    relist.answer_list("500", &[undecodable(service("web", "104")), service("db", "460")], None);
+    h.nudged("the re-list").await;
+    assert_eq!(h.services(), ["db@460", "web@103"], "dns gone, web kept as last readable");
+    assert_eq!(h.source.decode_problems().len(), 1);
+}
+
 /// The daemon holds the source across awaits in spawned tasks.
 const _: () = {
     const fn shareable<T: Send + Sync>() {}

@@ -130,7 +130,7 @@ pub fn keep_slice(
     slice: &EndpointSlice,
     nodes: &mut NodeNames,
 ) -> Option<(ServiceName, KeptSlice)> {
-    let key = slice_service_name(slice)?;
+    let key = slice_service_name(&slice.metadata)?;
     let kept = match normalise(slice, nodes) {
         Ok(kept) => kept,
         Err(NotUsed::NotIpv4) => Kept::NotIpv4,

@@ -5,7 +5,10 @@
 
 use std::collections::BTreeMap;
 
-use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
+use k8s_openapi::{
+    api::{core::v1::Service, discovery::v1::EndpointSlice},
+    apimachinery::pkg::apis::meta::v1::ObjectMeta,
+};
 
 use super::{
     ServiceName, ServicePort, Skipped,
@@ -74,9 +77,10 @@ pub struct HealthCheck {
 }
 
 /// The service a Service object is: its namespace and name.
-pub fn service_name(service: &Service) -> ServiceName {
-    let name = service.metadata.name.as_deref().unwrap_or("<unnamed>");
-    ServiceName::new(namespace(&service.metadata), name)
+/// The name of the Service with `metadata`.
+pub fn service_name(metadata: &ObjectMeta) -> ServiceName {
+    let name = metadata.name.as_deref().unwrap_or("<unnamed>");
+    ServiceName::new(namespace(metadata), name)
 }
 
 impl ServiceObjects {
@@ -179,10 +183,11 @@ fn local_ready(ports: &[ServicePort]) -> usize {
 
 /// The service an EndpointSlice belongs to: the one its service-name label names, in its
 /// namespace.
-pub fn slice_service_name(slice: &EndpointSlice) -> Option<ServiceName> {
-    let labels = slice.metadata.labels.as_ref();
+/// The service the EndpointSlice with `metadata` belongs to, by its label.
+pub fn slice_service_name(metadata: &ObjectMeta) -> Option<ServiceName> {
+    let labels = metadata.labels.as_ref();
     let service = labels.and_then(|l| l.get(SERVICE_NAME_LABEL))?;
-    Some(ServiceName::new(namespace(&slice.metadata), service.as_str()))
+    Some(ServiceName::new(namespace(metadata), service.as_str()))
 }
 
 /// The objects of every service, by service.
@@ -193,7 +198,7 @@ pub fn by_service(
 ) -> BTreeMap<ServiceName, ServiceObjects> {
     let mut by_service: BTreeMap<ServiceName, ServiceObjects> = BTreeMap::new();
     for service in services {
-        by_service.entry(service_name(service)).or_default().add_service(service);
+        by_service.entry(service_name(&service.metadata)).or_default().add_service(service);
     }
     for slice in slices {
         ServiceObjects::add_slice_to(&mut by_service, slice, node);

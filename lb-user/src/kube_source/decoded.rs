@@ -1,0 +1,111 @@
+//! API objects decoded one at a time, so that one the typed model cannot read is named and
+//! skipped rather than failing everything with it.
+//!
+//! kube-rs decodes a list page as one value: a single object of a shape its type does not accept
+//! (a field of another type, from an API server newer than the client, or a proxy's mangling)
+//! fails the whole page, and the watcher retries that list for ever, so a daemon started then
+//! programs nothing at all; in a watch event it costs a restart of the watch. Each object is
+//! therefore read as a JSON value first and decoded on its own. (Not as a raw slice of the
+//! response: a watch event's object reaches its decoder through serde's buffer for tagged
+//! enums, which cannot hand out raw JSON.)
+
+use k8s_openapi::{Metadata, Resource, apimachinery::pkg::apis::meta::v1::ObjectMeta};
+use serde::{Deserialize, Deserializer, de::DeserializeOwned};
+use serde_json::Value;
+
+/// An API object of type `K`, or what could be read of one that did not decode as a `K`.
+#[derive(Debug, Clone)]
+pub enum Decoded<K> {
+    Object(K),
+    /// Boxed: rare, and as large as a small object.
+    Malformed(Box<Malformed>),
+}
+
+/// An object that did not decode: its metadata (default where that too is unreadable), and
+/// why.
+#[derive(Debug, Clone)]
+pub struct Malformed {
+    pub metadata: ObjectMeta,
+    pub error: String,
+}
+
+impl<'de, K: DeserializeOwned> Deserialize<'de> for Decoded<K> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        // Not JSON at all: an error of the response, not of one object.
+        let value = Value::deserialize(deserializer)?;
+        Ok(match K::deserialize(&value) {
+            Ok(object) => Self::Object(object),
+            Err(error) => Self::Malformed(Box::new(Malformed {
+                metadata: value
+                    .get("metadata")
+                    .and_then(|metadata| ObjectMeta::deserialize(metadata).ok())
+                    .unwrap_or_default(),
+                error: error.to_string(),
+            })),
+        })
+    }
+}
+
+impl<K: Resource> Resource for Decoded<K> {
+    const API_VERSION: &'static str = K::API_VERSION;
+    const GROUP: &'static str = K::GROUP;
+    const KIND: &'static str = K::KIND;
+    const VERSION: &'static str = K::VERSION;
+    const URL_PATH_SEGMENT: &'static str = K::URL_PATH_SEGMENT;
+    type Scope = K::Scope;
+}
+
+impl<K: Metadata<Ty = ObjectMeta>> Metadata for Decoded<K> {
+    type Ty = ObjectMeta;
+
+    fn metadata(&self) -> &ObjectMeta {
+        match self {
+            Self::Object(object) => object.metadata(),
+            Self::Malformed(malformed) => &malformed.metadata,
+        }
+    }
+
+    fn metadata_mut(&mut self) -> &mut ObjectMeta {
+        match self {
+            Self::Object(object) => object.metadata_mut(),
+            Self::Malformed(malformed) => &mut malformed.metadata,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use k8s_openapi::api::core::v1::Service;
+    use serde_json::json;
+
+    use super::*;
+
+    #[test]
+    fn a_list_with_an_object_of_the_wrong_shape_keeps_the_others_and_names_it() {
+        let list = json!([
+            { "metadata": { "name": "good", "namespace": "shop" }, "spec": { "ports": [{ "port": 80 }] } },
+            { "metadata": { "name": "bad", "namespace": "shop" }, "spec": { "ports": [{ "port": "eighty" }] } },
+        ]);
+        let decoded: Vec<Decoded<Service>> =
+            serde_json::from_slice(&serde_json::to_vec(&list).unwrap()).expect("the list decodes");
+        let Decoded::Object(good) = &decoded[0] else { panic!("{:?}", decoded[0]) };
+        assert_eq!(good.metadata.name.as_deref(), Some("good"));
+        let Decoded::Malformed(bad) = &decoded[1] else { panic!("{:?}", decoded[1]) };
+        assert_eq!(bad.metadata.name.as_deref(), Some("bad"));
+        assert_eq!(bad.metadata.namespace.as_deref(), Some("shop"));
+        assert!(bad.error.contains("eighty"), "{}", bad.error);
+    }
+
+    #[test]
+    fn an_object_whose_metadata_is_unreadable_is_malformed_without_a_name() {
+        let object = json!({ "metadata": { "name": 7 }, "spec": {} }).to_string();
+        let decoded: Decoded<Service> = serde_json::from_str(&object).expect("decodes");
+        let Decoded::Malformed(bad) = decoded else { panic!("{decoded:?}") };
+        assert_eq!(bad.metadata.name, None);
+    }
+
+    #[test]
+    fn a_response_that_is_not_json_is_still_an_error() {
+        assert!(serde_json::from_str::<Decoded<Service>>("{\"metadata\": ").is_err());
+    }
+}
