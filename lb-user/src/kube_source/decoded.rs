@@ -4,8 +4,8 @@
 //! kube-rs decodes a list page as one value: a single object of a shape its type does not accept
 //! (a field of another type, from an API server newer than the client, or a proxy's mangling)
 //! fails the whole page, and the watcher retries that list for ever, so a daemon started then
-//! programs nothing at all; in a watch event it costs a restart of the watch. Each object is
-//! therefore read as a JSON value first and decoded on its own. (Not as a raw slice of the
+//! programs nothing at all; a watch event's is dropped with a decode error that names nothing.
+//! Each object is therefore read as a JSON value first and decoded on its own. (Not as a raw slice of the
 //! response: a watch event's object reaches its decoder through serde's buffer for tagged
 //! enums, which cannot hand out raw JSON.)
 
@@ -21,8 +21,7 @@ pub enum Decoded<K> {
     Malformed(Box<Malformed>),
 }
 
-/// An object that did not decode: its metadata (default where that too is unreadable), and
-/// why.
+/// An object that did not decode: its metadata (see [`metadata_of`]), and why.
 #[derive(Debug, Clone)]
 pub struct Malformed {
     pub metadata: ObjectMeta,
@@ -36,14 +35,34 @@ impl<'de, K: DeserializeOwned> Deserialize<'de> for Decoded<K> {
         Ok(match K::deserialize(&value) {
             Ok(object) => Self::Object(object),
             Err(error) => Self::Malformed(Box::new(Malformed {
-                metadata: value
-                    .get("metadata")
-                    .and_then(|metadata| ObjectMeta::deserialize(metadata).ok())
-                    .unwrap_or_default(),
+                metadata: metadata_of(&value),
                 error: error.to_string(),
             })),
         })
     }
+}
+
+/// The metadata of an object that did not decode. Where the metadata does not decode either,
+/// what names and versions the object, field by field: its name and namespace, so that it is
+/// reported and its last readable version found, and its resourceVersion, without which
+/// kube-rs's watcher relists the whole kind.
+fn metadata_of(object: &Value) -> ObjectMeta {
+    let Some(metadata) = object.get("metadata") else { return ObjectMeta::default() };
+    ObjectMeta::deserialize(metadata).unwrap_or_else(|_| {
+        let text = |field: &str| metadata.get(field).and_then(Value::as_str).map(str::to_owned);
+        let labels = metadata.get("labels").and_then(Value::as_object).map(|labels| {
+            let texts = labels.iter().filter_map(|(key, value)| Some((key, value.as_str()?)));
+            texts.map(|(key, value)| (key.clone(), value.to_owned())).collect()
+        });
+        ObjectMeta {
+            name: text("name"),
+            namespace: text("namespace"),
+            resource_version: text("resourceVersion"),
+            uid: text("uid"),
+            labels,
+            ..ObjectMeta::default()
+        }
+    })
 }
 
 impl<K: Resource> Resource for Decoded<K> {
@@ -97,7 +116,29 @@ mod tests {
     }
 
     #[test]
-    fn an_object_whose_metadata_is_unreadable_is_malformed_without_a_name() {
+    fn an_object_whose_metadata_does_not_decode_keeps_what_names_and_versions_it() {
+        let metadata = json!({
+            "name": "bad",
+            "namespace": "shop",
+            "resourceVersion": "5",
+            "creationTimestamp": 7,
+            "labels": { "kubernetes.io/service-name": "web", "odd": 1 },
+        });
+        let object = json!({ "metadata": metadata, "spec": {} }).to_string();
+        let decoded: Decoded<Service> = serde_json::from_str(&object).expect("decodes");
+        let Decoded::Malformed(bad) = decoded else { panic!("{decoded:?}") };
+        let name = (bad.metadata.namespace.as_deref(), bad.metadata.name.as_deref());
+        assert_eq!(name, (Some("shop"), Some("bad")));
+        assert_eq!(bad.metadata.resource_version.as_deref(), Some("5"));
+        let labels = bad.metadata.labels.expect("the labels that are strings");
+        assert_eq!(
+            labels.into_iter().collect::<Vec<_>>(),
+            [("kubernetes.io/service-name".to_owned(), "web".to_owned())]
+        );
+    }
+
+    #[test]
+    fn an_object_whose_name_is_unreadable_is_malformed_without_a_name() {
         let object = json!({ "metadata": { "name": 7 }, "spec": {} }).to_string();
         let decoded: Decoded<Service> = serde_json::from_str(&object).expect("decodes");
         let Decoded::Malformed(bad) = decoded else { panic!("{decoded:?}") };

@@ -181,18 +181,18 @@ impl Objects {
         names
     }
 
-    /// The objects that did not decode, as problems to report: each named, with what became
-    /// of it.
+    /// The objects that did not decode, as problems to report: the first few of each kind
+    /// named, with what became of each, and a count of the rest.
     pub(super) fn problems(&self) -> Vec<String> {
-        let services = self.malformed_services.iter().map(|(namespace, name, error)| {
-            let kept = self.services.get(namespace, name).is_some();
-            malformed_problem("Service", namespace, name, error, kept)
+        let mut lines = malformed_lines("Service", &self.malformed_services, |namespace, name| {
+            self.services.get(namespace, name).is_some()
         });
-        let slices = self.malformed_slices.iter().map(|(namespace, name, error)| {
-            let kept = self.slices.get(namespace, name).is_some();
-            malformed_problem("EndpointSlice", namespace, name, error, kept)
-        });
-        services.chain(slices).collect()
+        lines.extend(malformed_lines(
+            "EndpointSlice",
+            &self.malformed_slices,
+            |namespace, name| self.slices.get(namespace, name).is_some(),
+        ));
+        lines
     }
 
     /// `slice` in the form kept, with its service; `None` for a slice of no service.
@@ -203,7 +203,9 @@ impl Objects {
 }
 
 /// A list's object that did not decode: recorded as malformed, and its last readable version,
-/// if any, listed again as if the list had returned it, so that it stays programmed.
+/// if any, listed again as if the list had returned it, so that it stays in effect. (Should the
+/// object have been deleted and made again under its name while the watch was down, the old
+/// object's version is the one kept: the store holds no uids to tell them apart.)
 fn list_malformed<T: Clone>(
     objects: &mut Store<T>,
     malformed: &mut Store<String>,
@@ -228,9 +230,66 @@ fn put_malformed(malformed: &mut Store<String>, bad: Box<Malformed>) -> Applied 
     Applied::Changed
 }
 
+/// Problem lines for the objects of `kind` in `malformed`, `kept(namespace, name)` telling
+/// whether one's last readable version stays: at most [`MALFORMED_NAMED`] named, by name, so
+/// that an API change that makes every object unreadable logs a few lines, not one per object.
+fn malformed_lines(
+    kind: &str,
+    malformed: &Store<String>,
+    kept: impl Fn(&str, &str) -> bool,
+) -> Vec<String> {
+    let mut objects: Vec<_> = malformed.iter().collect();
+    objects.sort_unstable_by_key(|&(namespace, name, _)| (namespace, name));
+    let named = objects.iter().take(MALFORMED_NAMED).map(|&(namespace, name, error)| {
+        malformed_problem(kind, namespace, name, error, kept(namespace, name))
+    });
+    let mut lines: Vec<String> = named.collect();
+    if let Some(more) = objects.len().checked_sub(MALFORMED_NAMED).filter(|&more| more > 0) {
+        lines.push(format!(
+            "{more} more {kind}s not readable as a {kind}: only the first {MALFORMED_NAMED} by \
+             name are named"
+        ));
+    }
+    lines
+}
+
+/// How many unreadable objects of a kind the problems name.
+const MALFORMED_NAMED: usize = 10;
+
 fn malformed_problem(kind: &str, namespace: &str, name: &str, error: &str, kept: bool) -> String {
     // Unnamed: even the metadata did not decode.
     let name = if name.is_empty() { "<unnamed>" } else { name };
-    let fate = if kept { "its last readable version stays programmed" } else { "left out" };
+    let fate = if kept { "its last readable version stays in effect" } else { "left out" };
     format!("{kind} {namespace}/{name}: not readable as a {kind} ({error}); {fate}")
+}
+
+#[cfg(test)]
+mod tests {
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+
+    use super::*;
+
+    fn malformed(name: &str) -> Decoded<Service> {
+        let metadata = ObjectMeta {
+            name: Some(name.to_owned()),
+            namespace: Some("shop".to_owned()),
+            ..ObjectMeta::default()
+        };
+        Decoded::Malformed(Box::new(Malformed { metadata, error: "invalid type".to_owned() }))
+    }
+
+    #[test]
+    fn many_unreadable_objects_are_named_a_few_and_counted() {
+        let mut objects = Objects::default();
+        objects.on_service(watcher::Event::Init);
+        for index in (0..12).rev() {
+            objects.on_service(watcher::Event::InitApply(malformed(&format!("s{index:02}"))));
+        }
+        objects.on_service(watcher::Event::InitDone);
+        let problems = objects.problems();
+        assert_eq!(problems.len(), MALFORMED_NAMED + 1, "{problems:?}");
+        assert!(problems[0].starts_with("Service shop/s00: "), "by name: {problems:?}");
+        assert!(problems[9].starts_with("Service shop/s09: "), "{problems:?}");
+        assert!(problems[10].starts_with("2 more Services not readable"), "{problems:?}");
+    }
 }

@@ -427,7 +427,7 @@ async fn an_undecodable_version_keeps_the_last_readable_one() {
     assert_eq!(problems.len(), 1, "{problems:?}");
     assert!(
         problems[0].starts_with("Service default/web: ")
-            && problems[0].ends_with("; its last readable version stays programmed"),
+            && problems[0].ends_with("; its last readable version stays in effect"),
         "{problems:?}"
     );
     watches.slices.modified(undecodable(slice("web-abcde", "web", "202"))).await;

@@ -76,8 +76,7 @@ pub struct HealthCheck {
     pub local_endpoints: usize,
 }
 
-/// The service a Service object is: its namespace and name.
-/// The name of the Service with `metadata`.
+/// The service a Service object is, from its `metadata`: its namespace and name.
 pub fn service_name(metadata: &ObjectMeta) -> ServiceName {
     let name = metadata.name.as_deref().unwrap_or("<unnamed>");
     ServiceName::new(namespace(metadata), name)
@@ -181,9 +180,8 @@ fn local_ready(ports: &[ServicePort]) -> usize {
     local.len()
 }
 
-/// The service an EndpointSlice belongs to: the one its service-name label names, in its
-/// namespace.
-/// The service the EndpointSlice with `metadata` belongs to, by its label.
+/// The service an EndpointSlice belongs to, from its `metadata`: the one its service-name label
+/// names, in its namespace.
 pub fn slice_service_name(metadata: &ObjectMeta) -> Option<ServiceName> {
     let labels = metadata.labels.as_ref();
     let service = labels.and_then(|l| l.get(SERVICE_NAME_LABEL))?;
