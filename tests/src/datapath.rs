@@ -103,14 +103,33 @@ impl Run {
 /// Keeps the calling thread on the CPU it runs on now, so that the programs it runs see one
 /// CPU's per-CPU state (a refusal budget) from one run to the next.
 pub fn stay_on_this_cpu() {
+    // SAFETY: a plain system call.
+    let cpu = usize::try_from(unsafe { libc::sched_getcpu() }).expect("sched_getcpu");
+    run_on(&[cpu]);
+}
+
+/// Lets the calling thread run only on `cpus`.
+fn run_on(cpus: &[usize]) {
     // SAFETY: plain system calls on a set this function owns.
     let rc = unsafe {
         let mut set: libc::cpu_set_t = std::mem::zeroed();
-        let cpu = usize::try_from(libc::sched_getcpu()).expect("sched_getcpu");
-        libc::CPU_SET(cpu, &mut set);
+        for &cpu in cpus {
+            libc::CPU_SET(cpu, &mut set);
+        }
         libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &raw const set)
     };
     assert_eq!(rc, 0, "sched_setaffinity: {}", std::io::Error::last_os_error());
+}
+
+/// The CPUs the calling thread may run on.
+fn allowed_cpus() -> Vec<usize> {
+    // SAFETY: plain system calls on a set this function owns.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        let rc = libc::sched_getaffinity(0, size_of::<libc::cpu_set_t>(), &raw mut set);
+        assert_eq!(rc, 0, "sched_getaffinity: {}", std::io::Error::last_os_error());
+        (0..libc::CPU_SETSIZE as usize).filter(|&cpu| libc::CPU_ISSET(cpu, &set)).collect()
+    }
 }
 
 /// A private instance of the programs and their maps: nothing pinned, nothing attached.
@@ -206,7 +225,8 @@ impl Datapath {
     /// returns each round's two return codes and outputs, and in how many rounds the two runs
     /// (their system calls) overlapped. For the races of two CPUs over one map entry: both
     /// threads spin until a round starts, so that their runs overlap, if nothing else keeps a
-    /// CPU busy meanwhile.
+    /// CPU busy meanwhile. Each thread keeps to a CPU of its own: left to the scheduler, two
+    /// spinning threads beside other work (a build) can share one CPU for the whole race.
     pub fn race(
         &mut self,
         hook: Hook,
@@ -226,8 +246,16 @@ impl Datapath {
         // Set when this thread stops, even by a panic, so that the other one does not wait for
         // a round that never starts.
         let stopped = AtomicBool::new(false);
+        let allowed = allowed_cpus();
+        let own_cpus = match allowed[..] {
+            [first, second, ..] => Some((first, second)),
+            _ => None,
+        };
         let (here, other) = std::thread::scope(|scope| {
             let other = scope.spawn(|| {
+                if let Some((_, cpu)) = own_cpus {
+                    run_on(&[cpu]);
+                }
                 let mut runs = Vec::new();
                 for round in 1..=rounds {
                     if !wait_for(&started, round, || stopped.load(Ordering::Acquire)) {
@@ -239,6 +267,9 @@ impl Datapath {
                 runs
             });
             let _stop = SetOnDrop(&stopped);
+            if let Some((cpu, _)) = own_cpus {
+                run_on(&[cpu]);
+            }
             let mut here = Vec::new();
             for round in 1..=rounds {
                 prepare(maps);
@@ -250,6 +281,7 @@ impl Datapath {
             }
             (here, other.join().expect("the other thread of the race"))
         });
+        run_on(&allowed);
         let overlapped = here
             .iter()
             .zip(&other)
