@@ -4,10 +4,10 @@
 //! kube-rs decodes a list page as one value: a single object of a shape its type does not accept
 //! (a field of another type, from an API server newer than the client, or a proxy's mangling)
 //! fails the whole page, and the watcher retries that list for ever, so a daemon started then
-//! programs nothing at all; a watch event's is dropped with a decode error that names nothing.
-//! Each object is therefore read as a JSON value first and decoded on its own. (Not as a raw slice of the
-//! response: a watch event's object reaches its decoder through serde's buffer for tagged
-//! enums, which cannot hand out raw JSON.)
+//! programs nothing at all; such an object in a watch event is dropped with a decode error that
+//! names nothing. Each object is therefore read as a JSON value first and decoded on its own.
+//! (Not as a raw slice of the response: a watch event's object reaches its decoder through
+//! serde's buffer for tagged enums, which cannot hand out raw JSON.)
 
 use k8s_openapi::{Metadata, Resource, apimachinery::pkg::apis::meta::v1::ObjectMeta};
 use serde::{Deserialize, Deserializer, de::DeserializeOwned};
