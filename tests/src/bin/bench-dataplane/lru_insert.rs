@@ -13,12 +13,13 @@
 use lb_common::maps::{ConntrackKey, ConntrackValue};
 use lb_tests::stand_in::{self, BPF_MAP_TYPE_LRU_HASH, Insn, Kind};
 
-use crate::{CONNTRACK_CAPACITY, CONNTRACK_FILL, RawXdp, two_point};
+use crate::{CONNTRACK_CAPACITY, CONNTRACK_FILL, RawXdp, TWO_POINT_TAKES, median, two_point};
 
-/// Runs of the short and the long call: 500k inserts on top of the fill, so none evicts.
-const RUNS: (u32, u32) = (100_000, 400_000);
+/// Runs of the short and the long call: over [`TWO_POINT_TAKES`] takes, 480k inserts on top of
+/// the fill, so none evicts.
+const RUNS: (u32, u32) = (40_000, 120_000);
 /// The same for the new-flow program, which inserts two keys a run.
-const NEW_FLOW_RUNS: (u32, u32) = (50_000, 200_000);
+const NEW_FLOW_RUNS: (u32, u32) = (20_000, 60_000);
 /// 16 and 32 bytes (asserted in `lb_common::maps`): the stack layout below assumes them.
 #[expect(clippy::cast_possible_truncation, reason = "16")]
 const KEY_SIZE: u32 = size_of::<ConntrackKey>() as u32;
@@ -57,7 +58,9 @@ pub fn new_flow_ns() -> f64 {
     added_ns(Work::NewFlow, NEW_FLOW_RUNS)
 }
 
-/// ns `work` adds to a run, over a map filled with [`CONNTRACK_FILL`] entries first.
+/// ns `work` adds to a run, over a map filled with [`CONNTRACK_FILL`] entries first: the median
+/// of [`TWO_POINT_TAKES`] takes, each timing the program with the map calls and then the one
+/// without.
 fn added_ns(work: Work, runs: (u32, u32)) -> f64 {
     let map = stand_in::create_map(BPF_MAP_TYPE_LRU_HASH, KEY_SIZE, VALUE_SIZE, CONNTRACK_CAPACITY);
     let fd = std::os::fd::AsRawFd::as_raw_fd(&map);
@@ -66,9 +69,11 @@ fn added_ns(work: Work, runs: (u32, u32)) -> f64 {
     fill.run(CONNTRACK_FILL);
     let working = RawXdp { fd: stand_in::load_ending_in_pass(Kind::Xdp, &program(work, Some(fd))) };
     let keys_only = RawXdp { fd: stand_in::load_ending_in_pass(Kind::Xdp, &program(work, None)) };
-    let with_work = two_point(runs, |runs| working.run(runs).1);
-    let without = two_point(runs, |runs| keys_only.run(runs).1);
-    with_work - without
+    let takes = (0..TWO_POINT_TAKES).map(|_| {
+        let with_work = two_point(runs, |runs| working.run(runs).1);
+        with_work - two_point(runs, |runs| keys_only.run(runs).1)
+    });
+    median(takes.collect())
 }
 
 /// Random keys (a random 8 bytes and a constant 8) and a zero value on the stack, and, with a

@@ -115,7 +115,7 @@ method: every path's runs are checked against the per-reason counters.
     1M (10M), in this thread's CPU time, per run, the median of three such measurements; hit
     and reply packets bounce between two conntrack entries, so every run is a hit. Their
     'x floor' is the median of the three takes' ratios, each against the floor timed just
-    before it (a slow spell of the machine slows both).
+    before it over as many runs (a slow spell of the machine slows both).
   first packet, NodePort SNAT: one run per call (repeat 1), a SYN from a client never seen before,
     the kernel's time averaged over 5 chunks of 60k (SNAT 40k) calls, the median chunk shown
     (a burst of other work on the machine moves one chunk, not the figure), the service
@@ -144,10 +144,6 @@ fn main() {
     eprintln!("one insert into a conntrack-shaped LRU map: {lru_insert_ns:.1} ns");
     let new_flow_map_ns = lru_insert::new_flow_ns();
     eprintln!("a lookup that misses and two inserts into that map: {new_flow_map_ns:.1} ns");
-    let mut by_services = BTreeMap::new();
-    let mut parse_only = None;
-    let mut ring_ns = 0.0;
-    let mut resume_s = 0.0;
     let mut benches: Vec<Bench> = SERVICE_COUNTS
         .iter()
         .map(|&services| {
@@ -160,17 +156,21 @@ fn main() {
             bench
         })
         .collect();
-    // Over the fill alone, before any new flow.
+    // Over the fill alone, before any new flow, as the hits and replies.
     let collector_pass_s = benches[0].collector_pass();
-    let first_packet_ns = first_packets_interleaved(&mut benches);
-    for (bench, first_packet) in benches.iter_mut().zip(first_packet_ns) {
-        let services = bench.services;
-        parse_only = Some(bench.parse_only());
-        by_services.insert(services, bench.paths(first_packet));
-        if services == SERVICE_COUNTS[2] {
-            ring_ns = bench.first_packet_in_one_call();
-            resume_s = bench.resume();
-        }
+    let mut paths: Vec<Paths> = benches.iter_mut().map(Bench::paths).collect();
+    let largest = benches.last_mut().expect("three service counts");
+    let parse_only = largest.parse_only();
+    for (paths, first_packet) in paths.iter_mut().zip(first_packets_interleaved(&mut benches)) {
+        paths.first_packet = first_packet;
+    }
+    let largest = benches.last_mut().expect("three service counts");
+    let ring_ns = largest.first_packet_in_one_call();
+    let resume_s = largest.resume();
+    let mut by_services = BTreeMap::new();
+    for (bench, paths) in benches.iter().zip(paths) {
+        paths.log(bench.services);
+        by_services.insert(bench.services, paths);
     }
     drop(benches);
     let full_table_ns =
@@ -180,7 +180,7 @@ fn main() {
     let report = Report {
         floor_ns,
         floor_single_ns,
-        parse_only: parse_only.expect("measured"),
+        parse_only,
         by_services,
         full_table_ns,
         ring_ns,
@@ -217,9 +217,9 @@ fn first_packets_interleaved(benches: &mut [Bench]) -> Vec<f64> {
     let before: Vec<_> = benches.iter().map(Bench::counters).collect();
     let per_chunk = FIRST_PACKETS / CHUNKS;
     let mut averages = vec![Vec::new(); benches.len()];
-    for _ in 0..CHUNKS {
+    for chunk in 0..CHUNKS {
         for (bench, averages) in benches.iter_mut().zip(&mut averages) {
-            averages.push(bench.first_packets(per_chunk));
+            averages.push(bench.first_packets(chunk * per_chunk..(chunk + 1) * per_chunk));
         }
     }
     for (bench, before) in benches.iter().zip(&before) {
@@ -254,6 +254,16 @@ struct Paths {
     snat: f64,
     reply: LongRun,
     snat_reply: LongRun,
+}
+
+impl Paths {
+    fn log(&self, services: u32) {
+        eprintln!(
+            "{services} services: hit {:.1}, reply {:.1}, masqueraded reply {:.1}, first packet \
+             {:.1}, SNAT {:.1} ns",
+            self.ct_hit.ns, self.reply.ns, self.snat_reply.ns, self.first_packet, self.snat
+        );
+    }
 }
 
 /// A path timed over long calls (see [`Bench::long_run`]).
@@ -482,27 +492,17 @@ impl Bench {
         self.long_run(&arp, Reason::NotIpv4)
     }
 
-    /// The paths measured on this bench alone, with `first_packet` (measured in turn with the
-    /// other service counts: [`first_packets_interleaved`]).
-    fn paths(&mut self, first_packet: f64) -> Paths {
-        let paths = Paths {
+    /// The paths measured on this bench alone, over the fill (the SNAT flows' entries are
+    /// removed): all but `first_packet`, which is measured in turn with the other service counts
+    /// ([`first_packets_interleaved`]) and left NaN here.
+    fn paths(&mut self) -> Paths {
+        Paths {
             ct_hit: self.ct_hit(),
             reply: self.reply(false),
             snat_reply: self.reply(true),
-            first_packet,
+            first_packet: f64::NAN,
             snat: self.snat(),
-        };
-        eprintln!(
-            "{} services: hit {:.1}, reply {:.1}, masqueraded reply {:.1}, first packet {:.1}, \
-             SNAT {:.1} ns",
-            self.services,
-            paths.ct_hit.ns,
-            paths.reply.ns,
-            paths.snat_reply.ns,
-            paths.first_packet,
-            paths.snat
-        );
-        paths
+        }
     }
 
     /// Two forward entries that send client -> A to B and client -> B to A.
@@ -530,17 +530,18 @@ impl Bench {
         self.long_run(&established(b, near), Reason::ReplyTranslated)
     }
 
-    /// The kernel's average of `count` single runs of SYNs from new pod clients, spread over
-    /// every service.
-    fn first_packets(&mut self, count: u32) -> f64 {
-        let total: u64 = (0..count)
+    /// The kernel's average of single runs of SYNs from new pod clients, the `packets`th of
+    /// the run to service `packet % services`: consecutive ranges spread over every service.
+    fn first_packets(&mut self, packets: std::ops::Range<u32>) -> f64 {
+        let count = packets.len();
+        let total: u64 = packets
             .map(|packet| {
                 let client = self.next_client(Ipv4Addr::new(10, 244, 128, 0));
                 let frame = syn(client, cluster_ip(packet % self.services));
                 u64::from(self.run(&frame, 1).0)
             })
             .sum();
-        as_f64(total) / f64::from(count)
+        as_f64(total) / as_f64(u64::try_from(count).expect("fits"))
     }
 
     /// A new pod client's SYN once around the ring of services, in one call: the first-packet
